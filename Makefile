@@ -1,0 +1,42 @@
+# convray developer entry points. `make serve` and `make test` set up .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The CPU build of torch for dev and CI; pyproject keeps a range so GPU users get CUDA builds.
+TORCH  ?= torch==2.13.0
+PROTOS := $(wildcard proto/convray/v1/*.proto)
+STUBS  := $(PROTOS:.proto=_pb2.py)
+
+.PHONY: install proto serve test lint train-default clean
+
+install: $(VENV)/.installed $(STUBS)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# The one step that builds gRPC stubs from proto/ (also run by `make install`).
+proto: $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTOS)
+
+proto/convray/v1/%_pb2.py: proto/convray/v1/%.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto $<
+
+serve: install
+	$(VENV)/bin/convray serve
+
+test: install
+	$(VENV)/bin/ruff check service workers tests scripts
+	$(VENV)/bin/python -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check service workers tests scripts
+
+# Reproduces the shipped default model (models/digits/1) from scikit-learn's digits.
+train-default: install
+	$(PY) scripts/train_default_model.py
+
+clean:
+	rm -rf $(VENV) proto/convray/v1/*_pb2*.py proto/convray/v1/*_pb2*.pyi

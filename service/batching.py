@@ -1,0 +1,167 @@
+"""Batcher: a bounded asyncio queue that groups concurrent requests into batches.
+
+A batch closes when it holds ``max_batch_size`` requests or when its first request has waited
+``max_batch_wait_s``. At most ``max_concurrent_batches`` run at once; while all are busy, requests
+keep queueing, so batches grow exactly when the workers are the bottleneck. Every admitted request
+is resolved exactly once: with its result, the batch's exception, or by its caller's cancellation
+(cancelled requests leave the queue at once and never reach a batch). Knows nothing of gRPC or Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from convray.service.errors import ModelNotReady, Overloaded
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(eq=False)
+class _Pending(Generic[T, R]):
+    item: T
+    future: asyncio.Future[R]
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+class Batcher(Generic[T, R]):
+    """Groups submitted items into batches and runs ``run_batch`` on each; one result per item back."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Awaitable[Sequence[R]]],
+        *,
+        max_batch_size: int,
+        max_batch_wait_s: float,
+        max_queue: int,
+        max_concurrent_batches: int,
+        name: str = "batcher",
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_concurrent_batches < 1 or max_batch_wait_s < 0:
+            raise ValueError(
+                "max_batch_size, max_queue and max_concurrent_batches must be >= 1 and max_batch_wait_s >= 0; "
+                f"got {max_batch_size}, {max_queue}, {max_concurrent_batches}, {max_batch_wait_s}"
+            )
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_batch_wait_s = max_batch_wait_s
+        self.max_queue = max_queue
+        self.name = name
+        self._queue: collections.deque[_Pending[T, R]] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_concurrent_batches)
+        self._running: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._loop_task: asyncio.Task[None] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests admitted and waiting for a batch."""
+        return len(self._queue)
+
+    @property
+    def batches_running(self) -> int:
+        """Batches sent and not yet answered."""
+        return len(self._running)
+
+    def start(self) -> None:
+        """Start forming batches on the running event loop."""
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._form_batches(), name=self.name)
+
+    async def submit(self, item: T) -> R:
+        """Queue ``item`` and wait for its result.
+
+        Raises:
+            Overloaded: the queue already holds ``max_queue`` requests.
+            ModelNotReady: the batcher is closed (the server is draining).
+        """
+        if self._closed:
+            raise ModelNotReady(f"{self.name} is shutting down; retry on another server")
+        if len(self._queue) >= self.max_queue:
+            raise Overloaded(
+                f"{self.name}: queue full ({self.max_queue} requests waiting, --max-queue); retry with backoff"
+            )
+        pending: _Pending[T, R] = _Pending(item, asyncio.get_running_loop().create_future())
+        pending.future.add_done_callback(lambda fut: self._forget_if_cancelled(pending))
+        self._queue.append(pending)
+        self._wakeup.set()
+        return await pending.future
+
+    def _forget_if_cancelled(self, pending: _Pending[T, R]) -> None:
+        if pending.future.cancelled():
+            try:
+                self._queue.remove(pending)
+            except ValueError:
+                pass  # already taken into a batch, which skips it
+
+    async def close(self) -> None:
+        """Refuse new requests, finish every admitted one, then stop."""
+        self._closed = True
+        self._wakeup.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _form_batches(self) -> None:
+        while True:
+            await self._slots.acquire()
+            batch = await self._next_batch()
+            if not batch:
+                self._slots.release()
+                if self._closed and not self._queue:
+                    return
+                continue
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _next_batch(self) -> list[_Pending[T, R]]:
+        while not self._queue:
+            if self._closed:
+                return []
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        # The wait counts from the first request's arrival, so time spent waiting for a free slot counts.
+        deadline = self._queue[0].enqueued_at + self.max_batch_wait_s
+        while len(self._queue) < self.max_batch_size and not self._closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
+                break
+        batch = []
+        while self._queue and len(batch) < self.max_batch_size:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                batch.append(pending)
+        return batch
+
+    async def _run(self, batch: list[_Pending[T, R]]) -> None:
+        try:
+            results = await self._run_batch([p.item for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{self.name}: batch of {len(batch)} requests returned {len(results)} results")
+            for pending, result in zip(batch, results, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(result)
+        except BaseException as exc:  # noqa: BLE001 (every future must be resolved, whatever happened)
+            for pending in batch:
+                if not pending.future.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        pending.future.cancel()
+                    else:
+                        pending.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._slots.release()

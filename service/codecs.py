@@ -1,0 +1,108 @@
+"""Image bytes -> uint8 pixel arrays in a model's input contract, and probabilities -> top-k classes.
+
+Decoding is defensive: the pixel count is checked from the header before any pixel data is decoded,
+only the listed formats are tried, and every failure becomes ``InvalidInput`` naming the problem.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from convray.service.errors import InvalidInput
+from convray.workers.repository import InputContract
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds on what a client may send."""
+
+    max_image_bytes: int
+    max_image_pixels: int
+
+
+def decode_image(data: bytes, contract: InputContract, limits: DecodeLimits) -> np.ndarray:
+    """Decode an encoded image to uint8 (C, H, W) in the contract's colour mode and size.
+
+    Multi-frame images (GIF, animated WebP) use their first frame. Transparent areas are laid over
+    black. 16-bit greyscale is scaled to 8 bits. Images of another size are resized (area average to shrink,
+    bilinear to enlarge).
+
+    Raises:
+        InvalidInput: empty, too large, not an accepted image format, or corrupt/truncated data.
+    """
+    if not data:
+        raise InvalidInput("image is empty: send the encoded bytes of a PNG, JPEG, WebP, BMP or GIF")
+    if len(data) > limits.max_image_bytes:
+        raise InvalidInput(
+            f"image is {len(data)} bytes, over the limit of {limits.max_image_bytes} (--max-image-bytes)"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        width, height = image.size
+        if width * height > limits.max_image_pixels:
+            raise InvalidInput(
+                f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                f"{limits.max_image_pixels} (--max-image-pixels)"
+            )
+        image.seek(0)
+        image.load()
+    except InvalidInput:
+        raise
+    except UnidentifiedImageError:
+        raise InvalidInput(f"not a decodable image; accepted formats: {', '.join(ACCEPTED_FORMATS)}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidInput(
+            f"image refused as a decompression bomb ({exc}); the limit is {limits.max_image_pixels} pixels "
+            "(--max-image-pixels)"
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidInput(f"image data is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+    return _to_contract(image, contract)
+
+
+def _to_contract(image: Image.Image, contract: InputContract) -> np.ndarray:
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # phone photos: rotate as the camera meant
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # Pillow's convert("L") clips 16-bit values at 255 instead of scaling them.
+        wide = np.asarray(image, dtype=np.uint32)
+        image = Image.fromarray((wide >> 8).clip(0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    image = image.convert(contract.colour_mode)
+    if image.size != (contract.width, contract.height):
+        shrinking = image.width >= contract.width and image.height >= contract.height
+        # Area averaging when shrinking keeps every source pixel's weight (no aliasing); bilinear to enlarge.
+        resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+        image = image.resize((contract.width, contract.height), resample)
+    pixels = np.asarray(image, dtype=np.uint8)
+    if pixels.ndim == 2:  # (H, W) -> (1, H, W)
+        return pixels[None, :, :]
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    """One class of a prediction."""
+
+    index: int
+    label: str
+    probability: float
+
+
+def top_k(probabilities: np.ndarray, labels: list[str], k: int) -> list[ClassScore]:
+    """The ``k`` most probable classes of one row of probabilities, highest first (ties by index)."""
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [ClassScore(int(i), labels[i], float(probabilities[i])) for i in order]

@@ -1,0 +1,110 @@
+"""Settings: convray's one typed configuration.
+
+Values come, highest priority first, from CLI flags (``service.cli`` maps each flag onto a field),
+environment variables ``CONVRAY_<GROUP>__<FIELD>`` (e.g. ``CONVRAY_BATCHING__MAX_BATCH_SIZE=64``),
+then the defaults below. Nothing else in convray reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class _Group(BaseModel):
+    # Attribute docstrings become field descriptions: the CLI's --help and the README table use them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ServerSettings(_Group):
+    """Where the gRPC and metrics servers listen and how they shut down."""
+
+    host: str = "localhost"
+    """gRPC bind address; the default keeps the server private to this machine."""
+    port: int = Field(50051, ge=0, le=65535)
+    """gRPC port; 0 picks a free one (logged at start)."""
+    metrics_host: str = "localhost"
+    """Bind address of the Prometheus /metrics endpoint."""
+    metrics_port: int | None = Field(9100, ge=0, le=65535)
+    """Port of /metrics; 0 picks a free one; unset (None) disables the endpoint."""
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """Largest gRPC message received or sent (grpcio's own default is only 4 MiB)."""
+    drain_grace_s: float = Field(10.0, ge=0)
+    """On shutdown, how long in-flight requests may take to finish before they are cancelled."""
+
+
+class ModelSettings(_Group):
+    """Which model repository is served, and which model requests get when they name none."""
+
+    model_repo: Path = Path("models")
+    default_model: str = "digits"
+    """Used when a request leaves ``model`` empty; if absent from the repository, the first model name."""
+
+
+class BatchingSettings(_Group):
+    """The dynamic batcher in front of each model version."""
+
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    """At most this many requests share one Ray call."""
+    max_batch_delay_ms: float = Field(1.0, ge=0, le=10_000)
+    """How long the first request of a batch may wait for others to join it."""
+    max_queue: int = Field(512, ge=1)
+    """Requests waiting per model version; past it new ones fail at once with RESOURCE_EXHAUSTED."""
+    batches_in_flight_per_replica: int = Field(2, ge=1, le=64)
+    """Batches sent to a replica before its previous ones return (keeps it busy while one transfers)."""
+
+
+class WorkerSettings(_Group):
+    """The Ray cluster and the replica actors that hold the models."""
+
+    ray_address: str | None = None
+    """Ray cluster to join (e.g. ``ray://head:10001`` or ``auto``); unset starts an embedded local Ray."""
+    ray_num_cpus: int | None = Field(None, ge=1)
+    """CPUs an embedded local Ray may use; unset means all of this machine's."""
+    replicas: int = Field(1, ge=1, le=1024)
+    """Replica actors per model version."""
+    cpus_per_replica: float = Field(1.0, ge=0)
+    """Ray CPUs reserved per replica; also its torch thread count (at least 1)."""
+    gpus_per_replica: float = Field(0.0, ge=0)
+    """Fractions share one GPU between replicas; 0 runs on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto`` uses the GPU when the replica has one."""
+    amp: Literal["none", "fp16", "bf16"] = "none"
+    """Mixed precision for the forward pass (fp16 on GPU only)."""
+    max_restarts: int = Field(3, ge=-1)
+    """Times Ray restarts a replica that died; -1 means without limit."""
+
+
+class InputSettings(_Group):
+    """Limits and defaults for what clients send."""
+
+    max_image_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    """Largest encoded image accepted."""
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    """Largest width x height accepted, checked from the header before decoding (decompression bombs)."""
+    default_top_k: int = Field(5, ge=1)
+    """Classes returned when a request's top_k is 0 (capped at the model's class count)."""
+    decode_threads: int = Field(4, ge=1, le=256)
+    """Threads that decode images off the event loop."""
+
+
+class Settings(BaseSettings):
+    """Everything ``convray serve`` can be told, grouped by concern."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVRAY_", env_nested_delimiter="__", extra="forbid")
+
+    server: ServerSettings = ServerSettings()
+    models: ModelSettings = ModelSettings()
+    batching: BatchingSettings = BatchingSettings()
+    workers: WorkerSettings = WorkerSettings()
+    inputs: InputSettings = InputSettings()
+
+    @model_validator(mode="after")
+    def _metrics_port_differs(self) -> Settings:
+        server = self.server
+        if server.metrics_port and server.metrics_port == server.port:
+            raise ValueError(f"server.metrics_port must differ from server.port (both {server.port})")
+        return self

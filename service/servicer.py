@@ -1,0 +1,180 @@
+"""The ``convray.v1.Classifier`` RPCs, kept thin: proto in -> Classifier / registry call -> proto out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from convray.service.errors import ConvrayError, to_status
+from convray.service.inference import Classification, Classifier
+from convray.service.metrics import Metrics
+from convray.service.registry import ModelRegistry
+from convray.v1 import classifier_pb2 as pb
+from convray.v1 import classifier_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+Reply = TypeVar("Reply")
+API = "native"
+
+
+def classification_to_proto(result: Classification, request_id: str) -> pb.ClassifyResponse:
+    """The wire form of one classification."""
+    batch = result.batch
+    return pb.ClassifyResponse(
+        model=result.model,
+        version=result.version,
+        predictions=[
+            pb.Prediction(label=p.label, index=p.index, probability=p.probability) for p in result.predictions
+        ],
+        timings=pb.Timings(
+            decode_ms=result.decode_s * 1e3,
+            queue_ms=batch.queue_s * 1e3,
+            batch_call_ms=batch.batch_call_s * 1e3,
+            compute_ms=batch.compute_s * 1e3,
+            total_ms=result.total_s * 1e3,
+            batch_size=batch.batch_size,
+            replica=batch.replica,
+        ),
+        request_id=request_id,
+    )
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    """convray's own API over the model registry."""
+
+    def __init__(self, classifier: Classifier, registry: ModelRegistry, metrics: Metrics) -> None:
+        self._classifier = classifier
+        self._registry = registry
+        self._metrics = metrics
+
+    async def _answer(
+        self, rpc: str, model: str, work: Callable[[], Awaitable[Reply]], context: grpc.aio.ServicerContext
+    ) -> Reply:
+        """Run one RPC's work; count and time it; turn any exception into a clear status, never UNKNOWN."""
+        started = time.monotonic()
+        code = grpc.StatusCode.OK
+        try:
+            return await work()
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # noqa: BLE001 (mapped onto a status just below)
+            code, message = to_status(exc)
+            if isinstance(exc, ConvrayError):
+                log.warning("%s failed: %s %s", rpc, code.name, message)
+            else:
+                log.exception("%s failed unexpectedly", rpc)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+        finally:
+            model_label = model or self._registry.default_model
+            self._metrics.requests.labels(API, rpc, model_label, code.name).inc()
+            self._metrics.request_duration.labels(API, rpc, model_label).observe(time.monotonic() - started)
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        """Classify one image."""
+
+        async def work() -> pb.ClassifyResponse:
+            result = await self._classifier.classify(request.image, request.model, request.version, request.top_k)
+            return classification_to_proto(result, request.request_id)
+
+        return await self._answer("Classify", request.model, work, context)
+
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ClassifyStreamResponse]:
+        """Classify a stream of images concurrently, answering in request order."""
+        in_order: asyncio.Queue[asyncio.Task[pb.ClassifyStreamResponse] | None] = asyncio.Queue(maxsize=256)
+
+        async def read_requests() -> None:
+            try:
+                async for request in request_iterator:
+                    await in_order.put(asyncio.create_task(self._stream_item(request)))
+            finally:
+                await in_order.put(None)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while (task := await in_order.get()) is not None:
+                yield await task
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+            while not in_order.empty():
+                if (task := in_order.get_nowait()) is not None:
+                    task.cancel()
+
+    async def _stream_item(self, request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
+        started = time.monotonic()
+        code = grpc.StatusCode.OK
+        try:
+            result = await self._classifier.classify(request.image, request.model, request.version, request.top_k)
+            return pb.ClassifyStreamResponse(
+                result=classification_to_proto(result, request.request_id), request_id=request.request_id
+            )
+        except Exception as exc:  # noqa: BLE001 (answered as this item's error; the stream goes on)
+            code, message = to_status(exc)
+            if not isinstance(exc, ConvrayError):
+                log.exception("ClassifyStream item failed unexpectedly")
+            return pb.ClassifyStreamResponse(
+                error=pb.Error(code=code.name, message=message), request_id=request.request_id
+            )
+        finally:
+            model_label = request.model or self._registry.default_model
+            self._metrics.requests.labels(API, "ClassifyStream", model_label, code.name).inc()
+            self._metrics.request_duration.labels(API, "ClassifyStream", model_label).observe(
+                time.monotonic() - started
+            )
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        """Every model in the repository with its versions, and which are loaded."""
+
+        async def work() -> pb.ListModelsResponse:
+            repo = self._registry.repository
+            summaries = []
+            for name in repo.model_names():
+                loaded = set(self._registry.loaded_versions(name))
+                summaries.append(
+                    pb.ModelSummary(
+                        name=name,
+                        versions=[pb.ModelVersionState(version=v, loaded=v in loaded) for v in repo.versions(name)],
+                        default_version=max(loaded, default=0),
+                    )
+                )
+            return pb.ListModelsResponse(models=summaries, default_model=self._registry.default_model)
+
+        return await self._answer("ListModels", "", work, context)
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        """One loaded version's metadata."""
+
+        async def work() -> pb.ModelInfo:
+            served = self._registry.resolve(request.model, request.version)
+            meta, contract = served.metadata, served.metadata.input
+            return pb.ModelInfo(
+                name=served.name,
+                version=served.version,
+                loaded=True,
+                input=pb.InputContract(
+                    channels=contract.channels,
+                    height=contract.height,
+                    width=contract.width,
+                    colour_mode=contract.colour_mode,
+                    normalisation=pb.Normalisation(mean=contract.normalisation.mean, std=contract.normalisation.std),
+                ),
+                labels=meta.labels,
+                output=meta.spec.output,
+                metrics={k: float(v) for k, v in meta.metrics.items() if isinstance(v, (int, float))},
+                spec_json=json.dumps(meta.spec.model_dump(mode="json")),
+                max_batch_size=served.batcher.max_batch_size,
+                replicas=served.pool.size,
+            )
+
+        return await self._answer("GetModel", request.model, work, context)

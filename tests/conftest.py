@@ -1,0 +1,108 @@
+"""Shared fixtures: the shipped model repository, a session-wide local Ray, and a real convray server."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_MODELS = REPO_ROOT / "models"
+
+
+@pytest.fixture
+def model_repo(tmp_path: Path) -> Path:
+    """A writable copy of the shipped model repository."""
+    target = tmp_path / "models"
+    shutil.copytree(SHIPPED_MODELS, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> str:
+    """One local Ray for the whole test run (started on first use), shared by every server under test."""
+    import ray
+    from convray.workers import cluster
+
+    address = cluster.connect(None, num_cpus=4)
+    yield address
+    ray.shutdown()
+
+
+class ServerThread:
+    """A real ConvrayServer on its own event loop in a background thread, bound to 127.0.0.1:0."""
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="convray-test-server", daemon=True)
+        self.server = None
+
+    def start(self, timeout_s: float = 180) -> ServerThread:
+        from convray.service.server import ConvrayServer
+
+        async def start() -> None:
+            self.server = ConvrayServer(self.settings)
+            await self.server.start()
+            await self.server.wait_ready()
+
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout_s)
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def call(self, coroutine, timeout_s: float = 60):
+        """Run a coroutine on the server's loop (to reach its internals) and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.call(self.server.stop(grace_s=2))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_settings(model_repo: Path, **overrides):
+    """Settings for a server under test: loopback, free ports, small replicas."""
+    from convray.service.config import Settings
+
+    groups = {
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_host": "127.0.0.1", "metrics_port": 0},
+        "models": {"model_repo": model_repo},
+        "workers": {"replicas": 2, "cpus_per_replica": 0.5},
+        "batching": {"max_batch_size": 32, "max_batch_delay_ms": 2.0},
+    }
+    for key, value in overrides.items():
+        group, field = key.split("__")
+        groups.setdefault(group, {})[field] = value
+    return Settings(**groups)
+
+
+@pytest.fixture(scope="session")
+def served(ray_address, tmp_path_factory) -> ServerThread:
+    """The shared server under test, serving a copy of the shipped model repository."""
+    repo = tmp_path_factory.mktemp("served") / "models"
+    shutil.copytree(SHIPPED_MODELS, repo)
+    server = ServerThread(test_settings(repo)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def channel(served) -> grpc.Channel:
+    with grpc.insecure_channel(served.address) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def stub(channel):
+    from convray.v1 import classifier_pb2_grpc
+
+    return classifier_pb2_grpc.ClassifierStub(channel)

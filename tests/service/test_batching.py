@@ -1,0 +1,170 @@
+"""The Batcher: groups concurrent requests, respects max size and delay, splits replies, loses nothing."""
+
+import asyncio
+import time
+
+import pytest
+from convray.service.batching import Batcher
+from convray.service.errors import ModelNotReady, Overloaded
+
+
+class Recorder:
+    """A run_batch that records each batch and can be held at a gate."""
+
+    def __init__(self, gate: asyncio.Event | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = gate
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        if self.gate is not None:
+            await self.gate.wait()
+        return [item * 10 for item in items]
+
+
+def make(run, **overrides) -> Batcher:
+    options = {"max_batch_size": 4, "max_batch_wait_s": 0.05, "max_queue": 100, "max_concurrent_batches": 1}
+    options.update(overrides)
+    batcher = Batcher(run, **options)
+    batcher.start()
+    return batcher
+
+
+async def test_each_request_gets_its_own_result_back():
+    run = Recorder()
+    batcher = make(run)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+    assert results == [i * 10 for i in range(10)]
+    await batcher.close()
+
+
+async def test_concurrent_requests_are_grouped_and_batches_never_exceed_max_size():
+    run = Recorder()
+    batcher = make(run, max_batch_size=4)
+    await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+    assert [len(b) for b in run.batches] == [4, 4, 2]
+    assert sorted(i for b in run.batches for i in b) == list(range(10))
+    await batcher.close()
+
+
+async def test_a_lone_request_waits_at_most_the_delay():
+    run = Recorder()
+    batcher = make(run, max_batch_wait_s=0.2)
+    started = time.monotonic()
+    assert await batcher.submit(7) == 70
+    elapsed = time.monotonic() - started
+    assert 0.15 <= elapsed < 2.0
+    assert run.batches == [[7]]
+    await batcher.close()
+
+
+async def test_requests_arriving_within_the_delay_join_the_batch():
+    run = Recorder()
+    batcher = make(run, max_batch_wait_s=0.3, max_batch_size=8)
+    first = asyncio.ensure_future(batcher.submit(1))
+    await asyncio.sleep(0.05)
+    second = asyncio.ensure_future(batcher.submit(2))
+    assert await asyncio.gather(first, second) == [10, 20]
+    assert run.batches == [[1, 2]]
+    await batcher.close()
+
+
+async def test_a_full_batch_goes_at_once_without_waiting_for_the_delay():
+    run = Recorder()
+    batcher = make(run, max_batch_wait_s=30.0, max_batch_size=3)
+    results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(i) for i in range(3))), timeout=5)
+    assert results == [0, 10, 20]
+
+
+async def test_requests_queue_while_all_batch_slots_are_busy_then_go_together():
+    gate = asyncio.Event()
+    run = Recorder(gate)
+    batcher = make(run, max_batch_wait_s=0.0, max_batch_size=16, max_concurrent_batches=1)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.02)  # batch [0] is now running and holds the only slot
+    rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 6)]
+    await asyncio.sleep(0.02)
+    assert batcher.queue_depth == 5
+    gate.set()
+    assert await asyncio.gather(first, *rest) == [i * 10 for i in range(6)]
+    assert run.batches == [[0], [1, 2, 3, 4, 5]]
+    await batcher.close()
+
+
+async def test_a_full_queue_fails_fast_with_overloaded():
+    gate = asyncio.Event()
+    batcher = make(Recorder(gate), max_batch_size=1, max_queue=2, max_batch_wait_s=0.0)
+    running = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.02)
+    queued = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
+    await asyncio.sleep(0.02)
+    with pytest.raises(Overloaded, match=r"queue full \(2 requests waiting, --max-queue\)"):
+        await batcher.submit(3)
+    gate.set()
+    assert await asyncio.gather(running, *queued) == [0, 10, 20]
+    await batcher.close()
+
+
+async def test_a_failing_batch_fails_every_request_in_it_and_the_batcher_goes_on():
+    calls = 0
+
+    async def flaky(items):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("replica fell over")
+        return items
+
+    batcher = make(flaky, max_batch_size=2, max_batch_wait_s=0.05)
+    outcomes = await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
+    assert [str(o) for o in outcomes] == ["replica fell over"] * 2
+    assert await batcher.submit(3) == 3
+    await batcher.close()
+
+
+async def test_a_result_count_mismatch_fails_the_batch_with_both_lengths():
+    async def short(items):
+        return items[:-1]
+
+    batcher = make(short, max_batch_size=3, max_batch_wait_s=0.05)
+    outcomes = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+    assert all("batch of 3 requests returned 2 results" in str(o) for o in outcomes)
+    await batcher.close()
+
+
+async def test_cancelled_requests_leave_the_queue_and_never_reach_a_batch():
+    gate = asyncio.Event()
+    run = Recorder(gate)
+    batcher = make(run, max_batch_size=8, max_batch_wait_s=0.0)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.02)
+    doomed = asyncio.ensure_future(batcher.submit(1))
+    kept = asyncio.ensure_future(batcher.submit(2))
+    await asyncio.sleep(0.02)
+    doomed.cancel()
+    await asyncio.sleep(0)
+    assert batcher.queue_depth == 1
+    gate.set()
+    assert await asyncio.gather(first, kept) == [0, 20]
+    assert run.batches == [[0], [2]]
+    await batcher.close()
+
+
+async def test_close_finishes_admitted_requests_and_refuses_new_ones():
+    gate = asyncio.Event()
+    run = Recorder(gate)
+    batcher = make(run, max_batch_size=2, max_batch_wait_s=0.0)
+    admitted = [asyncio.ensure_future(batcher.submit(i)) for i in range(5)]
+    await asyncio.sleep(0.02)
+    closing = asyncio.ensure_future(batcher.close())
+    await asyncio.sleep(0.02)
+    with pytest.raises(ModelNotReady, match="shutting down"):
+        await batcher.submit(99)
+    gate.set()
+    await closing
+    assert await asyncio.gather(*admitted) == [0, 10, 20, 30, 40]
+
+
+def test_invalid_limits_are_refused_with_the_values():
+    with pytest.raises(ValueError, match="got 0, 1, 1, 0.0"):
+        Batcher(Recorder(), max_batch_size=0, max_batch_wait_s=0.0, max_queue=1, max_concurrent_batches=1)

@@ -1,0 +1,139 @@
+"""Image decoding into a model's input contract, with clear errors for bad input; top-k selection."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from convray.service.codecs import DecodeLimits, decode_image, top_k
+from convray.service.errors import InvalidInput
+from convray.workers.repository import InputContract, Normalisation
+from PIL import Image
+
+GREY_8 = InputContract(
+    channels=1, height=8, width=8, colour_mode="L", normalisation=Normalisation(mean=[0.5], std=[0.5])
+)
+RGB_4x6 = InputContract(
+    channels=3,
+    height=4,
+    width=6,
+    colour_mode="RGB",
+    normalisation=Normalisation(mean=[0.5] * 3, std=[0.5] * 3),
+)
+LIMITS = DecodeLimits(max_image_bytes=1 << 20, max_image_pixels=1_000_000)
+
+
+def noise(size: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size), dtype=np.uint8))
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def gradient(mode="L", size=(8, 8)) -> Image.Image:
+    values = (np.arange(size[0] * size[1]) % 256).astype(np.uint8).reshape(size[1], size[0])
+    return Image.fromarray(values, mode="L").convert(mode)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "GIF", "WEBP"])
+def test_lossless_formats_decode_to_the_exact_pixels(fmt):
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    pixels = decode_image(encode(gradient(), fmt, **options), GREY_8, LIMITS)
+    assert pixels.shape == (1, 8, 8) and pixels.dtype == np.uint8
+    assert np.array_equal(pixels[0], np.asarray(gradient()))
+
+
+def test_jpeg_decodes_close_to_the_original():
+    pixels = decode_image(encode(gradient(), "JPEG", quality=95), GREY_8, LIMITS)
+    assert np.abs(pixels[0].astype(int) - np.asarray(gradient()).astype(int)).mean() < 4
+
+
+def test_colour_is_converted_to_the_contract_and_channels_come_first():
+    rgb = Image.new("RGB", (6, 4), (10, 20, 30))
+    pixels = decode_image(encode(rgb, "PNG"), RGB_4x6, LIMITS)
+    assert pixels.shape == (3, 4, 6)
+    assert pixels[:, 0, 0].tolist() == [10, 20, 30]
+    grey = decode_image(encode(rgb, "PNG"), GREY_8, LIMITS)
+    assert grey.shape == (1, 8, 8) and 15 <= grey[0, 0, 0] <= 25  # ITU-R 601 luma of (10, 20, 30)
+
+
+def test_shrinking_averages_areas_and_enlarging_interpolates():
+    big = Image.fromarray(np.kron(np.asarray(gradient()), np.ones((8, 8), np.uint8)))  # each pixel as 8x8
+    assert np.array_equal(decode_image(encode(big, "PNG"), GREY_8, LIMITS)[0], np.asarray(gradient()))
+    small = Image.new("L", (2, 2), 100)
+    assert decode_image(encode(small, "PNG"), GREY_8, LIMITS).shape == (1, 8, 8)
+
+
+def test_first_frame_of_an_animated_gif():
+    frames = [Image.new("L", (8, 8), 50), Image.new("L", (8, 8), 200)]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert decode_image(data, GREY_8, LIMITS)[0, 0, 0] == 50
+
+
+def test_transparent_areas_are_laid_over_black():
+    rgba = Image.new("RGBA", (8, 8), (255, 255, 255, 0))
+    rgba.putpixel((0, 0), (255, 255, 255, 255))
+    pixels = decode_image(encode(rgba, "PNG"), GREY_8, LIMITS)[0]
+    assert pixels[0, 0] == 255 and pixels[1, 1] == 0
+
+
+def test_palette_with_transparency():
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    data = encode(palette, "PNG", transparency=1)
+    assert decode_image(data, GREY_8, LIMITS)[0].max() == 0
+
+
+def test_16_bit_grey_is_scaled_not_clipped():
+    wide = Image.fromarray(np.full((8, 8), 40000, np.uint16))
+    assert decode_image(encode(wide, "PNG"), GREY_8, LIMITS)[0, 0, 0] == 40000 >> 8
+
+
+def test_cmyk_jpeg_is_converted():
+    cmyk = Image.new("CMYK", (8, 8), (0, 0, 0, 0))  # white
+    assert decode_image(encode(cmyk, "JPEG"), GREY_8, LIMITS)[0].min() > 240
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims a size, with a tiny (invalid) body: nothing big is ever allocated."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (b"", "image is empty"),
+        (b"hello, not an image", "not a decodable image; accepted formats: PNG, JPEG"),
+        (png_header_claiming(100_000, 100_000), r"10000000000 pixels.*--max-image-pixels"),
+        (
+            png_header_claiming(2000, 1000),
+            r"2000x1000 = 2000000 pixels, over the limit of 1000000 \(--max-image",
+        ),
+        (encode(noise(64), "PNG")[:2000], "corrupt or truncated"),
+        (encode(gradient(size=(64, 64)), "JPEG")[:300], "corrupt or truncated"),
+        (encode(gradient(), "TIFF"), "not a decodable image"),
+    ],
+)
+def test_bad_images_are_invalid_input_naming_the_problem(data, message):
+    with pytest.raises(InvalidInput, match=message):
+        decode_image(data, GREY_8, LIMITS)
+
+
+def test_oversize_bytes_are_refused_before_decoding():
+    with pytest.raises(InvalidInput, match=r"over the limit of 10 \(--max-image-bytes\)"):
+        decode_image(encode(gradient(), "PNG"), GREY_8, DecodeLimits(max_image_bytes=10, max_image_pixels=100))
+
+
+def test_top_k_sorts_by_probability_with_labels_and_stable_ties():
+    scores = top_k(np.array([0.1, 0.5, 0.1, 0.3], np.float32), ["a", "b", "c", "d"], 3)
+    assert [(s.label, s.index) for s in scores] == [("b", 1), ("d", 3), ("a", 0)]
+    assert scores[0].probability == pytest.approx(0.5)

@@ -1,0 +1,79 @@
+"""The replica's model runner, on CPU: device choice, AMP, pinned-memory transfer and predictions."""
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from convray.workers.data import load_digits_split
+from convray.workers.replica import ModelRunner, autocast_context, select_device, to_device
+
+from tests.conftest import SHIPPED_MODELS
+
+
+def test_device_selection():
+    assert select_device("auto", cuda_available=False).type == "cpu"
+    assert select_device("auto", cuda_available=True).type == "cuda"
+    assert select_device("cpu", cuda_available=True).type == "cpu"
+    assert select_device("cuda", cuda_available=True).type == "cuda"
+    with pytest.raises(RuntimeError, match="no GPU is visible"):
+        select_device("cuda", cuda_available=False)
+
+
+def test_autocast_is_off_by_default_and_bf16_works_on_cpu():
+    cpu = torch.device("cpu")
+    assert isinstance(autocast_context(cpu, "none"), contextlib.nullcontext)
+    with autocast_context(cpu, "bf16"):
+        out = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert out.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="needs a GPU"):
+        autocast_context(cpu, "fp16")
+
+
+def test_to_device_copies_read_only_arrays_on_cpu():
+    pixels = np.arange(8, dtype=np.uint8).reshape(1, 1, 2, 4)
+    pixels.flags.writeable = False
+    tensor = to_device(pixels, torch.device("cpu"))
+    assert tensor.dtype == torch.uint8 and tensor.tolist() == pixels.tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_to_device_uses_pinned_memory_on_gpu():
+    tensor = to_device(np.zeros((2, 1, 8, 8), np.uint8), torch.device("cuda"))
+    assert tensor.is_cuda
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", threads=1)
+
+
+def test_runner_classifies_held_out_digits(runner):
+    _, held_out = load_digits_split()
+    probabilities, compute_s = runner.predict(held_out.images[:100])
+    assert probabilities.shape == (100, 10) and probabilities.dtype == np.float32
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert (probabilities.argmax(axis=1) == held_out.labels[:100]).mean() >= 0.95
+    assert compute_s > 0
+
+
+def test_runner_bf16_agrees_with_fp32_on_cpu():
+    _, held_out = load_digits_split()
+    fp32, _ = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu").predict(held_out.images[:50])
+    bf16, _ = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", amp="bf16").predict(held_out.images[:50])
+    assert bf16.dtype == np.float32
+    assert (fp32.argmax(1) == bf16.argmax(1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((2, 1, 8, 8), np.float32), np.zeros((2, 3, 8, 8), np.uint8), np.zeros((1, 8, 8), np.uint8)],
+)
+def test_runner_refuses_batches_outside_its_contract(runner, bad):
+    with pytest.raises(ValueError, match=r"batch must be uint8 \(N, 1, 8, 8\)"):
+        runner.predict(bad)
+
+
+def test_runner_describes_itself(runner):
+    info = runner.describe()
+    assert info["device"] == "cpu" and info["model"] == "digits" and info["version"] == 1

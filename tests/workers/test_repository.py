@@ -1,0 +1,110 @@
+"""The model repository: the shipped default model, publishing, and clear errors for broken versions."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from convray.workers.repository import (
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    ModelLoadError,
+    ModelRepository,
+    validate_model_name,
+)
+
+from tests.conftest import SHIPPED_MODELS
+
+
+def test_shipped_digits_model_loads_and_meets_its_accuracy_floor():
+    repo = ModelRepository(SHIPPED_MODELS)
+    assert "digits" in repo.model_names()
+    loaded = repo.load("digits")
+    assert loaded.version == repo.latest_version("digits")
+    assert loaded.metadata.metrics["accuracy"] >= 0.97
+    assert loaded.metadata.labels == [str(d) for d in range(10)]
+    assert not loaded.module.training
+    size = sum(p.stat().st_size for p in repo.version_dir("digits", loaded.version).iterdir())
+    assert size < 2 * 1024 * 1024
+
+
+def test_highest_version_is_the_default_and_odd_entries_are_ignored(model_repo):
+    repo = ModelRepository(model_repo)
+    shutil.copytree(model_repo / "digits" / "1", model_repo / "digits" / "7")
+    for odd in ("0", "01", "-3", "latest", ".publish-tmp"):
+        (model_repo / "digits" / odd).mkdir()
+    assert repo.versions("digits") == [1, 7]
+    assert repo.load("digits").version == 7
+
+
+def test_publish_writes_the_next_version_atomically_and_it_loads_back(model_repo):
+    repo = ModelRepository(model_repo)
+    original = repo.load("digits", 1)
+    version = repo.publish("digits", original.metadata, original.module)
+    assert version == 2
+    assert not [p for p in (model_repo / "digits").iterdir() if p.name.startswith(".")]
+    again = repo.load("digits", 2)
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(again.module(x), original.module(x))
+
+
+def test_publish_refuses_a_bad_model_name(model_repo):
+    with pytest.raises(ValueError, match="invalid model name"):
+        validate_model_name("../escape")
+
+
+def break_json(model_repo, edit):
+    path = model_repo / "digits" / "1" / METADATA_FILE
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d["spec"]["blocks"][0].update(filters=-1), r"spec\.blocks\.0\.conv\.filters"),
+        (lambda d: d.pop("labels"), r"labels: Field required"),
+        (lambda d: d["labels"].pop(), "labels has 9 names but spec.num_classes is 10"),
+        (lambda d: d["input"].update(colour_mode="CMYK"), r"input\.colour_mode"),
+        (lambda d: d["input"]["normalisation"].update(std=[0.0]), "every std must be > 0"),
+        (lambda d: d["metrics"].pop("accuracy"), "metrics.accuracy must be a number"),
+        (lambda d: d.update(surprise=1), "surprise: Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_model_json_names_the_file_and_field(model_repo, edit, message):
+    path = break_json(model_repo, edit)
+    with pytest.raises(ModelLoadError, match=message) as info:
+        ModelRepository(model_repo).load("digits", 1)
+    assert str(path) in str(info.value)
+
+
+def test_missing_files_are_named(model_repo):
+    (model_repo / "digits" / "1" / WEIGHTS_FILE).unlink()
+    with pytest.raises(ModelLoadError, match=f"{WEIGHTS_FILE}: file not found"):
+        ModelRepository(model_repo).load("digits", 1)
+    (model_repo / "digits" / "1" / METADATA_FILE).unlink()
+    with pytest.raises(ModelLoadError, match=f"{METADATA_FILE}: file not found"):
+        ModelRepository(model_repo).load("digits", 1)
+
+
+def test_corrupt_weights_are_reported(model_repo):
+    path = model_repo / "digits" / "1" / WEIGHTS_FILE
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(ModelLoadError, match="not a readable safetensors file"):
+        ModelRepository(model_repo).load("digits", 1)
+
+
+def test_weights_that_do_not_fit_the_spec_are_listed(model_repo):
+    break_json(model_repo, lambda d: d["spec"]["blocks"][0].update(filters=16))
+    with pytest.raises(ModelLoadError, match=r"weights do not match model.json's spec: .*expected \(16, 1, 3, 3\)"):
+        ModelRepository(model_repo).load("digits", 1)
+
+
+def test_a_model_without_versions_is_an_error(model_repo):
+    (model_repo / "empty").mkdir()
+    repo = ModelRepository(model_repo)
+    assert "empty" not in repo.model_names()
+    with pytest.raises(ModelLoadError, match="has no versions"):
+        repo.load("empty")

@@ -1,0 +1,114 @@
+"""A pool of Ray actors holding one model version; each batch goes to the least busy replica.
+
+The front end calls ``predict`` once per batch, never once per image: every hop into Ray costs
+about a millisecond, so requests are grouped before they cross.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+from convray.workers.replica import AmpChoice, DeviceChoice, ModelRunner
+from convray.workers.repository import ModelLoadError
+from ray.exceptions import RayActorError, RayTaskError
+
+
+@dataclass(frozen=True)
+class ReplicaOptions:
+    """How to start each replica actor: its Ray resources and runtime choices."""
+
+    replicas: int = 1
+    cpus_per_replica: float = 1.0  # Ray CPU resource per actor; also sets its torch threads (at least 1)
+    gpus_per_replica: float = 0.0  # fractional values share a GPU between replicas
+    device: DeviceChoice = "auto"
+    amp: AmpChoice = "none"
+    max_restarts: int = 3  # Ray restarts a dead actor this many times (its __init__ reloads the model)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One batch's probabilities (N, classes) and where its time went."""
+
+    probabilities: np.ndarray
+    compute_s: float  # forward pass, measured inside the actor
+    call_s: float  # the whole Ray call, seen from the caller
+    replica: str
+
+
+class ReplicaPool:
+    """The Ray actors serving one model version, with per-replica in-flight batch counts."""
+
+    def __init__(self, name: str, version: int, actors: list[Any]) -> None:
+        self.name, self.version = name, version
+        self._actors = actors
+        self._in_flight = [0] * len(actors)
+        self._tie_break = itertools.count()
+
+    @classmethod
+    async def start(cls, model_repo: str, name: str, version: int, options: ReplicaOptions) -> ReplicaPool:
+        """Start ``options.replicas`` actors, each loading the version, and wait until all are warm.
+
+        Raises:
+            ModelLoadError: a replica could not load the version; the message carries its reason.
+        """
+        actor_class = ray.remote(ModelRunner).options(
+            num_cpus=options.cpus_per_replica,
+            num_gpus=options.gpus_per_replica,
+            max_restarts=options.max_restarts,
+            max_task_retries=0,  # retrying a batch is the front end's decision, not Ray's
+        )
+        threads = max(1, int(options.cpus_per_replica))
+        actors = [
+            actor_class.remote(model_repo, name, version, options.device, options.amp, threads)
+            for _ in range(options.replicas)
+        ]
+        try:
+            await asyncio.gather(*(actor.describe.remote() for actor in actors))
+        except (RayActorError, RayTaskError) as exc:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+            raise ModelLoadError(f"replica could not load {name} version {version}: {_root_cause(exc)}") from None
+        return cls(name, version, actors)
+
+    @property
+    def size(self) -> int:
+        """Number of replicas."""
+        return len(self._actors)
+
+    def in_flight(self) -> list[int]:
+        """Batches currently sent to each replica and not yet answered."""
+        return list(self._in_flight)
+
+    async def predict(self, pixels: np.ndarray) -> BatchResult:
+        """Run one uint8 batch (N, C, H, W) on the least busy replica (ties go round-robin)."""
+        offset = next(self._tie_break)
+        count = len(self._actors)
+        index = min(range(count), key=lambda i: (self._in_flight[i], (i - offset) % count))
+        self._in_flight[index] += 1
+        started = time.perf_counter()
+        try:
+            probabilities, compute_s = await self._actors[index].predict.remote(pixels)
+        finally:
+            self._in_flight[index] -= 1
+        return BatchResult(probabilities, compute_s, time.perf_counter() - started, f"{self.name}-{index}")
+
+    def shutdown(self) -> None:
+        """Stop every replica of this version."""
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
+        self._actors = []
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The last line of a Ray error's text, which names the exception raised inside the actor."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "error" in line:
+            return line
+    return lines[-1] if lines else type(exc).__name__

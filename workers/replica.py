@@ -1,0 +1,107 @@
+"""One model replica: a model version on its device, turning uint8 pixel batches into probabilities.
+
+``ModelRunner`` is a plain class, tested directly on CPU; ``workers.pool`` runs it as a Ray actor.
+It knows tensors and numpy arrays, never protos.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+from convray.workers.repository import ModelRepository
+from convray.workers.transforms import normalise
+
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+AmpChoice = Literal["none", "fp16", "bf16"]
+_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def select_device(requested: DeviceChoice, cuda_available: bool) -> torch.device:
+    """``cuda`` when asked for or when ``auto`` and a GPU is visible, else ``cpu``.
+
+    Raises:
+        RuntimeError: ``cuda`` was asked for but no GPU is visible to this process.
+    """
+    if requested == "cuda" and not cuda_available:
+        raise RuntimeError("device 'cuda' requested but no GPU is visible (check --gpus-per-replica)")
+    if requested == "cuda" or (requested == "auto" and cuda_available):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast_context(device: torch.device, amp: AmpChoice) -> contextlib.AbstractContextManager[object]:
+    """Mixed precision for the forward pass, or a no-op when ``amp`` is ``none``.
+
+    fp16 autocast is a GPU feature; on CPU only bf16 is offered by torch, so fp16 there is refused.
+    """
+    if amp == "none":
+        return contextlib.nullcontext()
+    if device.type == "cpu" and amp == "fp16":
+        raise ValueError("amp 'fp16' needs a GPU; use 'bf16' or 'none' on CPU")
+    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
+
+
+def to_device(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A uint8 batch as a tensor on ``device``; on a GPU through pinned memory with a non-blocking copy."""
+    if not pixels.flags.writeable:  # arrays from Ray's object store are read-only views
+        pixels = pixels.copy()
+    tensor = torch.from_numpy(pixels)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+class ModelRunner:
+    """Holds one model version on its device in inference mode and runs batches through it."""
+
+    def __init__(
+        self,
+        model_repo: str,
+        name: str,
+        version: int,
+        device: DeviceChoice = "auto",
+        amp: AmpChoice = "none",
+        threads: int | None = None,
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        loaded = ModelRepository(model_repo).load(name, version)
+        self.name, self.version = name, version
+        self.contract = loaded.metadata.input
+        self.device = select_device(device, torch.cuda.is_available())
+        self.amp: AmpChoice = amp
+        autocast_context(self.device, amp)  # refuse an impossible combination at load, not per batch
+        self.module = loaded.module.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self._expected_shape = (self.contract.channels, self.contract.height, self.contract.width)
+        self.predict(np.zeros((1, *self._expected_shape), dtype=np.uint8))  # warm-up before serving
+
+    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
+        """Probabilities (N, classes) float32 for uint8 pixels (N, C, H, W), and the compute seconds.
+
+        Raises:
+            ValueError: the batch is not uint8 of the model's (C, H, W).
+        """
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != self._expected_shape:
+            raise ValueError(
+                f"batch must be uint8 (N, {', '.join(map(str, self._expected_shape))}), "
+                f"got {pixels.dtype} {tuple(pixels.shape)}"
+            )
+        started = time.perf_counter()
+        x = to_device(pixels, self.device)
+        with torch.inference_mode(), autocast_context(self.device, self.amp):
+            x = normalise(x, self.contract.normalisation.mean, self.contract.normalisation.std)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            probabilities = self.module.probabilities(x).float().cpu().numpy()
+        return probabilities, time.perf_counter() - started
+
+    def describe(self) -> dict[str, str | int]:
+        """Where this replica runs: device, process id, model and version."""
+        return {"device": str(self.device), "pid": os.getpid(), "model": self.name, "version": self.version}

@@ -1,0 +1,245 @@
+"""The model repository on disk: ``<repo>/<model-name>/<version>/{model.json, model.safetensors}``.
+
+Versions are positive integers; the highest is served by default. ``model.json`` holds the CNN
+spec, the labels, the input contract and the held-out metrics; the weights are a safetensors file.
+Everything is validated on load and errors name the file and the field. New versions are written
+to a hidden temporary directory and renamed into place, so a reader never sees half a version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from convray.workers.models import CNN, build_model
+from convray.workers.spec import CNNSpec
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+METADATA_FILE = "model.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+_VERSION_DIR = re.compile(r"[1-9][0-9]{0,17}")
+
+
+class ModelLoadError(Exception):
+    """A model version on disk is missing, malformed or inconsistent; the message says where."""
+
+
+class Normalisation(BaseModel):
+    """Per-channel normalisation applied to ``pixel / 255``: ``(x - mean) / std``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _positive_std(self) -> Normalisation:
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"every std must be > 0, got {self.std}")
+        return self
+
+
+class InputContract(BaseModel):
+    """What the model expects: the size and colour mode images are converted to, and normalisation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    channels: Literal[1, 3]
+    height: int = Field(gt=0, le=4096)
+    width: int = Field(gt=0, le=4096)
+    colour_mode: Literal["L", "RGB"]
+    normalisation: Normalisation
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InputContract:
+        expected = 1 if self.colour_mode == "L" else 3
+        if self.channels != expected:
+            raise ValueError(f"colour_mode {self.colour_mode!r} has {expected} channel(s), not {self.channels}")
+        for field in ("mean", "std"):
+            values = getattr(self.normalisation, field)
+            if len(values) != self.channels:
+                raise ValueError(f"normalisation.{field} needs {self.channels} value(s), got {len(values)}")
+        return self
+
+
+class ModelMetadata(BaseModel):
+    """The contents of ``model.json``: everything about a version except its weights."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format_version: Literal[1] = FORMAT_VERSION
+    spec: CNNSpec
+    labels: list[str] = Field(min_length=1)
+    input: InputContract
+    metrics: dict[str, Any]
+    """Held-out metrics the version was trained to; ``accuracy`` (0..1) is required."""
+    training: dict[str, Any] = {}
+    """How the version was made: dataset, seed, epochs, command; free-form, for people."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelMetadata:
+        if len(self.labels) != self.spec.num_classes:
+            raise ValueError(f"labels has {len(self.labels)} names but spec.num_classes is {self.spec.num_classes}")
+        if self.spec.in_channels != self.input.channels:
+            raise ValueError(
+                f"spec.in_channels ({self.spec.in_channels}) differs from input.channels ({self.input.channels})"
+            )
+        accuracy = self.metrics.get("accuracy")
+        if not isinstance(accuracy, (int, float)) or not 0.0 <= accuracy <= 1.0:
+            raise ValueError(f"metrics.accuracy must be a number in [0, 1], got {accuracy!r}")
+        return self
+
+
+class LoadedModel(BaseModel):
+    """A model version read from disk: its identity, metadata and the built module with weights."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+    name: str
+    version: int
+    metadata: ModelMetadata
+    module: CNN
+
+
+def validate_model_name(name: str) -> str:
+    """Return ``name`` if it is a valid model name (letters, digits, ``_.-``, at most 64), else raise."""
+    if not re.fullmatch(_NAME_PATTERN, name):
+        raise ValueError(f"invalid model name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
+    return name
+
+
+def _format_validation_error(path: Path, error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        problems.append(f"{where}: {item['msg']}")
+    return f"{path}: " + "; ".join(problems)
+
+
+class ModelRepository:
+    """A model repository rooted at a directory; lists, loads and publishes model versions."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def model_names(self) -> list[str]:
+        """Names of the models that have at least one version directory, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
+
+    def versions(self, name: str) -> list[int]:
+        """The version numbers of ``name`` on disk, ascending; hidden and non-numeric entries are ignored."""
+        model_dir = self.root / name
+        if not model_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and _VERSION_DIR.fullmatch(p.name))
+
+    def latest_version(self, name: str) -> int | None:
+        """The highest version of ``name``, or None when it has none."""
+        versions = self.versions(name)
+        return versions[-1] if versions else None
+
+    def version_dir(self, name: str, version: int) -> Path:
+        """The directory that holds one version."""
+        return self.root / name / str(version)
+
+    def read_metadata(self, name: str, version: int) -> ModelMetadata:
+        """Read and validate one version's ``model.json``.
+
+        Raises:
+            ModelLoadError: the file is missing, not JSON, or a field is wrong (named in the message).
+        """
+        path = self.version_dir(name, version) / METADATA_FILE
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelLoadError(f"{path}: file not found") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"{path}: not readable JSON ({exc})") from None
+        try:
+            return ModelMetadata.model_validate(raw)
+        except ValidationError as exc:
+            raise ModelLoadError(_format_validation_error(path, exc)) from None
+
+    def load(self, name: str, version: int | None = None) -> LoadedModel:
+        """Load a version (the latest when None): metadata, module and weights, in eval mode, on CPU.
+
+        Raises:
+            ModelLoadError: anything missing or inconsistent, with the file and field named.
+        """
+        if version is None:
+            version = self.latest_version(name)
+            if version is None:
+                raise ModelLoadError(f"{self.root / name}: model {name!r} has no versions")
+        metadata = self.read_metadata(name, version)
+        try:
+            module = build_model(metadata.spec, metadata.input.height, metadata.input.width)
+        except ValueError as exc:
+            raise ModelLoadError(f"{self.version_dir(name, version) / METADATA_FILE}: spec: {exc}") from None
+        weights_path = self.version_dir(name, version) / WEIGHTS_FILE
+        load_weights(module, weights_path)
+        module.eval()
+        return LoadedModel(name=name, version=version, metadata=metadata, module=module)
+
+    def publish(self, name: str, metadata: ModelMetadata, module: torch.nn.Module) -> int:
+        """Write a new version (one above the highest) atomically and return its number."""
+        validate_model_name(name)
+        model_dir = self.root / name
+        model_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".publish-", dir=model_dir))
+        try:
+            (staging / METADATA_FILE).write_text(metadata.model_dump_json(indent=2) + "\n", encoding="utf-8")
+            state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+            save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+            for path in (staging / METADATA_FILE, staging / WEIGHTS_FILE):
+                os.chmod(path, 0o644)  # readable by serving pods that run as another user
+            os.chmod(staging, 0o755)
+            while True:  # another publisher may take a number first: move on to the next one
+                version = (self.latest_version(name) or 0) + 1
+                try:
+                    os.rename(staging, self.version_dir(name, version))
+                    return version
+                except OSError:
+                    if not self.version_dir(name, version).exists():
+                        raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Load a safetensors file into ``module``, requiring exactly its parameter names and shapes.
+
+    Raises:
+        ModelLoadError: the file is missing or corrupt, or names/shapes differ (listed in the message).
+    """
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: file not found") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from None
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [
+        f"{key} is {tuple(state[key].shape)}, expected {tuple(expected[key].shape)}"
+        for key in sorted(set(state) & set(expected))
+        if state[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected}")
+        if wrong_shape:
+            parts.append("; ".join(wrong_shape))
+        raise ModelLoadError(f"{path}: weights do not match model.json's spec: " + "; ".join(parts))
+    module.load_state_dict(state)
