@@ -34,9 +34,11 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check service workers tests scripts
 
-# Reproduces the shipped default model (models/digits/1) from scikit-learn's digits.
+# Reproduces the shipped default model (models/digits/1) from scikit-learn's digits,
+# published as the next version of `digits` in ./models.
 train-default: install
-	$(PY) scripts/train_default_model.py
+	$(VENV)/bin/convray train --dataset digits --preset digits-small --epochs 30 --seed 0 \
+		--model-repo models --model-name digits
 
 clean:
 	rm -rf $(VENV) proto/convray/v1/*_pb2*.py proto/convray/v1/*_pb2*.pyi

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the server until SIGINT/SIGTERM."""
+    # Ray starts its processes while gRPC's threads run; they exec at once, so gRPC's fork handlers
+    # are not needed (they only log "skipping fork() handlers"). Read by grpc at import, so set first.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     from convray.service.server import serve
 
     try:

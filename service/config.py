@@ -29,7 +29,7 @@ class ServerSettings(_Group):
     metrics_host: str = "localhost"
     """Bind address of the Prometheus /metrics endpoint."""
     metrics_port: int | None = Field(9100, ge=0, le=65535)
-    """Port of /metrics; 0 picks a free one; unset (None) disables the endpoint."""
+    """Port of /metrics; 0 picks a free one; ``--no-metrics`` disables the endpoint."""
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     """Largest gRPC message received or sent (grpcio's own default is only 4 MiB)."""
     drain_grace_s: float = Field(10.0, ge=0)
@@ -40,8 +40,9 @@ class ModelSettings(_Group):
     """Which model repository is served, and which model requests get when they name none."""
 
     model_repo: Path = Path("models")
+    """Directory holding ``<model-name>/<version>/`` (relative to the working directory)."""
     default_model: str = "digits"
-    """Used when a request leaves ``model`` empty; if absent from the repository, the first model name."""
+    """Model for requests that name none; if it is not served, the first served model by name."""
 
 
 class BatchingSettings(_Group):
@@ -61,7 +62,7 @@ class WorkerSettings(_Group):
     """The Ray cluster and the replica actors that hold the models."""
 
     ray_address: str | None = None
-    """Ray cluster to join (e.g. ``ray://head:10001`` or ``auto``); unset starts an embedded local Ray."""
+    """Ray cluster to join (e.g. ``auto`` or ``HOST:6379``); unset starts an embedded local Ray."""
     ray_num_cpus: int | None = Field(None, ge=1)
     """CPUs an embedded local Ray may use; unset means all of this machine's."""
     replicas: int = Field(1, ge=1, le=1024)
@@ -71,9 +72,9 @@ class WorkerSettings(_Group):
     gpus_per_replica: float = Field(0.0, ge=0)
     """Fractions share one GPU between replicas; 0 runs on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """``auto`` uses the GPU when the replica has one."""
+    """``auto``, ``cpu`` or ``cuda``; ``auto`` uses the GPU when the replica has one."""
     amp: Literal["none", "fp16", "bf16"] = "none"
-    """Mixed precision for the forward pass (fp16 on GPU only)."""
+    """Mixed precision for the forward pass: ``none``, ``bf16`` or ``fp16`` (GPU only)."""
     max_restarts: int = Field(3, ge=-1)
     """Times Ray restarts a replica that died; -1 means without limit."""
 
