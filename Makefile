@@ -4,8 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # The CPU build of torch for dev and CI; pyproject keeps a range so GPU users get CUDA builds.
 TORCH  ?= torch==2.13.0
-PROTOS := $(wildcard proto/convray/v1/*.proto)
+PROTOS := $(wildcard proto/convray/*/*.proto)
 STUBS  := $(PROTOS:.proto=_pb2.py)
+
+# tritonclient pins protobuf < 7, so the OIP tests drive it from its own venv, as an external client would.
+CLIENT_VENV := .venv-tritonclient
+TRITONCLIENT ?= tritonclient[grpc]==2.73.0
 
 .PHONY: install proto serve test lint train-default clean
 
@@ -21,18 +25,23 @@ $(VENV)/.installed: pyproject.toml
 proto: $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTOS)
 
-proto/convray/v1/%_pb2.py: proto/convray/v1/%.proto $(VENV)/.installed
+proto/convray/%_pb2.py: proto/convray/%.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto $<
 
 serve: install
 	$(VENV)/bin/convray serve
 
-test: install
-	$(VENV)/bin/ruff check service workers tests scripts
+$(CLIENT_VENV)/.installed:
+	test -x $(CLIENT_VENV)/bin/python || $(PYTHON) -m venv $(CLIENT_VENV)
+	$(CLIENT_VENV)/bin/python -m pip install --quiet '$(TRITONCLIENT)' pillow
+	touch $@
+
+test: install $(CLIENT_VENV)/.installed
+	$(VENV)/bin/ruff check service workers tests scripts examples
 	$(VENV)/bin/python -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check service workers tests scripts
+	$(VENV)/bin/ruff check service workers tests scripts examples
 
 # Reproduces the shipped default model (models/digits/1) from scikit-learn's digits,
 # published as the next version of `digits` in ./models.
@@ -41,4 +50,4 @@ train-default: install
 		--model-repo models --model-name digits
 
 clean:
-	rm -rf $(VENV) proto/convray/v1/*_pb2*.py proto/convray/v1/*_pb2*.pyi
+	rm -rf $(VENV) $(CLIENT_VENV) proto/convray/*/*_pb2*.py proto/convray/*/*_pb2*.pyi

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -81,19 +82,37 @@ class Batcher(Generic[T, R]):
             Overloaded: the queue already holds ``max_queue`` requests.
             ModelNotReady: the batcher is closed (the server is draining).
         """
+        (future,) = self._admit([item])
+        return await future
+
+    async def submit_many(self, items: Sequence[T]) -> list[R]:
+        """Queue several items at once, all or none, and wait for all their results (in order).
+
+        Raises:
+            Overloaded: the queue has no room for all of them.
+            ModelNotReady: the batcher is closed (the server is draining).
+        """
+        return list(await asyncio.gather(*self._admit(items)))
+
+    def _admit(self, items: Sequence[T]) -> list[asyncio.Future[R]]:
         if self._closed:
             raise ModelNotReady(f"{self.name} is shutting down; retry on another server")
-        if len(self._queue) >= self.max_queue:
+        if len(self._queue) + len(items) > self.max_queue:
             raise Overloaded(
-                f"{self.name}: queue full ({self.max_queue} requests waiting, --max-queue); retry with backoff"
+                f"{self.name}: queue full ({len(self._queue)} of {self.max_queue} places taken, "
+                f"{len(items)} more requested; --max-queue); retry with backoff"
             )
-        pending: _Pending[T, R] = _Pending(item, asyncio.get_running_loop().create_future())
-        pending.future.add_done_callback(lambda fut: self._forget_if_cancelled(pending))
-        self._queue.append(pending)
+        loop = asyncio.get_running_loop()
+        futures = []
+        for item in items:
+            pending: _Pending[T, R] = _Pending(item, loop.create_future())
+            pending.future.add_done_callback(functools.partial(self._forget_if_cancelled, pending))
+            self._queue.append(pending)
+            futures.append(pending.future)
         self._wakeup.set()
-        return await pending.future
+        return futures
 
-    def _forget_if_cancelled(self, pending: _Pending[T, R]) -> None:
+    def _forget_if_cancelled(self, pending: _Pending[T, R], _future: object = None) -> None:
         if pending.future.cancelled():
             try:
                 self._queue.remove(pending)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+from convray.workers.repository import ModelLoadError
 
 
 class ConvrayError(Exception):
@@ -46,6 +47,8 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
     if isinstance(exc, ConvrayError):
         return exc.code, str(exc)
+    if isinstance(exc, ModelLoadError):  # the files on disk are wrong, not the request
+        return grpc.StatusCode.FAILED_PRECONDITION, f"model load failed: {exc}"
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the request was served"
     if isinstance(exc, asyncio.CancelledError):

@@ -7,7 +7,9 @@ batcher; ``run_batch`` turns a batch of decoded requests into one Ray call and o
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,10 +18,11 @@ import numpy as np
 from convray.service.codecs import ClassScore, DecodeLimits, decode_image, top_k
 from convray.service.errors import InvalidInput
 from convray.service.metrics import Metrics
+from convray.service.statistics import ModelStatistics
 from convray.workers.pool import ReplicaPool
 
 if TYPE_CHECKING:
-    from convray.service.registry import ModelRegistry
+    from convray.service.registry import ModelRegistry, ServedModel
 
 
 @dataclass(frozen=True)
@@ -54,13 +57,14 @@ class Classification:
     batch: JobResult
 
 
-async def run_batch(pool: ReplicaPool, metrics: Metrics, jobs: list[Job]) -> list[JobResult]:
+async def run_batch(pool: ReplicaPool, metrics: Metrics, stats: ModelStatistics, jobs: list[Job]) -> list[JobResult]:
     """Stack the batch, make ONE Ray call for it, and split the probabilities back per request."""
     started = time.monotonic()
     pixels = np.stack([job.pixels for job in jobs])  # (N, C, H, W) uint8
     result = await pool.predict(pixels)
     if len(result.probabilities) != len(jobs):
         raise RuntimeError(f"replica returned {len(result.probabilities)} rows for a batch of {len(jobs)}")
+    stats.record_batch(len(jobs), result.compute_s)
     labels = (pool.name, str(pool.version))
     metrics.batch_size.labels(*labels).observe(len(jobs))
     metrics.batch_call_duration.labels(*labels).observe(result.call_s)
@@ -103,17 +107,40 @@ class Classifier:
         k = top_k_requested or min(self._default_top_k, len(labels))
         if k > len(labels):
             raise InvalidInput(f"top_k is {k} but model {served.name!r} has {len(labels)} classes")
-        pixels = await asyncio.get_running_loop().run_in_executor(
-            self._decoder, decode_image, image, served.metadata.input, self._limits
-        )
-        decoded = time.monotonic()
-        self._metrics.decode_duration.labels(served.name).observe(decoded - received)
-        result = await served.batcher.submit(Job(pixels, decoded))
+        decode_s, (result,) = await self.infer_images(served, [image])
         return Classification(
             model=served.name,
             version=served.version,
             predictions=top_k(result.probabilities, labels, k),
-            decode_s=decoded - received,
+            decode_s=decode_s,
             total_s=time.monotonic() - received,
             batch=result,
         )
+
+    async def infer_images(self, served: ServedModel, images: Sequence[bytes]) -> tuple[float, list[JobResult]]:
+        """Decode encoded images off the event loop, then run them; returns the decode seconds and results."""
+        received = time.monotonic()
+        try:
+            loop = asyncio.get_running_loop()
+            decode = functools.partial(decode_image, contract=served.metadata.input, limits=self._limits)
+            pixels = await asyncio.gather(*(loop.run_in_executor(self._decoder, decode, image) for image in images))
+        except BaseException:
+            served.stats.record_request(False, time.monotonic() - received)
+            raise
+        decode_s = time.monotonic() - received
+        self._metrics.decode_duration.labels(served.name).observe(decode_s / len(images))
+        return decode_s, await self.infer_pixels(served, pixels, received)
+
+    async def infer_pixels(
+        self, served: ServedModel, pixels: Sequence[np.ndarray], received: float | None = None
+    ) -> list[JobResult]:
+        """Run decoded uint8 images, each (C, H, W), through the model's batcher: one job per image."""
+        queued = time.monotonic()
+        received = queued if received is None else received
+        try:
+            results = await served.batcher.submit_many([Job(p, queued) for p in pixels])
+        except BaseException:
+            served.stats.record_request(False, time.monotonic() - received)
+            raise
+        served.stats.record_request(True, time.monotonic() - received, len(pixels), sum(r.queue_s for r in results))
+        return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from convray.service.config import BatchingSettings, WorkerSettings
 from convray.service.errors import InvalidInput, ModelNotFound, ModelNotReady
 from convray.service.inference import Job, JobResult, run_batch
 from convray.service.metrics import Metrics
+from convray.service.statistics import ModelStatistics
 from convray.workers.pool import ReplicaOptions, ReplicaPool
 from convray.workers.repository import ModelLoadError, ModelMetadata, ModelRepository
 
@@ -26,6 +28,7 @@ class ServedModel:
     metadata: ModelMetadata
     pool: ReplicaPool
     batcher: Batcher[Job, JobResult]
+    stats: ModelStatistics
 
 
 class ModelRegistry:
@@ -52,6 +55,7 @@ class ModelRegistry:
         )
         self._metrics = metrics
         self._served: dict[str, dict[int, ServedModel]] = {}
+        self._changing = asyncio.Lock()  # one load or unload at a time
         self.ready = False
 
     @property
@@ -90,8 +94,9 @@ class ModelRegistry:
         """
         metadata = self.repository.read_metadata(name, version)  # fail fast, with file and field named
         pool = await ReplicaPool.start(str(self.repository.root), name, version, self._replica_options)
+        stats = ModelStatistics()
         batcher: Batcher[Job, JobResult] = Batcher(
-            functools.partial(run_batch, pool, self._metrics),
+            functools.partial(run_batch, pool, self._metrics, stats),
             max_batch_size=self._batching.max_batch_size,
             max_batch_wait_s=self._batching.max_batch_delay_ms / 1000.0,
             max_queue=self._batching.max_queue,
@@ -99,13 +104,58 @@ class ModelRegistry:
             name=f"model {name!r} version {version}",
         )
         batcher.start()
-        served = ServedModel(name, version, metadata, pool, batcher)
+        served = ServedModel(name, version, metadata, pool, batcher, stats)
         self._served.setdefault(name, {})[version] = served
         labels = (name, str(version))
         self._metrics.replicas.labels(*labels).set(pool.size)
         self._metrics.queue_depth.labels(*labels).set_function(lambda: batcher.queue_depth)
         log.info("loaded %s version %d on %d replica(s)", name, version, pool.size)
         return served
+
+    async def load_latest(self, name: str) -> ServedModel:
+        """Serve the highest version of ``name`` on disk; once it is warm, unload the older ones.
+
+        A failed load leaves whatever was serving untouched.
+
+        Raises:
+            ModelNotFound: the repository has no version of ``name``.
+            ModelLoadError: the version is invalid or its replicas failed to load it.
+        """
+        async with self._changing:
+            version = self.repository.latest_version(name)
+            if version is None:
+                raise ModelNotFound(f"model {name!r} has no versions in {self.repository.root}")
+            current = self._served.get(name, {})
+            served = current.get(version) or await self.load(name, version)
+            for old in [v for v in current if v != version]:
+                await self._unload_version(name, old)
+            return served
+
+    async def unload(self, name: str) -> None:
+        """Stop serving every version of ``name``, after finishing the requests already queued.
+
+        Raises:
+            ModelNotFound: no version of ``name`` is loaded.
+        """
+        async with self._changing:
+            if not self._served.get(name):
+                raise ModelNotFound(f"model {name!r} is not loaded; loaded models: {sorted(self._served)}")
+            for version in list(self._served[name]):
+                await self._unload_version(name, version)
+
+    async def _unload_version(self, name: str, version: int) -> None:
+        served = self._served[name].pop(version)
+        if not self._served[name]:
+            del self._served[name]
+        await served.batcher.close()  # new requests now resolve elsewhere; queued ones finish here
+        served.pool.shutdown()
+        self._metrics.replicas.labels(name, str(version)).set(0)
+        self._metrics.queue_depth.labels(name, str(version)).set_function(lambda: 0)
+        log.info("unloaded %s version %d", name, version)
+
+    def served_versions(self) -> list[ServedModel]:
+        """Every loaded version, by model name then version."""
+        return [self._served[n][v] for n in sorted(self._served) for v in sorted(self._served[n])]
 
     def resolve(self, name: str, version: int) -> ServedModel:
         """The served version a request names ('' = default model, 0 = highest loaded version).

@@ -14,11 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+from convray.oip import inference_pb2, inference_pb2_grpc
 from convray.service import __version__
 from convray.service.codecs import DecodeLimits
 from convray.service.config import Settings
 from convray.service.inference import Classifier
 from convray.service.metrics import Metrics
+from convray.service.oip_servicer import InferenceServicer
 from convray.service.registry import ModelRegistry
 from convray.service.servicer import ClassifierServicer
 from convray.v1 import classifier_pb2, classifier_pb2_grpc
@@ -30,6 +32,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 log = logging.getLogger(__name__)
 CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
+OIP_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 class StartupError(Exception):
@@ -68,10 +71,15 @@ class ConvrayServer:
         classifier_pb2_grpc.add_ClassifierServicer_to_server(
             ClassifierServicer(classifier, self.registry, self.metrics), self._server
         )
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(classifier, self.registry, self.metrics, settings.batching, settings.workers),
+            self._server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             [
                 CLASSIFIER_SERVICE,
+                OIP_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ],
@@ -88,7 +96,7 @@ class ConvrayServer:
         self.port = self._server.add_insecure_port(f"{server.host}:{server.port}")
         if self.port == 0:
             raise StartupError(f"could not bind gRPC to {server.host}:{server.port} (in use or not permitted)")
-        for service in ("", CLASSIFIER_SERVICE):
+        for service in ("", CLASSIFIER_SERVICE, OIP_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
         if server.metrics_port is not None:
@@ -125,7 +133,7 @@ class ConvrayServer:
         errors = await self.registry.load_latest_of_each()
         if not self.registry.ready:
             raise StartupError("no model could be loaded: " + "; ".join(errors))
-        for service in ("", CLASSIFIER_SERVICE):
+        for service in ("", CLASSIFIER_SERVICE, OIP_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         served = {name: self.registry.loaded_versions(name) for name in self.registry.repository.model_names()}
         metrics_at = (

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import grpc
-from convray.service.errors import ConvrayError, to_status
 from convray.service.inference import Classification, Classifier
 from convray.service.metrics import Metrics
 from convray.service.registry import ModelRegistry
+from convray.service.rpc import RpcObserver, ordered_concurrently
 from convray.v1 import classifier_pb2 as pb
 from convray.v1 import classifier_pb2_grpc as pb_grpc
-
-log = logging.getLogger(__name__)
-Reply = TypeVar("Reply")
-API = "native"
 
 
 def classification_to_proto(result: Classification, request_id: str) -> pb.ClassifyResponse:
@@ -50,31 +42,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     def __init__(self, classifier: Classifier, registry: ModelRegistry, metrics: Metrics) -> None:
         self._classifier = classifier
         self._registry = registry
-        self._metrics = metrics
-
-    async def _answer(
-        self, rpc: str, model: str, work: Callable[[], Awaitable[Reply]], context: grpc.aio.ServicerContext
-    ) -> Reply:
-        """Run one RPC's work; count and time it; turn any exception into a clear status, never UNKNOWN."""
-        started = time.monotonic()
-        code = grpc.StatusCode.OK
-        try:
-            return await work()
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:  # noqa: BLE001 (mapped onto a status just below)
-            code, message = to_status(exc)
-            if isinstance(exc, ConvrayError):
-                log.warning("%s failed: %s %s", rpc, code.name, message)
-            else:
-                log.exception("%s failed unexpectedly", rpc)
-            await context.abort(code, message)
-            raise  # unreachable: abort raises
-        finally:
-            model_label = model or self._registry.default_model
-            self._metrics.requests.labels(API, rpc, model_label, code.name).inc()
-            self._metrics.request_duration.labels(API, rpc, model_label).observe(time.monotonic() - started)
+        self._rpc = RpcObserver("native", metrics, lambda: registry.default_model)
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         """Classify one image."""
@@ -83,53 +51,27 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             result = await self._classifier.classify(request.image, request.model, request.version, request.top_k)
             return classification_to_proto(result, request.request_id)
 
-        return await self._answer("Classify", request.model, work, context)
+        return await self._rpc.unary("Classify", request.model, work, context)
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
         """Classify a stream of images concurrently, answering in request order."""
-        in_order: asyncio.Queue[asyncio.Task[pb.ClassifyStreamResponse] | None] = asyncio.Queue(maxsize=256)
-
-        async def read_requests() -> None:
-            try:
-                async for request in request_iterator:
-                    await in_order.put(asyncio.create_task(self._stream_item(request)))
-            finally:
-                await in_order.put(None)
-
-        reader = asyncio.create_task(read_requests())
-        try:
-            while (task := await in_order.get()) is not None:
-                yield await task
-            await reader  # surfaces a broken request stream
-        finally:
-            reader.cancel()
-            while not in_order.empty():
-                if (task := in_order.get_nowait()) is not None:
-                    task.cancel()
+        async for reply in ordered_concurrently(request_iterator, self._stream_item):
+            yield reply
 
     async def _stream_item(self, request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
-        started = time.monotonic()
-        code = grpc.StatusCode.OK
-        try:
+        async def work() -> pb.ClassifyResponse:
             result = await self._classifier.classify(request.image, request.model, request.version, request.top_k)
-            return pb.ClassifyStreamResponse(
-                result=classification_to_proto(result, request.request_id), request_id=request.request_id
-            )
-        except Exception as exc:  # noqa: BLE001 (answered as this item's error; the stream goes on)
-            code, message = to_status(exc)
-            if not isinstance(exc, ConvrayError):
-                log.exception("ClassifyStream item failed unexpectedly")
+            return classification_to_proto(result, request.request_id)
+
+        outcome = await self._rpc.item("ClassifyStream", request.model, work)
+        if isinstance(outcome, tuple):
+            code, message = outcome
             return pb.ClassifyStreamResponse(
                 error=pb.Error(code=code.name, message=message), request_id=request.request_id
             )
-        finally:
-            model_label = request.model or self._registry.default_model
-            self._metrics.requests.labels(API, "ClassifyStream", model_label, code.name).inc()
-            self._metrics.request_duration.labels(API, "ClassifyStream", model_label).observe(
-                time.monotonic() - started
-            )
+        return pb.ClassifyStreamResponse(result=outcome, request_id=request.request_id)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -150,7 +92,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 )
             return pb.ListModelsResponse(models=summaries, default_model=self._registry.default_model)
 
-        return await self._answer("ListModels", "", work, context)
+        return await self._rpc.unary("ListModels", "", work, context)
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         """One loaded version's metadata."""
@@ -177,4 +119,4 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 replicas=served.pool.size,
             )
 
-        return await self._answer("GetModel", request.model, work, context)
+        return await self._rpc.unary("GetModel", request.model, work, context)

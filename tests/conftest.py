@@ -69,7 +69,7 @@ class ServerThread:
         self.thread.join(10)
 
 
-def test_settings(model_repo: Path, **overrides):
+def server_settings(model_repo: Path, **overrides):
     """Settings for a server under test: loopback, free ports, small replicas."""
     from convray.service.config import Settings
 
@@ -90,7 +90,7 @@ def served(ray_address, tmp_path_factory) -> ServerThread:
     """The shared server under test, serving a copy of the shipped model repository."""
     repo = tmp_path_factory.mktemp("served") / "models"
     shutil.copytree(SHIPPED_MODELS, repo)
-    server = ServerThread(test_settings(repo)).start()
+    server = ServerThread(server_settings(repo)).start()
     yield server
     server.stop()
 

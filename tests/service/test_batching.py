@@ -98,7 +98,7 @@ async def test_a_full_queue_fails_fast_with_overloaded():
     await asyncio.sleep(0.02)
     queued = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
     await asyncio.sleep(0.02)
-    with pytest.raises(Overloaded, match=r"queue full \(2 requests waiting, --max-queue\)"):
+    with pytest.raises(Overloaded, match=r"queue full \(2 of 2 places taken, 1 more requested; --max-queue\)"):
         await batcher.submit(3)
     gate.set()
     assert await asyncio.gather(running, *queued) == [0, 10, 20]
@@ -168,3 +168,27 @@ async def test_close_finishes_admitted_requests_and_refuses_new_ones():
 def test_invalid_limits_are_refused_with_the_values():
     with pytest.raises(ValueError, match="got 0, 1, 1, 0.0"):
         Batcher(Recorder(), max_batch_size=0, max_batch_wait_s=0.0, max_queue=1, max_concurrent_batches=1)
+
+
+async def test_submit_many_returns_results_in_order_through_the_same_batches():
+    run = Recorder()
+    batcher = make(run, max_batch_size=16, max_batch_wait_s=0.1)
+    many = asyncio.ensure_future(batcher.submit_many([1, 2, 3]))
+    single = asyncio.ensure_future(batcher.submit(4))
+    assert await many == [10, 20, 30] and await single == 40
+    assert run.batches == [[1, 2, 3, 4]]
+    await batcher.close()
+
+
+async def test_submit_many_is_all_or_nothing_when_the_queue_is_short():
+    gate = asyncio.Event()
+    batcher = make(Recorder(gate), max_batch_size=1, max_queue=3, max_batch_wait_s=0.0)
+    running = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.02)
+    with pytest.raises(Overloaded, match="0 of 3 places taken, 4 more requested"):
+        await batcher.submit_many([1, 2, 3, 4])
+    assert batcher.queue_depth == 0
+    gate.set()
+    assert await batcher.submit_many([1, 2, 3]) == [10, 20, 30]
+    assert await running == 0
+    await batcher.close()

@@ -1,0 +1,1 @@
+"""Generated stubs for the Open Inference Protocol service (built from inference.proto by ``make proto``)."""

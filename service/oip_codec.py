@@ -1,0 +1,197 @@
+"""Open Inference Protocol tensors <-> numpy: inputs in, probabilities (or top-k strings) out.
+
+A model takes ONE input, either ``input`` (FP32 or UINT8, NCHW at the model's size, plain pixel
+values 0..255: the model's own normalisation is applied server-side) or ``image`` (BYTES, one encoded
+image per element). It has one output, ``probabilities`` (FP32, one row per image). Everything a
+client can get wrong raises ``InvalidInput`` saying what was expected.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from convray.oip import inference_pb2 as oip
+from convray.service.errors import InvalidInput
+from convray.workers.repository import InputContract
+
+PIXELS_INPUT = "input"
+IMAGE_INPUT = "image"
+OUTPUT = "probabilities"
+CLASSIFICATION = "classification"
+_PIXEL_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
+_LENGTH = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """A request's input: decoded pixels (N, C, H, W) uint8, or encoded images, never both."""
+
+    pixels: np.ndarray | None = None
+    images: list[bytes] | None = None
+
+    @property
+    def count(self) -> int:
+        """Images in the request."""
+        return len(self.pixels) if self.pixels is not None else len(self.images or [])
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    """An output the client asked for, and the top-k of the classification extension (0 = plain)."""
+
+    name: str
+    classification_k: int = 0
+
+
+def parse_version(text: str) -> int:
+    """An OIP version string as convray's version number: '' is 0 (the latest loaded)."""
+    if text == "":
+        return 0
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidInput(f"model version must be empty (latest) or a positive integer, got {text!r}")
+    return int(text)
+
+
+def reject_parameters(parameters: Mapping[str, object], where: str, allowed: frozenset[str] = frozenset()) -> None:
+    """Refuse parameters convray does not support, naming them."""
+    unsupported = sorted(set(parameters) - allowed)
+    if unsupported:
+        extra = f"; supported: {sorted(allowed)}" if allowed else ""
+        raise InvalidInput(f"unsupported parameter(s) {unsupported} on {where}{extra}")
+
+
+def deserialize_bytes(raw: bytes, count: int) -> list[bytes]:
+    """Split a BYTES tensor's raw content (4-byte little-endian length, then the bytes, repeated)."""
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidInput(f"malformed BYTES tensor: element {len(items)} has a truncated 4-byte length prefix")
+        (length,) = _LENGTH.unpack_from(raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise InvalidInput(
+                f"malformed BYTES tensor: element {len(items)} claims {length} bytes "
+                f"but only {len(raw) - offset} remain"
+            )
+        items.append(raw[offset : offset + length])
+        offset += length
+    if len(items) != count:
+        raise InvalidInput(f"BYTES tensor holds {len(items)} element(s) but its shape says {count}")
+    return items
+
+
+def serialize_bytes(items: list[bytes]) -> bytes:
+    """The raw content of a BYTES tensor."""
+    return b"".join(_LENGTH.pack(len(item)) + item for item in items)
+
+
+def read_input(request: oip.ModelInferRequest, contract: InputContract, max_batch_size: int) -> ModelInput:
+    """The request's one input tensor, checked against the model's contract and batch limit."""
+    if len(request.inputs) != 1:
+        raise InvalidInput(
+            f"expected exactly one input, {PIXELS_INPUT!r} (FP32/UINT8 NCHW) or {IMAGE_INPUT!r} (BYTES); "
+            f"got {len(request.inputs)}"
+        )
+    tensor = request.inputs[0]
+    reject_parameters(tensor.parameters, f"input {tensor.name!r}")
+    if request.raw_input_contents and len(request.raw_input_contents) != 1:
+        raise InvalidInput(f"raw_input_contents has {len(request.raw_input_contents)} entries for 1 input")
+    raw = request.raw_input_contents[0] if request.raw_input_contents else None
+    if raw is not None and tensor.HasField("contents"):
+        raise InvalidInput(f"input {tensor.name!r} has both raw_input_contents and contents; send one")
+    shape = list(tensor.shape)
+    batch = shape[0] if shape else 0
+    if not 1 <= batch <= max_batch_size:
+        raise InvalidInput(f"batch size (first dimension of the shape) must be 1..{max_batch_size}, got {shape}")
+    if tensor.name == PIXELS_INPUT:
+        return ModelInput(pixels=_read_pixels(tensor, raw, shape, contract))
+    if tensor.name == IMAGE_INPUT:
+        return ModelInput(images=_read_images(tensor, raw, shape))
+    raise InvalidInput(f"unknown input {tensor.name!r}; inputs are {PIXELS_INPUT!r} and {IMAGE_INPUT!r}")
+
+
+def _read_pixels(
+    tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | None, shape: list[int], contract: InputContract
+) -> np.ndarray:
+    expected = [contract.channels, contract.height, contract.width]
+    if tensor.datatype not in _PIXEL_DTYPES:
+        raise InvalidInput(f"input {PIXELS_INPUT!r} must be FP32 or UINT8, got datatype {tensor.datatype!r}")
+    if len(shape) != 4 or shape[1:] != expected:
+        raise InvalidInput(f"input {PIXELS_INPUT!r} must have shape [N, {', '.join(map(str, expected))}], got {shape}")
+    dtype = _PIXEL_DTYPES[tensor.datatype]
+    if raw is not None:
+        if len(raw) != int(np.prod(shape)) * dtype.itemsize:
+            raise InvalidInput(
+                f"input {PIXELS_INPUT!r}: raw content is {len(raw)} bytes, shape {shape} of {tensor.datatype} "
+                f"needs {int(np.prod(shape)) * dtype.itemsize}"
+            )
+        values = np.frombuffer(raw, dtype=dtype)
+    else:
+        typed = tensor.contents.fp32_contents if tensor.datatype == "FP32" else tensor.contents.uint_contents
+        if len(typed) != int(np.prod(shape)):
+            raise InvalidInput(f"input {PIXELS_INPUT!r}: contents hold {len(typed)} values, shape {shape} needs "
+                               f"{int(np.prod(shape))}")  # fmt: skip
+        values = np.asarray(typed, dtype=np.float32 if tensor.datatype == "FP32" else np.int64)
+    if values.dtype != np.uint8:
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 255:
+            raise InvalidInput(f"input {PIXELS_INPUT!r} holds pixel values 0..255; found values outside that range")
+        values = np.rint(values).astype(np.uint8)
+    return values.reshape(shape)
+
+
+def _read_images(tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | None, shape: list[int]) -> list[bytes]:
+    if tensor.datatype != "BYTES":
+        raise InvalidInput(f"input {IMAGE_INPUT!r} must be BYTES (encoded images), got datatype {tensor.datatype!r}")
+    if shape not in ([shape[0]], [shape[0], 1]):
+        raise InvalidInput(f"input {IMAGE_INPUT!r} must have shape [N] or [N, 1], got {shape}")
+    if raw is not None:
+        return deserialize_bytes(raw, shape[0])
+    if len(tensor.contents.bytes_contents) != shape[0]:
+        raise InvalidInput(f"input {IMAGE_INPUT!r}: contents hold {len(tensor.contents.bytes_contents)} elements, "
+                           f"shape {shape} needs {shape[0]}")  # fmt: skip
+    return list(tensor.contents.bytes_contents)
+
+
+def requested_outputs(request: oip.ModelInferRequest) -> list[RequestedOutput]:
+    """The outputs to return (all when none is named), with any classification top-k."""
+    if not request.outputs:
+        return [RequestedOutput(OUTPUT)]
+    outputs = []
+    for output in request.outputs:
+        if output.name != OUTPUT:
+            raise InvalidInput(f"unknown output {output.name!r}; the output is {OUTPUT!r}")
+        reject_parameters(output.parameters, f"output {output.name!r}", frozenset({CLASSIFICATION}))
+        k = 0
+        if CLASSIFICATION in output.parameters:
+            parameter = output.parameters[CLASSIFICATION]
+            if parameter.WhichOneof("parameter_choice") != "int64_param" or parameter.int64_param < 1:
+                raise InvalidInput("'classification' must be a positive int64_param (the number of classes)")
+            k = parameter.int64_param
+        outputs.append(RequestedOutput(output.name, k))
+    return outputs
+
+
+def classification_strings(row: np.ndarray, labels: list[str], k: int) -> list[bytes]:
+    """Triton's classification format for one row: ``value:index:label``, highest first (ties by index)."""
+    order = np.argsort(-row, kind="stable")[:k]
+    return [f"{float(row[i]):f}:{int(i)}:{labels[i]}".encode() for i in order]
+
+
+def write_outputs(
+    probabilities: np.ndarray, labels: list[str], outputs: list[RequestedOutput], response: oip.ModelInferResponse
+) -> None:
+    """Fill ``response.outputs`` and ``raw_output_contents`` (one raw entry per output, in order)."""
+    batch, classes = probabilities.shape
+    for output in outputs:
+        tensor = response.outputs.add(name=output.name)
+        if output.classification_k:
+            k = min(output.classification_k, classes)
+            tensor.datatype, tensor.shape[:] = "BYTES", [batch, k]
+            strings = [s for row in probabilities for s in classification_strings(row, labels, k)]
+            response.raw_output_contents.append(serialize_bytes(strings))
+        else:
+            tensor.datatype, tensor.shape[:] = "FP32", [batch, classes]
+            response.raw_output_contents.append(probabilities.astype("<f4", copy=False).tobytes())

@@ -1,0 +1,278 @@
+"""``inference.GRPCInferenceService``: the Open Inference Protocol (KServe v2) with Triton's additions.
+
+Served on the same port as convray's own API, through the same batchers and replicas, so
+tritonclient and other OIP clients work unchanged. Kept thin: proto in -> Classifier / registry -> proto out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+from convray.oip import inference_pb2 as oip
+from convray.oip import inference_pb2_grpc as oip_grpc
+from convray.service import __version__
+from convray.service.config import BatchingSettings, WorkerSettings
+from convray.service.errors import ConvrayError, InvalidInput
+from convray.service.inference import Classifier
+from convray.service.metrics import Metrics
+from convray.service.oip_codec import (
+    IMAGE_INPUT,
+    OUTPUT,
+    PIXELS_INPUT,
+    parse_version,
+    read_input,
+    reject_parameters,
+    requested_outputs,
+    write_outputs,
+)
+from convray.service.registry import ModelRegistry, ServedModel
+from convray.service.rpc import RpcObserver, ordered_concurrently
+from convray.service.statistics import Duration
+
+EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
+PLATFORM = "pytorch_convray"
+
+
+def _duration(d: Duration) -> oip.StatisticDuration:
+    return oip.StatisticDuration(count=d.count, ns=d.ns)
+
+
+class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+    """The OIP RPCs over convray's model registry."""
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        batching: BatchingSettings,
+        workers: WorkerSettings,
+    ) -> None:
+        self._classifier = classifier
+        self._registry = registry
+        self._batching = batching
+        self._workers = workers
+        self._rpc = RpcObserver("oip", metrics, lambda: registry.default_model)
+
+    def _resolve(self, name: str, version: str) -> ServedModel:
+        return self._registry.resolve(name, parse_version(version))
+
+    # ---- health and metadata ----
+
+    async def ServerLive(
+        self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerLiveResponse:
+        """Live while the process serves RPCs (for liveness probes)."""
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerReadyResponse:
+        """Ready once the models are loaded, until the server starts draining."""
+        return oip.ServerReadyResponse(ready=self._registry.ready)
+
+    async def ModelReady(
+        self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelReadyResponse:
+        """Whether the named model version is loaded and can serve."""
+        try:
+            self._resolve(request.name, request.version)
+        except ConvrayError:
+            return oip.ModelReadyResponse(ready=False)
+        return oip.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(
+        self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerMetadataResponse:
+        """Server name, version and the protocol extensions it supports."""
+        return oip.ServerMetadataResponse(name="convray", version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(
+        self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelMetadataResponse:
+        """The model's tensors: ``input`` (FP32 NCHW pixels 0..255) or ``image`` (BYTES), and ``probabilities``."""
+
+        async def work() -> oip.ModelMetadataResponse:
+            served = self._resolve(request.name, request.version)
+            contract = served.metadata.input
+            tensor = oip.ModelMetadataResponse.TensorMetadata
+            return oip.ModelMetadataResponse(
+                name=served.name,
+                versions=[str(v) for v in self._registry.loaded_versions(served.name)],
+                platform=PLATFORM,
+                inputs=[
+                    tensor(
+                        name=PIXELS_INPUT,
+                        datatype="FP32",
+                        shape=[-1, contract.channels, contract.height, contract.width],
+                    ),
+                    tensor(name=IMAGE_INPUT, datatype="BYTES", shape=[-1]),
+                ],
+                outputs=[tensor(name=OUTPUT, datatype="FP32", shape=[-1, len(served.metadata.labels)])],
+            )
+
+        return await self._rpc.unary("ModelMetadata", request.name, work, context)
+
+    async def ModelConfig(
+        self, request: oip.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelConfigResponse:
+        """Triton's model configuration: max batch size, NCHW input, output with labels, batching, instances."""
+
+        async def work() -> oip.ModelConfigResponse:
+            served = self._resolve(request.name, request.version)
+            contract = served.metadata.input
+            kind = (
+                oip.ModelInstanceGroup.KIND_GPU
+                if self._workers.gpus_per_replica > 0
+                else oip.ModelInstanceGroup.KIND_CPU
+            )
+            config = oip.ModelConfig(
+                name=served.name,
+                platform=PLATFORM,
+                backend="pytorch",
+                max_batch_size=served.batcher.max_batch_size,
+                input=[
+                    oip.ModelInput(name=PIXELS_INPUT, data_type=oip.TYPE_FP32, format=oip.ModelInput.FORMAT_NCHW,
+                                   dims=[contract.channels, contract.height, contract.width]),
+                    oip.ModelInput(name=IMAGE_INPUT, data_type=oip.TYPE_STRING, dims=[1], optional=True),
+                ],
+                output=[oip.ModelOutput(name=OUTPUT, data_type=oip.TYPE_FP32, dims=[len(served.metadata.labels)],
+                                        label_filename="labels.txt")],
+                instance_group=[oip.ModelInstanceGroup(name=served.name, count=served.pool.size, kind=kind)],
+                dynamic_batching=oip.ModelDynamicBatching(
+                    max_queue_delay_microseconds=int(self._batching.max_batch_delay_ms * 1000), preserve_ordering=True
+                ),
+                parameters={"version": oip.ModelParameter(string_value=str(served.version)),
+                            "output_activation": oip.ModelParameter(string_value=served.metadata.spec.output)},
+            )  # fmt: skip
+            return oip.ModelConfigResponse(config=config)
+
+        return await self._rpc.unary("ModelConfig", request.name, work, context)
+
+    # ---- inference ----
+
+    async def _infer(self, request: oip.ModelInferRequest) -> oip.ModelInferResponse:
+        reject_parameters(request.parameters, "the request")
+        served = self._resolve(request.model_name, request.model_version)
+        outputs = requested_outputs(request)
+        model_input = read_input(request, served.metadata.input, served.batcher.max_batch_size)
+        if model_input.images is not None:
+            _, results = await self._classifier.infer_images(served, model_input.images)
+        else:
+            assert model_input.pixels is not None
+            results = await self._classifier.infer_pixels(served, list(model_input.pixels))
+        probabilities = np.stack([r.probabilities for r in results])
+        response = oip.ModelInferResponse(model_name=served.name, model_version=str(served.version), id=request.id)
+        write_outputs(probabilities, served.metadata.labels, outputs, response)
+        return response
+
+    async def ModelInfer(
+        self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelInferResponse:
+        """Classify a batch of images given as pixels or encoded bytes."""
+        return await self._rpc.unary("ModelInfer", request.model_name, lambda: self._infer(request), context)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[oip.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[oip.ModelStreamInferResponse]:
+        """ModelInfer over a bidirectional stream: concurrent, answered in request order, errors inline."""
+        async for reply in ordered_concurrently(request_iterator, self._stream_item):
+            yield reply
+
+    async def _stream_item(self, request: oip.ModelInferRequest) -> oip.ModelStreamInferResponse:
+        outcome = await self._rpc.item("ModelStreamInfer", request.model_name, lambda: self._infer(request))
+        if isinstance(outcome, tuple):
+            code, message = outcome
+            return oip.ModelStreamInferResponse(
+                error_message=f"[{code.name}] {message}",
+                infer_response=oip.ModelInferResponse(model_name=request.model_name, id=request.id),
+            )
+        return oip.ModelStreamInferResponse(infer_response=outcome)
+
+    # ---- statistics and repository ----
+
+    async def ModelStatistics(
+        self, request: oip.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelStatisticsResponse:
+        """Counts and durations per loaded version (all loaded versions when no name is given)."""
+
+        async def work() -> oip.ModelStatisticsResponse:
+            if request.name:
+                served_list = [self._resolve(request.name, request.version)]
+            elif request.version:
+                raise InvalidInput("a version needs a model name")
+            else:
+                served_list = self._registry.served_versions()
+            reply = oip.ModelStatisticsResponse()
+            for served in served_list:
+                stats = served.stats
+                reply.model_stats.add(
+                    name=served.name,
+                    version=str(served.version),
+                    last_inference=stats.last_inference_ms,
+                    inference_count=stats.inference_count,
+                    execution_count=stats.execution_count,
+                    inference_stats=oip.InferStatistics(
+                        success=_duration(stats.success), fail=_duration(stats.fail),
+                        queue=_duration(stats.queue), compute_infer=_duration(stats.compute_infer),
+                    ),
+                    batch_stats=[oip.InferBatchStatistics(batch_size=size, compute_infer=_duration(d))
+                                 for size, d in sorted(stats.batches.items())],
+                )  # fmt: skip
+            return reply
+
+        return await self._rpc.unary("ModelStatistics", request.name, work, context)
+
+    async def RepositoryIndex(
+        self, request: oip.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> oip.RepositoryIndexResponse:
+        """Every model version in the repository and whether it is loaded (READY) or not (UNAVAILABLE)."""
+
+        async def work() -> oip.RepositoryIndexResponse:
+            self._check_repository_name(request.repository_name)
+            reply = oip.RepositoryIndexResponse()
+            repository = self._registry.repository
+            for name in repository.model_names():
+                loaded = set(self._registry.loaded_versions(name))
+                for version in repository.versions(name):
+                    if version in loaded:
+                        reply.models.add(name=name, version=str(version), state="READY")
+                    elif not request.ready:
+                        reply.models.add(name=name, version=str(version), state="UNAVAILABLE", reason="not loaded")
+            return reply
+
+        return await self._rpc.unary("RepositoryIndex", "", work, context)
+
+    async def RepositoryModelLoad(
+        self, request: oip.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> oip.RepositoryModelLoadResponse:
+        """Load (or move to) the highest version on disk; the serving version stays until it is warm."""
+
+        async def work() -> oip.RepositoryModelLoadResponse:
+            self._check_repository_name(request.repository_name)
+            reject_parameters(request.parameters, "RepositoryModelLoad (config and file overrides are not supported)")
+            await self._registry.load_latest(request.model_name)
+            return oip.RepositoryModelLoadResponse()
+
+        return await self._rpc.unary("RepositoryModelLoad", request.model_name, work, context)
+
+    async def RepositoryModelUnload(
+        self, request: oip.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> oip.RepositoryModelUnloadResponse:
+        """Stop serving a model after finishing its queued requests."""
+
+        async def work() -> oip.RepositoryModelUnloadResponse:
+            self._check_repository_name(request.repository_name)
+            # tritonclient always sends unload_dependents; convray models have no dependents, so it holds either way.
+            reject_parameters(request.parameters, "RepositoryModelUnload", frozenset({"unload_dependents"}))
+            await self._registry.unload(request.model_name)
+            return oip.RepositoryModelUnloadResponse()
+
+        return await self._rpc.unary("RepositoryModelUnload", request.model_name, work, context)
+
+    @staticmethod
+    def _check_repository_name(name: str) -> None:
+        if name:
+            raise InvalidInput(f"convray serves one model repository; leave repository_name empty, got {name!r}")

@@ -1,0 +1,266 @@
+"""The Open Inference Protocol endpoint, driven by NVIDIA's tritonclient from its own virtual env."""
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from convray.oip import inference_pb2 as oip
+from convray.oip import inference_pb2_grpc as oip_grpc
+from convray.v1 import classifier_pb2 as pb
+from convray.v1 import classifier_pb2_grpc
+from convray.workers.data import load_digits_split
+from PIL import Image
+
+from tests.conftest import REPO_ROOT, SHIPPED_MODELS, ServerThread, server_settings
+
+pytestmark = pytest.mark.integration
+CLIENT_PYTHON = REPO_ROOT / ".venv-tritonclient" / "bin" / "python"
+DRIVER = REPO_ROOT / "tests" / "service" / "clients" / "triton_driver.py"
+
+if not CLIENT_PYTHON.exists():
+    if os.environ.get("CI") == "true":
+        raise RuntimeError(f"{CLIENT_PYTHON} is missing: `make test` creates it")
+    pytest.skip("no .venv-tritonclient: run `make test` (it creates it)", allow_module_level=True)
+
+
+def triton(address: str, scenario: str, **payload):
+    """Run one tritonclient scenario against ``address`` and return its JSON result."""
+    result = subprocess.run(
+        [str(CLIENT_PYTHON), str(DRIVER), address, scenario],
+        input=json.dumps(payload), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    _, data = load_digits_split()
+    return data
+
+
+def png_b64(pixels: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[0], mode="L").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_health_and_readiness(served):
+    assert triton(served.address, "health") == {
+        "live": True, "ready": True, "model_ready": True, "model_ready_v1": True,
+        "model_ready_v9": False, "unknown_ready": False,
+    }  # fmt: skip
+
+
+def test_server_and_model_metadata_and_config(served):
+    reply = triton(served.address, "metadata")
+    assert reply["server"]["name"] == "convray"
+    assert "classification" in reply["server"]["extensions"]
+    model = reply["model"]
+    assert model["name"] == "digits" and model["versions"] == ["1"]
+    assert model["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": ["-1", "1", "8", "8"]}
+    assert model["inputs"][1] == {"name": "image", "datatype": "BYTES", "shape": ["-1"]}
+    assert model["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": ["-1", "10"]}]
+    config = reply["config"]
+    assert config["maxBatchSize"] == 32
+    assert config["input"][0]["format"] == "FORMAT_NCHW" and config["input"][0]["dims"] == ["1", "8", "8"]
+    assert config["output"][0]["name"] == "probabilities"
+    assert config["instanceGroup"][0]["count"] == 2
+    assert "dynamicBatching" in config
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "UINT8"])
+def test_infer_with_pixel_tensors_classifies_held_out_digits(served, held_out, datatype):
+    images = held_out.images[:32].astype(float).tolist()
+    reply = triton(served.address, "infer", images=images, datatype=datatype, id="req-7")
+    assert reply["id"] == "req-7" and reply["model_version"] == "1"
+    assert reply["datatype"] == "FP32" and reply["shape"] == [32, 10]
+    probabilities = np.array(reply["probabilities"])
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert (probabilities.argmax(axis=1) == held_out.labels[:32]).mean() >= 0.95
+
+
+def test_infer_with_encoded_images_as_bytes(served, held_out):
+    encoded = [png_b64(p) for p in held_out.images[:16]]
+    reply = triton(served.address, "infer", encoded=encoded)
+    probabilities = np.array(reply["probabilities"])
+    assert probabilities.shape == (16, 10)
+    assert (probabilities.argmax(axis=1) == held_out.labels[:16]).mean() >= 0.9
+
+
+def test_pixels_and_bytes_give_the_same_probabilities(served, held_out):
+    as_pixels = triton(served.address, "infer", images=held_out.images[:4].astype(float).tolist())
+    as_png = triton(served.address, "infer", encoded=[png_b64(p) for p in held_out.images[:4]])
+    assert np.allclose(as_pixels["probabilities"], as_png["probabilities"], atol=1e-6)
+
+
+def test_classification_extension_returns_top_k_value_index_label(served, held_out):
+    reply = triton(served.address, "infer", images=held_out.images[:3].astype(float).tolist(), classification=3)
+    assert reply["datatype"] == "BYTES" and reply["shape"] == [3, 3]
+    plain = np.array(
+        triton(served.address, "infer", images=held_out.images[:3].astype(float).tolist())["probabilities"]
+    )
+    for row, strings in zip(plain, reply["probabilities"], strict=True):
+        parts = [s.split(":") for s in strings]
+        assert [int(p[1]) for p in parts] == list(np.argsort(-row)[:3])
+        assert all(p[2] == p[1] for p in parts)  # digits' labels are their indices
+        assert [float(p[0]) for p in parts] == pytest.approx(sorted(row)[::-1][:3], abs=1e-6)
+
+
+def test_async_infer_answers_every_request(served, held_out):
+    reply = triton(served.address, "async_infer", images=held_out.images[:12].astype(float).tolist())
+    assert np.array(reply["answers"]).argmax(axis=1).tolist() == held_out.labels[:12].tolist()
+
+
+def test_stream_answers_in_order_with_errors_inline(served, held_out):
+    reply = triton(served.address, "stream", images=held_out.images[:10].astype(float).tolist())["replies"]
+    assert [r["id"] for r in reply[:10]] == [f"s{i}" for i in range(10)]
+    assert [r["top"] for r in reply[:10]] == held_out.labels[:10].tolist()
+    assert "INVALID_ARGUMENT" in reply[10]["error"] and "must have shape [N, 1, 8, 8]" in reply[10]["error"]
+
+
+@pytest.mark.parametrize(
+    "kind,status,message",
+    [
+        ("wrong_datatype", "StatusCode.INVALID_ARGUMENT", "must be FP32 or UINT8, got datatype 'INT32'"),
+        ("wrong_shape", "StatusCode.INVALID_ARGUMENT", r"must have shape [N, 1, 8, 8], got [1, 1, 28, 28]"),
+        ("unknown_model", "StatusCode.NOT_FOUND", "model 'nope' is not served"),
+        ("unknown_version", "StatusCode.NOT_FOUND", "version 9 of model 'digits' is not loaded"),
+        ("unsupported_parameter", "StatusCode.INVALID_ARGUMENT", "unsupported parameter(s) ['fancy'] on the request"),
+        ("too_big_batch", "StatusCode.INVALID_ARGUMENT", "batch size (first dimension of the shape) must be 1..32"),
+        ("bad_image", "StatusCode.INVALID_ARGUMENT", "not a decodable image"),
+        ("shared_memory", "StatusCode.UNIMPLEMENTED", ""),
+    ],
+)
+def test_errors_reach_tritonclient_with_a_clear_status(served, kind, status, message):
+    reply = triton(served.address, "error", kind=kind, n=33)
+    assert reply["status"] == status
+    assert message in reply["message"]
+
+
+def test_malformed_bytes_length_prefix_is_invalid_argument(channel):
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    request = oip.ModelInferRequest(model_name="digits", raw_input_contents=[b"\xff\x00\x00\x00abc"])
+    request.inputs.add(name="image", datatype="BYTES", shape=[1])
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "element 0 claims 255 bytes but only 3 remain" in info.value.details()
+
+
+def test_statistics_count_real_inferences(served, held_out):
+    before = triton(served.address, "statistics")["modelStats"][0]
+    triton(served.address, "infer", images=held_out.images[:5].astype(float).tolist())
+    after = triton(served.address, "statistics")["modelStats"][0]
+    assert int(after["inferenceCount"]) == int(before.get("inferenceCount", 0)) + 5
+    assert int(after["executionCount"]) > int(before.get("executionCount", 0))
+    success = after["inferenceStats"]["success"]
+    assert int(success["count"]) > int(before["inferenceStats"].get("success", {}).get("count", 0))
+    assert int(success["ns"]) > 0 and int(after["inferenceStats"]["computeInfer"]["ns"]) > 0
+    assert after["batchStats"] and all(int(b["batchSize"]) >= 1 for b in after["batchStats"])
+
+
+# ---- a server of its own: batching across APIs, load and unload ----
+
+
+@pytest.fixture(scope="module")
+def own_server(ray_address, tmp_path_factory):
+    """A one-replica server that waits up to 300 ms to fill batches of 16, on its own repository copy."""
+    repo = tmp_path_factory.mktemp("oip") / "models"
+    shutil.copytree(SHIPPED_MODELS, repo)
+    settings = server_settings(repo, batching__max_batch_size=16, batching__max_batch_delay_ms=300.0,
+                             workers__replicas=1)  # fmt: skip
+    server = ServerThread(settings).start()
+    yield server, repo
+    server.stop()
+
+
+def test_an_oip_batch_and_native_singles_share_one_dynamic_batch(own_server, held_out):
+    server, _ = own_server
+    images = held_out.images[:16]
+    with grpc.insecure_channel(server.address) as channel:
+        oip_stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        native = classifier_pb2_grpc.ClassifierStub(channel)
+        stats_before = oip_stub.ModelStatistics(oip.ModelStatisticsRequest(name="digits"), timeout=10)
+        request = oip.ModelInferRequest(model_name="digits", raw_input_contents=[images[:8].astype("<f4").tobytes()])
+        request.inputs.add(name="input", datatype="FP32", shape=[8, 1, 8, 8])
+        barrier = threading.Barrier(9)
+        replies = {}
+
+        def send_oip():
+            barrier.wait()
+            replies["oip"] = oip_stub.ModelInfer(request, timeout=30)
+
+        def send_native(i):
+            buffer = io.BytesIO()
+            Image.fromarray(images[i, 0], mode="L").save(buffer, format="PNG")
+            barrier.wait()
+            replies[i] = native.Classify(pb.ClassifyRequest(image=buffer.getvalue()), timeout=30)
+
+        threads = [threading.Thread(target=send_oip)] + [
+            threading.Thread(target=send_native, args=(i,)) for i in range(8, 16)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats_after = oip_stub.ModelStatistics(oip.ModelStatisticsRequest(name="digits"), timeout=10)
+    assert [replies[i].timings.batch_size for i in range(8, 16)] == [16] * 8
+    executions = stats_after.model_stats[0].execution_count - stats_before.model_stats[0].execution_count
+    assert executions == 1
+    probabilities = np.frombuffer(replies["oip"].raw_output_contents[0], dtype="<f4").reshape(8, 10)
+    assert (probabilities.argmax(axis=1) == held_out.labels[:8]).mean() >= 0.85
+
+
+def test_unload_and_load_through_tritonclient(own_server, held_out):
+    server, _ = own_server
+    reply = triton(server.address, "load_unload", images=held_out.images[:1].astype(float).tolist())
+    assert reply["after_unload"] is False
+    assert reply["infer_after_unload"]["status"] == "StatusCode.NOT_FOUND"
+    assert reply["index_unloaded"]["models"] == [
+        {"name": "digits", "version": "1", "state": "UNAVAILABLE", "reason": "not loaded"}
+    ]
+    assert reply["after_load"] is True
+    assert reply["index_loaded"]["models"] == [{"name": "digits", "version": "1", "state": "READY"}]
+
+
+def test_load_moves_to_a_new_version_and_a_broken_one_leaves_it_serving(own_server):
+    server, repo = own_server
+    with grpc.insecure_channel(server.address) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        shutil.copytree(repo / "digits" / "1", repo / "digits" / "2")
+        stub.RepositoryModelLoad(oip.RepositoryModelLoadRequest(model_name="digits"), timeout=60)
+        assert stub.ModelReady(oip.ModelReadyRequest(name="digits", version="2"), timeout=5).ready
+        assert not stub.ModelReady(oip.ModelReadyRequest(name="digits", version="1"), timeout=5).ready
+
+        broken = repo / "digits" / "3"
+        shutil.copytree(repo / "digits" / "2", broken)
+        (broken / "model.safetensors").write_bytes(b"corrupt")
+        with pytest.raises(grpc.RpcError) as info:
+            stub.RepositoryModelLoad(oip.RepositoryModelLoadRequest(model_name="digits"), timeout=60)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "model.safetensors: not a readable safetensors file" in info.value.details()
+        assert stub.ModelReady(oip.ModelReadyRequest(name="digits"), timeout=5).ready
+        metadata = stub.ModelMetadata(oip.ModelMetadataRequest(name="digits"), timeout=5)
+        assert list(metadata.versions) == ["2"]
+
+
+def test_the_readme_tritonclient_example_runs(served):
+    example = REPO_ROOT / "examples" / "tritonclient_classify.py"
+    image = REPO_ROOT / "examples" / "digits" / "digit-3.png"
+    result = subprocess.run(
+        [str(CLIENT_PYTHON), str(example), str(image), "--url", served.address],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "server ready: True | model ready: True"
+    assert lines[1].startswith("BYTES input, top 3 (value:index:label): ['") and ":3:3'" in lines[1]
+    assert lines[2].startswith("FP32 input, most probable class: 3 ")

@@ -1,0 +1,162 @@
+"""OIP tensor decoding and encoding: what clients may send, and exactly what they get back."""
+
+import struct
+
+import numpy as np
+import pytest
+from convray.oip import inference_pb2 as oip
+from convray.service.errors import InvalidInput
+from convray.service.oip_codec import (
+    RequestedOutput,
+    classification_strings,
+    deserialize_bytes,
+    parse_version,
+    read_input,
+    requested_outputs,
+    serialize_bytes,
+    write_outputs,
+)
+from convray.workers.repository import InputContract, Normalisation
+
+CONTRACT = InputContract(channels=1, height=2, width=2, colour_mode="L",
+                         normalisation=Normalisation(mean=[0.0], std=[1.0]))  # fmt: skip
+
+
+def request_with(name="input", datatype="FP32", shape=(1, 1, 2, 2), raw=None, **contents):
+    request = oip.ModelInferRequest(model_name="m")
+    tensor = request.inputs.add(name=name, datatype=datatype, shape=list(shape))
+    for field, values in contents.items():
+        getattr(tensor.contents, field).extend(values)
+    if raw is not None:
+        request.raw_input_contents.append(raw)
+    return request
+
+
+def test_bytes_tensors_round_trip_with_4_byte_little_endian_lengths():
+    items = [b"", b"a", b"\x00\xff" * 300]
+    raw = serialize_bytes(items)
+    assert raw[:4] == struct.pack("<I", 0) and raw[4:8] == struct.pack("<I", 1)
+    assert deserialize_bytes(raw, 3) == items
+
+
+@pytest.mark.parametrize(
+    "raw,count,message",
+    [
+        (b"\x05\x00\x00\x00abc", 1, "element 0 claims 5 bytes but only 3 remain"),
+        (b"\x01\x00\x00\x00a\x02\x00", 2, "element 1 has a truncated 4-byte length prefix"),
+        (serialize_bytes([b"a", b"b"]), 3, "holds 2 element(s) but its shape says 3"),
+    ],
+)
+def test_malformed_bytes_tensors_are_invalid_input(raw, count, message):
+    with pytest.raises(InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)")):
+        deserialize_bytes(raw, count)
+
+
+@pytest.mark.parametrize("text,version", [("", 0), ("1", 1), ("42", 42)])
+def test_versions(text, version):
+    assert parse_version(text) == version
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "latest", "1.5"])
+def test_bad_versions(text):
+    with pytest.raises(InvalidInput, match="empty \\(latest\\) or a positive integer"):
+        parse_version(text)
+
+
+def test_fp32_pixels_raw_are_read_row_major_and_rounded_to_uint8():
+    values = np.array([0.0, 127.6, 254.4, 255.0], dtype="<f4")
+    model_input = read_input(request_with(raw=values.tobytes()), CONTRACT, max_batch_size=4)
+    assert model_input.pixels.dtype == np.uint8
+    assert model_input.pixels.reshape(-1).tolist() == [0, 128, 254, 255]
+
+
+def test_uint8_pixels_and_typed_contents_are_accepted():
+    raw = read_input(request_with(datatype="UINT8", raw=bytes([1, 2, 3, 4])), CONTRACT, 4)
+    typed = read_input(request_with(datatype="UINT8", uint_contents=[1, 2, 3, 4]), CONTRACT, 4)
+    fp32 = read_input(request_with(fp32_contents=[1.0, 2.0, 3.0, 4.0]), CONTRACT, 4)
+    assert raw.pixels.tolist() == typed.pixels.tolist() == fp32.pixels.tolist() == [[[[1, 2], [3, 4]]]]
+
+
+def test_bytes_input_accepts_shape_n_or_n_by_1_and_typed_contents():
+    assert read_input(request_with("image", "BYTES", [2], serialize_bytes([b"x", b"y"])), CONTRACT, 4).images == [
+        b"x",
+        b"y",
+    ]
+    assert read_input(request_with("image", "BYTES", [1, 1], bytes_contents=[b"z"]), CONTRACT, 4).images == [b"z"]
+
+
+@pytest.mark.parametrize(
+    "request_args,message",
+    [
+        ({"datatype": "INT32", "raw": b"\x00" * 16}, "must be FP32 or UINT8, got datatype 'INT32'"),
+        ({"shape": (1, 3, 2, 2), "raw": b"\x00" * 48}, r"must have shape \[N, 1, 2, 2\], got \[1, 3, 2, 2\]"),
+        ({"raw": b"\x00" * 15}, "raw content is 15 bytes, shape \\[1, 1, 2, 2\\] of FP32 needs 16"),
+        ({"raw": np.array([0, 1, 2, 300], "<f4").tobytes()}, "pixel values 0..255"),
+        ({"raw": np.array([0, 1, 2, np.nan], "<f4").tobytes()}, "pixel values 0..255"),
+        ({"shape": (5, 1, 2, 2), "raw": b"\x00" * 80}, r"batch size .* must be 1..4"),
+        ({"shape": (), "raw": b""}, r"batch size .* must be 1..4"),
+        ({"name": "pixels", "raw": b"\x00" * 16}, "unknown input 'pixels'; inputs are 'input' and 'image'"),
+        ({"name": "image", "datatype": "FP32", "shape": (1,), "raw": b"x"}, "must be BYTES"),
+        ({"name": "image", "datatype": "BYTES", "shape": (1, 2), "raw": b""}, r"shape \[N\] or \[N, 1\]"),
+        ({"fp32_contents": [1.0]}, "contents hold 1 values"),
+    ],
+)
+def test_bad_inputs_say_what_was_expected(request_args, message):
+    with pytest.raises(InvalidInput, match=message):
+        read_input(request_with(**request_args), CONTRACT, max_batch_size=4)
+
+
+def test_raw_and_typed_contents_together_are_refused():
+    request = request_with(raw=b"\x00" * 16, fp32_contents=[0.0] * 4)
+    with pytest.raises(InvalidInput, match="both raw_input_contents and contents"):
+        read_input(request, CONTRACT, 4)
+
+
+def test_input_parameters_such_as_shared_memory_are_refused_by_name():
+    request = request_with(raw=b"\x00" * 16)
+    request.inputs[0].parameters["shared_memory_region"].string_param = "r0"
+    with pytest.raises(InvalidInput, match=r"unsupported parameter\(s\) \['shared_memory_region'\] on input 'input'"):
+        read_input(request, CONTRACT, 4)
+
+
+def test_requested_outputs_default_to_probabilities_and_read_classification():
+    request = oip.ModelInferRequest()
+    assert requested_outputs(request) == [RequestedOutput("probabilities")]
+    request.outputs.add(name="probabilities").parameters["classification"].int64_param = 3
+    assert requested_outputs(request) == [RequestedOutput("probabilities", 3)]
+
+
+@pytest.mark.parametrize(
+    "name,parameter,message",
+    [
+        ("logits", None, "unknown output 'logits'"),
+        ("probabilities", ("classification", "string_param", "3"), "positive int64_param"),
+        ("probabilities", ("classification", "int64_param", 0), "positive int64_param"),
+        ("probabilities", ("binary_data", "bool_param", True), r"\['binary_data'\] on output 'probabilities'"),
+    ],
+)
+def test_bad_requested_outputs(name, parameter, message):
+    request = oip.ModelInferRequest()
+    output = request.outputs.add(name=name)
+    if parameter:
+        key, kind, value = parameter
+        setattr(output.parameters[key], kind, value)
+    with pytest.raises(InvalidInput, match=message):
+        requested_outputs(request)
+
+
+def test_classification_strings_follow_triton_value_index_label():
+    row = np.array([1.1, 3.3, 0.5, 2.4], dtype=np.float32)
+    assert classification_strings(row, ["a", "b", "c", "d"], 2) == [b"3.300000:1:b", b"2.400000:3:d"]
+
+
+def test_write_outputs_puts_every_output_in_raw_contents_in_order():
+    probabilities = np.array([[0.1, 0.9], [0.8, 0.2]], dtype=np.float32)
+    response = oip.ModelInferResponse()
+    outputs = [RequestedOutput("probabilities"), RequestedOutput("probabilities", 5)]
+    write_outputs(probabilities, ["cat", "dog"], outputs, response)
+    assert [(o.datatype, list(o.shape)) for o in response.outputs] == [("FP32", [2, 2]), ("BYTES", [2, 2])]
+    assert np.frombuffer(response.raw_output_contents[0], "<f4").tolist() == pytest.approx([0.1, 0.9, 0.8, 0.2])
+    assert deserialize_bytes(response.raw_output_contents[1], 4) == [
+        b"0.900000:1:dog", b"0.100000:0:cat", b"0.800000:0:cat", b"0.200000:1:dog",
+    ]  # fmt: skip
