@@ -5,8 +5,9 @@ Run: .venv/bin/python scripts/make_examples.py
 
 from pathlib import Path
 
-from convray.workers.data import load_digits_split
 from PIL import Image
+
+from convray.workers.data import load_digits_split
 
 OUT = Path(__file__).resolve().parent.parent / "examples" / "digits"
 

@@ -3,8 +3,9 @@
 A batch closes when it holds ``max_batch_size`` requests or when its first request has waited
 ``max_batch_wait_s``. At most ``max_concurrent_batches`` run at once; while all are busy, requests
 keep queueing, so batches grow exactly when the workers are the bottleneck. Every admitted request
-is resolved exactly once: with its result, the batch's exception, or by its caller's cancellation
-(cancelled requests leave the queue at once and never reach a batch). Knows nothing of gRPC or Ray.
+is resolved exactly once: with its result, the batch's exception, ``DeadlineExpired`` when its
+deadline passed while it queued, or by its caller's cancellation (cancelled requests leave the queue
+at once); expired and cancelled requests never reach a batch. Knows nothing of gRPC or Ray.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from convray.service.errors import ModelNotReady, Overloaded
+from convray.service.errors import DeadlineExpired, ModelNotReady, Overloaded
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -27,6 +28,7 @@ R = TypeVar("R")
 class _Pending(Generic[T, R]):
     item: T
     future: asyncio.Future[R]
+    deadline: float | None  # time.monotonic() after which the caller no longer wants the answer
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
@@ -75,26 +77,28 @@ class Batcher(Generic[T, R]):
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._form_batches(), name=self.name)
 
-    async def submit(self, item: T) -> R:
-        """Queue ``item`` and wait for its result.
+    async def submit(self, item: T, deadline: float | None = None) -> R:
+        """Queue ``item`` and wait for its result; past ``deadline`` (monotonic) it is dropped unrun.
 
         Raises:
             Overloaded: the queue already holds ``max_queue`` requests.
             ModelNotReady: the batcher is closed (the server is draining).
+            DeadlineExpired: the deadline passed before the item's batch was formed.
         """
-        (future,) = self._admit([item])
+        (future,) = self._admit([item], deadline)
         return await future
 
-    async def submit_many(self, items: Sequence[T]) -> list[R]:
+    async def submit_many(self, items: Sequence[T], deadline: float | None = None) -> list[R]:
         """Queue several items at once, all or none, and wait for all their results (in order).
 
         Raises:
             Overloaded: the queue has no room for all of them.
             ModelNotReady: the batcher is closed (the server is draining).
+            DeadlineExpired: the deadline passed before the items' batches were formed.
         """
-        return list(await asyncio.gather(*self._admit(items)))
+        return list(await asyncio.gather(*self._admit(items, deadline)))
 
-    def _admit(self, items: Sequence[T]) -> list[asyncio.Future[R]]:
+    def _admit(self, items: Sequence[T], deadline: float | None) -> list[asyncio.Future[R]]:
         if self._closed:
             raise ModelNotReady(f"{self.name} is shutting down; retry on another server")
         if len(self._queue) + len(items) > self.max_queue:
@@ -105,7 +109,7 @@ class Batcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         futures = []
         for item in items:
-            pending: _Pending[T, R] = _Pending(item, loop.create_future())
+            pending: _Pending[T, R] = _Pending(item, loop.create_future(), deadline)
             pending.future.add_done_callback(functools.partial(self._forget_if_cancelled, pending))
             self._queue.append(pending)
             futures.append(pending.future)
@@ -159,10 +163,18 @@ class Batcher(Generic[T, R]):
             except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
                 break
         batch = []
+        now = time.monotonic()
         while self._queue and len(batch) < self.max_batch_size:
             pending = self._queue.popleft()
-            if not pending.future.done():
-                batch.append(pending)
+            if pending.future.done():
+                continue  # cancelled by its caller
+            if pending.deadline is not None and now >= pending.deadline:
+                waited_ms = (now - pending.enqueued_at) * 1e3
+                pending.future.set_exception(
+                    DeadlineExpired(f"deadline passed after {waited_ms:.1f} ms in the {self.name} queue; not run")
+                )
+                continue
+            batch.append(pending)
         return batch
 
     async def _run(self, batch: list[_Pending[T, R]]) -> None:

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from convray.service.config import Settings
 from pydantic import ValidationError
+
+from convray.service.config import Settings
 
 # Every `convray serve` flag and the Settings field it sets (group, field).
 SERVE_FLAGS: dict[str, tuple[str, str]] = {
@@ -40,6 +41,10 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--max-image-pixels": ("inputs", "max_image_pixels"),
     "--default-top-k": ("inputs", "default_top_k"),
     "--decode-threads": ("inputs", "decode_threads"),
+    "--tls-cert": ("security", "tls_cert"),
+    "--tls-key": ("security", "tls_key"),
+    "--tls-client-ca": ("security", "tls_client_ca"),
+    "--auth-token-file": ("security", "auth_token_file"),
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -87,32 +92,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(settings))
 
 
-def _channel(server: str, timeout_s: float) -> Any:
+def _channel(args: argparse.Namespace) -> Any:
+    """A channel to ``args.server`` (TLS when a CA or client certificate is given), or None if unreachable."""
     import grpc
 
-    channel = grpc.insecure_channel(server)
+    if args.tls_ca or args.tls_cert:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
+            private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
+            certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
+        )
+        channel = grpc.secure_channel(args.server, credentials)
+    else:
+        channel = grpc.insecure_channel(args.server)
     try:
-        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        grpc.channel_ready_future(channel).result(timeout=args.connect_timeout)
     except grpc.FutureTimeoutError:
         print(
-            f"convray: cannot reach a server at {server} within {timeout_s:g} s "
-            "(is `convray serve` running? set --server HOST:PORT)",
+            f"convray: cannot reach a server at {args.server} within {args.connect_timeout:g} s "
+            "(is `convray serve` running? set --server HOST:PORT; TLS servers need --tls-ca)",
             file=sys.stderr,
         )
         return None
     return channel
 
 
+def _call_metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The bearer token from --token-file as call metadata, if one is given."""
+    if not args.token_file:
+        return []
+    return [("authorization", f"Bearer {Path(args.token_file).read_text(encoding='utf-8').strip()}")]
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
     """Classify image files and print the top classes of each."""
     import grpc
+
     from convray.v1 import classifier_pb2 as pb
     from convray.v1 import classifier_pb2_grpc as pb_grpc
 
-    channel = _channel(args.server, args.connect_timeout)
+    channel = _channel(args)
     if channel is None:
         return EXIT_UNREACHABLE
     stub = pb_grpc.ClassifierStub(channel)
+    metadata = _call_metadata(args)
     exit_code = EXIT_OK
     for path in args.images:
         try:
@@ -123,7 +146,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             continue
         request = pb.ClassifyRequest(image=image, model=args.model, version=args.version, top_k=args.top_k)
         try:
-            reply = stub.Classify(request, timeout=args.timeout)
+            reply = stub.Classify(request, timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as exc:
             print(f"{path}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
@@ -153,14 +176,17 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     """List the models the server has and which versions are loaded."""
     import grpc
+
     from convray.v1 import classifier_pb2 as pb
     from convray.v1 import classifier_pb2_grpc as pb_grpc
 
-    channel = _channel(args.server, args.connect_timeout)
+    channel = _channel(args)
     if channel is None:
         return EXIT_UNREACHABLE
     try:
-        reply = pb_grpc.ClassifierStub(channel).ListModels(pb.ListModelsRequest(), timeout=args.timeout)
+        reply = pb_grpc.ClassifierStub(channel).ListModels(
+            pb.ListModelsRequest(), timeout=args.timeout, metadata=_call_metadata(args)
+        )
     except grpc.RpcError as exc:
         print(f"convray models: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return EXIT_FAILED
@@ -207,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--server", default="localhost:50051", help="HOST:PORT of a convray server")
         p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
         p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to wait for the server")
+        p.add_argument("--tls-ca", default=None, help="PEM CA that signed the server's certificate (turns TLS on)")
+        p.add_argument("--tls-cert", default=None, help="PEM client certificate, for mutual TLS")
+        p.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
+        p.add_argument("--token-file", default=None, help="file with the bearer token the server requires")
 
     classify = commands.add_parser("classify", help="classify image files", description=cmd_classify.__doc__)
     classify.add_argument("images", nargs="+", metavar="IMAGE")

@@ -11,9 +11,10 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
 from convray.service.errors import InvalidInput
 from convray.workers.repository import InputContract
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 _EXIF_ORIENTATION = 0x0112

@@ -92,6 +92,27 @@ class InputSettings(_Group):
     """Threads that decode images off the event loop."""
 
 
+class SecuritySettings(_Group):
+    """Transport security and client authentication (both off by default; the default bind is localhost)."""
+
+    tls_cert: Path | None = None
+    """PEM certificate chain of the server; with ``tls_key`` it turns TLS on."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
+    auth_token_file: Path | None = None
+    """File holding a bearer token every RPC must carry (``authorization: Bearer ...``), health checks excepted."""
+
+    @model_validator(mode="after")
+    def _complete(self) -> SecuritySettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything ``convray serve`` can be told, grouped by concern."""
 
@@ -102,6 +123,7 @@ class Settings(BaseSettings):
     batching: BatchingSettings = BatchingSettings()
     workers: WorkerSettings = WorkerSettings()
     inputs: InputSettings = InputSettings()
+    security: SecuritySettings = SecuritySettings()
 
     @model_validator(mode="after")
     def _metrics_port_differs(self) -> Settings:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+
 from convray.workers.repository import ModelLoadError
 
 
@@ -41,9 +42,15 @@ class Overloaded(ConvrayError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class DeadlineExpired(ConvrayError):
+    """The client's deadline passed while the request waited; it was dropped before any compute."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and message for any exception raised while serving a request."""
-    from ray.exceptions import RayActorError  # lazy: keeps `convray classify` free of the ray import
+    from convray.workers.pool import REPLICA_LOST  # lazy: keeps `convray classify` free of the ray import
 
     if isinstance(exc, ConvrayError):
         return exc.code, str(exc)
@@ -53,6 +60,6 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the request was served"
     if isinstance(exc, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED, "request cancelled"
-    if isinstance(exc, RayActorError):
+    if isinstance(exc, REPLICA_LOST):
         return grpc.StatusCode.UNAVAILABLE, f"model replica unavailable, retry: {type(exc).__name__}"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"

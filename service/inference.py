@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from convray.service.codecs import ClassScore, DecodeLimits, decode_image, top_k
 from convray.service.errors import InvalidInput
 from convray.service.metrics import Metrics
@@ -95,8 +96,12 @@ class Classifier:
         self._decoder = decoder
         self._metrics = metrics
 
-    async def classify(self, image: bytes, model: str, version: int, top_k_requested: int) -> Classification:
+    async def classify(
+        self, image: bytes, model: str, version: int, top_k_requested: int, deadline: float | None = None
+    ) -> Classification:
         """Decode, batch and run one image; return its top-k classes and timings.
+
+        ``deadline`` (time.monotonic()) is the client's: a request still queued then is dropped unrun.
 
         Raises:
             InvalidInput, ModelNotFound, ModelNotReady, Overloaded: see ``service.errors``.
@@ -107,7 +112,7 @@ class Classifier:
         k = top_k_requested or min(self._default_top_k, len(labels))
         if k > len(labels):
             raise InvalidInput(f"top_k is {k} but model {served.name!r} has {len(labels)} classes")
-        decode_s, (result,) = await self.infer_images(served, [image])
+        decode_s, (result,) = await self.infer_images(served, [image], deadline)
         return Classification(
             model=served.name,
             version=served.version,
@@ -117,7 +122,9 @@ class Classifier:
             batch=result,
         )
 
-    async def infer_images(self, served: ServedModel, images: Sequence[bytes]) -> tuple[float, list[JobResult]]:
+    async def infer_images(
+        self, served: ServedModel, images: Sequence[bytes], deadline: float | None = None
+    ) -> tuple[float, list[JobResult]]:
         """Decode encoded images off the event loop, then run them; returns the decode seconds and results."""
         received = time.monotonic()
         try:
@@ -129,16 +136,20 @@ class Classifier:
             raise
         decode_s = time.monotonic() - received
         self._metrics.decode_duration.labels(served.name).observe(decode_s / len(images))
-        return decode_s, await self.infer_pixels(served, pixels, received)
+        return decode_s, await self.infer_pixels(served, pixels, deadline, received)
 
     async def infer_pixels(
-        self, served: ServedModel, pixels: Sequence[np.ndarray], received: float | None = None
+        self,
+        served: ServedModel,
+        pixels: Sequence[np.ndarray],
+        deadline: float | None = None,
+        received: float | None = None,
     ) -> list[JobResult]:
         """Run decoded uint8 images, each (C, H, W), through the model's batcher: one job per image."""
         queued = time.monotonic()
         received = queued if received is None else received
         try:
-            results = await served.batcher.submit_many([Job(p, queued) for p in pixels])
+            results = await served.batcher.submit_many([Job(p, queued) for p in pixels], deadline)
         except BaseException:
             served.stats.record_request(False, time.monotonic() - received)
             raise

@@ -86,6 +86,18 @@ class Metrics:
             ["model", "version"],
             registry=registry,
         )
+        self.deadline_expired = Counter(
+            "convray_deadline_expired",
+            "Requests whose client deadline passed before they were answered (queued ones are dropped unrun).",
+            ["api", "model"],
+            registry=registry,
+        )
+        self.replica_failures = Counter(
+            "convray_replica_failures",
+            "Batch calls that found their replica dead (Ray restarts it; the batch is retried once elsewhere).",
+            ["model", "version"],
+            registry=registry,
+        )
         self.replicas = Gauge(
             "convray_replicas",
             "Replica actors serving a model version.",

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+
 from convray.oip import inference_pb2 as oip
 from convray.service.errors import InvalidInput
 from convray.workers.repository import InputContract

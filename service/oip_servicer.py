@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
+
 from convray.oip import inference_pb2 as oip
 from convray.oip import inference_pb2_grpc as oip_grpc
 from convray.service import __version__
@@ -28,7 +29,7 @@ from convray.service.oip_codec import (
     write_outputs,
 )
 from convray.service.registry import ModelRegistry, ServedModel
-from convray.service.rpc import RpcObserver, ordered_concurrently
+from convray.service.rpc import RpcObserver, deadline_of, ordered_concurrently
 from convray.service.statistics import Duration
 
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
@@ -153,16 +154,16 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     # ---- inference ----
 
-    async def _infer(self, request: oip.ModelInferRequest) -> oip.ModelInferResponse:
+    async def _infer(self, request: oip.ModelInferRequest, deadline: float | None) -> oip.ModelInferResponse:
         reject_parameters(request.parameters, "the request")
         served = self._resolve(request.model_name, request.model_version)
         outputs = requested_outputs(request)
         model_input = read_input(request, served.metadata.input, served.batcher.max_batch_size)
         if model_input.images is not None:
-            _, results = await self._classifier.infer_images(served, model_input.images)
+            _, results = await self._classifier.infer_images(served, model_input.images, deadline)
         else:
             assert model_input.pixels is not None
-            results = await self._classifier.infer_pixels(served, list(model_input.pixels))
+            results = await self._classifier.infer_pixels(served, list(model_input.pixels), deadline)
         probabilities = np.stack([r.probabilities for r in results])
         response = oip.ModelInferResponse(model_name=served.name, model_version=str(served.version), id=request.id)
         write_outputs(probabilities, served.metadata.labels, outputs, response)
@@ -172,17 +173,21 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelInferResponse:
         """Classify a batch of images given as pixels or encoded bytes."""
-        return await self._rpc.unary("ModelInfer", request.model_name, lambda: self._infer(request), context)
+        deadline = deadline_of(context)
+        return await self._rpc.unary("ModelInfer", request.model_name, lambda: self._infer(request, deadline), context)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[oip.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[oip.ModelStreamInferResponse]:
         """ModelInfer over a bidirectional stream: concurrent, answered in request order, errors inline."""
-        async for reply in ordered_concurrently(request_iterator, self._stream_item):
+        deadline = deadline_of(context)
+        async for reply in ordered_concurrently(request_iterator, lambda r: self._stream_item(r, deadline)):
             yield reply
 
-    async def _stream_item(self, request: oip.ModelInferRequest) -> oip.ModelStreamInferResponse:
-        outcome = await self._rpc.item("ModelStreamInfer", request.model_name, lambda: self._infer(request))
+    async def _stream_item(
+        self, request: oip.ModelInferRequest, deadline: float | None
+    ) -> oip.ModelStreamInferResponse:
+        outcome = await self._rpc.item("ModelStreamInfer", request.model_name, lambda: self._infer(request, deadline))
         if isinstance(outcome, tuple):
             code, message = outcome
             return oip.ModelStreamInferResponse(

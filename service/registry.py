@@ -93,7 +93,13 @@ class ModelRegistry:
             ModelLoadError: the version is invalid on disk or a replica failed to load it.
         """
         metadata = self.repository.read_metadata(name, version)  # fail fast, with file and field named
-        pool = await ReplicaPool.start(str(self.repository.root), name, version, self._replica_options)
+        pool = await ReplicaPool.start(
+            str(self.repository.root),
+            name,
+            version,
+            self._replica_options,
+            on_failure=self._metrics.replica_failures.labels(name, str(version)).inc,
+        )
         stats = ModelStatistics()
         batcher: Batcher[Job, JobResult] = Batcher(
             functools.partial(run_batch, pool, self._metrics, stats),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
+
 from convray.service.errors import ConvrayError, to_status
 from convray.service.metrics import Metrics
 
@@ -18,6 +20,12 @@ Reply = TypeVar("Reply")
 
 # Requests of one stream being processed at once; past it, reading the stream waits (backpressure).
 STREAM_WINDOW = 256
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The client's deadline as a time.monotonic() value, or None when it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 class RpcObserver:
@@ -31,6 +39,8 @@ class RpcObserver:
     def _record(self, rpc: str, model: str, code: grpc.StatusCode, started: float) -> None:
         model_label = model or self._default_model()
         self._metrics.requests.labels(self._api, rpc, model_label, code.name).inc()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            self._metrics.deadline_expired.labels(self._api, model_label).inc()
         self._metrics.request_duration.labels(self._api, rpc, model_label).observe(time.monotonic() - started)
 
     @staticmethod
@@ -48,7 +58,11 @@ class RpcObserver:
         try:
             return await work()
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            # gRPC cancels the handler when the client goes away or its deadline passes; a queued
+            # request then leaves the batcher's queue unrun.
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:  # noqa: BLE001 (mapped onto a status just below)
             code, message = to_status(exc)
@@ -96,3 +110,91 @@ async def ordered_concurrently(
         while not in_order.empty():
             if (task := in_order.get_nowait()) is not None:
                 task.cancel()
+
+
+class _Undecodable:
+    """Stands in for a request message whose bytes did not parse, so the handler can refuse it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _safe(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 (protobuf raises DecodeError and others)
+            return _Undecodable(exc)
+
+    return parse
+
+
+async def _refuse(context: grpc.aio.ServicerContext, request: _Undecodable) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid protobuf message: {request.error}")
+
+
+async def _replies(outcome: Any) -> AsyncIterator[Any]:
+    """The replies of a streaming handler, whether it is an async generator or a coroutine that aborts."""
+    if inspect.isasyncgen(outcome):
+        async for reply in outcome:
+            yield reply
+    else:
+        await outcome
+
+
+class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
+    """Answers requests whose bytes are not a valid message with INVALID_ARGUMENT (grpc says UNKNOWN)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """Wrap the handler so undecodable requests are refused before the servicer sees them."""
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        deserialize, serialize = _safe(handler.request_deserializer), handler.response_serializer
+
+        async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, _Undecodable):
+                    await _refuse(context, request)
+                yield request
+
+        if not handler.request_streaming and not handler.response_streaming:
+            behaviour = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    await _refuse(context, request)
+                return await behaviour(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
+        if not handler.request_streaming:
+            behaviour = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                if isinstance(request, _Undecodable):
+                    await _refuse(context, request)
+                async for reply in _replies(behaviour(request, context)):
+                    yield reply
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
+        if not handler.response_streaming:
+            behaviour = handler.stream_unary
+
+            async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                return await behaviour(checked(requests, context), context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)
+        behaviour = handler.stream_stream
+
+        async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for reply in _replies(behaviour(checked(requests, context), context)):
+                yield reply
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)

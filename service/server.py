@@ -14,6 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
 from convray.oip import inference_pb2, inference_pb2_grpc
 from convray.service import __version__
 from convray.service.codecs import DecodeLimits
@@ -22,13 +26,12 @@ from convray.service.inference import Classifier
 from convray.service.metrics import Metrics
 from convray.service.oip_servicer import InferenceServicer
 from convray.service.registry import ModelRegistry
+from convray.service.rpc import MalformedMessageInterceptor
+from convray.service.security import BearerTokenInterceptor, read_token, server_credentials
 from convray.service.servicer import ClassifierServicer
 from convray.v1 import classifier_pb2, classifier_pb2_grpc
 from convray.workers import cluster
 from convray.workers.repository import ModelRepository
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
 
 log = logging.getLogger(__name__)
 CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
@@ -62,11 +65,17 @@ class ConvrayServer:
         )
         self.health = health.aio.HealthServicer()
         max_bytes = settings.server.max_message_bytes
+        security = settings.security
+        interceptors: list[grpc.aio.ServerInterceptor] = [MalformedMessageInterceptor()]
+        if security.auth_token_file is not None:
+            interceptors.append(BearerTokenInterceptor(read_token(security.auth_token_file)))
+        self._credentials = server_credentials(security)
         self._server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
-            ]
+            ],
         )
         classifier_pb2_grpc.add_ClassifierServicer_to_server(
             ClassifierServicer(classifier, self.registry, self.metrics), self._server
@@ -93,7 +102,11 @@ class ConvrayServer:
     async def start(self) -> None:
         """Open the ports and begin connecting to Ray and loading models in the background."""
         server = self.settings.server
-        self.port = self._server.add_insecure_port(f"{server.host}:{server.port}")
+        address = f"{server.host}:{server.port}"
+        if self._credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, self._credentials)
         if self.port == 0:
             raise StartupError(f"could not bind gRPC to {server.host}:{server.port} (in use or not permitted)")
         for service in ("", CLASSIFIER_SERVICE, OIP_SERVICE):
@@ -177,10 +190,10 @@ class ConvrayServer:
 
 async def serve(settings: Settings) -> int:
     """Run a server until SIGINT or SIGTERM, then drain; returns the process exit code."""
-    server = ConvrayServer(settings)
     try:
+        server = ConvrayServer(settings)
         await server.start()
-    except StartupError as exc:
+    except (StartupError, OSError, ValueError) as exc:  # ports, TLS files, token file
         log.error("%s", exc)
         return 1
     stopping = asyncio.Event()

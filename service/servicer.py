@@ -6,10 +6,11 @@ import json
 from collections.abc import AsyncIterator
 
 import grpc
+
 from convray.service.inference import Classification, Classifier
 from convray.service.metrics import Metrics
 from convray.service.registry import ModelRegistry
-from convray.service.rpc import RpcObserver, ordered_concurrently
+from convray.service.rpc import RpcObserver, deadline_of, ordered_concurrently
 from convray.v1 import classifier_pb2 as pb
 from convray.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -48,7 +49,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         """Classify one image."""
 
         async def work() -> pb.ClassifyResponse:
-            result = await self._classifier.classify(request.image, request.model, request.version, request.top_k)
+            result = await self._classifier.classify(
+                request.image, request.model, request.version, request.top_k, deadline_of(context)
+            )
             return classification_to_proto(result, request.request_id)
 
         return await self._rpc.unary("Classify", request.model, work, context)
@@ -57,12 +60,15 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
         """Classify a stream of images concurrently, answering in request order."""
-        async for reply in ordered_concurrently(request_iterator, self._stream_item):
+        deadline = deadline_of(context)
+        async for reply in ordered_concurrently(request_iterator, lambda r: self._stream_item(r, deadline)):
             yield reply
 
-    async def _stream_item(self, request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
+    async def _stream_item(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyStreamResponse:
         async def work() -> pb.ClassifyResponse:
-            result = await self._classifier.classify(request.image, request.model, request.version, request.top_k)
+            result = await self._classifier.classify(
+                request.image, request.model, request.version, request.top_k, deadline
+            )
             return classification_to_proto(result, request.request_id)
 
         outcome = await self._rpc.item("ClassifyStream", request.model, work)

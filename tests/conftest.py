@@ -26,6 +26,7 @@ def model_repo(tmp_path: Path) -> Path:
 def ray_address() -> str:
     """One local Ray for the whole test run (started on first use), shared by every server under test."""
     import ray
+
     from convray.workers import cluster
 
     address = cluster.connect(None, num_cpus=4)

@@ -10,6 +10,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from convray.workers.spec import (
     Activation,
     CNNSpec,
@@ -21,7 +23,6 @@ from convray.workers.spec import (
     PoolBlock,
     output_shapes,
 )
-from torch import nn
 
 
 def make_activation(activation: Activation) -> nn.Module:

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import ray
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
 from convray.workers.replica import AmpChoice, DeviceChoice, ModelRunner
 from convray.workers.repository import ModelLoadError
-from ray.exceptions import RayActorError, RayTaskError
+
+log = logging.getLogger(__name__)
+# A replica's process is gone (dead, or restarting); the batch it held never produced a result.
+REPLICA_LOST = (RayActorError, ActorUnavailableError)
 
 
 @dataclass(frozen=True)
@@ -44,14 +51,24 @@ class BatchResult:
 class ReplicaPool:
     """The Ray actors serving one model version, with per-replica in-flight batch counts."""
 
-    def __init__(self, name: str, version: int, actors: list[Any]) -> None:
+    def __init__(
+        self, name: str, version: int, actors: list[Any], on_failure: Callable[[], None] | None = None
+    ) -> None:
         self.name, self.version = name, version
         self._actors = actors
+        self._on_failure = on_failure
         self._in_flight = [0] * len(actors)
         self._tie_break = itertools.count()
 
     @classmethod
-    async def start(cls, model_repo: str, name: str, version: int, options: ReplicaOptions) -> ReplicaPool:
+    async def start(
+        cls,
+        model_repo: str,
+        name: str,
+        version: int,
+        options: ReplicaOptions,
+        on_failure: Callable[[], None] | None = None,
+    ) -> ReplicaPool:
         """Start ``options.replicas`` actors, each loading the version, and wait until all are warm.
 
         Raises:
@@ -74,7 +91,7 @@ class ReplicaPool:
             for actor in actors:
                 ray.kill(actor, no_restart=True)
             raise ModelLoadError(f"replica could not load {name} version {version}: {_root_cause(exc)}") from None
-        return cls(name, version, actors)
+        return cls(name, version, actors, on_failure)
 
     @property
     def size(self) -> int:
@@ -86,17 +103,43 @@ class ReplicaPool:
         return list(self._in_flight)
 
     async def predict(self, pixels: np.ndarray) -> BatchResult:
-        """Run one uint8 batch (N, C, H, W) on the least busy replica (ties go round-robin)."""
+        """Run one uint8 batch (N, C, H, W) on the least busy replica (ties go round-robin).
+
+        A replica that died (killed process, CUDA error, out of memory) is restarted by Ray; its batch
+        is retried once on the least busy other replica, or on the restarted one if it is alone.
+
+        Raises:
+            RayActorError, ActorUnavailableError: the retry failed too.
+        """
+        started = time.perf_counter()
+        index = self._least_busy()
+        try:
+            probabilities, compute_s = await self._call(index, pixels)
+        except REPLICA_LOST as exc:
+            log.warning("replica %s-%d lost (%s); retrying its batch once", self.name, index, type(exc).__name__)
+            if self._on_failure is not None:
+                self._on_failure()
+            index = self._least_busy(avoid=index)
+            probabilities, compute_s = await self._call(index, pixels)
+        return BatchResult(probabilities, compute_s, time.perf_counter() - started, f"{self.name}-{index}")
+
+    def _least_busy(self, avoid: int | None = None) -> int:
         offset = next(self._tie_break)
         count = len(self._actors)
-        index = min(range(count), key=lambda i: (self._in_flight[i], (i - offset) % count))
+        candidates = [i for i in range(count) if i != avoid] or list(range(count))
+        return min(candidates, key=lambda i: (self._in_flight[i], (i - offset) % count))
+
+    async def _call(self, index: int, pixels: np.ndarray) -> tuple[np.ndarray, float]:
         self._in_flight[index] += 1
-        started = time.perf_counter()
         try:
-            probabilities, compute_s = await self._actors[index].predict.remote(pixels)
+            return await self._actors[index].predict.remote(pixels)
         finally:
             self._in_flight[index] -= 1
-        return BatchResult(probabilities, compute_s, time.perf_counter() - started, f"{self.name}-{index}")
+
+    @property
+    def actors(self) -> list[Any]:
+        """The replica actor handles, in index order (for operators and tests)."""
+        return list(self._actors)
 
     def shutdown(self) -> None:
         """Stop every replica of this version."""

@@ -13,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+
 from convray.workers.repository import ModelRepository
 from convray.workers.transforms import normalise
 

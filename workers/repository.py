@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from convray.workers.models import CNN, build_model
-from convray.workers.spec import CNNSpec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from convray.workers.models import CNN, build_model
+from convray.workers.spec import CNNSpec
 
 METADATA_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from convray.workers.data import ImageDataset, load_digits_split
 from convray.workers.models import CNN, build_model
 from convray.workers.repository import InputContract, ModelMetadata, ModelRepository, Normalisation

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from convray.workers.data import load_digits_split
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from convray.workers.data import load_digits_split
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.e2e

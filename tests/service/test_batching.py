@@ -4,6 +4,7 @@ import asyncio
 import time
 
 import pytest
+
 from convray.service.batching import Batcher
 from convray.service.errors import ModelNotReady, Overloaded
 

@@ -6,10 +6,11 @@ import zlib
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from convray.service.codecs import DecodeLimits, decode_image, top_k
 from convray.service.errors import InvalidInput
 from convray.workers.repository import InputContract, Normalisation
-from PIL import Image
 
 GREY_8 = InputContract(
     channels=1, height=8, width=8, colour_mode="L", normalisation=Normalisation(mean=[0.5], std=[0.5])

@@ -1,9 +1,10 @@
 """Settings: defaults, environment variables and CLI flags all land in one typed place."""
 
 import pytest
+from pydantic import ValidationError
+
 from convray.service.cli import SERVE_FLAGS, build_parser, settings_from_args
 from convray.service.config import Settings
-from pydantic import ValidationError
 
 
 def serve_args(*argv):

@@ -11,13 +11,13 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
+
 from convray.oip import inference_pb2 as oip
 from convray.oip import inference_pb2_grpc as oip_grpc
 from convray.v1 import classifier_pb2 as pb
 from convray.v1 import classifier_pb2_grpc
 from convray.workers.data import load_digits_split
-from PIL import Image
-
 from tests.conftest import REPO_ROOT, SHIPPED_MODELS, ServerThread, server_settings
 
 pytestmark = pytest.mark.integration

@@ -4,6 +4,7 @@ import struct
 
 import numpy as np
 import pytest
+
 from convray.oip import inference_pb2 as oip
 from convray.service.errors import InvalidInput
 from convray.service.oip_codec import (

@@ -7,11 +7,12 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from convray.v1 import classifier_pb2 as pb
-from convray.workers.data import load_digits_split
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
+
+from convray.v1 import classifier_pb2 as pb
+from convray.workers.data import load_digits_split
 
 pytestmark = pytest.mark.integration
 

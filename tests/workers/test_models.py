@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from convray.workers.models import (
     CNN,
     Conv,

@@ -5,9 +5,9 @@ import contextlib
 import numpy as np
 import pytest
 import torch
+
 from convray.workers.data import load_digits_split
 from convray.workers.replica import ModelRunner, autocast_context, select_device, to_device
-
 from tests.conftest import SHIPPED_MODELS
 
 

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+
 from convray.workers.repository import (
     METADATA_FILE,
     WEIGHTS_FILE,
@@ -12,7 +13,6 @@ from convray.workers.repository import (
     ModelRepository,
     validate_model_name,
 )
-
 from tests.conftest import SHIPPED_MODELS
 
 

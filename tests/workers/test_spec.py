@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
+
 from convray.workers.models import Conv
 from convray.workers.spec import CNNSpec, ConvBlock, conv_output_size, output_shapes, pool_output_size
-from pydantic import ValidationError
 
 
 def small_spec(**overrides):

@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+
 from convray.workers.repository import ModelRepository
 from convray.workers.train import TrainConfig, channel_stats, random_shift, train_and_publish
 

@@ -1,0 +1,105 @@
+"""Random bytes and random protobuf messages at both APIs: never a crash, a hang, UNKNOWN, or a leaked slot."""
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from convray.oip import inference_pb2 as oip
+from convray.oip import inference_pb2_grpc as oip_grpc
+from convray.v1 import classifier_pb2 as pb
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+NEVER = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED}
+PNG = (REPO_ROOT / "examples" / "digits" / "digit-3.png").read_bytes()
+
+# Mutations of a real PNG reach deeper into the decoders than purely random bytes.
+image_bytes = st.one_of(
+    st.binary(max_size=2048),
+    st.builds(lambda cut: PNG[:cut], st.integers(0, len(PNG))),
+    st.builds(lambda i, b: PNG[:i] + bytes([b]) + PNG[i + 1 :], st.integers(0, len(PNG) - 1), st.integers(0, 255)),
+)
+
+
+def status_of(call) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as exc:
+        assert exc.details(), f"{exc.code()} without a message"
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+@FUZZ
+@given(image=image_bytes, model=st.sampled_from(["", "digits", "nope", "../x"]),
+       version=st.integers(-3, 3), top_k=st.integers(0, 2**32 - 1))  # fmt: skip
+def test_native_classify_answers_every_random_request_with_a_clear_status(stub, image, model, version, top_k):
+    code = status_of(
+        lambda: stub.Classify(pb.ClassifyRequest(image=image, model=model, version=version, top_k=top_k), timeout=20)
+    )
+    assert code not in NEVER
+    assert code in {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
+
+
+datatypes = st.sampled_from(["FP32", "UINT8", "BYTES", "INT32", "FP16", "", "fp32"])
+tensors = st.builds(
+    lambda name, datatype, shape: oip.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape),
+    st.sampled_from(["input", "image", "x", ""]),
+    datatypes,
+    st.lists(st.integers(-2, 70), max_size=5),
+)
+
+
+@FUZZ
+@given(
+    model=st.sampled_from(["digits", "", "nope"]),
+    version=st.sampled_from(["", "1", "0", "-1", "abc", "99"]),
+    inputs=st.lists(tensors, max_size=3),
+    raw=st.lists(st.binary(max_size=600), max_size=3),
+    output=st.sampled_from([None, "probabilities", "other"]),
+    k=st.integers(-2, 20),
+)
+def test_oip_model_infer_answers_every_random_request_with_a_clear_status(channel, model, version, inputs, raw,
+                                                                          output, k):  # fmt: skip
+    request = oip.ModelInferRequest(model_name=model, model_version=version, inputs=inputs, raw_input_contents=raw)
+    if output is not None:
+        request.outputs.add(name=output).parameters["classification"].int64_param = k
+    code = status_of(lambda: oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=20))
+    assert code not in NEVER
+    assert code in {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
+
+
+@FUZZ
+@given(payload=st.binary(max_size=512))
+def test_undecodable_protobuf_bytes_are_refused_not_crashed_on(channel, payload):
+    raw_call = channel.unary_unary("/convray.v1.Classifier/Classify")  # bytes in, bytes out: no (de)serialiser
+    code = status_of(lambda: raw_call(payload, timeout=20))
+    assert code in {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
+
+
+@pytest.mark.parametrize("method", ["/convray.v1.Classifier/Classify", "/inference.GRPCInferenceService/ModelInfer",
+                                    "/convray.v1.Classifier/ClassifyStream"])  # fmt: skip
+def test_corrupt_protobuf_is_invalid_argument_not_unknown(channel, method):
+    """grpc itself answers UNKNOWN when a request does not parse; convray says what was wrong."""
+    if method.endswith("Stream"):
+        call = channel.stream_stream(method)
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(iter([b"\xff\xff\xff"]), timeout=10))
+    else:
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary(method)(b"\xff\xff\xff", timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid protobuf message" in info.value.details()
+
+
+def test_after_the_fuzzing_the_server_is_healthy_and_no_queue_place_leaked(served, channel, stub):
+    async def depth():
+        return sum(s.batcher.queue_depth + s.batcher.batches_running for s in served.server.registry.served_versions())
+
+    assert served.call(depth()) == 0
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert stub.Classify(pb.ClassifyRequest(image=PNG), timeout=10).predictions[0].label == "3"

@@ -1,0 +1,228 @@
+"""The server on its worst day: overload, expired deadlines, a replica killed under load, SIGTERM mid-flight.
+
+Figures these tests print (with -s) are recorded in docs/reliability.md.
+"""
+
+import concurrent.futures
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+
+from convray.oip import inference_pb2 as oip
+from convray.oip import inference_pb2_grpc as oip_grpc
+from convray.v1 import classifier_pb2 as pb
+from convray.v1 import classifier_pb2_grpc as pb_grpc
+from convray.workers.data import load_digits_split
+from tests.conftest import SHIPPED_MODELS, ServerThread, server_settings
+from tests.e2e.test_cli import free_port, wait_serving
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pngs():
+    _, held_out = load_digits_split()
+    encoded = []
+    for pixels in held_out.images[:32]:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels[0], mode="L").save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    return encoded, held_out.labels[:32]
+
+
+def start(tmp_path_factory, **overrides) -> ServerThread:
+    repo = tmp_path_factory.mktemp("reliability") / "models"
+    shutil.copytree(SHIPPED_MODELS, repo)
+    return ServerThread(server_settings(repo, **overrides)).start()
+
+
+def scrape(server: ServerThread, prefix: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5) as reply:
+        lines = [line for line in reply.read().decode().splitlines() if line.startswith(prefix)]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+@pytest.fixture(scope="module")
+def slow_batches(ray_address, tmp_path_factory):
+    """One replica; batches of up to 8 wait up to 1 s to fill; at most 4 requests may queue."""
+    server = start(
+        tmp_path_factory,
+        workers__replicas=1,
+        batching__max_batch_size=8,
+        batching__max_batch_delay_ms=1000.0,
+        batching__max_queue=4,
+        batching__batches_in_flight_per_replica=1,
+    )
+    yield server
+    server.stop()
+
+
+def test_a_request_past_the_queue_bound_fails_fast_with_resource_exhausted(slow_batches, pngs):
+    with grpc.insecure_channel(slow_batches.address) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        request = oip.ModelInferRequest(model_name="digits", raw_input_contents=[np.zeros(6 * 64, "<f4").tobytes()])
+        request.inputs.add(name="input", datatype="FP32", shape=[6, 1, 8, 8])
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request, timeout=10)
+        assert time.monotonic() - started < 0.5  # refused at once, not after the 1 s batch wait
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue full (0 of 4 places taken, 6 more requested; --max-queue)" in info.value.details()
+
+
+def test_under_a_flood_every_request_is_answered_ok_or_resource_exhausted(slow_batches, pngs):
+    images, labels = pngs
+    with grpc.insecure_channel(slow_batches.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        calls = [stub.Classify.future(pb.ClassifyRequest(image=images[i % 32]), timeout=30) for i in range(40)]
+        codes, latencies = [], []
+        for call in calls:
+            try:
+                reply = call.result()
+                codes.append(grpc.StatusCode.OK)
+                latencies.append(reply.timings.total_ms)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > 0 and codes.count(grpc.StatusCode.OK) > 0
+    # Admitted requests waited at most about one batch delay plus one batch ahead of them, never unboundedly.
+    assert max(latencies) < 5000
+    print(f"\nflood of 40 against --max-queue 4: {codes.count(grpc.StatusCode.OK)} OK, "
+          f"{codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)} RESOURCE_EXHAUSTED, "
+          f"admitted p100 {max(latencies):.0f} ms")  # fmt: skip
+    assert slow_batches.call(queue_depth(slow_batches)) == 0
+
+
+async def queue_depth(server: ServerThread) -> int:
+    """Requests waiting in the server's batchers (read on the server's own event loop)."""
+    return sum(s.batcher.queue_depth for s in server.server.registry.served_versions())
+
+
+def test_a_deadline_that_passes_in_the_queue_drops_the_request_unrun_and_counts_it(slow_batches, pngs):
+    images, _ = pngs
+    executions_before = slow_batches.server.registry.served_versions()[0].stats.execution_count
+    expired_before = scrape(slow_batches, 'convray_deadline_expired_total{api="native"')
+    with grpc.insecure_channel(slow_batches.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(pb.ClassifyRequest(image=images[0]), timeout=0.3)  # the batch waits 1 s to fill
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(1.2)  # past the moment its batch would have formed
+        assert slow_batches.call(queue_depth(slow_batches)) == 0  # its queue place was freed
+        assert slow_batches.server.registry.served_versions()[0].stats.execution_count == executions_before
+        assert scrape(slow_batches, 'convray_deadline_expired_total{api="native"') == expired_before + 1
+        assert stub.Classify(pb.ClassifyRequest(image=images[0]), timeout=10).predictions  # still serving
+
+
+def test_a_replica_killed_under_load_is_replaced_and_no_request_is_lost(ray_address, tmp_path_factory, pngs):
+    images, labels = pngs
+    server = start(tmp_path_factory, workers__replicas=2, batching__max_batch_delay_ms=1.0)
+    sent, answers, stop = [0], [], threading.Event()
+    lock = threading.Lock()
+
+    def client(worker: int) -> None:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            i = worker
+            while not stop.is_set():
+                with lock:
+                    sent[0] += 1
+                try:
+                    reply = stub.Classify(pb.ClassifyRequest(image=images[i % 32]), timeout=30)
+                    outcome = (
+                        time.monotonic(),
+                        "OK",
+                        reply.timings.replica,
+                        reply.predictions[0].label == str(labels[i % 32]),
+                    )
+                except grpc.RpcError as exc:
+                    outcome = (time.monotonic(), exc.code().name, "", False)
+                with lock:
+                    answers.append(outcome)
+                i += 4
+
+    try:
+        threads = [threading.Thread(target=client, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(2.0)
+        victim = server.server.registry.served_versions()[0].pool.actors[0]
+        killed_at = time.monotonic()
+        ray.kill(victim, no_restart=False)  # as if the process died: Ray restarts it
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the restarted replica answers again
+            if any(t > killed_at and r.endswith("-0") and code == "OK" for t, code, r, _ in list(answers)):
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        failures = scrape(server, "convray_replica_failures_total")
+    finally:
+        server.stop()
+    codes = [code for _, code, _, _ in answers]
+    assert len(answers) == sent[0]  # every request sent got an answer
+    assert set(codes) <= {"OK", "UNAVAILABLE"}
+    back = min(t for t, code, r, _ in answers if t > killed_at and r.endswith("-0") and code == "OK")
+    after_kill = [a for a in answers if a[0] > killed_at]
+    assert sum(a[3] for a in answers) / len(answers) >= 0.95
+    print(f"\nreplica kill under load: {len(answers)} requests, {codes.count('OK')} OK, "
+          f"{codes.count('UNAVAILABLE')} UNAVAILABLE, replica failures seen {failures:.0f}, "
+          f"{len(after_kill)} answered after the kill, killed replica serving again after "
+          f"{back - killed_at:.1f} s")  # fmt: skip
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_0(ray_address, model_repo, pngs):
+    images, labels = pngs
+    port = free_port()
+    env = {**os.environ, "CONVRAY_WORKERS__CPUS_PER_REPLICA": "0.25"}
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "convray"), "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--no-metrics", "--model-repo", str(model_repo), "--ray-address", ray_address,
+         "--max-batch-size", "64", "--max-batch-delay-ms", "1500"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        wait_serving(port, process)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            in_flight = [stub.Classify.future(pb.ClassifyRequest(image=images[i]), timeout=30) for i in range(12)]
+            time.sleep(0.5)  # all 12 are admitted and waiting for their batch to fill
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Classify(pb.ClassifyRequest(image=images[0]), timeout=5)
+            replies = [call.result() for call in in_flight]
+        _, log = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert [r.predictions[0].label for r in replies] == [str(label) for label in labels[:12]]
+    assert all(r.timings.batch_size == 12 for r in replies)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert process.returncode == 0, log
+    assert "shutting down" in log
+
+
+def test_concurrent_calls_from_many_threads_all_resolve(served, pngs):
+    images, _ = pngs
+    with grpc.insecure_channel(served.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda i: stub.Classify(pb.ClassifyRequest(image=images[i % 32]), timeout=30),
+                                    range(200)))  # fmt: skip
+    assert len(replies) == 200 and all(r.predictions for r in replies)

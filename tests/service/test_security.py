@@ -1,0 +1,160 @@
+"""TLS, mutual TLS and bearer-token auth against the real server; health checks stay open for probes."""
+
+import datetime
+import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from convray.v1 import classifier_pb2 as pb
+from convray.v1 import classifier_pb2_grpc as pb_grpc
+from tests.conftest import REPO_ROOT, SHIPPED_MODELS, ServerThread, server_settings
+
+pytestmark = pytest.mark.integration
+TOKEN = "s3cret-token"
+IMAGE = (REPO_ROOT / "examples" / "digits" / "digit-3.png").read_bytes()
+
+
+def make_cert(name: str, issuer=None, issuer_key=None, is_ca=False):
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+    )
+    if not is_ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    cert = builder.sign(issuer_key or key, hashes.SHA256())
+    return cert, key
+
+
+def write_pem(folder: Path, name: str, cert, key) -> tuple[Path, Path]:
+    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pki")
+    ca, ca_key = make_cert("convray test CA", is_ca=True)
+    paths = {"ca": write_pem(folder, "ca", ca, ca_key)[0]}
+    paths["server"] = write_pem(folder, "server", *make_cert("server", ca, ca_key))
+    paths["client"] = write_pem(folder, "client", *make_cert("client", ca, ca_key))
+    other_ca, other_key = make_cert("someone else", is_ca=True)
+    paths["stranger"] = write_pem(folder, "stranger", *make_cert("stranger", other_ca, other_key))
+    token_file = folder / "token"
+    token_file.write_text(TOKEN + "\n")
+    paths["token"] = token_file
+    return paths
+
+
+@pytest.fixture(scope="module")
+def secure_server(ray_address, pki, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("secure") / "models"
+    import shutil
+
+    shutil.copytree(SHIPPED_MODELS, repo)
+    settings = server_settings(
+        repo,
+        workers__replicas=1,
+        security__tls_cert=pki["server"][0],
+        security__tls_key=pki["server"][1],
+        security__tls_client_ca=pki["ca"],
+        security__auth_token_file=pki["token"],
+    )
+    server = ServerThread(settings).start()
+    yield server
+    server.stop()
+
+
+def secure_channel(server, pki, client="client"):
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=pki["ca"].read_bytes(),
+        private_key=pki[client][1].read_bytes(),
+        certificate_chain=pki[client][0].read_bytes(),
+    )
+    return grpc.secure_channel(f"localhost:{server.server.port}", credentials)
+
+
+def test_mutual_tls_with_the_token_classifies(secure_server, pki):
+    with secure_channel(secure_server, pki) as channel:
+        reply = pb_grpc.ClassifierStub(channel).Classify(
+            pb.ClassifyRequest(image=IMAGE), timeout=30, metadata=[("authorization", f"Bearer {TOKEN}")]
+        )
+    assert reply.predictions[0].label == "3"
+
+
+@pytest.mark.parametrize("metadata", [[], [("authorization", "Bearer wrong")], [("authorization", TOKEN)]])
+def test_a_missing_or_wrong_token_is_unauthenticated(secure_server, pki, metadata):
+    with secure_channel(secure_server, pki) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest(image=IMAGE), timeout=10, metadata=metadata)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "bearer token" in info.value.details()
+
+
+def test_streaming_calls_are_refused_too_without_the_token(secure_server, pki):
+    with secure_channel(secure_server, pki) as channel:
+        replies = pb_grpc.ClassifierStub(channel).ClassifyStream(iter([pb.ClassifyRequest(image=IMAGE)]), timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            list(replies)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_health_checks_need_no_token(secure_server, pki):
+    with secure_channel(secure_server, pki) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("client", ["stranger", None])
+def test_clients_without_a_certificate_from_the_trusted_ca_cannot_connect(secure_server, pki, client):
+    if client is None:
+        credentials = grpc.ssl_channel_credentials(root_certificates=pki["ca"].read_bytes())
+        channel = grpc.secure_channel(f"localhost:{secure_server.server.port}", credentials)
+    else:
+        channel = secure_channel(secure_server, pki, client)
+    with channel, pytest.raises(grpc.RpcError) as info:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_plaintext_clients_cannot_talk_to_a_tls_port(secure_server):
+    with grpc.insecure_channel(f"127.0.0.1:{secure_server.server.port}") as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_cli_classifies_over_mutual_tls_with_a_token(secure_server, pki):
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "convray"), "classify", str(REPO_ROOT / "examples/digits/digit-3.png"),
+         "--server", f"localhost:{secure_server.server.port}", "--tls-ca", str(pki["ca"]),
+         "--tls-cert", str(pki["client"][0]), "--tls-key", str(pki["client"][1]),
+         "--token-file", str(pki["token"]), "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert '"label": "3"' in result.stdout
