@@ -30,6 +30,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--max-queue": ("batching", "max_queue"),
     "--batches-in-flight-per-replica": ("batching", "batches_in_flight_per_replica"),
     "--ray-address": ("workers", "ray_address"),
+    "--ray-connect-timeout-s": ("workers", "ray_connect_timeout_s"),
     "--ray-num-cpus": ("workers", "ray_num_cpus"),
     "--replicas": ("workers", "replicas"),
     "--cpus-per-replica": ("workers", "cpus_per_replica"),

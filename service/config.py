@@ -63,6 +63,8 @@ class WorkerSettings(_Group):
 
     ray_address: str | None = None
     """Ray cluster to join (e.g. ``auto`` or ``HOST:6379``); unset starts an embedded local Ray."""
+    ray_connect_timeout_s: float = Field(60.0, gt=0)
+    """How long to wait for Ray (joining or starting it) before giving up with a clear error."""
     ray_num_cpus: int | None = Field(None, ge=1)
     """CPUs an embedded local Ray may use; unset means all of this machine's."""
     replicas: int = Field(1, ge=1, le=1024)

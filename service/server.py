@@ -10,8 +10,10 @@ import asyncio
 import logging
 import platform
 import signal
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,8 +36,35 @@ from convray.workers import cluster
 from convray.workers.repository import ModelRepository
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 OIP_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def _in_daemon_thread(function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """Run a blocking call in a daemon thread, so a call that never returns cannot block exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = function(*args)
+        except BaseException as exc:  # noqa: BLE001 (handed to the awaiting coroutine)
+            loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=run, name="convray-ray-connect", daemon=True).start()
+    return future
+
+
+def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
+    if future.done():  # the waiter gave up (timeout) and cancelled it
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type] (result is a T whenever error is None)
 
 
 class StartupError(Exception):
@@ -126,10 +155,18 @@ class ConvrayServer:
 
     async def _connect_and_load(self) -> None:
         workers = self.settings.workers
+        where = workers.ray_address or "an embedded local Ray"
         try:
-            gcs = await asyncio.to_thread(cluster.connect, workers.ray_address, workers.ray_num_cpus)
+            gcs = await asyncio.wait_for(
+                _in_daemon_thread(cluster.connect, workers.ray_address, workers.ray_num_cpus),
+                workers.ray_connect_timeout_s,
+            )
+        except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
+            raise StartupError(
+                f"could not connect to {where} within {workers.ray_connect_timeout_s:g} s "
+                "(--ray-address, --ray-connect-timeout-s)"
+            ) from None
         except Exception as exc:  # noqa: BLE001 (Ray raises several types for an unreachable cluster)
-            where = workers.ray_address or "an embedded local Ray"
             raise StartupError(f"could not connect to {where}: {exc}") from exc
         import ray
         import torch

@@ -144,3 +144,10 @@ def test_serve_exits_1_with_a_clear_message_when_no_model_can_load(ray_address, 
                      "--model-repo", str(empty), "--ray-address", ray_address)  # fmt: skip
     assert result.returncode == 1
     assert f"model repository {empty} holds no model versions" in result.stderr
+
+
+def test_serve_exits_1_naming_the_address_when_ray_cannot_be_reached():
+    result = run_cli("serve", "--host", "127.0.0.1", "--port", str(free_port()), "--no-metrics",
+                     "--ray-address", "127.0.0.1:1", "--ray-connect-timeout-s", "3", timeout=60)  # fmt: skip
+    assert result.returncode == 1
+    assert "could not connect to 127.0.0.1:1 within 3 s (--ray-address, --ray-connect-timeout-s)" in result.stderr
