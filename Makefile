@@ -11,7 +11,7 @@ STUBS  := $(PROTOS:.proto=_pb2.py)
 CLIENT_VENV := .venv-tritonclient
 TRITONCLIENT ?= tritonclient[grpc]==2.73.0
 
-.PHONY: install proto serve test lint train-default clean
+.PHONY: install proto serve test lint bench train-default clean
 
 install: $(VENV)/.installed $(STUBS)
 
@@ -42,6 +42,11 @@ test: install $(CLIENT_VENV)/.installed
 
 lint: install
 	$(VENV)/bin/ruff check service workers tests scripts examples
+
+# Side-by-side benchmark (raw model, no-op gRPC floor, Ray Serve, convray); about 10 minutes.
+bench: install
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) tests/bench/run.py
 
 # Reproduces the shipped default model (models/digits/1) from scikit-learn's digits,
 # published as the next version of `digits` in ./models.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -220,6 +221,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Load-test a server and print throughput, latency percentiles and errors."""
+    from convray.service.bench import BenchConfig, format_report, run
+
+    width, _, height = args.image_size.partition("x")
+    config = BenchConfig(
+        server=args.server, api=args.api, model=args.model, payload=args.payload, concurrency=args.concurrency,
+        rate_per_s=args.rate, duration_s=args.duration, requests=args.requests, warmup_s=args.warmup,
+        images=args.images, image_size=(int(width), int(height or width)), image_format=args.image_format.upper(),
+        channels=args.channels, timeout_s=args.timeout,
+    )  # fmt: skip
+    try:
+        report = asyncio.run(run(config))
+    except TimeoutError:  # before OSError, its base class
+        print(f"convray bench: cannot reach a server at {args.server}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except (ValueError, OSError) as exc:
+        print(f"convray bench: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n", encoding="utf-8")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``convray`` argument parser."""
     parser = argparse.ArgumentParser(prog="convray", description="Image classification on Ray, over gRPC.")
@@ -251,6 +277,25 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list served models", description=cmd_models.__doc__)
     client_flags(models)
     models.set_defaults(run=cmd_models)
+
+    bench = commands.add_parser("bench", help="load-test a server", description=cmd_bench.__doc__)
+    bench.add_argument("--server", default="localhost:50051", help="HOST:PORT of a convray or OIP server")
+    bench.add_argument("--api", default="native", choices=["native", "oip"])
+    bench.add_argument("--model", default="digits")
+    bench.add_argument("--payload", default="image", choices=["image", "tensor"],
+                       help="encoded images, or (oip) FP32 pixel tensors shaped from ModelMetadata")  # fmt: skip
+    bench.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight")
+    bench.add_argument("--rate", type=float, default=None, help="open loop instead: requests started per second")
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds to measure")
+    bench.add_argument("--requests", type=int, default=None, help="measure this many requests instead")
+    bench.add_argument("--warmup", type=float, default=2.0, help="seconds sent before measuring")
+    bench.add_argument("--images", default=None, help="folder of images to send (default: generated)")
+    bench.add_argument("--image-size", default="8x8", help="WxH of generated images")
+    bench.add_argument("--image-format", default="png", help="format of generated images")
+    bench.add_argument("--channels", type=int, default=1, choices=[1, 3], help="of generated images")
+    bench.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    bench.add_argument("--json", default=None, help="also write the report to this file")
+    bench.set_defaults(run=cmd_bench)
 
     train = commands.add_parser("train", help="train and publish a model version", description=cmd_train.__doc__)
     train.add_argument("--dataset", default="digits", choices=["digits"])

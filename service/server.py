@@ -42,7 +42,11 @@ OIP_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].
 
 
 def _in_daemon_thread(function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-    """Run a blocking call in a daemon thread, so a call that never returns cannot block exit."""
+    """Run a blocking call in a daemon thread, so a call that never returns cannot block exit.
+
+    The thread then stays alive until the process exits: Ray starts its GCS and raylet with
+    PR_SET_PDEATHSIG, which kills them when the *thread* that spawned them ends.
+    """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
@@ -53,6 +57,7 @@ def _in_daemon_thread(function: Callable[..., T], *args: Any) -> asyncio.Future[
             loop.call_soon_threadsafe(_settle, future, None, exc)
         else:
             loop.call_soon_threadsafe(_settle, future, result, None)
+        threading.Event().wait()  # keep Ray's child processes alive (see above)
 
     threading.Thread(target=run, name="convray-ray-connect", daemon=True).start()
     return future

@@ -151,3 +151,30 @@ def test_serve_exits_1_naming_the_address_when_ray_cannot_be_reached():
                      "--ray-address", "127.0.0.1:1", "--ray-connect-timeout-s", "3", timeout=60)  # fmt: skip
     assert result.returncode == 1
     assert "could not connect to 127.0.0.1:1 within 3 s (--ray-address, --ray-connect-timeout-s)" in result.stderr
+
+
+def test_serve_with_an_embedded_ray_stays_up_and_serves(model_repo, digit_files):
+    """The quickstart path (`make serve`): no --ray-address, so convray starts its own local Ray.
+
+    Regression: Ray kills its GCS and raylet when the thread that started them ends, so the thread
+    that runs ray.init must outlive it.
+    """
+    port = free_port()
+    process = subprocess.Popen(
+        [CONVRAY, "serve", "--host", "127.0.0.1", "--port", str(port), "--no-metrics", "--model-repo",
+         str(model_repo), "--ray-num-cpus", "1", "--cpus-per-replica", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_serving(port, process)
+        time.sleep(3)  # longer than it takes a GCS killed at start-up to be noticed by a first call
+        for path, label in digit_files[:3]:
+            result = run_cli("classify", path, "--server", f"127.0.0.1:{port}", "--json", "--timeout", "20")
+            assert result.returncode == 0, result.stderr
+            assert json.loads(result.stdout)["predictions"][0]["label"] == label
+        process.send_signal(signal.SIGTERM)
+        _, log = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, log

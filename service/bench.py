@@ -1,0 +1,245 @@
+"""``convray bench``: a load generator for convray (or any Open Inference Protocol server).
+
+Closed loop (``concurrency`` callers, each sending its next request when the last is answered) or
+open loop (``rate_per_s`` requests started on a fixed schedule, whatever the answers). Requests are
+serialised once up front and sent as raw bytes over one grpc.aio channel, so the client spends its
+time on the wire, not on protobuf; it reports its own CPU use and says when it was the bottleneck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+import resource
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import grpc
+import numpy as np
+
+CLASSIFY = "/convray.v1.Classifier/Classify"
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_METADATA = "/inference.GRPCInferenceService/ModelMetadata"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+
+
+@dataclass
+class BenchConfig:
+    """What to send, how hard and for how long."""
+
+    server: str = "localhost:50051"
+    api: Literal["native", "oip"] = "native"
+    model: str = "digits"
+    payload: Literal["image", "tensor"] = "image"  # encoded image bytes, or an OIP FP32 pixel tensor
+    concurrency: int = 1  # closed loop: callers in flight
+    rate_per_s: float | None = None  # open loop instead: requests started per second
+    duration_s: float = 10.0
+    requests: int | None = None  # stop after this many measured requests instead of after duration_s
+    warmup_s: float = 2.0
+    images: str | None = None  # a folder of images; default: generated
+    image_size: tuple[int, int] = (8, 8)  # width, height of generated images
+    image_format: str = "PNG"
+    channels: int = 1  # of generated images (1 grey, 3 RGB)
+    timeout_s: float = 30.0
+
+
+@dataclass
+class BenchReport:
+    """What a run measured. Latencies are of successful requests, in milliseconds."""
+
+    config: dict[str, object]
+    requests: int
+    ok: int
+    errors: dict[str, int]
+    duration_s: float
+    requests_per_s: float
+    images_per_s: float
+    latency_ms: dict[str, float]
+    client_cpu_fraction: float  # client process CPU seconds per wall second (1.0 = one core busy)
+    client_saturated: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def percentiles(values_ms: list[float]) -> dict[str, float]:
+    """p50, p90, p99, max and mean of latencies (linear interpolation; empty input gives NaN)."""
+    if not values_ms:
+        return {k: math.nan for k in ("p50", "p90", "p99", "max", "mean")}
+    array = np.asarray(values_ms, dtype=np.float64)
+    p50, p90, p99 = np.percentile(array, [50, 90, 99])
+    return {
+        "p50": round(float(p50), 3),
+        "p90": round(float(p90), 3),
+        "p99": round(float(p99), 3),
+        "max": round(float(array.max()), 3),
+        "mean": round(float(array.mean()), 3),
+    }
+
+
+def load_images(config: BenchConfig) -> list[bytes]:
+    """Encoded images: every image file in ``config.images``, or 16 generated noise images."""
+    if config.images:
+        files = sorted(p for p in Path(config.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {config.images}")
+        return [p.read_bytes() for p in files]
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    width, height = config.image_size
+    shape = (height, width) if config.channels == 1 else (height, width, config.channels)
+    encoded = []
+    for _ in range(16):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buffer, format=config.image_format)
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
+async def build_payloads(config: BenchConfig, channel: grpc.aio.Channel) -> tuple[str, list[bytes], int]:
+    """The RPC path, the serialised requests to cycle through, and images per request."""
+    from convray.oip import inference_pb2 as oip
+    from convray.v1 import classifier_pb2 as pb
+
+    if config.api == "native":
+        if config.payload != "image":
+            raise ValueError("the native API takes encoded images only (--payload image)")
+        return (
+            CLASSIFY,
+            [pb.ClassifyRequest(image=i, model=config.model).SerializeToString() for i in load_images(config)],
+            1,
+        )
+    requests = []
+    if config.payload == "image":
+        for image in load_images(config):
+            request = oip.ModelInferRequest(model_name=config.model)
+            request.inputs.add(name="image", datatype="BYTES", shape=[1])
+            request.raw_input_contents.append(len(image).to_bytes(4, "little") + image)
+            requests.append(request.SerializeToString())
+        return MODEL_INFER, requests, 1
+    metadata_call = channel.unary_unary(
+        MODEL_METADATA,
+        request_serializer=oip.ModelMetadataRequest.SerializeToString,
+        response_deserializer=oip.ModelMetadataResponse.FromString,
+    )
+    metadata = await metadata_call(oip.ModelMetadataRequest(name=config.model), timeout=config.timeout_s)
+    shape = [1, *list(next(t for t in metadata.inputs if t.name == "input").shape)[1:]]
+    rng = np.random.default_rng(0)
+    for _ in range(16):
+        request = oip.ModelInferRequest(model_name=config.model)
+        request.inputs.add(name="input", datatype="FP32", shape=shape)
+        request.raw_input_contents.append(rng.integers(0, 256, shape).astype("<f4").tobytes())
+        requests.append(request.SerializeToString())
+    return MODEL_INFER, requests, 1
+
+
+async def run(config: BenchConfig) -> BenchReport:
+    """Warm up, then measure for ``duration_s`` (or ``requests``); returns the report."""
+    if config.concurrency < 1 and config.rate_per_s is None:
+        raise ValueError("concurrency must be >= 1")
+    async with grpc.aio.insecure_channel(
+        config.server, options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    ) as channel:
+        await asyncio.wait_for(channel.channel_ready(), timeout=config.timeout_s)
+        method, payloads, images_per_request = await build_payloads(config, channel)
+        call = channel.unary_unary(method)  # bytes in, bytes out: no (de)serialisation on the client
+        latencies: list[float] = []
+        codes: Counter[str] = Counter()
+        measuring = False
+        budget = [config.requests if config.requests is not None else -1]
+
+        async def one(index: int) -> None:
+            started = time.perf_counter()
+            try:
+                await call(payloads[index % len(payloads)], timeout=config.timeout_s)
+                code = "OK"
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+            if measuring:
+                codes[code] += 1
+                if code == "OK":
+                    latencies.append((time.perf_counter() - started) * 1e3)
+
+        def more() -> bool:
+            if not measuring or budget[0] < 0:
+                return True
+            budget[0] -= 1
+            return budget[0] >= 0
+
+        async def closed_loop(worker: int, until: float) -> None:
+            index = worker
+            while time.perf_counter() < until and more():
+                await one(index)
+                index += config.concurrency
+
+        async def open_loop(until: float) -> None:
+            interval, pending, index = 1.0 / float(config.rate_per_s or 1), set(), 0
+            next_at = time.perf_counter()
+            while time.perf_counter() < until and more():
+                task = asyncio.create_task(one(index))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                index += 1
+                next_at += interval
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            if pending:
+                await asyncio.gather(*pending)
+
+        async def phase(seconds: float) -> None:
+            until = time.perf_counter() + seconds
+            if config.rate_per_s is not None:
+                await open_loop(until)
+            else:
+                await asyncio.gather(*(closed_loop(w, until) for w in range(config.concurrency)))
+
+        await phase(config.warmup_s)
+        measuring = True
+        cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
+        await phase(config.duration_s if config.requests is None else 3600.0)
+        wall = time.perf_counter() - wall_start
+        cpu_fraction = (_cpu_seconds() - cpu_start) / wall
+    ok = codes.get("OK", 0)
+    notes = []
+    if cpu_fraction > 0.9:
+        notes.append("the client used over 90% of a core: it may have been the bottleneck")
+    return BenchReport(
+        config={k: v for k, v in asdict(config).items()},
+        requests=sum(codes.values()),
+        ok=ok,
+        errors={k: v for k, v in sorted(codes.items()) if k != "OK"},
+        duration_s=round(wall, 3),
+        requests_per_s=round(ok / wall, 1),
+        images_per_s=round(ok * images_per_request / wall, 1),
+        latency_ms=percentiles(latencies),
+        client_cpu_fraction=round(cpu_fraction, 3),
+        client_saturated=cpu_fraction > 0.9,
+        notes=notes,
+    )
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def format_report(report: BenchReport) -> str:
+    """A few human-readable lines."""
+    lat = report.latency_ms
+    mode = (
+        f"rate {report.config['rate_per_s']}/s"
+        if report.config["rate_per_s"]
+        else f"concurrency {report.config['concurrency']}"
+    )
+    lines = [
+        f"{report.config['api']} {report.config['payload']} -> {report.config['server']} "
+        f"model {report.config['model']}, {mode}",
+        f"  {report.ok} OK of {report.requests} in {report.duration_s:.1f} s: {report.requests_per_s:,.1f} req/s, "
+        f"{report.images_per_s:,.1f} img/s",
+        f"  latency ms: p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  max {lat['max']:.2f}",
+        f"  errors: {report.errors or 'none'}; client CPU {report.client_cpu_fraction:.0%} of a core",
+    ]
+    lines += [f"  note: {note}" for note in report.notes]
+    return "\n".join(lines)

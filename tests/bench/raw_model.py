@@ -1,0 +1,52 @@
+"""The ceiling: the same model in one process, no server. Prints JSON.
+
+Run: python tests/bench/raw_model.py --model-repo models --model digits
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from convray.workers.replica import ModelRunner
+
+
+def measure(runner: ModelRunner, batch: int, seconds: float) -> float:
+    """Images per second through ModelRunner.predict (uint8 in, probabilities out) at a batch size."""
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, *runner._expected_shape), dtype=np.uint8)
+    runner.predict(pixels)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        runner.predict(pixels)
+        done += batch
+    return done / (time.perf_counter() - started)
+
+
+def main() -> None:
+    """Batch-1 latency and batched throughput."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-repo", default="models")
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    runner = ModelRunner(args.model_repo, args.model, 1, device="auto", threads=args.threads)
+    single = measure(runner, 1, args.seconds)
+    batched = measure(runner, args.batch, args.seconds)
+    print(
+        json.dumps(
+            {
+                "batch1_ms": round(1000 / single, 3),
+                "batch1_img_per_s": round(single, 1),
+                f"batch{args.batch}_img_per_s": round(batched, 1),
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

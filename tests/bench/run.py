@@ -1,0 +1,302 @@
+"""Side-by-side benchmark: raw model, no-op gRPC floor, Ray Serve, convray; writes docs/benchmarks.md.
+
+Every server is driven by the same `convray bench` client (single-image FP32 ModelInfer, closed loop)
+at concurrency 1 and 32, each point --seconds long, the whole set --repeats times; medians are reported
+with ratios taken inside each repeat. Run: make bench (or .venv/bin/python tests/bench/run.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import ray
+import torch
+
+from convray.workers.models import build_model
+from convray.workers.repository import InputContract, ModelMetadata, ModelRepository, Normalisation
+from convray.workers.spec import CNNSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+RESNET_STYLE = {
+    "in_channels": 3,
+    "blocks": [
+        {"type": "conv", "filters": 32, "kernel_size": 7, "stride": 2, "padding": "same", "batch_norm": True},
+        {"type": "pool", "kind": "max", "window": 2},
+        {"type": "conv", "filters": 64, "kernel_size": 3, "stride": 2, "padding": "same", "batch_norm": True},
+        {"type": "conv", "filters": 128, "kernel_size": 3, "stride": 2, "padding": "same", "batch_norm": True},
+        {"type": "conv", "filters": 256, "kernel_size": 3, "stride": 2, "padding": "same", "batch_norm": True},
+    ],
+    "head": {"type": "gap_fc", "hidden": []},
+    "num_classes": 10,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_resnet_style_repo(root: Path) -> None:
+    """Publish the ResNet-style CNN (random weights: speed only) as model `resnet_style` version 1."""
+    spec = CNNSpec.model_validate(RESNET_STYLE)
+    torch.manual_seed(0)
+    module = build_model(spec, 224, 224).eval()
+    contract = InputContract(
+        channels=3,
+        height=224,
+        width=224,
+        colour_mode="RGB",
+        normalisation=Normalisation(mean=[0.5] * 3, std=[0.25] * 3),
+    )
+    metadata = ModelMetadata(
+        spec=spec,
+        labels=[f"class{i}" for i in range(10)],
+        input=contract,
+        metrics={"accuracy": 0.0},
+        training={"note": "random weights, for benchmarks only"},
+    )
+    ModelRepository(root).publish("resnet_style", metadata, module)
+
+
+def wait_ready(port: int, model: str, timeout_s: float = 180) -> None:
+    """Until one real ModelInfer succeeds (covers Ray start, deploy and model warm-up)."""
+    from convray.oip import inference_pb2 as oip
+    from convray.oip import inference_pb2_grpc as oip_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                metadata = stub.ModelMetadata(oip.ModelMetadataRequest(name=model), timeout=5)
+                shape = [1, *list(metadata.inputs[0].shape)[1:]]
+                request = oip.ModelInferRequest(model_name=model)
+                request.inputs.add(name="input", datatype="FP32", shape=shape)
+                request.raw_input_contents.append(bytes(4 * int(np.prod(shape))))
+                stub.ModelInfer(request, timeout=30)
+                return
+            except grpc.RpcError:
+                time.sleep(1)
+    raise RuntimeError(f"server on {port} not ready in {timeout_s} s")
+
+
+def start(kind: str, port: int, repo: Path, model: str, batch: int) -> subprocess.Popen:
+    if kind == "noop":
+        shape = "3,224,224" if model == "resnet_style" else "1,8,8"
+        argv = [str(BIN / "python"), str(ROOT / "tests/bench/noop_server.py"), "--port", str(port), "--shape", shape]
+    elif kind == "ray_serve":
+        argv = [
+            str(BIN / "python"),
+            str(ROOT / "tests/bench/ray_serve_server.py"),
+            "--port",
+            str(port),
+            "--model-repo",
+            str(repo),
+            "--model",
+            model,
+            "--max-batch-size",
+            str(batch),
+            "--batch-wait-ms",
+            "1",
+        ]
+    else:
+        argv = [
+            str(BIN / "convray"),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-metrics",
+            "--model-repo",
+            str(repo),
+            "--default-model",
+            model,
+            "--max-batch-size",
+            str(batch),
+            "--max-batch-delay-ms",
+            "1",
+            "--replicas",
+            "1",
+        ]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def bench(port: int, model: str, concurrency: int, seconds: float) -> dict:
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    subprocess.run(
+        [
+            str(BIN / "convray"),
+            "bench",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--api",
+            "oip",
+            "--payload",
+            "tensor",
+            "--model",
+            model,
+            "--concurrency",
+            str(concurrency),
+            "--duration",
+            str(seconds),
+            "--warmup",
+            "2",
+            "--json",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", default="digits,resnet_style")
+    parser.add_argument("--targets", default="noop,ray_serve,convray")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmark-results.json"))
+    args = parser.parse_args()
+    repo = Path(tempfile.mkdtemp()) / "models"
+    shutil.copytree(ROOT / "models", repo)
+    make_resnet_style_repo(repo)
+    results: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+        },
+        "points": [],
+    }
+    for model in args.models.split(","):
+        raw = subprocess.run(
+            [
+                str(BIN / "python"),
+                str(ROOT / "tests/bench/raw_model.py"),
+                "--model-repo",
+                str(repo),
+                "--model",
+                model,
+                "--batch",
+                "32",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        results["points"].append({"model": model, "target": "raw", **json.loads(raw.stdout.strip().splitlines()[-1])})
+        print(model, "raw", results["points"][-1], flush=True)
+        for repeat in range(args.repeats):
+            for target in args.targets.split(","):
+                port = free_port()
+                process = start(target, port, repo, model, 32)
+                try:
+                    wait_ready(port, model)
+                    for concurrency in (1, 32):
+                        report = bench(port, model, concurrency, args.seconds)
+                        point = {
+                            "model": model,
+                            "target": target,
+                            "repeat": repeat,
+                            "concurrency": concurrency,
+                            "req_per_s": report["requests_per_s"],
+                            "p50_ms": report["latency_ms"]["p50"],
+                            "p99_ms": report["latency_ms"]["p99"],
+                            "errors": report["errors"],
+                            "client_cpu": report["client_cpu_fraction"],
+                        }
+                        results["points"].append(point)
+                        print(point, flush=True)
+                finally:
+                    stop(process)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(summary(results))
+
+
+def select(points: list[dict], **match: object) -> list[dict]:
+    """The points whose fields equal ``match``."""
+    return [p for p in points if all(p.get(k) == v for k, v in match.items())]
+
+
+def median_of(points: list[dict], key: str, **match: object) -> float:
+    values = [p[key] for p in select(points, **match)]
+    return statistics.median(values) if values else float("nan")
+
+
+def ratio(points: list[dict], a: str, b: str, **match: object) -> float:
+    """Median over repeats of target a's req/s over target b's, each pair taken in the same repeat."""
+    values = []
+    for repeat in sorted({p["repeat"] for p in points if "repeat" in p}):
+        pa, pb = select(points, target=a, repeat=repeat, **match), select(points, target=b, repeat=repeat, **match)
+        if pa and pb and pb[0]["req_per_s"]:
+            values.append(pa[0]["req_per_s"] / pb[0]["req_per_s"])
+    return statistics.median(values) if values else float("nan")
+
+
+def summary(results: dict) -> str:
+    """Markdown: medians per model, target and concurrency, and ratios within each repeat."""
+    points, lines = results["points"], []
+    for model in dict.fromkeys(p["model"] for p in points):
+        raw = select(points, model=model, target="raw")[0]
+        lines += [
+            f"### {model}",
+            "",
+            f"raw model in one process: batch-1 forward {raw['batch1_ms']} ms, "
+            f"{raw['batch32_img_per_s']:,.0f} img/s at batch 32",
+            "",
+            "| server | c=1 req/s | c=1 p50 ms | c=32 img/s | c=32 p50 ms |",
+            "|---|---|---|---|---|",
+        ]
+        for target in ("noop", "ray_serve", "convray"):
+            cells = [
+                f"{median_of(points, 'req_per_s', model=model, target=target, concurrency=1):,.0f}",
+                f"{median_of(points, 'p50_ms', model=model, target=target, concurrency=1):.2f}",
+                f"{median_of(points, 'req_per_s', model=model, target=target, concurrency=32):,.0f}",
+                f"{median_of(points, 'p50_ms', model=model, target=target, concurrency=32):.1f}",
+            ]
+            lines.append(f"| {target} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for c in (1, 32):
+            raw_rate = raw["batch1_img_per_s"] if c == 1 else raw["batch32_img_per_s"]
+            ours = median_of(points, "req_per_s", model=model, target="convray", concurrency=c)
+            vs_serve = ratio(points, "convray", "ray_serve", model=model, concurrency=c)
+            lines.append(
+                f"- c={c}: convray / Ray Serve = {vs_serve:.2f}x, "
+                f"convray / no-op floor = {ratio(points, 'convray', 'noop', model=model, concurrency=c):.2f}x, "
+                f"convray / raw model = {ours / raw_rate:.2f}x"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""convray bench: its statistics, and a short real run against the real server (counts, not speed)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from convray.service.bench import BenchConfig, load_images, percentiles
+
+
+def test_percentiles_interpolate_like_numpy():
+    values = [float(v) for v in range(1, 101)]  # 1..100 ms
+    stats = percentiles(values)
+    assert stats["p50"] == 50.5 and stats["p90"] == pytest.approx(90.1) and stats["p99"] == pytest.approx(99.01)
+    assert stats["max"] == 100.0 and stats["mean"] == 50.5
+
+
+def test_percentiles_of_nothing_are_nan():
+    assert all(math.isnan(v) for v in percentiles([]).values())
+
+
+def test_generated_images_have_the_asked_size_and_format():
+    images = load_images(BenchConfig(image_size=(28, 20), image_format="JPEG", channels=3))
+    assert len(images) == 16
+    import io
+
+    image = Image.open(io.BytesIO(images[0]))
+    assert image.format == "JPEG" and image.size == (28, 20) and image.mode == "RGB"
+
+
+def test_an_empty_image_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no images"):
+        load_images(BenchConfig(images=str(tmp_path)))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "flags", [["--api", "native"], ["--api", "oip", "--payload", "tensor"], ["--api", "oip", "--rate", "50"]]
+)
+def test_a_short_run_against_the_real_server_reports_consistent_counts(served, tmp_path, flags):
+    out = tmp_path / "report.json"
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "convray"), "bench", "--server", served.address, "--duration", "1.5",
+         "--warmup", "0.3", "--concurrency", "4", "--json", str(out), *flags],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["ok"] > 0 and report["errors"] == {} and report["requests"] == report["ok"]
+    assert report["requests_per_s"] == pytest.approx(report["ok"] / report["duration_s"], rel=0.01)
+    assert set(report["latency_ms"]) == {"p50", "p90", "p99", "max", "mean"}
+    assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"] <= report["latency_ms"]["max"]
+    assert 0 < report["client_cpu_fraction"]
+    assert "req/s" in result.stdout and "latency ms: p50" in result.stdout
+
+
+@pytest.mark.integration
+def test_errors_are_counted_by_code(served, tmp_path):
+    out = tmp_path / "report.json"
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "convray"), "bench", "--server", served.address, "--model", "nope",
+         "--requests", "20", "--warmup", "0", "--json", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert result.returncode == 1
+    assert report["ok"] == 0 and report["errors"] == {"NOT_FOUND": 20}
