@@ -40,6 +40,9 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--max-image-pixels": ("inputs", "max_image_pixels"),
     "--default-top-k": ("inputs", "default_top_k"),
     "--decode-threads": ("inputs", "decode_threads"),
+    "--explain-max-blocks": ("explain", "max_blocks"),
+    "--explain-max-channels": ("explain", "max_channels"),
+    "--explain-max-top-k": ("explain", "max_top_k"),
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3

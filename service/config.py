@@ -92,6 +92,17 @@ class InputSettings(_Group):
     """Threads that decode images off the event loop."""
 
 
+class ExplainSettings(_Group):
+    """Limits of the Explain RPC, which runs outside the batcher, one image per replica call."""
+
+    max_blocks: int = Field(16, ge=1, le=1024)
+    """Most blocks one Explain call may return feature maps of (all by default)."""
+    max_channels: int = Field(64, ge=1, le=4096)
+    """Most channels drawn in one block's feature-map grid (the first ones)."""
+    max_top_k: int = Field(10, ge=1, le=1000)
+    """Most classes one Explain call may ask class activation maps of (Grad-CAM costs a backward pass each)."""
+
+
 class Settings(BaseSettings):
     """Everything ``convray serve`` can be told, grouped by concern."""
 
@@ -102,6 +113,7 @@ class Settings(BaseSettings):
     batching: BatchingSettings = BatchingSettings()
     workers: WorkerSettings = WorkerSettings()
     inputs: InputSettings = InputSettings()
+    explain: ExplainSettings = ExplainSettings()
 
     @model_validator(mode="after")
     def _metrics_port_differs(self) -> Settings:

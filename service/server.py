@@ -17,6 +17,7 @@ import grpc
 from convray.service import __version__
 from convray.service.codecs import DecodeLimits
 from convray.service.config import Settings
+from convray.service.explaining import Explainer
 from convray.service.inference import Classifier
 from convray.service.metrics import Metrics
 from convray.service.registry import ModelRegistry
@@ -65,8 +66,15 @@ class ConvrayServer:
                 ("grpc.max_send_message_length", max_bytes),
             ]
         )
+        explainer = Explainer(
+            self.registry,
+            DecodeLimits(settings.inputs.max_image_bytes, settings.inputs.max_image_pixels),
+            settings.explain,
+            settings.inputs.default_top_k,
+            self._decoder,
+        )
         classifier_pb2_grpc.add_ClassifierServicer_to_server(
-            ClassifierServicer(classifier, self.registry, self.metrics), self._server
+            ClassifierServicer(classifier, self.registry, self.metrics, explainer), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from convray.workers.explain import CamChoice, Explanation
 from convray.workers.replica import AmpChoice, DeviceChoice, ModelRunner
 from convray.workers.repository import ModelLoadError
 from ray.exceptions import RayActorError, RayTaskError
@@ -37,6 +38,16 @@ class BatchResult:
 
     probabilities: np.ndarray
     compute_s: float  # forward pass, measured inside the actor
+    call_s: float  # the whole Ray call, seen from the caller
+    replica: str
+
+
+@dataclass(frozen=True)
+class ExplainResult:
+    """One image's explanation and where its time went."""
+
+    explanation: Explanation
+    compute_s: float  # forward (and backward for Grad-CAM), measured inside the actor
     call_s: float  # the whole Ray call, seen from the caller
     replica: str
 
@@ -97,6 +108,32 @@ class ReplicaPool:
         finally:
             self._in_flight[index] -= 1
         return BatchResult(probabilities, compute_s, time.perf_counter() - started, f"{self.name}-{index}")
+
+    async def explain(
+        self,
+        pixels: np.ndarray,
+        blocks: list[str] | None,
+        top_k: int,
+        method: CamChoice = "auto",
+        max_channels: int | None = None,
+    ) -> ExplainResult:
+        """Explain one uint8 image (C, H, W) on the least busy replica, with a direct actor call.
+
+        The call counts as in flight on its replica, so batches meanwhile prefer the other replicas.
+        See ``ModelRunner.explain`` for the arguments.
+        """
+        offset = next(self._tie_break)
+        count = len(self._actors)
+        index = min(range(count), key=lambda i: (self._in_flight[i], (i - offset) % count))
+        self._in_flight[index] += 1
+        started = time.perf_counter()
+        try:
+            explanation, compute_s = await self._actors[index].explain.remote(
+                pixels, blocks, top_k, method, max_channels
+            )
+        finally:
+            self._in_flight[index] -= 1
+        return ExplainResult(explanation, compute_s, time.perf_counter() - started, f"{self.name}-{index}")
 
     def shutdown(self) -> None:
         """Stop every replica of this version."""
