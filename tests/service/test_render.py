@@ -69,7 +69,9 @@ def test_cam_overlay_is_an_rgb_picture_of_the_enlarged_input_hottest_where_the_m
     assert picture.mode == "RGB" and picture.size == (128, 128)
     rgb = np.asarray(picture).astype(int)
     redness = rgb[..., 0] - rgb[..., 2]
-    assert redness[120, 4] > 50 and redness[4, 120] < -50  # (dark) red bottom left, blue top right, half-blended with black
+    assert (
+        redness[120, 4] > 50 and redness[4, 120] < -50
+    )  # (dark) red bottom left, blue top right, half-blended with black
 
 
 def test_cam_overlay_keeps_colour_images_and_their_size():
