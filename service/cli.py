@@ -1,4 +1,4 @@
-"""The ``convray`` command: serve | classify | models | train. Flags -> Settings -> one function call."""
+"""The ``convray`` command: serve | classify | models | explain | kernels | train. Flags -> Settings -> one call."""
 
 from __future__ import annotations
 
@@ -47,9 +47,14 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--tls-key": ("security", "tls_key"),
     "--tls-client-ca": ("security", "tls_client_ca"),
     "--auth-token-file": ("security", "auth_token_file"),
+    "--explain-max-blocks": ("explain", "max_blocks"),
+    "--explain-max-channels": ("explain", "max_channels"),
+    "--explain-max-top-k": ("explain", "max_top_k"),
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# `convray kernels --kernel` choices; the kernels themselves are in workers/kernels.py (imported lazily).
+KERNEL_NAMES = ("sobel-x", "sobel-y", "laplacian", "box-blur", "gaussian", "sharpen")
 
 
 def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -199,6 +204,96 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _file_label(label: str) -> str:
+    """A class label made safe for a file name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label) or "_"
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Write an image's feature-map grids and class activation maps as PNGs, and say what was written."""
+    import grpc
+
+    from convray.v1 import classifier_pb2 as pb
+    from convray.v1 import classifier_pb2_grpc as pb_grpc
+
+    try:
+        image = Path(args.image).read_bytes()
+    except OSError as exc:
+        print(f"{args.image}: cannot read: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+    channel = _channel(args)
+    if channel is None:
+        return EXIT_UNREACHABLE
+    methods = {"auto": pb.CAM_METHOD_AUTO, "cam": pb.CAM_METHOD_CAM, "grad-cam": pb.CAM_METHOD_GRAD_CAM}
+    request = pb.ExplainRequest(
+        image=image,
+        model=args.model,
+        version=args.version,
+        blocks=args.blocks or [],
+        top_k=args.top_k,
+        method=methods[args.method],
+    )
+    try:
+        reply = pb_grpc.ClassifierStub(channel).Explain(request, timeout=args.timeout, metadata=_call_metadata(args))
+    except grpc.RpcError as exc:
+        print(f"{args.image}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return EXIT_UNREACHABLE if exc.code() == grpc.StatusCode.UNAVAILABLE else EXIT_FAILED
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    method = {pb.CAM_METHOD_CAM: "CAM", pb.CAM_METHOD_GRAD_CAM: "Grad-CAM"}.get(reply.method, "?")
+    print(f"{args.image}: {reply.model} v{reply.version} ({reply.total_ms:.1f} ms)")
+    for m in reply.feature_maps:
+        path = out / f"{m.block}.png"
+        path.write_bytes(m.png)
+        shape = "x".join(map(str, m.shape))
+        shown = f"{m.channels_shown} of {m.shape[0]}" if m.channels_shown < m.shape[0] else f"{m.channels_shown}"
+        print(f"wrote {path}  feature maps of {m.block} ({shape}), {shown} channels in {m.grid_rows}x{m.grid_columns}")
+    for rank, cam in enumerate(reply.class_activation_maps, start=1):
+        p = cam.prediction
+        path = out / f"cam-{rank}-{_file_label(p.label)}.png"
+        path.write_bytes(cam.png)
+        print(f"wrote {path}  {method} of class {p.label!r} (p={p.probability:.4f}) over {reply.cam_block}")
+    return EXIT_OK
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    """Apply a classic fixed kernel to an image with convray's conv block, locally, and write the result."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from convray.service.render import response_image
+    from convray.workers.kernels import KERNELS, apply_kernel
+
+    padding: str | int = args.padding
+    if padding not in ("same", "valid"):
+        try:
+            padding = int(padding)
+        except ValueError:
+            print(f"convray kernels: --padding must be same, valid or a number, got {padding!r}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        with Image.open(args.image) as image:
+            colour = image.mode not in ("1", "L", "LA", "I", "I;16", "F")
+            pixels = np.asarray(image.convert("RGB" if colour else "L"))
+    except (OSError, UnidentifiedImageError) as exc:
+        print(f"{args.image}: cannot read as an image: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    pixels = pixels.transpose(2, 0, 1) if pixels.ndim == 3 else pixels[None]  # (C, H, W)
+    try:
+        response = apply_kernel(pixels, args.kernel, padding, args.stride)
+    except ValueError as exc:
+        print(f"convray kernels: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    signed = abs(sum(map(sum, KERNELS[args.kernel]))) < 1e-9  # weights sum to 0: an edge detector
+    Image.fromarray(response_image(response, signed)).save(args.out, format="PNG")
+    shown = "|response| scaled to its maximum" if signed else "clipped to 0..255"
+    print(
+        f"wrote {args.out}  {args.kernel} ({args.padding} padding, stride {args.stride}): "
+        f"{pixels.shape[2]}x{pixels.shape[1]} -> {response.shape[2]}x{response.shape[1]}, {shown}"
+    )
+    return EXIT_OK
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a CNN and publish it as the next version in the model repository."""
     from convray.workers.train import TrainConfig, train_and_publish
@@ -297,6 +392,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="also write the report to this file")
     bench.set_defaults(run=cmd_bench)
 
+    explain = commands.add_parser(
+        "explain", help="feature maps and class activation maps of an image", description=cmd_explain.__doc__
+    )
+    explain.add_argument("image", metavar="IMAGE")
+    explain.add_argument("--out", required=True, metavar="DIR", help="folder the PNGs are written to")
+    explain.add_argument("--model", default="", help="model name (default: the server's default model)")
+    explain.add_argument("--version", type=int, default=0, help="model version (default: latest loaded)")
+    explain.add_argument("--blocks", nargs="+", metavar="BLOCK", help="e.g. block0_conv block3_conv (default: all)")
+    explain.add_argument("--top-k", type=int, default=3, help="classes that get a class activation map")
+    explain.add_argument("--method", default="auto", choices=["auto", "cam", "grad-cam"])
+    client_flags(explain)
+    explain.set_defaults(run=cmd_explain)
+
+    kernels = commands.add_parser(
+        "kernels", help="apply a classic image kernel locally", description=cmd_kernels.__doc__
+    )
+    kernels.add_argument("image", metavar="IMAGE")
+    kernels.add_argument("--kernel", required=True, choices=sorted(KERNEL_NAMES))
+    kernels.add_argument("--out", required=True, metavar="FILE", help="PNG file to write")
+    kernels.add_argument("--padding", default="same", help="same, valid or pixels per side (default same)")
+    kernels.add_argument("--stride", type=int, default=1)
+    kernels.set_defaults(run=cmd_kernels)
+
     train = commands.add_parser("train", help="train and publish a model version", description=cmd_train.__doc__)
     train.add_argument("--dataset", default="digits", choices=["digits"])
     train.add_argument("--preset", default="digits-small", help="named CNN spec (see workers/train.py)")
@@ -316,8 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``convray`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "classify" and args.top_k < 0:
-        print("convray classify: --top-k must be >= 0", file=sys.stderr)
+    if args.command in ("classify", "explain") and args.top_k < 0:
+        print(f"convray {args.command}: --top-k must be >= 0", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "kernels" and args.stride < 1:
+        print("convray kernels: --stride must be >= 1", file=sys.stderr)
         return EXIT_USAGE
     return int(args.run(args))
 

@@ -115,6 +115,17 @@ class SecuritySettings(_Group):
         return self
 
 
+class ExplainSettings(_Group):
+    """Limits of the Explain RPC, which runs outside the batcher, one image per replica call."""
+
+    max_blocks: int = Field(16, ge=1, le=1024)
+    """Most blocks one Explain call may return feature maps of (all by default)."""
+    max_channels: int = Field(64, ge=1, le=4096)
+    """Most channels drawn in one block's feature-map grid (the first ones)."""
+    max_top_k: int = Field(10, ge=1, le=1000)
+    """Most classes one Explain call may ask class activation maps of (Grad-CAM costs a backward pass each)."""
+
+
 class Settings(BaseSettings):
     """Everything ``convray serve`` can be told, grouped by concern."""
 
@@ -126,6 +137,7 @@ class Settings(BaseSettings):
     workers: WorkerSettings = WorkerSettings()
     inputs: InputSettings = InputSettings()
     security: SecuritySettings = SecuritySettings()
+    explain: ExplainSettings = ExplainSettings()
 
     @model_validator(mode="after")
     def _metrics_port_differs(self) -> Settings:

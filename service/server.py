@@ -10,6 +10,7 @@ import asyncio
 import logging
 import platform
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from convray.oip import inference_pb2, inference_pb2_grpc
 from convray.service import __version__
 from convray.service.codecs import DecodeLimits
 from convray.service.config import Settings
+from convray.service.explaining import Explainer
 from convray.service.inference import Classifier
 from convray.service.metrics import Metrics
 from convray.service.oip_servicer import InferenceServicer
@@ -111,8 +113,15 @@ class ConvrayServer:
                 ("grpc.max_send_message_length", max_bytes),
             ],
         )
+        explainer = Explainer(
+            self.registry,
+            DecodeLimits(settings.inputs.max_image_bytes, settings.inputs.max_image_pixels),
+            settings.explain,
+            settings.inputs.default_top_k,
+            self._decoder,
+        )
         classifier_pb2_grpc.add_ClassifierServicer_to_server(
-            ClassifierServicer(classifier, self.registry, self.metrics), self._server
+            ClassifierServicer(classifier, self.registry, self.metrics, explainer), self._server
         )
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(classifier, self.registry, self.metrics, settings.batching, settings.workers),
@@ -255,5 +264,16 @@ async def serve(settings: Settings) -> int:
         log.info("shutting down: draining for up to %.1f s", settings.server.drain_grace_s)
     ready_waiter.cancel()
     await server.stop()
+    if ray_is_connected():
+        # Disconnect (and stop an embedded Ray) now, not in Ray's exit hooks, which can abort the
+        # process while other threads are still running.
+        import ray
+
+        ray.shutdown()
     log.info("stopped")
     return exit_code
+
+
+def ray_is_connected() -> bool:
+    """Whether this process has a Ray connection (without importing ray when it was never used)."""
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()

@@ -7,12 +7,16 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from convray.service.errors import InvalidInput
+from convray.service.explaining import ExplainAnswer, Explainer
 from convray.service.inference import Classification, Classifier
 from convray.service.metrics import Metrics
 from convray.service.registry import ModelRegistry
 from convray.service.rpc import RpcObserver, deadline_of, ordered_concurrently
 from convray.v1 import classifier_pb2 as pb
 from convray.v1 import classifier_pb2_grpc as pb_grpc
+
+CAM_METHODS = {pb.CAM_METHOD_AUTO: "auto", pb.CAM_METHOD_CAM: "cam", pb.CAM_METHOD_GRAD_CAM: "grad_cam"}
 
 
 def classification_to_proto(result: Classification, request_id: str) -> pb.ClassifyResponse:
@@ -37,10 +41,46 @@ def classification_to_proto(result: Classification, request_id: str) -> pb.Class
     )
 
 
+def explanation_to_proto(answer: ExplainAnswer) -> pb.ExplainResponse:
+    """The wire form of one explanation."""
+    methods = {name: value for value, name in CAM_METHODS.items()}
+    return pb.ExplainResponse(
+        model=answer.model,
+        version=answer.version,
+        predictions=[
+            pb.Prediction(label=p.label, index=p.index, probability=p.probability) for p in answer.predictions
+        ],
+        feature_maps=[
+            pb.FeatureMap(
+                block=m.block,
+                shape=list(m.shape),
+                channels_shown=m.channels_shown,
+                png=m.grid.png,
+                grid_rows=m.grid.rows,
+                grid_columns=m.grid.columns,
+            )
+            for m in answer.feature_maps
+        ],
+        class_activation_maps=[
+            pb.ClassActivationMap(
+                prediction=pb.Prediction(label=c.score.label, index=c.score.index, probability=c.score.probability),
+                png=c.png,
+            )
+            for c in answer.cams
+        ],
+        method=methods[answer.method],
+        cam_block=answer.cam_block,
+        compute_ms=answer.compute_s * 1e3,
+        total_ms=answer.total_s * 1e3,
+        replica=answer.replica,
+    )
+
+
 class ClassifierServicer(pb_grpc.ClassifierServicer):
     """convray's own API over the model registry."""
 
-    def __init__(self, classifier: Classifier, registry: ModelRegistry, metrics: Metrics) -> None:
+    def __init__(self, classifier: Classifier, registry: ModelRegistry, metrics: Metrics, explainer: Explainer) -> None:
+        self._explainer = explainer
         self._classifier = classifier
         self._registry = registry
         self._rpc = RpcObserver("native", metrics, lambda: registry.default_model)
@@ -126,3 +166,21 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             )
 
         return await self._rpc.unary("GetModel", request.model, work, context)
+
+    async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
+        """Feature maps and class activation maps of one image."""
+
+        async def work() -> pb.ExplainResponse:
+            if request.method not in CAM_METHODS:
+                raise InvalidInput(f"unknown method {request.method}; use one of {sorted(CAM_METHODS)} (CamMethod)")
+            answer = await self._explainer.explain(
+                request.image,
+                request.model,
+                request.version,
+                list(request.blocks),
+                request.top_k,
+                CAM_METHODS[request.method],
+            )
+            return explanation_to_proto(answer)
+
+        return await self._rpc.unary("Explain", request.model, work, context)

@@ -18,6 +18,7 @@ import numpy as np
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+from convray.workers.explain import CamChoice, Explanation
 from convray.workers.replica import AmpChoice, DeviceChoice, ModelRunner
 from convray.workers.repository import ModelLoadError
 
@@ -44,6 +45,16 @@ class BatchResult:
 
     probabilities: np.ndarray
     compute_s: float  # forward pass, measured inside the actor
+    call_s: float  # the whole Ray call, seen from the caller
+    replica: str
+
+
+@dataclass(frozen=True)
+class ExplainResult:
+    """One image's explanation and where its time went."""
+
+    explanation: Explanation
+    compute_s: float  # forward (and backward for Grad-CAM), measured inside the actor
     call_s: float  # the whole Ray call, seen from the caller
     replica: str
 
@@ -114,13 +125,13 @@ class ReplicaPool:
         started = time.perf_counter()
         index = self._least_busy()
         try:
-            probabilities, compute_s = await self._call(index, pixels)
+            probabilities, compute_s = await self._call(index, "predict", pixels)
         except REPLICA_LOST as exc:
             log.warning("replica %s-%d lost (%s); retrying its batch once", self.name, index, type(exc).__name__)
             if self._on_failure is not None:
                 self._on_failure()
             index = self._least_busy(avoid=index)
-            probabilities, compute_s = await self._call(index, pixels)
+            probabilities, compute_s = await self._call(index, "predict", pixels)
         return BatchResult(probabilities, compute_s, time.perf_counter() - started, f"{self.name}-{index}")
 
     def _least_busy(self, avoid: int | None = None) -> int:
@@ -129,10 +140,11 @@ class ReplicaPool:
         candidates = [i for i in range(count) if i != avoid] or list(range(count))
         return min(candidates, key=lambda i: (self._in_flight[i], (i - offset) % count))
 
-    async def _call(self, index: int, pixels: np.ndarray) -> tuple[np.ndarray, float]:
+    async def _call(self, index: int, method: str, *args: Any) -> Any:
+        """Call a replica's method, counting the call as in flight on that replica meanwhile."""
         self._in_flight[index] += 1
         try:
-            return await self._actors[index].predict.remote(pixels)
+            return await getattr(self._actors[index], method).remote(*args)
         finally:
             self._in_flight[index] -= 1
 
@@ -140,6 +152,24 @@ class ReplicaPool:
     def actors(self) -> list[Any]:
         """The replica actor handles, in index order (for operators and tests)."""
         return list(self._actors)
+
+    async def explain(
+        self,
+        pixels: np.ndarray,
+        blocks: list[str] | None,
+        top_k: int,
+        method: CamChoice = "auto",
+        max_channels: int | None = None,
+    ) -> ExplainResult:
+        """Explain one uint8 image (C, H, W) on the least busy replica, with a direct actor call.
+
+        The call counts as in flight on its replica, so batches meanwhile prefer the other replicas.
+        See ``ModelRunner.explain`` for the arguments.
+        """
+        index = self._least_busy()
+        started = time.perf_counter()
+        explanation, compute_s = await self._call(index, "explain", pixels, blocks, top_k, method, max_channels)
+        return ExplainResult(explanation, compute_s, time.perf_counter() - started, f"{self.name}-{index}")
 
     def shutdown(self) -> None:
         """Stop every replica of this version."""

@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from convray.workers.explain import CamChoice, Explanation, block_names, explain
 from convray.workers.repository import ModelRepository
 from convray.workers.transforms import normalise
 
@@ -102,6 +103,44 @@ class ModelRunner:
                 x = x.contiguous(memory_format=torch.channels_last)
             probabilities = self.module.probabilities(x).float().cpu().numpy()
         return probabilities, time.perf_counter() - started
+
+    def explain(
+        self,
+        pixels: np.ndarray,
+        blocks: list[str] | None = None,
+        top_k: int = 1,
+        method: CamChoice = "auto",
+        max_channels: int | None = None,
+    ) -> tuple[Explanation, float]:
+        """Feature maps, probabilities and class activation maps for one uint8 image (C, H, W).
+
+        Runs in fp32 whatever ``amp`` is, one image at a time, outside the batched path.
+
+        Args:
+            pixels: one image, uint8 in the model's (C, H, W).
+            blocks: block names (``block<i>_<type>``) to return feature maps of; None means all.
+            top_k: classes that get a class activation map, most probable first.
+            method: ``auto``, ``cam`` or ``grad_cam``; see ``workers.explain``.
+            max_channels: at most this many channels per block (the first); None means all.
+
+        Returns:
+            The explanation and the compute seconds.
+
+        Raises:
+            ValueError: the image is outside the contract, or see ``workers.explain.explain``.
+        """
+        if pixels.dtype != np.uint8 or tuple(pixels.shape) != self._expected_shape:
+            raise ValueError(
+                f"image must be uint8 ({', '.join(map(str, self._expected_shape))}), "
+                f"got {pixels.dtype} {tuple(pixels.shape)}"
+            )
+        started = time.perf_counter()
+        x = normalise(
+            to_device(pixels[None], self.device), self.contract.normalisation.mean, self.contract.normalisation.std
+        )
+        names = block_names(self.module) if blocks is None else blocks
+        explanation = explain(self.module, x, names, top_k, method, max_channels)
+        return explanation, time.perf_counter() - started
 
     def describe(self) -> dict[str, str | int]:
         """Where this replica runs: device, process id, model and version."""

@@ -77,3 +77,28 @@ def test_runner_refuses_batches_outside_its_contract(runner, bad):
 def test_runner_describes_itself(runner):
     info = runner.describe()
     assert info["device"] == "cpu" and info["model"] == "digits" and info["version"] == 1
+
+
+def test_runner_explains_one_image_with_the_same_probabilities_as_predict(runner):
+    _, held_out = load_digits_split()
+    image = held_out.images[0]  # uint8 (1, 8, 8)
+    explanation, compute_s = runner.explain(image, None, top_k=3)
+    probabilities, _ = runner.predict(image[None])
+    assert np.allclose(explanation.probabilities, probabilities[0], atol=1e-6)
+    assert explanation.classes[0] == held_out.labels[0]
+    assert explanation.blocks == [f"block{i}_{b.type}" for i, b in enumerate(runner.module.spec.blocks)]
+    assert explanation.method == "cam" and explanation.cams.shape == (3, 2, 2)  # digits: gap_fc, no hidden
+    assert compute_s > 0
+
+
+def test_runner_explain_takes_blocks_method_and_a_channel_cap(runner):
+    _, held_out = load_digits_split()
+    explanation, _ = runner.explain(held_out.images[1], ["block3_conv"], 2, "grad_cam", max_channels=16)
+    assert explanation.blocks == ["block3_conv"] and explanation.shapes == [(64, 4, 4)]
+    assert explanation.feature_maps[0].shape == (16, 4, 4)
+    assert explanation.method == "grad_cam" and len(explanation.classes) == 2
+
+
+def test_runner_explain_refuses_an_image_outside_its_contract(runner):
+    with pytest.raises(ValueError, match=r"image must be uint8 \(1, 8, 8\)"):
+        runner.explain(np.zeros((1, 1, 8, 8), np.uint8), None, 1)

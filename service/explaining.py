@@ -1,0 +1,147 @@
+"""The Explain path, top to bottom: check -> decode -> ONE direct Ray call (no batcher) -> render PNGs.
+
+Explain never enters a batcher, so it cannot delay a Classify batch in a queue; on the replica it runs
+as one more call, and while it runs that replica counts it as in flight, so batches prefer the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from convray.service.codecs import ClassScore, DecodeLimits, decode_image, top_k
+from convray.service.config import ExplainSettings
+from convray.service.errors import InvalidInput
+from convray.service.render import Grid, cam_overlay, feature_grid
+from convray.workers.explain import CamChoice, CamMethod, Explanation, choose_method
+from convray.workers.spec import output_shapes
+
+if TYPE_CHECKING:
+    from convray.service.registry import ModelRegistry, ServedModel
+
+
+@dataclass(frozen=True)
+class RenderedFeatureMap:
+    """One block's feature maps as a PNG grid."""
+
+    block: str
+    shape: tuple[int, int, int]  # the block's full output (C, H, W)
+    channels_shown: int
+    grid: Grid
+
+
+@dataclass(frozen=True)
+class RenderedCam:
+    """One class's activation map as a PNG heatmap over the input."""
+
+    score: ClassScore
+    png: bytes
+
+
+@dataclass(frozen=True)
+class ExplainAnswer:
+    """The answer to one Explain request."""
+
+    model: str
+    version: int
+    predictions: list[ClassScore]
+    feature_maps: list[RenderedFeatureMap]
+    cams: list[RenderedCam]
+    method: CamMethod
+    cam_block: str
+    compute_s: float
+    total_s: float
+    replica: str
+
+
+def render(
+    pixels: np.ndarray, explanation: Explanation, labels: list[str]
+) -> tuple[list[ClassScore], list[RenderedFeatureMap], list[RenderedCam]]:
+    """The top-k scores, feature-map grids and CAM overlays of an explanation (CPU work: run it in a thread)."""
+    scores = top_k(explanation.probabilities, labels, len(explanation.classes))
+    maps = [
+        RenderedFeatureMap(block, shape, len(values), feature_grid(values))
+        for block, shape, values in zip(explanation.blocks, explanation.shapes, explanation.feature_maps, strict=True)
+    ]
+    cams = [RenderedCam(score, cam_overlay(pixels, cam)) for score, cam in zip(scores, explanation.cams, strict=True)]
+    return scores, maps, cams
+
+
+class Explainer:
+    """Explains encoded images with the registry's models, one direct replica call each."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        limits: DecodeLimits,
+        settings: ExplainSettings,
+        default_top_k: int,
+        executor: Executor,
+    ) -> None:
+        self._registry = registry
+        self._limits = limits
+        self._settings = settings
+        self._default_top_k = default_top_k
+        self._executor = executor
+
+    def _check(self, served: ServedModel, blocks: list[str], k: int, method: CamChoice) -> list[str]:
+        """The blocks to explain (all when none are named), after checking every request field."""
+        meta = served.metadata
+        valid = [name for name, _ in output_shapes(meta.spec, meta.input.height, meta.input.width)]
+        unknown = [b for b in blocks if b not in valid]
+        if unknown:
+            raise InvalidInput(f"unknown block(s) {unknown} for model {served.name!r}; valid blocks: {valid}")
+        chosen = list(dict.fromkeys(blocks)) or valid
+        limit = self._settings.max_blocks
+        if len(chosen) > limit:
+            raise InvalidInput(
+                f"{len(chosen)} blocks asked for (empty means all), over the limit of {limit} "
+                f"(--explain-max-blocks); name at most {limit} of {valid}"
+            )
+        if k > len(meta.labels):
+            raise InvalidInput(f"top_k is {k} but model {served.name!r} has {len(meta.labels)} classes")
+        if k > self._settings.max_top_k:
+            raise InvalidInput(
+                f"top_k is {k}, over the Explain limit of {self._settings.max_top_k} (--explain-max-top-k)"
+            )
+        try:
+            choose_method(meta.spec, method)
+        except ValueError as exc:
+            raise InvalidInput(f"model {served.name!r}: {exc}") from None
+        return chosen
+
+    async def explain(
+        self, image: bytes, model: str, version: int, blocks: list[str], top_k_requested: int, method: CamChoice
+    ) -> ExplainAnswer:
+        """Feature maps, top-k class activation maps and probabilities of one image, rendered as PNGs.
+
+        Raises:
+            InvalidInput, ModelNotFound, ModelNotReady: see ``service.errors``.
+        """
+        received = time.monotonic()
+        served = self._registry.resolve(model, version)
+        labels = served.metadata.labels
+        k = top_k_requested or min(self._default_top_k, len(labels), self._settings.max_top_k)
+        chosen = self._check(served, blocks, k, method)
+        loop = asyncio.get_running_loop()
+        pixels = await loop.run_in_executor(self._executor, decode_image, image, served.metadata.input, self._limits)
+        result = await served.pool.explain(pixels, chosen, k, method, self._settings.max_channels)
+        explanation = result.explanation
+        scores, maps, cams = await loop.run_in_executor(self._executor, render, pixels, explanation, labels)
+        return ExplainAnswer(
+            model=served.name,
+            version=served.version,
+            predictions=scores,
+            feature_maps=maps,
+            cams=cams,
+            method=explanation.method,
+            cam_block=explanation.cam_block,
+            compute_s=result.compute_s,
+            total_s=time.monotonic() - received,
+            replica=result.replica,
+        )

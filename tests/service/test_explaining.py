@@ -1,0 +1,131 @@
+"""The Explain RPC against the real server on a real local Ray: maps, shapes, PNG sizes, probabilities, errors."""
+
+import io
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from convray.service.render import grid_layout, tile_scale
+from convray.v1 import classifier_pb2 as pb
+from convray.workers.spec import CNNSpec, output_shapes
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+DIGIT_3 = (REPO_ROOT / "examples" / "digits" / "digit-3.png").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def spec(stub):
+    return CNNSpec.model_validate_json(stub.GetModel(pb.GetModelRequest(), timeout=30).spec_json)
+
+
+def png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def test_explain_returns_every_blocks_maps_with_the_specs_names_and_shapes(stub, spec):
+    reply = stub.Explain(pb.ExplainRequest(image=DIGIT_3), timeout=30)
+    expected = output_shapes(spec, 8, 8)
+    assert [m.block for m in reply.feature_maps] == [name for name, _ in expected]
+    assert [tuple(m.shape) for m in reply.feature_maps] == [shape for _, shape in expected]
+    for m in reply.feature_maps:
+        channels, height, width = m.shape
+        image = png(m.png)
+        rows, columns = grid_layout(channels)
+        tile = tile_scale(height, width)
+        assert (m.grid_rows, m.grid_columns, m.channels_shown) == (rows, columns, channels)
+        assert image.mode == "L"
+        assert image.size == (columns * width * tile + columns - 1, rows * height * tile + rows - 1)
+
+
+def test_explain_gives_classifys_probabilities_and_a_cam_per_top_class(stub):
+    reply = stub.Explain(pb.ExplainRequest(image=DIGIT_3, top_k=3), timeout=30)
+    classified = stub.Classify(pb.ClassifyRequest(image=DIGIT_3, top_k=3), timeout=30)
+    assert (reply.model, reply.version) == ("digits", 1)
+    assert [(p.label, p.index) for p in reply.predictions] == [(p.label, p.index) for p in classified.predictions]
+    assert np.allclose([p.probability for p in reply.predictions], [p.probability for p in classified.predictions])
+    assert reply.predictions[0].label == "3"
+    assert reply.method == pb.CAM_METHOD_CAM  # the shipped model has a gap_fc head with no hidden layers
+    assert reply.cam_block == "block5_dropout"
+    assert [c.prediction.label for c in reply.class_activation_maps] == [p.label for p in reply.predictions]
+    for cam in reply.class_activation_maps:
+        image = png(cam.png)
+        assert image.mode == "RGB" and image.size == (128, 128)
+    assert reply.compute_ms > 0 and reply.total_ms >= reply.compute_ms and reply.replica.startswith("digits-")
+
+
+def test_explain_takes_named_blocks_grad_cam_and_caps_channels(stub):
+    request = pb.ExplainRequest(image=DIGIT_3, blocks=["block3_conv", "block0_conv"], method=pb.CAM_METHOD_GRAD_CAM)
+    reply = stub.Explain(request, timeout=30)
+    assert [m.block for m in reply.feature_maps] == ["block0_conv", "block3_conv"]
+    block3 = reply.feature_maps[1]
+    assert list(block3.shape) == [64, 4, 4] and block3.channels_shown == 64  # the server's cap is 64
+    assert reply.method == pb.CAM_METHOD_GRAD_CAM and len(reply.class_activation_maps) == 5  # default top_k
+
+
+@pytest.mark.parametrize(
+    "request_fields,message",
+    [
+        (
+            {"blocks": ["block9_conv"]},
+            "unknown block(s) ['block9_conv'] for model 'digits'; valid blocks: ['block0_conv', 'block1_conv', "
+            "'block2_pool', 'block3_conv', 'block4_pool', 'block5_dropout']",
+        ),
+        ({"top_k": 11}, "top_k is 11 but model 'digits' has 10 classes"),
+        ({"method": 7}, "unknown method 7"),
+        ({"image": b"not an image"}, "not a decodable image"),
+    ],
+)
+def test_bad_explain_requests_are_invalid_argument_naming_the_problem(stub, request_fields, message):
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Explain(pb.ExplainRequest(**{"image": DIGIT_3, **request_fields}), timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details()
+
+
+def test_explain_for_an_unknown_model_is_not_found(stub):
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Explain(pb.ExplainRequest(image=DIGIT_3, model="nope"), timeout=30)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.fixture(scope="module")
+def tight_stub(ray_address, tmp_path_factory):
+    """A second server with small Explain limits."""
+    import shutil
+
+    from convray.v1 import classifier_pb2_grpc
+    from tests.conftest import SHIPPED_MODELS, ServerThread, server_settings
+
+    repo = tmp_path_factory.mktemp("tight") / "models"
+    shutil.copytree(SHIPPED_MODELS, repo)
+    settings = server_settings(
+        repo, workers__replicas=1, explain__max_blocks=2, explain__max_channels=8, explain__max_top_k=2
+    )
+    server = ServerThread(settings).start()
+    with grpc.insecure_channel(server.address) as channel:
+        yield classifier_pb2_grpc.ClassifierStub(channel)
+    server.stop()
+
+
+def test_explain_limits_blocks_classes_and_channels(tight_stub):
+    for request, message in [
+        (pb.ExplainRequest(image=DIGIT_3), "6 blocks asked for (empty means all), over the limit of 2"),
+        (
+            pb.ExplainRequest(image=DIGIT_3, blocks=["block0_conv"], top_k=3),
+            "top_k is 3, over the Explain limit of 2 (--explain-max-top-k)",
+        ),
+    ]:
+        with pytest.raises(grpc.RpcError) as error:
+            tight_stub.Explain(request, timeout=30)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in error.value.details()
+    reply = tight_stub.Explain(pb.ExplainRequest(image=DIGIT_3, blocks=["block0_conv", "block3_conv"]), timeout=30)
+    assert [m.channels_shown for m in reply.feature_maps] == [8, 8]
+    assert [list(m.shape) for m in reply.feature_maps] == [[32, 8, 8], [64, 4, 4]]
+    assert png(reply.feature_maps[0].png).size == (3 * 32 + 2, 3 * 32 + 2)  # 8 tiles: 3 x 3 grid of 32 px
+    assert len(reply.class_activation_maps) == 2  # default top_k (5) capped at the limit
