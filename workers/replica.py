@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -57,6 +58,23 @@ def to_device(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor
 
 
+def gpu_memory_bytes(device: torch.device) -> tuple[int, int]:
+    """(allocated, reserved) bytes of torch's CUDA caching allocator on ``device``; (0, 0) on CPU."""
+    if device.type != "cuda":
+        return 0, 0
+    return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+
+
+@dataclass(frozen=True)
+class ReplicaReply:
+    """What one batch's Ray call brings back: the probabilities and the replica's own measurements."""
+
+    probabilities: np.ndarray  # (N, classes) float32
+    compute_s: float  # forward pass, measured inside the replica
+    gpu_memory_allocated_bytes: int  # after the batch; 0 on CPU
+    gpu_memory_reserved_bytes: int  # after the batch; 0 on CPU
+
+
 class ModelRunner:
     """Holds one model version on its device in inference mode and runs batches through it."""
 
@@ -102,6 +120,16 @@ class ModelRunner:
                 x = x.contiguous(memory_format=torch.channels_last)
             probabilities = self.module.probabilities(x).float().cpu().numpy()
         return probabilities, time.perf_counter() - started
+
+    def run(self, pixels: np.ndarray) -> ReplicaReply:
+        """``predict`` plus the replica's GPU memory, so one Ray call carries every actor-side number back.
+
+        Raises:
+            ValueError: the batch is not uint8 of the model's (C, H, W).
+        """
+        probabilities, compute_s = self.predict(pixels)
+        allocated, reserved = gpu_memory_bytes(self.device)
+        return ReplicaReply(probabilities, compute_s, allocated, reserved)
 
     def describe(self) -> dict[str, str | int]:
         """Where this replica runs: device, process id, model and version."""
