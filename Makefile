@@ -37,11 +37,11 @@ $(CLIENT_VENV)/.installed:
 	touch $@
 
 test: install $(CLIENT_VENV)/.installed
-	$(VENV)/bin/ruff check service workers tests scripts examples
+	$(VENV)/bin/ruff check service workers tests scripts examples deploy
 	$(VENV)/bin/python -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check service workers tests scripts examples
+	$(VENV)/bin/ruff check service workers tests scripts examples deploy
 
 # Side-by-side benchmark (raw model, no-op gRPC floor, Ray Serve, convray); about 10 minutes.
 bench: install

@@ -308,8 +308,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_lr=args.lr,
         seed=args.seed,
     )
+    on_epoch = None
+    if args.metrics_port is not None:  # progress as Prometheus gauges, for the dashboard's training row
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from convray.service.metrics import TrainingMetrics
+
+        progress = TrainingMetrics(CollectorRegistry(), args.model_name)
+        start_http_server(args.metrics_port, addr=args.metrics_host, registry=progress.registry)
+        on_epoch = progress.observe_epoch
     try:
-        train_and_publish(config, Path(args.model_repo), args.model_name)
+        train_and_publish(config, Path(args.model_repo), args.model_name, on_epoch=on_epoch)
     except ValueError as exc:
         print(f"convray train: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -426,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--model-repo", default="models")
     train.add_argument("--model-name", default="digits")
+    train.add_argument("--metrics-port", type=int, default=None, help="serve progress gauges on /metrics here")
+    train.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
     train.set_defaults(run=cmd_train)
     return parser
 

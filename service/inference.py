@@ -58,8 +58,13 @@ class Classification:
     batch: JobResult
 
 
-async def run_batch(pool: ReplicaPool, metrics: Metrics, stats: ModelStatistics, jobs: list[Job]) -> list[JobResult]:
-    """Stack the batch, make ONE Ray call for it, and split the probabilities back per request."""
+async def run_batch(
+    pool: ReplicaPool, metrics: Metrics, stats: ModelStatistics, max_batch_size: int, jobs: list[Job]
+) -> list[JobResult]:
+    """Stack the batch, make ONE Ray call for it, and split the probabilities back per request.
+
+    The batch's metrics, the replica's own measurements included, are recorded here.
+    """
     started = time.monotonic()
     pixels = np.stack([job.pixels for job in jobs])  # (N, C, H, W) uint8
     result = await pool.predict(pixels)
@@ -68,6 +73,9 @@ async def run_batch(pool: ReplicaPool, metrics: Metrics, stats: ModelStatistics,
     stats.record_batch(len(jobs), result.compute_s)
     labels = (pool.name, str(pool.version))
     metrics.batch_size.labels(*labels).observe(len(jobs))
+    metrics.batch_fill_ratio.labels(*labels).observe(len(jobs) / max_batch_size)
+    metrics.replica_gpu_memory_allocated.labels(*labels, result.replica).set(result.gpu_memory_allocated_bytes)
+    metrics.replica_gpu_memory_reserved.labels(*labels, result.replica).set(result.gpu_memory_reserved_bytes)
     metrics.batch_call_duration.labels(*labels).observe(result.call_s)
     metrics.model_compute_duration.labels(*labels).observe(result.compute_s)
     queue_wait = metrics.queue_wait.labels(*labels)

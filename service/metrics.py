@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from convray.workers.progress import EpochProgress
+
 # From 100 us to 30 s: resolves both sub-millisecond hops and multi-second stalls.
 LATENCY_BUCKETS_S = (
     0.0001,
@@ -25,6 +27,10 @@ LATENCY_BUCKETS_S = (
     30.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Batch size over the configured maximum: how full the batches the batcher sends are.
+FILL_RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+# Loading a model version onto its replicas: from a warm local load to a large model on a cold GPU.
+LOAD_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 class Metrics:
@@ -80,6 +86,25 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )
+        self.batch_fill_ratio = Histogram(
+            "convray_batch_fill_ratio",
+            "Batch size divided by the configured maximum batch size (1 = full batch).",
+            ["model", "version"],
+            buckets=FILL_RATIO_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight_requests = Gauge(
+            "convray_in_flight_requests",
+            "RPCs (and stream items) being handled now, from arrival to reply.",
+            ["api", "model"],
+            registry=registry,
+        )
+        self.overload_rejections = Counter(
+            "convray_overload_rejections",
+            "Requests refused with RESOURCE_EXHAUSTED because the model's queue was full.",
+            ["api", "model"],
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "convray_queue_depth",
             "Requests waiting in the batcher.",
@@ -104,4 +129,78 @@ class Metrics:
             ["model", "version"],
             registry=registry,
         )
+        self.replica_in_flight_batches = Gauge(
+            "convray_replica_in_flight_batches",
+            "Batches sent to a replica and not yet answered.",
+            ["model", "version", "replica"],
+            registry=registry,
+        )
+        self.replica_gpu_memory_allocated = Gauge(
+            "convray_replica_gpu_memory_allocated_bytes",
+            "GPU memory held by tensors in a replica (torch.cuda.memory_allocated), as of its last batch; 0 on CPU.",
+            ["model", "version", "replica"],
+            registry=registry,
+        )
+        self.replica_gpu_memory_reserved = Gauge(
+            "convray_replica_gpu_memory_reserved_bytes",
+            "GPU memory reserved by torch's caching allocator in a replica, as of its last batch; 0 on CPU.",
+            ["model", "version", "replica"],
+            registry=registry,
+        )
+        self.model_loads = Counter(
+            "convray_model_loads",
+            "Attempts to load a model version onto its replicas, by outcome (success or failure).",
+            ["model", "version", "outcome"],
+            registry=registry,
+        )
+        self.model_unloads = Counter(
+            "convray_model_unloads",
+            "Model versions unloaded (replaced by a newer version, or unloaded on request).",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.model_load_duration = Histogram(
+            "convray_model_load_duration_seconds",
+            "Time to start a version's replicas and warm them up, successful loads only.",
+            ["model"],
+            buckets=LOAD_BUCKETS_S,
+            registry=registry,
+        )
         self.build = Info("convray_build", "Versions convray was built with.", registry=registry)
+
+
+class TrainingMetrics:
+    """A training run's progress, one gauge per quantity, labelled by the model being trained."""
+
+    def __init__(self, registry: CollectorRegistry, model: str) -> None:
+        self.registry = registry
+        self._model = model
+        self.epoch = Gauge(
+            "convray_train_epoch", "Epochs completed in the current training run.", ["model"], registry=registry
+        )
+        self.epochs = Gauge(
+            "convray_train_epochs", "Epochs the current training run will take.", ["model"], registry=registry
+        )
+        self.loss = Gauge(
+            "convray_train_loss", "Mean training loss over the last completed epoch.", ["model"], registry=registry
+        )
+        self.accuracy = Gauge(
+            "convray_train_accuracy",
+            "Training-set accuracy (0..1) over the last completed epoch, on augmented batches.",
+            ["model"],
+            registry=registry,
+        )
+        self.images_per_second = Gauge(
+            "convray_train_images_per_second",
+            "Training throughput over the last completed epoch.",
+            ["model"],
+            registry=registry,
+        )
+
+    def observe_epoch(self, progress: EpochProgress) -> None:
+        """Record one finished epoch."""
+        self.epoch.labels(self._model).set(progress.epoch)
+        self.epochs.labels(self._model).set(progress.epochs)
+        self.loss.labels(self._model).set(progress.loss)
+        self.accuracy.labels(self._model).set(progress.accuracy)
+        self.images_per_second.labels(self._model).set(progress.images_per_second)

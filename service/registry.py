@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from dataclasses import dataclass
 
 from convray.service.batching import Batcher
@@ -92,17 +93,22 @@ class ModelRegistry:
         Raises:
             ModelLoadError: the version is invalid on disk or a replica failed to load it.
         """
-        metadata = self.repository.read_metadata(name, version)  # fail fast, with file and field named
-        pool = await ReplicaPool.start(
-            str(self.repository.root),
-            name,
-            version,
-            self._replica_options,
-            on_failure=self._metrics.replica_failures.labels(name, str(version)).inc,
-        )
+        started = time.monotonic()
+        try:
+            metadata = self.repository.read_metadata(name, version)  # fail fast, with file and field named
+            pool = await ReplicaPool.start(
+                str(self.repository.root),
+                name,
+                version,
+                self._replica_options,
+                on_failure=self._metrics.replica_failures.labels(name, str(version)).inc,
+            )
+        except ModelLoadError:
+            self._metrics.model_loads.labels(name, str(version), "failure").inc()
+            raise
         stats = ModelStatistics()
         batcher: Batcher[Job, JobResult] = Batcher(
-            functools.partial(run_batch, pool, self._metrics, stats),
+            functools.partial(run_batch, pool, self._metrics, stats, self._batching.max_batch_size),
             max_batch_size=self._batching.max_batch_size,
             max_batch_wait_s=self._batching.max_batch_delay_ms / 1000.0,
             max_queue=self._batching.max_queue,
@@ -115,6 +121,17 @@ class ModelRegistry:
         labels = (name, str(version))
         self._metrics.replicas.labels(*labels).set(pool.size)
         self._metrics.queue_depth.labels(*labels).set_function(lambda: batcher.queue_depth)
+        for index in range(pool.size):
+            self._metrics.replica_in_flight_batches.labels(*labels, pool.replica_name(index)).set_function(
+                functools.partial(lambda i: pool.in_flight()[i], index)
+            )
+        self._metrics.model_unloads.labels(*labels)  # exported at 0 from the start, so rate() and alerts see it
+        for api in ("native", "oip"):
+            self._metrics.in_flight_requests.labels(api, name)
+            self._metrics.overload_rejections.labels(api, name)
+            self._metrics.deadline_expired.labels(api, name)
+        self._metrics.model_loads.labels(*labels, "success").inc()
+        self._metrics.model_load_duration.labels(name).observe(time.monotonic() - started)
         log.info("loaded %s version %d on %d replica(s)", name, version, pool.size)
         return served
 
@@ -154,10 +171,26 @@ class ModelRegistry:
         if not self._served[name]:
             del self._served[name]
         await served.batcher.close()  # new requests now resolve elsewhere; queued ones finish here
+        replica_names = [served.pool.replica_name(i) for i in range(served.pool.size)]
         served.pool.shutdown()
         self._metrics.replicas.labels(name, str(version)).set(0)
         self._metrics.queue_depth.labels(name, str(version)).set_function(lambda: 0)
+        self._forget_replicas(name, version, replica_names)
+        self._metrics.model_unloads.labels(name, str(version)).inc()
         log.info("unloaded %s version %d", name, version)
+
+    def _forget_replicas(self, name: str, version: int, replica_names: list[str]) -> None:
+        """Drop the per-replica series of a version whose replicas are gone."""
+        for gauge in (
+            self._metrics.replica_in_flight_batches,
+            self._metrics.replica_gpu_memory_allocated,
+            self._metrics.replica_gpu_memory_reserved,
+        ):
+            for replica in replica_names:
+                try:
+                    gauge.remove(name, str(version), replica)
+                except KeyError:  # a replica that never answered a batch has no GPU memory series
+                    pass
 
     def served_versions(self) -> list[ServedModel]:
         """Every loaded version, by model name then version."""

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from convray.service.errors import ConvrayError, to_status
+from convray.service.errors import ConvrayError, Overloaded, to_status
 from convray.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,19 @@ class RpcObserver:
         self._metrics = metrics
         self._default_model = default_model
 
-    def _record(self, rpc: str, model: str, code: grpc.StatusCode, started: float) -> None:
+    def _begin(self, model: str) -> str:
+        """Count one more request in flight; returns its model label, for ``_record``."""
         model_label = model or self._default_model()
+        self._metrics.in_flight_requests.labels(self._api, model_label).inc()
+        return model_label
+
+    def _record(
+        self, rpc: str, model_label: str, code: grpc.StatusCode, started: float, exc: BaseException | None
+    ) -> None:
+        self._metrics.in_flight_requests.labels(self._api, model_label).dec()
         self._metrics.requests.labels(self._api, rpc, model_label, code.name).inc()
+        if isinstance(exc, Overloaded):
+            self._metrics.overload_rejections.labels(self._api, model_label).inc()
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             self._metrics.deadline_expired.labels(self._api, model_label).inc()
         self._metrics.request_duration.labels(self._api, rpc, model_label).observe(time.monotonic() - started)
@@ -54,7 +64,8 @@ class RpcObserver:
         self, rpc: str, model: str, work: Callable[[], Awaitable[Reply]], context: grpc.aio.ServicerContext
     ) -> Reply:
         """Run ``work``; on failure abort the call with the mapped status and a message saying why."""
-        started, code = time.monotonic(), grpc.StatusCode.OK
+        started, code, failure = time.monotonic(), grpc.StatusCode.OK, None
+        model_label = self._begin(model)
         try:
             return await work()
         except asyncio.CancelledError:
@@ -65,26 +76,27 @@ class RpcObserver:
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:  # noqa: BLE001 (mapped onto a status just below)
-            code, message = to_status(exc)
+            code, message, failure = *to_status(exc), exc
             self._log(rpc, exc, code, message)
             await context.abort(code, message)
             raise  # unreachable: abort raises
         finally:
-            self._record(rpc, model, code, started)
+            self._record(rpc, model_label, code, started, failure)
 
     async def item(
         self, rpc: str, model: str, work: Callable[[], Awaitable[Reply]]
     ) -> Reply | tuple[grpc.StatusCode, str]:
         """Run one stream item's ``work``; a failure is returned as (code, message) so the stream goes on."""
-        started, code = time.monotonic(), grpc.StatusCode.OK
+        started, code, failure = time.monotonic(), grpc.StatusCode.OK, None
+        model_label = self._begin(model)
         try:
             return await work()
         except Exception as exc:  # noqa: BLE001 (answered as this item's error)
-            code, message = to_status(exc)
+            code, message, failure = *to_status(exc), exc
             self._log(rpc, exc, code, message)
             return code, message
         finally:
-            self._record(rpc, model, code, started)
+            self._record(rpc, model_label, code, started, failure)
 
 
 async def ordered_concurrently(

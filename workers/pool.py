@@ -46,7 +46,9 @@ class BatchResult:
     probabilities: np.ndarray
     compute_s: float  # forward pass, measured inside the actor
     call_s: float  # the whole Ray call, seen from the caller
-    replica: str
+    replica: str  # the replica that answered, as named by ReplicaPool.replica_name
+    gpu_memory_allocated_bytes: int = 0  # the replica's, after this batch; 0 on CPU
+    gpu_memory_reserved_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,10 @@ class ReplicaPool:
         """Batches currently sent to each replica and not yet answered."""
         return list(self._in_flight)
 
+    def replica_name(self, index: int) -> str:
+        """The name of replica ``index`` in replies (timings.replica) and metric labels, e.g. ``digits-0``."""
+        return f"{self.name}-{index}"
+
     async def predict(self, pixels: np.ndarray) -> BatchResult:
         """Run one uint8 batch (N, C, H, W) on the least busy replica (ties go round-robin).
 
@@ -125,14 +131,21 @@ class ReplicaPool:
         started = time.perf_counter()
         index = self._least_busy()
         try:
-            probabilities, compute_s = await self._call(index, "predict", pixels)
+            reply = await self._call(index, "run", pixels)
         except REPLICA_LOST as exc:
             log.warning("replica %s-%d lost (%s); retrying its batch once", self.name, index, type(exc).__name__)
             if self._on_failure is not None:
                 self._on_failure()
             index = self._least_busy(avoid=index)
-            probabilities, compute_s = await self._call(index, "predict", pixels)
-        return BatchResult(probabilities, compute_s, time.perf_counter() - started, f"{self.name}-{index}")
+            reply = await self._call(index, "run", pixels)
+        return BatchResult(
+            reply.probabilities,
+            reply.compute_s,
+            time.perf_counter() - started,
+            self.replica_name(index),
+            reply.gpu_memory_allocated_bytes,
+            reply.gpu_memory_reserved_bytes,
+        )
 
     def _least_busy(self, avoid: int | None = None) -> int:
         offset = next(self._tie_break)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -56,6 +57,23 @@ def to_device(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor
+
+
+def gpu_memory_bytes(device: torch.device) -> tuple[int, int]:
+    """(allocated, reserved) bytes of torch's CUDA caching allocator on ``device``; (0, 0) on CPU."""
+    if device.type != "cuda":
+        return 0, 0
+    return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+
+
+@dataclass(frozen=True)
+class ReplicaReply:
+    """What one batch's Ray call brings back: the probabilities and the replica's own measurements."""
+
+    probabilities: np.ndarray  # (N, classes) float32
+    compute_s: float  # forward pass, measured inside the replica
+    gpu_memory_allocated_bytes: int  # after the batch; 0 on CPU
+    gpu_memory_reserved_bytes: int  # after the batch; 0 on CPU
 
 
 class ModelRunner:
@@ -141,6 +159,16 @@ class ModelRunner:
         names = block_names(self.module) if blocks is None else blocks
         explanation = explain(self.module, x, names, top_k, method, max_channels)
         return explanation, time.perf_counter() - started
+
+    def run(self, pixels: np.ndarray) -> ReplicaReply:
+        """``predict`` plus the replica's GPU memory, so one Ray call carries every actor-side number back.
+
+        Raises:
+            ValueError: the batch is not uint8 of the model's (C, H, W).
+        """
+        probabilities, compute_s = self.predict(pixels)
+        allocated, reserved = gpu_memory_bytes(self.device)
+        return ReplicaReply(probabilities, compute_s, allocated, reserved)
 
     def describe(self) -> dict[str, str | int]:
         """Where this replica runs: device, process id, model and version."""

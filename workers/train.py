@@ -13,6 +13,7 @@ It reads top to bottom: config -> data -> model -> loop -> evaluate -> publish.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from convray.workers.data import ImageDataset, load_digits_split
 from convray.workers.models import CNN, build_model
+from convray.workers.progress import EpochProgress
 from convray.workers.repository import InputContract, ModelMetadata, ModelRepository, Normalisation
 from convray.workers.spec import CNNSpec
 from convray.workers.transforms import normalise
@@ -116,8 +118,13 @@ def evaluate(model: CNN, data: ImageDataset, norm: Normalisation) -> dict[str, A
     }
 
 
-def train(config: TrainConfig, log: Any = print) -> tuple[CNN, ModelMetadata]:
-    """Train on the configured dataset and return the model and its metadata (not yet published)."""
+def train(
+    config: TrainConfig, log: Any = print, on_epoch: Callable[[EpochProgress], None] | None = None
+) -> tuple[CNN, ModelMetadata]:
+    """Train on the configured dataset and return the model and its metadata (not yet published).
+
+    ``on_epoch`` is called after each epoch with its progress (``convray train --metrics-port`` exports it).
+    """
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     generator = torch.Generator().manual_seed(config.seed)
@@ -157,19 +164,25 @@ def train(config: TrainConfig, log: Any = print) -> tuple[CNN, ModelMetadata]:
     for epoch in range(1, config.epochs + 1):
         model.train()
         order = torch.randperm(len(labels), generator=generator)
-        total_loss, seen, epoch_start = 0.0, 0, time.monotonic()
+        total_loss, seen, correct, epoch_start = 0.0, 0, 0, time.monotonic()
         for i in range(0, len(order), config.batch_size):
             idx = order[i : i + config.batch_size]
             x = normalise(random_shift(images[idx], config.max_shift_px, generator), norm.mean, norm.std)
-            loss = F.cross_entropy(model(x), labels[idx], label_smoothing=config.label_smoothing)
+            logits = model(x)
+            loss = F.cross_entropy(logits, labels[idx], label_smoothing=config.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             schedule.step()
             total_loss += loss.item() * len(idx)
             seen += len(idx)
+            correct += int((logits.detach().argmax(dim=1) == labels[idx]).sum())
         rate = seen / max(time.monotonic() - epoch_start, 1e-9)
-        log(f"epoch {epoch:3d}/{config.epochs}  loss {total_loss / seen:.4f}  {rate:,.0f} img/s")
+        progress = EpochProgress(epoch, config.epochs, total_loss / seen, correct / seen, rate)
+        accuracy = progress.accuracy
+        log(f"epoch {epoch:3d}/{config.epochs}  loss {progress.loss:.4f}  acc {accuracy:.4f}  {rate:,.0f} img/s")
+        if on_epoch is not None:
+            on_epoch(progress)
 
     # evaluate
     metrics = evaluate(model, held_out, norm)
@@ -184,9 +197,15 @@ def train(config: TrainConfig, log: Any = print) -> tuple[CNN, ModelMetadata]:
     return model, metadata
 
 
-def train_and_publish(config: TrainConfig, model_repo: Path, model_name: str, log: Any = print) -> Path:
+def train_and_publish(
+    config: TrainConfig,
+    model_repo: Path,
+    model_name: str,
+    log: Any = print,
+    on_epoch: Callable[[EpochProgress], None] | None = None,
+) -> Path:
     """Train, then publish the next version of ``model_name``; returns the new version directory."""
-    model, metadata = train(config, log)
+    model, metadata = train(config, log, on_epoch)
     repo = ModelRepository(model_repo)
     version = repo.publish(model_name, metadata, model)
     out = repo.version_dir(model_name, version)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from convray.workers.data import load_digits_split
-from convray.workers.replica import ModelRunner, autocast_context, select_device, to_device
+from convray.workers.replica import ModelRunner, autocast_context, gpu_memory_bytes, select_device, to_device
 from tests.conftest import SHIPPED_MODELS
 
 
@@ -41,6 +41,12 @@ def test_to_device_copies_read_only_arrays_on_cpu():
 def test_to_device_uses_pinned_memory_on_gpu():
     tensor = to_device(np.zeros((2, 1, 8, 8), np.uint8), torch.device("cuda"))
     assert tensor.is_cuda
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_gpu_replica_reports_the_memory_torch_holds():
+    reply = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cuda").run(np.zeros((4, 1, 8, 8), np.uint8))
+    assert 0 < reply.gpu_memory_allocated_bytes <= reply.gpu_memory_reserved_bytes
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +108,11 @@ def test_runner_explain_takes_blocks_method_and_a_channel_cap(runner):
 def test_runner_explain_refuses_an_image_outside_its_contract(runner):
     with pytest.raises(ValueError, match=r"image must be uint8 \(1, 8, 8\)"):
         runner.explain(np.zeros((1, 1, 8, 8), np.uint8), None, 1)
+
+
+def test_a_cpu_replica_reports_zero_gpu_memory_with_each_batch(runner):
+    _, held_out = load_digits_split()
+    reply = runner.run(held_out.images[:4])
+    assert reply.probabilities.shape == (4, 10) and reply.compute_s > 0
+    assert (reply.gpu_memory_allocated_bytes, reply.gpu_memory_reserved_bytes) == (0, 0)
+    assert gpu_memory_bytes(torch.device("cpu")) == (0, 0)
