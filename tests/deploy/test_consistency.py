@@ -1,0 +1,268 @@
+"""deploy/k8s agrees with the code: settings, ports, probes, image, metric names and the training command."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from convray.service.cli import SERVE_FLAGS, build_parser
+from convray.service.config import Settings
+from convray.service.metrics import Metrics
+from convray.service.server import CLASSIFIER_SERVICE
+from convray.workers.repository import ModelRepository
+from tests.conftest import REPO_ROOT, SHIPPED_MODELS
+from tests.deploy.conftest import DOCKERFILE, K8S, find
+
+pytestmark = pytest.mark.deploy
+SERVING = ["cpu", "gpu"]
+ENV_FILE = K8S / "base" / "convray.env"
+
+
+def settings_env(objects: list[dict]) -> dict[str, str]:
+    return find(objects, "ConfigMap", "convray-settings")["data"]
+
+
+def settings_from_configmap(objects: list[dict], monkeypatch) -> Settings:
+    """convray's own Settings, read from exactly the ConfigMap's environment (as the pod gets it)."""
+    for key in [k for k in os.environ if k.startswith("CONVRAY_")]:
+        monkeypatch.delenv(key)
+    for key, value in settings_env(objects).items():
+        monkeypatch.setenv(key, value)
+    return Settings()
+
+
+def frontend(objects: list[dict]) -> dict:
+    return find(objects, "Deployment", "convray-frontend")["spec"]["template"]["spec"]
+
+
+def containers_of(obj: dict) -> list[dict]:
+    """Every container and init container anywhere in an object (pod templates nest differently per kind)."""
+    found = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("containers", "initContainers") and isinstance(value, list):
+                    found.extend(value)
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(obj)
+    return found
+
+
+def env_names() -> list[str]:
+    return [f"CONVRAY_{group.upper()}__{field.upper()}" for group, field in SERVE_FLAGS.values()]
+
+
+def dockerfile_arg(name: str) -> str:
+    match = re.search(rf"^ARG {name}=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
+    assert match, f"ARG {name} not in {DOCKERFILE}"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("overlay", SERVING)
+def test_every_configmap_key_is_a_setting_and_convray_accepts_the_values(built, overlay, monkeypatch):
+    env = settings_env(built[overlay])
+    unknown = set(env) - set(env_names())
+    assert not unknown, f"not convray settings: {sorted(unknown)}"
+    settings = settings_from_configmap(built[overlay], monkeypatch)  # raises if a value is invalid
+    assert settings.server.host == "0.0.0.0" and settings.server.metrics_host == "0.0.0.0"
+    assert settings.workers.ray_address
+
+
+def test_the_env_file_names_every_setting_set_or_commented_with_a_reason():
+    text = ENV_FILE.read_text()
+    for name in env_names():
+        assert re.search(rf"^(# )?{name}[= ]", text, re.MULTILINE), f"{name} missing from {ENV_FILE}"
+
+
+@pytest.mark.parametrize("overlay", SERVING)
+def test_ports_services_and_servicemonitor_agree_with_the_settings(built, overlay, monkeypatch):
+    objects = built[overlay]
+    defaults, settings = Settings(), settings_from_configmap(objects, monkeypatch)
+    assert settings.server.port == defaults.server.port
+    assert settings.server.metrics_port == defaults.server.metrics_port
+    container = next(c for c in frontend(objects)["containers"] if c["name"] == "convray")
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": settings.server.port, "metrics": settings.server.metrics_port}
+
+    grpc_service = find(objects, "Service", "convray-grpc")["spec"]
+    (grpc_port,) = grpc_service["ports"]
+    assert grpc_port["name"] == "grpc" and grpc_port["appProtocol"] in ("kubernetes.io/h2c", "grpc")
+    assert grpc_port["targetPort"] in ("grpc", settings.server.port)
+
+    metrics_service = find(objects, "Service", "convray-metrics")
+    (metrics_port,) = metrics_service["spec"]["ports"]
+    assert metrics_port["targetPort"] in ("metrics", settings.server.metrics_port)
+    monitor = find(objects, "ServiceMonitor")["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= metrics_service["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["endpoints"]] == [metrics_port["name"]]
+    pod_labels = find(objects, "Deployment", "convray-frontend")["spec"]["template"]["metadata"]["labels"]
+    for service in (grpc_service, metrics_service["spec"]):
+        assert service["selector"].items() <= pod_labels.items()
+
+
+@pytest.mark.parametrize("overlay", SERVING)
+def test_probes_use_grpc_health_on_a_service_the_server_reports(built, overlay, monkeypatch):
+    settings = settings_from_configmap(built[overlay], monkeypatch)
+    container = next(c for c in frontend(built[overlay])["containers"] if c["name"] == "convray")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        grpc = container[probe]["grpc"]
+        assert grpc["port"] == settings.server.port, probe
+        assert grpc.get("service", "") in ("", CLASSIFIER_SERVICE), probe
+
+
+@pytest.mark.parametrize("overlay", SERVING)
+def test_termination_grace_outlasts_the_prestop_sleep_and_the_drain(built, overlay, monkeypatch):
+    settings = settings_from_configmap(built[overlay], monkeypatch)
+    pod = frontend(built[overlay])
+    container = next(c for c in pod["containers"] if c["name"] == "convray")
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    assert pod["terminationGracePeriodSeconds"] >= float(command[1]) + settings.server.drain_grace_s + 10
+
+
+@pytest.mark.parametrize("overlay", SERVING)
+def test_the_frontend_joins_the_ray_head_service_of_the_raycluster(built, overlay, monkeypatch):
+    settings = settings_from_configmap(built[overlay], monkeypatch)
+    cluster = find(built[overlay], "RayCluster")
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    gcs_port = next(p["containerPort"] for p in head["ports"] if p["name"] == "gcs-server")
+    # KubeRay names the head Service <RayCluster name>-head-svc.
+    assert settings.workers.ray_address == f"{cluster['metadata']['name']}-head-svc:{gcs_port}"
+    assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+@pytest.mark.parametrize("overlay", SERVING)
+def test_frontend_and_workers_see_the_model_repository_at_the_configured_path(built, overlay, monkeypatch):
+    repo = settings_from_configmap(built[overlay], monkeypatch).models.model_repo.as_posix()
+    assert repo.startswith("/"), "replicas resolve the path on other pods: it must be absolute"
+    pvc = find(built[overlay], "PersistentVolumeClaim", "convray-models")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    cluster = find(built[overlay], "RayCluster")
+    pods = [frontend(built[overlay])] + [g["template"]["spec"] for g in cluster["spec"]["workerGroupSpecs"]]
+    for pod in pods:
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        container = pod["containers"][0]
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == repo)
+        claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+        assert claim == pvc["metadata"]["name"] and mount.get("readOnly") is True
+
+
+def test_gpu_overlay_puts_replicas_on_gpus(built, monkeypatch):
+    settings = settings_from_configmap(built["gpu"], monkeypatch)
+    assert settings.workers.gpus_per_replica > 0 and settings.workers.device == "cuda"
+    (group,) = find(built["gpu"], "RayCluster")["spec"]["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "1"
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]) and pod["nodeSelector"]
+    (cpu_group,) = find(built["cpu"], "RayCluster")["spec"]["workerGroupSpecs"]
+    assert "nvidia.com/gpu" not in str(cpu_group)
+
+
+def test_the_image_is_named_once_per_flavour_and_matches_the_version_and_dockerfile_targets(built):
+    version = re.search(r'^version = "(.+)"$', (REPO_ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    expected = {"cpu": f"convray:{version}-cpu", "gpu": f"convray:{version}-cuda", "train": f"convray:{version}-cpu"}
+    for name, objects in built.items():
+        images = {c["image"] for obj in objects for c in containers_of(obj)}
+        assert images == {expected[name]}, name
+    for target in ("cpu", "cuda"):
+        assert re.search(rf"^FROM \S+ AS {target}$", DOCKERFILE.read_text(), re.MULTILINE), target
+    # Manifests name the bare image; only the components set the tag.
+    tagged = [p for p in K8S.rglob("*.yaml") if re.search(r"newTag:|image: convray:", p.read_text())]
+    assert sorted(p.parent.name for p in tagged) == ["image-cpu", "image-cuda"]
+
+
+def test_ray_version_in_the_manifests_is_the_one_the_image_installs(built):
+    ray_version = dockerfile_arg("RAY_VERSION")
+    assert find(built["cpu"], "RayCluster")["spec"]["rayVersion"] == ray_version
+    assert find(built["train"], "RayJob")["spec"]["rayClusterSpec"]["rayVersion"] == ray_version
+
+
+def test_the_rayjob_runs_a_real_convray_train_command_into_the_shared_repository(built, monkeypatch):
+    job = find(built["train"], "RayJob")["spec"]
+    argv = shlex.split(job["entrypoint"])
+    assert argv[0] == "convray"
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "train"
+    repo = settings_from_configmap(built["cpu"], monkeypatch).models.model_repo.as_posix()
+    assert args.model_repo == repo
+    head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mount = next(m for m in head["containers"][0]["volumeMounts"] if m["mountPath"] == repo)
+    volume = next(v for v in head["volumes"] if v["name"] == mount["name"])
+    assert not mount.get("readOnly") and volume["persistentVolumeClaim"]["claimName"] == "convray-models"
+    assert job["shutdownAfterJobFinishes"] is True
+
+
+def test_alerts_hpa_and_docs_name_only_metrics_the_server_exports():
+    """Families as the client library exports them (a labelled family has no samples until first used)."""
+    registry = CollectorRegistry()
+    Metrics(registry)
+    exported = set()
+    for family in registry.collect():
+        exported |= {family.name} | {sample.name for sample in family.samples}
+        if family.type == "counter":
+            exported.add(f"{family.name}_total")
+        if family.type == "info":
+            exported.add(f"{family.name}_info")
+        if family.type == "histogram":
+            exported |= {f"{family.name}_bucket", f"{family.name}_sum", f"{family.name}_count"}
+    texts = [p.read_text() for p in K8S.rglob("*.yaml")] + [(REPO_ROOT / "docs" / "deploy.md").read_text()]
+    used = {name for text in texts for name in re.findall(r"\bconvray_[a-z_]+\b", text)}
+    used -= {"convray_models", "convray_settings"}  # not metrics: names in prose
+    assert used, "no metric named at all"
+    assert used <= exported, f"not exported by service/metrics.py: {sorted(used - exported)}"
+
+
+def test_the_seed_init_container_copies_baked_models_once_and_atomically(built, tmp_path):
+    """Run the init container's script on a copy of models/: it seeds an empty repository, then leaves it be."""
+    init = next(c for c in frontend(built["cpu"])["initContainers"] if c["name"] == "seed-model-repository")
+    script = init["args"][0]
+    target = tmp_path / "pvc"
+    target.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "SEED_FROM": str(SHIPPED_MODELS), "SEED_TO": str(target)}
+    first = subprocess.run(["/bin/bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    repository = ModelRepository(target)
+    assert repository.model_names() == ModelRepository(SHIPPED_MODELS).model_names()
+    assert repository.load("digits", 1).version == 1
+    assert not [p for p in target.rglob(".seed-*")], "staging directories left behind"
+    (target / "digits" / "2").mkdir()  # as if training published a version
+    second = subprocess.run(["/bin/bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 0 and "left alone" in second.stdout
+    assert sorted(Path(p).name for p in (target / "digits").iterdir()) == ["1", "2"]
+
+
+@pytest.mark.parametrize("overlay", SERVING)
+def test_the_settings_table_in_docs_shows_every_setting_with_its_configmap_value(built, overlay):
+    docs = (REPO_ROOT / "docs" / "deploy.md").read_text()
+    env = settings_env(built[overlay])
+    column = SERVING.index(overlay) + 2  # | variable | default | cpu | gpu | meaning |
+    for name in env_names():
+        row = next((line for line in docs.splitlines() if line.startswith(f"| `{name}`")), None)
+        assert row, f"{name} has no row in docs/deploy.md"
+        cell = row.split(" | ")[column]
+        assert cell == (f"`{env[name]}`" if name in env else "unset"), (name, cell)
+
+
+def test_the_kubernetes_prometheus_rule_carries_exactly_the_tested_alert_rules():
+    """deploy/prometheus/alerts.yml (promtool-tested) is the one source; scripts/sync_k8s_alerts.py copies it."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    alerts = yaml.safe_load((root / "deploy/prometheus/alerts.yml").read_text())["groups"]
+    documents = list(yaml.safe_load_all((root / "deploy/k8s/base/monitoring.yaml").read_text()))
+    (rule,) = [d for d in documents if d["kind"] == "PrometheusRule"]
+    assert rule["spec"]["groups"] == alerts
+    (monitor,) = [d for d in documents if d["kind"] == "ServiceMonitor"]
+    assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/name"  # so up{job="convray"} in the rules matches

@@ -1,0 +1,84 @@
+"""deploy/docker/Dockerfile: lint-clean, and what it runs is what the project runs (no engine here to build it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from convray.service.config import Settings
+from tests.conftest import REPO_ROOT
+from tests.deploy.conftest import DOCKERFILE, tool
+
+pytestmark = pytest.mark.deploy
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    rows = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [(row.split(None, 1)[0].upper(), row.split(None, 1)[1] if " " in row else "") for row in rows]
+
+
+def healthcheck_argv() -> list[str]:
+    (args,) = [a for i, a in instructions() if i == "HEALTHCHECK"]
+    return json.loads(args[args.index("CMD") + 3 :].strip())
+
+
+def test_hadolint_passes():
+    result = subprocess.run(
+        [tool("hadolint"), "--failure-threshold", "info", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_builds_the_stubs_with_the_make_proto_command():
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    make_flags = re.search(r"grpc_tools\.protoc (-I proto .*?) \$\(PROTOS\)", makefile).group(1)
+    runs = " ".join(a for i, a in instructions() if i == "RUN")
+    assert f"python -m grpc_tools.protoc {make_flags} proto/convray/v1/*.proto" in re.sub(r"\s+", " ", runs)
+
+
+def test_the_wheel_the_image_installs_is_the_one_pyproject_builds():
+    version = re.search(r'^version = "(.+)"$', (REPO_ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    wheels = set(re.findall(r"/wheels/(convray-\S+\.whl)", DOCKERFILE.read_text()))
+    assert wheels == {f"convray-{version}-py3-none-any.whl"}
+
+
+def test_the_container_listens_on_every_interface_exposes_the_default_ports_and_runs_as_non_root():
+    env = " ".join(a for i, a in instructions() if i == "ENV")
+    assert "CONVRAY_SERVER__HOST=0.0.0.0" in env and "CONVRAY_SERVER__METRICS_HOST=0.0.0.0" in env
+    defaults = Settings().server
+    (exposed,) = [a.split() for i, a in instructions() if i == "EXPOSE"]
+    assert exposed == [str(defaults.port), str(defaults.metrics_port)]
+    (user,) = [a for i, a in instructions() if i == "USER"]
+    uid = user.split(":")[0]
+    assert uid.isdigit() and uid != "0", "numeric, so Kubernetes' runAsNonRoot can check it"
+    assert ("ENTRYPOINT", '["convray"]') in instructions()
+    assert "COPY --chown=1000:1000 models /app/models" in [f"COPY {a}" for i, a in instructions() if i == "COPY"]
+
+
+def test_dockerignore_lets_in_what_the_dockerfile_copies_and_nothing_generated():
+    ignore = (REPO_ROOT / ".dockerignore").read_text().splitlines()
+    copied = {a.split()[-2] for i, a in instructions() if i == "COPY" and "--from" not in a}
+    copied |= {"pyproject.toml", "README.md"}
+    for path in copied - {"./"}:
+        assert f"!{path.rstrip('/')}/" in ignore or f"!{path}" in ignore, path
+    assert "*" in ignore and "proto/convray/v1/*_pb2*.py" in ignore
+
+
+@pytest.mark.integration
+def test_the_healthcheck_command_passes_on_a_serving_server_and_fails_without_one(served):
+    argv = [sys.executable, *healthcheck_argv()[1:]]
+    assert healthcheck_argv()[0] == "python"
+    env = {**os.environ, "CONVRAY_SERVER__PORT": str(served.server.port)}
+    assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        env["CONVRAY_SERVER__PORT"] = str(s.getsockname()[1])  # bound, not listening: nothing answers
+        assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode != 0
