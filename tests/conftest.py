@@ -14,6 +14,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODELS = REPO_ROOT / "models"
 
 
+def digit_png(pixels) -> bytes:
+    """One uint8 (1, H, W) digit image encoded as PNG, as a client would send it."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[0], mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 @pytest.fixture
 def model_repo(tmp_path: Path) -> Path:
     """A writable copy of the shipped model repository."""

@@ -1,7 +1,6 @@
 """The shipped dashboard and alert rules: generated, valid, using only real metrics, and not empty
 when a real Prometheus scrapes a real convray server under real traffic."""
 
-import io
 import json
 import re
 import socket
@@ -17,7 +16,6 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 
 from convray.oip import inference_pb2 as oip
@@ -29,6 +27,7 @@ from convray.workers.data import load_digits_split
 from convray.workers.progress import EpochProgress
 from convray.workers.train import TrainConfig, train
 from tests.conftest import REPO_ROOT
+from tests.conftest import digit_png as png
 from tests.deploy.tools import Scrape, prometheus_binary, scrape
 
 GRAFANA = REPO_ROOT / "deploy" / "grafana"
@@ -109,12 +108,6 @@ def test_promtool_unit_tests_see_each_alert_fire_and_stay_quiet():
 def images():
     _, data = load_digits_split()
     return data.images
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels[0], mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def drive_traffic(address: str, images: np.ndarray, seconds: float) -> None:

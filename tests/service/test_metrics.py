@@ -4,7 +4,6 @@ The ``metered`` server waits 300 ms for a batch to fill and queues at most 8 ima
 of 8 images is exactly one batch, and a request sent while it waits is refused for overload.
 """
 
-import io
 import shutil
 import subprocess
 import threading
@@ -13,7 +12,6 @@ import time
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
 
 from convray.oip import inference_pb2 as oip
 from convray.oip import inference_pb2_grpc as oip_grpc
@@ -21,6 +19,7 @@ from convray.v1 import classifier_pb2 as pb
 from convray.v1 import classifier_pb2_grpc
 from convray.workers.data import load_digits_split
 from tests.conftest import SHIPPED_MODELS, ServerThread, server_settings
+from tests.conftest import digit_png as png
 from tests.deploy.tools import prometheus_binary, scrape, scrape_text
 
 pytestmark = pytest.mark.integration
@@ -31,12 +30,6 @@ DIGITS = {"model": "digits", "version": "1"}
 def images():
     _, data = load_digits_split()
     return data.images
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels[0], mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def oip_batch(images: np.ndarray) -> oip.ModelInferRequest:
