@@ -124,6 +124,32 @@ async def ordered_concurrently(
                 task.cancel()
 
 
+_HANDLER_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def handler_like(
+    template: grpc.RpcMethodHandler,
+    behaviour: Callable[..., Any],
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """A method handler of the same streaming kind and serialisers as ``template``, running ``behaviour``.
+
+    Interceptors use it to wrap or replace a servicer's handler (``request_deserializer`` overrides the
+    template's when given).
+    """
+    factory = _HANDLER_FACTORIES[(template.request_streaming, template.response_streaming)]
+    return factory(
+        behaviour,
+        request_deserializer=request_deserializer or template.request_deserializer,
+        response_serializer=template.response_serializer,
+    )
+
+
 class _Undecodable:
     """Stands in for a request message whose bytes did not parse, so the handler can refuse it."""
 
@@ -169,7 +195,7 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        deserialize, serialize = _safe(handler.request_deserializer), handler.response_serializer
+        deserialize = _safe(handler.request_deserializer)
 
         async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async for request in requests:
@@ -177,7 +203,8 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
                     await _refuse(context, request)
                 yield request
 
-        if not handler.request_streaming and not handler.response_streaming:
+        kind = (handler.request_streaming, handler.response_streaming)
+        if kind == (False, False):
             behaviour = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -185,8 +212,8 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
                     await _refuse(context, request)
                 return await behaviour(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
-        if not handler.request_streaming:
+            return handler_like(handler, unary_unary, deserialize)
+        if kind == (False, True):
             behaviour = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -195,18 +222,18 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
                 async for reply in _replies(behaviour(request, context)):
                     yield reply
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
-        if not handler.response_streaming:
+            return handler_like(handler, unary_stream, deserialize)
+        if kind == (True, False):
             behaviour = handler.stream_unary
 
             async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
                 return await behaviour(checked(requests, context), context)
 
-            return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)
+            return handler_like(handler, stream_unary, deserialize)
         behaviour = handler.stream_stream
 
         async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async for reply in _replies(behaviour(checked(requests, context), context)):
                 yield reply
 
-        return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
+        return handler_like(handler, stream_stream, deserialize)

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 
 from convray.service.config import SecuritySettings
+from convray.service.rpc import handler_like
 
 # Kubernetes' and load balancers' probes carry no credentials, so health checks stay open.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -61,24 +62,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method or ""
         if handler is None or method.startswith(OPEN_METHOD_PREFIXES) or self._authorised(handler_call_details):
             return handler
-        return _denying(handler)
+        return handler_like(handler, _deny)  # same kind, aborts before reading any request
 
 
 async def _deny(request: Any, context: grpc.aio.ServicerContext) -> None:
     await context.abort(
         grpc.StatusCode.UNAUTHENTICATED,
         "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'",
-    )
-
-
-def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that aborts before reading any request."""
-    factory = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
-    return factory(
-        _deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
     )
