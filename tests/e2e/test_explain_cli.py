@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convray.service.cli import KERNEL_NAMES
+from convray.service.client_commands import KERNEL_NAMES
 from convray.workers.kernels import KERNELS
 from tests.conftest import REPO_ROOT
 from tests.e2e.test_cli import free_port, run_cli

@@ -1,0 +1,304 @@
+"""The ``convray`` client commands: classify, models, explain, bench, and the local kernels tool."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from convray.service.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
+
+# `convray kernels --kernel` choices; the kernels themselves are in workers/kernels.py (imported lazily).
+KERNEL_NAMES = ("sobel-x", "sobel-y", "laplacian", "box-blur", "gaussian", "sharpen")
+
+
+def _channel(args: argparse.Namespace) -> Any:
+    """A channel to ``args.server`` (TLS when a CA or client certificate is given), or None if unreachable."""
+    import grpc
+
+    if args.tls_ca or args.tls_cert:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
+            private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
+            certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
+        )
+        channel = grpc.secure_channel(args.server, credentials)
+    else:
+        channel = grpc.insecure_channel(args.server)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=args.connect_timeout)
+    except grpc.FutureTimeoutError:
+        print(
+            f"convray: cannot reach a server at {args.server} within {args.connect_timeout:g} s "
+            "(is `convray serve` running? set --server HOST:PORT; TLS servers need --tls-ca)",
+            file=sys.stderr,
+        )
+        return None
+    return channel
+
+
+def _call_metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The bearer token from --token-file as call metadata, if one is given."""
+    if not args.token_file:
+        return []
+    return [("authorization", f"Bearer {Path(args.token_file).read_text(encoding='utf-8').strip()}")]
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    """Classify image files and print the top classes of each."""
+    import grpc
+
+    from convray.v1 import classifier_pb2 as pb
+    from convray.v1 import classifier_pb2_grpc as pb_grpc
+
+    channel = _channel(args)
+    if channel is None:
+        return EXIT_UNREACHABLE
+    stub = pb_grpc.ClassifierStub(channel)
+    metadata = _call_metadata(args)
+    exit_code = EXIT_OK
+    for path in args.images:
+        try:
+            image = Path(path).read_bytes()
+        except OSError as exc:
+            print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
+            exit_code = EXIT_FAILED
+            continue
+        request = pb.ClassifyRequest(image=image, model=args.model, version=args.version, top_k=args.top_k)
+        try:
+            reply = stub.Classify(request, timeout=args.timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            print(f"{path}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                exit_code = EXIT_UNREACHABLE if exit_code == EXIT_OK else exit_code
+            else:
+                exit_code = EXIT_FAILED
+            continue
+        predictions = [{"label": p.label, "probability": round(p.probability, 6)} for p in reply.predictions]
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "image": path,
+                        "model": reply.model,
+                        "version": reply.version,
+                        "predictions": predictions,
+                    }
+                )
+            )
+        else:
+            print(f"{path}: {reply.model} v{reply.version} ({reply.timings.total_ms:.1f} ms)")
+            for p in predictions:
+                print(f"  {p['label']:>12}  {p['probability']:.4f}")
+    return exit_code
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the models the server has and which versions are loaded."""
+    import grpc
+
+    from convray.v1 import classifier_pb2 as pb
+    from convray.v1 import classifier_pb2_grpc as pb_grpc
+
+    channel = _channel(args)
+    if channel is None:
+        return EXIT_UNREACHABLE
+    try:
+        reply = pb_grpc.ClassifierStub(channel).ListModels(
+            pb.ListModelsRequest(), timeout=args.timeout, metadata=_call_metadata(args)
+        )
+    except grpc.RpcError as exc:
+        print(f"convray models: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return EXIT_FAILED
+    for model in reply.models:
+        versions = ", ".join(f"{v.version}{' (loaded)' if v.loaded else ''}" for v in model.versions)
+        marker = "  [default model]" if model.name == reply.default_model else ""
+        print(f"{model.name}: versions {versions}; serving v{model.default_version}{marker}")
+    return EXIT_OK
+
+
+def _file_label(label: str) -> str:
+    """A class label made safe for a file name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label) or "_"
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Write an image's feature-map grids and class activation maps as PNGs, and say what was written."""
+    import grpc
+
+    from convray.v1 import classifier_pb2 as pb
+    from convray.v1 import classifier_pb2_grpc as pb_grpc
+
+    try:
+        image = Path(args.image).read_bytes()
+    except OSError as exc:
+        print(f"{args.image}: cannot read: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+    channel = _channel(args)
+    if channel is None:
+        return EXIT_UNREACHABLE
+    methods = {"auto": pb.CAM_METHOD_AUTO, "cam": pb.CAM_METHOD_CAM, "grad-cam": pb.CAM_METHOD_GRAD_CAM}
+    request = pb.ExplainRequest(
+        image=image,
+        model=args.model,
+        version=args.version,
+        blocks=args.blocks or [],
+        top_k=args.top_k,
+        method=methods[args.method],
+    )
+    try:
+        reply = pb_grpc.ClassifierStub(channel).Explain(request, timeout=args.timeout, metadata=_call_metadata(args))
+    except grpc.RpcError as exc:
+        print(f"{args.image}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return EXIT_UNREACHABLE if exc.code() == grpc.StatusCode.UNAVAILABLE else EXIT_FAILED
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    method = {pb.CAM_METHOD_CAM: "CAM", pb.CAM_METHOD_GRAD_CAM: "Grad-CAM"}.get(reply.method, "?")
+    print(f"{args.image}: {reply.model} v{reply.version} ({reply.total_ms:.1f} ms)")
+    for m in reply.feature_maps:
+        path = out / f"{m.block}.png"
+        path.write_bytes(m.png)
+        shape = "x".join(map(str, m.shape))
+        shown = f"{m.channels_shown} of {m.shape[0]}" if m.channels_shown < m.shape[0] else f"{m.channels_shown}"
+        print(f"wrote {path}  feature maps of {m.block} ({shape}), {shown} channels in {m.grid_rows}x{m.grid_columns}")
+    for rank, cam in enumerate(reply.class_activation_maps, start=1):
+        p = cam.prediction
+        path = out / f"cam-{rank}-{_file_label(p.label)}.png"
+        path.write_bytes(cam.png)
+        print(f"wrote {path}  {method} of class {p.label!r} (p={p.probability:.4f}) over {reply.cam_block}")
+    return EXIT_OK
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    """Apply a classic fixed kernel to an image with convray's conv block, locally, and write the result."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from convray.service.render import response_image
+    from convray.workers.kernels import KERNELS, apply_kernel
+
+    padding: str | int = args.padding
+    if padding not in ("same", "valid"):
+        try:
+            padding = int(padding)
+        except ValueError:
+            print(f"convray kernels: --padding must be same, valid or a number, got {padding!r}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        with Image.open(args.image) as image:
+            colour = image.mode not in ("1", "L", "LA", "I", "I;16", "F")
+            pixels = np.asarray(image.convert("RGB" if colour else "L"))
+    except (OSError, UnidentifiedImageError) as exc:
+        print(f"{args.image}: cannot read as an image: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    pixels = pixels.transpose(2, 0, 1) if pixels.ndim == 3 else pixels[None]  # (C, H, W)
+    try:
+        response = apply_kernel(pixels, args.kernel, padding, args.stride)
+    except ValueError as exc:
+        print(f"convray kernels: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    signed = abs(sum(map(sum, KERNELS[args.kernel]))) < 1e-9  # weights sum to 0: an edge detector
+    Image.fromarray(response_image(response, signed)).save(args.out, format="PNG")
+    shown = "|response| scaled to its maximum" if signed else "clipped to 0..255"
+    print(
+        f"wrote {args.out}  {args.kernel} ({args.padding} padding, stride {args.stride}): "
+        f"{pixels.shape[2]}x{pixels.shape[1]} -> {response.shape[2]}x{response.shape[1]}, {shown}"
+    )
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Load-test a server and print throughput, latency percentiles and errors."""
+    from convray.service.bench import BenchConfig, format_report, run
+
+    width, _, height = args.image_size.partition("x")
+    config = BenchConfig(
+        server=args.server, api=args.api, model=args.model, payload=args.payload, concurrency=args.concurrency,
+        rate_per_s=args.rate, duration_s=args.duration, requests=args.requests, warmup_s=args.warmup,
+        images=args.images, image_size=(int(width), int(height or width)), image_format=args.image_format.upper(),
+        channels=args.channels, timeout_s=args.timeout,
+    )  # fmt: skip
+    try:
+        report = asyncio.run(run(config))
+    except TimeoutError:  # before OSError, its base class
+        print(f"convray bench: cannot reach a server at {args.server}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except (ValueError, OSError) as exc:
+        print(f"convray bench: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n", encoding="utf-8")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def add_client_commands(commands: Any) -> None:
+    """Add classify, models, bench, explain and kernels to the ``convray`` sub-command parsers."""
+
+    def client_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--server", default="localhost:50051", help="HOST:PORT of a convray server")
+        p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+        p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to wait for the server")
+        p.add_argument("--tls-ca", default=None, help="PEM CA that signed the server's certificate (turns TLS on)")
+        p.add_argument("--tls-cert", default=None, help="PEM client certificate, for mutual TLS")
+        p.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
+        p.add_argument("--token-file", default=None, help="file with the bearer token the server requires")
+
+    classify = commands.add_parser("classify", help="classify image files", description=cmd_classify.__doc__)
+    classify.add_argument("images", nargs="+", metavar="IMAGE")
+    classify.add_argument("--top-k", type=int, default=3)
+    classify.add_argument("--model", default="", help="model name (default: the server's default model)")
+    classify.add_argument("--version", type=int, default=0, help="model version (default: latest loaded)")
+    classify.add_argument("--json", action="store_true", help="one JSON object per line")
+    client_flags(classify)
+    classify.set_defaults(run=cmd_classify)
+
+    models = commands.add_parser("models", help="list served models", description=cmd_models.__doc__)
+    client_flags(models)
+    models.set_defaults(run=cmd_models)
+
+    bench = commands.add_parser("bench", help="load-test a server", description=cmd_bench.__doc__)
+    bench.add_argument("--server", default="localhost:50051", help="HOST:PORT of a convray or OIP server")
+    bench.add_argument("--api", default="native", choices=["native", "oip"])
+    bench.add_argument("--model", default="digits")
+    bench.add_argument("--payload", default="image", choices=["image", "tensor"],
+                       help="encoded images, or (oip) FP32 pixel tensors shaped from ModelMetadata")  # fmt: skip
+    bench.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight")
+    bench.add_argument("--rate", type=float, default=None, help="open loop instead: requests started per second")
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds to measure")
+    bench.add_argument("--requests", type=int, default=None, help="measure this many requests instead")
+    bench.add_argument("--warmup", type=float, default=2.0, help="seconds sent before measuring")
+    bench.add_argument("--images", default=None, help="folder of images to send (default: generated)")
+    bench.add_argument("--image-size", default="8x8", help="WxH of generated images")
+    bench.add_argument("--image-format", default="png", help="format of generated images")
+    bench.add_argument("--channels", type=int, default=1, choices=[1, 3], help="of generated images")
+    bench.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    bench.add_argument("--json", default=None, help="also write the report to this file")
+    bench.set_defaults(run=cmd_bench)
+
+    explain = commands.add_parser(
+        "explain", help="feature maps and class activation maps of an image", description=cmd_explain.__doc__
+    )
+    explain.add_argument("image", metavar="IMAGE")
+    explain.add_argument("--out", required=True, metavar="DIR", help="folder the PNGs are written to")
+    explain.add_argument("--model", default="", help="model name (default: the server's default model)")
+    explain.add_argument("--version", type=int, default=0, help="model version (default: latest loaded)")
+    explain.add_argument("--blocks", nargs="+", metavar="BLOCK", help="e.g. block0_conv block3_conv (default: all)")
+    explain.add_argument("--top-k", type=int, default=3, help="classes that get a class activation map")
+    explain.add_argument("--method", default="auto", choices=["auto", "cam", "grad-cam"])
+    client_flags(explain)
+    explain.set_defaults(run=cmd_explain)
+
+    kernels = commands.add_parser(
+        "kernels", help="apply a classic image kernel locally", description=cmd_kernels.__doc__
+    )
+    kernels.add_argument("image", metavar="IMAGE")
+    kernels.add_argument("--kernel", required=True, choices=sorted(KERNEL_NAMES))
+    kernels.add_argument("--out", required=True, metavar="FILE", help="PNG file to write")
+    kernels.add_argument("--padding", default="same", help="same, valid or pixels per side (default same)")
+    kernels.add_argument("--stride", type=int, default=1)
+    kernels.set_defaults(run=cmd_kernels)
