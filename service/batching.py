@@ -1,8 +1,10 @@
 """Batcher: a bounded asyncio queue that groups concurrent requests into batches.
 
 A batch closes when it holds ``max_batch_size`` requests or when its first request has waited
-``max_batch_wait_s``. At most ``max_concurrent_batches`` run at once; while all are busy, requests
-keep queueing, so batches grow exactly when the workers are the bottleneck. Every admitted request
+``max_batch_wait_s`` -- unless no batch is running at all (``dispatch_when_idle``): then waiting
+could only add latency, so whatever is queued goes at once. At most ``max_concurrent_batches`` run
+at once; while all are busy, requests keep queueing, so batches grow exactly when the workers are
+the bottleneck. Every admitted request
 is resolved exactly once: with its result, the batch's exception, ``DeadlineExpired`` when its
 deadline passed while it queued, or by its caller's cancellation (cancelled requests leave the queue
 at once); expired and cancelled requests never reach a batch. Knows nothing of gRPC or Ray.
@@ -43,6 +45,7 @@ class Batcher(Generic[T, R]):
         max_batch_wait_s: float,
         max_queue: int,
         max_concurrent_batches: int,
+        dispatch_when_idle: bool = True,
         name: str = "batcher",
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_concurrent_batches < 1 or max_batch_wait_s < 0:
@@ -54,6 +57,7 @@ class Batcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max_batch_wait_s
         self.max_queue = max_queue
+        self.dispatch_when_idle = dispatch_when_idle
         self.name = name
         self._queue: collections.deque[_Pending[T, R]] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -153,7 +157,8 @@ class Batcher(Generic[T, R]):
             await self._wakeup.wait()
         # The wait counts from the first request's arrival, so time spent waiting for a free slot counts.
         deadline = self._queue[0].enqueued_at + self.max_batch_wait_s
-        while len(self._queue) < self.max_batch_size and not self._closed:
+        idle = self.dispatch_when_idle and not self._running
+        while len(self._queue) < self.max_batch_size and not self._closed and not idle:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

@@ -51,7 +51,9 @@ class BatchingSettings(_Group):
     max_batch_size: int = Field(32, ge=1, le=4096)
     """At most this many requests share one Ray call."""
     max_batch_delay_ms: float = Field(1.0, ge=0, le=10_000)
-    """How long the first request of a batch may wait for others to join it."""
+    """How long the first request of a batch may wait for others to join it while another batch runs."""
+    dispatch_when_idle: bool = True
+    """Send a batch at once when none of its model is running, instead of waiting the delay to fill it."""
     max_queue: int = Field(512, ge=1)
     """Requests waiting per model version; past it new ones fail at once with RESOURCE_EXHAUSTED."""
     batches_in_flight_per_replica: int = Field(2, ge=1, le=64)
@@ -79,6 +81,8 @@ class WorkerSettings(_Group):
     """Mixed precision for the forward pass: ``none``, ``bf16`` or ``fp16`` (GPU only)."""
     max_restarts: int = Field(3, ge=-1)
     """Times Ray restarts a replica that died; -1 means without limit."""
+    compiled_graph: bool = False
+    """Send batches through a Ray Compiled Graph per replica: less latency, but each graph spins a front-end core."""
 
 
 class InputSettings(_Group):

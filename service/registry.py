@@ -53,6 +53,8 @@ class ModelRegistry:
             device=workers.device,
             amp=workers.amp,
             max_restarts=workers.max_restarts,
+            compiled_graph=workers.compiled_graph,
+            batches_in_flight_per_replica=batching.batches_in_flight_per_replica,
         )
         self._metrics = metrics
         self._served: dict[str, dict[int, ServedModel]] = {}
@@ -113,6 +115,7 @@ class ModelRegistry:
             max_batch_wait_s=self._batching.max_batch_delay_ms / 1000.0,
             max_queue=self._batching.max_queue,
             max_concurrent_batches=pool.size * self._batching.batches_in_flight_per_replica,
+            dispatch_when_idle=self._batching.dispatch_when_idle,
             name=f"model {name!r} version {version}",
         )
         batcher.start()

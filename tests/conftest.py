@@ -122,11 +122,12 @@ def stub(channel):
 
 @pytest.fixture(scope="session")
 def metered(ray_address, tmp_path_factory) -> ServerThread:
-    """A server for the metrics tests: batches wait 300 ms and the queue holds 8 images, so a batch of 8
-    forms as one, and anything sent while it waits is refused for overload."""
+    """A server for the metrics tests: batches wait 300 ms (even when idle) and the queue holds 8 images,
+    so a batch of 8 forms as one, and anything sent while it waits is refused for overload."""
     repo = tmp_path_factory.mktemp("metered") / "models"
     shutil.copytree(SHIPPED_MODELS, repo)
-    settings = server_settings(repo, batching__max_batch_delay_ms=300.0, batching__max_queue=8)
+    settings = server_settings(repo, batching__max_batch_delay_ms=300.0, batching__max_queue=8,
+                               batching__dispatch_when_idle=False)  # fmt: skip
     server = ServerThread(settings).start()
     yield server
     server.stop()

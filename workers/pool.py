@@ -16,15 +16,18 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayChannelError, RayTaskError
 
+from convray.workers.compiled import CompiledRun
 from convray.workers.explain import CamChoice, Explanation
 from convray.workers.replica import AmpChoice, DeviceChoice, ModelRunner
 from convray.workers.repository import ModelLoadError
 
 log = logging.getLogger(__name__)
-# A replica's process is gone (dead, or restarting); the batch it held never produced a result.
-REPLICA_LOST = (RayActorError, ActorUnavailableError)
+# A replica's process is gone (dead, or restarting), or the compiled graph to it broke; the batch it
+# held never produced a result.
+REPLICA_LOST = (RayActorError, ActorUnavailableError, RayChannelError)
+RECOMPILE_ATTEMPTS = 30  # after a replica was lost, tries (backing off to 5 s) to compile its graph again
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class ReplicaOptions:
     device: DeviceChoice = "auto"
     amp: AmpChoice = "none"
     max_restarts: int = 3  # Ray restarts a dead actor this many times (its __init__ reloads the model)
+    compiled_graph: bool = False  # batches cross through a Ray Compiled Graph (see workers/compiled.py)
+    batches_in_flight_per_replica: int = 2  # sizes each compiled graph's in-flight capacity
 
 
 @dataclass(frozen=True)
@@ -65,13 +70,22 @@ class ReplicaPool:
     """The Ray actors serving one model version, with per-replica in-flight batch counts."""
 
     def __init__(
-        self, name: str, version: int, actors: list[Any], on_failure: Callable[[], None] | None = None
+        self,
+        name: str,
+        version: int,
+        actors: list[Any],
+        on_failure: Callable[[], None] | None = None,
+        compiled_in_flight: int | None = None,
     ) -> None:
+        """Wrap started actors; ``compiled_in_flight`` is each compiled graph's capacity (None: plain calls)."""
         self.name, self.version = name, version
         self._actors = actors
         self._on_failure = on_failure
         self._in_flight = [0] * len(actors)
         self._tie_break = itertools.count()
+        self._compiled_in_flight = compiled_in_flight
+        self._graphs: list[CompiledRun | None] = [None] * len(actors)
+        self._recompiling: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def start(
@@ -99,17 +113,26 @@ class ReplicaPool:
             for _ in range(options.replicas)
         ]
         try:
-            await asyncio.gather(*(actor.describe.remote() for actor in actors))
+            described = await asyncio.gather(*(actor.describe.remote() for actor in actors))
         except (RayActorError, RayTaskError) as exc:
             for actor in actors:
                 ray.kill(actor, no_restart=True)
             raise ModelLoadError(f"replica could not load {name} version {version}: {_root_cause(exc)}") from None
-        return cls(name, version, actors, on_failure)
+        # Room for every batch the front end may send one replica, with margin for explain calls counted
+        # against the same replica by the least-busy choice.
+        capacity = 2 * options.replicas * options.batches_in_flight_per_replica if options.compiled_graph else None
+        pool = cls(name, version, actors, on_failure, capacity)
+        await asyncio.gather(*(pool._compile(index, info) for index, info in enumerate(described)))
+        return pool
 
     @property
     def size(self) -> int:
         """Number of replicas."""
         return len(self._actors)
+
+    def compiled(self) -> list[bool]:
+        """Whether each replica is reached through its compiled graph (else by plain actor calls)."""
+        return [graph is not None for graph in self._graphs]
 
     def in_flight(self) -> list[int]:
         """Batches currently sent to each replica and not yet answered."""
@@ -131,13 +154,13 @@ class ReplicaPool:
         started = time.perf_counter()
         index = self._least_busy()
         try:
-            reply = await self._call(index, "run", pixels)
+            reply = await self._run_on(index, pixels)
         except REPLICA_LOST as exc:
             log.warning("replica %s-%d lost (%s); retrying its batch once", self.name, index, type(exc).__name__)
             if self._on_failure is not None:
                 self._on_failure()
             index = self._least_busy(avoid=index)
-            reply = await self._call(index, "run", pixels)
+            reply = await self._run_on(index, pixels)
         return BatchResult(
             reply.probabilities,
             reply.compute_s,
@@ -152,6 +175,63 @@ class ReplicaPool:
         count = len(self._actors)
         candidates = [i for i in range(count) if i != avoid] or list(range(count))
         return min(candidates, key=lambda i: (self._in_flight[i], (i - offset) % count))
+
+    async def _run_on(self, index: int, pixels: np.ndarray) -> Any:
+        """Replica ``index``'s ``run(pixels)``, through its compiled graph when it has one."""
+        graph = self._graphs[index]
+        if graph is None:
+            return await self._call(index, "run", pixels)
+        self._in_flight[index] += 1
+        try:
+            return await graph(pixels)
+        except REPLICA_LOST:
+            self._drop_graph(index, graph)
+            raise
+        finally:
+            self._in_flight[index] -= 1
+
+    async def _compile(self, index: int, described: dict[str, Any]) -> None:
+        """Compile a graph to replica ``index`` (as ``describe`` described it) and warm it with one batch.
+
+        The first execution of a graph sets up its channels and takes seconds; no request should pay that.
+        """
+        if self._compiled_in_flight is None:
+            return
+        try:
+            graph = CompiledRun(self._actors[index], int(described["pid"]), self._compiled_in_flight)
+        except Exception as exc:  # noqa: BLE001 (plain calls always work; a graph is only faster)
+            log.warning("replica %s: no compiled graph (%s); using plain actor calls", self.replica_name(index), exc)
+            return
+        try:
+            await graph(np.zeros((1, *described["input_shape"]), dtype=np.uint8))
+        except REPLICA_LOST as exc:
+            log.warning("replica %s: compiled graph failed its warm-up (%s)", self.replica_name(index), exc)
+            graph.close()
+            return
+        self._graphs[index] = graph
+
+    def _drop_graph(self, index: int, graph: CompiledRun) -> None:
+        """Forget a broken graph (plain calls meanwhile) and compile a new one once the actor is back."""
+        if self._graphs[index] is not graph:
+            return  # another batch on the same graph got here first
+        self._graphs[index] = None
+        graph.close()
+        task = asyncio.get_running_loop().create_task(self._recompile_when_back(index))
+        self._recompiling.add(task)
+        task.add_done_callback(self._recompiling.discard)
+
+    async def _recompile_when_back(self, index: int) -> None:
+        for attempt in range(RECOMPILE_ATTEMPTS):
+            await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
+            if not self._actors:
+                return  # shut down meanwhile
+            try:
+                described = await self._actors[index].describe.remote()  # answers once Ray restarted it
+            except REPLICA_LOST:
+                continue
+            await self._compile(index, described)
+            return
+        log.warning("replica %s: not back after %d tries; stays on plain calls", self.replica_name(index), attempt + 1)
 
     async def _call(self, index: int, method: str, *args: Any) -> Any:
         """Call a replica's method, counting the call as in flight on that replica meanwhile."""
@@ -185,7 +265,13 @@ class ReplicaPool:
         return ExplainResult(explanation, compute_s, time.perf_counter() - started, f"{self.name}-{index}")
 
     def shutdown(self) -> None:
-        """Stop every replica of this version."""
+        """Stop every replica of this version (and the compiled graphs to them)."""
+        for task in self._recompiling:
+            task.cancel()
+        for graph in self._graphs:
+            if graph is not None:
+                graph.close()
+        self._graphs = [None] * len(self._actors)
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
         self._actors = []

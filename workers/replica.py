@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -90,6 +91,8 @@ class ModelRunner:
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
+        # A compiled graph calls `run` from its own thread while plain calls (explain) use the main one.
+        self._model_lock = threading.Lock()
         loaded = ModelRepository(model_repo).load(name, version)
         self.name, self.version = name, version
         self.contract = loaded.metadata.input
@@ -115,7 +118,7 @@ class ModelRunner:
             )
         started = time.perf_counter()
         x = to_device(pixels, self.device)
-        with torch.inference_mode(), autocast_context(self.device, self.amp):
+        with self._model_lock, torch.inference_mode(), autocast_context(self.device, self.amp):
             x = normalise(x, self.contract.normalisation.mean, self.contract.normalisation.std)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -157,7 +160,8 @@ class ModelRunner:
             to_device(pixels[None], self.device), self.contract.normalisation.mean, self.contract.normalisation.std
         )
         names = block_names(self.module) if blocks is None else blocks
-        explanation = explain(self.module, x, names, top_k, method, max_channels)
+        with self._model_lock:
+            explanation = explain(self.module, x, names, top_k, method, max_channels)
         return explanation, time.perf_counter() - started
 
     def run(self, pixels: np.ndarray) -> ReplicaReply:
@@ -170,6 +174,12 @@ class ModelRunner:
         allocated, reserved = gpu_memory_bytes(self.device)
         return ReplicaReply(probabilities, compute_s, allocated, reserved)
 
-    def describe(self) -> dict[str, str | int]:
-        """Where this replica runs: device, process id, model and version."""
-        return {"device": str(self.device), "pid": os.getpid(), "model": self.name, "version": self.version}
+    def describe(self) -> dict[str, Any]:
+        """Where this replica runs: device, process id, model and version, and its input (C, H, W)."""
+        return {
+            "device": str(self.device),
+            "pid": os.getpid(),
+            "model": self.name,
+            "version": self.version,
+            "input_shape": list(self._expected_shape),
+        }

@@ -48,9 +48,33 @@ async def test_concurrent_requests_are_grouped_and_batches_never_exceed_max_size
     await batcher.close()
 
 
-async def test_a_lone_request_waits_at_most_the_delay():
+async def test_a_lone_request_on_an_idle_model_goes_at_once_without_waiting_the_delay():
     run = Recorder()
-    batcher = make(run, max_batch_wait_s=0.2)
+    batcher = make(run, max_batch_wait_s=30.0, max_batch_size=8)
+    assert await asyncio.wait_for(batcher.submit(7), timeout=5) == 70
+    assert run.batches == [[7]]
+    await batcher.close()
+
+
+async def test_while_a_batch_runs_new_requests_wait_the_delay_to_grow_the_next_one():
+    gate = asyncio.Event()
+    run = Recorder(gate)
+    batcher = make(run, max_batch_wait_s=0.3, max_batch_size=8, max_concurrent_batches=2)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.02)  # [0] went at once (idle) and is running; a second slot is free
+    second = asyncio.ensure_future(batcher.submit(1))
+    await asyncio.sleep(0.05)
+    third = asyncio.ensure_future(batcher.submit(2))
+    await asyncio.sleep(0.5)
+    assert run.batches == [[0], [1, 2]]
+    gate.set()
+    assert await asyncio.gather(first, second, third) == [0, 10, 20]
+    await batcher.close()
+
+
+async def test_a_lone_request_waits_at_most_the_delay_when_idle_dispatch_is_off():
+    run = Recorder()
+    batcher = make(run, max_batch_wait_s=0.2, dispatch_when_idle=False)
     started = time.monotonic()
     assert await batcher.submit(7) == 70
     elapsed = time.monotonic() - started
@@ -59,9 +83,9 @@ async def test_a_lone_request_waits_at_most_the_delay():
     await batcher.close()
 
 
-async def test_requests_arriving_within_the_delay_join_the_batch():
+async def test_requests_arriving_within_the_delay_join_the_batch_when_idle_dispatch_is_off():
     run = Recorder()
-    batcher = make(run, max_batch_wait_s=0.3, max_batch_size=8)
+    batcher = make(run, max_batch_wait_s=0.3, max_batch_size=8, dispatch_when_idle=False)
     first = asyncio.ensure_future(batcher.submit(1))
     await asyncio.sleep(0.05)
     second = asyncio.ensure_future(batcher.submit(2))

@@ -172,11 +172,11 @@ def test_statistics_count_real_inferences(served, held_out):
 
 @pytest.fixture(scope="module")
 def own_server(ray_address, tmp_path_factory):
-    """A one-replica server that waits up to 300 ms to fill batches of 16, on its own repository copy."""
+    """A one-replica server that always waits up to 300 ms to fill batches of 16, on its own repository copy."""
     repo = tmp_path_factory.mktemp("oip") / "models"
     shutil.copytree(SHIPPED_MODELS, repo)
     settings = server_settings(repo, batching__max_batch_size=16, batching__max_batch_delay_ms=300.0,
-                             workers__replicas=1)  # fmt: skip
+                             batching__dispatch_when_idle=False, workers__replicas=1)  # fmt: skip
     server = ServerThread(settings).start()
     yield server, repo
     server.stop()

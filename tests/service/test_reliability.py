@@ -57,7 +57,7 @@ def scrape(server: ServerThread, prefix: str) -> float:
 
 @pytest.fixture(scope="module")
 def slow_batches(ray_address, tmp_path_factory):
-    """One replica; batches of up to 8 wait up to 1 s to fill; at most 4 requests may queue."""
+    """One replica; batches of up to 8 always wait up to 1 s to fill; at most 4 requests may queue."""
     server = start(
         tmp_path_factory,
         workers__replicas=1,
@@ -65,6 +65,7 @@ def slow_batches(ray_address, tmp_path_factory):
         batching__max_batch_delay_ms=1000.0,
         batching__max_queue=4,
         batching__batches_in_flight_per_replica=1,
+        batching__dispatch_when_idle=False,
     )
     yield server
     server.stop()
@@ -193,7 +194,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(ray_address, model_rep
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "convray"), "serve", "--host", "127.0.0.1", "--port", str(port),
          "--no-metrics", "--model-repo", str(model_repo), "--ray-address", ray_address,
-         "--max-batch-size", "64", "--max-batch-delay-ms", "1500"],
+         "--max-batch-size", "64", "--max-batch-delay-ms", "1500", "--dispatch-when-idle", "false"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:
