@@ -100,7 +100,10 @@ class Batcher(Generic[T, R]):
             ModelNotReady: the batcher is closed (the server is draining).
             DeadlineExpired: the deadline passed before the items' batches were formed.
         """
-        return list(await asyncio.gather(*self._admit(items, deadline)))
+        futures = self._admit(items, deadline)
+        if len(futures) == 1:  # the common case; gather's bookkeeping costs more than the rest of submit
+            return [await futures[0]]
+        return list(await asyncio.gather(*futures))
 
     def _admit(self, items: Sequence[T], deadline: float | None) -> list[asyncio.Future[R]]:
         if self._closed:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from convray.workers.explain import CamChoice, Explanation, block_names, explain
+from convray.workers.models import fold_batch_norm
 from convray.workers.repository import ModelRepository
 from convray.workers.transforms import normalise
 
@@ -99,7 +100,7 @@ class ModelRunner:
         self.device = select_device(device, torch.cuda.is_available())
         self.amp: AmpChoice = amp
         autocast_context(self.device, amp)  # refuse an impossible combination at load, not per batch
-        self.module = loaded.module.to(self.device).eval()
+        self.module = fold_batch_norm(loaded.module).to(self.device)
         if self.device.type == "cuda":
             self.module = self.module.to(memory_format=torch.channels_last)
         self._expected_shape = (self.contract.channels, self.contract.height, self.contract.width)

@@ -96,6 +96,14 @@ def wait_ready(port: int, model: str, timeout_s: float = 180) -> None:
     raise RuntimeError(f"server on {port} not ready in {timeout_s} s")
 
 
+# convray variants: the default settings, a compiled graph per replica, and two replicas instead of one.
+CONVRAY_VARIANTS = {
+    "convray": [],
+    "convray_compiled": ["--compiled-graph", "true"],
+    "convray_2_replicas": ["--replicas", "2"],
+}
+
+
 def start(kind: str, port: int, repo: Path, model: str, batch: int) -> subprocess.Popen:
     if kind == "noop":
         shape = "3,224,224" if model == "resnet_style" else "1,8,8"
@@ -134,6 +142,7 @@ def start(kind: str, port: int, repo: Path, model: str, batch: int) -> subproces
             "1",
             "--replicas",
             "1",
+            *CONVRAY_VARIANTS[kind],
         ]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -182,7 +191,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="digits,resnet_style")
-    parser.add_argument("--targets", default="noop,ray_serve,convray")
+    parser.add_argument("--targets", default="noop,ray_serve,convray,convray_compiled,convray_2_replicas")
+    parser.add_argument("--variants-on", default="digits", help="models the convray variants also run on")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmark-results.json"))
     args = parser.parse_args()
     repo = Path(tempfile.mkdtemp()) / "models"
@@ -217,6 +227,8 @@ def main() -> None:
         print(model, "raw", results["points"][-1], flush=True)
         for repeat in range(args.repeats):
             for target in args.targets.split(","):
+                if target in CONVRAY_VARIANTS and target != "convray" and model not in args.variants_on.split(","):
+                    continue
                 port = free_port()
                 process = start(target, port, repo, model, 32)
                 try:
@@ -276,7 +288,8 @@ def summary(results: dict) -> str:
             "| server | c=1 req/s | c=1 p50 ms | c=32 img/s | c=32 p50 ms |",
             "|---|---|---|---|---|",
         ]
-        for target in ("noop", "ray_serve", "convray"):
+        targets = [t for t in ("noop", "ray_serve", *CONVRAY_VARIANTS) if select(points, model=model, target=t)]
+        for target in targets:
             cells = [
                 f"{median_of(points, 'req_per_s', model=model, target=target, concurrency=1):,.0f}",
                 f"{median_of(points, 'p50_ms', model=model, target=target, concurrency=1):.2f}",
@@ -285,15 +298,18 @@ def summary(results: dict) -> str:
             ]
             lines.append(f"| {target} | " + " | ".join(cells) + " |")
         lines.append("")
-        for c in (1, 32):
-            raw_rate = raw["batch1_img_per_s"] if c == 1 else raw["batch32_img_per_s"]
-            ours = median_of(points, "req_per_s", model=model, target="convray", concurrency=c)
-            vs_serve = ratio(points, "convray", "ray_serve", model=model, concurrency=c)
-            lines.append(
-                f"- c={c}: convray / Ray Serve = {vs_serve:.2f}x, "
-                f"convray / no-op floor = {ratio(points, 'convray', 'noop', model=model, concurrency=c):.2f}x, "
-                f"convray / raw model = {ours / raw_rate:.2f}x"
-            )
+        for ours_target in (t for t in targets if t in CONVRAY_VARIANTS):
+            for c in (1, 32):
+                raw_rate = raw["batch1_img_per_s"] if c == 1 else raw["batch32_img_per_s"]
+                ours = median_of(points, "req_per_s", model=model, target=ours_target, concurrency=c)
+                vs_serve = ratio(points, ours_target, "ray_serve", model=model, concurrency=c)
+                floor_p50 = median_of(points, "p50_ms", model=model, target="noop", concurrency=c)
+                our_p50 = median_of(points, "p50_ms", model=model, target=ours_target, concurrency=c)
+                lines.append(
+                    f"- {ours_target}, c={c}: / Ray Serve = {vs_serve:.2f}x, "
+                    f"/ no-op floor = {ratio(points, ours_target, 'noop', model=model, concurrency=c):.2f}x "
+                    f"(p50 {our_p50 - floor_p50:+.2f} ms vs the floor), / raw model = {ours / raw_rate:.2f}x"
+                )
         lines.append("")
     return "\n".join(lines)
 

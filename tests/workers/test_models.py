@@ -11,6 +11,7 @@ from convray.workers.models import (
     SamePad,
     SumPool2d,
     build_model,
+    fold_batch_norm,
     make_activation,
     make_head,
     make_pool,
@@ -127,6 +128,45 @@ def test_batch_norm_in_eval_mode_applies_running_statistics():
         norm.running_var.fill_(4.0 - norm.eps)
     conv.eval()
     assert torch.allclose(conv(MAP), (MAP - 2.0) / 2.0)
+
+
+def test_folding_batch_norm_into_the_conv_keeps_every_block_output_and_drops_the_norm_layers():
+    spec = CNNSpec.model_validate(
+        {
+            "in_channels": 1,
+            "blocks": [
+                {"type": "conv", "filters": 8, "kernel_size": 3, "padding": "same", "batch_norm": True},
+                {"type": "pool", "kind": "max", "window": 2},
+                {"type": "conv", "filters": 6, "kernel_size": 3, "stride": 2, "batch_norm": True},
+                {"type": "conv", "filters": 4, "kernel_size": 1, "batch_norm": False},
+            ],
+            "head": {"type": "gap_fc", "hidden": []},
+            "num_classes": 3,
+        }
+    )
+    torch.manual_seed(0)
+    model = build_model(spec, 12, 12)
+    with torch.no_grad():  # running statistics far from (0, 1), so an unfolded norm would show
+        for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            norm.running_mean.uniform_(-2, 2)
+            norm.running_var.uniform_(0.5, 4)
+            norm.weight.uniform_(0.5, 2)
+            norm.bias.uniform_(-1, 1)
+    model.eval()
+    x = torch.randn(5, 1, 12, 12)
+    with torch.no_grad():
+        expected_blocks, y = [], x
+        for block in model.features:
+            y = block(y)
+            expected_blocks.append(y)
+        expected = model.probabilities(x)
+        fold_batch_norm(model)
+        y = x
+        for block, want in zip(model.features, expected_blocks, strict=True):
+            y = block(y)
+            assert torch.allclose(y, want, atol=1e-5)
+        assert torch.allclose(model.probabilities(x), expected, atol=1e-6)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
 
 def test_dropout_zeroes_a_fraction_while_training_and_is_identity_in_eval():
