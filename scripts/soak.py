@@ -106,15 +106,22 @@ def main() -> None:
     front = np.array([s[1] for s in samples])
     workers = np.array([s[2] for s in samples])
     per_minute = (lambda ys: float(np.polyfit((times - times[0]) / 60, ys, 1)[0])) if len(samples) > 2 else None
+    # A leak keeps growing; allocator pools and caches grow early and flatten. The second half tells them apart.
+    half = len(samples) // 2
+    late_per_minute = (
+        (lambda ys: float(np.polyfit((times[half:] - times[half]) / 60, ys[half:], 1)[0])) if half > 2 else None
+    )
     answered = sum(counts.values())
     print(json.dumps({
         "seconds": args.seconds, "clients": args.clients, "sent": sent[0], "answered": answered,
         "lost": sent[0] - answered, "requests_per_s": round(answered / args.seconds, 1),
         "by_kind_and_code": dict(sorted(counts.items())),
         "front_end_rss_mb": {"start": round(front[0], 1), "end": round(front[-1], 1),
-                             "trend_mb_per_min": round(per_minute(front), 2) if per_minute else None},
+                             "trend_mb_per_min": round(per_minute(front), 2) if per_minute else None,
+                             "second_half_trend_mb_per_min": late_per_minute and round(late_per_minute(front), 2)},
         "replicas_rss_mb": {"start": round(workers[0], 1), "end": round(workers[-1], 1),
-                            "trend_mb_per_min": round(per_minute(workers), 2) if per_minute else None},
+                            "trend_mb_per_min": round(per_minute(workers), 2) if per_minute else None,
+                            "second_half_trend_mb_per_min": late_per_minute and round(late_per_minute(workers), 2)},
     }, indent=2))  # fmt: skip
 
 
