@@ -128,8 +128,8 @@ def test_ray_lost_after_start_is_reported_fails_calls_fast_and_is_rejoined_when_
             assert stub.Classify(pb.ClassifyRequest(image=png), timeout=10).predictions
             assert ray_connected(metrics_port) == 1
 
-            killed = head.kill()
             lost_at = time.monotonic()
+            killed = head.kill()
             # Sent just after the kill: its batch waits on a replica that is gone, until the server notices.
             in_flight = stub.Classify.future(pb.ClassifyRequest(image=png), timeout=30)
             detected_s = wait_for(lambda: health(channel) == NOT_SERVING, 15, "NOT_SERVING", server)
