@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import platform
 import signal
 import sys
@@ -63,11 +64,13 @@ def _in_daemon_thread(function: Callable[..., T], *args: Any) -> asyncio.Future[
 
     def run() -> None:
         try:
-            result = function(*args)
+            outcome: tuple[Any, BaseException | None] = (function(*args), None)
         except BaseException as exc:  # noqa: BLE001 (handed to the awaiting coroutine)
-            loop.call_soon_threadsafe(_settle, future, None, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, future, result, None)
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(_settle, future, *outcome)
+        except RuntimeError:  # the loop closed meanwhile (the server stopped): nobody is waiting
+            pass
         threading.Event().wait()  # keep Ray's child processes alive (see above)
 
     threading.Thread(target=run, name="convray-ray-connect", daemon=True).start()
@@ -172,6 +175,7 @@ class ConvrayServer:
         self._bring_up: asyncio.Task[None] | None = None
         self.watchdog: RayWatchdog | None = None
         self._joining: asyncio.Future[str] | None = None  # the one Ray join under way, if any
+        self._leaving: asyncio.Future[None] | None = None  # the one ray.shutdown under way, if any
         self._ray_lost_reason: str | None = None
         # Signal handlers serve() installed on the loop; put back after joining Ray again, whose new core
         # worker installs its own SIGTERM handler over them (seen: SIGTERM then killed the process undrained).
@@ -301,10 +305,15 @@ class ConvrayServer:
             workers = self.settings.workers
             loop = asyncio.get_running_loop()
             if self._joining is None:  # a join already under way is awaited again, never started twice
-                if ray_is_connected():
+                if self._leaving is None and ray_is_connected():
                     await self.registry.abandon_all()
                     log.warning("leaving the lost Ray session to join again at %s", workers.ray_address or "local")
-                    await asyncio.wait_for(_in_thread(loop, cluster.disconnect), 30.0)
+                    self._leaving = _in_thread(loop, cluster.disconnect)
+                if self._leaving is not None:  # ray.shutdown may wait on a GCS that is gone: never twice at once
+                    done, _ = await asyncio.wait({self._leaving}, timeout=workers.ray_check_interval_s * 5)
+                    if not done:
+                        return False
+                    self._leaving = None
                 self._joining = _in_daemon_thread(cluster.connect, workers.ray_address, workers.ray_num_cpus)
             try:
                 await asyncio.wait_for(asyncio.shield(self._joining), workers.ray_connect_timeout_s)
@@ -421,9 +430,12 @@ async def serve(settings: Settings) -> int:
     gave_up.cancel()
     await server.stop()
     if server.ray_lost:
-        # Leave Ray with a bound: its shutdown talks to a GCS that may not answer.
-        await asyncio.wait({_in_daemon_thread(cluster.disconnect)}, timeout=10.0)
-    elif ray_is_connected():
+        # Ray's shutdown, and its exit hooks, wait on a GCS that is gone (measured: 10 s and more); the
+        # replicas went with the cluster, so there is nothing to stop. Leave now.
+        log.info("stopped (Ray lost: leaving without Ray's shutdown)")
+        logging.shutdown()
+        os._exit(exit_code)
+    if ray_is_connected():
         # Disconnect (and stop an embedded Ray) now, not in Ray's exit hooks, which can abort the
         # process while other threads are still running.
         import ray
