@@ -33,6 +33,8 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--batches-in-flight-per-replica": ("batching", "batches_in_flight_per_replica"),
     "--ray-address": ("workers", "ray_address"),
     "--ray-connect-timeout-s": ("workers", "ray_connect_timeout_s"),
+    "--ray-check-interval-s": ("workers", "ray_check_interval_s"),
+    "--ray-lost-exit-s": ("workers", "ray_lost_exit_s"),
     "--ray-num-cpus": ("workers", "ray_num_cpus"),
     "--replicas": ("workers", "replicas"),
     "--cpus-per-replica": ("workers", "cpus_per_replica"),

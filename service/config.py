@@ -67,6 +67,10 @@ class WorkerSettings(_Group):
     """Ray cluster to join (e.g. ``auto`` or ``HOST:6379``); unset starts an embedded local Ray."""
     ray_connect_timeout_s: float = Field(60.0, gt=0)
     """How long to wait for Ray (joining or starting it) before giving up with a clear error."""
+    ray_check_interval_s: float = Field(2.0, ge=0)
+    """Seconds between checks that Ray still answers (each may wait as long; two misses mark it lost); 0: no checks."""
+    ray_lost_exit_s: float = Field(120.0, ge=0)
+    """How long Ray may stay lost after start before the server exits with code 1 to be restarted; 0: never."""
     ray_num_cpus: int | None = Field(None, ge=1)
     """CPUs an embedded local Ray may use; unset means all of this machine's."""
     replicas: int = Field(1, ge=1, le=1024)

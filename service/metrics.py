@@ -167,6 +167,19 @@ class Metrics:
             registry=registry,
         )
         self.build = Info("convray_build", "Versions convray was built with.", registry=registry)
+        self.ray_connected = Gauge(
+            "convray_ray_connected",
+            "1 while this front end's Ray cluster answers its checks, 0 before it is joined and while it is lost.",
+            registry=registry,
+        )
+        self.ray_lost = Counter(
+            "convray_ray_lost", "Times the Ray cluster became unreachable after the server was up.", registry=registry
+        )
+        self.ray_unavailable = Counter(
+            "convray_ray_unavailable_requests",
+            "Requests refused, or failed in flight, with UNAVAILABLE because the Ray cluster was unreachable.",
+            registry=registry,
+        )
 
 
 class TrainingMetrics:

@@ -220,6 +220,21 @@ class ModelRegistry:
             raise ModelNotFound(f"version {version} of model {name!r} is not loaded; loaded: {sorted(versions)}")
         return versions[version]
 
+    async def abandon_all(self, wait_s: float = 0.5) -> None:
+        """Forget every loaded version without draining, after their Ray cluster was lost with their replicas.
+
+        Each batcher gets ``wait_s`` to resolve what it holds before what still waits on the lost cluster is
+        cancelled; the replicas are not stopped (they are gone, or belong to a session being left).
+        """
+        self.ready = False
+        served, self._served = self.served_versions(), {}
+        for version in served:
+            try:
+                await asyncio.wait_for(version.batcher.close(), wait_s)
+            except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
+                pass
+            self._metrics.replicas.labels(version.name, str(version.version)).set(0)
+
     async def close(self) -> None:
         """Finish every queued request, then stop all replicas."""
         self.ready = False

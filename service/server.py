@@ -2,12 +2,18 @@
 
 The gRPC port opens at once, answering health checks with NOT_SERVING; Ray is connected and the
 models are loaded in the background, then health flips to SERVING and one "ready" line is logged.
+Afterwards a watchdog (``service.ray_watch``) checks that Ray still answers: readiness follows it, and
+the server rejoins Ray or exits with code 1 when the cluster is lost (docs/reliability.md).
+
+Health service names: ``""`` and the two API services report readiness; ``liveness`` is SERVING from the
+moment the port opens until shutdown, whatever Ray does, for liveness probes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import platform
 import signal
 import sys
@@ -29,6 +35,7 @@ from convray.service.explaining import Explainer
 from convray.service.inference import Classifier
 from convray.service.metrics import Metrics
 from convray.service.oip_servicer import InferenceServicer
+from convray.service.ray_watch import RayGate, RayWatchdog
 from convray.service.registry import ModelRegistry
 from convray.service.rpc import MalformedMessageInterceptor
 from convray.service.security import BearerTokenInterceptor, read_token, server_credentials
@@ -41,6 +48,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 OIP_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+READINESS_SERVICES = ("", CLASSIFIER_SERVICE, OIP_SERVICE)
+LIVENESS_SERVICE = "liveness"  # SERVING while the process runs and is not shutting down
+REPLICA_CHECK_TIMEOUT_S = 10.0  # after Ray answers again, how long the replicas get to answer too
 
 
 def _in_daemon_thread(function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
@@ -54,14 +64,34 @@ def _in_daemon_thread(function: Callable[..., T], *args: Any) -> asyncio.Future[
 
     def run() -> None:
         try:
-            result = function(*args)
+            outcome: tuple[Any, BaseException | None] = (function(*args), None)
         except BaseException as exc:  # noqa: BLE001 (handed to the awaiting coroutine)
-            loop.call_soon_threadsafe(_settle, future, None, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, future, result, None)
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(_settle, future, *outcome)
+        except RuntimeError:  # the loop closed meanwhile (the server stopped): nobody is waiting
+            pass
         threading.Event().wait()  # keep Ray's child processes alive (see above)
 
     threading.Thread(target=run, name="convray-ray-connect", daemon=True).start()
+    return future
+
+
+def _in_thread(loop: asyncio.AbstractEventLoop, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """Run a short blocking call in a thread of its own; the thread ends with the call."""
+    future: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (function(*args), None)
+        except BaseException as exc:  # noqa: BLE001 (handed to the awaiting coroutine)
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(_settle, future, *outcome)
+        except RuntimeError:  # the loop closed meanwhile (the server stopped): nobody is waiting
+            pass
+
+    threading.Thread(target=run, name="convray-ray-call", daemon=True).start()
     return future
 
 
@@ -105,6 +135,8 @@ class ConvrayServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [MalformedMessageInterceptor()]
         if security.auth_token_file is not None:
             interceptors.append(BearerTokenInterceptor(read_token(security.auth_token_file)))
+        self.ray_gate = RayGate(self.metrics)
+        interceptors.append(self.ray_gate)  # innermost: an unauthenticated call is refused as such first
         self._credentials = server_credentials(security)
         self._server = grpc.aio.server(
             interceptors=interceptors,
@@ -141,6 +173,13 @@ class ConvrayServer:
         self.metrics_port: int | None = None
         self._metrics_http: Any = None
         self._bring_up: asyncio.Task[None] | None = None
+        self.watchdog: RayWatchdog | None = None
+        self._joining: asyncio.Future[str] | None = None  # the one Ray join under way, if any
+        self._leaving: asyncio.Future[None] | None = None  # the one ray.shutdown under way, if any
+        self._ray_lost_reason: str | None = None
+        # Signal handlers serve() installed on the loop; put back after joining Ray again, whose new core
+        # worker installs its own SIGTERM handler over them (seen: SIGTERM then killed the process undrained).
+        self.signal_handlers: dict[int, Callable[[], object]] = {}
 
     async def start(self) -> None:
         """Open the ports and begin connecting to Ray and loading models in the background."""
@@ -152,8 +191,8 @@ class ConvrayServer:
             self.port = self._server.add_secure_port(address, self._credentials)
         if self.port == 0:
             raise StartupError(f"could not bind gRPC to {server.host}:{server.port} (in use or not permitted)")
-        for service in ("", CLASSIFIER_SERVICE, OIP_SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._server.start()
         if server.metrics_port is not None:
             try:
@@ -197,8 +236,9 @@ class ConvrayServer:
         errors = await self.registry.load_latest_of_each()
         if not self.registry.ready:
             raise StartupError("no model could be loaded: " + "; ".join(errors))
-        for service in ("", CLASSIFIER_SERVICE, OIP_SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_readiness(health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.ray_connected.set(1)
+        self._start_watchdog()
         served = {name: self.registry.loaded_versions(name) for name in self.registry.repository.model_names()}
         metrics_at = (
             f"http://{self.settings.server.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off"
@@ -211,6 +251,115 @@ class ConvrayServer:
             gcs,
             metrics_at,
         )
+
+    async def _set_readiness(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for service in READINESS_SERVICES:
+            await self.health.set(service, status)
+
+    def _start_watchdog(self) -> None:
+        workers = self.settings.workers
+        if workers.ray_check_interval_s <= 0:
+            return
+        self.watchdog = RayWatchdog(
+            probe=self._probe_ray,
+            on_lost=self._ray_lost,
+            recover=self._recover_ray,
+            on_back=self._ray_back,
+            interval_s=workers.ray_check_interval_s,
+            lost_exit_s=workers.ray_lost_exit_s,
+            rejoin_after_s=cluster.RAY_GCS_RECONNECT_TIMEOUT_S / 2,  # leave the old session before Ray kills it
+            replaced=cluster.RayClusterReplaced,
+        )
+        self.watchdog.start()
+
+    async def _probe_ray(self) -> None:
+        timeout = self.settings.workers.ray_check_interval_s
+        loop = asyncio.get_running_loop()
+        # Off the event loop, in its own thread: a probe stuck in Ray must not hold up the next ones' timeouts.
+        await asyncio.wait_for(_in_thread(loop, cluster.check_gcs, timeout), timeout + 1.0)
+
+    async def _ray_lost(self, reason: str) -> None:
+        self._ray_lost_reason = reason
+        failed = self.ray_gate.close(reason)
+        await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.metrics.ray_connected.set(0)
+        self.metrics.ray_lost.inc()
+        workers = self.settings.workers
+        log.error(
+            "Ray cluster at %s lost (%s): readiness NOT_SERVING, requests answered UNAVAILABLE (%d in flight failed); "
+            "recovering, or exiting with code 1 if not back within %s (--ray-lost-exit-s)",
+            workers.ray_address or "an embedded local Ray",
+            reason,
+            failed,
+            f"{workers.ray_lost_exit_s:g} s" if workers.ray_lost_exit_s else "ever",
+        )
+
+    async def _recover_ray(self, rejoin: bool) -> bool:
+        """Serve again: check the replicas of the old session, or leave it, join anew and reload the models."""
+        if not rejoin:
+            if await self._replicas_answer():
+                return True
+            log.warning("Ray answers again but replicas do not; reloading the models")
+            await self.registry.abandon_all()
+        else:
+            workers = self.settings.workers
+            loop = asyncio.get_running_loop()
+            if self._joining is None:  # a join already under way is awaited again, never started twice
+                if self._leaving is None and ray_is_connected():
+                    await self.registry.abandon_all()
+                    log.warning("leaving the lost Ray session to join again at %s", workers.ray_address or "local")
+                    self._leaving = _in_thread(loop, cluster.disconnect)
+                if self._leaving is not None:  # ray.shutdown may wait on a GCS that is gone: never twice at once
+                    done, _ = await asyncio.wait({self._leaving}, timeout=workers.ray_check_interval_s * 5)
+                    if not done:
+                        return False
+                    self._leaving = None
+                self._joining = _in_daemon_thread(cluster.connect, workers.ray_address, workers.ray_num_cpus)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._joining), workers.ray_connect_timeout_s)
+            except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
+                return False
+            except Exception as exc:  # noqa: BLE001 (Ray raises several types for an unreachable cluster)
+                log.warning("could not join Ray again yet: %s", exc)
+                self._joining = None
+                return False
+            self._joining = None
+            loop = asyncio.get_running_loop()
+            for sig, handler in self.signal_handlers.items():
+                loop.add_signal_handler(sig, handler)
+        if not self.registry.ready:
+            errors = await self.registry.load_latest_of_each()
+            if not self.registry.ready:
+                log.warning("no model could be loaded again yet: %s", "; ".join(errors))
+                return False
+        return True
+
+    async def _replicas_answer(self) -> bool:
+        calls = [actor.describe.remote() for s in self.registry.served_versions() for actor in s.pool.actors]
+        try:
+            await asyncio.wait_for(asyncio.gather(*calls), REPLICA_CHECK_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 (dead, restarting or unreachable replicas)
+            return False
+        return True
+
+    async def _ray_back(self, lost_for_s: float) -> None:
+        self._ray_lost_reason = None
+        self.ray_gate.open()
+        self.metrics.ray_connected.set(1)
+        await self._set_readiness(health_pb2.HealthCheckResponse.SERVING)
+        served = {name: self.registry.loaded_versions(name) for name in self.registry.repository.model_names()}
+        log.info("Ray cluster back after %.1f s: serving again, models %s", lost_for_s, served)
+
+    @property
+    def ray_lost(self) -> bool:
+        """Whether the Ray cluster is lost now (after start)."""
+        return self._ray_lost_reason is not None
+
+    async def wait_gave_up(self) -> None:
+        """Return once the watchdog gave up on a lost Ray cluster (the process should exit 1)."""
+        while self.watchdog is None:
+            await asyncio.sleep(1.0)
+        await self.watchdog.gave_up.wait()
 
     async def wait_ready(self) -> None:
         """Wait until the models are loaded.
@@ -227,8 +376,13 @@ class ConvrayServer:
         await self.health.enter_graceful_shutdown()
         if self._bring_up is not None and not self._bring_up.done():
             self._bring_up.cancel()
+        if self.watchdog is not None:
+            await self.watchdog.stop()
         await self._server.stop(grace)
-        await self.registry.close()
+        if self.ray_lost:
+            await self.registry.abandon_all()  # nothing to drain: the replicas went with the cluster
+        else:
+            await self.registry.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -251,19 +405,36 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
+        server.signal_handlers[sig] = stopping.set
     log.info("gRPC listening on %s:%d; connecting to Ray and loading models", settings.server.host, server.port)
     stop_waiter = asyncio.create_task(stopping.wait())
     ready_waiter = asyncio.create_task(server.wait_ready())
     await asyncio.wait({stop_waiter, ready_waiter}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
+    gave_up = asyncio.create_task(server.wait_gave_up())
     if ready_waiter.done() and ready_waiter.exception() is not None:
         log.error("%s", ready_waiter.exception())
         exit_code = 1
     else:
-        await stop_waiter
-        log.info("shutting down: draining for up to %.1f s", settings.server.drain_grace_s)
+        await asyncio.wait({stop_waiter, gave_up}, return_when=asyncio.FIRST_COMPLETED)
+        if gave_up.done():
+            exit_code = 1
+            log.error(
+                "Ray cluster at %s still lost after %g s (--ray-lost-exit-s): exiting with code 1 to be restarted",
+                settings.workers.ray_address or "an embedded local Ray",
+                settings.workers.ray_lost_exit_s,
+            )
+        else:
+            log.info("shutting down: draining for up to %.1f s", settings.server.drain_grace_s)
     ready_waiter.cancel()
+    gave_up.cancel()
     await server.stop()
+    if server.ray_lost:
+        # Ray's shutdown, and its exit hooks, wait on a GCS that is gone (measured: 10 s and more); the
+        # replicas went with the cluster, so there is nothing to stop. Leave now.
+        log.info("stopped (Ray lost: leaving without Ray's shutdown)")
+        logging.shutdown()
+        os._exit(exit_code)
     if ray_is_connected():
         # Disconnect (and stop an embedded Ray) now, not in Ray's exit hooks, which can abort the
         # process while other threads are still running.

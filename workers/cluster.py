@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ray
 
 NAMESPACE = "convray"
@@ -27,3 +29,38 @@ def connect(address: str | None, num_cpus: int | None = None) -> str:
                 log_to_driver=False,
             )
     return str(ray.get_runtime_context().gcs_address)
+
+
+# Ray's own driver-side limit: a driver whose GCS stays unreachable this long logs "Failed to connect to
+# GCS within N seconds ... The program will terminate" and exits (RAY_gcs_rpc_server_reconnect_timeout_s).
+RAY_GCS_RECONNECT_TIMEOUT_S = float(os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s", "60"))
+_PROBE_KEY = b"convray-probe"
+
+
+class RayClusterReplaced(Exception):
+    """The GCS at the joined address answers, but it is a new cluster: this driver's session is gone."""
+
+
+def check_gcs(timeout_s: float) -> None:
+    """One cheap round trip to the joined cluster's GCS (an internal KV read), waiting at most ``timeout_s``.
+
+    Blocking; run it off the event loop.
+
+    Raises:
+        RayClusterReplaced: a new cluster answers at the address (Ray says WrongClusterID).
+        Exception: the GCS did not answer in time (Ray raises RpcError) or this process is not connected.
+    """
+    if not ray.is_initialized():
+        raise ConnectionError("this process is not connected to Ray")
+    gcs = ray._private.worker.global_worker.gcs_client  # noqa: SLF001 (the driver's own GCS client)
+    try:
+        gcs.internal_kv_get(_PROBE_KEY, NAMESPACE.encode(), timeout=timeout_s)
+    except ray.exceptions.AuthenticationError as exc:
+        if "WrongClusterID" in str(exc):
+            raise RayClusterReplaced(str(exc).split("\n", 1)[0]) from None
+        raise
+
+
+def disconnect() -> None:
+    """Leave the cluster (stopping an embedded one). Also disarms Ray's reconnect timeout above."""
+    ray.shutdown()

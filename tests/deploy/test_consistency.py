@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from convray.service.cli import SERVE_FLAGS, build_parser
 from convray.service.config import Settings
 from convray.service.metrics import Metrics
-from convray.service.server import CLASSIFIER_SERVICE
+from convray.service.server import CLASSIFIER_SERVICE, LIVENESS_SERVICE
 from convray.workers.repository import ModelRepository
 from tests.conftest import REPO_ROOT, SHIPPED_MODELS
 from tests.deploy.conftest import DOCKERFILE, K8S, find
@@ -118,7 +118,8 @@ def test_probes_use_grpc_health_on_a_service_the_server_reports(built, overlay, 
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         grpc = container[probe]["grpc"]
         assert grpc["port"] == settings.server.port, probe
-        assert grpc.get("service", "") in ("", CLASSIFIER_SERVICE), probe
+        expected = (LIVENESS_SERVICE,) if probe == "livenessProbe" else ("", CLASSIFIER_SERVICE)
+        assert grpc.get("service", "") in expected, probe
 
 
 @pytest.mark.parametrize("overlay", SERVING)

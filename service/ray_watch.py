@@ -1,0 +1,269 @@
+"""Ray lost after start: notice it within seconds, say so (readiness, UNAVAILABLE), and recover or exit.
+
+A convray server is a Ray driver. When its cluster goes away Ray itself tells the driver nothing: actor
+calls hang (or keep working, if only the GCS died, until the replicas' raylets give up), and 60 s later
+(``RAY_gcs_rpc_server_reconnect_timeout_s``) Ray's C++ client logs "Failed to connect to GCS within 60
+seconds ... The program will terminate" and the process exits with code 1, without a drain. So:
+
+- ``RayWatchdog`` asks the GCS for one internal-KV key every ``--ray-check-interval-s`` (off the event
+  loop, with that timeout); two failures in a row mean the cluster is lost.
+- ``RayGate`` (a server interceptor) then answers every RPC that needs Ray with UNAVAILABLE and a message
+  saying why, fails the ones in flight at once instead of letting them hang to their deadline, and makes
+  the OIP readiness RPCs say not ready. Metadata and health RPCs still answer.
+- Recovery: if the same cluster answers again (a GCS restarted with fault tolerance, a network blip),
+  the replicas are checked and the server serves again. If a *new* cluster answers at the address (Ray
+  says WrongClusterID), or the old one stays silent for half of Ray's reconnect timeout, the server leaves
+  its dead session (``ray.shutdown``, which also disarms Ray's exit timer), joins again and reloads its
+  models. If Ray is still lost after ``--ray-lost-exit-s``, the server exits with code 1 and a log line
+  saying so, for its supervisor (Kubernetes) to restart it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from convray.oip import inference_pb2 as oip
+from convray.service.metrics import Metrics
+from convray.service.rpc import handler_like
+
+log = logging.getLogger(__name__)
+
+# RPCs that need Ray: refused while it is lost, and failed in flight when it is lost.
+NEEDS_RAY = frozenset(
+    {
+        "/convray.v1.Classifier/Classify",
+        "/convray.v1.Classifier/ClassifyStream",
+        "/convray.v1.Classifier/Explain",
+        "/inference.GRPCInferenceService/ModelInfer",
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        "/inference.GRPCInferenceService/RepositoryModelLoad",
+        "/inference.GRPCInferenceService/RepositoryModelUnload",
+    }
+)
+# OIP readiness RPCs: answered "not ready" while Ray is lost.
+READINESS = {
+    "/inference.GRPCInferenceService/ServerReady": oip.ServerReadyResponse,
+    "/inference.GRPCInferenceService/ModelReady": oip.ModelReadyResponse,
+}
+
+
+class RayGate(grpc.aio.ServerInterceptor):
+    """Refuses, and fails in flight, the RPCs that need Ray while the Ray cluster is lost."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._reason: str | None = None
+        self._calls: set[asyncio.Task[Any]] = set()
+        self._failing: set[asyncio.Task[Any]] = set()
+
+    @property
+    def lost(self) -> bool:
+        """Whether the Ray cluster is lost now."""
+        return self._reason is not None
+
+    def message(self) -> str:
+        """What a refused client is told."""
+        return (
+            f"the Ray cluster this server uses is unreachable ({self._reason}); "
+            "this server cannot classify until it is back: retry on another server or later"
+        )
+
+    def close(self, reason: str) -> int:
+        """Refuse from now on, and fail every call in flight; returns how many were in flight."""
+        self._reason = reason
+        in_flight = [task for task in self._calls if not task.done()]
+        for task in in_flight:
+            self._failing.add(task)
+            task.cancel()
+        return len(in_flight)
+
+    def open(self) -> None:
+        """Let calls through again."""
+        self._reason = None
+
+    async def _refuse(self, context: grpc.aio.ServicerContext) -> None:
+        self._metrics.ray_unavailable.inc()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, self.message())
+
+    async def _failed_in_flight(self, task: asyncio.Task[Any], context: grpc.aio.ServicerContext) -> None:
+        """The gate cancelled this call (not the client): answer UNAVAILABLE instead of CANCELLED."""
+        self._failing.discard(task)
+        task.uncancel()
+        await self._refuse(context)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """Wrap the handlers of RPCs that need Ray; answer readiness RPCs "not ready" while Ray is lost."""
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None:
+            return handler
+        if method in READINESS:
+            return self._readiness(handler, READINESS[method])
+        if method not in NEEDS_RAY:
+            return handler
+        if handler.response_streaming:
+            return self._streaming(handler)
+        return self._unary_reply(handler)
+
+    def _readiness(self, handler: grpc.RpcMethodHandler, reply: Any) -> grpc.RpcMethodHandler:
+        behaviour = handler.unary_unary
+
+        async def ready(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return reply(ready=False) if self.lost else await behaviour(request, context)
+
+        return handler_like(handler, ready)
+
+    def _unary_reply(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        behaviour = handler.unary_unary if not handler.request_streaming else handler.stream_unary
+
+        async def gated(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if self.lost:
+                await self._refuse(context)
+            task = asyncio.current_task()
+            assert task is not None
+            self._calls.add(task)
+            try:
+                return await behaviour(request, context)
+            except asyncio.CancelledError:
+                if task in self._failing:
+                    await self._failed_in_flight(task, context)
+                raise
+            finally:
+                self._calls.discard(task)
+                self._failing.discard(task)
+
+        return handler_like(handler, gated)
+
+    def _streaming(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        behaviour = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+        async def gated(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if self.lost:
+                await self._refuse(context)
+            task = asyncio.current_task()
+            assert task is not None
+            self._calls.add(task)
+            try:
+                outcome = behaviour(request, context)
+                if inspect.isasyncgen(outcome):
+                    async for reply in outcome:
+                        yield reply
+                else:
+                    await outcome
+            except asyncio.CancelledError:
+                if task in self._failing:
+                    await self._failed_in_flight(task, context)
+                raise
+            finally:
+                self._calls.discard(task)
+                self._failing.discard(task)
+
+        return handler_like(handler, gated)
+
+
+class RayWatchdog:
+    """Checks the Ray cluster periodically; on loss calls ``on_lost``, then recovers or gives up.
+
+    Args:
+        probe: one check of the cluster, bounded in time by its caller; raises when it does not answer
+            (``RayClusterReplaced`` from ``convray.workers.cluster`` when a new cluster answers instead).
+        on_lost: called once per loss with the reason, to close the gate and flip readiness.
+        recover: ``recover(rejoin)`` brings serving back: with ``rejoin`` False the old session answers
+            again (check the replicas); with True leave it and join anew (reload the models). Returns
+            whether the server can serve again; called again each interval while it returns False.
+        on_back: called once serving can resume, with how long Ray was lost.
+        interval_s: seconds between checks while all is well, and between recovery attempts.
+        lost_exit_s: give up (``gave_up`` is set) when still lost after this long; 0 never.
+        rejoin_after_s: when the old session stays silent this long, leave it and join anew.
+    """
+
+    def __init__(
+        self,
+        probe: Callable[[], Awaitable[None]],
+        on_lost: Callable[[str], Awaitable[None]],
+        recover: Callable[[bool], Awaitable[bool]],
+        on_back: Callable[[float], Awaitable[None]],
+        interval_s: float,
+        lost_exit_s: float,
+        rejoin_after_s: float,
+        replaced: type[Exception],
+    ) -> None:
+        self._probe, self._on_lost, self._recover, self._on_back = probe, on_lost, recover, on_back
+        self.interval_s, self.lost_exit_s, self.rejoin_after_s = interval_s, lost_exit_s, rejoin_after_s
+        self._replaced = replaced
+        self.gave_up = asyncio.Event()
+        self.lost_since: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Begin checking, in a task on the running loop."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="convray-ray-watchdog")
+
+    async def stop(self) -> None:
+        """Stop checking (on shutdown)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _check(self) -> tuple[str | None, bool]:
+        """(None, False) when the cluster answered, else why not and whether a new cluster answered instead."""
+        try:
+            await self._probe()
+        except self._replaced as exc:
+            return f"a new Ray cluster answers at its address ({exc})", True
+        except Exception as exc:  # noqa: BLE001 (Ray raises several types for an unreachable GCS)
+            return f"{type(exc).__name__}: {exc}".splitlines()[0], False
+        return None, False
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            reason, replaced = await self._check()
+            if reason is None:
+                continue
+            if not replaced:
+                reason, replaced = await self._check()  # a second miss in a row: one slow answer is no loss
+                if reason is None:
+                    continue
+            self.lost_since = time.monotonic()
+            await self._on_lost(reason)
+            if not await self._until_back(rejoin=replaced):
+                self.gave_up.set()
+                return
+            lost_for = time.monotonic() - self.lost_since
+            self.lost_since = None
+            await self._on_back(lost_for)
+
+    async def _until_back(self, rejoin: bool) -> bool:
+        """Try to recover each interval; False once ``lost_exit_s`` has passed without success."""
+        assert self.lost_since is not None
+        while True:
+            lost_for = time.monotonic() - self.lost_since
+            left = self.lost_exit_s - lost_for if self.lost_exit_s else None
+            if left is not None and left <= 0:
+                return False
+            rejoin = rejoin or lost_for >= self.rejoin_after_s
+            answered = False
+            if not rejoin:
+                reason, rejoin = await self._check()
+                answered = reason is None
+            if rejoin or answered:
+                try:
+                    if await asyncio.wait_for(self._recover(rejoin), left):
+                        return True
+                except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
+                    return False
+                except Exception:  # noqa: BLE001 (a failed attempt is retried at the next interval)
+                    log.exception("recovering from the lost Ray cluster failed; trying again")
+            await asyncio.sleep(self.interval_s)

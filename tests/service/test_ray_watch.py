@@ -1,0 +1,83 @@
+"""The Ray watchdog's decisions, with a scripted probe instead of a cluster (the real one: test_ray_lost.py)."""
+
+import asyncio
+
+from convray.service.ray_watch import RayWatchdog
+from convray.workers.cluster import RayClusterReplaced
+
+
+class Script:
+    """A probe that answers from a list of outcomes (None: answered; 'miss'; 'new': a new cluster), then 'then'."""
+
+    def __init__(self, outcomes, then=None, recover_ok=True):
+        self.outcomes, self.then, self.recover_ok = list(outcomes), then, recover_ok
+        self.events = []
+
+    async def probe(self):
+        outcome = self.outcomes.pop(0) if self.outcomes else self.then
+        if outcome == "miss":
+            raise TimeoutError("GCS did not answer")
+        if outcome == "new":
+            raise RayClusterReplaced("WrongClusterID")
+
+    async def on_lost(self, reason):
+        self.events.append(("lost", reason))
+
+    async def recover(self, rejoin):
+        self.events.append(("recover", rejoin))
+        return self.recover_ok
+
+    async def on_back(self, lost_for):
+        self.events.append(("back", round(lost_for, 1)))
+
+    def watchdog(self, lost_exit_s=0.0, rejoin_after_s=60.0):
+        return RayWatchdog(
+            self.probe, self.on_lost, self.recover, self.on_back, 0.01, lost_exit_s, rejoin_after_s, RayClusterReplaced
+        )
+
+
+async def run_for(watchdog, seconds):
+    watchdog.start()
+    await asyncio.sleep(seconds)
+    await watchdog.stop()
+
+
+def test_one_slow_answer_is_not_a_loss():
+    script = Script([None, "miss", None, "miss", None])
+    asyncio.run(run_for(script.watchdog(), 0.3))
+    assert script.events == []
+
+
+def test_two_misses_in_a_row_are_a_loss_and_the_same_cluster_answering_again_recovers_without_rejoining():
+    script = Script([None, "miss", "miss", "miss", "miss"])
+    asyncio.run(run_for(script.watchdog(), 0.5))
+    assert script.events[0] == ("lost", "TimeoutError: GCS did not answer")
+    assert script.events[1:3] == [("recover", False), ("back", 0.0)]
+
+
+def test_a_new_cluster_at_the_address_is_a_loss_at_once_and_is_rejoined():
+    script = Script([None, "new"], then=None)
+    asyncio.run(run_for(script.watchdog(), 0.3))
+    assert script.events[0][0] == "lost" and "new Ray cluster" in script.events[0][1]
+    assert script.events[1:3] == [("recover", True), ("back", 0.0)]
+
+
+def test_a_silent_cluster_is_left_and_rejoined_after_rejoin_after_s():
+    script = Script(["miss", "miss"], then="miss")
+    asyncio.run(run_for(script.watchdog(rejoin_after_s=0.1), 0.4))
+    recoveries = [e for e in script.events if e[0] == "recover"]
+    assert recoveries and all(rejoin for _, rejoin in recoveries)  # never tried before rejoin_after_s: no answer
+
+
+def test_still_lost_after_lost_exit_s_gives_up():
+    script = Script(["miss", "miss"], then="miss", recover_ok=False)
+    watchdog = script.watchdog(lost_exit_s=0.2, rejoin_after_s=0.05)
+
+    async def scenario():
+        watchdog.start()
+        await asyncio.wait_for(watchdog.gave_up.wait(), 5)
+        await watchdog.stop()
+
+    asyncio.run(scenario())
+    assert [e[0] for e in script.events][0] == "lost"
+    assert not any(e[0] == "back" for e in script.events)
