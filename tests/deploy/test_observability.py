@@ -73,9 +73,10 @@ def test_the_dashboard_covers_what_an_operator_needs():
     assert [target["legendFormat"] for target in latency["targets"]] == ["p50", "p90", "p99"]
 
 
-def test_the_alert_rules_cover_errors_latency_replicas_and_overload():
+def test_the_alert_rules_cover_errors_latency_replicas_overload_and_a_lost_ray():
     assert {rule["alert"] for rule in RULES} >= {
         "ConvrayHighErrorRatio", "ConvrayP99LatencyHigh", "ConvrayReplicasDown", "ConvraySustainedOverload",
+        "ConvrayRayUnreachable",
     }  # fmt: skip
     assert all(
         rule["labels"]["severity"] in {"warning", "critical"} and rule["annotations"]["summary"] for rule in RULES
