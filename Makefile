@@ -18,7 +18,7 @@ install: $(VENV)/.installed $(STUBS)
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,train]'
 	touch $@
 
 # The one step that builds gRPC stubs from proto/ (also run by `make install`).
