@@ -234,7 +234,7 @@ def test_a_real_prometheus_scraping_a_real_server_fills_every_panel_and_evaluate
     try:
         prometheus.wait_until(lambda: len(prometheus.query("up == 1")) == 2)
         drive_traffic(metered.address, images, seconds=3)
-        train(TrainConfig(epochs=2, threads=1), log=lambda line: None, on_epoch=progress.observe_epoch)
+        train(TrainConfig(epochs=2, threads=1, workers=0), log=lambda line: None, on_epoch=progress.observe_epoch)
         drive_traffic(metered.address, images, seconds=3)
         instance = f"127.0.0.1:{convray_port}"
         prometheus.wait_until(lambda: prometheus.query('convray_train_epoch{model="digits"} == 2'))
