@@ -28,6 +28,7 @@ from convray.workers.progress import EpochProgress
 from convray.workers.train import TrainConfig, TrainingData, epoch_line, train_loop
 
 STATE_FILE = "state.pt"
+CHECKPOINT_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # the controller's list of registered checkpoints
 
 # Ray Train V2 knobs (python/ray/train/v2/_internal/constants.py), set for this process unless the
 # user set them; the driver hands them on to the controller and the workers.
@@ -65,14 +66,14 @@ def choose_run_name(config: TrainConfig, model_name: str) -> str:
 class RaySession:
     """``train_loop`` on one Ray Train worker: its rank, device, DDP, the all-reduce and checkpoints."""
 
-    def __init__(self, on_epoch: Callable[[EpochProgress], None] | None) -> None:
+    def __init__(self, on_epoch: Callable[[EpochProgress], None] | None, run_dir: Path) -> None:
         import ray.train
         import ray.train.torch
 
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
-        self._on_epoch = on_epoch
+        self._on_epoch, self._run_dir = on_epoch, run_dir
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Move to this worker's device; wrap in DistributedDataParallel when there are several workers."""
@@ -117,12 +118,29 @@ class RaySession:
             ray.train.report(record, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{progress.epoch:04d}")
 
 
+    def crash(self, epoch: int) -> None:
+        """Exit this worker process once the controller has registered the previous epoch's checkpoint.
+
+        Reports are handed over through a one-slot queue the controller polls, so dying straight after
+        ``report`` could lose that checkpoint and make the test that uses this depend on timing.
+        """
+        snapshot = self._run_dir / CHECKPOINT_SNAPSHOT_FILE
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if snapshot.exists() and f"checkpoint_{epoch - 1:04d}" in snapshot.read_text(encoding="utf-8"):
+                break
+            time.sleep(0.05)
+        print(f"failure injected: rank {self.rank} exits at the start of epoch {epoch}", flush=True)
+        os._exit(17)
+
+
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """The function each Ray Train worker runs."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report and checkpoint
     config = TrainConfig(**loop_config["config"])
     config.threads = max(1, int(config.cpus_per_worker))  # intra-op threads = the CPUs Ray reserved
-    train_loop(config, loop_config["data"], RaySession(loop_config["on_epoch"]))
+    run_dir = Path(config.storage_path).resolve() / str(config.run_name)
+    train_loop(config, loop_config["data"], RaySession(loop_config["on_epoch"], run_dir))
 
 
 def trainer(

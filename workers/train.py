@@ -252,6 +252,9 @@ class Session(Protocol):
     def report(self, progress: EpochProgress, record: dict[str, Any], state: Callable[[], dict[str, Any]]) -> None:
         """After each epoch: log, and (where checkpoints are kept) save ``state()``."""
 
+    def crash(self, epoch: int) -> None:
+        """Die as a crashed worker would, at the start of ``epoch`` (``fail_at_epoch``, for tests)."""
+
 
 def train_loop(config: TrainConfig, data: TrainingData, session: Session) -> tuple[CNN, list[dict[str, Any]]]:
     """The training loop, the same in one process and on each Ray Train worker.
@@ -277,7 +280,7 @@ def train_loop(config: TrainConfig, data: TrainingData, session: Session) -> tup
         opt.load_state_dict(restored["optimizer"])
         schedule.load_state_dict(restored["schedule"])
         scaler.load_state_dict(restored["scaler"])
-        history = restored["history"]
+        history = list(restored["history"])
 
     def state() -> dict[str, Any]:
         return {
@@ -290,9 +293,7 @@ def train_loop(config: TrainConfig, data: TrainingData, session: Session) -> tup
 
     for epoch in range(len(history) + 1, config.epochs + 1):
         if epoch == config.fail_at_epoch and restored is None and session.rank == 0:
-            import os
-
-            os._exit(17)  # failure injection (tests): this worker process dies as a crashed one would
+            session.crash(epoch)  # failure injection (tests), on the first attempt only
         sampler.set_epoch(epoch)
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch * 101 + session.rank)
         started = time.monotonic()
@@ -305,6 +306,8 @@ def train_loop(config: TrainConfig, data: TrainingData, session: Session) -> tup
         progress = EpochProgress(epoch, config.epochs, loss_sum / seen, correct / seen, seen / max(seconds, 1e-9))
         record = {"epoch": epoch, "loss": progress.loss, "accuracy": progress.accuracy, "seconds": seconds}
         record["images_per_second"] = progress.images_per_second
+        if restored is not None and epoch == len(restored["history"]) + 1:  # where a restart or --resume joined
+            record["resumed_after_epoch"] = epoch - 1
         if session.rank == 0:
             record["val_accuracy"] = evaluate(model, data.held_out, data.contract.normalisation)["accuracy"]
         history.append(record)
@@ -340,6 +343,10 @@ class LocalSession:
         self._log(epoch_line(record, config_epochs=progress.epochs))
         if self._on_epoch is not None:
             self._on_epoch(progress)
+
+    def crash(self, epoch: int) -> None:
+        """Nothing restarts a local run, so the injected failure is an exception."""
+        raise RuntimeError(f"failure injected at the start of epoch {epoch}")
 
 
 def epoch_line(record: dict[str, Any], config_epochs: int) -> str:
