@@ -180,16 +180,16 @@ def train_one_epoch(
     opt: torch.optim.Optimizer,
     schedule: Any,
     scaler: torch.amp.GradScaler,
-    data: TrainingData,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    norm: Normalisation,
     indices: torch.Tensor,
     config: TrainConfig,
     generator: torch.Generator,
     device: torch.device,
     batch_size: int,
 ) -> torch.Tensor:
-    """One pass over ``indices`` in batches; returns [loss sum, correct, images] as a float64 tensor."""
-    images, labels = torch.from_numpy(data.train.images), torch.from_numpy(data.train.labels)
-    norm = data.contract.normalisation
+    """One pass over ``indices`` of uint8 ``images`` (N, C, H, W) in batches; returns [loss sum, correct, images]."""
     dtype = amp_dtype(config, device)
     totals = torch.zeros(3, dtype=torch.float64)
     model.train()
@@ -273,6 +273,8 @@ def train_loop(config: TrainConfig, data: TrainingData, session: Session) -> tup
     batch_size = max(1, config.batch_size // session.world_size)
     opt, schedule = make_optimizer(config, model, steps_per_epoch=-(-len(sampler) // batch_size))
     scaler = torch.amp.GradScaler(session.device.type, enabled=amp_dtype(config, session.device) == torch.float16)
+    # A copy: arrays that came through Ray's object store are read-only, which torch warns about.
+    images, labels = torch.from_numpy(data.train.images.copy()), torch.from_numpy(data.train.labels.copy())
     history: list[dict[str, Any]] = []
     restored = session.restore()
     if restored is not None:
@@ -298,8 +300,8 @@ def train_loop(config: TrainConfig, data: TrainingData, session: Session) -> tup
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch * 101 + session.rank)
         started = time.monotonic()
         totals = train_one_epoch(
-            wrapped, opt, schedule, scaler, data, torch.tensor(list(sampler)),
-            config, generator, session.device, batch_size,
+            wrapped, opt, schedule, scaler, images, labels, data.contract.normalisation,
+            torch.tensor(list(sampler)), config, generator, session.device, batch_size,
         )  # fmt: skip
         loss_sum, correct, seen = session.all_reduce(totals).tolist()
         seconds = time.monotonic() - started
