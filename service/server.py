@@ -197,6 +197,7 @@ class ConvrayServer:
         errors = await self.registry.load_latest_of_each()
         if not self.registry.ready:
             raise StartupError("no model could be loaded: " + "; ".join(errors))
+        self.registry.start_polling(self.settings.models.poll_interval_s)
         for service in ("", CLASSIFIER_SERVICE, OIP_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         served = {name: self.registry.loaded_versions(name) for name in self.registry.repository.model_names()}
