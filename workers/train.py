@@ -88,7 +88,7 @@ class TrainConfig:
     run_name: str | None = None  # None: "<model name>-<UTC time>"
     resume: bool = False  # continue the latest run of this model under storage_path
     max_failures: int = 2  # worker-group restarts (from the last checkpoint) before the run fails
-    fail_at_epoch: int | None = None  # tests: rank 0 dies at the start of this epoch, on a run with no checkpoint
+    fail_at_epoch: int | None = None  # tests: rank 0 dies at the start of this epoch (once: not after resuming)
 
 
 def load_spec(config: TrainConfig, data: ImageDataset | None = None) -> CNNSpec:
@@ -294,8 +294,9 @@ def train_loop(config: TrainConfig, data: TrainingData, session: Session) -> tup
         }
 
     for epoch in range(len(history) + 1, config.epochs + 1):
-        if epoch == config.fail_at_epoch and restored is None and session.rank == 0:
-            session.crash(epoch)  # failure injection (tests), on the first attempt only
+        started_before = len(restored["history"]) if restored else 0  # epochs done when this attempt began
+        if epoch == config.fail_at_epoch and started_before < epoch - 1 and session.rank == 0:
+            session.crash(epoch)  # failure injection (tests): once, not again after restoring epoch - 1
         sampler.set_epoch(epoch)
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch * 101 + session.rank)
         started = time.monotonic()
