@@ -143,6 +143,47 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     train_loop(config, loop_config["data"], RaySession(loop_config["on_epoch"], run_dir))
 
 
+def lean_torch_trainer(embedded_ray: bool) -> type:
+    """TorchTrainer without helper actors this job has no use for, each one more process to start.
+
+    - ``DatasetsCallback`` starts a ``DatasetManager`` actor even when no Ray Dataset is passed (the data
+      here travels with the function).
+    - ``PlacementGroupCleanerCallback`` starts an actor that removes the run's placement group should the
+      controller die without doing so; a placement group belongs to its job, so Ray removes it when the
+      ``convray train`` driver exits anyway.
+    - On an embedded Ray (no autoscaler can exist), the scaling policy's resource requests to Ray Data's
+      ``_AutoscalingCoordinatorActor``: the controller creates that actor and blocks on it (up to 5 s)
+      before it places the workers. On a cluster they stay: they let an autoscaler add nodes.
+
+    On 2 cores these three processes cost several seconds of a run meant to take under 20 (see
+    docs/benchmarks.md). The hooks are Ray Train V2's private ones (Ray 2.60:
+    python/ray/train/v2/api/data_parallel_trainer.py, _internal/execution/scaling_policy/fixed.py).
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+    class NoAutoscalerScalingPolicy(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context: Any) -> None:
+            pass  # no resource request: nothing could act on it
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            unused = (DatasetsCallback, PlacementGroupCleanerCallback)
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
+
+        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+            if embedded_ray:
+                kwargs["scaling_policy"] = NoAutoscalerScalingPolicy(self.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
+    return LeanTorchTrainer
+
+
 def trainer(
     config: TrainConfig,
     data: TrainingData,
@@ -151,10 +192,10 @@ def trainer(
 ) -> Any:
     """The TorchTrainer for a run: scaling, storage, checkpoints and failure handling from ``config``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     resources = {"CPU": config.cpus_per_worker} | ({"GPU": 1} if config.gpu else {})
-    return TorchTrainer(
+    return lean_torch_trainer(embedded_ray=not config.ray_address)(
         worker_loop,
         # The data travels with the function (one object-store put), not as a Ray Dataset: it is in
         # memory already, and the loop indexes it per epoch without a data pipeline in between.
