@@ -19,7 +19,7 @@ TRAIN_FLAGS: dict[str, dict[str, Any]] = {
     "--colour-mode": {"choices": ["L", "RGB"], "help": "folders: convert images to grey (L) or RGB"},
     "--max-shift-px": {"type": int, "help": "random-shift augmentation, pixels each way (0: off)"},
     "--flip": {"action": argparse.BooleanOptionalAction, "help": "random left-right flips (not for digits)"},
-    "--preset": {"help": "named CNN spec (see workers/train.py PRESETS)"},
+    "--preset": {"help": "named CNN spec (workers/spec.py PRESETS)"},
     "--spec": {"dest": "spec_file", "help": "JSON file with a CNN spec (overrides --preset)"},
     "--epochs": {"type": int},
     "--batch-size": {"type": int, "help": "images per optimiser step, over all workers"},

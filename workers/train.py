@@ -31,26 +31,8 @@ from convray.workers.data import ImageDataset, load_dataset
 from convray.workers.models import CNN, build_model
 from convray.workers.progress import EpochProgress
 from convray.workers.repository import InputContract, ModelMetadata, ModelRepository, Normalisation
-from convray.workers.spec import CNNSpec
-from convray.workers.transforms import normalise, random_flip, random_shift
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # ~25k parameters; 8x8 grey digits -> 10 classes; ~100 KB of weights.
-    "digits-small": {
-        "in_channels": 1,
-        "blocks": [
-            {"type": "conv", "filters": 32, "kernel_size": 3, "padding": "same", "batch_norm": True},
-            {"type": "conv", "filters": 32, "kernel_size": 3, "padding": "same", "batch_norm": True},
-            {"type": "pool", "kind": "max", "window": 2},
-            {"type": "conv", "filters": 64, "kernel_size": 3, "padding": "same", "batch_norm": True},
-            {"type": "pool", "kind": "max", "window": 2},
-            {"type": "dropout", "rate": 0.1},
-        ],
-        "head": {"type": "gap_fc", "hidden": []},
-        "num_classes": 10,
-        "output": "softmax",
-    },
-}
+from convray.workers.spec import PRESETS, CNNSpec
+from convray.workers.transforms import channel_stats, normalise, random_flip, random_shift
 
 
 @dataclass
@@ -65,7 +47,7 @@ class TrainConfig:
     max_shift_px: int = 1  # random translation (a random crop of the padded image), pixels each way
     flip: bool = False  # random left-right mirror; off for digits, where a mirrored 2 is no 2
     # model
-    preset: str = "digits-small"  # a key of PRESETS, used when spec_file is None
+    preset: str = "digits-small"  # a key of workers/spec.py PRESETS, used when spec_file is None
     spec_file: str | None = None  # a JSON CNNSpec, overrides preset
     # optimisation
     epochs: int = 15  # digits: 0.9972 held out at 15 (docs/benchmarks.md); the shipped version used 30
@@ -111,15 +93,6 @@ def load_spec(config: TrainConfig, data: ImageDataset | None = None) -> CNNSpec:
             f"the data has {data.images.shape[1]} and {len(data.label_names)}"
         )
     return spec
-
-
-def channel_stats(images: np.ndarray) -> Normalisation:
-    """Per-channel mean and std of uint8 images (N, C, H, W), on the 0..1 scale."""
-    scaled = images.astype(np.float64) / 255.0
-    return Normalisation(
-        mean=[round(float(m), 6) for m in scaled.mean(axis=(0, 2, 3))],
-        std=[round(max(float(s), 1e-6), 6) for s in scaled.std(axis=(0, 2, 3))],
-    )
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from convray.workers.repository import Normalisation
 
 
 def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -40,3 +43,12 @@ def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     """Mirror a random half of the images left to right (only for tasks where a mirror keeps the label)."""
     flip = torch.rand(images.shape[0], generator=generator) < 0.5  # (N,)
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def channel_stats(images: np.ndarray) -> Normalisation:
+    """Per-channel mean and std of uint8 images (N, C, H, W), on the 0..1 scale."""
+    scaled = images.astype(np.float64) / 255.0
+    return Normalisation(
+        mean=[round(float(m), 6) for m in scaled.mean(axis=(0, 2, 3))],
+        std=[round(max(float(s), 1e-6), 6) for s in scaled.std(axis=(0, 2, 3))],
+    )
