@@ -190,8 +190,10 @@ class PrometheusServer:
         try:
             with urllib.request.urlopen(url, timeout=10) as reply:
                 body = json.load(reply)
-        except urllib.error.HTTPError as error:  # a bad query: say which and why
-            raise AssertionError(f"{params}: {error.read().decode()}") from None
+        except urllib.error.HTTPError as error:
+            if error.code == 503:  # still starting up: wait_until retries this like a port not yet open
+                raise ConnectionError(f"prometheus not ready: {error.read().decode()}") from None
+            raise AssertionError(f"{params}: {error.read().decode()}") from None  # a bad query: say which and why
         assert body["status"] == "success", body
         return body["data"]
 
