@@ -18,7 +18,7 @@ install: $(VENV)/.installed $(STUBS)
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,train]'
 	touch $@
 
 # The one step that builds gRPC stubs from proto/ (also run by `make install`).
@@ -51,7 +51,7 @@ bench: install
 # Reproduces the shipped default model (models/digits/1) from scikit-learn's digits,
 # published as the next version of `digits` in ./models.
 train-default: install
-	$(VENV)/bin/convray train --dataset digits --preset digits-small --epochs 30 --seed 0 \
+	$(VENV)/bin/convray train --workers 0 --dataset digits --preset digits-small --epochs 30 --seed 0 \
 		--model-repo models --model-name digits
 
 clean:

@@ -26,6 +26,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--drain-grace-s": ("server", "drain_grace_s"),
     "--model-repo": ("models", "model_repo"),
     "--default-model": ("models", "default_model"),
+    "--poll-interval-s": ("models", "poll_interval_s"),
     "--max-batch-size": ("batching", "max_batch_size"),
     "--max-batch-delay-ms": ("batching", "max_batch_delay_ms"),
     "--max-queue": ("batching", "max_queue"),

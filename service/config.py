@@ -43,6 +43,8 @@ class ModelSettings(_Group):
     """Directory holding ``<model-name>/<version>/`` (relative to the working directory)."""
     default_model: str = "digits"
     """Model for requests that name none; if it is not served, the first served model by name."""
+    poll_interval_s: float = Field(0.0, ge=0)
+    """Seconds between checks of the repository for a newer version, which is loaded, warmed, then served; 0: off."""
 
 
 class BatchingSettings(_Group):

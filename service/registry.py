@@ -19,6 +19,10 @@ from convray.workers.repository import ModelLoadError, ModelMetadata, ModelRepos
 
 log = logging.getLogger(__name__)
 
+# After switching to a new version, the old one keeps serving this long before it drains and stops:
+# a request that picked it just before the switch may still be decoding its image off the event loop.
+SWITCH_GRACE_S = 1.0
+
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -59,6 +63,8 @@ class ModelRegistry:
         self._metrics = metrics
         self._served: dict[str, dict[int, ServedModel]] = {}
         self._changing = asyncio.Lock()  # one load or unload at a time
+        self._poller: asyncio.Task[None] | None = None
+        self._failed_versions: set[tuple[str, int]] = set()  # not retried by the poller
         self.ready = False
 
     @property
@@ -153,9 +159,33 @@ class ModelRegistry:
                 raise ModelNotFound(f"model {name!r} has no versions in {self.repository.root}")
             current = self._served.get(name, {})
             served = current.get(version) or await self.load(name, version)
-            for old in [v for v in current if v != version]:
+            older = [v for v in current if v != version]
+            if older:  # version-0 requests resolve to the new one from now on; explicit ones still find theirs
+                await asyncio.sleep(SWITCH_GRACE_S)
+            for old in older:
                 await self._unload_version(name, old)
             return served
+
+    def start_polling(self, interval_s: float) -> None:
+        """Every ``interval_s``, serve any version newer than the served ones (``load_latest``); 0: never."""
+        if interval_s > 0 and self._poller is None:
+            self._poller = asyncio.create_task(self._poll(interval_s), name="convray-model-poller")
+
+    async def _poll(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            for name in self.repository.model_names():
+                newest = self.repository.latest_version(name)
+                if newest is None or newest <= max(self.loaded_versions(name), default=0):
+                    continue
+                if (name, newest) in self._failed_versions:
+                    continue
+                log.info("model repository has %s version %d; loading it", name, newest)
+                try:
+                    await self.load_latest(name)
+                except (ModelLoadError, ModelNotFound) as exc:  # keep serving what is loaded; say so once
+                    self._failed_versions.add((name, newest))
+                    log.warning("not switching to %s version %d: %s", name, newest, exc)
 
     async def unload(self, name: str) -> None:
         """Stop serving every version of ``name``, after finishing the requests already queued.
@@ -238,6 +268,8 @@ class ModelRegistry:
     async def close(self) -> None:
         """Finish every queued request, then stop all replicas."""
         self.ready = False
+        if self._poller is not None:
+            self._poller.cancel()
         for versions in self._served.values():
             for served in versions.values():
                 await served.batcher.close()

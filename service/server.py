@@ -236,6 +236,7 @@ class ConvrayServer:
         errors = await self.registry.load_latest_of_each()
         if not self.registry.ready:
             raise StartupError("no model could be loaded: " + "; ".join(errors))
+        self.registry.start_polling(self.settings.models.poll_interval_s)
         await self._set_readiness(health_pb2.HealthCheckResponse.SERVING)
         self.metrics.ray_connected.set(1)
         self._start_watchdog()

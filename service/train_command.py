@@ -1,4 +1,4 @@
-"""The ``convray train`` command: flags -> TrainConfig -> one training run that publishes a version."""
+"""``convray train`` and ``convray tune``: flags -> TrainConfig -> one run (or search) that publishes a version."""
 
 from __future__ import annotations
 
@@ -8,31 +8,90 @@ from pathlib import Path
 from typing import Any
 
 from convray.service.exit_codes import EXIT_OK, EXIT_USAGE
+from convray.workers.progress import EpochProgress
+
+# Every `convray train` / `convray tune` flag and its argparse options; each sets the TrainConfig field of
+# the same name (dashes for underscores), or the one named by "dest". Defaults live in TrainConfig only.
+TRAIN_FLAGS: dict[str, dict[str, Any]] = {
+    "--dataset": {"help": "digits | folder:PATH (PATH/<class>/*.png|jpg, read with Ray Data) | npz:PATH"},
+    "--held-out-fraction": {"type": float, "help": "stratified validation split (digits: always its own 0.2)"},
+    "--image-size": {"type": int, "help": "folders: resize images to this square size"},
+    "--colour-mode": {"choices": ["L", "RGB"], "help": "folders: convert images to grey (L) or RGB"},
+    "--max-shift-px": {"type": int, "help": "random-shift augmentation, pixels each way (0: off)"},
+    "--flip": {"action": argparse.BooleanOptionalAction, "help": "random left-right flips (not for digits)"},
+    "--preset": {"help": "named CNN spec (workers/spec.py PRESETS)"},
+    "--spec": {"dest": "spec_file", "help": "JSON file with a CNN spec (overrides --preset)"},
+    "--epochs": {"type": int},
+    "--batch-size": {"type": int, "help": "images per optimiser step, over all workers"},
+    "--optimizer": {"choices": ["sgd", "adamw"]},
+    "--schedule": {"choices": ["one_cycle", "cosine", "constant"], "help": "learning-rate schedule, per step"},
+    "--lr": {"dest": "max_lr", "type": float, "help": "peak (one_cycle) or initial learning rate"},
+    "--momentum": {"type": float},
+    "--weight-decay": {"type": float},
+    "--label-smoothing": {"type": float},
+    "--seed": {"type": int},
+    "--threads": {"type": int, "help": "torch threads of the single-process loop (--workers 0)"},
+    "--workers": {"type": int, "help": "Ray Train workers; 0 trains in this process without Ray"},
+    "--cpus-per-worker": {"type": float, "help": "Ray CPUs per worker, also its torch thread count"},
+    "--gpu": {"action": argparse.BooleanOptionalAction, "help": "one GPU per worker"},
+    "--amp": {"choices": ["none", "bf16", "fp16"], "help": "mixed precision on GPU (ignored on CPU)"},
+    "--ray-address": {"help": "Ray cluster to join ('auto' inside a RayJob); unset starts a local Ray"},
+    "--storage-path": {"help": "where runs keep their per-epoch checkpoints (shared storage on a cluster)"},
+    "--run-name": {"help": "checkpoint directory name under --storage-path (default: MODEL-NAME-UTC-TIME)"},
+    "--resume": {"action": "store_true", "help": "continue the latest run of --model-name from its checkpoint"},
+    "--max-failures": {"type": int, "help": "worker-group restarts from the last checkpoint before failing"},
+    "--fail-at-epoch": {"type": int, "help": argparse.SUPPRESS},  # tests: failure injection
+}
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Train a CNN and publish it as the next version in the model repository."""
-    from convray.workers.train import TrainConfig, train_and_publish
+def config_from_args(args: argparse.Namespace) -> Any:
+    """A TrainConfig with every flag given on the command line laid over the defaults."""
+    from convray.workers.train import TrainConfig
 
-    config = TrainConfig(
-        dataset=args.dataset,
-        preset=args.preset,
-        spec_file=args.spec,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        max_lr=args.lr,
-        seed=args.seed,
-    )
-    on_epoch = None
-    if args.metrics_port is not None:  # progress as Prometheus gauges, for the dashboard's training row
+    given = {field: getattr(args, field) for field in map(_field, TRAIN_FLAGS)}
+    return TrainConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def _field(flag: str) -> str:
+    return str(TRAIN_FLAGS[flag].get("dest", flag[2:].replace("-", "_")))
+
+
+class EpochGauges:
+    """``--metrics-port``: progress as Prometheus gauges, served from the process that reports epochs.
+
+    Picklable until its first call, so a Ray Train run can take it to its rank-0 worker.
+    """
+
+    def __init__(self, model_name: str, port: int, host: str) -> None:
+        self._model_name, self._port, self._host = model_name, port, host
+        self._metrics: Any = None
+
+    def start(self) -> None:
+        """Serve /metrics now (before the first epoch)."""
         from prometheus_client import CollectorRegistry, start_http_server
 
         from convray.service.metrics import TrainingMetrics
 
-        progress = TrainingMetrics(CollectorRegistry(), args.model_name)
-        start_http_server(args.metrics_port, addr=args.metrics_host, registry=progress.registry)
-        on_epoch = progress.observe_epoch
+        self._metrics = TrainingMetrics(CollectorRegistry(), self._model_name)
+        start_http_server(self._port, addr=self._host, registry=self._metrics.registry)
+
+    def __call__(self, progress: EpochProgress) -> None:
+        """Record one finished epoch."""
+        if self._metrics is None:
+            self.start()
+        self._metrics.observe_epoch(progress)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a CNN (in this process or on Ray Train workers) and publish it as the next model version."""
+    from convray.workers.train import train_and_publish
+
+    config = config_from_args(args)
+    on_epoch = None
+    if args.metrics_port is not None:
+        on_epoch = EpochGauges(args.model_name, args.metrics_port, args.metrics_host)
+        if config.workers == 0:
+            on_epoch.start()
     try:
         train_and_publish(config, Path(args.model_repo), args.model_name, on_epoch=on_epoch)
     except ValueError as exc:
@@ -41,19 +100,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Search spec and optimiser choices with Ray Tune (each trial a Ray Train run); publish the best."""
+    from convray.workers.tune import tune_and_publish
+
+    try:
+        tune_and_publish(config_from_args(args), args.trials, Path(args.model_repo), args.model_name)
+    except ValueError as exc:
+        print(f"convray tune: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    # Unset flags stay None, so TrainConfig's defaults apply (shown in workers/train.py, which imports
+    # torch: too slow to import for every `convray` command just to print defaults in --help).
+    for flag, options in TRAIN_FLAGS.items():
+        parser.add_argument(flag, **{"dest": _field(flag), "default": None, **options})
+    parser.add_argument("--model-repo", default="models")
+    parser.add_argument("--model-name", default="digits")
+
+
 def add_train_commands(commands: Any) -> None:
-    """Add ``train`` to the ``convray`` sub-command parsers."""
+    """Add ``train`` and ``tune`` to the ``convray`` sub-command parsers."""
     train = commands.add_parser("train", help="train and publish a model version", description=cmd_train.__doc__)
-    train.add_argument("--dataset", default="digits", choices=["digits"])
-    train.add_argument("--preset", default="digits-small", help="named CNN spec (see workers/train.py)")
-    train.add_argument("--spec", default=None, help="JSON file with a CNN spec (overrides --preset)")
-    train.add_argument("--epochs", type=int, default=30)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
-    train.add_argument("--lr", type=float, default=0.2, help="peak learning rate of the one-cycle schedule")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--model-repo", default="models")
-    train.add_argument("--model-name", default="digits")
+    _add_train_flags(train)
     train.add_argument("--metrics-port", type=int, default=None, help="serve progress gauges on /metrics here")
     train.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
     train.set_defaults(run=cmd_train)
+
+    tune = commands.add_parser("tune", help="search hyperparameters, publish the best", description=cmd_tune.__doc__)
+    _add_train_flags(tune)
+    tune.add_argument("--trials", type=int, default=8, help="configurations to try")
+    tune.set_defaults(run=cmd_tune)

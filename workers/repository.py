@@ -189,8 +189,13 @@ class ModelRepository:
         module.eval()
         return LoadedModel(name=name, version=version, metadata=metadata, module=module)
 
-    def publish(self, name: str, metadata: ModelMetadata, module: torch.nn.Module) -> int:
-        """Write a new version (one above the highest) atomically and return its number."""
+    def publish(
+        self, name: str, metadata: ModelMetadata, module: torch.nn.Module, extra_files: dict[str, bytes] | None = None
+    ) -> int:
+        """Write a new version (one above the highest) atomically and return its number.
+
+        ``extra_files`` (name -> bytes) land beside the weights, e.g. the training plots.
+        """
         validate_model_name(name)
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +204,11 @@ class ModelRepository:
             (staging / METADATA_FILE).write_text(metadata.model_dump_json(indent=2) + "\n", encoding="utf-8")
             state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
             save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-            for path in (staging / METADATA_FILE, staging / WEIGHTS_FILE):
+            for extra, content in (extra_files or {}).items():
+                if extra in (METADATA_FILE, WEIGHTS_FILE) or Path(extra).name != extra:
+                    raise ValueError(f"extra file name {extra!r} must be a plain name other than the model's own")
+                (staging / extra).write_bytes(content)
+            for path in staging.iterdir():
                 os.chmod(path, 0o644)  # readable by serving pods that run as another user
             os.chmod(staging, 0o755)
             while True:  # another publisher may take a number first: move on to the next one

@@ -8,7 +8,7 @@ beside the weights in ``model.json`` and turned into a torch module by ``workers
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -147,3 +147,23 @@ def output_shapes(spec: CNNSpec, height: int, width: int) -> list[tuple[str, tup
             )
         shapes.append((f"block{i}_{block.type}", (channels, height, width)))
     return shapes
+
+
+# Named specs for `convray train --preset`; the data decides in_channels and num_classes.
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~25k parameters; 8x8 grey digits -> 10 classes; ~100 KB of weights.
+    "digits-small": {
+        "in_channels": 1,
+        "blocks": [
+            {"type": "conv", "filters": 32, "kernel_size": 3, "padding": "same", "batch_norm": True},
+            {"type": "conv", "filters": 32, "kernel_size": 3, "padding": "same", "batch_norm": True},
+            {"type": "pool", "kind": "max", "window": 2},
+            {"type": "conv", "filters": 64, "kernel_size": 3, "padding": "same", "batch_norm": True},
+            {"type": "pool", "kind": "max", "window": 2},
+            {"type": "dropout", "rate": 0.1},
+        ],
+        "head": {"type": "gap_fc", "hidden": []},
+        "num_classes": 10,
+        "output": "softmax",
+    },
+}

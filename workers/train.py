@@ -1,13 +1,17 @@
 """Train a CNN from the family and publish it as the next version in the model repository.
 
-The shipped default model ``models/digits/1`` was made by exactly this command (2 CPU cores, torch
-2.13 CPU build):
+The shipped default model ``models/digits/1`` was made by the single-process loop (2 CPU cores,
+torch 2.13 CPU build):
 
-    convray train --dataset digits --preset digits-small --epochs 30 --seed 0 \
+    convray train --workers 0 --dataset digits --preset digits-small --epochs 30 --seed 0 \
         --model-repo models --model-name digits
 
-This is the single-process loop; issue #8 runs the same loop data-parallel on Ray Train.
-It reads top to bottom: config -> data -> model -> loop -> evaluate -> publish.
+Data-parallel on Ray Train, two CPU workers (``workers/ray_train.py`` starts them):
+
+    convray train --dataset digits --workers 2 --model-repo models --model-name digits
+
+Both run ``train_loop`` below; only its ``Session`` differs (who reports, checkpoints and resumes).
+It reads top to bottom: config -> data -> model -> one epoch -> evaluate -> the loop -> publish.
 """
 
 from __future__ import annotations
@@ -16,185 +20,354 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
 
-from convray.workers.data import ImageDataset, load_digits_split
+from convray.workers.data import ImageDataset, load_dataset
 from convray.workers.models import CNN, build_model
 from convray.workers.progress import EpochProgress
 from convray.workers.repository import InputContract, ModelMetadata, ModelRepository, Normalisation
-from convray.workers.spec import CNNSpec
-from convray.workers.transforms import normalise
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # ~25k parameters; 8x8 grey digits -> 10 classes; ~100 KB of weights.
-    "digits-small": {
-        "in_channels": 1,
-        "blocks": [
-            {"type": "conv", "filters": 32, "kernel_size": 3, "padding": "same", "batch_norm": True},
-            {"type": "conv", "filters": 32, "kernel_size": 3, "padding": "same", "batch_norm": True},
-            {"type": "pool", "kind": "max", "window": 2},
-            {"type": "conv", "filters": 64, "kernel_size": 3, "padding": "same", "batch_norm": True},
-            {"type": "pool", "kind": "max", "window": 2},
-            {"type": "dropout", "rate": 0.1},
-        ],
-        "head": {"type": "gap_fc", "hidden": []},
-        "num_classes": 10,
-        "output": "softmax",
-    },
-}
+from convray.workers.spec import PRESETS, CNNSpec
+from convray.workers.transforms import channel_stats, normalise, random_flip, random_shift
 
 
 @dataclass
 class TrainConfig:
     """Every knob of a training run, with its unit."""
 
-    dataset: str = "digits"  # only "digits" here; folders and .npz arrive with issue #8
-    preset: str = "digits-small"  # a key of PRESETS, used when spec_file is None
+    # data
+    dataset: str = "digits"  # "digits", "folder:PATH" or "npz:PATH" (workers/data.py)
+    held_out_fraction: float = 0.2  # stratified validation split, evaluated every epoch and at the end
+    image_size: int | None = None  # folders: resize images to this square size (None: keep, must agree)
+    colour_mode: Literal["L", "RGB"] = "RGB"  # folders: what images are converted to
+    max_shift_px: int = 1  # random translation (a random crop of the padded image), pixels each way
+    flip: bool = False  # random left-right mirror; off for digits, where a mirrored 2 is no 2
+    # model
+    preset: str = "digits-small"  # a key of workers/spec.py PRESETS, used when spec_file is None
     spec_file: str | None = None  # a JSON CNNSpec, overrides preset
-    epochs: int = 30
-    batch_size: int = 64  # images per optimiser step
-    optimizer: str = "sgd"  # "sgd" (Nesterov momentum) or "adamw"
-    max_lr: float = 0.2  # peak of the one-cycle schedule
+    # optimisation
+    epochs: int = 15  # digits: 0.9972 held out at 15 (docs/benchmarks.md); the shipped version used 30
+    batch_size: int = 64  # images per optimiser step, over all workers together
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # SGD with Nesterov momentum, or AdamW
+    schedule: Literal["one_cycle", "cosine", "constant"] = "one_cycle"
+    max_lr: float = 0.2  # peak (one_cycle), start (cosine) or only (constant) learning rate
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.05
-    max_shift_px: int = 1  # random translation augmentation, in pixels each way
     seed: int = 0
-    threads: int = 2  # torch intra-op threads
+    threads: int = 2  # torch intra-op threads per process
+    # Ray Train (workers/ray_train.py); workers=0 runs the loop in this process, without Ray
+    workers: int = 2
+    ray_address: str | None = None  # a cluster to join ("auto" inside a RayJob); None starts a local Ray
+    cpus_per_worker: float = 1.0
+    gpu: bool = False  # one GPU per worker
+    amp: Literal["none", "bf16", "fp16"] = "none"  # mixed precision, on GPU only
+    storage_path: str = "train-runs"  # checkpoints: <storage_path>/<run_name>/checkpoint_*
+    run_name: str | None = None  # None: "<model name>-<UTC time>"
+    resume: bool = False  # continue the latest run of this model under storage_path
+    max_failures: int = 2  # worker-group restarts (from the last checkpoint) before the run fails
+    fail_at_epoch: int | None = None  # tests: rank 0 dies at the start of this epoch (once: not after resuming)
 
 
-def load_spec(config: TrainConfig) -> CNNSpec:
-    """The spec to train: from ``spec_file`` when given, else the named preset."""
+def load_spec(config: TrainConfig, data: ImageDataset | None = None) -> CNNSpec:
+    """The spec to train: from ``spec_file`` when given, else the named preset fitted to ``data``.
+
+    Raises:
+        ValueError: unknown preset, or a spec file whose channels or classes differ from the data.
+    """
     if config.spec_file:
-        return CNNSpec.model_validate_json(Path(config.spec_file).read_text(encoding="utf-8"))
-    if config.preset not in PRESETS:
+        spec = CNNSpec.model_validate_json(Path(config.spec_file).read_text(encoding="utf-8"))
+    elif config.preset in PRESETS:
+        spec = CNNSpec.model_validate(PRESETS[config.preset])
+        if data is not None:  # a preset is a shape of network; the data decides its ends
+            spec = spec.model_copy(update={"in_channels": data.images.shape[1], "num_classes": len(data.label_names)})
+    else:
         raise ValueError(f"unknown preset {config.preset!r}; choose from {sorted(PRESETS)}")
-    return CNNSpec.model_validate(PRESETS[config.preset])
+    if data is not None and (spec.in_channels, spec.num_classes) != (data.images.shape[1], len(data.label_names)):
+        raise ValueError(
+            f"spec has {spec.in_channels} channel(s) and {spec.num_classes} classes; "
+            f"the data has {data.images.shape[1]} and {len(data.label_names)}"
+        )
+    return spec
 
 
-def channel_stats(images: np.ndarray) -> Normalisation:
-    """Per-channel mean and std of uint8 images (N, C, H, W), on the 0..1 scale."""
-    scaled = images.astype(np.float64) / 255.0
-    return Normalisation(
-        mean=[round(float(m), 6) for m in scaled.mean(axis=(0, 2, 3))],
-        std=[round(float(s), 6) for s in scaled.std(axis=(0, 2, 3))],
+@dataclass(frozen=True)
+class TrainingData:
+    """What every worker trains on: both splits in memory, the spec, and the input contract."""
+
+    train: ImageDataset
+    held_out: ImageDataset
+    spec: CNNSpec
+    contract: InputContract
+
+
+def prepare_data(config: TrainConfig) -> TrainingData:
+    """Load and split the dataset, pick the spec, and measure the normalisation statistics."""
+    train_set, held_out = load_dataset(
+        config.dataset, config.held_out_fraction, 0, config.image_size, config.colour_mode
     )
+    _, channels, height, width = train_set.images.shape
+    norm = channel_stats(train_set.images)
+    contract = InputContract(
+        channels=channels, height=height, width=width, colour_mode=train_set.colour_mode, normalisation=norm
+    )
+    return TrainingData(train_set, held_out, load_spec(config, train_set), contract)
 
 
-def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image by up to ``max_shift`` pixels in x and y, filling with zeros."""
-    if max_shift == 0:
-        return images
-    n, _, h, w = images.shape
-    padded = F.pad(images, (max_shift,) * 4)
-    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
-    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]  # (N, 1, H, 1)
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]  # (N, 1, 1, W)
-    batch = torch.arange(n)[:, None, None, None]
-    channels = torch.arange(images.shape[1])[None, :, None, None]
-    return padded[batch, channels, rows, cols]
+def make_optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch: int) -> tuple[Any, Any]:
+    """The optimiser and its per-step learning-rate schedule."""
+    if config.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.max_lr, momentum=config.momentum,
+            weight_decay=config.weight_decay, nesterov=True,
+        )  # fmt: skip
+    elif config.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=config.max_lr, weight_decay=config.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'sgd' or 'adamw'")
+    steps = config.epochs * steps_per_epoch
+    if config.schedule == "one_cycle":
+        schedule: Any = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.max_lr, total_steps=steps)
+    elif config.schedule == "cosine":
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    elif config.schedule == "constant":
+        schedule = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
+    else:
+        raise ValueError(f"unknown schedule {config.schedule!r}; choose one_cycle, cosine or constant")
+    return opt, schedule
+
+
+def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 or fp16 on a GPU when asked; None (full fp32) on CPU, always."""
+    if device.type != "cuda" or config.amp == "none":
+        return None
+    return torch.bfloat16 if config.amp == "bf16" else torch.float16
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    schedule: Any,
+    scaler: torch.amp.GradScaler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    norm: Normalisation,
+    indices: torch.Tensor,
+    config: TrainConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    batch_size: int,
+) -> torch.Tensor:
+    """One pass over ``indices`` of uint8 ``images`` (N, C, H, W) in batches; returns [loss sum, correct, images]."""
+    dtype = amp_dtype(config, device)
+    totals = torch.zeros(3, dtype=torch.float64)
+    model.train()
+    for i in range(0, len(indices), batch_size):
+        idx = indices[i : i + batch_size]
+        x = random_shift(images[idx], config.max_shift_px, generator)  # uint8 (B, C, H, W)
+        if config.flip:
+            x = random_flip(x, generator)
+        x, y = normalise(x.to(device, non_blocking=True), norm.mean, norm.std), labels[idx].to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()  # a pass-through unless fp16 (GradScaler(enabled=...))
+        scaler.step(opt)
+        scaler.update()
+        schedule.step()
+        totals += torch.tensor([loss.item() * len(idx), int((logits.argmax(1) == y).sum()), len(idx)])
+    return totals
 
 
 def evaluate(model: CNN, data: ImageDataset, norm: Normalisation) -> dict[str, Any]:
     """Held-out accuracy, per-class accuracy and the confusion matrix (rows: true, columns: predicted)."""
     model.eval()
+    device = next(model.parameters()).device
+    predicted = []
     with torch.inference_mode():
-        x = normalise(torch.from_numpy(data.images), norm.mean, norm.std)
-        predicted = model(x).argmax(dim=1).numpy()
+        for i in range(0, len(data.labels), 1024):
+            x = normalise(torch.from_numpy(data.images[i : i + 1024]).to(device), norm.mean, norm.std)
+            predicted.append(model(x).argmax(dim=1).cpu().numpy())
+    guesses = np.concatenate(predicted)
     classes = len(data.label_names)
     confusion = np.zeros((classes, classes), dtype=np.int64)
-    np.add.at(confusion, (data.labels, predicted), 1)
+    np.add.at(confusion, (data.labels, guesses), 1)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
     return {
-        "accuracy": round(float((predicted == data.labels).mean()), 6),
+        "accuracy": round(float((guesses == data.labels).mean()), 6),
         "per_class_accuracy": {name: round(float(a), 6) for name, a in zip(data.label_names, per_class, strict=True)},
         "confusion_matrix": confusion.tolist(),
         "held_out_images": int(len(data.labels)),
     }
 
 
-def train(
-    config: TrainConfig, log: Any = print, on_epoch: Callable[[EpochProgress], None] | None = None
-) -> tuple[CNN, ModelMetadata]:
-    """Train on the configured dataset and return the model and its metadata (not yet published).
+class Session(Protocol):
+    """Where the loop runs: its rank among the workers, and how it reports, checkpoints and resumes."""
 
-    ``on_epoch`` is called after each epoch with its progress (``convray train --metrics-port`` exports it).
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move the model to the device (and wrap it for data-parallel training on several workers)."""
+
+    def restore(self) -> dict[str, Any] | None:
+        """The last checkpoint's state, or None on a fresh run."""
+
+    def all_reduce(self, totals: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over the workers."""
+
+    def report(self, progress: EpochProgress, record: dict[str, Any], state: Callable[[], dict[str, Any]]) -> None:
+        """After each epoch: log, and (where checkpoints are kept) save ``state()``."""
+
+    def crash(self, epoch: int) -> None:
+        """Die as a crashed worker would, at the start of ``epoch`` (``fail_at_epoch``, for tests)."""
+
+
+def train_loop(config: TrainConfig, data: TrainingData, session: Session) -> tuple[CNN, list[dict[str, Any]]]:
+    """The training loop, the same in one process and on each Ray Train worker.
+
+    Returns:
+        The trained model (unwrapped, on its device) and one record per epoch (the training curve).
     """
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
-    generator = torch.Generator().manual_seed(config.seed)
+    _, _, height, width = data.train.images.shape
+    model = build_model(data.spec, height, width)
+    wrapped = session.prepare(model)  # DistributedDataParallel over several workers; shares `model`'s weights
+    sampler = DistributedSampler(  # this worker's share of each epoch, reshuffled per epoch
+        range(len(data.train.labels)), num_replicas=session.world_size, rank=session.rank, seed=config.seed
+    )
+    batch_size = max(1, config.batch_size // session.world_size)
+    opt, schedule = make_optimizer(config, model, steps_per_epoch=-(-len(sampler) // batch_size))
+    scaler = torch.amp.GradScaler(session.device.type, enabled=amp_dtype(config, session.device) == torch.float16)
+    # A copy: arrays that came through Ray's object store are read-only, which torch warns about.
+    images, labels = torch.from_numpy(data.train.images.copy()), torch.from_numpy(data.train.labels.copy())
+    history: list[dict[str, Any]] = []
+    restored = session.restore()
+    if restored is not None:
+        model.load_state_dict(restored["model"])
+        opt.load_state_dict(restored["optimizer"])
+        schedule.load_state_dict(restored["schedule"])
+        scaler.load_state_dict(restored["scaler"])
+        history = list(restored["history"])
 
-    # data
-    if config.dataset != "digits":
-        raise ValueError(f"unknown dataset {config.dataset!r}; this build trains on 'digits'")
-    train_set, held_out = load_digits_split()
-    norm = channel_stats(train_set.images)
-    _, _, height, width = train_set.images.shape
-    contract = InputContract(channels=1, height=height, width=width, colour_mode="L", normalisation=norm)
+    def state() -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(),
+            "schedule": schedule.state_dict(),
+            "scaler": scaler.state_dict(),
+            "history": history,
+        }
 
-    # model and optimiser
-    spec = load_spec(config)
-    model = build_model(spec, height, width)
-    if config.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=config.max_lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            nesterov=True,
-        )
-    elif config.optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=config.max_lr, weight_decay=config.weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'sgd' or 'adamw'")
-    steps_per_epoch = -(-len(train_set.labels) // config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=config.max_lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch
+    for epoch in range(len(history) + 1, config.epochs + 1):
+        started_before = len(restored["history"]) if restored else 0  # epochs done when this attempt began
+        if epoch == config.fail_at_epoch and started_before < epoch - 1 and session.rank == 0:
+            session.crash(epoch)  # failure injection (tests): once, not again after restoring epoch - 1
+        sampler.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch * 101 + session.rank)
+        started = time.monotonic()
+        totals = train_one_epoch(
+            wrapped, opt, schedule, scaler, images, labels, data.contract.normalisation,
+            torch.tensor(list(sampler)), config, generator, session.device, batch_size,
+        )  # fmt: skip
+        loss_sum, correct, seen = session.all_reduce(totals).tolist()
+        seconds = time.monotonic() - started
+        progress = EpochProgress(epoch, config.epochs, loss_sum / seen, correct / seen, seen / max(seconds, 1e-9))
+        record = {"epoch": epoch, "loss": progress.loss, "accuracy": progress.accuracy, "seconds": seconds}
+        record["images_per_second"] = progress.images_per_second
+        if restored is not None and epoch == len(restored["history"]) + 1:  # where a restart or --resume joined
+            record["resumed_after_epoch"] = epoch - 1
+        if session.rank == 0:
+            record["val_accuracy"] = evaluate(model, data.held_out, data.contract.normalisation)["accuracy"]
+        history.append(record)
+        session.report(progress, record, state)
+    return model, history
+
+
+class LocalSession:
+    """The loop in this process, without Ray: it logs each epoch and keeps no checkpoints."""
+
+    rank, world_size = 0, 1
+
+    def __init__(
+        self, config: TrainConfig, log: Callable[[str], Any], on_epoch: Callable[[EpochProgress], None] | None
+    ) -> None:
+        self.device = torch.device("cuda" if config.gpu and torch.cuda.is_available() else "cpu")
+        self._log, self._on_epoch = log, on_epoch
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move the model to this process's device."""
+        return model.to(self.device)
+
+    def restore(self) -> dict[str, Any] | None:
+        """Nothing to resume: a local run starts fresh."""
+        return None
+
+    def all_reduce(self, totals: torch.Tensor) -> torch.Tensor:
+        """One worker: the totals already are the sum."""
+        return totals
+
+    def report(self, progress: EpochProgress, record: dict[str, Any], state: Callable[[], dict[str, Any]]) -> None:
+        """Log the epoch line and call ``on_epoch``."""
+        self._log(epoch_line(record, config_epochs=progress.epochs))
+        if self._on_epoch is not None:
+            self._on_epoch(progress)
+
+    def crash(self, epoch: int) -> None:
+        """Nothing restarts a local run, so the injected failure is an exception."""
+        raise RuntimeError(f"failure injected at the start of epoch {epoch}")
+
+
+def epoch_line(record: dict[str, Any], config_epochs: int) -> str:
+    """``epoch  3/30  loss 0.4321  acc 0.9512  val 0.9722  52,000 img/s``."""
+    val = f"  val {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
+    return (
+        f"epoch {record['epoch']:3d}/{config_epochs}  loss {record['loss']:.4f}  acc {record['accuracy']:.4f}"
+        f"{val}  {record['images_per_second']:,.0f} img/s"
     )
 
-    # loop: the whole data set fits in memory as one tensor, so batches are index slices
-    images = torch.from_numpy(train_set.images)
-    labels = torch.from_numpy(train_set.labels)
+
+def finish(
+    config: TrainConfig, data: TrainingData, model: CNN, history: list[dict[str, Any]], seconds: float
+) -> ModelMetadata:
+    """Evaluate the trained model on the held-out split and describe the version to publish."""
+    metrics = evaluate(model.cpu(), data.held_out, data.contract.normalisation)
+    metrics["train_seconds"] = round(seconds, 2)
+    metrics["history"] = [{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in history]
+    training = {"dataset": config.dataset, "config": asdict(config), "torch": torch.__version__}
+    return ModelMetadata(
+        spec=data.spec, labels=data.train.label_names, input=data.contract, metrics=metrics, training=training
+    )
+
+
+def train(
+    config: TrainConfig, log: Any = print, on_epoch: Callable[[EpochProgress], None] | None = None
+) -> tuple[CNN, ModelMetadata]:
+    """Train (in this process when ``config.workers`` is 0, else on Ray Train) and describe the result.
+
+    ``on_epoch`` is called after each epoch with its progress (``convray train --metrics-port`` exports it);
+    on Ray Train it runs on the rank-0 worker, so it must pickle.
+    """
     started = time.monotonic()
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        order = torch.randperm(len(labels), generator=generator)
-        total_loss, seen, correct, epoch_start = 0.0, 0, 0, time.monotonic()
-        for i in range(0, len(order), config.batch_size):
-            idx = order[i : i + config.batch_size]
-            x = normalise(random_shift(images[idx], config.max_shift_px, generator), norm.mean, norm.std)
-            logits = model(x)
-            loss = F.cross_entropy(logits, labels[idx], label_smoothing=config.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-            total_loss += loss.item() * len(idx)
-            seen += len(idx)
-            correct += int((logits.detach().argmax(dim=1) == labels[idx]).sum())
-        rate = seen / max(time.monotonic() - epoch_start, 1e-9)
-        progress = EpochProgress(epoch, config.epochs, total_loss / seen, correct / seen, rate)
-        accuracy = progress.accuracy
-        log(f"epoch {epoch:3d}/{config.epochs}  loss {progress.loss:.4f}  acc {accuracy:.4f}  {rate:,.0f} img/s")
-        if on_epoch is not None:
-            on_epoch(progress)
+    if config.workers > 0 or config.dataset.startswith("folder:"):  # Ray Train or Ray Data
+        from convray.workers import cluster
 
-    # evaluate
-    metrics = evaluate(model, held_out, norm)
-    metrics["train_seconds"] = round(time.monotonic() - started, 2)
-    metadata = ModelMetadata(
-        spec=spec,
-        labels=train_set.label_names,
-        input=contract,
-        metrics=metrics,
-        training={"dataset": config.dataset, "config": asdict(config), "torch": torch.__version__},
-    )
-    return model, metadata
+        cluster.connect(config.ray_address, log_to_driver=True)
+    data = prepare_data(config)
+    if config.workers == 0:
+        model, history = train_loop(config, data, LocalSession(config, log, on_epoch))
+    else:
+        from convray.workers.ray_train import fit
+
+        model, history = fit(config, data, log, on_epoch)
+    return model, finish(config, data, model, history, time.monotonic() - started)
 
 
 def train_and_publish(
@@ -204,10 +377,25 @@ def train_and_publish(
     log: Any = print,
     on_epoch: Callable[[EpochProgress], None] | None = None,
 ) -> Path:
-    """Train, then publish the next version of ``model_name``; returns the new version directory."""
+    """Train, then publish the next version of ``model_name`` with its plots; returns the version directory."""
+    from convray.workers.plots import confusion_png, curve_png
+
+    if config.run_name is None and config.workers > 0:
+        from convray.workers.ray_train import choose_run_name
+
+        config.run_name = choose_run_name(config, model_name)
     model, metadata = train(config, log, on_epoch)
+    extra_files = {
+        "training_curve.png": curve_png(metadata.metrics["history"]),
+        "confusion_matrix.png": confusion_png(metadata.metrics["confusion_matrix"], metadata.labels),
+    }
     repo = ModelRepository(model_repo)
-    version = repo.publish(model_name, metadata, model)
+    version = repo.publish(model_name, metadata, model, extra_files)
     out = repo.version_dir(model_name, version)
-    log(f"published {out}  held-out accuracy {metadata.metrics['accuracy']:.4f}")
+    metrics = metadata.metrics
+    worst = min(metrics["per_class_accuracy"].items(), key=lambda item: item[1])
+    log(
+        f"published {out}  held-out accuracy {metrics['accuracy']:.4f} on {metrics['held_out_images']} images  "
+        f"(worst class {worst[0]}: {worst[1]:.4f})  in {metrics['train_seconds']:.1f} s"
+    )
     return out

@@ -82,3 +82,12 @@ def test_the_healthcheck_command_passes_on_a_serving_server_and_fails_without_on
         s.bind(("127.0.0.1", 0))
         env["CONVRAY_SERVER__PORT"] = str(s.getsockname()[1])  # bound, not listening: nothing answers
         assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode != 0
+
+
+def test_every_image_installs_the_train_extra_the_training_job_needs():
+    """One image runs `convray serve` and the RayJob's `convray train` (Ray Train, Data and Tune), issue #8."""
+    installs = [a for i, a in instructions() if i == "RUN" and "/wheels/convray-" in a]
+    assert len(installs) == 2  # cpu and cuda
+    for install in installs:
+        assert re.search(r"convray-\S+\.whl\[train\]", install), install
+        assert re.search(r"ray\[[a-z,]*\btrain\b[a-z,]*\]==", install), install

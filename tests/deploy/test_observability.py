@@ -191,8 +191,10 @@ class PrometheusServer:
         try:
             with urllib.request.urlopen(url, timeout=10) as reply:
                 body = json.load(reply)
-        except urllib.error.HTTPError as error:  # a bad query: say which and why
-            raise AssertionError(f"{params}: {error.read().decode()}") from None
+        except urllib.error.HTTPError as error:
+            if error.code == 503:  # still starting up: wait_until retries this like a port not yet open
+                raise ConnectionError(f"prometheus not ready: {error.read().decode()}") from None
+            raise AssertionError(f"{params}: {error.read().decode()}") from None  # a bad query: say which and why
         assert body["status"] == "success", body
         return body["data"]
 
@@ -235,7 +237,7 @@ def test_a_real_prometheus_scraping_a_real_server_fills_every_panel_and_evaluate
     try:
         prometheus.wait_until(lambda: len(prometheus.query("up == 1")) == 2)
         drive_traffic(metered.address, images, seconds=3)
-        train(TrainConfig(epochs=2, threads=1), log=lambda line: None, on_epoch=progress.observe_epoch)
+        train(TrainConfig(epochs=2, threads=1, workers=0), log=lambda line: None, on_epoch=progress.observe_epoch)
         drive_traffic(metered.address, images, seconds=3)
         instance = f"127.0.0.1:{convray_port}"
         prometheus.wait_until(lambda: prometheus.query('convray_train_epoch{model="digits"} == 2'))

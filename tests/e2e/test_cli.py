@@ -90,11 +90,25 @@ def test_classify_says_clearly_when_no_server_is_there(tmp_path):
     assert "cannot reach a server at 127.0.0.1:" in result.stderr and "convray serve" in result.stderr
 
 
-def test_train_publishes_a_version_through_the_cli(tmp_path):
-    result = run_cli("train", "--epochs", "1", "--model-repo", str(tmp_path), "--model-name", "quick")
+def test_train_on_two_ray_train_workers_publishes_a_loadable_version_through_the_cli(tmp_path):
+    """`convray train --workers 2`: its own local Ray, two CPU workers, a line per epoch, a loadable version."""
+    from convray.workers.repository import ModelRepository
+
+    args = ["--epochs", "2", "--workers", "2", "--model-repo", str(tmp_path), "--model-name", "quick"]
+    result = run_cli("train", *args, "--storage-path", str(tmp_path / "runs"), timeout=240)
     assert result.returncode == 0, result.stderr
-    assert f"published {tmp_path / 'quick' / '1'}" in result.stdout
-    assert (tmp_path / "quick" / "1" / "model.safetensors").is_file()
+    out = tmp_path / "quick" / "1"
+    assert f"published {out}  held-out accuracy " in result.stdout
+    epoch_lines = [line for line in result.stdout.splitlines() if "epoch   2/2  loss " in line]
+    assert len(epoch_lines) == 1 and " val " in epoch_lines[0] and "img/s" in epoch_lines[0], result.stdout
+    loaded = ModelRepository(tmp_path).load("quick", 1)
+    assert loaded.metadata.training["config"]["workers"] == 2 and loaded.metadata.metrics["accuracy"] > 0.5
+    assert {p.name for p in out.iterdir()} >= {"model.json", "model.safetensors", "training_curve.png"}
+
+
+def test_train_with_a_bad_dataset_is_a_usage_error():
+    result = run_cli("train", "--workers", "0", "--dataset", "mnist")
+    assert result.returncode == 2 and "use 'digits', 'folder:PATH' or 'npz:PATH'" in result.stderr
 
 
 def wait_serving(port: int, process: subprocess.Popen, timeout_s: float = 120) -> None:

@@ -26,7 +26,7 @@ def test_each_epoch_of_a_real_run_updates_the_progress_gauges(endpoint):
         seen.append(scrape(port))
 
     lines = []
-    train(TrainConfig(epochs=2, threads=1), log=lines.append, on_epoch=on_epoch)
+    train(TrainConfig(epochs=2, threads=1, workers=0), log=lines.append, on_epoch=on_epoch)
     first, last = seen
     model = {"model": "digits-next"}
     assert first.value("convray_train_epoch", **model) == 1 and last.value("convray_train_epoch", **model) == 2

@@ -1,26 +1,22 @@
-"""The single-process training loop: augmentation, statistics, and a short run that publishes."""
+"""The training loop without Ray (--workers 0): statistics, spec fitting, schedules, AMP, a short run."""
 
 import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 from convray.workers.repository import ModelRepository
-from convray.workers.train import TrainConfig, channel_stats, random_shift, train_and_publish
-
-
-def test_random_shift_moves_content_by_at_most_the_limit_and_keeps_shape():
-    image = torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
-    image[0, 0, 4, 4] = 255
-    generator = torch.Generator().manual_seed(0)
-    shifted = random_shift(image.repeat(64, 1, 1, 1), 1, generator)
-    assert shifted.shape == (64, 1, 8, 8)
-    positions = {tuple(map(int, (s[0] == 255).nonzero()[0])) for s in shifted}
-    assert positions <= {(r, c) for r in (3, 4, 5) for c in (3, 4, 5)}
-    assert len(positions) > 3  # it really moves things
-
-
-def test_random_shift_of_zero_is_identity():
-    x = torch.randint(0, 255, (4, 1, 8, 8), dtype=torch.uint8)
-    assert torch.equal(random_shift(x, 0, torch.Generator()), x)
+from convray.workers.train import (
+    LocalSession,
+    TrainConfig,
+    amp_dtype,
+    channel_stats,
+    load_spec,
+    make_optimizer,
+    prepare_data,
+    train_and_publish,
+    train_loop,
+)
 
 
 def test_channel_stats_are_on_the_0_to_1_scale():
@@ -31,7 +27,7 @@ def test_channel_stats_are_on_the_0_to_1_scale():
 
 def test_a_short_run_publishes_a_loadable_version_with_metrics(tmp_path):
     lines = []
-    out = train_and_publish(TrainConfig(epochs=2, seed=1), tmp_path, "tiny", log=lines.append)
+    out = train_and_publish(TrainConfig(epochs=2, seed=1, workers=0), tmp_path, "tiny", log=lines.append)
     assert out == tmp_path / "tiny" / "1"
     loaded = ModelRepository(tmp_path).load("tiny", 1)
     metrics = loaded.metadata.metrics
@@ -39,3 +35,51 @@ def test_a_short_run_publishes_a_loadable_version_with_metrics(tmp_path):
     assert len(metrics["confusion_matrix"]) == 10 and sum(map(sum, metrics["confusion_matrix"])) == 360
     assert set(metrics["per_class_accuracy"]) == {str(d) for d in range(10)}
     assert any(line.startswith("epoch   2/2") for line in lines)
+    assert [r["epoch"] for r in metrics["history"]] == [1, 2]
+    assert metrics["history"][1]["loss"] < metrics["history"][0]["loss"]
+    for plot in ("training_curve.png", "confusion_matrix.png"):
+        assert Image.open(out / plot).format == "PNG", plot
+    assert lines[-1].startswith(f"published {out}  held-out accuracy {metrics['accuracy']:.4f}")
+
+
+def test_the_same_seed_trains_the_same_weights():
+    config = TrainConfig(epochs=1, seed=3, workers=0)
+    data = prepare_data(config)
+    first, _ = train_loop(config, data, LocalSession(config, lambda line: None, None))
+    second, _ = train_loop(config, data, LocalSession(config, lambda line: None, None))
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_preset_takes_its_channels_and_classes_from_the_data_and_a_spec_file_must_match(tmp_path):
+    config = TrainConfig(dataset="npz:unused")
+    rgb = type("Data", (), {"images": np.zeros((4, 3, 8, 8), np.uint8), "label_names": ["a", "b", "c"]})()
+    spec = load_spec(config, rgb)
+    assert (spec.in_channels, spec.num_classes) == (3, 3)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(load_spec(TrainConfig()).model_dump_json())  # 1 channel, 10 classes
+    with pytest.raises(ValueError, match="spec has 1 channel"):
+        load_spec(TrainConfig(spec_file=str(spec_file)), rgb)
+
+
+@pytest.mark.parametrize("schedule", ["one_cycle", "cosine", "constant"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_every_optimizer_and_schedule_steps_through_the_whole_run(optimizer, schedule):
+    config = TrainConfig(optimizer=optimizer, schedule=schedule, epochs=2, max_lr=0.1)
+    model = torch.nn.Linear(2, 2)
+    opt, sched = make_optimizer(config, model, steps_per_epoch=3)
+    rates = []
+    for _ in range(6):  # the learning rate each step uses
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert all(0 <= r <= 0.1 + 1e-9 for r in rates)
+    assert (rates[-1] < 0.01) == (schedule != "constant")  # annealed towards 0 by the last step
+
+
+def test_mixed_precision_only_on_a_gpu():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype(TrainConfig(amp="bf16"), cpu) is None
+    assert amp_dtype(TrainConfig(amp="bf16"), cuda) is torch.bfloat16
+    assert amp_dtype(TrainConfig(amp="fp16"), cuda) is torch.float16
+    assert amp_dtype(TrainConfig(amp="none"), cuda) is None

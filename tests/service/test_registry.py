@@ -1,0 +1,82 @@
+"""The model registry picks up a newly published version while serving (models.poll_interval_s), issue #8."""
+
+import shutil
+import threading
+import time
+
+import grpc
+import pytest
+
+from convray.v1 import classifier_pb2 as pb
+from convray.v1 import classifier_pb2_grpc
+from convray.workers.data import load_digits_split
+from tests.conftest import ServerThread, digit_png, server_settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def polling_server(ray_address, model_repo):
+    server = ServerThread(server_settings(model_repo, models__poll_interval_s=0.2, workers__replicas=1)).start()
+    yield server, model_repo
+    server.stop()
+
+
+def test_a_published_version_is_loaded_warmed_and_switched_to_with_no_failed_request(polling_server):
+    """Clients keep classifying (latest version, and version 1 by name) while version 2 appears on disk:
+    every request succeeds, latest-version requests move from 1 to 2, and the poller then retires 1."""
+    server, repo = polling_server
+    _, held_out = load_digits_split()
+    png = digit_png(held_out.images[0])
+    versions_served: list[int] = []
+    failures: list[grpc.RpcError] = []
+    stop = threading.Event()
+
+    def client(version: int) -> None:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = classifier_pb2_grpc.ClassifierStub(channel)
+            while not stop.is_set():
+                try:
+                    reply = stub.Classify(pb.ClassifyRequest(image=png, version=version), timeout=30)
+                except grpc.RpcError as exc:
+                    if version == 0 or exc.code() != grpc.StatusCode.NOT_FOUND:  # v1 by name: until retired
+                        failures.append(exc)
+                    continue
+                if version == 0:
+                    versions_served.append(reply.version)
+
+    clients = [threading.Thread(target=client, args=(v,)) for v in (0, 0, 0, 1)]
+    for thread in clients:
+        thread.start()
+    time.sleep(1.0)
+    staging = repo / "digits" / ".staging-2"
+    shutil.copytree(repo / "digits" / "1", staging)
+    staging.rename(repo / "digits" / "2")  # published atomically, as ModelRepository.publish does
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and server.server.registry.loaded_versions("digits") != [2]:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    stop.set()
+    for thread in clients:
+        thread.join(30)
+
+    assert server.server.registry.loaded_versions("digits") == [2]
+    assert not failures, [f"{f.code()}: {f.details()}" for f in failures[:3]]
+    assert versions_served[0] == 1 and versions_served[-1] == 2
+    switch = versions_served.index(2)
+    assert set(versions_served[switch:]) == {2}, "once switched, latest-version requests never go back"
+
+
+def test_a_broken_new_version_leaves_the_served_one_in_place(polling_server):
+    server, repo = polling_server
+    broken = repo / "digits" / "2"
+    shutil.copytree(repo / "digits" / "1", broken)
+    (broken / "model.safetensors").write_bytes(b"corrupt")
+    time.sleep(2.0)
+    assert server.server.registry.loaded_versions("digits") == [1]
+    with grpc.insecure_channel(server.address) as channel:
+        _, held_out = load_digits_split()
+        reply = classifier_pb2_grpc.ClassifierStub(channel).Classify(
+            pb.ClassifyRequest(image=digit_png(held_out.images[0])), timeout=30
+        )
+    assert reply.version == 1

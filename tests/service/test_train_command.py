@@ -1,0 +1,28 @@
+"""`convray train` / `convray tune` flags: each sets one TrainConfig field, and every field has a flag."""
+
+import dataclasses
+
+from convray.service.cli import build_parser
+from convray.service.train_command import TRAIN_FLAGS, _field, config_from_args
+from convray.workers.train import TrainConfig
+
+
+def test_every_train_config_field_has_exactly_one_flag():
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    flagged = [_field(flag) for flag in TRAIN_FLAGS]
+    assert sorted(flagged) == sorted(fields), set(fields) ^ set(flagged)
+
+
+def test_given_flags_override_the_defaults_and_the_rest_stay():
+    args = build_parser().parse_args(
+        ["train", "--workers", "3", "--gpu", "--amp", "bf16", "--lr", "0.05", "--spec", "s.json", "--no-flip"]
+    )
+    config = config_from_args(args)
+    given = (config.workers, config.gpu, config.amp, config.max_lr, config.spec_file)
+    assert given == (3, True, "bf16", 0.05, "s.json")
+    assert config.flip is False and config.epochs == TrainConfig().epochs and config.resume is False
+
+
+def test_tune_takes_the_same_flags_and_a_trial_count():
+    args = build_parser().parse_args(["tune", "--trials", "4", "--epochs", "5", "--model-name", "x"])
+    assert args.trials == 4 and config_from_args(args).epochs == 5 and args.model_name == "x"

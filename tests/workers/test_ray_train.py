@@ -1,0 +1,45 @@
+"""convray train on Ray Train: two CPU workers on the test run's local Ray, a worker that dies, and --resume."""
+
+import pytest
+
+from convray.workers.ray_train import choose_run_name
+from convray.workers.repository import ModelRepository
+from convray.workers.train import TrainConfig, train_and_publish
+
+pytestmark = pytest.mark.integration
+
+
+def two_workers(tmp_path, **overrides) -> TrainConfig:
+    """Two workers of half a logical CPU each, so they fit beside the servers other tests keep running."""
+    fields = {"workers": 2, "cpus_per_worker": 0.5, "epochs": 4, "storage_path": str(tmp_path / "runs")}
+    return TrainConfig(**{**fields, **overrides})
+
+
+def test_resume_continues_an_interrupted_run_and_a_dead_worker_is_replaced_from_the_last_checkpoint(
+    ray_address, tmp_path
+):
+    """1. Rank 0 dies at the start of epoch 2 and no restart is allowed: the run fails, epoch 1 checkpointed.
+    2. --resume continues that run from epoch 2. Rank 0 dies again at the start of epoch 3; Ray Train
+    replaces the worker group, which restores epoch 2's checkpoint and finishes. Every epoch ran once."""
+    import ray.train
+
+    name = "digits-20260101-000000-000000"
+    with pytest.raises(ray.train.TrainingFailedError):
+        train_and_publish(two_workers(tmp_path, fail_at_epoch=2, max_failures=0, run_name=name), tmp_path, "digits")
+    assert not (tmp_path / "digits").exists()
+
+    resumed = two_workers(tmp_path, resume=True, fail_at_epoch=3, max_failures=1)
+    assert choose_run_name(resumed, "digits") == name
+    lines = []
+    out = train_and_publish(resumed, tmp_path, "digits", log=lines.append)
+    history = ModelRepository(tmp_path).load("digits", 1).metadata.metrics["history"]
+    assert [(r["epoch"], r.get("resumed_after_epoch")) for r in history] == [(1, None), (2, 1), (3, 2), (4, None)]
+    assert history[-1]["val_accuracy"] > 0.8
+    checkpoints = sorted(p.name for p in (tmp_path / "runs" / name).glob("checkpoint_0*"))
+    assert checkpoints == ["checkpoint_0003", "checkpoint_0004"]  # every epoch saved, the last two kept
+    assert (out / "training_curve.png").stat().st_size > 1000 and f"run {name}" in lines[0]
+
+
+def test_resume_without_an_earlier_run_says_so(tmp_path):
+    with pytest.raises(ValueError, match="no checkpointed run of 'digits'"):
+        choose_run_name(TrainConfig(resume=True, storage_path=str(tmp_path)), "digits")

@@ -1,0 +1,245 @@
+"""``train_loop`` on Ray Train (V2): a TorchTrainer with one model replica per worker, data-parallel.
+
+Each worker runs ``workers.train.train_loop`` with a ``RaySession``: ``prepare_model`` (DDP over gloo on
+CPU, NCCL on GPU), a ``DistributedSampler`` share of each epoch, and per epoch one ``ray.train.report``
+whose rank-0 checkpoint Ray Train copies to ``<storage_path>/<run_name>/``. A worker that dies makes the
+controller restart the worker group (``FailureConfig.max_failures``), and every worker resumes from the
+last checkpoint; ``--resume`` reuses the latest run's name, which makes Ray Train restore it the same way.
+
+The fixed cost is what dominates a small job: see ``FAST_START_ENV`` and docs/benchmarks.md (Training).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from convray.workers.models import CNN, build_model
+from convray.workers.progress import EpochProgress
+from convray.workers.train import TrainConfig, TrainingData, epoch_line, train_loop
+
+STATE_FILE = "state.pt"
+CHECKPOINT_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # the controller's list of registered checkpoints
+
+# Ray Train V2 knobs (python/ray/train/v2/_internal/constants.py), set for this process unless the
+# user set them; the driver hands them on to the controller and the workers.
+FAST_START_ENV = {
+    # The controller polls the worker group this often (default 2 s): each poll is a possible 2 s wait
+    # after the workers start, after every restart, and after the last report before fit() returns.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+    # An extra actor that polls Ray Core's drain state every 5 s: nothing drains a laptop or a RayJob.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Per-run Prometheus metrics of the controller and workers, which convray does not scrape.
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    # Train's JSON log files and its print() patch, which sends every print through a logger (so each
+    # epoch line reached the driver twice) and logs each report and checkpoint at INFO.
+    "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0",
+    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+
+
+def choose_run_name(config: TrainConfig, model_name: str) -> str:
+    """``--resume``: the latest run of ``model_name`` under the storage path; else a new UTC-stamped name.
+
+    Raises:
+        ValueError: ``--resume`` with no earlier run that saved a checkpoint.
+    """
+    if config.resume:
+        root = Path(config.storage_path)
+        runs = sorted(root.glob(f"{model_name}-*/checkpoint_*"), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise ValueError(f"--resume: no checkpointed run of {model_name!r} under {root.resolve()}")
+        return runs[-1].parent.name
+    return f"{model_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}"
+
+
+class RaySession:
+    """``train_loop`` on one Ray Train worker: its rank, device, DDP, the all-reduce and checkpoints."""
+
+    def __init__(self, on_epoch: Callable[[EpochProgress], None] | None, run_dir: Path) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self._on_epoch, self._run_dir = on_epoch, run_dir
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move to this worker's device; wrap in DistributedDataParallel when there are several workers."""
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def restore(self) -> dict[str, Any] | None:
+        """The state in the run's latest checkpoint (after a worker failure or ``--resume``), else None."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            state: dict[str, Any] = torch.load(Path(directory) / STATE_FILE, weights_only=False)  # our own file
+        if self.rank == 0:
+            print(f"resumed from {checkpoint.path} after epoch {len(state['history'])}", flush=True)
+        return state
+
+    def all_reduce(self, totals: torch.Tensor) -> torch.Tensor:
+        """Sum over the workers (on the device: NCCL reduces only CUDA tensors)."""
+        if self.world_size == 1:
+            return totals
+        on_device = totals.to(self.device)
+        torch.distributed.all_reduce(on_device)
+        return on_device.cpu()
+
+    def report(self, progress: EpochProgress, record: dict[str, Any], state: Callable[[], dict[str, Any]]) -> None:
+        """Every worker reports (a barrier); rank 0 also logs the epoch and hands Ray Train a checkpoint."""
+        import ray.train
+
+        if self.rank != 0:
+            ray.train.report(record)
+            return
+        print(epoch_line(record, progress.epochs), flush=True)
+        if self._on_epoch is not None:
+            self._on_epoch(progress)
+        with tempfile.TemporaryDirectory(prefix="convray-checkpoint-") as directory:
+            torch.save(state(), Path(directory) / STATE_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(record, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{progress.epoch:04d}")
+
+    def crash(self, epoch: int) -> None:
+        """Exit this worker process once the controller has registered the previous epoch's checkpoint.
+
+        Reports are handed over through a one-slot queue the controller polls, so dying straight after
+        ``report`` could lose that checkpoint and make the test that uses this depend on timing.
+        """
+        snapshot = self._run_dir / CHECKPOINT_SNAPSHOT_FILE
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if snapshot.exists() and f"checkpoint_{epoch - 1:04d}" in snapshot.read_text(encoding="utf-8"):
+                break
+            time.sleep(0.05)
+        print(f"failure injected: rank {self.rank} exits at the start of epoch {epoch}", flush=True)
+        os._exit(17)
+
+
+def worker_loop(loop_config: dict[str, Any]) -> None:
+    """The function each Ray Train worker runs."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report and checkpoint
+    config = TrainConfig(**loop_config["config"])
+    config.threads = max(1, int(config.cpus_per_worker))  # intra-op threads = the CPUs Ray reserved
+    run_dir = Path(config.storage_path).resolve() / str(config.run_name)
+    train_loop(config, loop_config["data"], RaySession(loop_config["on_epoch"], run_dir))
+
+
+def lean_torch_trainer(embedded_ray: bool) -> type:
+    """TorchTrainer without helper actors this job has no use for, each one more process to start.
+
+    - ``DatasetsCallback`` starts a ``DatasetManager`` actor even when no Ray Dataset is passed (the data
+      here travels with the function).
+    - ``PlacementGroupCleanerCallback`` starts an actor that removes the run's placement group should the
+      controller die without doing so; a placement group belongs to its job, so Ray removes it when the
+      ``convray train`` driver exits anyway.
+    - On an embedded Ray (no autoscaler can exist), the scaling policy's resource requests to Ray Data's
+      ``_AutoscalingCoordinatorActor``: the controller creates that actor and blocks on it (up to 5 s)
+      before it places the workers. On a cluster they stay: they let an autoscaler add nodes.
+
+    On 2 cores these three processes cost several seconds of a run meant to take under 20 (see
+    docs/benchmarks.md). The hooks are Ray Train V2's private ones (Ray 2.60:
+    python/ray/train/v2/api/data_parallel_trainer.py, _internal/execution/scaling_policy/fixed.py).
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+    class NoAutoscalerScalingPolicy(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context: Any) -> None:
+            pass  # no resource request: nothing could act on it
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            unused = (DatasetsCallback, PlacementGroupCleanerCallback)
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
+
+        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+            if embedded_ray:
+                kwargs["scaling_policy"] = NoAutoscalerScalingPolicy(self.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
+    return LeanTorchTrainer
+
+
+def trainer(
+    config: TrainConfig,
+    data: TrainingData,
+    on_epoch: Callable[[EpochProgress], None] | None = None,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """The TorchTrainer for a run: scaling, storage, checkpoints and failure handling from ``config``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    resources = {"CPU": config.cpus_per_worker} | ({"GPU": 1} if config.gpu else {})
+    return lean_torch_trainer(embedded_ray=not config.ray_address)(
+        worker_loop,
+        # The data travels with the function (one object-store put), not as a Ray Dataset: it is in
+        # memory already, and the loop indexes it per epoch without a data pipeline in between.
+        train_loop_config={"config": asdict(config), "data": data, "on_epoch": on_epoch},
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if config.gpu else "gloo", timeout_s=300),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=str(Path(config.storage_path).resolve()),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def load_state(checkpoint: Any) -> dict[str, Any]:
+    """The training state saved in a Ray Train checkpoint."""
+    with checkpoint.as_directory() as directory:
+        state: dict[str, Any] = torch.load(Path(directory) / STATE_FILE, weights_only=False)
+    return state
+
+
+def fit(
+    config: TrainConfig,
+    data: TrainingData,
+    log: Callable[[str], Any] = print,
+    on_epoch: Callable[[EpochProgress], None] | None = None,
+) -> tuple[CNN, list[dict[str, Any]]]:
+    """Run ``train_loop`` on ``config.workers`` Ray Train workers; return the trained model and its curve.
+
+    Raises:
+        ray.train.TrainingFailedError: the workers failed more than ``config.max_failures`` times.
+    """
+    for name, value in FAST_START_ENV.items():
+        os.environ.setdefault(name, value)
+    started = time.monotonic()
+    config = replace(config, run_name=config.run_name or choose_run_name(config, "run"))
+    result = trainer(config, data, on_epoch).fit()
+    state = load_state(result.checkpoint)
+    _, _, height, width = data.train.images.shape
+    model = build_model(data.spec, height, width)
+    model.load_state_dict(state["model"])
+    log(
+        f"Ray Train: {config.workers} worker(s), run {config.run_name} in {time.monotonic() - started:.1f} s, "
+        f"checkpoint {result.checkpoint.path}"
+    )
+    return model, state["history"]
