@@ -43,6 +43,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--device": ("workers", "device"),
     "--amp": ("workers", "amp"),
     "--max-restarts": ("workers", "max_restarts"),
+    "--replica-start-timeout-s": ("workers", "replica_start_timeout_s"),
     "--compiled-graph": ("workers", "compiled_graph"),
     "--max-image-bytes": ("inputs", "max_image_bytes"),
     "--max-image-pixels": ("inputs", "max_image_pixels"),

@@ -87,6 +87,8 @@ class WorkerSettings(_Group):
     """Mixed precision for the forward pass: ``none``, ``bf16`` or ``fp16`` (GPU only)."""
     max_restarts: int = Field(3, ge=-1)
     """Times Ray restarts a replica that died; -1 means without limit."""
+    replica_start_timeout_s: float = Field(600.0, gt=0)
+    """How long a version's replicas may take to be placed and load before the load fails with a clear error."""
     compiled_graph: bool = False
     """Send batches through a Ray Compiled Graph per replica: less latency, but each graph spins a front-end core."""
 

@@ -57,6 +57,7 @@ class ModelRegistry:
             device=workers.device,
             amp=workers.amp,
             max_restarts=workers.max_restarts,
+            start_timeout_s=workers.replica_start_timeout_s,
             compiled_graph=workers.compiled_graph,
             batches_in_flight_per_replica=batching.batches_in_flight_per_replica,
         )

@@ -41,6 +41,7 @@ class ReplicaOptions:
     amp: AmpChoice = "none"
     max_restarts: int = 3  # Ray restarts a dead actor this many times (its __init__ reloads the model)
     compiled_graph: bool = False  # batches cross through a Ray Compiled Graph (see workers/compiled.py)
+    start_timeout_s: float = 600.0  # for every replica to be placed by Ray and load the version
     batches_in_flight_per_replica: int = 2  # sizes each compiled graph's in-flight capacity
 
 
@@ -99,7 +100,8 @@ class ReplicaPool:
         """Start ``options.replicas`` actors, each loading the version, and wait until all are warm.
 
         Raises:
-            ModelLoadError: a replica could not load the version; the message carries its reason.
+            ModelLoadError: a replica could not load the version, or was not placed and warm within
+                ``options.start_timeout_s`` (the cluster lacks the CPUs/GPUs asked for); the message says which.
         """
         actor_class = ray.remote(ModelRunner).options(
             num_cpus=options.cpus_per_replica,
@@ -113,11 +115,23 @@ class ReplicaPool:
             for _ in range(options.replicas)
         ]
         try:
-            described = await asyncio.gather(*(actor.describe.remote() for actor in actors))
+            described = await asyncio.wait_for(
+                asyncio.gather(*(actor.describe.remote() for actor in actors)), options.start_timeout_s
+            )
         except (RayActorError, RayTaskError) as exc:
             for actor in actors:
                 ray.kill(actor, no_restart=True)
             raise ModelLoadError(f"replica could not load {name} version {version}: {_root_cause(exc)}") from None
+        except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+            free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+            raise ModelLoadError(
+                f"{options.replicas} replica(s) of {name} version {version} were not running after "
+                f"{options.start_timeout_s:g} s; each asks Ray for {options.cpus_per_replica:g} CPU and "
+                f"{options.gpus_per_replica:g} GPU and the cluster has {free} free: lower --cpus-per-replica "
+                "or --replicas, or add nodes"
+            ) from None
         # Room for every batch the front end may send one replica, with margin for explain calls counted
         # against the same replica by the least-busy choice.
         capacity = 2 * options.replicas * options.batches_in_flight_per_replica if options.compiled_graph else None

@@ -10,6 +10,7 @@ import ray
 
 from convray.workers.data import load_digits_split
 from convray.workers.pool import ReplicaOptions, ReplicaPool
+from convray.workers.repository import ModelLoadError
 
 pytestmark = pytest.mark.usefixtures("ray_address")
 
@@ -68,3 +69,9 @@ async def test_a_killed_compiled_replica_loses_no_batch_and_gets_its_graph_back(
         np.testing.assert_allclose(again[0].probabilities, results[0].probabilities, atol=1e-6)
     finally:
         pool.shutdown()
+
+
+async def test_replicas_ray_cannot_place_fail_the_load_with_a_clear_error_instead_of_waiting_forever(model_repo):
+    too_big = options(cpus_per_replica=1000, start_timeout_s=3)
+    with pytest.raises(ModelLoadError, match=r"not running after 3 s; each asks Ray for 1000 CPU.*free"):
+        await asyncio.wait_for(ReplicaPool.start(str(model_repo), "digits", 1, too_big), timeout=30)
