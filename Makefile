@@ -43,7 +43,7 @@ test: install $(CLIENT_VENV)/.installed
 lint: install
 	$(VENV)/bin/ruff check service workers tests scripts examples deploy
 
-# Side-by-side benchmark (raw model, no-op gRPC floor, Ray Serve, convray); about 10 minutes.
+# Side-by-side benchmark (raw model, no-op gRPC floor, Ray Serve, convray); about 9 minutes.
 bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) tests/bench/run.py

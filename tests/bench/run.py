@@ -192,7 +192,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="digits,resnet_style")
-    parser.add_argument("--targets", default="noop,ray_serve,convray,convray_compiled,convray_2_replicas")
+    parser.add_argument(
+        "--targets",
+        default="noop,ray_serve,convray",
+        help=f"any of noop, ray_serve, {', '.join(CONVRAY_VARIANTS)} (the variants add about 4 minutes)",
+    )
     parser.add_argument("--variants-on", default="digits", help="models the convray variants also run on")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmark-results.json"))
     args = parser.parse_args()
