@@ -9,21 +9,23 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from convray.service.codecs import ClassScore, DecodeLimits, decode_image, top_k
-from convray.service.errors import InvalidInput
+from convray.service.errors import InvalidInput, ModelNotReady
 from convray.service.metrics import Metrics
 from convray.service.statistics import ModelStatistics
 from convray.workers.pool import ReplicaPool
 
 if TYPE_CHECKING:
     from convray.service.registry import ModelRegistry, ServedModel
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -115,20 +117,38 @@ class Classifier:
             InvalidInput, ModelNotFound, ModelNotReady, Overloaded: see ``service.errors``.
         """
         received = time.monotonic()
+
+        async def run(served: ServedModel) -> Classification:
+            labels = served.metadata.labels
+            k = top_k_requested or min(self._default_top_k, len(labels))
+            if k > len(labels):
+                raise InvalidInput(f"top_k is {k} but model {served.name!r} has {len(labels)} classes")
+            decode_s, (result,) = await self.infer_images(served, [image], deadline)
+            return Classification(
+                model=served.name,
+                version=served.version,
+                predictions=top_k(result.probabilities, labels, k),
+                decode_s=decode_s,
+                total_s=time.monotonic() - received,
+                batch=result,
+            )
+
+        return await self.on_resolved(model, version, run)
+
+    async def on_resolved(self, model: str, version: int, work: Callable[[ServedModel], Awaitable[T]]) -> T:
+        """Resolve ``(model, version)`` and run ``work`` on it.
+
+        If that version was retired while the request was on its way (a newer version switched in, or an
+        unload), resolve once more: a latest-version request moves to the new version and is not lost; a
+        request naming the retired version gets NOT_FOUND. A server that is itself draining still refuses.
+        """
         served = self._registry.resolve(model, version)
-        labels = served.metadata.labels
-        k = top_k_requested or min(self._default_top_k, len(labels))
-        if k > len(labels):
-            raise InvalidInput(f"top_k is {k} but model {served.name!r} has {len(labels)} classes")
-        decode_s, (result,) = await self.infer_images(served, [image], deadline)
-        return Classification(
-            model=served.name,
-            version=served.version,
-            predictions=top_k(result.probabilities, labels, k),
-            decode_s=decode_s,
-            total_s=time.monotonic() - received,
-            batch=result,
-        )
+        try:
+            return await work(served)
+        except ModelNotReady:
+            if self._registry.serves(served):
+                raise
+            return await work(self._registry.resolve(model, version))
 
     async def infer_images(
         self, served: ServedModel, images: Sequence[bytes], deadline: float | None = None

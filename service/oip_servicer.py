@@ -156,18 +156,22 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: oip.ModelInferRequest, deadline: float | None) -> oip.ModelInferResponse:
         reject_parameters(request.parameters, "the request")
-        served = self._resolve(request.model_name, request.model_version)
         outputs = requested_outputs(request)
-        model_input = read_input(request, served.metadata.input, served.batcher.max_batch_size)
-        if model_input.images is not None:
-            _, results = await self._classifier.infer_images(served, model_input.images, deadline)
-        else:
-            assert model_input.pixels is not None
-            results = await self._classifier.infer_pixels(served, list(model_input.pixels), deadline)
-        probabilities = np.stack([r.probabilities for r in results])
-        response = oip.ModelInferResponse(model_name=served.name, model_version=str(served.version), id=request.id)
-        write_outputs(probabilities, served.metadata.labels, outputs, response)
-        return response
+
+        async def run(served: ServedModel) -> oip.ModelInferResponse:
+            model_input = read_input(request, served.metadata.input, served.batcher.max_batch_size)
+            if model_input.images is not None:
+                _, results = await self._classifier.infer_images(served, model_input.images, deadline)
+            else:
+                assert model_input.pixels is not None
+                results = await self._classifier.infer_pixels(served, list(model_input.pixels), deadline)
+            probabilities = np.stack([r.probabilities for r in results])
+            response = oip.ModelInferResponse(model_name=served.name, model_version=str(served.version), id=request.id)
+            write_outputs(probabilities, served.metadata.labels, outputs, response)
+            return response
+
+        version = parse_version(request.model_version)
+        return await self._classifier.on_resolved(request.model_name, version, run)
 
     async def ModelInfer(
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext

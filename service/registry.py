@@ -75,6 +75,10 @@ class ModelRegistry:
             return self._default_model
         return sorted(self._served)[0]
 
+    def serves(self, served: ServedModel) -> bool:
+        """Whether ``served`` is still loaded (False once a switch or unload retired it)."""
+        return self._served.get(served.name, {}).get(served.version) is served
+
     def loaded_versions(self, name: str) -> list[int]:
         """Versions of ``name`` loaded now, ascending."""
         return sorted(self._served.get(name, {}))

@@ -1,0 +1,67 @@
+"""Classifier.on_resolved: a request whose version is retired on its way is re-resolved once, never lost."""
+
+import pytest
+
+from convray.service.errors import ModelNotFound, ModelNotReady
+from convray.service.inference import Classifier
+
+
+class Registry:
+    """Serves version 1, then (after ``switch``) only version 2, like a poller switching versions."""
+
+    def __init__(self) -> None:
+        self.loaded = {1: "digits v1"}
+
+    def switch(self) -> None:
+        self.loaded = {2: "digits v2"}
+
+    def resolve(self, name: str, version: int) -> str:
+        if version == 0:
+            return self.loaded[max(self.loaded)]
+        if version not in self.loaded:
+            raise ModelNotFound(f"version {version} of model {name!r} is not loaded")
+        return self.loaded[version]
+
+    def serves(self, served: str) -> bool:
+        return served in self.loaded.values()
+
+
+def classifier(registry: Registry) -> Classifier:
+    return Classifier(registry, limits=None, default_top_k=1, decoder=None, metrics=None)  # type: ignore[arg-type]
+
+
+def retired_on_first_try(registry: Registry):
+    calls = []
+
+    async def work(served: str) -> str:
+        calls.append(served)
+        if len(calls) == 1:
+            registry.switch()  # the switch happens while the request is on its way
+            raise ModelNotReady("model 'digits' version 1 is shutting down")
+        return served
+
+    return work, calls
+
+
+async def test_a_latest_version_request_caught_by_a_switch_runs_on_the_new_version():
+    registry = Registry()
+    work, calls = retired_on_first_try(registry)
+    assert await classifier(registry).on_resolved("digits", 0, work) == "digits v2"
+    assert calls == ["digits v1", "digits v2"]
+
+
+async def test_a_request_naming_the_retired_version_gets_not_found():
+    registry = Registry()
+    work, _ = retired_on_first_try(registry)
+    with pytest.raises(ModelNotFound):
+        await classifier(registry).on_resolved("digits", 1, work)
+
+
+async def test_a_draining_server_still_refuses_with_model_not_ready():
+    registry = Registry()
+
+    async def draining(served: str) -> str:
+        raise ModelNotReady("server is shutting down")
+
+    with pytest.raises(ModelNotReady):
+        await classifier(registry).on_resolved("digits", 0, draining)
