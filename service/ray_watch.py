@@ -21,7 +21,7 @@ seconds ... The program will terminate" and the process exits with code 1, witho
 from __future__ import annotations
 
 import asyncio
-import inspect
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,7 +31,7 @@ import grpc
 
 from convray.oip import inference_pb2 as oip
 from convray.service.metrics import Metrics
-from convray.service.rpc import handler_like
+from convray.service.rpc import handler_like, replies
 
 log = logging.getLogger(__name__)
 
@@ -124,24 +124,30 @@ class RayGate(grpc.aio.ServerInterceptor):
 
         return handler_like(handler, ready)
 
+    @contextlib.asynccontextmanager
+    async def _gate(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Refuse the call while Ray is lost; else track it, so losing Ray fails it with UNAVAILABLE."""
+        if self.lost:
+            await self._refuse(context)
+        task = asyncio.current_task()
+        assert task is not None
+        self._calls.add(task)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if task in self._failing:
+                await self._failed_in_flight(task, context)
+            raise
+        finally:
+            self._calls.discard(task)
+            self._failing.discard(task)
+
     def _unary_reply(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         behaviour = handler.unary_unary if not handler.request_streaming else handler.stream_unary
 
         async def gated(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if self.lost:
-                await self._refuse(context)
-            task = asyncio.current_task()
-            assert task is not None
-            self._calls.add(task)
-            try:
+            async with self._gate(context):
                 return await behaviour(request, context)
-            except asyncio.CancelledError:
-                if task in self._failing:
-                    await self._failed_in_flight(task, context)
-                raise
-            finally:
-                self._calls.discard(task)
-                self._failing.discard(task)
 
         return handler_like(handler, gated)
 
@@ -149,25 +155,9 @@ class RayGate(grpc.aio.ServerInterceptor):
         behaviour = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
         async def gated(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if self.lost:
-                await self._refuse(context)
-            task = asyncio.current_task()
-            assert task is not None
-            self._calls.add(task)
-            try:
-                outcome = behaviour(request, context)
-                if inspect.isasyncgen(outcome):
-                    async for reply in outcome:
-                        yield reply
-                else:
-                    await outcome
-            except asyncio.CancelledError:
-                if task in self._failing:
-                    await self._failed_in_flight(task, context)
-                raise
-            finally:
-                self._calls.discard(task)
-                self._failing.discard(task)
+            async with self._gate(context):
+                async for reply in replies(behaviour(request, context)):
+                    yield reply
 
         return handler_like(handler, gated)
 

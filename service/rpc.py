@@ -174,7 +174,7 @@ async def _refuse(context: grpc.aio.ServicerContext, request: _Undecodable) -> N
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid protobuf message: {request.error}")
 
 
-async def _replies(outcome: Any) -> AsyncIterator[Any]:
+async def replies(outcome: Any) -> AsyncIterator[Any]:
     """The replies of a streaming handler, whether it is an async generator or a coroutine that aborts."""
     if inspect.isasyncgen(outcome):
         async for reply in outcome:
@@ -219,7 +219,7 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 if isinstance(request, _Undecodable):
                     await _refuse(context, request)
-                async for reply in _replies(behaviour(request, context)):
+                async for reply in replies(behaviour(request, context)):
                     yield reply
 
             return handler_like(handler, unary_stream, deserialize)
@@ -233,7 +233,7 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
         behaviour = handler.stream_stream
 
         async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async for reply in _replies(behaviour(checked(requests, context), context)):
+            async for reply in replies(behaviour(checked(requests, context), context)):
                 yield reply
 
         return handler_like(handler, stream_stream, deserialize)

@@ -53,13 +53,14 @@ LIVENESS_SERVICE = "liveness"  # SERVING while the process runs and is not shutt
 REPLICA_CHECK_TIMEOUT_S = 10.0  # after Ray answers again, how long the replicas get to answer too
 
 
-def _in_daemon_thread(function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-    """Run a blocking call in a daemon thread, so a call that never returns cannot block exit.
+def _in_thread(
+    loop: asyncio.AbstractEventLoop, function: Callable[..., T], *args: Any, keep_alive: bool = False
+) -> asyncio.Future[T]:
+    """Run a blocking call in a daemon thread of its own, so a call that never returns cannot block exit.
 
-    The thread then stays alive until the process exits: Ray starts its GCS and raylet with
-    PR_SET_PDEATHSIG, which kills them when the *thread* that spawned them ends.
+    With ``keep_alive`` the thread then stays alive until the process exits: Ray starts its GCS and
+    raylet with PR_SET_PDEATHSIG, which kills them when the *thread* that spawned them ends.
     """
-    loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
     def run() -> None:
@@ -71,27 +72,11 @@ def _in_daemon_thread(function: Callable[..., T], *args: Any) -> asyncio.Future[
             loop.call_soon_threadsafe(_settle, future, *outcome)
         except RuntimeError:  # the loop closed meanwhile (the server stopped): nobody is waiting
             pass
-        threading.Event().wait()  # keep Ray's child processes alive (see above)
+        if keep_alive:
+            threading.Event().wait()  # keep Ray's child processes alive (see above)
 
-    threading.Thread(target=run, name="convray-ray-connect", daemon=True).start()
-    return future
-
-
-def _in_thread(loop: asyncio.AbstractEventLoop, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-    """Run a short blocking call in a thread of its own; the thread ends with the call."""
-    future: asyncio.Future[T] = loop.create_future()
-
-    def run() -> None:
-        try:
-            outcome: tuple[Any, BaseException | None] = (function(*args), None)
-        except BaseException as exc:  # noqa: BLE001 (handed to the awaiting coroutine)
-            outcome = (None, exc)
-        try:
-            loop.call_soon_threadsafe(_settle, future, *outcome)
-        except RuntimeError:  # the loop closed meanwhile (the server stopped): nobody is waiting
-            pass
-
-    threading.Thread(target=run, name="convray-ray-call", daemon=True).start()
+    name = "convray-ray-connect" if keep_alive else "convray-ray-call"
+    threading.Thread(target=run, name=name, daemon=True).start()
     return future
 
 
@@ -211,7 +196,13 @@ class ConvrayServer:
         where = workers.ray_address or "an embedded local Ray"
         try:
             gcs = await asyncio.wait_for(
-                _in_daemon_thread(cluster.connect, workers.ray_address, workers.ray_num_cpus),
+                _in_thread(
+                    asyncio.get_running_loop(),
+                    cluster.connect,
+                    workers.ray_address,
+                    workers.ray_num_cpus,
+                    keep_alive=True,
+                ),
                 workers.ray_connect_timeout_s,
             )
         except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
@@ -315,7 +306,9 @@ class ConvrayServer:
                     if not done:
                         return False
                     self._leaving = None
-                self._joining = _in_daemon_thread(cluster.connect, workers.ray_address, workers.ray_num_cpus)
+                self._joining = _in_thread(
+                    loop, cluster.connect, workers.ray_address, workers.ray_num_cpus, keep_alive=True
+                )
             try:
                 await asyncio.wait_for(asyncio.shield(self._joining), workers.ray_connect_timeout_s)
             except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
