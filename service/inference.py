@@ -1,7 +1,7 @@
 """THE hot path, top to bottom: decode -> batch -> Ray call -> split -> reply.
 
 ``Classifier.classify`` decodes one request off the event loop and submits it to its model's
-batcher; ``run_batch`` turns a batch of decoded requests into one Ray call and one result each.
+batcher; ``BatchRunner`` turns a batch of decoded requests into one Ray call and one result each.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
+from prometheus_client import Gauge
 
 from convray.service.codecs import ClassScore, DecodeLimits, decode_image, top_k
 from convray.service.errors import InvalidInput, ModelNotReady
 from convray.service.metrics import Metrics
 from convray.service.statistics import ModelStatistics
-from convray.workers.pool import ReplicaPool
+from convray.workers.pool import BatchResult, ReplicaPool
 
 if TYPE_CHECKING:
     from convray.service.registry import ModelRegistry, ServedModel
@@ -60,33 +61,54 @@ class Classification:
     batch: JobResult
 
 
-async def run_batch(
-    pool: ReplicaPool, metrics: Metrics, stats: ModelStatistics, max_batch_size: int, jobs: list[Job]
-) -> list[JobResult]:
-    """Stack the batch, make ONE Ray call for it, and split the probabilities back per request.
+class BatchRunner:
+    """Runs one model version's batches: stack, ONE Ray call, split the probabilities back per request.
 
-    The batch's metrics, the replica's own measurements included, are recorded here.
+    The batch's metrics, the replica's own measurements included, are recorded here, on metric children
+    looked up once per version rather than once per batch (``labels()`` costs as much as the rest).
     """
-    started = time.monotonic()
-    pixels = np.stack([job.pixels for job in jobs])  # (N, C, H, W) uint8
-    result = await pool.predict(pixels)
-    if len(result.probabilities) != len(jobs):
-        raise RuntimeError(f"replica returned {len(result.probabilities)} rows for a batch of {len(jobs)}")
-    stats.record_batch(len(jobs), result.compute_s)
-    labels = (pool.name, str(pool.version))
-    metrics.batch_size.labels(*labels).observe(len(jobs))
-    metrics.batch_fill_ratio.labels(*labels).observe(len(jobs) / max_batch_size)
-    metrics.replica_gpu_memory_allocated.labels(*labels, result.replica).set(result.gpu_memory_allocated_bytes)
-    metrics.replica_gpu_memory_reserved.labels(*labels, result.replica).set(result.gpu_memory_reserved_bytes)
-    metrics.batch_call_duration.labels(*labels).observe(result.call_s)
-    metrics.model_compute_duration.labels(*labels).observe(result.compute_s)
-    queue_wait = metrics.queue_wait.labels(*labels)
-    answers = []
-    for job, row in zip(jobs, result.probabilities, strict=True):
-        queue_s = started - job.enqueued_at
-        queue_wait.observe(queue_s)
-        answers.append(JobResult(row, queue_s, result.call_s, result.compute_s, len(jobs), result.replica))
-    return answers
+
+    def __init__(self, pool: ReplicaPool, metrics: Metrics, stats: ModelStatistics, max_batch_size: int) -> None:
+        self._pool, self._stats, self._max_batch_size = pool, stats, max_batch_size
+        self._metrics = metrics
+        labels = (pool.name, str(pool.version))
+        self._batch_size = metrics.batch_size.labels(*labels)
+        self._fill_ratio = metrics.batch_fill_ratio.labels(*labels)
+        self._call_duration = metrics.batch_call_duration.labels(*labels)
+        self._compute_duration = metrics.model_compute_duration.labels(*labels)
+        self._queue_wait = metrics.queue_wait.labels(*labels)
+        self._gpu_memory: dict[str, tuple[Gauge, Gauge]] = {}  # replica name -> (allocated, reserved)
+
+    async def __call__(self, jobs: list[Job]) -> list[JobResult]:
+        """One result per job, in order."""
+        started = time.monotonic()
+        pixels = np.stack([job.pixels for job in jobs])  # (N, C, H, W) uint8
+        result = await self._pool.predict(pixels)
+        if len(result.probabilities) != len(jobs):
+            raise RuntimeError(f"replica returned {len(result.probabilities)} rows for a batch of {len(jobs)}")
+        self._stats.record_batch(len(jobs), result.compute_s)
+        self._record(len(jobs), result)
+        answers = []
+        for job, row in zip(jobs, result.probabilities, strict=True):
+            queue_s = started - job.enqueued_at
+            self._queue_wait.observe(queue_s)
+            answers.append(JobResult(row, queue_s, result.call_s, result.compute_s, len(jobs), result.replica))
+        return answers
+
+    def _record(self, size: int, result: BatchResult) -> None:
+        self._batch_size.observe(size)
+        self._fill_ratio.observe(size / self._max_batch_size)
+        self._call_duration.observe(result.call_s)
+        self._compute_duration.observe(result.compute_s)
+        gauges = self._gpu_memory.get(result.replica)
+        if gauges is None:
+            labels = (self._pool.name, str(self._pool.version), result.replica)
+            gauges = self._gpu_memory[result.replica] = (
+                self._metrics.replica_gpu_memory_allocated.labels(*labels),
+                self._metrics.replica_gpu_memory_reserved.labels(*labels),
+            )
+        gauges[0].set(result.gpu_memory_allocated_bytes)
+        gauges[1].set(result.gpu_memory_reserved_bytes)
 
 
 class Classifier:

@@ -8,6 +8,7 @@ client can get wrong raises ``InvalidInput`` saying what was expected.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ def parse_version(text: str) -> int:
 
 def reject_parameters(parameters: Mapping[str, object], where: str, allowed: frozenset[str] = frozenset()) -> None:
     """Refuse parameters convray does not support, naming them."""
+    if not parameters:  # the common case, and the cheap check
+        return
     unsupported = sorted(set(parameters) - allowed)
     if unsupported:
         extra = f"; supported: {sorted(allowed)}" if allowed else ""
@@ -123,21 +126,22 @@ def _read_pixels(
     if len(shape) != 4 or shape[1:] != expected:
         raise InvalidInput(f"input {PIXELS_INPUT!r} must have shape [N, {', '.join(map(str, expected))}], got {shape}")
     dtype = _PIXEL_DTYPES[tensor.datatype]
+    elements = math.prod(shape)
     if raw is not None:
-        if len(raw) != int(np.prod(shape)) * dtype.itemsize:
+        if len(raw) != elements * dtype.itemsize:
             raise InvalidInput(
                 f"input {PIXELS_INPUT!r}: raw content is {len(raw)} bytes, shape {shape} of {tensor.datatype} "
-                f"needs {int(np.prod(shape)) * dtype.itemsize}"
+                f"needs {elements * dtype.itemsize}"
             )
         values = np.frombuffer(raw, dtype=dtype)
     else:
         typed = tensor.contents.fp32_contents if tensor.datatype == "FP32" else tensor.contents.uint_contents
-        if len(typed) != int(np.prod(shape)):
+        if len(typed) != elements:
             raise InvalidInput(f"input {PIXELS_INPUT!r}: contents hold {len(typed)} values, shape {shape} needs "
-                               f"{int(np.prod(shape))}")  # fmt: skip
+                               f"{elements}")  # fmt: skip
         values = np.asarray(typed, dtype=np.float32 if tensor.datatype == "FP32" else np.int64)
     if values.dtype != np.uint8:
-        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 255:
+        if not ((values >= 0) & (values <= 255)).all():  # NaN fails both comparisons, so it is refused too
             raise InvalidInput(f"input {PIXELS_INPUT!r} holds pixel values 0..255; found values outside that range")
         values = np.rint(values).astype(np.uint8)
     return values.reshape(shape)

@@ -21,7 +21,6 @@ seconds ... The program will terminate" and the process exits with code 1, witho
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,7 +30,7 @@ import grpc
 
 from convray.oip import inference_pb2 as oip
 from convray.service.metrics import Metrics
-from convray.service.rpc import handler_like, replies
+from convray.service.rpc import HandlerCache, handler_like, replies
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +61,7 @@ class RayGate(grpc.aio.ServerInterceptor):
         self._reason: str | None = None
         self._calls: set[asyncio.Task[Any]] = set()
         self._failing: set[asyncio.Task[Any]] = set()
+        self._handlers = HandlerCache(self._wrap)
 
     @property
     def lost(self) -> bool:
@@ -105,9 +105,11 @@ class RayGate(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         """Wrap the handlers of RPCs that need Ray; answer readiness RPCs "not ready" while Ray is lost."""
         handler = await continuation(handler_call_details)
-        method = handler_call_details.method or ""
         if handler is None:
             return handler
+        return self._handlers.get(handler_call_details.method or "", handler)
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if method in READINESS:
             return self._readiness(handler, READINESS[method])
         if method not in NEEDS_RAY:
@@ -124,23 +126,9 @@ class RayGate(grpc.aio.ServerInterceptor):
 
         return handler_like(handler, ready)
 
-    @contextlib.asynccontextmanager
-    async def _gate(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    def _gate(self, context: grpc.aio.ServicerContext) -> _GatedCall:
         """Refuse the call while Ray is lost; else track it, so losing Ray fails it with UNAVAILABLE."""
-        if self.lost:
-            await self._refuse(context)
-        task = asyncio.current_task()
-        assert task is not None
-        self._calls.add(task)
-        try:
-            yield
-        except asyncio.CancelledError:
-            if task in self._failing:
-                await self._failed_in_flight(task, context)
-            raise
-        finally:
-            self._calls.discard(task)
-            self._failing.discard(task)
+        return _GatedCall(self, context)
 
     def _unary_reply(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         behaviour = handler.unary_unary if not handler.request_streaming else handler.stream_unary
@@ -160,6 +148,32 @@ class RayGate(grpc.aio.ServerInterceptor):
                     yield reply
 
         return handler_like(handler, gated)
+
+
+class _GatedCall:
+    """``async with`` one call through a ``RayGate`` (a class, not a generator: it runs once per request)."""
+
+    __slots__ = ("_gate", "_context", "_task")
+
+    def __init__(self, gate: RayGate, context: grpc.aio.ServicerContext) -> None:
+        self._gate, self._context = gate, context
+        self._task: asyncio.Task[Any] | None = None
+
+    async def __aenter__(self) -> None:
+        if self._gate.lost:
+            await self._gate._refuse(self._context)
+        self._task = asyncio.current_task()
+        assert self._task is not None
+        self._gate._calls.add(self._task)
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        gate, task = self._gate, self._task
+        try:
+            if exc_type is asyncio.CancelledError and task in gate._failing:
+                await gate._failed_in_flight(task, self._context)
+        finally:
+            gate._calls.discard(task)
+            gate._failing.discard(task)
 
 
 class RayWatchdog:

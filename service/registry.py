@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from convray.service.batching import Batcher
 from convray.service.config import BatchingSettings, WorkerSettings
 from convray.service.errors import InvalidInput, ModelNotFound, ModelNotReady
-from convray.service.inference import Job, JobResult, run_batch
+from convray.service.inference import BatchRunner, Job, JobResult
 from convray.service.metrics import Metrics
 from convray.service.statistics import ModelStatistics
 from convray.workers.pool import ReplicaOptions, ReplicaPool
@@ -121,7 +121,7 @@ class ModelRegistry:
             raise
         stats = ModelStatistics()
         batcher: Batcher[Job, JobResult] = Batcher(
-            functools.partial(run_batch, pool, self._metrics, stats, self._batching.max_batch_size),
+            BatchRunner(pool, self._metrics, stats, self._batching.max_batch_size),
             max_batch_size=self._batching.max_batch_size,
             max_batch_wait_s=self._batching.max_batch_delay_ms / 1000.0,
             max_queue=self._batching.max_queue,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import time
@@ -20,6 +21,8 @@ Reply = TypeVar("Reply")
 
 # Requests of one stream being processed at once; past it, reading the stream waits (backpressure).
 STREAM_WINDOW = 256
+# Label combinations whose metric children each RpcObserver keeps at hand.
+CACHED_LABELS = 1024
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -35,23 +38,32 @@ class RpcObserver:
         self._api = api
         self._metrics = metrics
         self._default_model = default_model
+        # Metric children by label values, looked up once rather than per call (``labels()`` is not
+        # cheap next to the rest of a small request); bounded, as clients choose the model names.
+        self._in_flight = functools.lru_cache(maxsize=CACHED_LABELS)(
+            functools.partial(metrics.in_flight_requests.labels, api)
+        )
+        self._requests = functools.lru_cache(maxsize=CACHED_LABELS)(functools.partial(metrics.requests.labels, api))
+        self._duration = functools.lru_cache(maxsize=CACHED_LABELS)(
+            functools.partial(metrics.request_duration.labels, api)
+        )
 
     def _begin(self, model: str) -> str:
         """Count one more request in flight; returns its model label, for ``_record``."""
         model_label = model or self._default_model()
-        self._metrics.in_flight_requests.labels(self._api, model_label).inc()
+        self._in_flight(model_label).inc()
         return model_label
 
     def _record(
         self, rpc: str, model_label: str, code: grpc.StatusCode, started: float, exc: BaseException | None
     ) -> None:
-        self._metrics.in_flight_requests.labels(self._api, model_label).dec()
-        self._metrics.requests.labels(self._api, rpc, model_label, code.name).inc()
+        self._in_flight(model_label).dec()
+        self._requests(rpc, model_label, code.name).inc()
         if isinstance(exc, Overloaded):
             self._metrics.overload_rejections.labels(self._api, model_label).inc()
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             self._metrics.deadline_expired.labels(self._api, model_label).inc()
-        self._metrics.request_duration.labels(self._api, rpc, model_label).observe(time.monotonic() - started)
+        self._duration(rpc, model_label).observe(time.monotonic() - started)
 
     @staticmethod
     def _log(rpc: str, exc: Exception, code: grpc.StatusCode, message: str) -> None:
@@ -150,6 +162,28 @@ def handler_like(
     )
 
 
+class HandlerCache:
+    """An interceptor's wrapped handler per method, rebuilt only when the handler it wraps changes.
+
+    gRPC runs interceptors on every call; wrapping the same handler anew each time is pure overhead.
+    The inner handler is compared by identity, so an interceptor further in that answers one call
+    differently (a refusal) gets its own wrapper for that call.
+    """
+
+    def __init__(self, wrap: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]) -> None:
+        self._wrap = wrap
+        self._by_method: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``wrap(method, handler)``, built once per (method, handler)."""
+        cached = self._by_method.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._by_method[method] = (handler, wrapped)  # keyed by method (the servicer's few), so bounded
+        return wrapped
+
+
 class _Undecodable:
     """Stands in for a request message whose bytes did not parse, so the handler can refuse it."""
 
@@ -186,6 +220,9 @@ async def replies(outcome: Any) -> AsyncIterator[Any]:
 class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
     """Answers requests whose bytes are not a valid message with INVALID_ARGUMENT (grpc says UNKNOWN)."""
 
+    def __init__(self) -> None:
+        self._handlers = HandlerCache(self._wrap)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -195,6 +232,10 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
+        return self._handlers.get(handler_call_details.method or "", handler)
+
+    @staticmethod
+    def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         deserialize = _safe(handler.request_deserializer)
 
         async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:

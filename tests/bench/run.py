@@ -100,6 +100,8 @@ def wait_ready(port: int, model: str, timeout_s: float = 180) -> None:
 CONVRAY_VARIANTS = {
     "convray": [],
     "convray_compiled": ["--compiled-graph", "true"],
+    # The next batch goes to a replica only once its last returned: fewer, larger batches (default 2).
+    "convray_1_in_flight": ["--batches-in-flight-per-replica", "1"],
     # Half a CPU each so both models' replicas fit on 2 cores (each still runs one torch thread).
     "convray_2_replicas": ["--replicas", "2", "--cpus-per-replica", "0.5"],
 }

@@ -1,0 +1,57 @@
+"""service.rpc: the pieces every RPC shares (interceptor handler cache, metric children)."""
+
+from __future__ import annotations
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from convray.service.errors import InvalidInput
+from convray.service.metrics import Metrics
+from convray.service.rpc import HandlerCache, RpcObserver
+
+
+async def _echo(request: object, context: object) -> object:
+    return request
+
+
+def test_a_handler_is_wrapped_once_per_method_and_rewrapped_when_the_inner_handler_changes():
+    built = []
+
+    def wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        built.append(method)
+        return grpc.unary_unary_rpc_method_handler(handler.unary_unary)
+
+    cache = HandlerCache(wrap)
+    first = grpc.unary_unary_rpc_method_handler(_echo)
+    other = grpc.unary_unary_rpc_method_handler(_echo)
+
+    wrapped = cache.get("/svc/A", first)
+    assert cache.get("/svc/A", first) is wrapped
+    assert cache.get("/svc/B", first) is not wrapped
+    assert cache.get("/svc/A", other) is not wrapped  # e.g. a refusal built for this one call
+    assert built == ["/svc/A", "/svc/B", "/svc/A"]
+
+
+async def test_the_observer_counts_each_call_under_its_code_with_cached_metric_children():
+    registry = CollectorRegistry()
+    observer = RpcObserver("oip", Metrics(registry), lambda: "digits")
+
+    async def ok() -> str:
+        return "ok"
+
+    for _ in range(3):
+        assert await observer.item("ModelInfer", "", ok) == "ok"
+    code, _ = await observer.item("ModelInfer", "digits", _fails)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"api": "oip", "model": "digits", **labels})
+
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert sample("convray_requests_total", rpc="ModelInfer", code="OK") == 3
+    assert sample("convray_requests_total", rpc="ModelInfer", code="INVALID_ARGUMENT") == 1
+    assert sample("convray_request_duration_seconds_count", rpc="ModelInfer") == 4
+    assert sample("convray_in_flight_requests") == 0
+
+
+async def _fails() -> str:
+    raise InvalidInput("bad pixels")
