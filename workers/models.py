@@ -190,6 +190,28 @@ def fold_batch_norm(model: CNN) -> CNN:
     return model
 
 
+def fold_same_padding(model: CNN) -> CNN:
+    """Let each convolution do its own 'same' padding where that padding is symmetric, in place.
+
+    With stride 1 and an odd kernel, 'same' pads (kernel - 1) / 2 zeros on every side whatever the
+    input size, which ``nn.Conv2d`` does itself inside the convolution: the same numbers, one op and one
+    copy of the map fewer per block. Other strides and even kernels keep their ``SamePad``.
+    """
+    for block in model.features:
+        if not isinstance(block, Conv) or not isinstance(block[0], SamePad):
+            continue
+        pad, conv = block[0], block[1]
+        if pad.stride == 1 and pad.kernel_size % 2 == 1 and isinstance(conv, nn.Conv2d) and conv.padding == (0, 0):
+            conv.padding = (pad.kernel_size // 2, pad.kernel_size // 2)
+            block[0] = nn.Identity()
+    return model
+
+
+def prepare_for_inference(model: CNN) -> CNN:
+    """The serving form of a trained model: eval mode, batch norm and symmetric padding folded in."""
+    return fold_same_padding(fold_batch_norm(model))
+
+
 def build_model(spec: CNNSpec, height: int, width: int) -> CNN:
     """Build the torch module for ``spec`` at input size ``height`` x ``width`` (randomly initialised)."""
     return CNN(spec, height, width)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from convray.workers.explain import CamChoice, Explanation, block_names, explain
-from convray.workers.models import fold_batch_norm
+from convray.workers.models import prepare_for_inference
 from convray.workers.repository import ModelRepository
-from convray.workers.transforms import normalise
+from convray.workers.transforms import Normaliser
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 AmpChoice = Literal["none", "fp16", "bf16"]
@@ -100,10 +100,11 @@ class ModelRunner:
         self.device = select_device(device, torch.cuda.is_available())
         self.amp: AmpChoice = amp
         autocast_context(self.device, amp)  # refuse an impossible combination at load, not per batch
-        self.module = fold_batch_norm(loaded.module).to(self.device)
+        self.module = prepare_for_inference(loaded.module).to(self.device)
         if self.device.type == "cuda":
             self.module = self.module.to(memory_format=torch.channels_last)
         self._expected_shape = (self.contract.channels, self.contract.height, self.contract.width)
+        self._normalise = Normaliser(self.contract.normalisation.mean, self.contract.normalisation.std, self.device)
         self.predict(np.zeros((1, *self._expected_shape), dtype=np.uint8))  # warm-up before serving
 
     def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
@@ -120,7 +121,7 @@ class ModelRunner:
         started = time.perf_counter()
         x = to_device(pixels, self.device)
         with self._model_lock, torch.inference_mode(), autocast_context(self.device, self.amp):
-            x = normalise(x, self.contract.normalisation.mean, self.contract.normalisation.std)
+            x = self._normalise(x)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             probabilities = self.module.probabilities(x).float().cpu().numpy()
@@ -157,9 +158,7 @@ class ModelRunner:
                 f"got {pixels.dtype} {tuple(pixels.shape)}"
             )
         started = time.perf_counter()
-        x = normalise(
-            to_device(pixels[None], self.device), self.contract.normalisation.mean, self.contract.normalisation.std
-        )
+        x = self._normalise(to_device(pixels[None], self.device))
         names = block_names(self.module) if blocks is None else blocks
         with self._model_lock:
             explanation = explain(self.module, x, names, top_k, method, max_channels)

@@ -12,6 +12,7 @@ from convray.workers.models import (
     SumPool2d,
     build_model,
     fold_batch_norm,
+    fold_same_padding,
     make_activation,
     make_head,
     make_pool,
@@ -261,3 +262,35 @@ def test_softmax_output_sums_to_one_and_sigmoid_output_is_independent():
     probs = sigmoid_model.probabilities(x)
     assert torch.allclose(probs, torch.sigmoid(sigmoid_model(x)))
     assert ((probs > 0) & (probs < 1)).all()
+
+
+def test_folding_symmetric_same_padding_into_the_conv_keeps_every_block_output():
+    spec = CNNSpec.model_validate(
+        {
+            "in_channels": 2,
+            "blocks": [
+                {"type": "conv", "filters": 4, "kernel_size": 3, "padding": "same"},  # folded: pads 1 all round
+                {"type": "conv", "filters": 4, "kernel_size": 5, "padding": "same"},  # folded: pads 2
+                {"type": "conv", "filters": 4, "kernel_size": 4, "padding": "same"},  # even kernel: 1 before, 2 after
+                {"type": "conv", "filters": 4, "kernel_size": 3, "stride": 2, "padding": "same"},  # depends on size
+            ],
+            "head": {"type": "gap_fc", "hidden": []},
+            "num_classes": 3,
+        }
+    )
+    torch.manual_seed(0)
+    model = build_model(spec, 9, 9).eval()
+    x = torch.randn(3, 2, 9, 9)
+    with torch.no_grad():
+        expected_blocks, y = [], x
+        for block in model.features:
+            y = block(y)
+            expected_blocks.append(y)
+        fold_same_padding(model)
+        y = x
+        for block, want in zip(model.features, expected_blocks, strict=True):
+            y = block(y)
+            assert y.shape == want.shape
+            assert torch.allclose(y, want, atol=1e-6)
+    kept = [isinstance(block[0], SamePad) for block in model.features]
+    assert kept == [False, False, True, True]
