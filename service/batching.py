@@ -3,8 +3,8 @@
 A batch closes when it holds ``max_batch_size`` requests or when its first request has waited
 ``max_batch_wait_s`` -- unless no batch is running at all (``dispatch_when_idle``): then waiting
 could only add latency, so whatever is queued goes at once. At most ``max_concurrent_batches`` run
-at once; while all are busy, requests keep queueing, so batches grow exactly when the workers are
-the bottleneck. Every admitted request
+at once, each only once ``may_start`` agrees (see ``BatchRunner.may_start``); while no batch may start,
+requests keep queueing, so batches grow exactly when the workers are the bottleneck. Every admitted request
 is resolved exactly once: with its result, the batch's exception, ``DeadlineExpired`` when its
 deadline passed while it queued, or by its caller's cancellation (cancelled requests leave the queue
 at once); expired and cancelled requests never reach a batch. Knows nothing of gRPC or Ray.
@@ -46,8 +46,14 @@ class Batcher(Generic[T, R]):
         max_queue: int,
         max_concurrent_batches: int,
         dispatch_when_idle: bool = True,
+        may_start: Callable[[int], bool] | None = None,
         name: str = "batcher",
     ) -> None:
+        """Start nothing yet; ``start`` begins forming batches.
+
+        ``may_start(running)``, when given, is asked before a batch is formed while ``running`` batches
+        are out: False means wait for one of them to finish (the queue meanwhile grows the next batch).
+        """
         if max_batch_size < 1 or max_queue < 1 or max_concurrent_batches < 1 or max_batch_wait_s < 0:
             raise ValueError(
                 "max_batch_size, max_queue and max_concurrent_batches must be >= 1 and max_batch_wait_s >= 0; "
@@ -58,11 +64,13 @@ class Batcher(Generic[T, R]):
         self.max_batch_wait_s = max_batch_wait_s
         self.max_queue = max_queue
         self.dispatch_when_idle = dispatch_when_idle
+        self._may_start = may_start
         self.name = name
         self._queue: collections.deque[_Pending[T, R]] = collections.deque()
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(max_concurrent_batches)
         self._running: set[asyncio.Task[None]] = set()
+        self._batch_done = asyncio.Event()
         self._closed = False
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -142,6 +150,9 @@ class Batcher(Generic[T, R]):
     async def _form_batches(self) -> None:
         while True:
             await self._slots.acquire()
+            while self._running and self._may_start is not None and not self._may_start(len(self._running)):
+                self._batch_done.clear()
+                await self._batch_done.wait()
             batch = await self._next_batch()
             if not batch:
                 self._slots.release()
@@ -150,7 +161,11 @@ class Batcher(Generic[T, R]):
                 continue
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._batch_done.set()
 
     async def _next_batch(self) -> list[_Pending[T, R]]:
         while not self._queue:

@@ -32,6 +32,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--max-queue": ("batching", "max_queue"),
     "--dispatch-when-idle": ("batching", "dispatch_when_idle"),
     "--batches-in-flight-per-replica": ("batching", "batches_in_flight_per_replica"),
+    "--adaptive-in-flight": ("batching", "adaptive_in_flight"),
     "--ray-address": ("workers", "ray_address"),
     "--ray-connect-timeout-s": ("workers", "ray_connect_timeout_s"),
     "--ray-check-interval-s": ("workers", "ray_check_interval_s"),

@@ -59,7 +59,9 @@ class BatchingSettings(_Group):
     max_queue: int = Field(512, ge=1)
     """Requests waiting per model version; past it new ones fail at once with RESOURCE_EXHAUSTED."""
     batches_in_flight_per_replica: int = Field(2, ge=1, le=64)
-    """Batches sent to a replica before its previous ones return (keeps it busy while one transfers)."""
+    """Most batches sent to a replica before its previous ones return (keeps it busy while one transfers)."""
+    adaptive_in_flight: bool = True
+    """Send a replica more than one batch at once only while a batch's compute outlasts its call's overhead."""
 
 
 class WorkerSettings(_Group):

@@ -20,6 +20,7 @@ from prometheus_client import Gauge
 from convray.service.codecs import ClassScore, DecodeLimits, decode_image, top_k
 from convray.service.errors import InvalidInput, ModelNotReady
 from convray.service.metrics import Metrics
+from convray.service.pacing import OverlapAdvisor
 from convray.service.statistics import ModelStatistics
 from convray.workers.pool import BatchResult, ReplicaPool
 
@@ -68,8 +69,17 @@ class BatchRunner:
     looked up once per version rather than once per batch (``labels()`` costs as much as the rest).
     """
 
-    def __init__(self, pool: ReplicaPool, metrics: Metrics, stats: ModelStatistics, max_batch_size: int) -> None:
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        metrics: Metrics,
+        stats: ModelStatistics,
+        max_batch_size: int,
+        advisor: OverlapAdvisor | None = None,
+    ) -> None:
+        """``advisor``, when given, is told each batch's timings (it paces the batcher)."""
         self._pool, self._stats, self._max_batch_size = pool, stats, max_batch_size
+        self._advisor = advisor
         self._metrics = metrics
         labels = (pool.name, str(pool.version))
         self._batch_size = metrics.batch_size.labels(*labels)
@@ -83,7 +93,16 @@ class BatchRunner:
         """One result per job, in order."""
         started = time.monotonic()
         pixels = np.stack([job.pixels for job in jobs])  # (N, C, H, W) uint8
-        result = await self._pool.predict(pixels)
+        advisor = self._advisor
+        ticket = advisor.started() if advisor else None
+        try:
+            result = await self._pool.predict(pixels)
+        except BaseException:
+            if advisor and ticket:
+                advisor.finished(ticket, None, None)
+            raise
+        if advisor and ticket:
+            advisor.finished(ticket, result.compute_s, result.call_s)
         if len(result.probabilities) != len(jobs):
             raise RuntimeError(f"replica returned {len(result.probabilities)} rows for a batch of {len(jobs)}")
         self._stats.record_batch(len(jobs), result.compute_s)

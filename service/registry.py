@@ -13,6 +13,7 @@ from convray.service.config import BatchingSettings, WorkerSettings
 from convray.service.errors import InvalidInput, ModelNotFound, ModelNotReady
 from convray.service.inference import BatchRunner, Job, JobResult
 from convray.service.metrics import Metrics
+from convray.service.pacing import OverlapAdvisor
 from convray.service.statistics import ModelStatistics
 from convray.workers.pool import ReplicaOptions, ReplicaPool
 from convray.workers.repository import ModelLoadError, ModelMetadata, ModelRepository
@@ -120,13 +121,15 @@ class ModelRegistry:
             self._metrics.model_loads.labels(name, str(version), "failure").inc()
             raise
         stats = ModelStatistics()
+        advisor = OverlapAdvisor(pool.size) if self._batching.adaptive_in_flight else None
         batcher: Batcher[Job, JobResult] = Batcher(
-            BatchRunner(pool, self._metrics, stats, self._batching.max_batch_size),
+            BatchRunner(pool, self._metrics, stats, self._batching.max_batch_size, advisor),
             max_batch_size=self._batching.max_batch_size,
             max_batch_wait_s=self._batching.max_batch_delay_ms / 1000.0,
             max_queue=self._batching.max_queue,
             max_concurrent_batches=pool.size * self._batching.batches_in_flight_per_replica,
             dispatch_when_idle=self._batching.dispatch_when_idle,
+            may_start=advisor.may_start if advisor else None,
             name=f"model {name!r} version {version}",
         )
         batcher.start()

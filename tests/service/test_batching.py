@@ -217,3 +217,40 @@ async def test_submit_many_is_all_or_nothing_when_the_queue_is_short():
     assert await batcher.submit_many([1, 2, 3]) == [10, 20, 30]
     assert await running == 0
     await batcher.close()
+
+
+async def test_a_batch_waits_for_a_running_one_while_may_start_says_no_and_then_takes_the_whole_queue():
+    gate = asyncio.Event()
+    run = Recorder(gate)
+    asked: list[int] = []
+
+    def may_start(running: int) -> bool:
+        asked.append(running)
+        return False
+
+    batcher = make(run, max_batch_wait_s=0.0, max_batch_size=16, max_concurrent_batches=2, may_start=may_start)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.05)
+    rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 6)]
+    await asyncio.sleep(0.05)
+    assert run.batches == [[0]]  # a second slot is free, but may_start said no
+    assert asked and set(asked) == {1}
+    gate.set()
+    assert await first == 0
+    assert await asyncio.gather(*rest) == [10, 20, 30, 40, 50]
+    assert run.batches == [[0], [1, 2, 3, 4, 5]]
+    await batcher.close()
+
+
+async def test_without_may_start_a_second_batch_runs_beside_the_first():
+    gate = asyncio.Event()
+    run = Recorder(gate)
+    batcher = make(run, max_batch_wait_s=0.0, max_batch_size=16, max_concurrent_batches=2)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.05)
+    second = asyncio.ensure_future(batcher.submit(1))
+    await asyncio.sleep(0.05)
+    assert run.batches == [[0], [1]]
+    gate.set()
+    assert await asyncio.gather(first, second) == [0, 10]
+    await batcher.close()

@@ -1,0 +1,77 @@
+"""When a replica should get its next batch before its last one has come back.
+
+A second batch in flight to a replica hides the gap between its batches (the Ray round trip and the
+front end's turnaround) behind compute: what a compute-bound model needs. But it also splits the
+queue into more, smaller batches, each paying the per-call overhead again: what an overhead-bound
+model cannot afford, because then the front end, not the replica, is the bottleneck. Measured in
+docs/benchmarks.md: the small `digits` CNN served more with one batch in flight per replica, the
+ResNet-style CNN more with two.
+
+So ``OverlapAdvisor`` lets each replica have one batch always, and more only while a batch's compute
+outlasts the overhead of its call. Both are measured on batches that had their replica to themselves
+(a batch that queued in a replica behind another would count that wait as overhead); while batches
+overlap, every ``PROBE_EVERY`` batches one waits for a replica to itself, so the measurement follows
+the load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROBE_EVERY = 32  # while batches overlap, one in this many runs alone to measure the overhead again
+SMOOTHING = 0.2  # weight of the newest measurement in the moving averages
+
+
+@dataclass(frozen=True)
+class BatchTicket:
+    """What ``OverlapAdvisor.started`` noted about one batch, handed back to ``finished``."""
+
+    alone: bool  # no more batches than replicas were out when it started
+    crowded_starts: int  # the advisor's count of crowded starts then
+
+
+class OverlapAdvisor:
+    """Decides whether another batch may go out while ``running`` are out, from measured timings."""
+
+    def __init__(self, replicas: int) -> None:
+        self.replicas = replicas
+        self.compute_s: float | None = None  # moving average, batches that ran alone
+        self.overhead_s: float | None = None  # call minus compute, same batches
+        self._out = 0
+        self._crowded_starts = 0
+        self._since_measured = 0
+
+    @property
+    def overlap_pays(self) -> bool:
+        """Whether a batch's compute outlasts its call's overhead (True until measured)."""
+        if self.compute_s is None or self.overhead_s is None:
+            return True
+        return self.compute_s >= self.overhead_s
+
+    def may_start(self, running: int) -> bool:
+        """Whether a new batch may go out while ``running`` batches are out (``Batcher``'s ``may_start``)."""
+        if running < self.replicas:
+            return True
+        return self.overlap_pays and self._since_measured < PROBE_EVERY
+
+    def started(self) -> BatchTicket:
+        """Note a batch going out; pass the ticket to ``finished``."""
+        self._out += 1
+        alone = self._out <= self.replicas
+        if not alone:
+            self._crowded_starts += 1
+        return BatchTicket(alone, self._crowded_starts)
+
+    def finished(self, ticket: BatchTicket, compute_s: float | None, call_s: float | None) -> None:
+        """Note a batch back, with its replica's compute and the whole call's seconds (None if it failed)."""
+        self._out -= 1
+        self._since_measured += 1
+        if compute_s is None or call_s is None or not ticket.alone or ticket.crowded_starts != self._crowded_starts:
+            return  # failed, or shared a replica with another batch for part of its call
+        overhead_s = max(call_s - compute_s, 0.0)
+        if self.compute_s is None or self.overhead_s is None:
+            self.compute_s, self.overhead_s = compute_s, overhead_s
+        else:
+            self.compute_s += SMOOTHING * (compute_s - self.compute_s)
+            self.overhead_s += SMOOTHING * (overhead_s - self.overhead_s)
+        self._since_measured = 0
