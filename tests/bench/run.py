@@ -100,9 +100,10 @@ def wait_ready(port: int, model: str, timeout_s: float = 180) -> None:
 CONVRAY_VARIANTS = {
     "convray": [],
     "convray_compiled": ["--compiled-graph", "true"],
-    # The next batch goes to a replica only once its last returned: fewer, larger batches (default 2).
+    # Two batches in flight per replica whatever the timings (the default before the adaptive pacing).
+    "convray_fixed_in_flight": ["--adaptive-in-flight", "false"],
+    # One batch in flight per replica: fewer, larger batches.
     "convray_1_in_flight": ["--batches-in-flight-per-replica", "1"],
-    "convray_compiled_1_in_flight": ["--compiled-graph", "true", "--batches-in-flight-per-replica", "1"],
     # Half a CPU each so both models' replicas fit on 2 cores (each still runs one torch thread).
     "convray_2_replicas": ["--replicas", "2", "--cpus-per-replica", "0.5"],
 }
