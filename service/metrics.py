@@ -105,6 +105,13 @@ class Metrics:
             ["api", "model"],
             registry=registry,
         )
+        self.batch_overlap = Gauge(
+            "convray_batch_overlap",
+            "1 while a replica may be sent a second batch before its first returns (a batch's compute "
+            "outlasts its call's overhead, or --adaptive-in-flight is off), 0 while it gets one at a time.",
+            ["model", "version"],
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "convray_queue_depth",
             "Requests waiting in the batcher.",

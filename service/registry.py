@@ -35,6 +35,7 @@ class ServedModel:
     pool: ReplicaPool
     batcher: Batcher[Job, JobResult]
     stats: ModelStatistics
+    pacing: OverlapAdvisor | None = None  # None: batches in flight up to the limit, whatever the timings
 
 
 class ModelRegistry:
@@ -133,11 +134,15 @@ class ModelRegistry:
             name=f"model {name!r} version {version}",
         )
         batcher.start()
-        served = ServedModel(name, version, metadata, pool, batcher, stats)
+        served = ServedModel(name, version, metadata, pool, batcher, stats, advisor)
         self._served.setdefault(name, {})[version] = served
         labels = (name, str(version))
         self._metrics.replicas.labels(*labels).set(pool.size)
         self._metrics.queue_depth.labels(*labels).set_function(lambda: batcher.queue_depth)
+        overlaps = self._batching.batches_in_flight_per_replica > 1
+        self._metrics.batch_overlap.labels(*labels).set_function(
+            lambda: int(overlaps and (advisor is None or advisor.overlap_pays))
+        )
         for index in range(pool.size):
             self._metrics.replica_in_flight_batches.labels(*labels, pool.replica_name(index)).set_function(
                 functools.partial(lambda i: pool.in_flight()[i], index)
@@ -216,6 +221,7 @@ class ModelRegistry:
         served.pool.shutdown()
         self._metrics.replicas.labels(name, str(version)).set(0)
         self._metrics.queue_depth.labels(name, str(version)).set_function(lambda: 0)
+        self._metrics.batch_overlap.labels(name, str(version)).set_function(lambda: 0)
         self._forget_replicas(name, version, replica_names)
         self._metrics.model_unloads.labels(name, str(version)).inc()
         log.info("unloaded %s version %d", name, version)

@@ -212,11 +212,16 @@ def build() -> Dashboard:
                 ),
                 panel(
                     "In-flight batches per replica",
-                    "Batches sent to each replica and not yet answered.",
+                    "Batches sent to each replica and not yet answered, and whether the pacing lets a replica"
+                    " have a second one (1: its compute outlasts a call's overhead).",
                     "short",
                     query(
                         f"sum by (replica, version) (convray_replica_in_flight_batches{{{SERVED}}})",
                         "{{replica}} v{{version}}",
+                    ),
+                    query(
+                        f"max by (model, version) (convray_batch_overlap{{{SERVED}}})",
+                        "second batch allowed {{model}} v{{version}}",
                     ),
                 ),
                 panel(

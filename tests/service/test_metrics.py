@@ -193,8 +193,21 @@ def test_loading_a_new_version_counts_a_load_and_an_unload_and_drops_the_old_rep
         assert now.value("convray_model_unloads_total", **DIGITS) == 1
         assert now.value("convray_model_unloads_total", **v2) == 0
         assert now.value("convray_replicas", **DIGITS) == 0 and now.value("convray_replicas", **v2) == 1
+        assert now.value("convray_batch_overlap", **DIGITS) == 0  # nothing in flight for a retired version
+        assert now.value("convray_batch_overlap", **v2) == 1  # unmeasured yet: overlap allowed
         assert not now.has("convray_replica_in_flight_batches", **DIGITS, replica="digits-0")
         assert not now.has("convray_replica_gpu_memory_allocated_bytes", **DIGITS, replica="digits-0")
         assert now.has("convray_replica_in_flight_batches", **v2, replica="digits-0")
     finally:
         server.stop()
+
+
+def test_the_batch_overlap_gauge_shows_the_pacing_decision_of_each_served_version(metered, channel, images):
+    stub = classifier_pb2_grpc.ClassifierStub(channel)
+    for i in range(4):
+        stub.Classify(pb.ClassifyRequest(image=png(images[i])), timeout=10)
+    served = metered.server.registry.resolve("digits", 0)
+    assert served.pacing is not None  # --adaptive-in-flight is on by default
+    assert served.pacing.compute_s is not None  # the batches above were measured
+    value = scrape(metered.server.metrics_port).value("convray_batch_overlap", **DIGITS)
+    assert value == int(served.pacing.overlap_pays)
