@@ -55,7 +55,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self._registry = registry
         self._batching = batching
         self._workers = workers
-        self._rpc = RpcObserver("oip", metrics, lambda: registry.default_model)
+        self._rpc = RpcObserver("oip", metrics, registry.metric_label)
 
     def _resolve(self, name: str, version: str) -> ServedModel:
         return self._registry.resolve(name, parse_version(version))

@@ -19,6 +19,7 @@ from convray.workers.pool import ReplicaOptions, ReplicaPool
 from convray.workers.repository import ModelLoadError, ModelMetadata, ModelRepository
 
 log = logging.getLogger(__name__)
+UNKNOWN_MODEL_LABEL = "(unknown)"  # the metrics' model label for names not served (see metric_label)
 
 # After switching to a new version, the old one keeps serving this long before it drains and stops:
 # a request that picked it just before the switch may still be decoding its image off the event loop.
@@ -76,6 +77,16 @@ class ModelRegistry:
         if self._default_model in self._served or not self._served:
             return self._default_model
         return sorted(self._served)[0]
+
+    def metric_label(self, requested: str) -> str:
+        """The ``model`` label of a request naming ``requested`` ('' is the default model).
+
+        A name this server does not serve is labelled ``(unknown)`` (no model can be called that):
+        clients choose the names, and a label per name they send would grow the metrics without bound.
+        """
+        if not requested:
+            return self.default_model
+        return requested if requested in self._served else UNKNOWN_MODEL_LABEL
 
     def serves(self, served: ServedModel) -> bool:
         """Whether ``served`` is still loaded (False once a switch or unload retired it)."""

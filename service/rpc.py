@@ -34,12 +34,13 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 class RpcObserver:
     """Runs RPC handlers so that no exception escapes as UNKNOWN, and counts and times each call."""
 
-    def __init__(self, api: str, metrics: Metrics, default_model: Callable[[], str]) -> None:
+    def __init__(self, api: str, metrics: Metrics, model_label: Callable[[str], str]) -> None:
+        """``model_label`` maps the model a request names ('' for the default) to its metrics label."""
         self._api = api
         self._metrics = metrics
-        self._default_model = default_model
+        self._model_label = model_label
         # Metric children by label values, looked up once rather than per call (``labels()`` is not
-        # cheap next to the rest of a small request); bounded, as clients choose the model names.
+        # cheap next to the rest of a small request); bounded, whatever labels ``model_label`` gives.
         self._in_flight = functools.lru_cache(maxsize=CACHED_LABELS)(
             functools.partial(metrics.in_flight_requests.labels, api)
         )
@@ -50,7 +51,7 @@ class RpcObserver:
 
     def _begin(self, model: str) -> str:
         """Count one more request in flight; returns its model label, for ``_record``."""
-        model_label = model or self._default_model()
+        model_label = self._model_label(model)
         self._in_flight(model_label).inc()
         return model_label
 

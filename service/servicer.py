@@ -83,7 +83,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self._explainer = explainer
         self._classifier = classifier
         self._registry = registry
-        self._rpc = RpcObserver("native", metrics, lambda: registry.default_model)
+        self._rpc = RpcObserver("native", metrics, registry.metric_label)
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         """Classify one image."""

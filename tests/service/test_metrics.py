@@ -211,3 +211,18 @@ def test_the_batch_overlap_gauge_shows_the_pacing_decision_of_each_served_versio
     assert served.pacing.compute_s is not None  # the batches above were measured
     value = scrape(metered.server.metrics_port).value("convray_batch_overlap", **DIGITS)
     assert value == int(served.pacing.overlap_pays)
+
+
+def test_requests_for_models_not_served_share_one_unknown_label_instead_of_one_series_per_name(metered, channel):
+    port = metered.server.metrics_port
+    stub = classifier_pb2_grpc.ClassifierStub(channel)
+    labels = {"api": "native", "rpc": "Classify", "model": "(unknown)", "code": "NOT_FOUND"}
+    earlier = scrape(port)
+    before = earlier.value("convray_requests_total", **labels) if earlier.has("convray_requests_total", **labels) else 0
+    for name in ("no-such-model-1", "no-such-model-2", "no-such-model-3"):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(pb.ClassifyRequest(image=b"\x89PNG", model=name), timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    text = scrape_text(port)
+    assert "no-such-model" not in text
+    assert scrape(port).value("convray_requests_total", **labels) == before + 3

@@ -34,7 +34,7 @@ def test_a_handler_is_wrapped_once_per_method_and_rewrapped_when_the_inner_handl
 
 async def test_the_observer_counts_each_call_under_its_code_with_cached_metric_children():
     registry = CollectorRegistry()
-    observer = RpcObserver("oip", Metrics(registry), lambda: "digits")
+    observer = RpcObserver("oip", Metrics(registry), lambda name: name or "digits")
 
     async def ok() -> str:
         return "ok"
