@@ -3,7 +3,7 @@
 A batch closes when it holds ``max_batch_size`` requests or when its first request has waited
 ``max_batch_wait_s`` -- unless no batch is running at all (``dispatch_when_idle``): then waiting
 could only add latency, so whatever is queued goes at once. At most ``max_concurrent_batches`` run
-at once, each only once ``may_start`` agrees (see ``BatchRunner.may_start``); while no batch may start,
+at once, each only once ``may_start`` agrees (``service.pacing.OverlapAdvisor.may_start``); while none may,
 requests keep queueing, so batches grow exactly when the workers are the bottleneck. Every admitted request
 is resolved exactly once: with its result, the batch's exception, ``DeadlineExpired`` when its
 deadline passed while it queued, or by its caller's cancellation (cancelled requests leave the queue
