@@ -16,6 +16,17 @@ from convray.service.errors import ConvrayError, Overloaded, to_status
 from convray.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+CALLER_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+"""Status codes a request gets for what its caller did or asked (logged at debug, not warning)."""
 Request = TypeVar("Request")
 Reply = TypeVar("Reply")
 
@@ -68,7 +79,11 @@ class RpcObserver:
 
     @staticmethod
     def _log(rpc: str, exc: Exception, code: grpc.StatusCode, message: str) -> None:
-        if isinstance(exc, ConvrayError):
+        if code in CALLER_CODES:
+            # The caller's own doing, already counted by code in convray_requests_total; at debug so that a
+            # client looping on a bad request (or an overload) cannot flood the log with one line per call.
+            log.debug("%s failed: %s %s", rpc, code.name, message)
+        elif isinstance(exc, ConvrayError):
             log.warning("%s failed: %s %s", rpc, code.name, message)
         else:
             log.error("%s failed unexpectedly", rpc, exc_info=exc)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 from prometheus_client import CollectorRegistry
 
-from convray.service.errors import InvalidInput
+from convray.service.errors import InvalidInput, ModelNotReady
 from convray.service.metrics import Metrics
 from convray.service.rpc import HandlerCache, RpcObserver
 
@@ -55,3 +57,21 @@ async def test_the_observer_counts_each_call_under_its_code_with_cached_metric_c
 
 async def _fails() -> str:
     raise InvalidInput("bad pixels")
+
+
+async def test_a_callers_error_is_logged_at_debug_and_a_server_side_one_at_warning(caplog):
+    """One log line per bad request at warning would let a looping client flood the log; the metrics count it."""
+    observer = RpcObserver("oip", Metrics(CollectorRegistry()), lambda name: name)
+
+    async def not_ready() -> str:
+        raise ModelNotReady("draining")
+
+    with caplog.at_level(logging.DEBUG, logger="convray.service.rpc"):
+        await observer.item("ModelInfer", "digits", _fails)
+        await observer.item("ModelInfer", "digits", not_ready)
+
+    levels = {record.getMessage(): record.levelno for record in caplog.records}
+    assert levels == {
+        "ModelInfer failed: INVALID_ARGUMENT bad pixels": logging.DEBUG,
+        "ModelInfer failed: UNAVAILABLE draining": logging.WARNING,
+    }
