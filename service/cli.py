@@ -45,7 +45,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--amp": ("workers", "amp"),
     "--max-restarts": ("workers", "max_restarts"),
     "--replica-start-timeout-s": ("workers", "replica_start_timeout_s"),
-    "--compiled-graph": ("workers", "compiled_graph"),
+    "--transport": ("workers", "transport"),
     "--max-image-bytes": ("inputs", "max_image_bytes"),
     "--max-image-pixels": ("inputs", "max_image_pixels"),
     "--default-top-k": ("inputs", "default_top_k"),

@@ -91,8 +91,8 @@ class WorkerSettings(_Group):
     """Times Ray restarts a replica that died; -1 means without limit."""
     replica_start_timeout_s: float = Field(600.0, gt=0)
     """How long a version's replicas may take to be placed and load before the load fails with a clear error."""
-    compiled_graph: bool = False
-    """Send batches through a Ray Compiled Graph per replica: less latency, but each graph spins a front-end core."""
+    transport: Literal["direct", "compiled-graph", "actor-call"] = "direct"
+    """How batches reach a replica: ``direct`` TCP, a Ray ``compiled-graph`` (spins a core) or a plain ``actor-call``."""
 
 
 class InputSettings(_Group):

@@ -61,7 +61,7 @@ class ModelRegistry:
             amp=workers.amp,
             max_restarts=workers.max_restarts,
             start_timeout_s=workers.replica_start_timeout_s,
-            compiled_graph=workers.compiled_graph,
+            transport=workers.transport,
             batches_in_flight_per_replica=batching.batches_in_flight_per_replica,
         )
         self._metrics = metrics

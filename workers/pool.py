@@ -1,7 +1,11 @@
 """A pool of Ray actors holding one model version; each batch goes to the least busy replica.
 
 The front end calls ``predict`` once per batch, never once per image: every hop into Ray costs
-about a millisecond, so requests are grouped before they cross.
+about a millisecond, so requests are grouped before they cross. How a batch crosses is the pool's
+``transport``: ``direct`` (a TCP connection to the replica, ``workers.direct``; the default),
+``compiled-graph`` (a Ray Compiled Graph, ``workers.compiled``) or ``actor-call`` (a plain Ray actor
+call). The first two are fast paths opened per replica after it starts; a replica whose fast path
+broke gets plain actor calls until Ray has restarted it and the path is opened again.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayChannelError, RayTaskError
 
 from convray.workers.compiled import CompiledRun
+from convray.workers.direct import DirectChannel, ReplicaUnreachable, new_token
 from convray.workers.explain import CamChoice, Explanation
 from convray.workers.replica import AmpChoice, DeviceChoice, ModelRunner
 from convray.workers.repository import ModelLoadError
@@ -26,8 +31,24 @@ from convray.workers.repository import ModelLoadError
 log = logging.getLogger(__name__)
 # A replica's process is gone (dead, or restarting), or the compiled graph to it broke; the batch it
 # held never produced a result.
-REPLICA_LOST = (RayActorError, ActorUnavailableError, RayChannelError)
-RECOMPILE_ATTEMPTS = 30  # after a replica was lost, tries (backing off to 5 s) to compile its graph again
+REPLICA_LOST = (RayActorError, ActorUnavailableError, RayChannelError, ReplicaUnreachable)
+REOPEN_ATTEMPTS = 30  # after a replica was lost, tries (backing off to 5 s) to open its fast path again
+
+Transport = Literal["direct", "compiled-graph", "actor-call"]
+
+
+class FastPath(Protocol):
+    """A replica's ``run`` reached without a Ray task per batch (``DirectChannel``, ``CompiledRun``)."""
+
+    @property
+    def broken(self) -> bool:
+        """True once it failed; it is then never used again."""
+
+    async def __call__(self, pixels: np.ndarray) -> Any:
+        """The replica's ``run(pixels)`` reply."""
+
+    def close(self) -> None:
+        """Free what it holds."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +61,7 @@ class ReplicaOptions:
     device: DeviceChoice = "auto"
     amp: AmpChoice = "none"
     max_restarts: int = 3  # Ray restarts a dead actor this many times (its __init__ reloads the model)
-    compiled_graph: bool = False  # batches cross through a Ray Compiled Graph (see workers/compiled.py)
+    transport: Transport = "direct"  # how batches cross into a replica (see the module docstring)
     start_timeout_s: float = 600.0  # for every replica to be placed by Ray and load the version
     batches_in_flight_per_replica: int = 2  # sizes each compiled graph's in-flight capacity
 
@@ -76,17 +97,20 @@ class ReplicaPool:
         version: int,
         actors: list[Any],
         on_failure: Callable[[], None] | None = None,
-        compiled_in_flight: int | None = None,
+        transport: Transport = "actor-call",
+        compiled_in_flight: int = 4,
     ) -> None:
-        """Wrap started actors; ``compiled_in_flight`` is each compiled graph's capacity (None: plain calls)."""
+        """Wrap started actors; ``compiled_in_flight`` is each compiled graph's capacity."""
         self.name, self.version = name, version
+        self.transport: Transport = transport
         self._actors = actors
         self._on_failure = on_failure
         self._in_flight = [0] * len(actors)
         self._tie_break = itertools.count()
         self._compiled_in_flight = compiled_in_flight
-        self._graphs: list[CompiledRun | None] = [None] * len(actors)
-        self._recompiling: set[asyncio.Task[None]] = set()
+        self._token = new_token()
+        self._fast_paths: list[FastPath | None] = [None] * len(actors)
+        self._reopening: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def start(
@@ -134,9 +158,9 @@ class ReplicaPool:
             ) from None
         # Room for every batch the front end may send one replica, with margin for explain calls counted
         # against the same replica by the least-busy choice.
-        capacity = 2 * options.replicas * options.batches_in_flight_per_replica if options.compiled_graph else None
-        pool = cls(name, version, actors, on_failure, capacity)
-        await asyncio.gather(*(pool._compile(index, info) for index, info in enumerate(described)))
+        capacity = 2 * options.replicas * options.batches_in_flight_per_replica
+        pool = cls(name, version, actors, on_failure, options.transport, capacity)
+        await asyncio.gather(*(pool._open_fast_path(index, info) for index, info in enumerate(described)))
         return pool
 
     @property
@@ -144,9 +168,9 @@ class ReplicaPool:
         """Number of replicas."""
         return len(self._actors)
 
-    def compiled(self) -> list[bool]:
-        """Whether each replica is reached through its compiled graph (else by plain actor calls)."""
-        return [graph is not None for graph in self._graphs]
+    def fast(self) -> list[bool]:
+        """Whether each replica is reached through its fast path (else by plain actor calls)."""
+        return [path is not None for path in self._fast_paths]
 
     def in_flight(self) -> list[int]:
         """Batches currently sent to each replica and not yet answered."""
@@ -191,51 +215,59 @@ class ReplicaPool:
         return min(candidates, key=lambda i: (self._in_flight[i], (i - offset) % count))
 
     async def _run_on(self, index: int, pixels: np.ndarray) -> Any:
-        """Replica ``index``'s ``run(pixels)``, through its compiled graph when it has one."""
-        graph = self._graphs[index]
-        if graph is None:
+        """Replica ``index``'s ``run(pixels)``, through its fast path when it has one."""
+        path = self._fast_paths[index]
+        if path is None:
             return await self._call(index, "run", pixels)
         self._in_flight[index] += 1
         try:
-            return await graph(pixels)
+            return await path(pixels)
         except REPLICA_LOST:
-            self._drop_graph(index, graph)
+            self._drop_fast_path(index, path)
             raise
         finally:
             self._in_flight[index] -= 1
 
-    async def _compile(self, index: int, described: dict[str, Any]) -> None:
-        """Compile a graph to replica ``index`` (as ``describe`` described it) and warm it with one batch.
+    async def _open_fast_path(self, index: int, described: dict[str, Any]) -> None:
+        """Open the transport's fast path to replica ``index`` (as ``describe`` described it), warmed by a batch.
 
-        The first execution of a graph sets up its channels and takes seconds; no request should pay that.
+        The first execution of a compiled graph sets up its channels and takes seconds; no request should pay that.
         """
-        if self._compiled_in_flight is None:
+        name = self.replica_name(index)
+        try:
+            path: FastPath
+            if self.transport == "direct":
+                address = await self._actors[index].open_direct_channel.remote(self._token)
+                path = DirectChannel(tuple(address), self._token)
+            elif self.transport == "compiled-graph":
+                path = CompiledRun(self._actors[index], int(described["pid"]), self._compiled_in_flight)
+            else:
+                return
+        except REPLICA_LOST:
+            return  # lost meanwhile; the next batch's failure over will reopen it
+        except Exception as exc:  # noqa: BLE001 (plain calls always work; a fast path is only faster)
+            log.warning("replica %s: no %s path (%s); using plain actor calls", name, self.transport, exc)
             return
         try:
-            graph = CompiledRun(self._actors[index], int(described["pid"]), self._compiled_in_flight)
-        except Exception as exc:  # noqa: BLE001 (plain calls always work; a graph is only faster)
-            log.warning("replica %s: no compiled graph (%s); using plain actor calls", self.replica_name(index), exc)
-            return
-        try:
-            await graph(np.zeros((1, *described["input_shape"]), dtype=np.uint8))
+            await path(np.zeros((1, *described["input_shape"]), dtype=np.uint8))
         except REPLICA_LOST as exc:
-            log.warning("replica %s: compiled graph failed its warm-up (%s)", self.replica_name(index), exc)
-            graph.close()
+            log.warning("replica %s: %s path failed its warm-up (%s)", name, self.transport, exc)
+            path.close()
             return
-        self._graphs[index] = graph
+        self._fast_paths[index] = path
 
-    def _drop_graph(self, index: int, graph: CompiledRun) -> None:
-        """Forget a broken graph (plain calls meanwhile) and compile a new one once the actor is back."""
-        if self._graphs[index] is not graph:
-            return  # another batch on the same graph got here first
-        self._graphs[index] = None
-        graph.close()
-        task = asyncio.get_running_loop().create_task(self._recompile_when_back(index))
-        self._recompiling.add(task)
-        task.add_done_callback(self._recompiling.discard)
+    def _drop_fast_path(self, index: int, path: FastPath) -> None:
+        """Forget a broken fast path (plain calls meanwhile) and open a new one once the actor is back."""
+        if self._fast_paths[index] is not path:
+            return  # another batch on the same path got here first
+        self._fast_paths[index] = None
+        path.close()
+        task = asyncio.get_running_loop().create_task(self._reopen_when_back(index))
+        self._reopening.add(task)
+        task.add_done_callback(self._reopening.discard)
 
-    async def _recompile_when_back(self, index: int) -> None:
-        for attempt in range(RECOMPILE_ATTEMPTS):
+    async def _reopen_when_back(self, index: int) -> None:
+        for attempt in range(REOPEN_ATTEMPTS):
             await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
             if not self._actors:
                 return  # shut down meanwhile
@@ -243,7 +275,7 @@ class ReplicaPool:
                 described = await self._actors[index].describe.remote()  # answers once Ray restarted it
             except REPLICA_LOST:
                 continue
-            await self._compile(index, described)
+            await self._open_fast_path(index, described)
             return
         log.warning("replica %s: not back after %d tries; stays on plain calls", self.replica_name(index), attempt + 1)
 
@@ -280,12 +312,12 @@ class ReplicaPool:
 
     def shutdown(self) -> None:
         """Stop every replica of this version (and the compiled graphs to them)."""
-        for task in self._recompiling:
+        for task in self._reopening:
             task.cancel()
-        for graph in self._graphs:
-            if graph is not None:
-                graph.close()
-        self._graphs = [None] * len(self._actors)
+        for path in self._fast_paths:
+            if path is not None:
+                path.close()
+        self._fast_paths = [None] * len(self._actors)
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
         self._actors = []

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -21,9 +21,13 @@ from convray.workers.models import prepare_for_inference
 from convray.workers.repository import ModelRepository
 from convray.workers.transforms import Normaliser
 
+if TYPE_CHECKING:
+    from convray.workers.direct import DirectListener
+
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 AmpChoice = Literal["none", "fp16", "bf16"]
 _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+MAX_DIRECT_BATCH = 4096  # images; a direct-channel batch header asking for more is refused unread
 
 
 def select_device(requested: DeviceChoice, cuda_available: bool) -> torch.device:
@@ -94,6 +98,7 @@ class ModelRunner:
             torch.set_num_threads(threads)
         # A compiled graph calls `run` from its own thread while plain calls (explain) use the main one.
         self._model_lock = threading.Lock()
+        self._listener: DirectListener | None = None
         loaded = ModelRepository(model_repo).load(name, version)
         self.name, self.version = name, version
         self.contract = loaded.metadata.input
@@ -173,6 +178,24 @@ class ModelRunner:
         probabilities, compute_s = self.predict(pixels)
         allocated, reserved = gpu_memory_bytes(self.device)
         return ReplicaReply(probabilities, compute_s, allocated, reserved)
+
+    def open_direct_channel(self, token: bytes, host: str | None = None) -> tuple[str, int]:
+        """Listen for batches over plain TCP (``workers.direct``); returns the (host, port) to connect to.
+
+        ``host`` defaults to this node's IP as Ray knows it, so a front end on another node can connect.
+        Connections must present ``token``. Opening again replaces the previous listener.
+        """
+        from convray.workers.direct import DirectListener  # lazy: direct imports this module
+
+        if host is None:
+            import ray  # lazy: this class is also used, and tested, without Ray
+
+            host = ray.util.get_node_ip_address()
+        if self._listener is not None:
+            self._listener.close()
+        max_batch_bytes = MAX_DIRECT_BATCH * int(np.prod(self._expected_shape))
+        self._listener = DirectListener(self.run, token, host, max_batch_bytes)
+        return self._listener.address
 
     def describe(self) -> dict[str, Any]:
         """Where this replica runs: device, process id, model and version, and its input (C, H, W)."""

@@ -1,5 +1,6 @@
-"""ReplicaPool on a real local Ray: plain actor calls and compiled graphs give the same answers, and a
-compiled graph whose replica dies is dropped, its batch retried elsewhere, and the graph rebuilt."""
+"""ReplicaPool on a real local Ray: every transport (plain actor calls, direct TCP channels, compiled
+graphs) gives the same answers, and a fast path whose replica dies is dropped, its batch retried
+elsewhere, and the path opened again once Ray has restarted the replica."""
 
 import asyncio
 import time
@@ -27,44 +28,55 @@ def options(**overrides) -> ReplicaOptions:
     return ReplicaOptions(**settings)
 
 
-async def test_a_compiled_graph_gives_the_same_probabilities_as_a_plain_call(model_repo, batch):
-    plain = await ReplicaPool.start(str(model_repo), "digits", 1, options())
-    compiled = await ReplicaPool.start(str(model_repo), "digits", 1, options(compiled_graph=True))
+@pytest.mark.parametrize("transport", ["direct", "compiled-graph"])
+async def test_a_fast_path_gives_the_same_probabilities_as_a_plain_call(model_repo, batch, transport):
+    plain = await ReplicaPool.start(str(model_repo), "digits", 1, options(transport="actor-call"))
+    fast = await ReplicaPool.start(str(model_repo), "digits", 1, options(transport=transport))
     try:
-        assert plain.compiled() == [False] and compiled.compiled() == [True]
-        by_call, by_graph = await plain.predict(batch), await compiled.predict(batch)
-        assert by_graph.probabilities.shape == (16, 10)
-        np.testing.assert_allclose(by_graph.probabilities, by_call.probabilities, atol=1e-6)
-        assert by_graph.probabilities.flags.writeable  # copied out of the channel's reusable buffer
+        assert plain.fast() == [False] and fast.fast() == [True]
+        by_call, by_fast_path = await plain.predict(batch), await fast.predict(batch)
+        assert by_fast_path.probabilities.shape == (16, 10)
+        np.testing.assert_allclose(by_fast_path.probabilities, by_call.probabilities, atol=1e-6)
+        assert by_fast_path.compute_s > 0
     finally:
         plain.shutdown()
-        compiled.shutdown()
+        fast.shutdown()
 
 
-async def test_concurrent_batches_and_explain_calls_share_a_compiled_replica(model_repo, batch):
-    pool = await ReplicaPool.start(str(model_repo), "digits", 1, options(compiled_graph=True))
+async def test_a_compiled_graphs_reply_is_copied_out_of_its_reusable_channel_buffer(model_repo, batch):
+    pool = await ReplicaPool.start(str(model_repo), "digits", 1, options(transport="compiled-graph"))
+    try:
+        assert (await pool.predict(batch)).probabilities.flags.writeable
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.parametrize("transport", ["direct", "compiled-graph"])
+async def test_concurrent_batches_and_explain_calls_share_a_fast_path_replica(model_repo, batch, transport):
+    pool = await ReplicaPool.start(str(model_repo), "digits", 1, options(transport=transport))
     try:
         batches = [pool.predict(batch[i : i + 4]) for i in range(0, 16, 4)]
         explained, *results = await asyncio.gather(pool.explain(batch[0], None, 1), *batches)
         expected = np.concatenate([r.probabilities for r in results])
         assert expected.shape == (16, 10)
         np.testing.assert_allclose(explained.explanation.probabilities, expected[0], atol=1e-5)
-        assert pool.compiled() == [True]
+        assert pool.fast() == [True]
     finally:
         pool.shutdown()
 
 
-async def test_a_killed_compiled_replica_loses_no_batch_and_gets_its_graph_back(model_repo, batch):
-    pool = await ReplicaPool.start(str(model_repo), "digits", 1, options(replicas=2, compiled_graph=True))
+@pytest.mark.parametrize("transport", ["direct", "compiled-graph"])
+async def test_a_killed_replica_loses_no_batch_and_gets_its_fast_path_back(model_repo, batch, transport):
+    pool = await ReplicaPool.start(str(model_repo), "digits", 1, options(replicas=2, transport=transport))
     try:
-        assert pool.compiled() == [True, True]
+        assert pool.fast() == [True, True]
         ray.kill(pool.actors[0], no_restart=False)  # as if the process died; Ray restarts it
         results = await asyncio.wait_for(asyncio.gather(*(pool.predict(batch) for _ in range(8))), timeout=60)
         assert all(r.probabilities.shape == (16, 10) for r in results)
         deadline = time.monotonic() + 90
-        while pool.compiled() != [True, True] and time.monotonic() < deadline:
+        while pool.fast() != [True, True] and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
-        assert pool.compiled() == [True, True]  # recompiled to the restarted process
+        assert pool.fast() == [True, True]  # opened again to the restarted process
         again = await asyncio.wait_for(asyncio.gather(*(pool.predict(batch) for _ in range(4))), timeout=30)
         np.testing.assert_allclose(again[0].probabilities, results[0].probabilities, atol=1e-6)
     finally:

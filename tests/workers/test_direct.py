@@ -1,0 +1,137 @@
+"""workers.direct: the TCP fast path into a replica, with a real listener and real sockets in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from convray.workers.direct import DirectChannel, DirectListener, ReplicaError, ReplicaUnreachable, new_token
+from convray.workers.replica import ModelRunner, ReplicaReply
+
+
+class Recorder:
+    """A stand-in for ModelRunner.run: answers each image with its mean pixel, remembering the batches."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+        self.threads: set[int] = set()
+
+    def __call__(self, pixels: np.ndarray) -> ReplicaReply:
+        self.batches.append(pixels.copy())
+        self.threads.add(threading.get_ident())
+        if pixels.shape[1:] != (1, 8, 8):
+            raise ValueError(f"batch must be uint8 (N, 1, 8, 8), got {pixels.dtype} {tuple(pixels.shape)}")
+        means = pixels.reshape(len(pixels), -1).mean(axis=1, dtype=np.float32)
+        return ReplicaReply(np.stack([means, -means], axis=1), 0.25, 1024, 2048)
+
+
+@pytest.fixture
+def listener():
+    recorder = Recorder()
+    token = new_token()
+    listener = DirectListener(recorder, token, "127.0.0.1", max_batch_bytes=64 * 64)
+    yield listener, recorder, token
+    listener.close()
+
+
+def images(*values: int) -> np.ndarray:
+    return np.stack([np.full((1, 8, 8), v, dtype=np.uint8) for v in values])
+
+
+async def test_a_batch_crosses_whole_and_its_reply_comes_back_with_the_replicas_measurements(listener):
+    server, recorder, token = listener
+    channel = DirectChannel(server.address, token)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 1, 8, 8), dtype=np.uint8)
+
+    reply = await channel(pixels)
+
+    np.testing.assert_array_equal(recorder.batches[0], pixels)
+    expected = pixels.reshape(3, -1).mean(axis=1, dtype=np.float32)
+    np.testing.assert_array_equal(reply.probabilities, np.stack([expected, -expected], axis=1))
+    assert (reply.compute_s, reply.gpu_memory_allocated_bytes, reply.gpu_memory_reserved_bytes) == (0.25, 1024, 2048)
+    channel.close()
+
+
+async def test_concurrent_batches_each_get_their_own_connection_and_answer_and_connections_are_reused(listener):
+    server, recorder, token = listener
+    channel = DirectChannel(server.address, token)
+
+    first = await asyncio.gather(*(channel(images(v, v)) for v in (10, 20, 30, 40)))
+    again = await asyncio.gather(*(channel(images(v)) for v in (50, 60, 70, 80)))
+
+    assert [r.probabilities[0, 0] for r in first + again] == [10, 20, 30, 40, 50, 60, 70, 80]
+    assert len(recorder.threads) == 4  # one connection (and replica thread) per batch in flight, then reused
+    channel.close()
+
+
+async def test_an_error_inside_the_replica_comes_back_with_its_message_and_the_channel_stays_usable(listener):
+    server, _, token = listener
+    channel = DirectChannel(server.address, token)
+
+    with pytest.raises(ReplicaError, match=r"ValueError: batch must be uint8 \(N, 1, 8, 8\), got uint8 \(1, 3, 8, 8\)"):
+        await channel(np.zeros((1, 3, 8, 8), dtype=np.uint8))
+
+    assert not channel.broken
+    assert (await channel(images(7))).probabilities[0, 0] == 7
+    channel.close()
+
+
+async def test_a_connection_without_the_token_is_refused_before_any_batch_runs(listener):
+    server, recorder, _ = listener
+    channel = DirectChannel(server.address, new_token())
+
+    with pytest.raises(ReplicaUnreachable):
+        await channel(images(1))
+
+    assert channel.broken and recorder.batches == []
+    with pytest.raises(ReplicaUnreachable, match="closed"):
+        await channel(images(1))  # a broken channel fails fast, without connecting again
+
+
+async def test_a_batch_over_the_size_limit_is_refused_unread(listener):
+    server, recorder, token = listener
+    channel = DirectChannel(server.address, token)
+
+    with pytest.raises(ReplicaUnreachable):
+        await channel(np.zeros((65, 1, 8, 8), dtype=np.uint8))  # 4,160 bytes against a limit of 4,096
+
+    assert recorder.batches == []
+
+
+async def test_a_replica_that_goes_away_fails_the_call_at_once_instead_of_hanging(listener):
+    server, _, token = listener
+    channel = DirectChannel(server.address, token)
+    await channel(images(1))  # an open, idle connection
+    server.close()  # ends its connections, as the replica's process dying would
+
+    with pytest.raises(ReplicaUnreachable, match="lost"):
+        await asyncio.wait_for(channel(images(2)), timeout=5)
+    assert channel.broken
+
+
+def test_nothing_listening_is_reported_as_unreachable():
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # free once closed
+
+    async def call() -> None:
+        await DirectChannel(("127.0.0.1", port), new_token())(images(1))
+
+    with pytest.raises(ReplicaUnreachable, match="lost"):
+        asyncio.run(call())
+
+
+async def test_a_model_runner_serves_the_same_probabilities_over_its_direct_channel(model_repo):
+    runner = ModelRunner(str(model_repo), "digits", 1, device="cpu", threads=1)
+    token = new_token()
+    channel = DirectChannel(runner.open_direct_channel(token, host="127.0.0.1"), token)
+    pixels = np.random.default_rng(1).integers(0, 17, (5, 1, 8, 8), dtype=np.uint8)
+
+    reply = await channel(pixels)
+
+    expected, _ = runner.predict(pixels)
+    np.testing.assert_allclose(reply.probabilities, expected, atol=1e-6)
+    channel.close()

@@ -1,0 +1,242 @@
+"""A replica's ``run`` over a plain TCP connection: the cheapest way for a batch to cross into a replica.
+
+Ray stays the control plane (it places, starts, restarts and kills replicas, and carries their
+explain calls), but batches need not pay for a Ray task each: a plain async actor call costs about
+1.4 ms and 0.9 ms of the caller's CPU here, a Compiled Graph keeps a core spinning, while a round trip
+over a loopback TCP connection costs tens of microseconds (docs/benchmarks.md, scripts/bench_ray_hop.py).
+So each replica opens a ``DirectListener`` when the pool asks it to (through a Ray call, which also
+carries the secret token that every connection must present first), and the front end sends batches
+through a ``DirectChannel``: one connection per batch in flight, each carrying one request and then
+its reply at a time.
+
+The frames, all little-endian:
+
+- connect: the client sends the 32-byte token; the listener answers one byte ``1``, or closes.
+- request: ``4 x u32`` batch shape (N, C, H, W), then N*C*H*W uint8 pixels.
+- reply: ``u8`` status. 0: ``f64`` compute seconds, ``u64`` GPU bytes allocated, ``u64`` reserved,
+  ``2 x u32`` (rows, classes), then rows*classes float32 probabilities. 1: ``u32`` length, then the
+  UTF-8 text of the error ``run`` raised (the connection stays usable).
+
+A replica that dies closes its sockets, so calls in flight fail at once (``ReplicaUnreachable``); TCP
+keep-alive catches a peer that vanished without closing (its node lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import logging
+import secrets
+import socket
+import struct
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from convray.workers.replica import ReplicaReply
+
+log = logging.getLogger(__name__)
+
+TOKEN_BYTES = 32
+_SHAPE = struct.Struct("<4I")
+_STATUS = struct.Struct("<B")
+_OK_HEAD = struct.Struct("<dQQ2I")
+_ERROR_HEAD = struct.Struct("<I")
+_OK, _ERROR = 0, 1
+_ACCEPTED = b"\x01"
+# TCP keep-alive: a peer gone without closing (its node lost) is noticed after about 5 + 3 x 2 s idle.
+_KEEPALIVE = {"TCP_KEEPIDLE": 5, "TCP_KEEPINTVL": 2, "TCP_KEEPCNT": 3}
+
+
+class ReplicaUnreachable(ConnectionError):
+    """The connection to a replica failed or closed: its process is gone (or restarting); retry elsewhere."""
+
+
+class ReplicaError(RuntimeError):
+    """``run`` raised inside the replica (a bad batch); the message is the replica's."""
+
+
+def new_token() -> bytes:
+    """A secret for one pool's connections, handed to its replicas through Ray."""
+    return secrets.token_bytes(TOKEN_BYTES)
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames go out at once
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in _KEEPALIVE.items():
+        if hasattr(socket, option):  # Linux; macOS lacks some (the defaults then apply)
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+class DirectListener:
+    """Inside a replica: accepts the front end's connections and answers each batch with ``run``.
+
+    A thread accepts; each connection gets its own thread (the front end opens one per batch in flight,
+    a handful). ``run`` must be safe to call from several threads (``ModelRunner`` locks its model).
+    """
+
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], ReplicaReply],
+        token: bytes,
+        host: str,
+        max_batch_bytes: int,
+    ) -> None:
+        """Listen on ``host`` (an ephemeral port); batches over ``max_batch_bytes`` close their connection."""
+        self._run, self._token, self._max_batch_bytes = run, token, max_batch_bytes
+        self._socket = socket.create_server((host, 0))
+        self.address: tuple[str, int] = (host, self._socket.getsockname()[1])
+        self._closed = False
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="convray-direct-accept", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop accepting and end every open connection (calls in flight on them fail at once)."""
+        self._closed = True
+        self._socket.close()
+        with self._lock:
+            for connection in self._connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed by its client
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                return  # closed
+            _tune(connection)
+            threading.Thread(target=self._serve, args=(connection,), name="convray-direct", daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._connections.add(connection)
+        try:
+            self._answer(connection)
+        finally:
+            with self._lock:
+                self._connections.discard(connection)
+
+    def _answer(self, connection: socket.socket) -> None:
+        with connection, connection.makefile("rb") as incoming:
+            if not hmac.compare_digest(incoming.read(TOKEN_BYTES), self._token):
+                log.warning("direct channel: refused a connection with a wrong token")
+                return
+            connection.sendall(_ACCEPTED)
+            while (head := incoming.read(_SHAPE.size)) and len(head) == _SHAPE.size:
+                shape = _SHAPE.unpack(head)
+                size = shape[0] * shape[1] * shape[2] * shape[3]
+                if size > self._max_batch_bytes:
+                    log.warning("direct channel: refused a batch of %d bytes (limit %d)", size, self._max_batch_bytes)
+                    return
+                pixels = np.empty(shape, dtype=np.uint8)
+                if incoming.readinto(memoryview(pixels).cast("B")) != size:
+                    return  # the client went away mid-batch
+                try:
+                    reply = _encode_reply(self._run(pixels))
+                except Exception as exc:  # noqa: BLE001 (the batch's error goes back to its caller)
+                    message = f"{type(exc).__name__}: {exc}".encode()
+                    reply = _STATUS.pack(_ERROR) + _ERROR_HEAD.pack(len(message)) + message
+                try:
+                    connection.sendall(reply)
+                except OSError:
+                    return  # the client went away (its batch was cancelled)
+
+
+def _encode_reply(reply: ReplicaReply) -> bytes:
+    probabilities = np.ascontiguousarray(reply.probabilities, dtype=np.float32)
+    rows, classes = probabilities.shape
+    head = _OK_HEAD.pack(
+        reply.compute_s, reply.gpu_memory_allocated_bytes, reply.gpu_memory_reserved_bytes, rows, classes
+    )
+    return _STATUS.pack(_OK) + head + probabilities.tobytes()
+
+
+class DirectChannel:
+    """In the front end: ``await channel(pixels)`` runs one batch on the replica behind ``address``.
+
+    Keeps idle connections for reuse and opens another when every open one is busy, so batches in
+    flight each have their own. Only the event loop that calls it may use it.
+    """
+
+    def __init__(self, address: tuple[str, int], token: bytes) -> None:
+        self.address, self._token = address, token
+        self._idle: collections.deque[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = collections.deque()
+        self._broken = False
+
+    @property
+    def broken(self) -> bool:
+        """True once a call lost its connection; the channel is then never used again."""
+        return self._broken
+
+    async def __call__(self, pixels: np.ndarray) -> ReplicaReply:
+        """The replica's ``run(pixels)`` reply for a uint8 batch (N, C, H, W).
+
+        Raises:
+            ReplicaError: ``run`` raised (a bad batch); the channel stays usable.
+            ReplicaUnreachable: the replica is gone, or refused the connection; retry elsewhere.
+        """
+        if self._broken:
+            raise ReplicaUnreachable(f"direct channel to {self._where} is closed")
+        connection = self._idle.pop() if self._idle else await self._connect()
+        reader, writer = connection
+        try:
+            writer.write(_SHAPE.pack(*pixels.shape))
+            writer.write(memoryview(np.ascontiguousarray(pixels)).cast("B"))
+            (status,) = _STATUS.unpack(await reader.readexactly(_STATUS.size))
+            if status == _OK:
+                compute_s, allocated, reserved, rows, classes = _OK_HEAD.unpack(await reader.readexactly(_OK_HEAD.size))
+                body = await reader.readexactly(rows * classes * 4)
+                reply: ReplicaReply | ReplicaError = ReplicaReply(
+                    np.frombuffer(body, dtype=np.float32).reshape(rows, classes),  # read-only, like Ray's
+                    compute_s,
+                    allocated,
+                    reserved,
+                )
+            else:
+                (length,) = _ERROR_HEAD.unpack(await reader.readexactly(_ERROR_HEAD.size))
+                reply = ReplicaError((await reader.readexactly(length)).decode(errors="replace"))
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            writer.close()
+            raise self._fail(exc) from exc
+        except BaseException:  # cancelled mid-call: the connection's next bytes are this batch's reply
+            writer.close()
+            raise
+        self._idle.append(connection)
+        if isinstance(reply, ReplicaError):
+            raise reply
+        return reply
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            reader, writer = await asyncio.open_connection(*self.address)
+            _tune(writer.get_extra_info("socket"))
+            writer.write(self._token)
+            if await reader.readexactly(len(_ACCEPTED)) != _ACCEPTED:
+                raise ConnectionError("unexpected handshake answer")
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            raise self._fail(exc) from exc
+        return reader, writer
+
+    @property
+    def _where(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+    def _fail(self, exc: BaseException) -> ReplicaUnreachable:
+        if not self._broken:
+            log.warning("direct channel to %s failed (%s: %s)", self._where, type(exc).__name__, exc)
+        self.close()
+        return ReplicaUnreachable(f"direct channel to {self._where} lost: {type(exc).__name__}: {exc}")
+
+    def close(self) -> None:
+        """Close every idle connection; calls in flight close theirs when they end."""
+        self._broken = True
+        while self._idle:
+            _, writer = self._idle.pop()
+            writer.close()
