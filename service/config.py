@@ -92,7 +92,7 @@ class WorkerSettings(_Group):
     replica_start_timeout_s: float = Field(600.0, gt=0)
     """How long a version's replicas may take to be placed and load before the load fails with a clear error."""
     transport: Literal["direct", "compiled-graph", "actor-call"] = "direct"
-    """How batches reach a replica: ``direct`` TCP, a Ray ``compiled-graph`` (spins a core) or a plain ``actor-call``."""
+    """How batches reach a replica: ``direct`` TCP, a Ray ``compiled-graph`` (spins a core), a plain ``actor-call``."""
 
 
 class InputSettings(_Group):
