@@ -40,6 +40,7 @@ from convray.workers.replica import ReplicaReply
 log = logging.getLogger(__name__)
 
 TOKEN_BYTES = 32
+HANDSHAKE_TIMEOUT_S = 5.0
 _SHAPE = struct.Struct("<4I")
 _STATUS = struct.Struct("<B")
 _OK_HEAD = struct.Struct("<dQQ2I")
@@ -84,9 +85,14 @@ class DirectListener:
         token: bytes,
         host: str,
         max_batch_bytes: int,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
     ) -> None:
-        """Listen on ``host`` (an ephemeral port); batches over ``max_batch_bytes`` close their connection."""
+        """Listen on ``host`` (an ephemeral port); batches over ``max_batch_bytes`` close their connection.
+
+        A connection that has not sent the token within ``handshake_timeout_s`` is closed.
+        """
         self._run, self._token, self._max_batch_bytes = run, token, max_batch_bytes
+        self._handshake_timeout_s = handshake_timeout_s
         self._socket = socket.create_server((host, 0))
         self.address: tuple[str, int] = (host, self._socket.getsockname()[1])
         self._closed = False
@@ -119,15 +125,19 @@ class DirectListener:
             self._connections.add(connection)
         try:
             self._answer(connection)
+        except OSError:
+            pass  # the front end went away (closed, reset); its batches in flight were already given up
         finally:
             with self._lock:
                 self._connections.discard(connection)
 
     def _answer(self, connection: socket.socket) -> None:
         with connection, connection.makefile("rb") as incoming:
+            connection.settimeout(self._handshake_timeout_s)  # a peer that never sends its token holds no thread
             if not hmac.compare_digest(incoming.read(TOKEN_BYTES), self._token):
                 log.warning("direct channel: refused a connection with a wrong token")
                 return
+            connection.settimeout(None)  # between batches a connection may idle for as long as traffic stops
             connection.sendall(_ACCEPTED)
             while (head := incoming.read(_SHAPE.size)) and len(head) == _SHAPE.size:
                 shape = _SHAPE.unpack(head)
@@ -143,10 +153,7 @@ class DirectListener:
                 except Exception as exc:  # noqa: BLE001 (the batch's error goes back to its caller)
                     message = f"{type(exc).__name__}: {exc}".encode()
                     reply = _STATUS.pack(_ERROR) + _ERROR_HEAD.pack(len(message)) + message
-                try:
-                    connection.sendall(reply)
-                except OSError:
-                    return  # the client went away (its batch was cancelled)
+                connection.sendall(reply)
 
 
 def _encode_reply(reply: ReplicaReply) -> bytes:
@@ -216,12 +223,18 @@ class DirectChannel:
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
             reader, writer = await asyncio.open_connection(*self.address)
+        except OSError as exc:
+            raise self._fail(exc) from exc
+        try:
             _tune(writer.get_extra_info("socket"))
             writer.write(self._token)
             if await reader.readexactly(len(_ACCEPTED)) != _ACCEPTED:
                 raise ConnectionError("unexpected handshake answer")
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            raise self._fail(exc) from exc
+        except BaseException as exc:
+            writer.close()
+            if isinstance(exc, OSError | asyncio.IncompleteReadError):
+                raise self._fail(exc) from exc
+            raise
         return reader, writer
 
     @property

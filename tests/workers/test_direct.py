@@ -9,7 +9,13 @@ import threading
 import numpy as np
 import pytest
 
-from convray.workers.direct import DirectChannel, DirectListener, ReplicaError, ReplicaUnreachable, new_token
+from convray.workers.direct import (
+    DirectChannel,
+    DirectListener,
+    ReplicaError,
+    ReplicaUnreachable,
+    new_token,
+)
 from convray.workers.replica import ModelRunner, ReplicaReply
 
 
@@ -135,3 +141,11 @@ async def test_a_model_runner_serves_the_same_probabilities_over_its_direct_chan
     expected, _ = runner.predict(pixels)
     np.testing.assert_allclose(reply.probabilities, expected, atol=1e-6)
     channel.close()
+
+
+def test_a_peer_that_never_sends_its_token_is_dropped_after_the_handshake_timeout():
+    server = DirectListener(Recorder(), new_token(), "127.0.0.1", max_batch_bytes=64, handshake_timeout_s=0.3)
+    with socket.create_connection(server.address) as silent:
+        silent.settimeout(5)
+        assert silent.recv(1) == b""  # closed by the listener, not left holding its thread
+    server.close()
