@@ -1,7 +1,7 @@
 """THE hot path, top to bottom: decode -> batch -> Ray call -> split -> reply.
 
 ``Classifier.classify`` decodes one request off the event loop and submits it to its model's
-batcher; ``BatchRunner`` turns a batch of decoded requests into one Ray call and one result each.
+batcher; ``BatchRunner`` turns a batch of decoded requests into one replica call and one result each.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Classification:
 
 
 class BatchRunner:
-    """Runs one model version's batches: stack, ONE Ray call, split the probabilities back per request.
+    """Runs one model version's batches: stack, ONE replica call, split the probabilities back per request.
 
     The batch's metrics, the replica's own measurements included, are recorded here, on metric children
     looked up once per version rather than once per batch (``labels()`` costs as much as the rest).

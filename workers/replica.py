@@ -170,7 +170,7 @@ class ModelRunner:
         return explanation, time.perf_counter() - started
 
     def run(self, pixels: np.ndarray) -> ReplicaReply:
-        """``predict`` plus the replica's GPU memory, so one Ray call carries every actor-side number back.
+        """``predict`` plus the replica's GPU memory, so one call carries every replica-side number back.
 
         Raises:
             ValueError: the batch is not uint8 of the model's (C, H, W).
