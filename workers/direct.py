@@ -215,7 +215,10 @@ class DirectChannel:
         except BaseException:  # cancelled mid-call: the connection's next bytes are this batch's reply
             writer.close()
             raise
-        self._idle.append(connection)
+        if self._broken:  # another call found the replica gone meanwhile: do not keep this connection
+            writer.close()
+        else:
+            self._idle.append(connection)
         if isinstance(reply, ReplicaError):
             raise reply
         return reply
