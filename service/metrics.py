@@ -74,7 +74,7 @@ class Metrics:
         )
         self.batch_call_duration = Histogram(
             "convray_batch_call_duration_seconds",
-            "One batch's Ray call, seen from the front end.",
+            "One batch's call into its replica (direct, compiled graph or Ray call), seen from the front end.",
             ["model", "version"],
             buckets=LATENCY_BUCKETS_S,
             registry=registry,

@@ -168,10 +168,10 @@ def build() -> Dashboard:
                 ),
                 panel(
                     "Stages, p99",
-                    "Decode, time in the Ray call (front end's view) and the forward pass inside the replica.",
+                    "Decode, time in the call into the replica (front end's view) and the forward pass inside it.",
                     "s",
                     query(quantile(0.99, "convray_decode_duration_seconds"), "decode"),
-                    query(quantile(0.99, "convray_batch_call_duration_seconds"), "Ray call"),
+                    query(quantile(0.99, "convray_batch_call_duration_seconds"), "replica call"),
                     query(quantile(0.99, "convray_model_compute_duration_seconds"), "model compute (in replica)"),
                 ),
                 panel(

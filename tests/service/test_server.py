@@ -75,7 +75,7 @@ def test_64_concurrent_requests_are_batched(stub, held_out):
     sizes = [r.timings.batch_size for r in replies]
     assert max(sizes) > 1, f"no request shared a batch: {sizes}"
     assert max(sizes) <= 32  # the server's max batch size
-    # Requests that report the same batch size and replica came back in far fewer Ray calls than requests.
+    # Requests that report the same batch size and replica came back in far fewer replica calls than requests.
     batches = sum(1 / s for s in sizes)
     assert batches < 64 / 2, f"{batches:.0f} batches for 64 requests"
     correct = sum(r.predictions[0].label == str(label) for r, label in zip(replies, held_out.labels[:64], strict=True))
