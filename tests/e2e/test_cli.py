@@ -25,10 +25,22 @@ def run_cli(*args, timeout=120):
     return subprocess.run([CONVRAY, *args], capture_output=True, text=True, timeout=timeout)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port free now and never handed out before by this process.
+
+    The kernel may offer a port it just released again, so two calls in a row (say, a Ray head's port and
+    its metrics port, bound later by the same command) could otherwise get the same one.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @pytest.fixture(scope="module")
