@@ -29,8 +29,8 @@ from convray.workers.replica import AmpChoice, DeviceChoice, ModelRunner
 from convray.workers.repository import ModelLoadError
 
 log = logging.getLogger(__name__)
-# A replica's process is gone (dead, or restarting), or the compiled graph to it broke; the batch it
-# held never produced a result.
+# A replica's process is gone (dead, or restarting), or the fast path to it (direct channel, compiled
+# graph) broke; the batch it held never produced a result.
 REPLICA_LOST = (RayActorError, ActorUnavailableError, RayChannelError, ReplicaUnreachable)
 REOPEN_ATTEMPTS = 30  # after a replica was lost, tries (backing off to 5 s) to open its fast path again
 
@@ -244,7 +244,8 @@ class ReplicaPool:
             else:
                 return
         except REPLICA_LOST:
-            return  # lost meanwhile; the next batch's failure over will reopen it
+            self._reopen_later(index)  # lost meanwhile: try again once Ray has restarted it
+            return
         except Exception as exc:  # noqa: BLE001 (plain calls always work; a fast path is only faster)
             log.warning("replica %s: no %s path (%s); using plain actor calls", name, self.transport, exc)
             return
@@ -253,6 +254,7 @@ class ReplicaPool:
         except REPLICA_LOST as exc:
             log.warning("replica %s: %s path failed its warm-up (%s)", name, self.transport, exc)
             path.close()
+            self._reopen_later(index)
             return
         self._fast_paths[index] = path
 
@@ -262,6 +264,10 @@ class ReplicaPool:
             return  # another batch on the same path got here first
         self._fast_paths[index] = None
         path.close()
+        self._reopen_later(index)
+
+    def _reopen_later(self, index: int) -> None:
+        """Open replica ``index``'s fast path again, in the background, once Ray has it running."""
         task = asyncio.get_running_loop().create_task(self._reopen_when_back(index))
         self._reopening.add(task)
         task.add_done_callback(self._reopening.discard)
