@@ -1,6 +1,8 @@
 """The replica's model runner, on CPU: device choice, AMP, pinned-memory transfer and predictions."""
 
+import concurrent.futures
 import contextlib
+import time
 
 import numpy as np
 import pytest
@@ -116,3 +118,16 @@ def test_a_cpu_replica_reports_zero_gpu_memory_with_each_batch(runner):
     assert reply.probabilities.shape == (4, 10) and reply.compute_s > 0
     assert (reply.gpu_memory_allocated_bytes, reply.gpu_memory_reserved_bytes) == (0, 0)
     assert gpu_memory_bytes(torch.device("cpu")) == (0, 0)
+
+
+def test_time_a_batch_waits_for_another_on_the_same_model_is_not_counted_as_compute(runner):
+    """With two batches in flight, one waits while the other runs; the metrics and the batch pacing
+    need the forward pass alone."""
+    _, held_out = load_digits_split()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with runner._model_lock:  # as a batch running in another thread would hold it
+            waiter = pool.submit(runner.predict, held_out.images[:4])
+            time.sleep(0.3)
+            assert not waiter.done()
+        _, compute_s = waiter.result(timeout=10)
+    assert compute_s < 0.1  # the 0.3 s it waited is not in its compute time
