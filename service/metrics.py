@@ -142,6 +142,14 @@ class Metrics:
             ["model", "version", "replica"],
             registry=registry,
         )
+        self.replica_fast_path = Gauge(
+            "convray_replica_fast_path",
+            "1 while batches reach the replica through its fast path (--transport direct or compiled-graph), "
+            "0 while they go by plain Ray actor calls (always with actor-call; otherwise the path broke or could "
+            "not be opened, and the log says why).",
+            ["model", "version", "replica", "transport"],
+            registry=registry,
+        )
         self.replica_gpu_memory_allocated = Gauge(
             "convray_replica_gpu_memory_allocated_bytes",
             "GPU memory held by tensors in a replica (torch.cuda.memory_allocated), as of its last batch; 0 on CPU.",

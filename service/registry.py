@@ -158,6 +158,9 @@ class ModelRegistry:
             self._metrics.replica_in_flight_batches.labels(*labels, pool.replica_name(index)).set_function(
                 functools.partial(lambda i: pool.in_flight()[i], index)
             )
+            self._metrics.replica_fast_path.labels(*labels, pool.replica_name(index), pool.transport).set_function(
+                functools.partial(lambda i: int(pool.fast()[i]), index)
+            )
         self._metrics.model_unloads.labels(*labels)  # exported at 0 from the start, so rate() and alerts see it
         for api in ("native", "oip"):
             self._metrics.in_flight_requests.labels(api, name)
@@ -239,6 +242,8 @@ class ModelRegistry:
 
     def _forget_replicas(self, name: str, version: int, replica_names: list[str]) -> None:
         """Drop the per-replica series of a version whose replicas are gone."""
+        for replica in replica_names:
+            self._metrics.replica_fast_path.remove(name, str(version), replica, self._replica_options.transport)
         for gauge in (
             self._metrics.replica_in_flight_batches,
             self._metrics.replica_gpu_memory_allocated,

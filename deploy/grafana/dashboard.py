@@ -202,12 +202,17 @@ def build() -> Dashboard:
             [
                 panel(
                     "Replicas and failures",
-                    "Replica actors per model version, and replicas found dead in the window (Ray restarts them).",
+                    "Replica actors per model version, replicas found dead in the window (Ray restarts them), and"
+                    " replicas reached by plain Ray calls instead of their fast path (--transport; see the log).",
                     "short",
                     query(f"sum by (model, version) (convray_replicas{{{SERVED}}})", "replicas {{model}} v{{version}}"),
                     query(
                         f"sum by (model, version) (increase(convray_replica_failures_total{{{SERVED}}}{RATE}))",
                         "failures {{model}} v{{version}}",
+                    ),
+                    query(
+                        f"sum by (model, version) (1 - convray_replica_fast_path{{{SERVED}}})",
+                        "on plain Ray calls {{model}} v{{version}}",
                     ),
                 ),
                 panel(

@@ -151,6 +151,7 @@ def test_replicas_are_exported_each_with_in_flight_batches_and_gpu_memory_zero_o
     for replica in ("digits-0", "digits-1"):
         assert now.has("convray_replica_in_flight_batches", **DIGITS, replica=replica)
         assert now.value("convray_replica_in_flight_batches", **DIGITS, replica=replica) == 0
+        assert now.value("convray_replica_fast_path", **DIGITS, replica=replica, transport="direct") == 1
         assert now.has("convray_replica_gpu_memory_allocated_bytes", **DIGITS, replica=replica)
         assert now.value("convray_replica_gpu_memory_allocated_bytes", **DIGITS, replica=replica) == 0
         assert now.value("convray_replica_gpu_memory_reserved_bytes", **DIGITS, replica=replica) == 0
@@ -196,6 +197,7 @@ def test_loading_a_new_version_counts_a_load_and_an_unload_and_drops_the_old_rep
         assert now.value("convray_batch_overlap", **DIGITS) == 0  # nothing in flight for a retired version
         assert now.value("convray_batch_overlap", **v2) == 1  # unmeasured yet: overlap allowed
         assert not now.has("convray_replica_in_flight_batches", **DIGITS, replica="digits-0")
+        assert not now.has("convray_replica_fast_path", **DIGITS, replica="digits-0", transport="direct")
         assert not now.has("convray_replica_gpu_memory_allocated_bytes", **DIGITS, replica="digits-0")
         assert now.has("convray_replica_in_flight_batches", **v2, replica="digits-0")
     finally:
