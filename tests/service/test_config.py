@@ -53,6 +53,7 @@ def test_no_metrics_disables_the_endpoint():
         (["--max-batch-size", "0"], "max_batch_size"),
         (["--port", "70000"], "port"),
         (["--device", "tpu"], "device"),
+        (["--transport", "grpc"], "transport"),
         (["--port", "9100"], "metrics_port must differ from server.port"),
     ],
 )
