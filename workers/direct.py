@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hmac
 import logging
 import secrets
@@ -86,12 +87,15 @@ class DirectListener:
         host: str,
         max_batch_bytes: int,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        buffer: Callable[[tuple[int, ...]], np.ndarray] | None = None,
     ) -> None:
         """Listen on ``host`` (an ephemeral port); batches over ``max_batch_bytes`` close their connection.
 
-        A connection that has not sent the token within ``handshake_timeout_s`` is closed.
+        A connection that has not sent the token within ``handshake_timeout_s`` is closed. ``buffer(shape)``
+        gives the uint8 array each batch is read into (``replica.batch_buffer``: pinned memory for a GPU).
         """
         self._run, self._token, self._max_batch_bytes = run, token, max_batch_bytes
+        self._buffer = buffer or functools.partial(np.empty, dtype=np.uint8)
         self._handshake_timeout_s = handshake_timeout_s
         self._socket = socket.create_server((host, 0))
         self.address: tuple[str, int] = (host, self._socket.getsockname()[1])
@@ -145,7 +149,7 @@ class DirectListener:
                 if size > self._max_batch_bytes:
                     log.warning("direct channel: refused a batch of %d bytes (limit %d)", size, self._max_batch_bytes)
                     return
-                pixels = np.empty(shape, dtype=np.uint8)
+                pixels = self._buffer(shape)
                 if incoming.readinto(memoryview(pixels).cast("B")) != size:
                     return  # the client went away mid-batch
                 try:

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from convray.workers.data import load_digits_split
-from convray.workers.replica import ModelRunner, autocast_context, gpu_memory_bytes, select_device, to_device
+from convray.workers.replica import (
+    ModelRunner,
+    autocast_context,
+    batch_buffer,
+    gpu_memory_bytes,
+    select_device,
+    to_device,
+)
 from tests.conftest import SHIPPED_MODELS
 
 
@@ -43,6 +50,20 @@ def test_to_device_copies_read_only_arrays_on_cpu():
 def test_to_device_uses_pinned_memory_on_gpu():
     tensor = to_device(np.zeros((2, 1, 8, 8), np.uint8), torch.device("cuda"))
     assert tensor.is_cuda
+
+
+def test_a_batch_buffer_for_the_cpu_is_a_plain_writable_uint8_array():
+    buffer = batch_buffer((3, 1, 8, 8), torch.device("cpu"))
+    assert buffer.shape == (3, 1, 8, 8) and buffer.dtype == np.uint8 and buffer.flags.writeable
+    assert not torch.from_numpy(buffer).is_pinned()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_batch_buffer_for_a_gpu_is_pinned_and_goes_to_the_device_as_it_is():
+    buffer = batch_buffer((3, 1, 8, 8), torch.device("cuda"))
+    buffer[:] = 7
+    assert torch.from_numpy(buffer).is_pinned()
+    assert to_device(buffer, torch.device("cuda")).sum().item() == 7 * buffer.size
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
