@@ -97,7 +97,8 @@ class DirectListener:
         self._run, self._token, self._max_batch_bytes = run, token, max_batch_bytes
         self._buffer = buffer or functools.partial(np.empty, dtype=np.uint8)
         self._handshake_timeout_s = handshake_timeout_s
-        self._socket = socket.create_server((host, 0))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # an IPv6-only cluster's node IP
+        self._socket = socket.create_server((host, 0), family=family)
         self.address: tuple[str, int] = (host, self._socket.getsockname()[1])
         self._closed = False
         self._connections: set[socket.socket] = set()

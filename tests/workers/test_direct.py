@@ -149,3 +149,22 @@ def test_a_peer_that_never_sends_its_token_is_dropped_after_the_handshake_timeou
         silent.settimeout(5)
         assert silent.recv(1) == b""  # closed by the listener, not left holding its thread
     server.close()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_a_replica_on_an_ipv6_address_is_reached_the_same_way():
+    token = new_token()
+    server = DirectListener(Recorder(), token, "::1", max_batch_bytes=64 * 64)
+    channel = DirectChannel(server.address, token)
+    assert (await channel(images(9))).probabilities[0, 0] == 9
+    channel.close()
+    server.close()
