@@ -61,7 +61,7 @@ class BatchingSettings(_Group):
     batches_in_flight_per_replica: int = Field(2, ge=1, le=64)
     """Most batches sent to a replica before its previous ones return (keeps it busy while one transfers)."""
     adaptive_in_flight: bool = True
-    """Send a replica more than one batch at once only while a batch's compute outlasts its call's overhead."""
+    """Send a replica a second batch only while compute outlasts a call's overhead and the event loop has time."""
 
 
 class WorkerSettings(_Group):

@@ -108,7 +108,8 @@ class Metrics:
         self.batch_overlap = Gauge(
             "convray_batch_overlap",
             "1 while a replica may be sent a second batch before its first returns (a batch's compute "
-            "outlasts its call's overhead, or --adaptive-in-flight is off), 0 while it gets one at a time.",
+            "outlasts its call's overhead and the front end's event loop has time, or --adaptive-in-flight is off), "
+            "0 while it gets one at a time.",
             ["model", "version"],
             registry=registry,
         )

@@ -8,18 +8,51 @@ docs/benchmarks.md: the small `digits` CNN served more with one batch in flight 
 ResNet-style CNN more with two.
 
 So ``OverlapAdvisor`` lets each replica have one batch always, and more only while a batch's compute
-outlasts the overhead of its call. Both are measured on batches that had their replica to themselves
-(a batch that queued in a replica behind another would count that wait as overhead); while batches
-overlap, every ``PROBE_EVERY`` batches one waits for a replica to itself, so the measurement follows
-the load.
+outlasts the overhead of its call, and the front end's event loop has time to spare. The timings are
+measured on batches that had their replica to themselves (a batch that queued in a replica behind
+another would count that wait as overhead); while batches overlap, every ``PROBE_EVERY`` batches one
+waits for a replica to itself, so the measurement follows the load. The loop's load (``LoopLoad``) is
+its thread's CPU time over wall time: past ``LOOP_BUSY_LIMIT`` the front end is the bottleneck, and
+smaller batches would only cost it more per request. Where replicas share the front end's cores this
+is what decides (docs/benchmarks.md: `digits` on 2 cores, 2,943 vs 2,510 img/s in A/B runs).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 PROBE_EVERY = 32  # while batches overlap, one in this many runs alone to measure the overhead again
 SMOOTHING = 0.2  # weight of the newest measurement in the moving averages
+LOOP_BUSY_LIMIT = 0.75  # event-loop thread's CPU share past which the front end is the bottleneck
+LOAD_WINDOW_S = 0.5  # the loop's load is measured over windows of this length
+
+
+class LoopLoad:
+    """The share of wall time the event loop's thread spends on the CPU, over windows, smoothed.
+
+    ``sample`` must be called from the loop's thread (it reads that thread's CPU clock); it is cheap
+    and measures only when a window has passed.
+    """
+
+    def __init__(
+        self,
+        wall_clock: Callable[[], float] = time.monotonic,
+        cpu_clock: Callable[[], float] = time.thread_time,
+    ) -> None:
+        self._wall_clock, self._cpu_clock = wall_clock, cpu_clock
+        self._since = (wall_clock(), cpu_clock())
+        self.busy = 0.0  # moving average of the CPU share, 0..1 (a little over 1 only from clock noise)
+
+    def sample(self) -> None:
+        """Fold the window that has passed, if one has, into ``busy``."""
+        wall, cpu = self._wall_clock(), self._cpu_clock()
+        elapsed = wall - self._since[0]
+        if elapsed < LOAD_WINDOW_S:
+            return
+        self.busy += SMOOTHING * ((cpu - self._since[1]) / elapsed - self.busy)
+        self._since = (wall, cpu)
 
 
 @dataclass(frozen=True)
@@ -33,8 +66,10 @@ class BatchTicket:
 class OverlapAdvisor:
     """Decides whether another batch may go out while ``running`` are out, from measured timings."""
 
-    def __init__(self, replicas: int) -> None:
+    def __init__(self, replicas: int, loop_load: LoopLoad | None = None) -> None:
+        """``loop_load``, when given, is sampled at each finished batch and vetoes overlap while busy."""
         self.replicas = replicas
+        self.loop_load = loop_load
         self.compute_s: float | None = None  # moving average, batches that ran alone
         self.overhead_s: float | None = None  # call minus compute, same batches
         self._out = 0
@@ -43,7 +78,9 @@ class OverlapAdvisor:
 
     @property
     def overlap_pays(self) -> bool:
-        """Whether a batch's compute outlasts its call's overhead (True until measured)."""
+        """Whether a batch's compute outlasts its call's overhead (True until measured) and the loop has time."""
+        if self.loop_load is not None and self.loop_load.busy > LOOP_BUSY_LIMIT:
+            return False
         if self.compute_s is None or self.overhead_s is None:
             return True
         return self.compute_s >= self.overhead_s
@@ -66,6 +103,8 @@ class OverlapAdvisor:
         """Note a batch back, with its replica's compute and the whole call's seconds (None if it failed)."""
         self._out -= 1
         self._since_measured += 1
+        if self.loop_load is not None:
+            self.loop_load.sample()
         if compute_s is None or call_s is None or not ticket.alone or ticket.crowded_starts != self._crowded_starts:
             return  # failed, or shared a replica with another batch for part of its call
         overhead_s = max(call_s - compute_s, 0.0)

@@ -13,7 +13,7 @@ from convray.service.config import BatchingSettings, WorkerSettings
 from convray.service.errors import InvalidInput, ModelNotFound, ModelNotReady
 from convray.service.inference import BatchRunner, Job, JobResult
 from convray.service.metrics import Metrics
-from convray.service.pacing import OverlapAdvisor
+from convray.service.pacing import LoopLoad, OverlapAdvisor
 from convray.service.statistics import ModelStatistics
 from convray.workers.pool import ReplicaOptions, ReplicaPool
 from convray.workers.repository import ModelLoadError, ModelMetadata, ModelRepository
@@ -133,7 +133,7 @@ class ModelRegistry:
             self._metrics.model_loads.labels(name, str(version), "failure").inc()
             raise
         stats = ModelStatistics()
-        advisor = OverlapAdvisor(pool.size) if self._batching.adaptive_in_flight else None
+        advisor = OverlapAdvisor(pool.size, LoopLoad()) if self._batching.adaptive_in_flight else None
         batcher: Batcher[Job, JobResult] = Batcher(
             BatchRunner(pool, self._metrics, stats, self._batching.max_batch_size, advisor),
             max_batch_size=self._batching.max_batch_size,

@@ -218,7 +218,7 @@ def build() -> Dashboard:
                 panel(
                     "In-flight batches per replica",
                     "Batches sent to each replica and not yet answered, and whether the pacing lets a replica"
-                    " have a second one (1: its compute outlasts a call's overhead).",
+                    " have a second one (1: its compute outlasts a call's overhead and the front end has time).",
                     "short",
                     query(
                         f"sum by (replica, version) (convray_replica_in_flight_batches{{{SERVED}}})",

@@ -1,6 +1,22 @@
-"""OverlapAdvisor: one batch per replica always, a second only while compute outlasts the call's overhead."""
+"""OverlapAdvisor: one batch per replica always, a second only while compute outlasts the call's overhead
+and the front end's event loop has time to spare (LoopLoad)."""
 
-from convray.service.pacing import PROBE_EVERY, OverlapAdvisor
+from convray.service.pacing import LOAD_WINDOW_S, LOOP_BUSY_LIMIT, PROBE_EVERY, LoopLoad, OverlapAdvisor
+
+
+class Clocks:
+    """Wall and CPU clocks a test moves by hand."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def advance(self, wall_s: float, busy: float) -> None:
+        self.wall += wall_s
+        self.cpu += wall_s * busy
+
+
+def loop_load(clocks: Clocks) -> LoopLoad:
+    return LoopLoad(wall_clock=lambda: clocks.wall, cpu_clock=lambda: clocks.cpu)
 
 
 def run_alone(advisor: OverlapAdvisor, compute_s: float, call_s: float) -> None:
@@ -66,3 +82,32 @@ def test_a_failed_batch_is_not_measured():
     advisor = OverlapAdvisor(replicas=1)
     advisor.finished(advisor.started(), None, None)
     assert advisor.compute_s is None and advisor.may_start(1)
+
+
+def test_the_loop_load_is_the_cpu_share_of_each_window_smoothed_and_waits_for_a_whole_window():
+    clocks = Clocks()
+    load = loop_load(clocks)
+    clocks.advance(LOAD_WINDOW_S / 2, busy=1.0)
+    load.sample()
+    assert load.busy == 0.0  # half a window: nothing measured yet
+    for _ in range(40):
+        clocks.advance(LOAD_WINDOW_S, busy=0.9)
+        load.sample()
+    assert abs(load.busy - 0.9) < 0.01
+    clocks.advance(LOAD_WINDOW_S, busy=0.1)
+    load.sample()
+    assert 0.7 < load.busy < 0.9  # one quiet window moves it, smoothed
+
+
+def test_a_busy_event_loop_keeps_one_batch_per_replica_even_when_compute_outlasts_the_overhead():
+    clocks = Clocks()
+    advisor = OverlapAdvisor(replicas=1, loop_load=loop_load(clocks))
+    for _ in range(40):  # compute-bound by the timings, but the loop is at 90% of a core
+        clocks.advance(LOAD_WINDOW_S, busy=0.9)
+        run_alone(advisor, compute_s=0.200, call_s=0.210)
+    assert advisor.loop_load.busy > LOOP_BUSY_LIMIT
+    assert not advisor.overlap_pays and not advisor.may_start(1)
+    for _ in range(40):  # the load eases: overlap comes back
+        clocks.advance(LOAD_WINDOW_S, busy=0.2)
+        run_alone(advisor, compute_s=0.200, call_s=0.210)
+    assert advisor.overlap_pays and advisor.may_start(1)
