@@ -1,10 +1,11 @@
-r"""`convray serve` with the hop into Ray replaced by an instant in-process reply: the front end's ceiling.
+r"""`convray serve` with the hop into a replica replaced by an instant in-process reply.
 
 Every batch still goes through the whole front end (gRPC, interceptors, servicer, OIP decoding and
 checks, batcher, metrics), but ``ReplicaPool.predict`` answers at once with uniform probabilities
-instead of calling a replica. Comparing its throughput with the no-op floor and with the real server
-shows how much of the per-request cost is the front end's own Python and how much the Ray path
-(docs/benchmarks.md, "Where the time goes now"). Never for serving: the answers are not the model's.
+instead of calling a replica: a way to profile the front end's own per-request work without a replica.
+It is not an upper bound on throughput: instant replies keep batches small, so each request pays more
+per-batch work than with a real replica (with the direct transport the real server serves more;
+docs/benchmarks.md, "Where the time goes now"). Never for serving: the answers are not the model's.
 
 Run it exactly like `convray serve`, then drive it with `convray bench`:
 

@@ -214,11 +214,10 @@ class DirectChannel:
             else:
                 (length,) = _ERROR_HEAD.unpack(await reader.readexactly(_ERROR_HEAD.size))
                 reply = ReplicaError((await reader.readexactly(length)).decode(errors="replace"))
-        except (OSError, asyncio.IncompleteReadError) as exc:
+        except BaseException as exc:  # also when cancelled mid-call: the next bytes would be this reply
             writer.close()
-            raise self._fail(exc) from exc
-        except BaseException:  # cancelled mid-call: the connection's next bytes are this batch's reply
-            writer.close()
+            if isinstance(exc, OSError | asyncio.IncompleteReadError):
+                raise self._fail(exc) from exc
             raise
         if self._broken:  # another call found the replica gone meanwhile: do not keep this connection
             writer.close()
