@@ -43,6 +43,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--gpus-per-replica": ("workers", "gpus_per_replica"),
     "--device": ("workers", "device"),
     "--amp": ("workers", "amp"),
+    "--graph": ("workers", "graph"),
     "--max-restarts": ("workers", "max_restarts"),
     "--replica-start-timeout-s": ("workers", "replica_start_timeout_s"),
     "--transport": ("workers", "transport"),

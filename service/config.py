@@ -87,12 +87,20 @@ class WorkerSettings(_Group):
     """``auto``, ``cpu`` or ``cuda``; ``auto`` uses the GPU when the replica has one."""
     amp: Literal["none", "fp16", "bf16"] = "none"
     """Mixed precision for the forward pass: ``none``, ``bf16`` or ``fp16`` (GPU only)."""
+    graph: Literal["auto", "frozen", "compiled", "eager"] = "auto"
+    """Forward pass: TorchScript ``frozen``, ``torch.compile``d, ``eager``; ``auto``: frozen, eager with ``amp``."""
     max_restarts: int = Field(3, ge=-1)
     """Times Ray restarts a replica that died; -1 means without limit."""
     replica_start_timeout_s: float = Field(600.0, gt=0)
     """How long a version's replicas may take to be placed and load before the load fails with a clear error."""
     transport: Literal["direct", "compiled-graph", "actor-call"] = "direct"
     """How batches reach a replica: ``direct`` TCP, a Ray ``compiled-graph`` (spins a core), a plain ``actor-call``."""
+
+    @model_validator(mode="after")
+    def _graph_fits_amp(self) -> WorkerSettings:
+        if self.graph == "frozen" and self.amp != "none":
+            raise ValueError(f"graph 'frozen' does not combine with amp {self.amp!r}; use 'compiled' or 'eager'")
+        return self
 
 
 class InputSettings(_Group):

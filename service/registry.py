@@ -59,6 +59,7 @@ class ModelRegistry:
             gpus_per_replica=workers.gpus_per_replica,
             device=workers.device,
             amp=workers.amp,
+            graph=workers.graph,
             max_restarts=workers.max_restarts,
             start_timeout_s=workers.replica_start_timeout_s,
             transport=workers.transport,

@@ -25,6 +25,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayChannelError
 from convray.workers.compiled import CompiledRun
 from convray.workers.direct import DirectChannel, ReplicaUnreachable, new_token
 from convray.workers.explain import CamChoice, Explanation
+from convray.workers.forward import GraphChoice
 from convray.workers.replica import AmpChoice, DeviceChoice, ModelRunner
 from convray.workers.repository import ModelLoadError
 
@@ -60,6 +61,7 @@ class ReplicaOptions:
     gpus_per_replica: float = 0.0  # fractional values share a GPU between replicas
     device: DeviceChoice = "auto"
     amp: AmpChoice = "none"
+    graph: GraphChoice = "auto"  # how each replica runs its forward pass (see workers.forward)
     max_restarts: int = 3  # Ray restarts a dead actor this many times (its __init__ reloads the model)
     transport: Transport = "direct"  # how batches cross into a replica (see the module docstring)
     start_timeout_s: float = 600.0  # for every replica to be placed by Ray and load the version
@@ -135,7 +137,7 @@ class ReplicaPool:
         )
         threads = max(1, int(options.cpus_per_replica))
         actors = [
-            actor_class.remote(model_repo, name, version, options.device, options.amp, threads)
+            actor_class.remote(model_repo, name, version, options.device, options.amp, threads, options.graph)
             for _ in range(options.replicas)
         ]
         try:
@@ -161,6 +163,8 @@ class ReplicaPool:
         capacity = 2 * options.replicas * options.batches_in_flight_per_replica
         pool = cls(name, version, actors, on_failure, options.transport, capacity)
         await asyncio.gather(*(pool._open_fast_path(index, info) for index, info in enumerate(described)))
+        runs_on = sorted({f"{info['device']}, {info['graph']} graph" for info in described})
+        log.info("%s version %d replicas run on %s; transport %s", name, version, " / ".join(runs_on), pool.transport)
         return pool
 
     @property

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from convray.workers.explain import CamChoice, Explanation, block_names, explain
+from convray.workers.forward import GraphChoice, build_forward, resolve_graph
 from convray.workers.models import prepare_for_inference
 from convray.workers.repository import ModelRepository
 from convray.workers.transforms import Normaliser
@@ -110,6 +111,7 @@ class ModelRunner:
         device: DeviceChoice = "auto",
         amp: AmpChoice = "none",
         threads: int | None = None,
+        graph: GraphChoice = "auto",
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
@@ -122,12 +124,13 @@ class ModelRunner:
         self.device = select_device(device, torch.cuda.is_available())
         self.amp: AmpChoice = amp
         autocast_context(self.device, amp)  # refuse an impossible combination at load, not per batch
+        self.graph = resolve_graph(graph, amp)
         self.module = prepare_for_inference(loaded.module).to(self.device)
-        if self.device.type == "cuda":
-            self.module = self.module.to(memory_format=torch.channels_last)
         self._expected_shape = (self.contract.channels, self.contract.height, self.contract.width)
         self._normalise = Normaliser(self.contract.normalisation.mean, self.contract.normalisation.std, self.device)
-        self.predict(np.zeros((1, *self._expected_shape), dtype=np.uint8))  # warm-up before serving
+        example = torch.zeros((2, *self._expected_shape), dtype=torch.uint8, device=self.device)
+        with autocast_context(self.device, amp):
+            self._forward = build_forward(self.module, self._normalise, self.graph, example)  # and warms it up
 
     def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
         """Probabilities (N, classes) float32 for uint8 pixels (N, C, H, W), and the compute seconds.
@@ -146,10 +149,7 @@ class ModelRunner:
         with self._model_lock:  # another batch may hold it (a second in flight, explain): not compute time
             locked = time.perf_counter()
             with torch.inference_mode(), autocast_context(self.device, self.amp):
-                x = self._normalise(x)
-                if self.device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                probabilities = self.module.probabilities(x).float().cpu().numpy()
+                probabilities = self._forward(x).cpu().numpy()
         return probabilities, (copied - started) + (time.perf_counter() - locked)
 
     def explain(
@@ -227,4 +227,5 @@ class ModelRunner:
             "model": self.name,
             "version": self.version,
             "input_shape": list(self._expected_shape),
+            "graph": self.graph,
         }

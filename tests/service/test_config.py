@@ -55,6 +55,8 @@ def test_no_metrics_disables_the_endpoint():
         (["--device", "tpu"], "device"),
         (["--transport", "grpc"], "transport"),
         (["--port", "9100"], "metrics_port must differ from server.port"),
+        (["--graph", "jit"], "graph"),
+        (["--graph", "frozen", "--amp", "bf16"], "graph 'frozen' does not combine with amp 'bf16'"),
     ],
 )
 def test_invalid_values_are_refused_naming_the_field(argv, message):

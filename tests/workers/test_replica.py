@@ -89,9 +89,20 @@ def test_runner_classifies_held_out_digits(runner):
 def test_runner_bf16_agrees_with_fp32_on_cpu():
     _, held_out = load_digits_split()
     fp32, _ = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu").predict(held_out.images[:50])
-    bf16, _ = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", amp="bf16").predict(held_out.images[:50])
+    bf16_runner = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", amp="bf16")
+    assert bf16_runner.graph == "eager"  # what 'auto' means with mixed precision
+    bf16, _ = bf16_runner.predict(held_out.images[:50])
     assert bf16.dtype == np.float32
     assert (fp32.argmax(1) == bf16.argmax(1)).mean() >= 0.95
+
+
+def test_the_frozen_and_the_eager_graph_give_the_same_probabilities(runner):
+    _, held_out = load_digits_split()
+    eager = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", graph="eager")
+    for batch in (1, 7, 32):
+        frozen_probabilities, _ = runner.predict(held_out.images[:batch])
+        eager_probabilities, _ = eager.predict(held_out.images[:batch])
+        np.testing.assert_allclose(frozen_probabilities, eager_probabilities, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -106,6 +117,7 @@ def test_runner_refuses_batches_outside_its_contract(runner, bad):
 def test_runner_describes_itself(runner):
     info = runner.describe()
     assert info["device"] == "cpu" and info["model"] == "digits" and info["version"] == 1
+    assert info["graph"] == "frozen"  # the default on CPU without mixed precision
 
 
 def test_runner_explains_one_image_with_the_same_probabilities_as_predict(runner):

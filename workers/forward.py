@@ -1,0 +1,97 @@
+"""The forward pass a replica runs on every batch, built once when a model version loads.
+
+uint8 pixels (N, C, H, W) in, float32 probabilities (N, classes) out: normalisation, the CNN and its
+output activation as one module, with activations in channels-last memory format (oneDNN on CPU and
+cuDNN on GPU have faster kernels for it). ``graph`` chooses how that module runs:
+
+- ``frozen``: traced with TorchScript and frozen: weights become constants, each convolution fuses
+  with its ReLU, and the per-layer Python calls are gone. On the 2-core VM it halves the CPU of a
+  small digits batch and trims a ResNet-style one (docs/benchmarks.md). torch marks TorchScript
+  deprecated in favour of ``torch.compile``, which measured slower here on CPU and compiles for
+  seconds at load; so ``frozen`` stays the default while torch has it, and ``auto`` falls back to
+  ``eager`` on a torch without it.
+- ``compiled``: ``torch.compile`` (Inductor) with dynamic batch sizes. It compiles during the warm-up at
+  load (about 20 s for digits on the 2-core VM) and needs a C++ compiler on CPU, Triton on a GPU.
+- ``eager``: the module as it is, one Python call per layer.
+- ``auto``: ``frozen``, or ``eager`` when mixed precision is on (a TorchScript trace does not carry
+  autocast reliably; ``compiled`` does, so pick it to have both) or torch has no TorchScript.
+
+The eager module stays as it was for ``explain``, which needs hooks and gradients.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from convray.workers.models import CNN
+from convray.workers.transforms import Normaliser
+
+GraphChoice = Literal["auto", "frozen", "compiled", "eager"]
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def has_torchscript() -> bool:
+    """Whether this torch still has TorchScript's trace and freeze (deprecated since torch 2.5)."""
+    return hasattr(torch.jit, "trace") and hasattr(torch.jit, "freeze")
+
+
+def resolve_graph(graph: GraphChoice, amp: str) -> Literal["frozen", "compiled", "eager"]:
+    """The graph ``auto`` stands for given ``amp`` and this torch; an explicit choice is kept.
+
+    Raises:
+        ValueError: ``frozen`` was asked for together with mixed precision, or this torch has no TorchScript.
+    """
+    if graph == "auto":
+        return "frozen" if amp == "none" and has_torchscript() else "eager"
+    if graph == "frozen" and amp != "none":
+        raise ValueError(f"graph 'frozen' does not combine with amp {amp!r}; use graph 'compiled' or 'eager'")
+    if graph == "frozen" and not has_torchscript():
+        raise ValueError(f"graph 'frozen' needs TorchScript, which torch {torch.__version__} no longer has")
+    return graph
+
+
+class ServingModule(nn.Module):
+    """Normalise uint8 pixels, run the CNN in channels-last layout, return its probabilities."""
+
+    def __init__(self, model: CNN, normalise: Normaliser) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", normalise.mean)
+        self.register_buffer("std", normalise.std)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """float32 probabilities (N, classes) for uint8 pixels (N, C, H, W) on the model's device."""
+        x = pixels.to(torch.float32).div(255.0).sub(self.mean).div(self.std)
+        return self.model.probabilities(x.contiguous(memory_format=torch.channels_last)).float()
+
+
+def build_forward(
+    model: CNN, normalise: Normaliser, graph: Literal["frozen", "compiled", "eager"], example: torch.Tensor
+) -> Forward:
+    """The batch function for ``model`` (already on its device, in eval mode), warmed up on ``example``.
+
+    ``example`` is a uint8 batch of at least two images of the model's (C, H, W) on its device; the warm-up
+    runs one image and the whole example twice each, so no request pays for tracing, compiling or the
+    TorchScript executor's profiling runs.
+    """
+    model.to(memory_format=torch.channels_last)
+    serving = ServingModule(model, normalise).eval()
+    forward: Forward = serving
+    with torch.inference_mode():
+        if graph == "frozen":
+            with warnings.catch_warnings():
+                # 'same' padding reads H and W as Python ints; they are fixed by the model's input contract,
+                # so baking them into the trace is right (only the batch size varies).
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)  # see the module docstring
+                forward = torch.jit.freeze(torch.jit.trace(serving, example))
+        elif graph == "compiled":
+            forward = torch.compile(serving, dynamic=True)
+        for batch in (example[:1], example, example[:1], example):
+            forward(batch)
+    return forward
