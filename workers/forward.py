@@ -89,7 +89,9 @@ def build_forward(
                 # so baking them into the trace is right (only the batch size varies).
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)  # see the module docstring
-                forward = torch.jit.freeze(torch.jit.trace(serving, example))
+                # check_trace would trace a second time and compare (0.75 s per load); tests/workers/test_forward.py
+                # checks frozen against eager instead, for every block and head kind.
+                forward = torch.jit.freeze(torch.jit.trace(serving, example, check_trace=False))
         elif graph == "compiled":
             forward = torch.compile(serving, dynamic=True)
         for batch in (example[:1], example, example[:1], example):

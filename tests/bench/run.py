@@ -96,11 +96,14 @@ def wait_ready(port: int, model: str, timeout_s: float = 180) -> None:
     raise RuntimeError(f"server on {port} not ready in {timeout_s} s")
 
 
-# convray variants: the default settings (direct transport), the two Ray transports, pacing, two replicas.
+# convray variants: the default settings (direct transport), the two Ray transports, the eager graph, pacing,
+# two replicas.
 CONVRAY_VARIANTS = {
     "convray": [],
     "convray_compiled": ["--transport", "compiled-graph"],
     "convray_actor_call": ["--transport", "actor-call"],
+    # The replica's forward pass as plain eager PyTorch instead of the frozen TorchScript graph.
+    "convray_eager": ["--graph", "eager"],
     # Two batches in flight per replica whatever the timings (the default before the adaptive pacing).
     "convray_fixed_in_flight": ["--adaptive-in-flight", "false"],
     # One batch in flight per replica: fewer, larger batches.
