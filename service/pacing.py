@@ -47,10 +47,11 @@ class LoopLoad:
 
     def sample(self) -> None:
         """Fold the window that has passed, if one has, into ``busy``."""
-        wall, cpu = self._wall_clock(), self._cpu_clock()
+        wall = self._wall_clock()
         elapsed = wall - self._since[0]
         if elapsed < LOAD_WINDOW_S:
             return
+        cpu = self._cpu_clock()  # only now: a thread's CPU clock is a system call, the wall clock is not
         self.busy += SMOOTHING * ((cpu - self._since[1]) / elapsed - self.busy)
         self._since = (wall, cpu)
 
