@@ -116,3 +116,30 @@ def test_auto_falls_back_to_eager_on_a_torch_without_torchscript(monkeypatch):
     assert resolve_graph("auto", "none") == "eager"
     with pytest.raises(ValueError, match="no longer has"):
         resolve_graph("frozen", "none")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("graph", ["frozen", "eager"])
+def test_on_a_gpu_every_graph_gives_the_cpu_probabilities(graph):
+    model = MODELS["avg pool, gap head, batch norm"]()
+    expected = reference(model, pixels(6))
+    cuda = torch.device("cuda")
+    normalise = Normaliser([0.4, 0.5, 0.6], [0.2, 0.25, 0.3], cuda)
+    forward = build_forward(model.to(cuda), normalise, graph, EXAMPLE.to(cuda))
+    with torch.inference_mode():
+        got = forward(pixels(6).to(cuda))
+    assert got.is_cuda and torch.allclose(got.cpu(), expected, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_a_compiled_graph_runs_under_fp16_autocast():
+    model = MODELS["max pool, fc head"]()
+    expected = reference(model, pixels(3))
+    cuda = torch.device("cuda")
+    normalise = Normaliser([0.4, 0.5, 0.6], [0.2, 0.25, 0.3], cuda)
+    with torch.autocast("cuda", dtype=torch.float16):
+        forward = build_forward(model.to(cuda), normalise, "compiled", EXAMPLE.to(cuda))
+        with torch.inference_mode():
+            got = forward(pixels(3).to(cuda))
+    assert got.dtype == torch.float32  # the serving module hands back float32 whatever ran inside
+    assert torch.allclose(got.cpu(), expected, atol=2e-2)
