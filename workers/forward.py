@@ -5,8 +5,9 @@ output activation as one module, with activations in channels-last memory format
 cuDNN on GPU have faster kernels for it). ``graph`` chooses how that module runs:
 
 - ``frozen``: traced with TorchScript and frozen: weights become constants, each convolution fuses
-  with its ReLU, and the per-layer Python calls are gone. On the 2-core VM a digits batch takes 30-45%
-  less CPU than eager, a ResNet-style one about 5% less (docs/benchmarks.md). torch marks TorchScript
+  with its ReLU, and the per-layer Python calls are gone. On the 2-core VM a digits batch takes 20-45%
+  less CPU than eager (the most for the smallest batches), a ResNet-style one about 5% less; for that
+  model channels-last itself, which eager uses too, saved about 30% (docs/benchmarks.md). torch marks TorchScript
   deprecated in favour of ``torch.compile``, which measured slower here on CPU and compiles for
   seconds at load; so ``frozen`` stays the default while torch has it, and ``auto`` falls back to
   ``eager`` on a torch without it.
