@@ -220,7 +220,7 @@ class ModelRunner:
         return self._listener.address
 
     def describe(self) -> dict[str, Any]:
-        """Where this replica runs: device, process id, model and version, and its input (C, H, W)."""
+        """Where this replica runs: device, process id, model and version, its input (C, H, W) and forward graph."""
         return {
             "device": str(self.device),
             "pid": os.getpid(),
