@@ -22,6 +22,7 @@ The eager module stays as it was for ``explain``, which needs hooks and gradient
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Literal
@@ -33,7 +34,10 @@ from convray.workers.models import CNN
 from convray.workers.transforms import Normaliser
 
 GraphChoice = Literal["auto", "frozen", "compiled", "eager"]
+Graph = Literal["frozen", "compiled", "eager"]
 Forward = Callable[[torch.Tensor], torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 
 def has_torchscript() -> bool:
@@ -41,7 +45,7 @@ def has_torchscript() -> bool:
     return hasattr(torch.jit, "trace") and hasattr(torch.jit, "freeze")
 
 
-def resolve_graph(graph: GraphChoice, amp: str) -> Literal["frozen", "compiled", "eager"]:
+def resolve_graph(graph: GraphChoice, amp: str) -> Graph:
     """The graph ``auto`` stands for given ``amp`` and this torch; an explicit choice is kept.
 
     Raises:
@@ -71,9 +75,29 @@ class ServingModule(nn.Module):
         return self.model.probabilities(x.contiguous(memory_format=torch.channels_last)).float()
 
 
-def build_forward(
-    model: CNN, normalise: Normaliser, graph: Literal["frozen", "compiled", "eager"], example: torch.Tensor
-) -> Forward:
+def serving_forward(
+    model: CNN, normalise: Normaliser, graph: GraphChoice, amp: str, example: torch.Tensor
+) -> tuple[Graph, Forward]:
+    """The graph ``graph`` resolves to and its batch function, built and warmed (see ``build_forward``).
+
+    Under ``auto`` a model that cannot be frozen is served eager, with a warning, rather than not at all;
+    an explicit choice that fails raises.
+
+    Raises:
+        ValueError: see ``resolve_graph``.
+        Exception: an explicitly chosen graph could not be built (the message says why).
+    """
+    resolved = resolve_graph(graph, amp)
+    try:
+        return resolved, build_forward(model, normalise, resolved, example)
+    except Exception as exc:
+        if graph != "auto" or resolved == "eager":
+            raise
+        log.warning("could not build the %s graph (%s: %s); serving the model eager", resolved, type(exc).__name__, exc)
+        return "eager", build_forward(model, normalise, "eager", example)
+
+
+def build_forward(model: CNN, normalise: Normaliser, graph: Graph, example: torch.Tensor) -> Forward:
     """The batch function for ``model`` (already on its device, in eval mode), warmed up on ``example``.
 
     ``example`` is a uint8 batch of at least two images of the model's (C, H, W) on its device; the warm-up

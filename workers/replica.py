@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from convray.workers.explain import CamChoice, Explanation, block_names, explain
-from convray.workers.forward import GraphChoice, build_forward, resolve_graph
+from convray.workers.forward import GraphChoice, serving_forward
 from convray.workers.models import prepare_for_inference
 from convray.workers.repository import ModelRepository
 from convray.workers.transforms import Normaliser
@@ -124,13 +124,12 @@ class ModelRunner:
         self.device = select_device(device, torch.cuda.is_available())
         self.amp: AmpChoice = amp
         autocast_context(self.device, amp)  # refuse an impossible combination at load, not per batch
-        self.graph = resolve_graph(graph, amp)
         self.module = prepare_for_inference(loaded.module).to(self.device)
         self._expected_shape = (self.contract.channels, self.contract.height, self.contract.width)
         self._normalise = Normaliser(self.contract.normalisation.mean, self.contract.normalisation.std, self.device)
         example = torch.zeros((2, *self._expected_shape), dtype=torch.uint8, device=self.device)
-        with autocast_context(self.device, amp):
-            self._forward = build_forward(self.module, self._normalise, self.graph, example)  # and warms it up
+        with autocast_context(self.device, amp):  # built and warmed up here, so no request pays for it
+            self.graph, self._forward = serving_forward(self.module, self._normalise, graph, amp, example)
 
     def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
         """Probabilities (N, classes) float32 for uint8 pixels (N, C, H, W), and the compute seconds.

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from convray.workers.forward import ServingModule, build_forward, resolve_graph
+from convray.workers.forward import ServingModule, build_forward, resolve_graph, serving_forward
 from convray.workers.models import CNN, build_model, prepare_for_inference
 from convray.workers.spec import CNNSpec
 from convray.workers.transforms import Normaliser
@@ -143,3 +143,18 @@ def test_on_a_gpu_a_compiled_graph_runs_under_fp16_autocast():
             got = forward(pixels(3).to(cuda))
     assert got.dtype == torch.float32  # the serving module hands back float32 whatever ran inside
     assert torch.allclose(got.cpu(), expected, atol=2e-2)
+
+
+def test_under_auto_a_model_that_cannot_be_traced_is_served_eager(monkeypatch, caplog):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("untraceable")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    model = MODELS["max pool, fc head"]()
+    graph, forward = serving_forward(model, NORMALISE, "auto", "none", EXAMPLE)
+    assert graph == "eager" and isinstance(forward, ServingModule)
+    assert "could not build the frozen graph (RuntimeError: untraceable)" in caplog.text
+    with torch.inference_mode():
+        assert torch.allclose(forward(pixels(2)), reference(model, pixels(2)), atol=1e-6)
+    with pytest.raises(RuntimeError, match="untraceable"):  # asked for by name: no silent fallback
+        serving_forward(model, NORMALISE, "frozen", "none", EXAMPLE)
