@@ -6,11 +6,11 @@ cuDNN on GPU have faster kernels for it). ``graph`` chooses how that module runs
 
 - ``frozen``: traced with TorchScript and frozen: weights become constants, dropout and identity layers
   vanish, and TorchScript's interpreter runs the remaining ops without a Python call per layer. On the
-  2-core VM a digits batch takes 20-45% less CPU than eager (the most for the smallest batches), a
-  ResNet-style one about 5% less (channels-last itself, which eager uses too, saved that model about
-  30%; docs/benchmarks.md). torch marks TorchScript deprecated in favour of ``torch.compile``, which
-  measured slower here on CPU and compiles for seconds at load; so ``frozen`` stays the default while
-  torch has it, and ``auto`` falls back to ``eager`` on a torch without it.
+  2-core VM a batch takes 20-45% less CPU than eager for digits and 10-40% less for a ResNet-style
+  model at 224x224, depending on the batch size (docs/benchmarks.md). torch marks TorchScript
+  deprecated in favour of ``torch.compile``, which measured slower here on CPU and compiles for seconds
+  at load; so ``frozen`` stays the default while torch has it, and ``auto`` falls back to ``eager`` on
+  a torch without it.
 - ``compiled``: ``torch.compile`` (Inductor) with dynamic batch sizes. It compiles during the warm-up at
   load (about 20 s for digits on the 2-core VM) and needs a C++ compiler on CPU, Triton on a GPU.
 - ``eager``: the module as it is, one Python call per layer.
