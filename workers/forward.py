@@ -75,6 +75,24 @@ class ServingModule(nn.Module):
         return self.model.probabilities(x.contiguous(memory_format=torch.channels_last)).float()
 
 
+class FrozenForward:
+    """A frozen TorchScript module called with the graph executor's run-time optimisation off.
+
+    That executor profiles the shapes it sees and specialises (on a GPU: compiles fused kernels) per
+    batch size, so in the first minutes of traffic each new batch size could pay a compile. What freezing
+    gains on CPU comes from the freeze itself (measured the same with the executor's optimisation on
+    and off), so serving runs it off: every batch size costs the same from the first request.
+    """
+
+    def __init__(self, module: torch.jit.ScriptModule) -> None:
+        self.module = module
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The module's probabilities for ``pixels``."""
+        with torch.jit.optimized_execution(False):
+            return self.module(pixels)
+
+
 def serving_forward(
     model: CNN, normalise: Normaliser, graph: GraphChoice, amp: str, example: torch.Tensor
 ) -> tuple[Graph, Forward]:
@@ -101,8 +119,7 @@ def build_forward(model: CNN, normalise: Normaliser, graph: Graph, example: torc
     """The batch function for ``model`` (already on its device, in eval mode), warmed up on ``example``.
 
     ``example`` is a uint8 batch of at least two images of the model's (C, H, W) on its device; the warm-up
-    runs one image and the whole example twice each, so no request pays for tracing, compiling or the
-    TorchScript executor's profiling runs.
+    runs one image and the whole example twice each, so no request pays for tracing or compiling.
     """
     model.to(memory_format=torch.channels_last)
     serving = ServingModule(model, normalise).eval()
@@ -116,7 +133,7 @@ def build_forward(model: CNN, normalise: Normaliser, graph: Graph, example: torc
                 warnings.simplefilter("ignore", DeprecationWarning)  # see the module docstring
                 # check_trace would trace a second time and compare (0.75 s per load); tests/workers/test_forward.py
                 # checks frozen against eager instead, for every block and head kind.
-                forward = torch.jit.freeze(torch.jit.trace(serving, example, check_trace=False))
+                forward = FrozenForward(torch.jit.freeze(torch.jit.trace(serving, example, check_trace=False)))
         elif graph == "compiled":
             forward = torch.compile(serving, dynamic=True)
         for batch in (example[:1], example, example[:1], example):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from convray.workers.forward import ServingModule, build_forward, resolve_graph, serving_forward
+from convray.workers.forward import FrozenForward, ServingModule, build_forward, resolve_graph, serving_forward
 from convray.workers.models import CNN, build_model, prepare_for_inference
 from convray.workers.spec import CNNSpec
 from convray.workers.transforms import Normaliser
@@ -61,13 +61,25 @@ def reference(model: CNN, batch: torch.Tensor) -> torch.Tensor:
 def test_a_frozen_graph_gives_the_eager_probabilities_for_batch_sizes_it_was_not_traced_at(name):
     model = MODELS[name]()
     forward = build_forward(model, NORMALISE, "frozen", EXAMPLE)
-    assert isinstance(forward, torch.jit.ScriptModule)
+    assert isinstance(forward, FrozenForward) and isinstance(forward.module, torch.jit.ScriptModule)
     with torch.inference_mode():
         for batch in (1, 3, 17):
             x = pixels(batch)
             got = forward(x)
             assert got.shape == (batch, 5) and got.dtype == torch.float32
             assert torch.allclose(got, reference(model, x), atol=1e-5)
+
+
+def test_a_frozen_graph_runs_without_the_executors_per_shape_specialisation():
+    seen = []
+
+    def module(pixels):
+        seen.append(torch._C._get_graph_executor_optimize())
+        return pixels
+
+    FrozenForward(module)(pixels(1))
+    assert seen == [False]  # so a new batch size never triggers a profiling run or a kernel compile
+    assert torch._C._get_graph_executor_optimize()  # and the process-wide setting is left as it was
 
 
 def test_the_eager_graph_is_the_serving_module_itself():
