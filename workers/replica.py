@@ -115,7 +115,7 @@ class ModelRunner:
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
-        # A compiled graph calls `run` from its own thread while plain calls (explain) use the main one.
+        # Fast paths (direct channel, compiled graph) call `run` from their own threads; Ray calls use the main one.
         self._model_lock = threading.Lock()
         self._listener: DirectListener | None = None
         loaded = ModelRepository(model_repo).load(name, version)
@@ -123,12 +123,12 @@ class ModelRunner:
         self.contract = loaded.metadata.input
         self.device = select_device(device, torch.cuda.is_available())
         self.amp: AmpChoice = amp
-        autocast_context(self.device, amp)  # refuse an impossible combination at load, not per batch
         self.module = prepare_for_inference(loaded.module).to(self.device)
         self._expected_shape = (self.contract.channels, self.contract.height, self.contract.width)
         self._normalise = Normaliser(self.contract.normalisation.mean, self.contract.normalisation.std, self.device)
         example = torch.zeros((2, *self._expected_shape), dtype=torch.uint8, device=self.device)
-        with autocast_context(self.device, amp):  # built and warmed up here, so no request pays for it
+        # Built and warmed up here, so no request pays for it; an impossible amp is refused here, not per batch.
+        with autocast_context(self.device, amp):
             self.graph, self._forward = serving_forward(self.module, self._normalise, graph, amp, example)
 
     def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:

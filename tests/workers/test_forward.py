@@ -36,7 +36,8 @@ def model_with(pool: str, head: dict, output: str = "softmax", batch_norm: bool 
     return prepare_for_inference(model)
 
 
-NORMALISE = Normaliser([0.4, 0.5, 0.6], [0.2, 0.25, 0.3], torch.device("cpu"))
+MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+NORMALISE = Normaliser(MEAN, STD, torch.device("cpu"))
 EXAMPLE = torch.zeros(2, 3, HEIGHT, WIDTH, dtype=torch.uint8)
 MODELS = {
     "max pool, fc head": lambda: model_with("max", {"type": "fc", "hidden": [8], "dropout": 0.2}),
@@ -136,7 +137,7 @@ def test_on_a_gpu_every_graph_gives_the_cpu_probabilities(graph):
     model = MODELS["avg pool, gap head, batch norm"]()
     expected = reference(model, pixels(6))
     cuda = torch.device("cuda")
-    normalise = Normaliser([0.4, 0.5, 0.6], [0.2, 0.25, 0.3], cuda)
+    normalise = Normaliser(MEAN, STD, cuda)
     forward = build_forward(model.to(cuda), normalise, graph, EXAMPLE.to(cuda))
     with torch.inference_mode():
         got = forward(pixels(6).to(cuda))
@@ -148,7 +149,7 @@ def test_on_a_gpu_a_compiled_graph_runs_under_fp16_autocast():
     model = MODELS["max pool, fc head"]()
     expected = reference(model, pixels(3))
     cuda = torch.device("cuda")
-    normalise = Normaliser([0.4, 0.5, 0.6], [0.2, 0.25, 0.3], cuda)
+    normalise = Normaliser(MEAN, STD, cuda)
     with torch.autocast("cuda", dtype=torch.float16):
         forward = build_forward(model.to(cuda), normalise, "compiled", EXAMPLE.to(cuda))
         with torch.inference_mode():
