@@ -112,8 +112,9 @@ def tune_and_publish(config: TrainConfig, trials: int, model_repo: Path, model_n
             num_samples=trials,
             metric="val_accuracy",
             mode="max",
-            max_concurrent_trials=1,
-            search_alg=tune.search.BasicVariantGenerator(random_state=config.seed),
+            # One trial at a time, set on the generator itself: Tune ignores `max_concurrent_trials` for a
+            # generator (it warns, then runs every trial at once).
+            search_alg=tune.search.BasicVariantGenerator(random_state=config.seed, max_concurrent=1),
         ),  # fmt: skip
         run_config=tune.RunConfig(name=search, storage_path=config.storage_path, verbose=0),
     )
