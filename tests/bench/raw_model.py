@@ -32,8 +32,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = parser.parse_args()
-    runner = ModelRunner(args.model_repo, args.model, 1, device="auto", threads=args.threads)
+    runner = ModelRunner(args.model_repo, args.model, 1, device=args.device, threads=args.threads)
     single = measure(runner, 1, args.seconds)
     batched = measure(runner, args.batch, args.seconds)
     print(

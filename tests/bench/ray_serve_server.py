@@ -18,11 +18,13 @@ from ray.serve.config import gRPCOptions
 from convray.oip import inference_pb2 as oip
 
 
-def build_app(model_repo: str, model: str, max_batch_size: int, batch_wait_s: float):
+def build_app(model_repo: str, model: str, max_batch_size: int, batch_wait_s: float, gpus: float = 0.0):
     """The Serve application: one replica running convray's ModelRunner (same model code as convray)."""
 
     @serve.deployment(
-        num_replicas=1, max_ongoing_requests=max(2 * max_batch_size, 64), ray_actor_options={"num_cpus": 1}
+        num_replicas=1,
+        max_ongoing_requests=max(2 * max_batch_size, 64),
+        ray_actor_options={"num_cpus": 1, "num_gpus": gpus},
     )
     class Classifier:
         def __init__(self) -> None:
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--model", default="digits")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=1.0)
+    parser.add_argument("--gpus", type=float, default=0.0, help="GPU share of the replica (0: CPU)")
     args = parser.parse_args()
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(
@@ -69,7 +72,8 @@ def main() -> None:
             grpc_servicer_functions=["convray.oip.inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"],
         ),
     )
-    serve.run(build_app(args.model_repo, args.model, args.max_batch_size, args.batch_wait_ms / 1000), name="baseline")
+    app = build_app(args.model_repo, args.model, args.max_batch_size, args.batch_wait_ms / 1000, args.gpus)
+    serve.run(app, name="baseline")
     print("ready", flush=True)
     while True:
         time.sleep(3600)

@@ -74,8 +74,12 @@ def make_resnet_style_repo(root: Path) -> None:
     ModelRepository(root).publish("resnet_style", metadata, module)
 
 
-def wait_ready(port: int, model: str, timeout_s: float = 180) -> None:
-    """Until one real ModelInfer succeeds (covers Ray start, deploy and model warm-up)."""
+def wait_ready(port: int, model: str, process: subprocess.Popen, timeout_s: float = 180) -> None:
+    """Until one real ModelInfer succeeds (covers Ray start, deploy and model warm-up).
+
+    Raises:
+        RuntimeError: the server exited, or was not ready in ``timeout_s``.
+    """
     from convray.oip import inference_pb2 as oip
     from convray.oip import inference_pb2_grpc as oip_grpc
 
@@ -83,6 +87,8 @@ def wait_ready(port: int, model: str, timeout_s: float = 180) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = oip_grpc.GRPCInferenceServiceStub(channel)
         while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server on {port} exited with code {process.returncode}")
             try:
                 metadata = stub.ModelMetadata(oip.ModelMetadataRequest(name=model), timeout=5)
                 shape = [1, *list(metadata.inputs[0].shape)[1:]]
@@ -110,16 +116,26 @@ CONVRAY_VARIANTS = {
     "convray_1_in_flight": ["--batches-in-flight-per-replica", "1"],
     # Half a CPU each so both models' replicas fit on 2 cores (each still runs one torch thread).
     "convray_2_replicas": ["--replicas", "2", "--cpus-per-replica", "0.5"],
+    # Mixed precision (GPU runs): bf16 autocast, which 'auto' serves with the eager graph.
+    "convray_bf16": ["--amp", "bf16"],
 }
 
 
-def start(kind: str, port: int, repo: Path, model: str, batch: int) -> subprocess.Popen:
+def convray_command() -> list[str]:
+    """The installed `convray` script, or the CLI module where only the package is on the path."""
+    script = BIN / "convray"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "convray.service.cli"]
+
+
+def start(kind: str, port: int, repo: Path, model: str, batch: int, gpus: float, log: Path) -> subprocess.Popen:
+    """Start a target server on ``port``, its output to ``log``; with ``gpus`` > 0 its replica holds that share
+    of a GPU."""
     if kind == "noop":
         shape = "3,224,224" if model == "resnet_style" else "1,8,8"
-        argv = [str(BIN / "python"), str(ROOT / "tests/bench/noop_server.py"), "--port", str(port), "--shape", shape]
+        argv = [sys.executable, str(ROOT / "tests/bench/noop_server.py"), "--port", str(port), "--shape", shape]
     elif kind == "ray_serve":
         argv = [
-            str(BIN / "python"),
+            sys.executable,
             str(ROOT / "tests/bench/ray_serve_server.py"),
             "--port",
             str(port),
@@ -131,10 +147,12 @@ def start(kind: str, port: int, repo: Path, model: str, batch: int) -> subproces
             str(batch),
             "--batch-wait-ms",
             "1",
+            "--gpus",
+            str(gpus),
         ]
     else:
         argv = [
-            str(BIN / "convray"),
+            *convray_command(),
             "serve",
             "--host",
             "127.0.0.1",
@@ -151,9 +169,11 @@ def start(kind: str, port: int, repo: Path, model: str, batch: int) -> subproces
             "1",
             "--replicas",
             "1",
+            *(["--gpus-per-replica", str(gpus)] if gpus else []),
             *CONVRAY_VARIANTS[kind],
         ]
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    with log.open("ab") as output:
+        return subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -165,11 +185,11 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def bench(port: int, model: str, concurrency: int, seconds: float) -> dict:
+def bench(port: int, model: str, concurrency: int, seconds: float, warmup: float) -> dict:
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     subprocess.run(
         [
-            str(BIN / "convray"),
+            *convray_command(),
             "bench",
             "--server",
             f"127.0.0.1:{port}",
@@ -184,7 +204,7 @@ def bench(port: int, model: str, concurrency: int, seconds: float) -> dict:
             "--duration",
             str(seconds),
             "--warmup",
-            "2",
+            str(warmup),
             "--json",
             str(out),
         ],
@@ -199,6 +219,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each measured point")
     parser.add_argument("--models", default="digits,resnet_style")
     parser.add_argument(
         "--targets",
@@ -207,23 +228,35 @@ def main() -> None:
     )
     parser.add_argument("--variants-on", default="digits", help="models the convray variants also run on")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmark-results.json"))
+    parser.add_argument(
+        "--gpus", type=float, default=0.0, help="GPU share of each server's replica and the raw model's device (0: CPU)"
+    )
+    parser.add_argument("--logs", default=None, help="folder for each server's output (default: a temporary one)")
     args = parser.parse_args()
-    repo = Path(tempfile.mkdtemp()) / "models"
-    shutil.copytree(ROOT / "models", repo)
-    make_resnet_style_repo(repo)
+    out = Path(args.out)
+    logs = Path(args.logs or tempfile.mkdtemp(prefix="convray-bench-logs-"))
+    logs.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp())
+    make_resnet_style_repo(scratch / "resnet_style" / "models")
+    shutil.copytree(ROOT / "models" / "digits", scratch / "digits" / "models" / "digits")
     results: dict = {
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "torch": torch.__version__,
             "ray": ray.__version__,
+            "gpu": torch.cuda.get_device_name(0) if args.gpus and torch.cuda.is_available() else None,
         },
         "points": [],
+        "failures": [],
     }
     for model in args.models.split(","):
+        # A repository of this model alone: convray serves every model in its repository, and each would
+        # take a replica (and, on a GPU, its share of the card) that the baselines do not pay for.
+        repo = scratch / model / "models"
         raw = subprocess.run(
             [
-                str(BIN / "python"),
+                sys.executable,
                 str(ROOT / "tests/bench/raw_model.py"),
                 "--model-repo",
                 str(repo),
@@ -231,6 +264,8 @@ def main() -> None:
                 model,
                 "--batch",
                 "32",
+                "--device",
+                "cuda" if args.gpus else "cpu",
             ],
             check=True,
             capture_output=True,
@@ -242,12 +277,17 @@ def main() -> None:
             for target in args.targets.split(","):
                 if target in CONVRAY_VARIANTS and target != "convray" and model not in args.variants_on.split(","):
                     continue
-                port = free_port()
-                process = start(target, port, repo, model, 32)
+                port, log = free_port(), logs / f"{model}-{target}-{repeat}.log"
+                process = start(target, port, repo, model, 32, args.gpus, log)
                 try:
-                    wait_ready(port, model)
+                    try:
+                        wait_ready(port, model, process)
+                    except RuntimeError as error:  # one target failing to start does not lose the others
+                        results["failures"].append({"model": model, "target": target, "repeat": repeat})
+                        print(f"{model} {target}: {error}; its output is in {log}", flush=True)
+                        continue
                     for concurrency in (1, 32):
-                        report = bench(port, model, concurrency, args.seconds)
+                        report = bench(port, model, concurrency, args.seconds, args.warmup)
                         point = {
                             "model": model,
                             "target": target,
@@ -261,9 +301,10 @@ def main() -> None:
                         }
                         results["points"].append(point)
                         print(point, flush=True)
+                        out.write_text(json.dumps(results, indent=2) + "\n")  # a run cut short keeps its points
                 finally:
                     stop(process)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(summary(results))
 
 
@@ -324,6 +365,8 @@ def summary(results: dict) -> str:
                     f"(p50 {our_p50 - floor_p50:+.2f} ms vs the floor), / raw model = {ours / raw_rate:.2f}x"
                 )
         lines.append("")
+    for failure in results.get("failures", []):
+        lines.append(f"- did not start: {failure['target']} for {failure['model']} (repeat {failure['repeat']})")
     return "\n".join(lines)
 
 
