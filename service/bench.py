@@ -34,7 +34,8 @@ class BenchConfig:
     server: str = "localhost:50051"
     api: Literal["native", "oip"] = "native"
     model: str = "digits"
-    payload: Literal["image", "tensor"] = "image"  # encoded image bytes, or an OIP FP32 pixel tensor
+    payload: Literal["image", "tensor"] = "image"  # encoded image bytes, or an OIP pixel tensor
+    datatype: Literal["FP32", "UINT8"] = "FP32"  # of a tensor payload: UINT8 puts a quarter of the bytes on the wire
     concurrency: int = 1  # closed loop: callers in flight
     rate_per_s: float | None = None  # open loop instead: requests started per second
     duration_s: float = 10.0
@@ -128,10 +129,11 @@ async def build_payloads(config: BenchConfig, channel: grpc.aio.Channel) -> tupl
     metadata = await metadata_call(oip.ModelMetadataRequest(name=config.model), timeout=config.timeout_s)
     shape = [1, *list(next(t for t in metadata.inputs if t.name == "input").shape)[1:]]
     rng = np.random.default_rng(0)
+    dtype = {"FP32": "<f4", "UINT8": "u1"}[config.datatype]
     for _ in range(16):
         request = oip.ModelInferRequest(model_name=config.model)
-        request.inputs.add(name="input", datatype="FP32", shape=shape)
-        request.raw_input_contents.append(rng.integers(0, 256, shape).astype("<f4").tobytes())
+        request.inputs.add(name="input", datatype=config.datatype, shape=shape)
+        request.raw_input_contents.append(rng.integers(0, 256, shape).astype(dtype).tobytes())
         requests.append(request.SerializeToString())
     return MODEL_INFER, requests, 1
 
@@ -233,9 +235,11 @@ def format_report(report: BenchReport) -> str:
         if report.config["rate_per_s"]
         else f"concurrency {report.config['concurrency']}"
     )
+    payload = report.config["payload"]
+    if payload == "tensor":
+        payload = f"tensor {report.config['datatype']}"
     lines = [
-        f"{report.config['api']} {report.config['payload']} -> {report.config['server']} "
-        f"model {report.config['model']}, {mode}",
+        f"{report.config['api']} {payload} -> {report.config['server']} model {report.config['model']}, {mode}",
         f"  {report.ok} OK of {report.requests} in {report.duration_s:.1f} s: {report.requests_per_s:,.1f} req/s, "
         f"{report.images_per_s:,.1f} img/s",
         f"  latency ms: p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  max {lat['max']:.2f}",

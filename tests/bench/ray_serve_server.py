@@ -44,7 +44,11 @@ def build_app(model_repo: str, model: str, max_batch_size: int, batch_wait_s: fl
             return response
 
         async def ModelInfer(self, request: oip.ModelInferRequest) -> oip.ModelInferResponse:  # noqa: N802 (RPC name)
-            pixels = np.rint(np.frombuffer(request.raw_input_contents[0], "<f4")).astype(np.uint8).reshape(self.shape)
+            raw = request.raw_input_contents[0]
+            if request.inputs[0].datatype == "UINT8":
+                pixels = np.frombuffer(raw, np.uint8).reshape(self.shape)
+            else:
+                pixels = np.rint(np.frombuffer(raw, "<f4")).astype(np.uint8).reshape(self.shape)
             probabilities = await self.predict(pixels)
             response = oip.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
             response.outputs.add(name="probabilities", datatype="FP32", shape=[1, len(probabilities)])

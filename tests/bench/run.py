@@ -1,8 +1,9 @@
 """Side-by-side benchmark: raw model, no-op gRPC floor, Ray Serve, convray; writes docs/benchmarks.md.
 
-Every server is driven by the same `convray bench` client (single-image FP32 ModelInfer, closed loop)
-at concurrency 1 and 32, each point --seconds long, the whole set --repeats times; medians are reported
-with ratios taken inside each repeat. Run: make bench (or .venv/bin/python tests/bench/run.py).
+Every server is driven by the same `convray bench` client (single-image ModelInfer, FP32 or with
+--datatype UINT8, closed loop) at concurrency 1 and 32, each point --seconds long, the whole set
+--repeats times; medians are reported with ratios taken inside each repeat.
+Run: make bench (or .venv/bin/python tests/bench/run.py).
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def bench(port: int, model: str, concurrency: int, seconds: float, warmup: float) -> dict:
+def bench(port: int, model: str, concurrency: int, seconds: float, warmup: float, datatype: str) -> dict:
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     subprocess.run(
         [
@@ -197,6 +198,8 @@ def bench(port: int, model: str, concurrency: int, seconds: float, warmup: float
             "oip",
             "--payload",
             "tensor",
+            "--datatype",
+            datatype,
             "--model",
             model,
             "--concurrency",
@@ -231,6 +234,9 @@ def main() -> None:
     parser.add_argument(
         "--gpus", type=float, default=0.0, help="GPU share of each server's replica and the raw model's device (0: CPU)"
     )
+    parser.add_argument(
+        "--datatype", default="FP32", choices=["FP32", "UINT8"], help="of the pixel tensors every client sends"
+    )
     parser.add_argument("--logs", default=None, help="folder for each server's output (default: a temporary one)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -247,6 +253,7 @@ def main() -> None:
             "ray": ray.__version__,
             "gpu": torch.cuda.get_device_name(0) if args.gpus and torch.cuda.is_available() else None,
         },
+        "datatype": args.datatype,
         "points": [],
         "failures": [],
     }
@@ -287,7 +294,7 @@ def main() -> None:
                         print(f"{model} {target}: {error}; its output is in {log}", flush=True)
                         continue
                     for concurrency in (1, 32):
-                        report = bench(port, model, concurrency, args.seconds, args.warmup)
+                        report = bench(port, model, concurrency, args.seconds, args.warmup, args.datatype)
                         point = {
                             "model": model,
                             "target": target,

@@ -39,7 +39,13 @@ def test_an_empty_image_folder_is_a_clear_error(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    "flags", [["--api", "native"], ["--api", "oip", "--payload", "tensor"], ["--api", "oip", "--rate", "50"]]
+    "flags",
+    [
+        ["--api", "native"],
+        ["--api", "oip", "--payload", "tensor"],
+        ["--api", "oip", "--payload", "tensor", "--datatype", "UINT8"],
+        ["--api", "oip", "--rate", "50"],
+    ],
 )
 def test_a_short_run_against_the_real_server_reports_consistent_counts(served, tmp_path, flags):
     out = tmp_path / "report.json"
@@ -56,6 +62,7 @@ def test_a_short_run_against_the_real_server_reports_consistent_counts(served, t
     assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"] <= report["latency_ms"]["max"]
     assert 0 < report["client_cpu_fraction"]
     assert "req/s" in result.stdout and "latency ms: p50" in result.stdout
+    assert report["config"]["datatype"] == (flags[-1] if "--datatype" in flags else "FP32")
 
 
 @pytest.mark.integration
