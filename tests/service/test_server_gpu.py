@@ -51,7 +51,7 @@ def replica_placement(server: ServerThread) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
+def digits(ray_address, tmp_path_factory):
     """A copy of the shipped repository, 40 held-out digits as PNGs, and the CPU server's answers to them."""
     repo = tmp_path_factory.mktemp("gpu") / "models"
     shutil.copytree(SHIPPED_MODELS, repo)
