@@ -11,7 +11,7 @@ STUBS  := $(PROTOS:.proto=_pb2.py)
 CLIENT_VENV := .venv-tritonclient
 TRITONCLIENT ?= tritonclient[grpc]==2.73.0
 
-.PHONY: install proto serve test lint bench train-default clean
+.PHONY: install proto serve test lint bench bench-gpu train-default clean
 
 install: $(VENV)/.installed $(STUBS)
 
@@ -47,6 +47,13 @@ lint: install
 bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) tests/bench/run.py
+
+# The same on a GPU machine: each server's replica and the raw model on the GPU, plus convray with bf16.
+# Needs a CUDA build of torch in a fresh .venv: make bench-gpu TORCH='torch==2.13.0 --index-url <PyTorch's CUDA wheel index>'
+bench-gpu: install
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) tests/bench/run.py --gpus 1 --targets noop,ray_serve,convray,convray_bf16 --variants-on resnet_style \
+		--out docs/benchmark-results-gpu.json
 
 # Reproduces the shipped default model (models/digits/1) from scikit-learn's digits,
 # published as the next version of `digits` in ./models.
