@@ -128,6 +128,9 @@ class ConvrayServer:
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
+                # gRPC sets SO_REUSEPORT by default, so a second server on a port in use would bind too and
+                # the kernel would split connections between the two; binding must fail instead.
+                ("grpc.so_reuseport", 0),
             ],
         )
         explainer = Explainer(
@@ -170,10 +173,13 @@ class ConvrayServer:
         """Open the ports and begin connecting to Ray and loading models in the background."""
         server = self.settings.server
         address = f"{server.host}:{server.port}"
-        if self._credentials is None:
-            self.port = self._server.add_insecure_port(address)
-        else:
-            self.port = self._server.add_secure_port(address, self._credentials)
+        try:
+            if self._credentials is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, self._credentials)
+        except RuntimeError:  # what grpc raises when the bind fails
+            self.port = 0
         if self.port == 0:
             raise StartupError(f"could not bind gRPC to {server.host}:{server.port} (in use or not permitted)")
         await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)

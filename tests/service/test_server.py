@@ -182,3 +182,12 @@ def test_metrics_endpoint_counts_requests_and_batches(served, stub, held_out):
     assert value(after, 'convray_batch_size_count{model="digits",version="1"}') >= 1
     assert 'convray_replicas{model="digits",version="1"} 2.0' in after
     assert "convray_build_info{" in after
+
+
+async def test_a_second_server_on_a_port_in_use_refuses_to_start(served, tmp_path):
+    from convray.service.server import ConvrayServer, StartupError
+    from tests.conftest import server_settings
+
+    settings = server_settings(tmp_path / "models", server__port=served.server.port, server__metrics_port=None)
+    with pytest.raises(StartupError, match=f"could not bind gRPC to 127.0.0.1:{served.server.port}"):
+        await ConvrayServer(settings).start()
