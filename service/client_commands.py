@@ -218,10 +218,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     width, _, height = args.image_size.partition("x")
     config = BenchConfig(
         server=args.server, api=args.api, model=args.model, payload=args.payload, datatype=args.datatype,
-        concurrency=args.concurrency,
-        rate_per_s=args.rate, duration_s=args.duration, requests=args.requests, warmup_s=args.warmup,
-        images=args.images, image_size=(int(width), int(height or width)), image_format=args.image_format.upper(),
-        channels=args.channels, timeout_s=args.timeout,
+        concurrency=args.concurrency, rate_per_s=args.rate, duration_s=args.duration, requests=args.requests,
+        warmup_s=args.warmup, images=args.images, image_size=(int(width), int(height or width)),
+        image_format=args.image_format.upper(), channels=args.channels, timeout_s=args.timeout,
     )  # fmt: skip
     try:
         report = asyncio.run(run(config))
