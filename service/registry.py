@@ -62,6 +62,7 @@ class ModelRegistry:
             graph=workers.graph,
             max_restarts=workers.max_restarts,
             start_timeout_s=workers.replica_start_timeout_s,
+            fixed_cluster=workers.ray_address is None,  # an embedded Ray: no node can join
             transport=workers.transport,
             batches_in_flight_per_replica=batching.batches_in_flight_per_replica,
         )

@@ -65,6 +65,9 @@ class ReplicaOptions:
     max_restarts: int = 3  # Ray restarts a dead actor this many times (its __init__ reloads the model)
     transport: Transport = "direct"  # how batches cross into a replica (see the module docstring)
     start_timeout_s: float = 600.0  # for every replica to be placed by Ray and load the version
+    # No node will ever join (an embedded local Ray): replicas that need more than the whole cluster fail at once
+    # instead of after start_timeout_s.
+    fixed_cluster: bool = False
     batches_in_flight_per_replica: int = 2  # sizes each compiled graph's in-flight capacity
 
 
@@ -129,6 +132,8 @@ class ReplicaPool:
             ModelLoadError: a replica could not load the version, or was not placed and warm within
                 ``options.start_timeout_s`` (the cluster lacks the CPUs/GPUs asked for); the message says which.
         """
+        if options.fixed_cluster:
+            _refuse_what_cannot_fit(name, version, options)
         actor_class = ray.remote(ModelRunner).options(
             num_cpus=options.cpus_per_replica,
             num_gpus=options.gpus_per_replica,
@@ -331,6 +336,24 @@ class ReplicaPool:
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
         self._actors = []
+
+
+def _refuse_what_cannot_fit(name: str, version: int, options: ReplicaOptions) -> None:
+    """Raise if the version's replicas together ask for more CPUs or GPUs than the cluster has in all.
+
+    Raises:
+        ModelLoadError: naming the resource, the ask and the cluster's total.
+    """
+    total = ray.cluster_resources()
+    for resource, per_replica in (("CPU", options.cpus_per_replica), ("GPU", options.gpus_per_replica)):
+        asked, has = options.replicas * per_replica, total.get(resource, 0.0)
+        if asked > has:
+            raise ModelLoadError(
+                f"{options.replicas} replica(s) of {name} version {version} ask Ray for {asked:g} {resource} in all "
+                f"({per_replica:g} each) and this Ray has {has:g}, and no node can join it: lower "
+                f"--{resource.lower()}s-per-replica or --replicas"
+                + (", or run on a machine with a GPU" if resource == "GPU" else "")
+            )
 
 
 def _root_cause(exc: BaseException) -> str:

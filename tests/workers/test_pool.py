@@ -87,3 +87,22 @@ async def test_replicas_ray_cannot_place_fail_the_load_with_a_clear_error_instea
     too_big = options(cpus_per_replica=1000, start_timeout_s=3)
     with pytest.raises(ModelLoadError, match=r"not running after 3 s; each asks Ray for 1000 CPU.*free"):
         await asyncio.wait_for(ReplicaPool.start(str(model_repo), "digits", 1, too_big), timeout=30)
+
+
+@pytest.mark.parametrize(
+    "ask,message",
+    [
+        (
+            {"gpus_per_replica": 1},
+            r"ask Ray for 1 GPU in all \(1 each\) and this Ray has 0, .*run on a machine with a GPU",
+        ),
+        (
+            {"replicas": 3, "cpus_per_replica": 2},
+            r"3 replica\(s\) .* ask Ray for 6 CPU in all \(2 each\) and this Ray has 4",
+        ),
+    ],
+)
+async def test_on_a_cluster_no_node_can_join_replicas_that_can_never_fit_fail_before_waiting(model_repo, ask, message):
+    # The whole test Ray has 4 CPUs and no GPU; the message is the up-front check's, not the timeout's.
+    with pytest.raises(ModelLoadError, match=message):
+        await ReplicaPool.start(str(model_repo), "digits", 1, options(fixed_cluster=True, **ask))
