@@ -115,7 +115,8 @@ CONVRAY_VARIANTS = {
     "convray_fixed_in_flight": ["--adaptive-in-flight", "false"],
     # One batch in flight per replica: fewer, larger batches.
     "convray_1_in_flight": ["--batches-in-flight-per-replica", "1"],
-    # Half a CPU each so both models' replicas fit on 2 cores (each still runs one torch thread).
+    # Two replicas reserving half a CPU each, what one reserves (each still runs one torch thread). Runs 1-3
+    # needed the half so both models' replicas fit on 2 cores; it stays so the runs compare.
     "convray_2_replicas": ["--replicas", "2", "--cpus-per-replica", "0.5"],
     # Mixed precision (GPU runs): bf16 autocast, which 'auto' serves with the eager graph.
     "convray_bf16": ["--amp", "bf16"],

@@ -3,7 +3,6 @@
 Skipped where torch sees no GPU (CI); docs/benchmarks.md says where these ran.
 """
 
-import io
 import shutil
 
 import grpc
@@ -11,23 +10,17 @@ import numpy as np
 import pytest
 import ray
 import torch
-from PIL import Image
 
 from convray.v1 import classifier_pb2 as pb
 from convray.v1 import classifier_pb2_grpc
 from convray.workers.data import load_digits_split
 from tests.conftest import SHIPPED_MODELS, ServerThread, server_settings
+from tests.service.test_server import encode_digit
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"),
 ]
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels[0], mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def classify_all(server: ServerThread, images: list[bytes]) -> np.ndarray:
@@ -56,7 +49,7 @@ def digits(ray_address, tmp_path_factory):
     repo = tmp_path_factory.mktemp("gpu") / "models"
     shutil.copytree(SHIPPED_MODELS, repo)
     _, held_out = load_digits_split()
-    images = [png(pixels) for pixels in held_out.images[:40]]
+    images = [encode_digit(pixels, "PNG") for pixels in held_out.images[:40]]
     server = ServerThread(server_settings(repo, workers__replicas=1, workers__device="cpu")).start()
     try:
         return repo, images, classify_all(server, images)
