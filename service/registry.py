@@ -65,6 +65,7 @@ class ModelRegistry:
             fixed_cluster=workers.ray_address is None,  # an embedded Ray: no node can join
             transport=workers.transport,
             batches_in_flight_per_replica=batching.batches_in_flight_per_replica,
+            max_batch_size=batching.max_batch_size,
         )
         self._metrics = metrics
         self._served: dict[str, dict[int, ServedModel]] = {}

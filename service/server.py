@@ -12,6 +12,7 @@ moment the port opens until shutdown, whatever Ray does, for liveness probes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import platform
@@ -237,6 +238,10 @@ class ConvrayServer:
         await self._set_readiness(health_pb2.HealthCheckResponse.SERVING)
         self.metrics.ray_connected.set(1)
         self._start_watchdog()
+        # Everything built so far (torch, Ray, grpc: ~220,000 objects) lives as long as the process. Frozen, it is
+        # out of the cyclic collector's sight, and collections scan only what requests allocate: 3-5% less
+        # front-end CPU per request at c=32 on `digits` (docs/benchmarks.md).
+        gc.freeze()
         served = {name: self.registry.loaded_versions(name) for name in self.registry.repository.model_names()}
         metrics_at = (
             f"http://{self.settings.server.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off"

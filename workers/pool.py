@@ -69,6 +69,7 @@ class ReplicaOptions:
     # instead of after start_timeout_s.
     fixed_cluster: bool = False
     batches_in_flight_per_replica: int = 2  # sizes each compiled graph's in-flight capacity
+    max_batch_size: int = 32  # the batcher's: a replica on a GPU warms up every batch size up to it
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,9 @@ class ReplicaPool:
         )
         threads = max(1, int(options.cpus_per_replica))
         actors = [
-            actor_class.remote(model_repo, name, version, options.device, options.amp, threads, options.graph)
+            actor_class.remote(
+                model_repo, name, version, options.device, options.amp, threads, options.graph, options.max_batch_size
+            )
             for _ in range(options.replicas)
         ]
         try:
@@ -168,7 +171,9 @@ class ReplicaPool:
         capacity = 2 * options.replicas * options.batches_in_flight_per_replica
         pool = cls(name, version, actors, on_failure, options.transport, capacity)
         await asyncio.gather(*(pool._open_fast_path(index, info) for index, info in enumerate(described)))
-        runs_on = sorted({f"{info['device']}, {info['graph']} graph" for info in described})
+        runs_on = sorted(
+            {f"{i['device']}, {i['graph']} graph, warm at batches 1-{i['warmed_up_to']}" for i in described}
+        )
         log.info("%s version %d replicas run on %s; transport %s", name, version, " / ".join(runs_on), pool.transport)
         return pool
 

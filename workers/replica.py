@@ -11,6 +11,7 @@ import functools
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -112,7 +113,13 @@ class ModelRunner:
         amp: AmpChoice = "none",
         threads: int | None = None,
         graph: GraphChoice = "auto",
+        max_batch_size: int = 2,
     ) -> None:
+        """Load the version onto its device, build its forward graph and warm it up.
+
+        ``max_batch_size`` is the largest batch the front end sends; on a GPU the warm-up runs every batch
+        size up to it (``warm_up``).
+        """
         if threads:
             torch.set_num_threads(threads)
         # Fast paths (direct channel, compiled graph) call `run` from their own threads; Ray calls use the main one.
@@ -130,6 +137,22 @@ class ModelRunner:
         # Built and warmed up here, so no request pays for it; an impossible amp is refused here, not per batch.
         with autocast_context(self.device, amp):
             self.graph, self._forward = serving_forward(self.module, self._normalise, graph, amp, example)
+        self.warmed_up_to = 2  # every batch size up to this one has run once
+        if self.device.type == "cuda":
+            self.warm_up(range(3, max_batch_size + 1))
+
+    def warm_up(self, batch_sizes: Iterable[int]) -> None:
+        """Run one zero batch of each size through ``predict``, so no request is the first of its size.
+
+        On a GPU the first batch of a new size pays for loading the kernels chosen for that shape and for
+        growing the pinned and device memory pools (``scripts/first_batch_cost.py`` measures it). On CPU the
+        first batch of a new size costs little next to its compute (oneDNN sets up its primitives), so the
+        graph's own warm-up at 1 and 2 images is all a replica runs there.
+        """
+        for size in batch_sizes:
+            self.predict(np.zeros((size, *self._expected_shape), dtype=np.uint8))
+            if size == self.warmed_up_to + 1:
+                self.warmed_up_to = size
 
     def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
         """Probabilities (N, classes) float32 for uint8 pixels (N, C, H, W), and the compute seconds.
@@ -227,4 +250,5 @@ class ModelRunner:
             "version": self.version,
             "input_shape": list(self._expected_shape),
             "graph": self.graph,
+            "warmed_up_to": self.warmed_up_to,
         }

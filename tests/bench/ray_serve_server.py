@@ -30,7 +30,10 @@ def build_app(model_repo: str, model: str, max_batch_size: int, batch_wait_s: fl
         def __init__(self) -> None:
             from convray.workers.replica import ModelRunner
 
-            self.runner = ModelRunner(model_repo, model, version=1, device="auto", threads=1)
+            # Warmed like convray's replicas (on a GPU: every batch size up to the maximum), so p99s compare.
+            self.runner = ModelRunner(
+                model_repo, model, version=1, device="auto", threads=1, max_batch_size=max_batch_size
+            )
             self.shape = self.runner._expected_shape
 
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_s)

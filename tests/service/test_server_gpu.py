@@ -72,6 +72,7 @@ def test_gpu_replicas_run_on_cuda_and_agree_with_the_cpu_server(ray_address, dig
     try:
         placement = replica_placement(server)
         assert [info["device"] for info in placement] == ["cuda"] and placement[0]["graph"] == graph
+        assert placement[0]["warmed_up_to"] == settings.batching.max_batch_size  # no request is the first of its size
         on_gpu = classify_all(server, images)
     finally:
         server.stop()

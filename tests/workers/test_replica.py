@@ -72,6 +72,25 @@ def test_a_gpu_replica_reports_the_memory_torch_holds():
     assert 0 < reply.gpu_memory_allocated_bytes <= reply.gpu_memory_reserved_bytes
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_gpu_replica_has_run_every_batch_size_up_to_the_maximum_before_its_first_request():
+    runner = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cuda", max_batch_size=12)
+    assert runner.describe()["warmed_up_to"] == 12
+    reserved = torch.cuda.memory_reserved()
+    for size in range(1, 13):
+        runner.predict(np.zeros((size, 1, 8, 8), np.uint8))
+    assert torch.cuda.memory_reserved() == reserved  # the device memory pool already holds what they need
+
+
+def test_a_cpu_replica_warms_only_its_graph_at_one_and_two_images():
+    # On CPU a new batch size costs ~0.1-0.5 ms once (scripts/first_batch_cost.py); warming 32 sizes of a large
+    # model would cost seconds per load.
+    runner = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", threads=1, max_batch_size=32)
+    assert runner.describe()["warmed_up_to"] == 2
+    runner.warm_up(range(3, 6))
+    assert runner.describe()["warmed_up_to"] == 5
+
+
 @pytest.fixture(scope="module")
 def runner():
     return ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", threads=1)
