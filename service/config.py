@@ -51,7 +51,7 @@ class BatchingSettings(_Group):
     """The dynamic batcher in front of each model version."""
 
     max_batch_size: int = Field(32, ge=1, le=4096)
-    """At most this many requests share one call to a replica."""
+    """At most this many requests share one replica call; GPU replicas warm up with batches of up to it at load."""
     max_batch_delay_ms: float = Field(1.0, ge=0, le=10_000)
     """How long the first request of a batch may wait for others to join it while another batch runs."""
     dispatch_when_idle: bool = True

@@ -31,6 +31,23 @@ DeviceChoice = Literal["auto", "cpu", "cuda"]
 AmpChoice = Literal["none", "fp16", "bf16"]
 _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_DIRECT_BATCH = 4096  # images; a direct-channel batch header asking for more is refused unread
+WARM_EVERY_SIZE_UP_TO = 64  # past it, a GPU replica's warm-up runs powers of two and the maximum only
+
+
+def warm_up_batch_sizes(max_batch_size: int) -> list[int]:
+    """The batch sizes a replica on a GPU runs once at load, beyond the graph's own 1 and 2 images.
+
+    Every size up to ``WARM_EVERY_SIZE_UP_TO``, then powers of two and ``max_batch_size`` itself: a
+    ``--max-batch-size`` in the thousands must not cost thousands of warm-up batches.
+    """
+    sizes = list(range(3, min(max_batch_size, WARM_EVERY_SIZE_UP_TO) + 1))
+    power = WARM_EVERY_SIZE_UP_TO * 2
+    while power < max_batch_size:
+        sizes.append(power)
+        power *= 2
+    if max_batch_size > WARM_EVERY_SIZE_UP_TO:
+        sizes.append(max_batch_size)
+    return sizes
 
 
 def select_device(requested: DeviceChoice, cuda_available: bool) -> torch.device:
@@ -117,8 +134,11 @@ class ModelRunner:
     ) -> None:
         """Load the version onto its device, build its forward graph and warm it up.
 
-        ``max_batch_size`` is the largest batch the front end sends; on a GPU the warm-up runs every batch
-        size up to it (``warm_up``).
+        ``max_batch_size`` is the largest batch the front end sends; on a GPU the warm-up runs the batch
+        sizes up to it that ``warm_up_batch_sizes`` lists.
+
+        Raises:
+            RuntimeError: on a GPU, a batch of ``max_batch_size`` images does not fit in its memory.
         """
         if threads:
             torch.set_num_threads(threads)
@@ -139,7 +159,7 @@ class ModelRunner:
             self.graph, self._forward = serving_forward(self.module, self._normalise, graph, amp, example)
         self.warmed_up_to = 2  # every batch size up to this one has run once
         if self.device.type == "cuda":
-            self.warm_up(range(3, max_batch_size + 1))
+            self.warm_up(warm_up_batch_sizes(max_batch_size))
 
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         """Run one zero batch of each size through ``predict``, so no request is the first of its size.
@@ -150,7 +170,13 @@ class ModelRunner:
         graph's own warm-up at 1 and 2 images is all a replica runs there.
         """
         for size in batch_sizes:
-            self.predict(np.zeros((size, *self._expected_shape), dtype=np.uint8))
+            try:
+                self.predict(np.zeros((size, *self._expected_shape), dtype=np.uint8))
+            except torch.cuda.OutOfMemoryError as exc:
+                raise RuntimeError(
+                    f"a batch of {size} images of {self.name} does not fit in GPU memory; lower --max-batch-size "
+                    f"or give each replica more of the GPU ({exc})"
+                ) from None
             if size == self.warmed_up_to + 1:
                 self.warmed_up_to = size
 

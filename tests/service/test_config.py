@@ -66,7 +66,7 @@ def test_invalid_values_are_refused_naming_the_field(argv, message):
 
 def test_help_text_comes_from_the_field_docstrings():
     text = " ".join(build_parser()._subparsers._group_actions[0].choices["serve"].format_help().split())
-    assert "At most this many requests share one call to a replica" in text
+    assert "At most this many requests share one replica call" in text
     assert "CONVRAY_BATCHING__MAX_BATCH_SIZE" in text
 
 

@@ -16,6 +16,7 @@ from convray.workers.replica import (
     gpu_memory_bytes,
     select_device,
     to_device,
+    warm_up_batch_sizes,
 )
 from tests.conftest import SHIPPED_MODELS
 
@@ -80,6 +81,25 @@ def test_a_gpu_replica_has_run_every_batch_size_up_to_the_maximum_before_its_fir
     for size in range(1, 13):
         runner.predict(np.zeros((size, 1, 8, 8), np.uint8))
     assert torch.cuda.memory_reserved() == reserved  # the device memory pool already holds what they need
+
+
+def test_a_gpu_replica_warms_every_batch_size_up_to_64_then_powers_of_two_and_the_maximum():
+    assert warm_up_batch_sizes(2) == []  # the graph's own warm-up runs 1 and 2
+    assert warm_up_batch_sizes(32) == list(range(3, 33))
+    assert warm_up_batch_sizes(64) == list(range(3, 65))
+    assert warm_up_batch_sizes(300) == [*range(3, 65), 128, 256, 300]
+    assert warm_up_batch_sizes(4096) == [*range(3, 65), 128, 256, 512, 1024, 2048, 4096]
+
+
+def test_a_warm_up_batch_that_does_not_fit_the_gpu_fails_the_load_naming_the_setting(monkeypatch):
+    runner = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", threads=1)
+
+    def out_of_memory(pixels):  # what torch raises on a GPU; no CPU can make it happen
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    monkeypatch.setattr(runner, "predict", out_of_memory)
+    with pytest.raises(RuntimeError, match=r"batch of 4096 images of digits does not fit in GPU memory; lower"):
+        runner.warm_up([4096])
 
 
 def test_a_cpu_replica_warms_only_its_graph_at_one_and_two_images():
