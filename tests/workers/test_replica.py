@@ -103,7 +103,7 @@ def test_a_warm_up_batch_that_does_not_fit_the_gpu_fails_the_load_naming_the_set
 
 
 def test_a_cpu_replica_warms_only_its_graph_at_one_and_two_images():
-    # On CPU a new batch size costs ~0.1-0.5 ms once (scripts/first_batch_cost.py); warming 32 sizes of a large
+    # On CPU a new batch size costs ~0.1-1 ms once (scripts/first_batch_cost.py); warming 32 sizes of a large
     # model would cost seconds per load.
     runner = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", threads=1, max_batch_size=32)
     assert runner.describe()["warmed_up_to"] == 2
