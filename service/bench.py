@@ -36,6 +36,7 @@ class BenchConfig:
     model: str = "digits"
     payload: Literal["image", "tensor"] = "image"  # encoded image bytes, or an OIP pixel tensor
     datatype: Literal["FP32", "UINT8"] = "FP32"  # of a tensor payload: UINT8 puts a quarter of the bytes on the wire
+    batch_size: int = 1  # images per request (OIP only), like perf_analyzer's -b
     concurrency: int = 1  # closed loop: callers in flight
     rate_per_s: float | None = None  # open loop instead: requests started per second
     duration_s: float = 10.0
@@ -105,29 +106,35 @@ async def build_payloads(config: BenchConfig, channel: grpc.aio.Channel) -> tupl
     from convray.oip import inference_pb2 as oip
     from convray.v1 import classifier_pb2 as pb
 
+    if config.batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {config.batch_size}")
     if config.api == "native":
         if config.payload != "image":
             raise ValueError("the native API takes encoded images only (--payload image)")
+        if config.batch_size != 1:
+            raise ValueError("the native Classify RPC takes one image per request; use --api oip for --batch-size")
         return (
             CLASSIFY,
             [pb.ClassifyRequest(image=i, model=config.model).SerializeToString() for i in load_images(config)],
             1,
         )
-    requests = []
+    requests, batch = [], config.batch_size
     if config.payload == "image":
-        for image in load_images(config):
+        images = load_images(config)
+        for first in range(len(images)):
+            chosen = [images[(first + i) % len(images)] for i in range(batch)]
             request = oip.ModelInferRequest(model_name=config.model)
-            request.inputs.add(name="image", datatype="BYTES", shape=[1])
-            request.raw_input_contents.append(len(image).to_bytes(4, "little") + image)
+            request.inputs.add(name="image", datatype="BYTES", shape=[batch])
+            request.raw_input_contents.append(b"".join(len(i).to_bytes(4, "little") + i for i in chosen))
             requests.append(request.SerializeToString())
-        return MODEL_INFER, requests, 1
+        return MODEL_INFER, requests, batch
     metadata_call = channel.unary_unary(
         MODEL_METADATA,
         request_serializer=oip.ModelMetadataRequest.SerializeToString,
         response_deserializer=oip.ModelMetadataResponse.FromString,
     )
     metadata = await metadata_call(oip.ModelMetadataRequest(name=config.model), timeout=config.timeout_s)
-    shape = [1, *list(next(t for t in metadata.inputs if t.name == "input").shape)[1:]]
+    shape = [batch, *list(next(t for t in metadata.inputs if t.name == "input").shape)[1:]]
     rng = np.random.default_rng(0)
     dtype = {"FP32": "<f4", "UINT8": "u1"}[config.datatype]
     for _ in range(16):
@@ -135,7 +142,7 @@ async def build_payloads(config: BenchConfig, channel: grpc.aio.Channel) -> tupl
         request.inputs.add(name="input", datatype=config.datatype, shape=shape)
         request.raw_input_contents.append(rng.integers(0, 256, shape).astype(dtype).tobytes())
         requests.append(request.SerializeToString())
-    return MODEL_INFER, requests, 1
+    return MODEL_INFER, requests, batch
 
 
 async def run(config: BenchConfig) -> BenchReport:
@@ -238,6 +245,8 @@ def format_report(report: BenchReport) -> str:
     payload = report.config["payload"]
     if payload == "tensor":
         payload = f"tensor {report.config['datatype']}"
+    if report.config["batch_size"] != 1:
+        payload += f", {report.config['batch_size']} images per request"
     lines = [
         f"{report.config['api']} {payload} -> {report.config['server']} model {report.config['model']}, {mode}",
         f"  {report.ok} OK of {report.requests} in {report.duration_s:.1f} s: {report.requests_per_s:,.1f} req/s, "

@@ -218,9 +218,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     width, _, height = args.image_size.partition("x")
     config = BenchConfig(
         server=args.server, api=args.api, model=args.model, payload=args.payload, datatype=args.datatype,
-        concurrency=args.concurrency, rate_per_s=args.rate, duration_s=args.duration, requests=args.requests,
-        warmup_s=args.warmup, images=args.images, image_size=(int(width), int(height or width)),
-        image_format=args.image_format.upper(), channels=args.channels, timeout_s=args.timeout,
+        batch_size=args.batch_size, concurrency=args.concurrency, rate_per_s=args.rate, duration_s=args.duration,
+        requests=args.requests, warmup_s=args.warmup, images=args.images,
+        image_size=(int(width), int(height or width)), image_format=args.image_format.upper(),
+        channels=args.channels, timeout_s=args.timeout,
     )  # fmt: skip
     try:
         report = asyncio.run(run(config))
@@ -269,6 +270,8 @@ def add_client_commands(commands: Any) -> None:
                        help="encoded images, or (oip) pixel tensors shaped from ModelMetadata")  # fmt: skip
     bench.add_argument("--datatype", default="FP32", choices=["FP32", "UINT8"],
                        help="of --payload tensor: UINT8 sends a quarter of FP32's bytes")  # fmt: skip
+    bench.add_argument("--batch-size", type=int, default=1,
+                       help="images per request (--api oip; at most the server's --max-batch-size)")  # fmt: skip
     bench.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight")
     bench.add_argument("--rate", type=float, default=None, help="open loop instead: requests started per second")
     bench.add_argument("--duration", type=float, default=10.0, help="seconds to measure")

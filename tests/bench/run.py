@@ -187,7 +187,9 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def bench(port: int, model: str, concurrency: int, seconds: float, warmup: float, datatype: str) -> dict:
+def bench(
+    port: int, model: str, concurrency: int, seconds: float, warmup: float, datatype: str, batch_size: int = 1
+) -> dict:
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     subprocess.run(
         [
@@ -201,6 +203,8 @@ def bench(port: int, model: str, concurrency: int, seconds: float, warmup: float
             "tensor",
             "--datatype",
             datatype,
+            "--batch-size",
+            str(batch_size),
             "--model",
             model,
             "--concurrency",
@@ -238,8 +242,13 @@ def main() -> None:
     parser.add_argument(
         "--datatype", default="FP32", choices=["FP32", "UINT8"], help="of the pixel tensors every client sends"
     )
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="images per request (the Ray Serve baseline takes one only)"
+    )
     parser.add_argument("--logs", default=None, help="folder for each server's output (default: a temporary one)")
     args = parser.parse_args()
+    if args.batch_size != 1 and "ray_serve" in args.targets.split(","):
+        parser.error("the Ray Serve baseline takes one image per request; leave it out of --targets for --batch-size")
     out = Path(args.out)
     logs = Path(args.logs or tempfile.mkdtemp(prefix="convray-bench-logs-"))
     logs.mkdir(parents=True, exist_ok=True)
@@ -255,6 +264,7 @@ def main() -> None:
             "gpu": torch.cuda.get_device_name(0) if args.gpus and torch.cuda.is_available() else None,
         },
         "datatype": args.datatype,
+        "batch_size": args.batch_size,
         "points": [],
         "failures": [],
     }
@@ -295,13 +305,16 @@ def main() -> None:
                         print(f"{model} {target}: {error}; its output is in {log}", flush=True)
                         continue
                     for concurrency in (1, 32):
-                        report = bench(port, model, concurrency, args.seconds, args.warmup, args.datatype)
+                        report = bench(
+                            port, model, concurrency, args.seconds, args.warmup, args.datatype, args.batch_size
+                        )
                         point = {
                             "model": model,
                             "target": target,
                             "repeat": repeat,
                             "concurrency": concurrency,
                             "req_per_s": report["requests_per_s"],
+                            "img_per_s": report["images_per_s"],
                             "p50_ms": report["latency_ms"]["p50"],
                             "p99_ms": report["latency_ms"]["p99"],
                             "errors": report["errors"],
@@ -326,13 +339,23 @@ def median_of(points: list[dict], key: str, **match: object) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def median_images_per_s(points: list[dict], **match: object) -> float:
+    values = [images_per_s(p) for p in select(points, **match)]
+    return statistics.median(values) if values else float("nan")
+
+
+def images_per_s(point: dict) -> float:
+    """A point's images per second (older results, one image per request, have req/s only)."""
+    return point.get("img_per_s", point["req_per_s"])
+
+
 def ratio(points: list[dict], a: str, b: str, **match: object) -> float:
-    """Median over repeats of target a's req/s over target b's, each pair taken in the same repeat."""
+    """Median over repeats of target a's img/s over target b's, each pair taken in the same repeat."""
     values = []
     for repeat in sorted({p["repeat"] for p in points if "repeat" in p}):
         pa, pb = select(points, target=a, repeat=repeat, **match), select(points, target=b, repeat=repeat, **match)
-        if pa and pb and pb[0]["req_per_s"]:
-            values.append(pa[0]["req_per_s"] / pb[0]["req_per_s"])
+        if pa and pb and images_per_s(pb[0]):
+            values.append(images_per_s(pa[0]) / images_per_s(pb[0]))
     return statistics.median(values) if values else float("nan")
 
 
@@ -347,23 +370,25 @@ def summary(results: dict) -> str:
             f"raw model in one process: batch-1 forward {raw['batch1_ms']} ms, "
             f"{raw['batch32_img_per_s']:,.0f} img/s at batch 32",
             "",
-            "| server | c=1 req/s | c=1 p50 ms | c=32 img/s | c=32 p50 ms |",
+            "| server | c=1 img/s | c=1 p50 ms | c=32 img/s | c=32 p50 ms |",
             "|---|---|---|---|---|",
         ]
         targets = [t for t in ("noop", "ray_serve", *CONVRAY_VARIANTS) if select(points, model=model, target=t)]
         for target in targets:
             cells = [
-                f"{median_of(points, 'req_per_s', model=model, target=target, concurrency=1):,.0f}",
+                f"{median_images_per_s(points, model=model, target=target, concurrency=1):,.0f}",
                 f"{median_of(points, 'p50_ms', model=model, target=target, concurrency=1):.2f}",
-                f"{median_of(points, 'req_per_s', model=model, target=target, concurrency=32):,.0f}",
+                f"{median_images_per_s(points, model=model, target=target, concurrency=32):,.0f}",
                 f"{median_of(points, 'p50_ms', model=model, target=target, concurrency=32):.1f}",
             ]
             lines.append(f"| {target} | " + " | ".join(cells) + " |")
         lines.append("")
         for ours_target in (t for t in targets if t in CONVRAY_VARIANTS):
             for c in (1, 32):
-                raw_rate = raw["batch1_img_per_s"] if c == 1 else raw["batch32_img_per_s"]
-                ours = median_of(points, "req_per_s", model=model, target=ours_target, concurrency=c)
+                # A lone single-image request faces the raw model at batch 1; anything else, the raw model at batch 32.
+                single = c == 1 and results.get("batch_size", 1) == 1
+                raw_rate = raw["batch1_img_per_s"] if single else raw["batch32_img_per_s"]
+                ours = median_images_per_s(points, model=model, target=ours_target, concurrency=c)
                 vs_serve = ratio(points, ours_target, "ray_serve", model=model, concurrency=c)
                 floor_p50 = median_of(points, "p50_ms", model=model, target="noop", concurrency=c)
                 our_p50 = median_of(points, "p50_ms", model=model, target=ours_target, concurrency=c)

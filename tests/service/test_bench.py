@@ -1,5 +1,6 @@
 """convray bench: its statistics, and a short real run against the real server (counts, not speed)."""
 
+import asyncio
 import json
 import math
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from convray.service.bench import BenchConfig, load_images, percentiles
+from convray.service.bench import BenchConfig, build_payloads, load_images, percentiles
 
 
 def test_percentiles_interpolate_like_numpy():
@@ -45,6 +46,8 @@ def test_an_empty_image_folder_is_a_clear_error(tmp_path):
         ["--api", "oip", "--payload", "tensor"],
         ["--api", "oip", "--payload", "tensor", "--datatype", "UINT8"],
         ["--api", "oip", "--rate", "50"],
+        ["--api", "oip", "--payload", "tensor", "--datatype", "UINT8", "--batch-size", "8"],
+        ["--api", "oip", "--batch-size", "3"],
     ],
 )
 def test_a_short_run_against_the_real_server_reports_consistent_counts(served, tmp_path, flags):
@@ -62,7 +65,27 @@ def test_a_short_run_against_the_real_server_reports_consistent_counts(served, t
     assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"] <= report["latency_ms"]["max"]
     assert 0 < report["client_cpu_fraction"]
     assert "req/s" in result.stdout and "latency ms: p50" in result.stdout
-    assert report["config"]["datatype"] == (flags[-1] if "--datatype" in flags else "FP32")
+    assert report["config"]["datatype"] == ("UINT8" if "UINT8" in flags else "FP32")
+    batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 1
+    assert report["images_per_s"] == pytest.approx(batch * report["requests_per_s"], rel=0.01)
+
+
+@pytest.mark.integration
+def test_a_batch_larger_than_the_servers_maximum_is_counted_as_invalid_argument(served, tmp_path):
+    out = tmp_path / "report.json"
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "convray"), "bench", "--server", served.address, "--api", "oip",
+         "--batch-size", "1000", "--requests", "5", "--warmup", "0", "--json", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert result.returncode == 1
+    assert report["ok"] == 0 and report["errors"] == {"INVALID_ARGUMENT": 5}
+
+
+def test_batches_need_the_oip_api():
+    with pytest.raises(ValueError, match="one image per request; use --api oip"):
+        asyncio.run(build_payloads(BenchConfig(api="native", batch_size=4), channel=None))
 
 
 @pytest.mark.integration
