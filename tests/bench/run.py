@@ -334,19 +334,14 @@ def select(points: list[dict], **match: object) -> list[dict]:
     return [p for p in points if all(p.get(k) == v for k, v in match.items())]
 
 
+def value(point: dict, key: str) -> float:
+    """A point's ``key``; ``img_per_s`` falls back to req/s for results from before images per request varied."""
+    return point.get("img_per_s", point["req_per_s"]) if key == "img_per_s" else point[key]
+
+
 def median_of(points: list[dict], key: str, **match: object) -> float:
-    values = [p[key] for p in select(points, **match)]
+    values = [value(p, key) for p in select(points, **match)]
     return statistics.median(values) if values else float("nan")
-
-
-def median_images_per_s(points: list[dict], **match: object) -> float:
-    values = [images_per_s(p) for p in select(points, **match)]
-    return statistics.median(values) if values else float("nan")
-
-
-def images_per_s(point: dict) -> float:
-    """A point's images per second (older results, one image per request, have req/s only)."""
-    return point.get("img_per_s", point["req_per_s"])
 
 
 def ratio(points: list[dict], a: str, b: str, **match: object) -> float:
@@ -354,8 +349,8 @@ def ratio(points: list[dict], a: str, b: str, **match: object) -> float:
     values = []
     for repeat in sorted({p["repeat"] for p in points if "repeat" in p}):
         pa, pb = select(points, target=a, repeat=repeat, **match), select(points, target=b, repeat=repeat, **match)
-        if pa and pb and images_per_s(pb[0]):
-            values.append(images_per_s(pa[0]) / images_per_s(pb[0]))
+        if pa and pb and value(pb[0], "img_per_s"):
+            values.append(value(pa[0], "img_per_s") / value(pb[0], "img_per_s"))
     return statistics.median(values) if values else float("nan")
 
 
@@ -376,9 +371,9 @@ def summary(results: dict) -> str:
         targets = [t for t in ("noop", "ray_serve", *CONVRAY_VARIANTS) if select(points, model=model, target=t)]
         for target in targets:
             cells = [
-                f"{median_images_per_s(points, model=model, target=target, concurrency=1):,.0f}",
+                f"{median_of(points, 'img_per_s', model=model, target=target, concurrency=1):,.0f}",
                 f"{median_of(points, 'p50_ms', model=model, target=target, concurrency=1):.2f}",
-                f"{median_images_per_s(points, model=model, target=target, concurrency=32):,.0f}",
+                f"{median_of(points, 'img_per_s', model=model, target=target, concurrency=32):,.0f}",
                 f"{median_of(points, 'p50_ms', model=model, target=target, concurrency=32):.1f}",
             ]
             lines.append(f"| {target} | " + " | ".join(cells) + " |")
@@ -388,12 +383,13 @@ def summary(results: dict) -> str:
                 # A lone single-image request faces the raw model at batch 1; anything else, the raw model at batch 32.
                 single = c == 1 and results.get("batch_size", 1) == 1
                 raw_rate = raw["batch1_img_per_s"] if single else raw["batch32_img_per_s"]
-                ours = median_images_per_s(points, model=model, target=ours_target, concurrency=c)
+                ours = median_of(points, "img_per_s", model=model, target=ours_target, concurrency=c)
                 vs_serve = ratio(points, ours_target, "ray_serve", model=model, concurrency=c)
+                serve = f"/ Ray Serve = {vs_serve:.2f}x, " if "ray_serve" in targets else ""
                 floor_p50 = median_of(points, "p50_ms", model=model, target="noop", concurrency=c)
                 our_p50 = median_of(points, "p50_ms", model=model, target=ours_target, concurrency=c)
                 lines.append(
-                    f"- {ours_target}, c={c}: / Ray Serve = {vs_serve:.2f}x, "
+                    f"- {ours_target}, c={c}: {serve}"
                     f"/ no-op floor = {ratio(points, ours_target, 'noop', model=model, concurrency=c):.2f}x "
                     f"(p50 {our_p50 - floor_p50:+.2f} ms vs the floor), / raw model = {ours / raw_rate:.2f}x"
                 )
