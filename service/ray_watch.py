@@ -30,7 +30,7 @@ import grpc
 
 from convray.oip import inference_pb2 as oip
 from convray.service.metrics import Metrics
-from convray.service.rpc import HandlerCache, handler_like, replies
+from convray.service.rpc import CANCELLED_AS_UNAVAILABLE, HandlerCache, handler_like, replies
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class RayGate(grpc.aio.ServerInterceptor):
         in_flight = [task for task in self._calls if not task.done()]
         for task in in_flight:
             self._failing.add(task)
-            task.cancel()
+            task.cancel(msg=CANCELLED_AS_UNAVAILABLE)  # counted UNAVAILABLE by the servicer's RpcObserver
         return len(in_flight)
 
     def open(self) -> None:

@@ -30,10 +30,25 @@ CALLER_CODES = frozenset(
 Request = TypeVar("Request")
 Reply = TypeVar("Reply")
 
+CANCELLED_AS_UNAVAILABLE = "convray: the server lost something this call needs"
+"""The message a handler is cancelled with when the server ends the call, not its client (``RayGate`` on losing
+Ray): the call is answered, and counted, UNAVAILABLE rather than CANCELLED."""
 # Requests of one stream being processed at once; past it, reading the stream waits (backpressure).
 STREAM_WINDOW = 256
 # Label combinations whose metric children each RpcObserver keeps at hand.
 CACHED_LABELS = 1024
+
+
+def cancelled_code(cancelled: asyncio.CancelledError, context: grpc.aio.ServicerContext | None) -> grpc.StatusCode:
+    """The status a cancelled call or stream item is counted under.
+
+    UNAVAILABLE when the server ended it (``CANCELLED_AS_UNAVAILABLE``), DEADLINE_EXCEEDED when its deadline
+    had passed, else CANCELLED (its client went away).
+    """
+    if cancelled.args and cancelled.args[0] == CANCELLED_AS_UNAVAILABLE:
+        return grpc.StatusCode.UNAVAILABLE
+    remaining = context.time_remaining() if context is not None else None
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -96,12 +111,10 @@ class RpcObserver:
         model_label = self._begin(model)
         try:
             return await work()
-        except asyncio.CancelledError:
-            # gRPC cancels the handler when the client goes away or its deadline passes; a queued
-            # request then leaves the batcher's queue unrun.
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+        except asyncio.CancelledError as cancelled:
+            # gRPC cancels the handler when the client goes away or its deadline passes (a queued request then
+            # leaves the batcher's queue unrun); the RayGate cancels it when Ray is lost.
+            code = cancelled_code(cancelled, context)
             raise
         except Exception as exc:  # noqa: BLE001 (mapped onto a status just below)
             code, message, failure = *to_status(exc), exc
@@ -119,6 +132,9 @@ class RpcObserver:
         model_label = self._begin(model)
         try:
             return await work()
+        except asyncio.CancelledError as cancelled:  # the stream ended under it (client gone, Ray lost)
+            code = cancelled_code(cancelled, None)
+            raise
         except Exception as exc:  # noqa: BLE001 (answered as this item's error)
             code, message, failure = *to_status(exc), exc
             self._log(rpc, exc, code, message)

@@ -106,6 +106,18 @@ def ray_connected(metrics_port: int) -> float:
     return float(lines[0].split()[1])
 
 
+def classify_codes(metrics_port: int) -> dict[str, float]:
+    """convray_requests_total for native Classify, by status code."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+        lines = reply.read().decode().splitlines()
+    prefix = 'convray_requests_total{api="native",code="'
+    return {
+        line[len(prefix) :].split('"')[0]: float(line.split()[-1])
+        for line in lines
+        if line.startswith(prefix) and 'rpc="Classify"' in line
+    }
+
+
 def test_ray_lost_after_start_is_reported_fails_calls_fast_and_is_rejoined_when_ray_returns(model_repo):
     _, held_out = load_digits_split()
     png = digit_png(held_out.images[0])
@@ -138,6 +150,8 @@ def test_ray_lost_after_start_is_reported_fails_calls_fast_and_is_rejoined_when_
             in_flight_s = time.monotonic() - lost_at
             assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
             assert in_flight_s < 15  # answered when the loss was noticed, not at its 30 s deadline
+            codes = classify_codes(metrics_port)  # counted as answered: UNAVAILABLE, not CANCELLED
+            assert codes.get("UNAVAILABLE") == 1 and "CANCELLED" not in codes, codes
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Classify(pb.ClassifyRequest(image=png), timeout=10)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
+import pytest
 from prometheus_client import CollectorRegistry
 
 from convray.service.errors import InvalidInput, ModelNotReady
 from convray.service.metrics import Metrics
-from convray.service.rpc import HandlerCache, RpcObserver
+from convray.service.rpc import CANCELLED_AS_UNAVAILABLE, HandlerCache, RpcObserver
 
 
 async def _echo(request: object, context: object) -> object:
@@ -75,3 +77,63 @@ async def test_a_callers_error_is_logged_at_debug_and_a_server_side_one_at_warni
         "ModelInfer failed: INVALID_ARGUMENT bad pixels": logging.DEBUG,
         "ModelInfer failed: UNAVAILABLE draining": logging.WARNING,
     }
+
+
+class _Context:
+    """The one thing ``RpcObserver.unary`` asks of a cancelled call's context."""
+
+    def __init__(self, time_remaining: float | None) -> None:
+        self._remaining = time_remaining
+
+    def time_remaining(self) -> float | None:
+        return self._remaining
+
+
+@pytest.mark.parametrize(
+    "message,remaining,code",
+    [
+        (CANCELLED_AS_UNAVAILABLE, 10.0, "UNAVAILABLE"),  # the RayGate failing it: Ray was lost
+        (None, 10.0, "CANCELLED"),  # its client went away
+        (None, 0.0, "DEADLINE_EXCEEDED"),  # gRPC cancelled it at its deadline
+    ],
+)
+async def test_a_cancelled_call_is_counted_under_who_ended_it(message, remaining, code):
+    registry = CollectorRegistry()
+    observer = RpcObserver("native", Metrics(registry), lambda name: name)
+    started = asyncio.Event()
+
+    async def waits() -> str:
+        started.set()
+        await asyncio.sleep(60)
+        return "never"
+
+    call = asyncio.create_task(observer.unary("Classify", "digits", waits, _Context(remaining)))
+    await started.wait()
+    call.cancel(msg=message)
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    labels = {"api": "native", "rpc": "Classify", "model": "digits"}
+    assert registry.get_sample_value("convray_requests_total", {**labels, "code": code}) == 1
+    assert registry.get_sample_value("convray_requests_total", {**labels, "code": "OK"}) is None
+
+
+async def test_a_stream_item_cut_off_by_its_stream_ending_is_counted_cancelled_not_ok():
+    registry = CollectorRegistry()
+    observer = RpcObserver("oip", Metrics(registry), lambda name: name)
+    started = asyncio.Event()
+
+    async def waits() -> str:
+        started.set()
+        await asyncio.sleep(60)
+        return "never"
+
+    item = asyncio.create_task(observer.item("ModelStreamInfer", "digits", waits))
+    await started.wait()
+    item.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await item
+
+    labels = {"api": "oip", "rpc": "ModelStreamInfer", "model": "digits"}
+    assert registry.get_sample_value("convray_requests_total", {**labels, "code": "CANCELLED"}) == 1
+    assert registry.get_sample_value("convray_requests_total", {**labels, "code": "OK"}) is None
