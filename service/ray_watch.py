@@ -46,6 +46,8 @@ NEEDS_RAY = frozenset(
         "/inference.GRPCInferenceService/RepositoryModelUnload",
     }
 )
+# The API label of convray_requests_total, by service (as RpcObserver sets it).
+_APIS = {"convray.v1.Classifier": "native", "inference.GRPCInferenceService": "oip"}
 # OIP readiness RPCs: answered "not ready" while Ray is lost.
 READINESS = {
     "/inference.GRPCInferenceService/ServerReady": oip.ServerReadyResponse,
@@ -56,8 +58,10 @@ READINESS = {
 class RayGate(grpc.aio.ServerInterceptor):
     """Refuses, and fails in flight, the RPCs that need Ray while the Ray cluster is lost."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, model_label: Callable[[str], str]) -> None:
+        """``model_label`` maps the model a request names to its metrics label (``ModelRegistry.metric_label``)."""
         self._metrics = metrics
+        self._model_label = model_label
         self._reason: str | None = None
         self._calls: set[asyncio.Task[Any]] = set()
         self._failing: set[asyncio.Task[Any]] = set()
@@ -92,6 +96,14 @@ class RayGate(grpc.aio.ServerInterceptor):
         self._metrics.ray_unavailable.inc()
         await context.abort(grpc.StatusCode.UNAVAILABLE, self.message())
 
+    def _count_refused(self, method: tuple[str, str], request: Any) -> None:
+        """Count a call refused before its handler ran in convray_requests_total, as its handler would have."""
+        model = getattr(request, "model", None)
+        if model is None:
+            model = getattr(request, "model_name", "")
+        label = self._model_label(model if isinstance(model, str) else "")  # a stream's requests are not read here
+        self._metrics.requests.labels(*method, label, grpc.StatusCode.UNAVAILABLE.name).inc()
+
     async def _failed_in_flight(self, task: asyncio.Task[Any], context: grpc.aio.ServicerContext) -> None:
         """The gate cancelled this call (not the client): answer UNAVAILABLE instead of CANCELLED."""
         self._failing.discard(task)
@@ -114,9 +126,11 @@ class RayGate(grpc.aio.ServerInterceptor):
             return self._readiness(handler, READINESS[method])
         if method not in NEEDS_RAY:
             return handler
+        service, _, rpc = method.strip("/").partition("/")
+        api_and_rpc = (_APIS.get(service, service), rpc)
         if handler.response_streaming:
-            return self._streaming(handler)
-        return self._unary_reply(handler)
+            return self._streaming(handler, api_and_rpc)
+        return self._unary_reply(handler, api_and_rpc)
 
     def _readiness(self, handler: grpc.RpcMethodHandler, reply: Any) -> grpc.RpcMethodHandler:
         behaviour = handler.unary_unary
@@ -126,24 +140,20 @@ class RayGate(grpc.aio.ServerInterceptor):
 
         return handler_like(handler, ready)
 
-    def _gate(self, context: grpc.aio.ServicerContext) -> _GatedCall:
-        """Refuse the call while Ray is lost; else track it, so losing Ray fails it with UNAVAILABLE."""
-        return _GatedCall(self, context)
-
-    def _unary_reply(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _unary_reply(self, handler: grpc.RpcMethodHandler, method: tuple[str, str]) -> grpc.RpcMethodHandler:
         behaviour = handler.unary_unary if not handler.request_streaming else handler.stream_unary
 
         async def gated(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._gate(context):
+            async with _GatedCall(self, context, method, request):
                 return await behaviour(request, context)
 
         return handler_like(handler, gated)
 
-    def _streaming(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _streaming(self, handler: grpc.RpcMethodHandler, method: tuple[str, str]) -> grpc.RpcMethodHandler:
         behaviour = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
         async def gated(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with self._gate(context):
+            async with _GatedCall(self, context, method, request):
                 async for reply in replies(behaviour(request, context)):
                     yield reply
 
@@ -151,16 +161,21 @@ class RayGate(grpc.aio.ServerInterceptor):
 
 
 class _GatedCall:
-    """``async with`` one call through a ``RayGate`` (a class, not a generator: it runs once per request)."""
+    """``async with`` one call through a ``RayGate``: refused while Ray is lost, else tracked.
 
-    __slots__ = ("_gate", "_context", "_task")
+    Tracked, so that losing Ray fails it with UNAVAILABLE. A class, not a generator: it runs once per request.
+    """
 
-    def __init__(self, gate: RayGate, context: grpc.aio.ServicerContext) -> None:
-        self._gate, self._context = gate, context
+    __slots__ = ("_gate", "_context", "_method", "_request", "_task")
+
+    def __init__(self, gate: RayGate, context: grpc.aio.ServicerContext, method: tuple[str, str], request: Any) -> None:
+        """``method`` is the call's (api, rpc) metric labels; ``request`` its message (or a stream's iterator)."""
+        self._gate, self._context, self._method, self._request = gate, context, method, request
         self._task: asyncio.Task[Any] | None = None
 
     async def __aenter__(self) -> None:
         if self._gate.lost:
+            self._gate._count_refused(self._method, self._request)
             await self._gate._refuse(self._context)
         self._task = asyncio.current_task()
         assert self._task is not None

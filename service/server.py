@@ -121,7 +121,7 @@ class ConvrayServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [MalformedMessageInterceptor()]
         if security.auth_token_file is not None:
             interceptors.append(BearerTokenInterceptor(read_token(security.auth_token_file)))
-        self.ray_gate = RayGate(self.metrics)
+        self.ray_gate = RayGate(self.metrics, self.registry.metric_label)
         interceptors.append(self.ray_gate)  # innermost: an unauthenticated call is refused as such first
         self._credentials = server_credentials(security)
         self._server = grpc.aio.server(

@@ -160,6 +160,7 @@ def test_ray_lost_after_start_is_reported_fails_calls_fast_and_is_rejoined_when_
             assert "Ray cluster this server uses is unreachable" in refused.value.details()
             assert "retry on another server" in refused.value.details()
             assert refused_s < 1.0
+            assert classify_codes(metrics_port).get("UNAVAILABLE") == 2  # refused at the gate, counted all the same
             for service in ("convray.v1.Classifier", "inference.GRPCInferenceService"):
                 assert health(channel, service) == NOT_SERVING
             assert health(channel, "liveness") == SERVING  # the process is fine: no restart needed yet

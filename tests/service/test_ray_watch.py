@@ -2,7 +2,14 @@
 
 import asyncio
 
-from convray.service.ray_watch import RayWatchdog
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from convray.oip import inference_pb2 as oip
+from convray.service.metrics import Metrics
+from convray.service.ray_watch import RayGate, RayWatchdog
+from convray.v1 import classifier_pb2 as pb
 from convray.workers.cluster import RayClusterReplaced
 
 
@@ -81,3 +88,44 @@ def test_still_lost_after_lost_exit_s_gives_up():
     asyncio.run(scenario())
     assert [e[0] for e in script.events][0] == "lost"
     assert not any(e[0] == "back" for e in script.events)
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """What the gate asks of a refused call's context: abort it (grpc.aio raises to end the handler)."""
+
+    def __init__(self):
+        self.aborted = None
+
+    async def abort(self, code, details):
+        self.aborted = (code, details)
+        raise _Aborted
+
+
+async def test_a_call_refused_while_ray_is_lost_is_counted_unavailable_under_its_api_rpc_and_model():
+    registry = CollectorRegistry()
+    gate = RayGate(Metrics(registry), lambda name: name or "digits")
+    ran = []
+
+    async def handler(request, context):
+        ran.append(request)
+
+    infer = gate._wrap("/inference.GRPCInferenceService/ModelInfer", grpc.unary_unary_rpc_method_handler(handler))
+    classify = gate._wrap("/convray.v1.Classifier/Classify", grpc.unary_unary_rpc_method_handler(handler))
+    gate.close("GCS did not answer")
+    for wrapped, request in [(infer, oip.ModelInferRequest(model_name="digits")), (classify, pb.ClassifyRequest())]:
+        context = _Context()
+        with pytest.raises(_Aborted):
+            await wrapped.unary_unary(request, context)
+        assert context.aborted[0] == grpc.StatusCode.UNAVAILABLE
+
+    def count(api, rpc):
+        labels = {"api": api, "rpc": rpc, "model": "digits", "code": "UNAVAILABLE"}
+        return registry.get_sample_value("convray_requests_total", labels)
+
+    assert ran == []
+    assert count("oip", "ModelInfer") == 1 and count("native", "Classify") == 1
+    assert registry.get_sample_value("convray_ray_unavailable_requests_total") == 2
