@@ -4,6 +4,8 @@ Closed loop (``concurrency`` callers, each sending its next request when the las
 open loop (``rate_per_s`` requests started on a fixed schedule, whatever the answers). Requests are
 serialised once up front and sent as raw bytes over one grpc.aio channel, so the client spends its
 time on the wire, not on protobuf; it reports its own CPU use and says when it was the bottleneck.
+With ``processes`` > 1 the load is split over that many client processes (one Python process tops out
+at several thousand requests a second), which start measuring together; their figures are merged.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import multiprocessing
+import queue
 import resource
+import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +52,18 @@ class BenchConfig:
     image_format: str = "PNG"
     channels: int = 1  # of generated images (1 grey, 3 RGB)
     timeout_s: float = 30.0
+    processes: int = 1  # client processes the concurrency (or rate, or request count) is split over
+
+
+@dataclass
+class Measurement:
+    """What one client process measured, before it is merged into a ``BenchReport``."""
+
+    latencies_ms: list[float]  # of successful requests
+    codes: dict[str, int]  # requests by status code name
+    wall_s: float
+    cpu_s: float  # the process's CPU seconds over the same span
+    images_per_request: int
 
 
 @dataclass
@@ -61,7 +78,7 @@ class BenchReport:
     requests_per_s: float
     images_per_s: float
     latency_ms: dict[str, float]
-    client_cpu_fraction: float  # client process CPU seconds per wall second (1.0 = one core busy)
+    client_cpu_fraction: float  # the client processes' CPU seconds per wall second (1.0 = one core busy)
     client_saturated: bool
     notes: list[str] = field(default_factory=list)
 
@@ -146,14 +163,104 @@ async def build_payloads(config: BenchConfig, channel: grpc.aio.Channel) -> tupl
 
 
 async def run(config: BenchConfig) -> BenchReport:
-    """Warm up, then measure for ``duration_s`` (or ``requests``); returns the report."""
+    """Warm up, then measure for ``duration_s`` (or ``requests``); returns the report.
+
+    Raises:
+        ValueError: the configuration cannot be run (the message says why).
+        TimeoutError: no server answered at ``config.server`` within ``timeout_s``.
+    """
     if config.concurrency < 1 and config.rate_per_s is None:
         raise ValueError("concurrency must be >= 1")
+    if config.processes == 1:
+        return report_of(config, [await measure(config)])
+    parts = split_load(config)
+    return report_of(config, await asyncio.get_running_loop().run_in_executor(None, _measure_in_processes, parts))
+
+
+def split_load(config: BenchConfig) -> list[BenchConfig]:
+    """One configuration per client process: the concurrency, rate and request count shared out.
+
+    Raises:
+        ValueError: fewer concurrent requests (or requests) than processes.
+    """
+    n = config.processes
+    if n < 1:
+        raise ValueError(f"processes must be >= 1, got {n}")
+    if config.rate_per_s is None and config.concurrency < n:
+        raise ValueError(f"--concurrency {config.concurrency} cannot be split over {n} processes")
+    if config.requests is not None and config.requests < n:
+        raise ValueError(f"--requests {config.requests} cannot be split over {n} processes")
+
+    def share(total: int, i: int) -> int:
+        return total // n + (1 if i < total % n else 0)
+
+    return [
+        replace(
+            config,
+            processes=1,
+            concurrency=share(config.concurrency, i) if config.rate_per_s is None else config.concurrency,
+            rate_per_s=None if config.rate_per_s is None else config.rate_per_s / n,
+            requests=None if config.requests is None else share(config.requests, i),
+        )
+        for i in range(n)
+    ]
+
+
+def _measure_in_processes(parts: list[BenchConfig]) -> list[Measurement]:
+    """Run ``measure`` in one spawned process per part; they start warming up together."""
+    context = multiprocessing.get_context("spawn")  # not fork: grpc's threads do not survive a fork
+    start = context.Barrier(len(parts))
+    results = context.Queue()
+    children = [context.Process(target=_child, args=(part, start, results), daemon=True) for part in parts]
+    for child in children:
+        child.start()
+    first = parts[0]
+    budget_s = first.warmup_s + (first.duration_s if first.requests is None else 3600.0) + first.timeout_s + 120
+    deadline = time.monotonic() + budget_s
+    measurements: list[Measurement] = []
+    failures: list[tuple[str, str]] = []  # (exception type name, message)
+    try:
+        while len(measurements) + len(failures) < len(children):  # each child reports exactly once
+            try:
+                outcome = results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"client processes did not finish within {budget_s:.0f} s") from None
+            if isinstance(outcome, Measurement):
+                measurements.append(outcome)
+            else:
+                failures.append(outcome)
+    finally:
+        for child in children:
+            if child.is_alive() and len(measurements) + len(failures) < len(children):
+                child.terminate()
+            child.join(5)
+    if failures:
+        # The processes that only saw the start line broken report that; the cause is another's failure.
+        kind, message = next((f for f in failures if f[0] != "BrokenBarrierError"), failures[0])
+        raise {"TimeoutError": TimeoutError, "ValueError": ValueError, "OSError": OSError}.get(kind, RuntimeError)(
+            message
+        )
+    return measurements
+
+
+def _child(config: BenchConfig, start: threading.Barrier, results: multiprocessing.Queue) -> None:
+    """A client process: measure, put the ``Measurement`` (or the error's type and message) on ``results``."""
+    try:
+        results.put(asyncio.run(measure(config, start)))
+    except BaseException as exc:  # noqa: BLE001 (reported to the parent, which raises it)
+        start.abort()  # the others must not wait for this one at the start line
+        results.put((type(exc).__name__, str(exc) or type(exc).__name__))
+
+
+async def measure(config: BenchConfig, start: threading.Barrier | None = None) -> Measurement:
+    """One process's run: connect, warm up, measure. ``start``, when given, is waited at before warming up."""
     async with grpc.aio.insecure_channel(
         config.server, options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
     ) as channel:
         await asyncio.wait_for(channel.channel_ready(), timeout=config.timeout_s)
         method, payloads, images_per_request = await build_payloads(config, channel)
+        if start is not None:
+            start.wait(timeout=config.timeout_s + 60)  # nothing else runs on this loop yet: blocking is fine
         call = channel.unary_unary(method)  # bytes in, bytes out: no (de)serialisation on the client
         latencies: list[float] = []
         codes: Counter[str] = Counter()
@@ -209,22 +316,34 @@ async def run(config: BenchConfig) -> BenchReport:
         cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
         await phase(config.duration_s if config.requests is None else 3600.0)
         wall = time.perf_counter() - wall_start
-        cpu_fraction = (_cpu_seconds() - cpu_start) / wall
+        cpu = _cpu_seconds() - cpu_start
+    return Measurement(latencies, dict(codes), wall, cpu, images_per_request)
+
+
+def report_of(config: BenchConfig, measurements: list[Measurement]) -> BenchReport:
+    """One report from the client processes' measurements (rates add up; latencies pool)."""
+    codes: Counter[str] = Counter()
+    for m in measurements:
+        codes.update(m.codes)
     ok = codes.get("OK", 0)
+    wall = max(m.wall_s for m in measurements)
+    requests_per_s = sum(m.codes.get("OK", 0) / m.wall_s for m in measurements)
+    busiest = max(m.cpu_s / m.wall_s for m in measurements)
     notes = []
-    if cpu_fraction > 0.9:
-        notes.append("the client used over 90% of a core: it may have been the bottleneck")
+    if busiest > 0.9:
+        many = " (add --processes)" if len(measurements) == 1 else " (add more --processes)"
+        notes.append(f"a client process used over 90% of a core: it may have been the bottleneck{many}")
     return BenchReport(
         config={k: v for k, v in asdict(config).items()},
         requests=sum(codes.values()),
         ok=ok,
         errors={k: v for k, v in sorted(codes.items()) if k != "OK"},
         duration_s=round(wall, 3),
-        requests_per_s=round(ok / wall, 1),
-        images_per_s=round(ok * images_per_request / wall, 1),
-        latency_ms=percentiles(latencies),
-        client_cpu_fraction=round(cpu_fraction, 3),
-        client_saturated=cpu_fraction > 0.9,
+        requests_per_s=round(requests_per_s, 1),
+        images_per_s=round(requests_per_s * measurements[0].images_per_request, 1),
+        latency_ms=percentiles([latency for m in measurements for latency in m.latencies_ms]),
+        client_cpu_fraction=round(sum(m.cpu_s for m in measurements) / wall, 3),
+        client_saturated=busiest > 0.9,
         notes=notes,
     )
 
@@ -247,6 +366,8 @@ def format_report(report: BenchReport) -> str:
         payload = f"tensor {report.config['datatype']}"
     if report.config["batch_size"] != 1:
         payload += f", {report.config['batch_size']} images per request"
+    if report.config["processes"] != 1:
+        mode += f" over {report.config['processes']} client processes"
     lines = [
         f"{report.config['api']} {payload} -> {report.config['server']} model {report.config['model']}, {mode}",
         f"  {report.ok} OK of {report.requests} in {report.duration_s:.1f} s: {report.requests_per_s:,.1f} req/s, "

@@ -221,7 +221,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, concurrency=args.concurrency, rate_per_s=args.rate, duration_s=args.duration,
         requests=args.requests, warmup_s=args.warmup, images=args.images,
         image_size=(int(width), int(height or width)), image_format=args.image_format.upper(),
-        channels=args.channels, timeout_s=args.timeout,
+        channels=args.channels, timeout_s=args.timeout, processes=args.processes,
     )  # fmt: skip
     try:
         report = asyncio.run(run(config))
@@ -274,6 +274,8 @@ def add_client_commands(commands: Any) -> None:
                        help="images per request (--api oip; at most the server's --max-batch-size)")  # fmt: skip
     bench.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight")
     bench.add_argument("--rate", type=float, default=None, help="open loop instead: requests started per second")
+    bench.add_argument("--processes", type=int, default=1,
+                       help="client processes to split the load over, when one is not enough")  # fmt: skip
     bench.add_argument("--duration", type=float, default=10.0, help="seconds to measure")
     bench.add_argument("--requests", type=int, default=None, help="measure this many requests instead")
     bench.add_argument("--warmup", type=float, default=2.0, help="seconds sent before measuring")

@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from convray.service.bench import BenchConfig, build_payloads, load_images, percentiles
+from convray.service.bench import (
+    BenchConfig,
+    Measurement,
+    build_payloads,
+    load_images,
+    percentiles,
+    report_of,
+    split_load,
+)
+from tests.e2e.test_cli import free_port
 
 
 def test_percentiles_interpolate_like_numpy():
@@ -48,6 +57,7 @@ def test_an_empty_image_folder_is_a_clear_error(tmp_path):
         ["--api", "oip", "--rate", "50"],
         ["--api", "oip", "--payload", "tensor", "--datatype", "UINT8", "--batch-size", "8"],
         ["--api", "oip", "--batch-size", "3"],
+        ["--api", "oip", "--payload", "tensor", "--processes", "2"],
     ],
 )
 def test_a_short_run_against_the_real_server_reports_consistent_counts(served, tmp_path, flags):
@@ -99,3 +109,35 @@ def test_errors_are_counted_by_code(served, tmp_path):
     report = json.loads(out.read_text())
     assert result.returncode == 1
     assert report["ok"] == 0 and report["errors"] == {"NOT_FOUND": 20}
+
+
+def test_the_load_is_shared_out_over_client_processes():
+    parts = split_load(BenchConfig(concurrency=5, requests=11, processes=2))
+    assert [(p.concurrency, p.requests, p.processes) for p in parts] == [(3, 6, 1), (2, 5, 1)]
+    (one,) = split_load(BenchConfig(concurrency=5, processes=1))
+    assert one.concurrency == 5
+    assert [p.rate_per_s for p in split_load(BenchConfig(rate_per_s=90.0, processes=3))] == [30.0, 30.0, 30.0]
+    with pytest.raises(ValueError, match="--concurrency 2 cannot be split over 4 processes"):
+        split_load(BenchConfig(concurrency=2, processes=4))
+
+
+def test_client_processes_measurements_merge_into_one_report():
+    first = Measurement([1.0, 2.0], {"OK": 2, "UNAVAILABLE": 1}, wall_s=2.0, cpu_s=1.9, images_per_request=4)
+    second = Measurement([3.0], {"OK": 1}, wall_s=1.0, cpu_s=0.2, images_per_request=4)
+    report = report_of(BenchConfig(processes=2), [first, second])
+    assert (report.requests, report.ok, report.errors) == (4, 3, {"UNAVAILABLE": 1})
+    assert report.requests_per_s == 2.0  # each process's rate over its own span, added: 2/2 + 1/1
+    assert report.images_per_s == 8.0
+    assert report.latency_ms["max"] == 3.0 and report.latency_ms["p50"] == 2.0
+    assert report.client_cpu_fraction == pytest.approx(2.1 / 2.0)
+    assert report.client_saturated and "add more --processes" in report.notes[0]  # the first used 95% of a core
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_no_server_is_a_clear_error_whatever_the_client_processes(processes):
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "convray"), "bench", "--server", f"127.0.0.1:{free_port()}",
+         "--timeout", "1", "--concurrency", "2", "--processes", processes],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 3 and "cannot reach a server at 127.0.0.1:" in result.stderr, result.stderr
