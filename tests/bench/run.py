@@ -188,7 +188,14 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def bench(
-    port: int, model: str, concurrency: int, seconds: float, warmup: float, datatype: str, batch_size: int = 1
+    port: int,
+    model: str,
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    datatype: str,
+    batch_size: int = 1,
+    processes: int = 1,
 ) -> dict:
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     subprocess.run(
@@ -205,6 +212,8 @@ def bench(
             datatype,
             "--batch-size",
             str(batch_size),
+            "--processes",
+            str(processes if concurrency >= processes else 1),
             "--model",
             model,
             "--concurrency",
@@ -245,6 +254,12 @@ def main() -> None:
     parser.add_argument(
         "--batch-size", type=int, default=1, help="images per request (the Ray Serve baseline takes one only)"
     )
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="convray bench processes per point at c=32 (where one saturates, e.g. on a many-core GPU node)",
+    )
     parser.add_argument("--logs", default=None, help="folder for each server's output (default: a temporary one)")
     args = parser.parse_args()
     if args.batch_size != 1 and "ray_serve" in args.targets.split(","):
@@ -265,6 +280,7 @@ def main() -> None:
         },
         "datatype": args.datatype,
         "batch_size": args.batch_size,
+        "client_processes": args.client_processes,
         "points": [],
         "failures": [],
     }
@@ -306,7 +322,14 @@ def main() -> None:
                         continue
                     for concurrency in (1, 32):
                         report = bench(
-                            port, model, concurrency, args.seconds, args.warmup, args.datatype, args.batch_size
+                            port,
+                            model,
+                            concurrency,
+                            args.seconds,
+                            args.warmup,
+                            args.datatype,
+                            args.batch_size,
+                            args.client_processes,
                         )
                         point = {
                             "model": model,
