@@ -47,6 +47,16 @@ def test_an_empty_image_folder_is_a_clear_error(tmp_path):
         load_images(BenchConfig(images=str(tmp_path)))
 
 
+def run_bench(*args: str, out: Path | None = None) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """``convray bench ARGS`` in its own process; its output, and its JSON report when ``out`` is given."""
+    json_flags = ["--json", str(out)] if out else []
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "convray"), "bench", *args, *json_flags],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    return result, json.loads(out.read_text()) if out and out.exists() else None
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize(
     "flags",
@@ -61,14 +71,11 @@ def test_an_empty_image_folder_is_a_clear_error(tmp_path):
     ],
 )
 def test_a_short_run_against_the_real_server_reports_consistent_counts(served, tmp_path, flags):
-    out = tmp_path / "report.json"
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "convray"), "bench", "--server", served.address, "--duration", "1.5",
-         "--warmup", "0.3", "--concurrency", "4", "--json", str(out), *flags],
-        capture_output=True, text=True, timeout=120,
+    result, report = run_bench(
+        "--server", served.address, "--duration", "1.5", "--warmup", "0.3", "--concurrency", "4", *flags,
+        out=tmp_path / "report.json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    report = json.loads(out.read_text())
     assert report["ok"] > 0 and report["errors"] == {} and report["requests"] == report["ok"]
     assert report["requests_per_s"] == pytest.approx(report["ok"] / report["duration_s"], rel=0.01)
     assert set(report["latency_ms"]) == {"p50", "p90", "p99", "max", "mean"}
@@ -82,13 +89,10 @@ def test_a_short_run_against_the_real_server_reports_consistent_counts(served, t
 
 @pytest.mark.integration
 def test_a_batch_larger_than_the_servers_maximum_is_counted_as_invalid_argument(served, tmp_path):
-    out = tmp_path / "report.json"
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "convray"), "bench", "--server", served.address, "--api", "oip",
-         "--batch-size", "1000", "--requests", "5", "--warmup", "0", "--json", str(out)],
-        capture_output=True, text=True, timeout=120,
+    result, report = run_bench(
+        "--server", served.address, "--api", "oip", "--batch-size", "1000", "--requests", "5", "--warmup", "0",
+        out=tmp_path / "report.json",
     )  # fmt: skip
-    report = json.loads(out.read_text())
     assert result.returncode == 1
     assert report["ok"] == 0 and report["errors"] == {"INVALID_ARGUMENT": 5}
 
@@ -100,13 +104,10 @@ def test_batches_need_the_oip_api():
 
 @pytest.mark.integration
 def test_errors_are_counted_by_code(served, tmp_path):
-    out = tmp_path / "report.json"
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "convray"), "bench", "--server", served.address, "--model", "nope",
-         "--requests", "20", "--warmup", "0", "--json", str(out)],
-        capture_output=True, text=True, timeout=120,
+    result, report = run_bench(
+        "--server", served.address, "--model", "nope", "--requests", "20", "--warmup", "0",
+        out=tmp_path / "report.json",
     )  # fmt: skip
-    report = json.loads(out.read_text())
     assert result.returncode == 1
     assert report["ok"] == 0 and report["errors"] == {"NOT_FOUND": 20}
 
@@ -135,9 +136,7 @@ def test_client_processes_measurements_merge_into_one_report():
 
 @pytest.mark.parametrize("processes", ["1", "2"])
 def test_no_server_is_a_clear_error_whatever_the_client_processes(processes):
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "convray"), "bench", "--server", f"127.0.0.1:{free_port()}",
-         "--timeout", "1", "--concurrency", "2", "--processes", processes],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    result, _ = run_bench(
+        "--server", f"127.0.0.1:{free_port()}", "--timeout", "1", "--concurrency", "2", "--processes", processes
+    )
     assert result.returncode == 3 and "cannot reach a server at 127.0.0.1:" in result.stderr, result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
@@ -89,6 +90,22 @@ class _Context:
         return self._remaining
 
 
+async def _cancelled_midway(start: Callable[[Callable[[], Awaitable[str]]], Awaitable[object]], message=None):
+    """Start a call whose work waits forever, cancel it (with ``message``) once the work runs, see it end."""
+    started = asyncio.Event()
+
+    async def waits() -> str:
+        started.set()
+        await asyncio.sleep(60)
+        return "never"
+
+    call = asyncio.create_task(start(waits))
+    await started.wait()
+    call.cancel(msg=message)
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+
 @pytest.mark.parametrize(
     "message,remaining,code",
     [
@@ -100,18 +117,7 @@ class _Context:
 async def test_a_cancelled_call_is_counted_under_who_ended_it(message, remaining, code):
     registry = CollectorRegistry()
     observer = RpcObserver("native", Metrics(registry), lambda name: name)
-    started = asyncio.Event()
-
-    async def waits() -> str:
-        started.set()
-        await asyncio.sleep(60)
-        return "never"
-
-    call = asyncio.create_task(observer.unary("Classify", "digits", waits, _Context(remaining)))
-    await started.wait()
-    call.cancel(msg=message)
-    with pytest.raises(asyncio.CancelledError):
-        await call
+    await _cancelled_midway(lambda work: observer.unary("Classify", "digits", work, _Context(remaining)), message)
 
     labels = {"api": "native", "rpc": "Classify", "model": "digits"}
     assert registry.get_sample_value("convray_requests_total", {**labels, "code": code}) == 1
@@ -121,18 +127,7 @@ async def test_a_cancelled_call_is_counted_under_who_ended_it(message, remaining
 async def test_a_stream_item_cut_off_by_its_stream_ending_is_counted_cancelled_not_ok():
     registry = CollectorRegistry()
     observer = RpcObserver("oip", Metrics(registry), lambda name: name)
-    started = asyncio.Event()
-
-    async def waits() -> str:
-        started.set()
-        await asyncio.sleep(60)
-        return "never"
-
-    item = asyncio.create_task(observer.item("ModelStreamInfer", "digits", waits))
-    await started.wait()
-    item.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await item
+    await _cancelled_midway(lambda work: observer.item("ModelStreamInfer", "digits", work))
 
     labels = {"api": "oip", "rpc": "ModelStreamInfer", "model": "digits"}
     assert registry.get_sample_value("convray_requests_total", {**labels, "code": "CANCELLED"}) == 1
