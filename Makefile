@@ -49,11 +49,12 @@ bench: install
 	$(PY) tests/bench/run.py
 
 # The same on a GPU machine: each server's replica and the raw model on the GPU, plus convray with bf16.
+# Four client processes per c=32 point: one saturated against the no-op server on a 16-core H200 node.
 # Needs a CUDA build of torch in a fresh .venv: make bench-gpu TORCH='torch==2.13.0 --index-url <PyTorch's CUDA wheel index>'
 bench-gpu: install
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) tests/bench/run.py --gpus 1 --targets noop,ray_serve,convray,convray_bf16 --variants-on resnet_style \
-		--out docs/benchmark-results-gpu.json
+		--client-processes 4 --out docs/benchmark-results-gpu.json
 
 # Reproduces the shipped default model (models/digits/1) from scikit-learn's digits,
 # published as the next version of `digits` in ./models.
