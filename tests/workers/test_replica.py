@@ -203,3 +203,22 @@ def test_time_a_batch_waits_for_another_on_the_same_model_is_not_counted_as_comp
             assert not waiter.done()
         _, compute_s = waiter.result(timeout=10)
     assert compute_s < 0.1  # the 0.3 s it waited is not in its compute time
+
+
+def test_the_first_batch_cost_probe_runs_on_cpu_and_reports_its_totals():
+    """scripts/first_batch_cost.py, which docs/benchmarks.md quotes for the GPU warm-up, still runs."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "first_batch_cost.py"), "--model-repo", str(SHIPPED_MODELS),
+         "--device", "cpu", "--max-batch", "5"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["device"] == "cpu" and summary["graph"] == "frozen" and summary["warm_up_to"] == 2
+    assert "3: " in result.stdout and "5: " in result.stdout and "6: " not in result.stdout
