@@ -6,6 +6,8 @@ serialised once up front and sent as raw bytes over one grpc.aio channel, so the
 time on the wire, not on protobuf; it reports its own CPU use and says when it was the bottleneck.
 With ``processes`` > 1 the load is split over that many client processes (one Python process tops out
 at several thousand requests a second), which start measuring together; their figures are merged.
+Several servers (``server`` "A,B", e.g. front-end pods addressed directly) share the client processes
+out between them, so a fleet of front ends is measured as one.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 class BenchConfig:
     """What to send, how hard and for how long."""
 
-    server: str = "localhost:50051"
+    server: str = "localhost:50051"  # HOST:PORT, or several separated by commas (one per client process at least)
     api: Literal["native", "oip"] = "native"
     model: str = "digits"
     payload: Literal["image", "tensor"] = "image"  # encoded image bytes, or an OIP pixel tensor
@@ -64,6 +66,7 @@ class Measurement:
     wall_s: float
     cpu_s: float  # the process's CPU seconds over the same span
     images_per_request: int
+    server: str = ""  # the HOST:PORT it drove
 
 
 @dataclass
@@ -81,6 +84,7 @@ class BenchReport:
     client_cpu_fraction: float  # the client processes' CPU seconds per wall second (1.0 = one core busy)
     client_saturated: bool
     notes: list[str] = field(default_factory=list)
+    per_server_requests_per_s: dict[str, float] = field(default_factory=dict)  # successful requests, by server
 
 
 def percentiles(values_ms: list[float]) -> dict[str, float]:
@@ -171,21 +175,32 @@ async def run(config: BenchConfig) -> BenchReport:
     """
     if config.concurrency < 1 and config.rate_per_s is None:
         raise ValueError("concurrency must be >= 1")
-    if config.processes == 1:
+    if config.processes == 1 and len(servers_of(config)) == 1:
         return report_of(config, [await measure(config)])
     parts = split_load(config)
     return report_of(config, await asyncio.get_running_loop().run_in_executor(None, _measure_in_processes, parts))
 
 
+def servers_of(config: BenchConfig) -> list[str]:
+    """The HOST:PORT addresses in ``config.server`` (comma-separated)."""
+    return [server.strip() for server in config.server.split(",") if server.strip()]
+
+
 def split_load(config: BenchConfig) -> list[BenchConfig]:
     """One configuration per client process: the concurrency, rate and request count shared out.
 
+    Several servers are given out round-robin: process i drives server i modulo their number.
+
     Raises:
-        ValueError: fewer concurrent requests (or requests) than processes.
+        ValueError: fewer concurrent requests (or requests) than processes, or fewer processes than servers.
     """
-    n = config.processes
+    n, servers = config.processes, servers_of(config)
     if n < 1:
         raise ValueError(f"processes must be >= 1, got {n}")
+    if not servers:
+        raise ValueError("no server given")
+    if n < len(servers):
+        raise ValueError(f"{len(servers)} servers need at least as many client processes, got --processes {n}")
     if config.rate_per_s is None and config.concurrency < n:
         raise ValueError(f"--concurrency {config.concurrency} cannot be split over {n} processes")
     if config.requests is not None and config.requests < n:
@@ -197,6 +212,7 @@ def split_load(config: BenchConfig) -> list[BenchConfig]:
     return [
         replace(
             config,
+            server=servers[i % len(servers)],
             processes=1,
             concurrency=share(config.concurrency, i) if config.rate_per_s is None else config.concurrency,
             rate_per_s=None if config.rate_per_s is None else config.rate_per_s / n,
@@ -257,7 +273,10 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
     async with grpc.aio.insecure_channel(
         config.server, options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
     ) as channel:
-        await asyncio.wait_for(channel.channel_ready(), timeout=config.timeout_s)
+        try:
+            await asyncio.wait_for(channel.channel_ready(), timeout=config.timeout_s)
+        except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
+            raise TimeoutError(f"cannot reach a server at {config.server} within {config.timeout_s:g} s") from None
         method, payloads, images_per_request = await build_payloads(config, channel)
         if start is not None:
             start.wait(timeout=config.timeout_s + 60)  # nothing else runs on this loop yet: blocking is fine
@@ -317,7 +336,7 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
         await phase(config.duration_s if config.requests is None else 3600.0)
         wall = time.perf_counter() - wall_start
         cpu = _cpu_seconds() - cpu_start
-    return Measurement(latencies, dict(codes), wall, cpu, images_per_request)
+    return Measurement(latencies, dict(codes), wall, cpu, images_per_request, config.server)
 
 
 def report_of(config: BenchConfig, measurements: list[Measurement]) -> BenchReport:
@@ -329,6 +348,9 @@ def report_of(config: BenchConfig, measurements: list[Measurement]) -> BenchRepo
     wall = max(m.wall_s for m in measurements)
     requests_per_s = sum(m.codes.get("OK", 0) / m.wall_s for m in measurements)
     busiest = max(m.cpu_s / m.wall_s for m in measurements)
+    per_server: Counter[str] = Counter()
+    for m in measurements:
+        per_server[m.server] += m.codes.get("OK", 0) / m.wall_s
     notes = []
     if busiest > 0.9:
         many = " (add --processes)" if len(measurements) == 1 else " (add more --processes)"
@@ -345,6 +367,7 @@ def report_of(config: BenchConfig, measurements: list[Measurement]) -> BenchRepo
         client_cpu_fraction=round(sum(m.cpu_s for m in measurements) / wall, 3),
         client_saturated=busiest > 0.9,
         notes=notes,
+        per_server_requests_per_s={server: round(rate, 1) for server, rate in sorted(per_server.items())},
     )
 
 
@@ -375,5 +398,8 @@ def format_report(report: BenchReport) -> str:
         f"  latency ms: p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  max {lat['max']:.2f}",
         f"  errors: {report.errors or 'none'}; client CPU {report.client_cpu_fraction:.0%} of a core",
     ]
+    if len(report.per_server_requests_per_s) > 1:
+        shares = ", ".join(f"{server} {rate:,.1f}" for server, rate in report.per_server_requests_per_s.items())
+        lines.append(f"  req/s by server: {shares}")
     lines += [f"  note: {note}" for note in report.notes]
     return "\n".join(lines)

@@ -221,12 +221,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, concurrency=args.concurrency, rate_per_s=args.rate, duration_s=args.duration,
         requests=args.requests, warmup_s=args.warmup, images=args.images,
         image_size=(int(width), int(height or width)), image_format=args.image_format.upper(),
-        channels=args.channels, timeout_s=args.timeout, processes=args.processes,
+        channels=args.channels, timeout_s=args.timeout,
+        processes=args.processes or max(1, len(args.server.split(","))),
     )  # fmt: skip
     try:
         report = asyncio.run(run(config))
-    except TimeoutError:  # before OSError, its base class
-        print(f"convray bench: cannot reach a server at {args.server}", file=sys.stderr)
+    except TimeoutError as exc:  # before OSError, its base class
+        print(f"convray bench: {exc or f'cannot reach a server at {args.server}'}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except (ValueError, OSError) as exc:
         print(f"convray bench: {exc}", file=sys.stderr)
@@ -263,7 +264,9 @@ def add_client_commands(commands: Any) -> None:
     models.set_defaults(run=cmd_models)
 
     bench = commands.add_parser("bench", help="load-test a server", description=cmd_bench.__doc__)
-    bench.add_argument("--server", default="localhost:50051", help="HOST:PORT of a convray or OIP server")
+    bench.add_argument("--server", default="localhost:50051",
+                       help="HOST:PORT of a convray or OIP server; several, comma-separated, share the load "
+                            "(e.g. front-end pods addressed directly)")  # fmt: skip
     bench.add_argument("--api", default="native", choices=["native", "oip"])
     bench.add_argument("--model", default="digits")
     bench.add_argument("--payload", default="image", choices=["image", "tensor"],
@@ -274,8 +277,9 @@ def add_client_commands(commands: Any) -> None:
                        help="images per request (--api oip; at most the server's --max-batch-size)")  # fmt: skip
     bench.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight")
     bench.add_argument("--rate", type=float, default=None, help="open loop instead: requests started per second")
-    bench.add_argument("--processes", type=int, default=1,
-                       help="client processes to split the load over, when one is not enough")  # fmt: skip
+    bench.add_argument("--processes", type=int, default=None,
+                       help="client processes to split the load over, when one is not enough "
+                            "(default: one per --server)")  # fmt: skip
     bench.add_argument("--duration", type=float, default=10.0, help="seconds to measure")
     bench.add_argument("--requests", type=int, default=None, help="measure this many requests instead")
     bench.add_argument("--warmup", type=float, default=2.0, help="seconds sent before measuring")

@@ -188,7 +188,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def bench(
-    port: int,
+    ports: list[int],
     model: str,
     concurrency: int,
     seconds: float,
@@ -203,7 +203,7 @@ def bench(
             *convray_command(),
             "bench",
             "--server",
-            f"127.0.0.1:{port}",
+            ",".join(f"127.0.0.1:{port}" for port in ports),
             "--api",
             "oip",
             "--payload",
@@ -213,7 +213,7 @@ def bench(
             "--batch-size",
             str(batch_size),
             "--processes",
-            str(processes if concurrency >= processes else 1),
+            str(max(processes if concurrency >= processes else 1, len(ports))),
             "--model",
             model,
             "--concurrency",
@@ -260,6 +260,13 @@ def main() -> None:
         default=1,
         help="convray bench processes per point at c=32 (where one saturates, e.g. on a many-core GPU node)",
     )
+    parser.add_argument(
+        "--frontends",
+        type=int,
+        default=1,
+        help="servers per no-op and convray target, each its own process, port (and embedded Ray), driven as one "
+        "at c=32 only; on a GPU each convray replica holds --gpus divided by it",
+    )
     parser.add_argument("--logs", default=None, help="folder for each server's output (default: a temporary one)")
     args = parser.parse_args()
     if args.batch_size != 1 and "ray_serve" in args.targets.split(","):
@@ -281,6 +288,7 @@ def main() -> None:
         "datatype": args.datatype,
         "batch_size": args.batch_size,
         "client_processes": args.client_processes,
+        "frontends": args.frontends,
         "points": [],
         "failures": [],
     }
@@ -311,18 +319,26 @@ def main() -> None:
             for target in args.targets.split(","):
                 if target in CONVRAY_VARIANTS and target != "convray" and model not in args.variants_on.split(","):
                     continue
-                port, log = free_port(), logs / f"{model}-{target}-{repeat}.log"
-                process = start(target, port, repo, model, 32, args.gpus, log)
+                # Several front ends, like front-end pods: the floor gets as many no-op processes. Ray Serve stays
+                # as deployed by default (one proxy per node).
+                frontends = 1 if target == "ray_serve" else args.frontends
+                ports = [free_port() for _ in range(frontends)]
+                logs_of = [logs / f"{model}-{target}-{repeat}-{i}.log" for i in range(frontends)]
+                processes = [
+                    start(target, port, repo, model, 32, args.gpus / frontends, log)
+                    for port, log in zip(ports, logs_of, strict=True)
+                ]
                 try:
                     try:
-                        wait_ready(port, model, process)
+                        for port, process in zip(ports, processes, strict=True):
+                            wait_ready(port, model, process)
                     except RuntimeError as error:  # one target failing to start does not lose the others
                         results["failures"].append({"model": model, "target": target, "repeat": repeat})
-                        print(f"{model} {target}: {error}; its output is in {log}", flush=True)
+                        print(f"{model} {target}: {error}; its output is in {logs}", flush=True)
                         continue
-                    for concurrency in (1, 32):
+                    for concurrency in (1, 32) if frontends == 1 else (32,):
                         report = bench(
-                            port,
+                            ports,
                             model,
                             concurrency,
                             args.seconds,
@@ -335,6 +351,7 @@ def main() -> None:
                             "model": model,
                             "target": target,
                             "repeat": repeat,
+                            "frontends": frontends,
                             "concurrency": concurrency,
                             "req_per_s": report["requests_per_s"],
                             "img_per_s": report["images_per_s"],
@@ -347,7 +364,8 @@ def main() -> None:
                         print(point, flush=True)
                         out.write_text(json.dumps(results, indent=2) + "\n")  # a run cut short keeps its points
                 finally:
-                    stop(process)
+                    for process in processes:
+                        stop(process)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(summary(results))
 
@@ -377,9 +395,15 @@ def ratio(points: list[dict], a: str, b: str, **match: object) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _cell(number: float, spec: str) -> str:
+    return "-" if number != number else format(number, spec)  # NaN: no such point (c=1 with several front ends)
+
+
 def summary(results: dict) -> str:
     """Markdown: medians per model, target and concurrency, and ratios within each repeat."""
     points, lines = results["points"], []
+    if results.get("frontends", 1) > 1:
+        lines += [f"{results['frontends']} front-end processes per no-op and convray target (c=32 only)", ""]
     for model in dict.fromkeys(p["model"] for p in points):
         raw = select(points, model=model, target="raw")[0]
         lines += [
@@ -394,15 +418,15 @@ def summary(results: dict) -> str:
         targets = [t for t in ("noop", "ray_serve", *CONVRAY_VARIANTS) if select(points, model=model, target=t)]
         for target in targets:
             cells = [
-                f"{median_of(points, 'img_per_s', model=model, target=target, concurrency=1):,.0f}",
-                f"{median_of(points, 'p50_ms', model=model, target=target, concurrency=1):.2f}",
-                f"{median_of(points, 'img_per_s', model=model, target=target, concurrency=32):,.0f}",
-                f"{median_of(points, 'p50_ms', model=model, target=target, concurrency=32):.1f}",
+                _cell(median_of(points, "img_per_s", model=model, target=target, concurrency=1), ",.0f"),
+                _cell(median_of(points, "p50_ms", model=model, target=target, concurrency=1), ".2f"),
+                _cell(median_of(points, "img_per_s", model=model, target=target, concurrency=32), ",.0f"),
+                _cell(median_of(points, "p50_ms", model=model, target=target, concurrency=32), ".1f"),
             ]
             lines.append(f"| {target} | " + " | ".join(cells) + " |")
         lines.append("")
         for ours_target in (t for t in targets if t in CONVRAY_VARIANTS):
-            for c in (1, 32):
+            for c in (c for c in (1, 32) if select(points, model=model, target=ours_target, concurrency=c)):
                 # A lone single-image request faces the raw model at batch 1; anything else, the raw model at batch 32.
                 single = c == 1 and results.get("batch_size", 1) == 1
                 raw_rate = raw["batch1_img_per_s"] if single else raw["batch32_img_per_s"]

@@ -122,6 +122,13 @@ def test_the_load_is_shared_out_over_client_processes():
         split_load(BenchConfig(concurrency=2, processes=4))
 
 
+def test_several_servers_are_shared_out_round_robin_over_the_client_processes():
+    parts = split_load(BenchConfig(server="a:1, b:2", concurrency=32, processes=4))
+    assert [(p.server, p.concurrency) for p in parts] == [("a:1", 8), ("b:2", 8), ("a:1", 8), ("b:2", 8)]
+    with pytest.raises(ValueError, match="2 servers need at least as many client processes, got --processes 1"):
+        split_load(BenchConfig(server="a:1,b:2", concurrency=4, processes=1))
+
+
 def test_client_processes_measurements_merge_into_one_report():
     first = Measurement([1.0, 2.0], {"OK": 2, "UNAVAILABLE": 1}, wall_s=2.0, cpu_s=1.9, images_per_request=4)
     second = Measurement([3.0], {"OK": 1}, wall_s=1.0, cpu_s=0.2, images_per_request=4)
@@ -132,6 +139,41 @@ def test_client_processes_measurements_merge_into_one_report():
     assert report.latency_ms["max"] == 3.0 and report.latency_ms["p50"] == 2.0
     assert report.client_cpu_fraction == pytest.approx(2.1 / 2.0)
     assert report.client_saturated and "add more --processes" in report.notes[0]  # the first used 95% of a core
+
+
+def test_the_report_gives_each_servers_rate():
+    measurements = [
+        Measurement([1.0], {"OK": 4}, wall_s=2.0, cpu_s=0.1, images_per_request=1, server="a:1"),
+        Measurement([1.0], {"OK": 6, "UNAVAILABLE": 2}, wall_s=2.0, cpu_s=0.1, images_per_request=1, server="b:2"),
+        Measurement([1.0], {"OK": 2}, wall_s=1.0, cpu_s=0.1, images_per_request=1, server="a:1"),
+    ]
+    report = report_of(BenchConfig(server="a:1,b:2", processes=3), measurements)
+    assert report.per_server_requests_per_s == {"a:1": 4.0, "b:2": 3.0}
+    assert report.requests_per_s == 7.0
+
+
+@pytest.mark.integration
+def test_a_run_over_several_servers_drives_each_of_them(served, tmp_path):
+    # The same server under two spellings of its address: two "servers" as far as the client can tell.
+    port = served.address.rpartition(":")[2]
+    servers = f"{served.address},localhost:{port}"
+    result, report = run_bench(
+        "--server", servers, "--api", "oip", "--payload", "tensor", "--concurrency", "4", "--duration", "1.5",
+        "--warmup", "0.3", out=tmp_path / "report.json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert report["config"]["processes"] == 2  # one per server by default
+    assert set(report["per_server_requests_per_s"]) == {served.address, f"localhost:{port}"}
+    assert all(rate > 0 for rate in report["per_server_requests_per_s"].values())
+    assert sum(report["per_server_requests_per_s"].values()) == pytest.approx(report["requests_per_s"], rel=0.01)
+    assert "req/s by server:" in result.stdout
+
+
+@pytest.mark.integration
+def test_an_unreachable_server_among_several_is_named(served):
+    dead = f"127.0.0.1:{free_port()}"
+    result, _ = run_bench("--server", f"{served.address},{dead}", "--timeout", "1", "--concurrency", "2")
+    assert result.returncode == 3 and f"cannot reach a server at {dead} within 1 s" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("processes", ["1", "2"])
