@@ -24,6 +24,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--metrics-port": ("server", "metrics_port"),
     "--max-message-bytes": ("server", "max_message_bytes"),
     "--drain-grace-s": ("server", "drain_grace_s"),
+    "--max-connection-age-s": ("server", "max_connection_age_s"),
     "--model-repo": ("models", "model_repo"),
     "--default-model": ("models", "default_model"),
     "--poll-interval-s": ("models", "poll_interval_s"),

@@ -34,6 +34,8 @@ class ServerSettings(_Group):
     """Largest gRPC message received or sent (grpcio's own default is only 4 MiB)."""
     drain_grace_s: float = Field(10.0, ge=0)
     """On shutdown, how long in-flight requests may take to finish before they are cancelled."""
+    max_connection_age_s: float = Field(0.0, ge=0)
+    """Seconds until each client is asked to reconnect (GOAWAY), so front ends added later get traffic; 0: never."""
 
 
 class ModelSettings(_Group):

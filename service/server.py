@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from convray.oip import inference_pb2, inference_pb2_grpc
 from convray.service import __version__
 from convray.service.codecs import DecodeLimits
-from convray.service.config import Settings
+from convray.service.config import ServerSettings, Settings
 from convray.service.explaining import Explainer
 from convray.service.inference import Classifier
 from convray.service.metrics import Metrics
@@ -90,6 +90,27 @@ def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | 
         future.set_result(result)  # type: ignore[arg-type] (result is a T whenever error is None)
 
 
+def grpc_server_options(server: ServerSettings) -> list[tuple[str, int]]:
+    """The grpc core options the server is built with."""
+    options = [
+        ("grpc.max_receive_message_length", server.max_message_bytes),
+        ("grpc.max_send_message_length", server.max_message_bytes),
+        # gRPC sets SO_REUSEPORT by default, so a second server on a port in use would bind too and
+        # the kernel would split connections between the two; binding must fail instead.
+        ("grpc.so_reuseport", 0),
+    ]
+    if server.max_connection_age_s > 0:
+        # A client keeps its one HTTP/2 connection, and so its front end, for as long as it lives: behind a
+        # Kubernetes Service (connection-level balancing) front ends the HPA adds would get no traffic from
+        # clients already connected. A GOAWAY after this long makes the client reconnect, through the balancer;
+        # calls it sent meanwhile go on the new connection, calls in flight get the drain grace to finish.
+        options += [
+            ("grpc.max_connection_age_ms", int(server.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(server.drain_grace_s * 1000)),
+        ]
+    return options
+
+
 class StartupError(Exception):
     """The server could not become ready (Ray unreachable, or no model could be loaded)."""
 
@@ -116,7 +137,6 @@ class ConvrayServer:
             self.metrics,
         )
         self.health = health.aio.HealthServicer()
-        max_bytes = settings.server.max_message_bytes
         security = settings.security
         interceptors: list[grpc.aio.ServerInterceptor] = [MalformedMessageInterceptor()]
         if security.auth_token_file is not None:
@@ -124,16 +144,7 @@ class ConvrayServer:
         self.ray_gate = RayGate(self.metrics, self.registry.metric_label)
         interceptors.append(self.ray_gate)  # innermost: an unauthenticated call is refused as such first
         self._credentials = server_credentials(security)
-        self._server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", max_bytes),
-                ("grpc.max_send_message_length", max_bytes),
-                # gRPC sets SO_REUSEPORT by default, so a second server on a port in use would bind too and
-                # the kernel would split connections between the two; binding must fail instead.
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        self._server = grpc.aio.server(interceptors=interceptors, options=grpc_server_options(settings.server))
         explainer = Explainer(
             self.registry,
             DecodeLimits(settings.inputs.max_image_bytes, settings.inputs.max_image_pixels),

@@ -96,9 +96,12 @@ def test_ports_services_and_servicemonitor_agree_with_the_settings(built, overla
     assert ports == {"grpc": settings.server.port, "metrics": settings.server.metrics_port}
 
     grpc_service = find(objects, "Service", "convray-grpc")["spec"]
-    (grpc_port,) = grpc_service["ports"]
-    assert grpc_port["name"] == "grpc" and grpc_port["appProtocol"] in ("kubernetes.io/h2c", "grpc")
-    assert grpc_port["targetPort"] in ("grpc", settings.server.port)
+    headless_service = find(objects, "Service", "convray-frontend-pods")["spec"]
+    assert headless_service["clusterIP"] == "None"  # DNS gives the pods: clients can balance per request
+    for service in (grpc_service, headless_service):
+        (grpc_port,) = service["ports"]
+        assert grpc_port["name"] == "grpc" and grpc_port["appProtocol"] in ("kubernetes.io/h2c", "grpc")
+        assert grpc_port["targetPort"] in ("grpc", settings.server.port)
 
     metrics_service = find(objects, "Service", "convray-metrics")
     (metrics_port,) = metrics_service["spec"]["ports"]
@@ -107,7 +110,7 @@ def test_ports_services_and_servicemonitor_agree_with_the_settings(built, overla
     assert monitor["selector"]["matchLabels"].items() <= metrics_service["metadata"]["labels"].items()
     assert [e["port"] for e in monitor["endpoints"]] == [metrics_port["name"]]
     pod_labels = find(objects, "Deployment", "convray-frontend")["spec"]["template"]["metadata"]["labels"]
-    for service in (grpc_service, metrics_service["spec"]):
+    for service in (grpc_service, headless_service, metrics_service["spec"]):
         assert service["selector"].items() <= pod_labels.items()
 
 

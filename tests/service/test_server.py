@@ -191,3 +191,44 @@ async def test_a_second_server_on_a_port_in_use_refuses_to_start(served, tmp_pat
     settings = server_settings(tmp_path / "models", server__port=served.server.port, server__metrics_port=None)
     with pytest.raises(StartupError, match=f"could not bind gRPC to 127.0.0.1:{served.server.port}"):
         await ConvrayServer(settings).start()
+
+
+def test_grpc_options_ask_clients_to_reconnect_only_when_a_connection_age_is_set():
+    from convray.service.config import ServerSettings
+    from convray.service.server import grpc_server_options
+
+    assert not any("max_connection_age" in name for name, _ in grpc_server_options(ServerSettings()))
+    options = dict(grpc_server_options(ServerSettings(max_connection_age_s=120, drain_grace_s=7.5)))
+    assert options["grpc.max_connection_age_ms"] == 120_000
+    assert options["grpc.max_connection_age_grace_ms"] == 7_500  # calls in flight get the drain grace
+    assert options["grpc.so_reuseport"] == 0
+
+
+def test_a_connection_past_its_age_is_replaced_and_no_call_fails(ray_address, tmp_path, held_out):
+    import shutil
+    import time
+
+    from convray.v1 import classifier_pb2_grpc
+    from tests.conftest import SHIPPED_MODELS, ServerThread, server_settings
+
+    repo = tmp_path / "models"
+    shutil.copytree(SHIPPED_MODELS, repo)
+    settings = server_settings(repo, server__max_connection_age_s=0.5, server__metrics_port=None, workers__replicas=1)
+    server = ServerThread(settings).start()
+    states = []
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            channel.subscribe(states.append, try_to_connect=True)
+            stub = classifier_pb2_grpc.ClassifierStub(channel)
+            image = encode_digit(held_out.images[0], "PNG")
+            sent, until = [], time.monotonic() + 3.0
+            while time.monotonic() < until:  # calls four at a time, over several connection ages
+                batch = [stub.Classify.future(pb.ClassifyRequest(image=image), timeout=30) for _ in range(4)]
+                sent += batch
+                batch[-1].result()
+            replies = [f.result() for f in sent]  # raises if any call failed
+            assert len(replies) > 40 and all(r.predictions for r in replies)
+            # Each GOAWAY takes the channel out of READY; it connects again for the next call.
+            assert states.count(grpc.ChannelConnectivity.READY) >= 3, states
+    finally:
+        server.stop()
