@@ -102,12 +102,10 @@ def grpc_server_options(server: ServerSettings) -> list[tuple[str, int]]:
     if server.max_connection_age_s > 0:
         # A client keeps its one HTTP/2 connection, and so its front end, for as long as it lives: behind a
         # Kubernetes Service (connection-level balancing) front ends the HPA adds would get no traffic from
-        # clients already connected. A GOAWAY after this long makes the client reconnect, through the balancer;
-        # calls it sent meanwhile go on the new connection, calls in flight get the drain grace to finish.
-        options += [
-            ("grpc.max_connection_age_ms", int(server.max_connection_age_s * 1000)),
-            ("grpc.max_connection_age_grace_ms", int(server.drain_grace_s * 1000)),
-        ]
+        # clients already connected. A GOAWAY after this long makes the client reconnect, through the balancer,
+        # for its next calls. No grace period is set: calls in flight, and streams (tritonclient keeps one open
+        # for as long as it streams), finish on the old connection however long they take.
+        options.append(("grpc.max_connection_age_ms", int(server.max_connection_age_s * 1000)))
     return options
 
 

@@ -198,9 +198,9 @@ def test_grpc_options_ask_clients_to_reconnect_only_when_a_connection_age_is_set
     from convray.service.server import grpc_server_options
 
     assert not any("max_connection_age" in name for name, _ in grpc_server_options(ServerSettings()))
-    options = dict(grpc_server_options(ServerSettings(max_connection_age_s=120, drain_grace_s=7.5)))
+    options = dict(grpc_server_options(ServerSettings(max_connection_age_s=120)))
     assert options["grpc.max_connection_age_ms"] == 120_000
-    assert options["grpc.max_connection_age_grace_ms"] == 7_500  # calls in flight get the drain grace
+    assert "grpc.max_connection_age_grace_ms" not in options  # streams may outlive the connection's age
     assert options["grpc.so_reuseport"] == 0
 
 
@@ -230,5 +230,14 @@ def test_a_connection_past_its_age_is_replaced_and_no_call_fails(ray_address, tm
             assert len(replies) > 40 and all(r.predictions for r in replies)
             # Each GOAWAY takes the channel out of READY; it connects again for the next call.
             assert states.count(grpc.ChannelConnectivity.READY) >= 3, states
+
+            def slow_stream():  # one item every 0.2 s for 2 s: four connection ages
+                for i in range(10):
+                    time.sleep(0.2)
+                    yield pb.ClassifyRequest(image=image, request_id=f"s{i}")
+
+            streamed = list(stub.ClassifyStream(slow_stream(), timeout=30))  # no grace period cuts it short
+            assert [r.request_id for r in streamed] == [f"s{i}" for i in range(10)]
+            assert all(r.WhichOneof("outcome") == "result" for r in streamed)
     finally:
         server.stop()
