@@ -175,15 +175,15 @@ async def run(config: BenchConfig) -> BenchReport:
     """
     if config.concurrency < 1 and config.rate_per_s is None:
         raise ValueError("concurrency must be >= 1")
-    if config.processes == 1 and len(servers_of(config)) == 1:
+    if config.processes == 1 and len(servers_of(config.server)) == 1:
         return report_of(config, [await measure(config)])
     parts = split_load(config)
     return report_of(config, await asyncio.get_running_loop().run_in_executor(None, _measure_in_processes, parts))
 
 
-def servers_of(config: BenchConfig) -> list[str]:
-    """The HOST:PORT addresses in ``config.server`` (comma-separated)."""
-    return [server.strip() for server in config.server.split(",") if server.strip()]
+def servers_of(server: str) -> list[str]:
+    """The HOST:PORT addresses in a ``BenchConfig.server`` (comma-separated)."""
+    return [address.strip() for address in server.split(",") if address.strip()]
 
 
 def split_load(config: BenchConfig) -> list[BenchConfig]:
@@ -194,7 +194,7 @@ def split_load(config: BenchConfig) -> list[BenchConfig]:
     Raises:
         ValueError: fewer concurrent requests (or requests) than processes, or fewer processes than servers.
     """
-    n, servers = config.processes, servers_of(config)
+    n, servers = config.processes, servers_of(config.server)
     if n < 1:
         raise ValueError(f"processes must be >= 1, got {n}")
     if not servers:
@@ -346,11 +346,11 @@ def report_of(config: BenchConfig, measurements: list[Measurement]) -> BenchRepo
         codes.update(m.codes)
     ok = codes.get("OK", 0)
     wall = max(m.wall_s for m in measurements)
-    requests_per_s = sum(m.codes.get("OK", 0) / m.wall_s for m in measurements)
-    busiest = max(m.cpu_s / m.wall_s for m in measurements)
-    per_server: Counter[str] = Counter()
+    per_server: Counter[str] = Counter()  # each process's rate over its own span, added up by server
     for m in measurements:
         per_server[m.server] += m.codes.get("OK", 0) / m.wall_s
+    requests_per_s = sum(per_server.values())
+    busiest = max(m.cpu_s / m.wall_s for m in measurements)
     notes = []
     if busiest > 0.9:
         many = " (add --processes)" if len(measurements) == 1 else " (add more --processes)"

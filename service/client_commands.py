@@ -213,7 +213,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Load-test a server and print throughput, latency percentiles and errors."""
-    from convray.service.bench import BenchConfig, format_report, run
+    from convray.service.bench import BenchConfig, format_report, run, servers_of
 
     width, _, height = args.image_size.partition("x")
     config = BenchConfig(
@@ -222,7 +222,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         requests=args.requests, warmup_s=args.warmup, images=args.images,
         image_size=(int(width), int(height or width)), image_format=args.image_format.upper(),
         channels=args.channels, timeout_s=args.timeout,
-        processes=args.processes or max(1, len(args.server.split(","))),
+        processes=args.processes or max(1, len(servers_of(args.server))),
     )  # fmt: skip
     try:
         report = asyncio.run(run(config))

@@ -324,12 +324,11 @@ def main() -> None:
                 frontends = 1 if target == "ray_serve" else args.frontends
                 ports = [free_port() for _ in range(frontends)]
                 logs_of = [logs / f"{model}-{target}-{repeat}-{i}.log" for i in range(frontends)]
-                processes = [
-                    start(target, port, repo, model, 32, args.gpus / frontends, log)
-                    for port, log in zip(ports, logs_of, strict=True)
-                ]
+                processes: list[subprocess.Popen] = []
                 try:
                     try:
+                        for port, log in zip(ports, logs_of, strict=True):
+                            processes.append(start(target, port, repo, model, 32, args.gpus / frontends, log))
                         for port, process in zip(ports, processes, strict=True):
                             wait_ready(port, model, process)
                     except RuntimeError as error:  # one target failing to start does not lose the others
