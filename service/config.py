@@ -36,6 +36,12 @@ class ServerSettings(_Group):
     """On shutdown, how long in-flight requests may take to finish before they are cancelled."""
     max_connection_age_s: float = Field(0.0, ge=0)
     """Seconds until each client is asked to reconnect (GOAWAY), so front ends added later get traffic; 0: never."""
+    keepalive_time_s: float = Field(60.0, gt=0)
+    """Seconds a connection may stay silent before the server pings it (also keeps idle ones through load balancers)."""
+    keepalive_timeout_s: float = Field(20.0, gt=0)
+    """How long a ping may go unanswered before the connection is closed and its calls cancelled (peer gone)."""
+    min_client_ping_interval_s: float = Field(10.0, ge=0)
+    """Most frequent keepalive pings a client may send; faster ones get GOAWAY ``too_many_pings`` (grpc's own: 300)."""
 
 
 class ModelSettings(_Group):

@@ -98,6 +98,22 @@ def grpc_server_options(server: ServerSettings) -> list[tuple[str, int]]:
         # gRPC sets SO_REUSEPORT by default, so a second server on a port in use would bind too and
         # the kernel would split connections between the two; binding must fail instead.
         ("grpc.so_reuseport", 0),
+        # Keepalive, both ways. The server pings a silent connection so a client that vanished without closing
+        # (its node lost) does not hold a stream and its resources for grpc's default 2 hours, and so idle
+        # connections stay open through load balancers that drop them (AWS NLB after 350 s). No cap on pings
+        # without data, or the server would stop checking after two.
+        ("grpc.keepalive_time_ms", _ms(server.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(server.keepalive_timeout_s)),
+        # grpc 1.85's server waits this long for any ping's ack, keepalive ones included, whatever the option above
+        # says (grpc's default: 60 s); tests/service/test_server_connections.py fails without it.
+        ("grpc.http2.ping_timeout_ms", _ms(server.keepalive_timeout_s)),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Clients' own keepalive pings (tritonclient's KeepAliveOptions, grpc channel options) are accepted as
+        # often as every min_client_ping_interval_s, with or without calls in flight. Under grpc's defaults
+        # (5 minutes, none while idle) a client pinging every 10 s gets GOAWAY "too_many_pings", which also cuts
+        # its open streams (tests/service/test_server.py shows it).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(server.min_client_ping_interval_s)),
     ]
     if server.max_connection_age_s > 0:
         # A client keeps its one HTTP/2 connection, and so its front end, for as long as it lives: behind a
@@ -105,8 +121,12 @@ def grpc_server_options(server: ServerSettings) -> list[tuple[str, int]]:
         # clients already connected. A GOAWAY after this long makes the client reconnect, through the balancer,
         # for its next calls. No grace period is set: calls in flight, and streams (tritonclient keeps one open
         # for as long as it streams), finish on the old connection however long they take.
-        options.append(("grpc.max_connection_age_ms", int(server.max_connection_age_s * 1000)))
+        options.append(("grpc.max_connection_age_ms", _ms(server.max_connection_age_s)))
     return options
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
 
 
 class StartupError(Exception):
