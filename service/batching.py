@@ -20,10 +20,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from convray.service.errors import DeadlineExpired, ModelNotReady, Overloaded
+from convray.service.errors import DeadlineExpired, InvalidInput, ModelNotReady, Overloaded
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+MIN_RETRY_AFTER_S = 0.01
+"""The shortest retry delay an overloaded refusal suggests (a queue that just filled has no waiting history)."""
 
 
 @dataclass(eq=False)
@@ -104,7 +107,8 @@ class Batcher(Generic[T, R]):
         """Queue several items at once, all or none, and wait for all their results (in order).
 
         Raises:
-            Overloaded: the queue has no room for all of them.
+            Overloaded: the queue has no room for all of them now.
+            InvalidInput: there are more of them than the whole queue holds.
             ModelNotReady: the batcher is closed (the server is draining).
             DeadlineExpired: the deadline passed before the items' batches were formed.
         """
@@ -117,10 +121,7 @@ class Batcher(Generic[T, R]):
         if self._closed:
             raise ModelNotReady(f"{self.name} is shutting down; retry on another server")
         if len(self._queue) + len(items) > self.max_queue:
-            raise Overloaded(
-                f"{self.name}: queue full ({len(self._queue)} of {self.max_queue} places taken, "
-                f"{len(items)} more requested; --max-queue); retry with backoff"
-            )
+            raise self._refusal(len(items))
         loop = asyncio.get_running_loop()
         futures = []
         for item in items:
@@ -130,6 +131,23 @@ class Batcher(Generic[T, R]):
             futures.append(pending.future)
         self._wakeup.set()
         return futures
+
+    def _refusal(self, requested: int) -> InvalidInput | Overloaded:
+        """Why ``requested`` more items cannot queue now, and when a retry could: the queue's current delay."""
+        if requested > self.max_queue:  # would never fit, however long the client waits
+            return InvalidInput(
+                f"{self.name}: {requested} items in one request, more than its whole queue holds "
+                f"({self.max_queue}, --max-queue); send at most {self.max_queue} per request"
+            )
+        # The oldest queued request has waited as long as the queue takes to drain (it is FIFO), so a retry
+        # before then meets the same full queue.
+        waited_s = time.monotonic() - self._queue[0].enqueued_at if self._queue else 0.0
+        retry_after_s = max(waited_s, MIN_RETRY_AFTER_S)
+        return Overloaded(
+            f"{self.name}: queue full ({len(self._queue)} of {self.max_queue} places taken, {requested} more "
+            f"requested; --max-queue); retry in about {retry_after_s * 1e3:.0f} ms",
+            retry_after_s=retry_after_s,
+        )
 
     def _forget_if_cancelled(self, pending: _Pending[T, R], _future: object = None) -> None:
         if pending.future.cancelled():

@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from convray.workers.repository import ModelLoadError
 
@@ -37,9 +40,13 @@ class ModelNotReady(ConvrayError):
 
 
 class Overloaded(ConvrayError):
-    """The model's queue is full; the client should back off and retry."""
+    """The model's queue is full; the client should back off and retry, after ``retry_after_s`` when given."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExpired(ConvrayError):
@@ -63,3 +70,20 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, REPLICA_LOST):
         return grpc.StatusCode.UNAVAILABLE, f"model replica unavailable, retry: {type(exc).__name__}"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def status_trailers(exc: BaseException, code: grpc.StatusCode, message: str) -> tuple[tuple[str, str | bytes], ...]:
+    """Trailing metadata that tells the client more than ``code`` and ``message``: when to retry an overload.
+
+    For an ``Overloaded`` with a delay: a ``google.rpc.RetryInfo`` in the rich status (``grpc-status-details-bin``,
+    which grpcio-status's ``rpc_status.from_call`` reads), and ``grpc-retry-pushback-ms``, which gRPC's built-in
+    retries wait for (gRFC A6) when the client's retry policy lists RESOURCE_EXHAUSTED. Empty otherwise.
+    """
+    if not isinstance(exc, Overloaded) or exc.retry_after_s is None:
+        return ()
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(round(exc.retry_after_s * 1e9))
+    retry_info = any_pb2.Any()
+    retry_info.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    rich = rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[retry_info]))
+    return (*rich.trailing_metadata, ("grpc-retry-pushback-ms", str(round(exc.retry_after_s * 1e3))))

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from convray.service.errors import ConvrayError, Overloaded, to_status
+from convray.service.errors import ConvrayError, Overloaded, status_trailers, to_status
 from convray.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class RpcObserver:
         except Exception as exc:  # noqa: BLE001 (mapped onto a status just below)
             code, message, failure = *to_status(exc), exc
             self._log(rpc, exc, code, message)
-            await context.abort(code, message)
+            await context.abort(code, message, status_trailers(exc, code, message))
             raise  # unreachable: abort raises
         finally:
             self._record(rpc, model_label, code, started, failure)

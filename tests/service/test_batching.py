@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from convray.service.batching import Batcher
-from convray.service.errors import ModelNotReady, Overloaded
+from convray.service.batching import MIN_RETRY_AFTER_S, Batcher
+from convray.service.errors import InvalidInput, ModelNotReady, Overloaded
 
 
 class Recorder:
@@ -210,12 +210,43 @@ async def test_submit_many_is_all_or_nothing_when_the_queue_is_short():
     batcher = make(Recorder(gate), max_batch_size=1, max_queue=3, max_batch_wait_s=0.0)
     running = asyncio.ensure_future(batcher.submit(0))
     await asyncio.sleep(0.02)
-    with pytest.raises(Overloaded, match="0 of 3 places taken, 4 more requested"):
+    queued = asyncio.ensure_future(batcher.submit(9))
+    await asyncio.sleep(0.02)
+    with pytest.raises(Overloaded, match="1 of 3 places taken, 3 more requested"):
+        await batcher.submit_many([1, 2, 3])
+    assert batcher.queue_depth == 1
+    gate.set()
+    assert await asyncio.gather(running, queued) == [0, 90]
+    assert await batcher.submit_many([1, 2, 3]) == [10, 20, 30]
+    await batcher.close()
+
+
+async def test_more_items_than_the_whole_queue_holds_are_invalid_not_a_reason_to_retry():
+    batcher = make(Recorder(), max_queue=3)
+    with pytest.raises(
+        InvalidInput, match=r"4 items in one request, more than its whole queue holds \(3, --max-queue\)"
+    ):
         await batcher.submit_many([1, 2, 3, 4])
     assert batcher.queue_depth == 0
+    await batcher.close()
+
+
+async def test_a_refusal_suggests_retrying_once_the_queue_has_had_time_to_drain():
+    gate = asyncio.Event()
+    batcher = make(Recorder(gate), max_batch_size=1, max_queue=2, max_batch_wait_s=0.0)
+    running = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.02)
+    queued = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded) as soon:
+        await batcher.submit(3)
+    assert MIN_RETRY_AFTER_S <= soon.value.retry_after_s < 0.1  # never less than the floor
+    await asyncio.sleep(0.2)
+    with pytest.raises(Overloaded, match=r"retry in about 2\d\d ms") as later:
+        await batcher.submit(3)
+    assert 0.2 <= later.value.retry_after_s < 0.5  # as long as the oldest queued request has waited
     gate.set()
-    assert await batcher.submit_many([1, 2, 3]) == [10, 20, 30]
-    assert await running == 0
+    assert await asyncio.gather(running, *queued) == [0, 10, 20]
     await batcher.close()
 
 

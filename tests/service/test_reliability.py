@@ -5,6 +5,7 @@ Figures these tests print (with -s) are recorded in docs/reliability.md.
 
 import concurrent.futures
 import io
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,8 @@ import grpc
 import numpy as np
 import pytest
 import ray
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from PIL import Image
 
 from convray.oip import inference_pb2 as oip
@@ -71,17 +74,61 @@ def slow_batches(ray_address, tmp_path_factory):
     server.stop()
 
 
-def test_a_request_past_the_queue_bound_fails_fast_with_resource_exhausted(slow_batches, pngs):
+def pixels_request(images: int) -> oip.ModelInferRequest:
+    request = oip.ModelInferRequest(model_name="digits", raw_input_contents=[np.zeros(images * 64, "<f4").tobytes()])
+    request.inputs.add(name="input", datatype="FP32", shape=[images, 1, 8, 8])
+    return request
+
+
+def test_a_request_past_the_queue_bound_fails_fast_with_resource_exhausted_and_when_to_retry(slow_batches):
     with grpc.insecure_channel(slow_batches.address) as channel:
         stub = oip_grpc.GRPCInferenceServiceStub(channel)
-        request = oip.ModelInferRequest(model_name="digits", raw_input_contents=[np.zeros(6 * 64, "<f4").tobytes()])
-        request.inputs.add(name="input", datatype="FP32", shape=[6, 1, 8, 8])
+        waiting = stub.ModelInfer.future(pixels_request(3), timeout=10)  # 3 of the 4 places, for up to 1 s
+        time.sleep(0.3)
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
-            stub.ModelInfer(request, timeout=10)
+            stub.ModelInfer(pixels_request(2), timeout=10)
         assert time.monotonic() - started < 0.5  # refused at once, not after the 1 s batch wait
+        assert waiting.result().outputs
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "queue full (0 of 4 places taken, 6 more requested; --max-queue)" in info.value.details()
+    assert "queue full (3 of 4 places taken, 2 more requested; --max-queue); retry in about" in info.value.details()
+    # The same advice for programs: the time the queue's oldest request had waited, as google.rpc.RetryInfo.
+    retry_info = error_details_pb2.RetryInfo()
+    (detail,) = rpc_status.from_call(info.value).details
+    assert detail.Unpack(retry_info)
+    assert 0.3 <= retry_info.retry_delay.ToNanoseconds() / 1e9 < 1.0
+
+
+def test_a_request_larger_than_the_whole_queue_is_invalid(slow_batches):
+    with grpc.insecure_channel(slow_batches.address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(pixels_request(6), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # no retry can help it
+    assert "6 items in one request, more than its whole queue holds (4, --max-queue)" in info.value.details()
+
+
+def test_grpc_retries_wait_as_long_as_the_refusal_says(slow_batches, pngs):
+    images, _ = pngs
+    # A client retry policy of its own would retry after 10 ms and meet the same full queue; the server's
+    # pushback (the queue's current delay) makes the one retry come once the queue has drained.
+    retry_policy = {
+        "methodConfig": [{
+            "name": [{"service": "convray.v1.Classifier"}],
+            "retryPolicy": {
+                "maxAttempts": 2, "initialBackoff": "0.01s", "maxBackoff": "0.01s", "backoffMultiplier": 1,
+                "retryableStatusCodes": ["RESOURCE_EXHAUSTED"],
+            },
+        }]
+    }  # fmt: skip
+    options = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(retry_policy))]
+    with grpc.insecure_channel(slow_batches.address, options=options) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        full = [stub.Classify.future(pb.ClassifyRequest(image=images[i]), timeout=30) for i in range(4)]
+        time.sleep(0.6)  # the queue is full, its oldest request 0.6 s old; its batch forms at 1 s
+        started = time.monotonic()
+        reply = stub.Classify(pb.ClassifyRequest(image=images[4]), timeout=30)
+        assert reply.predictions and all(f.result().predictions for f in full)
+        assert time.monotonic() - started >= 0.5  # the retry waited the pushback, not the 10 ms backoff
 
 
 def test_under_a_flood_every_request_is_answered_ok_or_resource_exhausted(slow_batches, pngs):

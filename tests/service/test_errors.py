@@ -1,0 +1,51 @@
+"""The one mapping of exceptions onto gRPC statuses, and the retry advice an overload carries."""
+
+import asyncio
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from convray.service.errors import (
+    DeadlineExpired,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+    status_trailers,
+    to_status,
+)
+
+
+@pytest.mark.parametrize(
+    "exc,code",
+    [
+        (InvalidInput("bad"), grpc.StatusCode.INVALID_ARGUMENT),
+        (ModelNotFound("nope"), grpc.StatusCode.NOT_FOUND),
+        (ModelNotReady("later"), grpc.StatusCode.UNAVAILABLE),
+        (Overloaded("full", retry_after_s=0.25), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (DeadlineExpired("late"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (asyncio.CancelledError(), grpc.StatusCode.CANCELLED),
+        (KeyError("x"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_every_exception_maps_to_a_status_that_says_what_happened(exc, code):
+    assert to_status(exc)[0] == code
+
+
+def test_an_overload_tells_the_client_when_to_retry_in_both_forms_clients_read():
+    exc = Overloaded("queue full; retry in about 250 ms", retry_after_s=0.25)
+    trailers = dict(status_trailers(exc, *to_status(exc)))
+    assert trailers["grpc-retry-pushback-ms"] == "250"  # gRPC's built-in retries wait this long
+    rich = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+    assert rich.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert rich.message == "queue full; retry in about 250 ms"  # grpcio-status checks it equals the details
+    (detail,) = rich.details
+    retry_info = error_details_pb2.RetryInfo()
+    assert detail.Unpack(retry_info)
+    assert retry_info.retry_delay.ToNanoseconds() == 250_000_000
+
+
+@pytest.mark.parametrize("exc", [Overloaded("full"), InvalidInput("bad"), KeyError("x")])
+def test_other_failures_carry_no_retry_advice(exc):
+    assert status_trailers(exc, *to_status(exc)) == ()
