@@ -175,6 +175,9 @@ def test_the_server_closes_the_connection_of_a_client_that_fell_silent(
 
             replies = stub.ClassifyStream(stream_then_wait(), timeout=30)
             assert next(replies).request_id == "first"
+            # Let the pings that went with the reply (gRPC's flow-control probes) be answered first: any ping
+            # the proxy drops would close the connection after keepalive_timeout_s, pinged or not.
+            time.sleep(0.5)
             proxy.silent.set()
             # A pinged server notices within keepalive_time_s + keepalive_timeout_s; allow for a slow machine.
             assert proxy.server_closed.wait(5) is dropped
