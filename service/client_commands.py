@@ -16,19 +16,48 @@ from convray.service.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, E
 KERNEL_NAMES = ("sobel-x", "sobel-y", "laplacian", "box-blur", "gaussian", "sharpen")
 
 
+# gRPC retries only calls whose request fits its buffer (256 KiB by default); images may be larger.
+RETRY_BUFFER_BYTES = 16 * 1024 * 1024
+
+
+def retry_options(retries: int) -> list[tuple[str, Any]]:
+    """Channel options that retry a refused call ``retries`` times (gRPC allows at most 4).
+
+    Every call these commands make is idempotent, so a call refused as overloaded (RESOURCE_EXHAUSTED) or
+    unavailable (a replica restarting, a server draining) is sent again: after the delay the server
+    advises (``grpc-retry-pushback-ms``), else after a backoff from 0.1 s doubling to 2 s (with jitter).
+    """
+    if retries == 0:
+        return [("grpc.enable_retries", 0)]
+    policy = {
+        "maxAttempts": retries + 1,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "2s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"],
+    }
+    service_config = {"methodConfig": [{"name": [{}], "retryPolicy": policy}]}  # {}: every method
+    return [
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(service_config)),
+        ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
+    ]
+
+
 def _channel(args: argparse.Namespace) -> Any:
     """A channel to ``args.server`` (TLS when a CA or client certificate is given), or None if unreachable."""
     import grpc
 
+    options = retry_options(args.retries)
     if args.tls_ca or args.tls_cert:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
             private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
             certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
         )
-        channel = grpc.secure_channel(args.server, credentials)
+        channel = grpc.secure_channel(args.server, credentials, options=options)
     else:
-        channel = grpc.insecure_channel(args.server)
+        channel = grpc.insecure_channel(args.server, options=options)
     try:
         grpc.channel_ready_future(channel).result(timeout=args.connect_timeout)
     except grpc.FutureTimeoutError:
@@ -249,6 +278,9 @@ def add_client_commands(commands: Any) -> None:
         p.add_argument("--tls-cert", default=None, help="PEM client certificate, for mutual TLS")
         p.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
         p.add_argument("--token-file", default=None, help="file with the bearer token the server requires")
+        p.add_argument("--retries", type=int, default=3, choices=range(5), metavar="0..4",
+                       help="times a call refused as overloaded or unavailable is sent again, after the delay "
+                            "the server advises (default 3)")  # fmt: skip
 
     classify = commands.add_parser("classify", help="classify image files", description=cmd_classify.__doc__)
     classify.add_argument("images", nargs="+", metavar="IMAGE")

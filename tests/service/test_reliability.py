@@ -26,6 +26,7 @@ from PIL import Image
 
 from convray.oip import inference_pb2 as oip
 from convray.oip import inference_pb2_grpc as oip_grpc
+from convray.service.cli import main as cli_main
 from convray.v1 import classifier_pb2 as pb
 from convray.v1 import classifier_pb2_grpc as pb_grpc
 from convray.workers.data import load_digits_split
@@ -96,7 +97,7 @@ def test_a_request_past_the_queue_bound_fails_fast_with_resource_exhausted_and_w
     retry_info = error_details_pb2.RetryInfo()
     (detail,) = rpc_status.from_call(info.value).details
     assert detail.Unpack(retry_info)
-    assert 0.3 <= retry_info.retry_delay.ToNanoseconds() / 1e9 < 1.0
+    assert 0.25 <= retry_info.retry_delay.ToNanoseconds() / 1e9 < 1.0  # the client slept 0.3 s after sending
 
 
 def test_a_request_larger_than_the_whole_queue_is_invalid(slow_batches):
@@ -157,6 +158,27 @@ def test_under_a_flood_every_request_is_answered_ok_or_resource_exhausted(slow_b
 async def queue_depth(server: ServerThread) -> int:
     """Requests waiting in the server's batchers (read on the server's own event loop)."""
     return sum(s.batcher.queue_depth for s in server.server.registry.served_versions())
+
+
+@pytest.mark.parametrize("retries,exit_code", [(3, 0), (0, 1)])
+def test_convray_classify_retries_a_refused_call_after_the_advised_delay(
+    slow_batches, pngs, tmp_path, capsys, retries, exit_code
+):
+    images, labels = pngs
+    image = tmp_path / "digit.png"
+    image.write_bytes(images[5])
+    with grpc.insecure_channel(slow_batches.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        full = [stub.Classify.future(pb.ClassifyRequest(image=images[i]), timeout=30) for i in range(4)]
+        time.sleep(0.6)  # the queue is full, its oldest request 0.6 s old
+        argv = ["classify", str(image), "--json", "--server", slow_batches.address, "--retries", str(retries)]
+        assert cli_main(argv) == exit_code
+        assert all(f.result().predictions for f in full)
+    out, err = capsys.readouterr()
+    if exit_code == 0:
+        assert json.loads(out)["predictions"][0]["label"] == str(labels[5])
+    else:
+        assert "RESOURCE_EXHAUSTED" in err and "retry in about" in err
 
 
 def test_a_deadline_that_passes_in_the_queue_drops_the_request_unrun_and_counts_it(slow_batches, pngs):
