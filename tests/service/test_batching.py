@@ -116,15 +116,20 @@ async def test_requests_queue_while_all_batch_slots_are_busy_then_go_together():
     await batcher.close()
 
 
-async def test_a_full_queue_fails_fast_with_overloaded():
+async def test_a_full_queue_fails_fast_with_overloaded_and_says_when_a_retry_could_get_in():
     gate = asyncio.Event()
     batcher = make(Recorder(gate), max_batch_size=1, max_queue=2, max_batch_wait_s=0.0)
     running = asyncio.ensure_future(batcher.submit(0))
     await asyncio.sleep(0.02)
     queued = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
     await asyncio.sleep(0.02)
-    with pytest.raises(Overloaded, match=r"queue full \(2 of 2 places taken, 1 more requested; --max-queue\)"):
+    with pytest.raises(Overloaded, match=r"queue full \(2 of 2 places taken, 1 more requested; --max-queue\)") as soon:
         await batcher.submit(3)
+    assert MIN_RETRY_AFTER_S <= soon.value.retry_after_s < 0.1
+    await asyncio.sleep(0.2)
+    with pytest.raises(Overloaded, match=r"retry in about 2\d\d ms") as later:
+        await batcher.submit(3)
+    assert 0.2 <= later.value.retry_after_s < 0.5  # as long as the oldest queued request has waited (FIFO)
     gate.set()
     assert await asyncio.gather(running, *queued) == [0, 10, 20]
     await batcher.close()
@@ -228,25 +233,6 @@ async def test_more_items_than_the_whole_queue_holds_are_invalid_not_a_reason_to
     ):
         await batcher.submit_many([1, 2, 3, 4])
     assert batcher.queue_depth == 0
-    await batcher.close()
-
-
-async def test_a_refusal_suggests_retrying_once_the_queue_has_had_time_to_drain():
-    gate = asyncio.Event()
-    batcher = make(Recorder(gate), max_batch_size=1, max_queue=2, max_batch_wait_s=0.0)
-    running = asyncio.ensure_future(batcher.submit(0))
-    await asyncio.sleep(0.02)
-    queued = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
-    await asyncio.sleep(0.01)
-    with pytest.raises(Overloaded) as soon:
-        await batcher.submit(3)
-    assert MIN_RETRY_AFTER_S <= soon.value.retry_after_s < 0.1  # never less than the floor
-    await asyncio.sleep(0.2)
-    with pytest.raises(Overloaded, match=r"retry in about 2\d\d ms") as later:
-        await batcher.submit(3)
-    assert 0.2 <= later.value.retry_after_s < 0.5  # as long as the oldest queued request has waited
-    gate.set()
-    assert await asyncio.gather(running, *queued) == [0, 10, 20]
     await batcher.close()
 
 
