@@ -103,15 +103,15 @@ def grpc_server_options(server: ServerSettings) -> list[tuple[str, int]]:
         # connections stay open through load balancers that drop them (AWS NLB after 350 s). No cap on pings
         # without data, or the server would stop checking after two.
         ("grpc.keepalive_time_ms", _ms(server.keepalive_time_s)),
+        ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_timeout_ms", _ms(server.keepalive_timeout_s)),
         # grpc 1.85's server waits this long for any ping's ack, keepalive ones included, whatever the option above
         # says (grpc's default: 60 s); tests/service/test_server_connections.py fails without it.
         ("grpc.http2.ping_timeout_ms", _ms(server.keepalive_timeout_s)),
-        ("grpc.http2.max_pings_without_data", 0),
         # Clients' own keepalive pings (tritonclient's KeepAliveOptions, grpc channel options) are accepted as
         # often as every min_client_ping_interval_s, with or without calls in flight. Under grpc's defaults
         # (5 minutes, none while idle) a client pinging every 10 s gets GOAWAY "too_many_pings", which also cuts
-        # its open streams (tests/service/test_server.py shows it).
+        # its open streams (tests/service/test_server_connections.py shows it).
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", _ms(server.min_client_ping_interval_s)),
     ]
