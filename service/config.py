@@ -169,6 +169,17 @@ class Settings(BaseSettings):
     security: SecuritySettings = SecuritySettings()
     explain: ExplainSettings = ExplainSettings()
 
+    def doubts(self) -> list[str]:
+        """Valid combinations that are probably mistakes, one sentence each (``convray serve`` logs them)."""
+        found = []
+        batching = self.batching
+        if batching.max_queue < batching.max_batch_size:
+            found.append(
+                f"--max-queue {batching.max_queue} is below --max-batch-size {batching.max_batch_size}: batches "
+                f"can never fill, and requests of more than {batching.max_queue} images are always refused"
+            )
+        return found
+
     @model_validator(mode="after")
     def _metrics_port_differs(self) -> Settings:
         server = self.server

@@ -201,6 +201,8 @@ class ConvrayServer:
 
     async def start(self) -> None:
         """Open the ports and begin connecting to Ray and loading models in the background."""
+        for doubt in self.settings.doubts():
+            log.warning("%s", doubt)
         server = self.settings.server
         address = f"{server.host}:{server.port}"
         try:

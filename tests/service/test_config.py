@@ -81,3 +81,12 @@ def test_readme_configuration_table_is_current():
         [sys.executable, str(REPO_ROOT / "scripts" / "settings_table.py")], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert table in (REPO_ROOT / "README.md").read_text()
+
+
+def test_a_queue_smaller_than_a_batch_is_accepted_but_doubted():
+    assert Settings().doubts() == []  # the defaults raise no doubt
+    doubts = Settings(batching={"max_batch_size": 8, "max_queue": 4}).doubts()
+    assert doubts == [
+        "--max-queue 4 is below --max-batch-size 8: batches can never fill, "
+        "and requests of more than 4 images are always refused"
+    ]
