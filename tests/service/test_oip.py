@@ -127,6 +127,28 @@ def test_stream_answers_in_order_with_errors_inline(served, held_out):
 
 
 @pytest.mark.parametrize(
+    "min_client_ping_interval_s,kept", [(0.1, True), (300.0, False)], ids=["pings-allowed", "grpc-default-policy"]
+)
+def test_a_tritonclient_with_keepalive_on_keeps_its_stream_when_its_pings_are_allowed(
+    ray_address, tmp_path, held_out, min_client_ping_interval_s, kept
+):
+    repo = tmp_path / "models"
+    shutil.copytree(SHIPPED_MODELS, repo)
+    settings = server_settings(repo, server__min_client_ping_interval_s=min_client_ping_interval_s, workers__replicas=1)
+    server = ServerThread(settings).start()
+    try:
+        images = held_out.images[:2].astype(float).tolist()
+        reply = triton(server.address, "stream_with_a_pause", images=images, pause_s=5, keepalive_ms=200)["replies"]
+    finally:
+        server.stop()
+    if kept:
+        assert [r.get("id") for r in reply] == ["before", "after"]
+        assert [r["top"] for r in reply] == held_out.labels[:2].tolist()
+    else:  # what grpc's own policy does to such a client: the stream ends with the pings it sent
+        assert any("Too many pings" in r.get("error", "") for r in reply), reply
+
+
+@pytest.mark.parametrize(
     "kind,status,message",
     [
         ("wrong_datatype", "StatusCode.INVALID_ARGUMENT", "must be FP32 or UINT8, got datatype 'INT32'"),

@@ -8,6 +8,7 @@ import base64
 import json
 import queue
 import sys
+import time
 
 import numpy as np
 import tritonclient.grpc as triton
@@ -99,6 +100,25 @@ def stream(client, payload):
     bad.set_data_from_numpy(np.zeros((1, 3, 8, 8), np.float32))
     client.async_stream_infer(MODEL, [bad], request_id="bad")
     client.stop_stream()
+    return {"replies": drained(replies)}
+
+
+def stream_with_a_pause(client, payload):
+    """One image, ``pause_s`` of silence on the open stream (only keepalive pings), another image."""
+    replies = queue.Queue()
+    client.start_stream(callback=lambda result, error: replies.put((result, error)))
+    client.async_stream_infer(MODEL, [pixels_input([payload["images"][0]])], request_id="before")
+    time.sleep(payload["pause_s"])
+    try:
+        client.async_stream_infer(MODEL, [pixels_input([payload["images"][1]])], request_id="after")
+    except InferenceServerException:
+        pass  # the stream had already failed; its callback got the reason
+    client.stop_stream()
+    return {"replies": drained(replies)}
+
+
+def drained(replies: queue.Queue) -> list[dict]:
+    """A stream's callbacks so far: each reply's id and top class, or its error."""
     out = []
     while not replies.empty():
         result, error = replies.get()
@@ -106,7 +126,7 @@ def stream(client, payload):
             out.append({"error": str(error)})
         else:
             out.append({"id": result.get_response().id, "top": int(np.argmax(result.as_numpy("probabilities")[0]))})
-    return {"replies": out}
+    return out
 
 
 def load_unload(client, payload):
@@ -161,10 +181,20 @@ def error(client, payload):
     return {"status": "no error"}
 
 
-SCENARIOS = {f.__name__: f for f in (health, metadata, infer, async_infer, stream, load_unload, statistics, error)}
+SCENARIOS = {
+    f.__name__: f
+    for f in (health, metadata, infer, async_infer, stream, stream_with_a_pause, load_unload, statistics, error)
+}
 
 if __name__ == "__main__":
     url, scenario = sys.argv[1], sys.argv[2]
     payload = json.load(sys.stdin)
-    with triton.InferenceServerClient(url) as client:
+    keepalive = None
+    if "keepalive_ms" in payload:  # what a user turning tritonclient's keepalive on would pass
+        keepalive = triton.KeepAliveOptions(
+            keepalive_time_ms=payload["keepalive_ms"],
+            keepalive_permit_without_calls=True,
+            http2_max_pings_without_data=0,
+        )
+    with triton.InferenceServerClient(url, keepalive_options=keepalive) as client:
         print(json.dumps(SCENARIOS[scenario](client, payload)))
