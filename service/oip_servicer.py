@@ -29,7 +29,7 @@ from convray.service.oip_codec import (
     write_outputs,
 )
 from convray.service.registry import ModelRegistry, ServedModel
-from convray.service.rpc import RpcObserver, deadline_of, ordered_concurrently
+from convray.service.rpc import API_LABELS, RpcObserver, deadline_of, ordered_concurrently
 from convray.service.statistics import Duration
 
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
@@ -55,7 +55,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self._registry = registry
         self._batching = batching
         self._workers = workers
-        self._rpc = RpcObserver("oip", metrics, registry.metric_label)
+        self._rpc = RpcObserver(API_LABELS["inference.GRPCInferenceService"], metrics, registry.metric_label)
 
     def _resolve(self, name: str, version: str) -> ServedModel:
         return self._registry.resolve(name, parse_version(version))

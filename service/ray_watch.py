@@ -30,7 +30,7 @@ import grpc
 
 from convray.oip import inference_pb2 as oip
 from convray.service.metrics import Metrics
-from convray.service.rpc import CANCELLED_AS_UNAVAILABLE, HandlerCache, handler_like, replies
+from convray.service.rpc import API_LABELS, CANCELLED_AS_UNAVAILABLE, HandlerCache, handler_like, replies
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,6 @@ NEEDS_RAY = frozenset(
         "/inference.GRPCInferenceService/RepositoryModelUnload",
     }
 )
-# The API label of convray_requests_total, by service (as RpcObserver sets it).
-_APIS = {"convray.v1.Classifier": "native", "inference.GRPCInferenceService": "oip"}
 # OIP readiness RPCs: answered "not ready" while Ray is lost.
 READINESS = {
     "/inference.GRPCInferenceService/ServerReady": oip.ServerReadyResponse,
@@ -127,7 +125,7 @@ class RayGate(grpc.aio.ServerInterceptor):
         if method not in NEEDS_RAY:
             return handler
         service, _, rpc = method.strip("/").partition("/")
-        api_and_rpc = (_APIS.get(service, service), rpc)
+        api_and_rpc = (API_LABELS.get(service, service), rpc)
         if handler.response_streaming:
             return self._streaming(handler, api_and_rpc)
         return self._unary_reply(handler, api_and_rpc)

@@ -33,6 +33,9 @@ Reply = TypeVar("Reply")
 CANCELLED_AS_UNAVAILABLE = "convray: the server lost something this call needs"
 """The message a handler is cancelled with when the server ends the call, not its client (``RayGate`` on losing
 Ray): the call is answered, and counted, UNAVAILABLE rather than CANCELLED."""
+API_LABELS = {"convray.v1.Classifier": "native", "inference.GRPCInferenceService": "oip"}
+"""The ``api`` label of the request metrics, by gRPC service: set by each servicer's ``RpcObserver``, and by
+``RayGate`` for the calls it refuses before they reach a servicer."""
 # Requests of one stream being processed at once; past it, reading the stream waits (backpressure).
 STREAM_WINDOW = 256
 # Label combinations whose metric children each RpcObserver keeps at hand.

@@ -12,7 +12,7 @@ from convray.service.explaining import ExplainAnswer, Explainer
 from convray.service.inference import Classification, Classifier
 from convray.service.metrics import Metrics
 from convray.service.registry import ModelRegistry
-from convray.service.rpc import RpcObserver, deadline_of, ordered_concurrently
+from convray.service.rpc import API_LABELS, RpcObserver, deadline_of, ordered_concurrently
 from convray.v1 import classifier_pb2 as pb
 from convray.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -83,7 +83,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self._explainer = explainer
         self._classifier = classifier
         self._registry = registry
-        self._rpc = RpcObserver("native", metrics, registry.metric_label)
+        self._rpc = RpcObserver(API_LABELS["convray.v1.Classifier"], metrics, registry.metric_label)
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         """Classify one image."""

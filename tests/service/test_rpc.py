@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from convray.service.errors import InvalidInput, ModelNotReady
 from convray.service.metrics import Metrics
-from convray.service.rpc import CANCELLED_AS_UNAVAILABLE, HandlerCache, RpcObserver
+from convray.service.rpc import API_LABELS, CANCELLED_AS_UNAVAILABLE, HandlerCache, RpcObserver
 
 
 async def _echo(request: object, context: object) -> object:
@@ -132,3 +132,9 @@ async def test_a_stream_item_cut_off_by_its_stream_ending_is_counted_cancelled_n
     labels = {"api": "oip", "rpc": "ModelStreamInfer", "model": "digits"}
     assert registry.get_sample_value("convray_requests_total", {**labels, "code": "CANCELLED"}) == 1
     assert registry.get_sample_value("convray_requests_total", {**labels, "code": "OK"}) is None
+
+
+def test_the_api_labels_name_the_services_convray_serves():
+    from convray.service.server import CLASSIFIER_SERVICE, OIP_SERVICE
+
+    assert API_LABELS == {CLASSIFIER_SERVICE: "native", OIP_SERVICE: "oip"}
