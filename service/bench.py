@@ -7,7 +7,8 @@ time on the wire, not on protobuf; it reports its own CPU use and says when it w
 With ``processes`` > 1 the load is split over that many client processes (one Python process tops out
 at several thousand requests a second), which start measuring together; their figures are merged.
 Several servers (``server`` "A,B", e.g. front-end pods addressed directly) share the client processes
-out between them, so a fleet of front ends is measured as one.
+out between them, so a fleet of front ends is measured as one. With ``streaming`` the requests go over the
+API's bidirectional stream instead of unary calls (``bench_stream``), like perf_analyzer's ``--streaming``.
 """
 
 from __future__ import annotations
@@ -28,10 +29,22 @@ from typing import Literal
 import grpc
 import numpy as np
 
+from convray.service.bench_stream import (
+    CLASSIFY_STREAM,
+    MODEL_STREAM_INFER,
+    StreamCaller,
+    classify_stream_code,
+    model_stream_infer_code,
+)
+
 CLASSIFY = "/convray.v1.Classifier/Classify"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODEL_METADATA = "/inference.GRPCInferenceService/ModelMetadata"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+STREAM_OF = {  # each unary method's stream counterpart, and how to read a stream reply's status
+    CLASSIFY: (CLASSIFY_STREAM, classify_stream_code),
+    MODEL_INFER: (MODEL_STREAM_INFER, model_stream_infer_code),
+}
 
 
 @dataclass
@@ -55,6 +68,9 @@ class BenchConfig:
     channels: int = 1  # of generated images (1 grey, 3 RGB)
     timeout_s: float = 30.0
     processes: int = 1  # client processes the concurrency (or rate, or request count) is split over
+    # Over the API's bidirectional stream instead of unary calls: one stream per concurrent caller (open loop:
+    # ``concurrency`` streams, taken in turn), each answered in order.
+    streaming: bool = False
 
 
 @dataclass
@@ -280,7 +296,7 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
         method, payloads, images_per_request = await build_payloads(config, channel)
         if start is not None:
             start.wait(timeout=config.timeout_s + 60)  # nothing else runs on this loop yet: blocking is fine
-        call = channel.unary_unary(method)  # bytes in, bytes out: no (de)serialisation on the client
+        send = _Sender(config, channel, method)
         latencies: list[float] = []
         codes: Counter[str] = Counter()
         measuring = False
@@ -288,11 +304,7 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
 
         async def one(index: int) -> None:
             started = time.perf_counter()
-            try:
-                await call(payloads[index % len(payloads)], timeout=config.timeout_s)
-                code = "OK"
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code().name
+            code = await send(index, payloads[index % len(payloads)])
             if measuring:
                 codes[code] += 1
                 if code == "OK":
@@ -336,7 +348,36 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
         await phase(config.duration_s if config.requests is None else 3600.0)
         wall = time.perf_counter() - wall_start
         cpu = _cpu_seconds() - cpu_start
+        await send.close()
     return Measurement(latencies, dict(codes), wall, cpu, images_per_request, config.server)
+
+
+class _Sender:
+    """Sends a request and returns its status code name: by unary call, or over one of ``concurrency`` streams.
+
+    Request ``index`` goes on stream ``index`` modulo their number, so a closed-loop caller keeps its own stream.
+    """
+
+    def __init__(self, config: BenchConfig, channel: grpc.aio.Channel, method: str) -> None:
+        self._timeout_s = config.timeout_s
+        self._unary = channel.unary_unary(method)  # bytes in, bytes out: no (de)serialisation on the client
+        self._streams: list[StreamCaller] = []
+        if config.streaming:
+            stream_method, code_of = STREAM_OF[method]
+            self._streams = [StreamCaller(channel, stream_method, code_of) for _ in range(config.concurrency)]
+
+    async def __call__(self, index: int, payload: bytes) -> str:
+        if self._streams:
+            return await self._streams[index % len(self._streams)](payload, self._timeout_s)
+        try:
+            await self._unary(payload, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+        return "OK"
+
+    async def close(self) -> None:
+        """Finish the streams (nothing to do for unary calls)."""
+        await asyncio.gather(*(stream.close() for stream in self._streams))
 
 
 def report_of(config: BenchConfig, measurements: list[Measurement]) -> BenchReport:
@@ -389,6 +430,8 @@ def format_report(report: BenchReport) -> str:
         payload = f"tensor {report.config['datatype']}"
     if report.config["batch_size"] != 1:
         payload += f", {report.config['batch_size']} images per request"
+    if report.config["streaming"]:
+        mode += ", streaming"
     if report.config["processes"] != 1:
         mode += f" over {report.config['processes']} client processes"
     lines = [

@@ -251,7 +251,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         requests=args.requests, warmup_s=args.warmup, images=args.images,
         image_size=(int(width), int(height or width)), image_format=args.image_format.upper(),
         channels=args.channels, timeout_s=args.timeout,
-        processes=args.processes or max(1, len(servers_of(args.server))),
+        processes=args.processes or max(1, len(servers_of(args.server))), streaming=args.streaming,
     )  # fmt: skip
     try:
         report = asyncio.run(run(config))
@@ -309,6 +309,10 @@ def add_client_commands(commands: Any) -> None:
                        help="images per request (--api oip; at most the server's --max-batch-size)")  # fmt: skip
     bench.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight")
     bench.add_argument("--rate", type=float, default=None, help="open loop instead: requests started per second")
+    bench.add_argument("--streaming", action="store_true",
+                       help="send over the API's bidirectional stream (ClassifyStream, ModelStreamInfer) instead "
+                            "of unary calls: one stream per concurrent request (--rate: --concurrency streams in "
+                            "turn)")  # fmt: skip
     bench.add_argument("--processes", type=int, default=None,
                        help="client processes to split the load over, when one is not enough "
                             "(default: one per --server)")  # fmt: skip

@@ -1,10 +1,13 @@
 """The floor for any Python gRPC server: a grpc.aio server answering ModelInfer with a fixed reply.
 
+ModelStreamInfer answers each item of a stream with the same reply, the floor for `convray bench --streaming`.
+
 Run: python tests/bench/noop_server.py --port 50100 --shape 1,8,8
 """
 
 import argparse
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -31,9 +34,17 @@ def metadata_reply(shape: list[int]) -> bytes:
 async def main(port: int, shape: list[int]) -> None:
     """Serve until killed."""
     reply, metadata = fixed_reply(), metadata_reply(shape)
+    stream_reply = oip.ModelStreamInferResponse(infer_response=oip.ModelInferResponse.FromString(reply))
+    stream_reply_bytes = stream_reply.SerializeToString()
 
     async def model_infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return reply
+
+    async def model_stream_infer(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        async for _ in requests:
+            yield stream_reply_bytes
 
     async def model_metadata(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return metadata
@@ -43,6 +54,7 @@ async def main(port: int, shape: list[int]) -> None:
         {
             "ModelInfer": grpc.unary_unary_rpc_method_handler(model_infer),
             "ModelMetadata": grpc.unary_unary_rpc_method_handler(model_metadata),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(model_stream_infer),
         },
     )
     server = grpc.aio.server()

@@ -196,6 +196,7 @@ def bench(
     datatype: str,
     batch_size: int = 1,
     processes: int = 1,
+    streaming: bool = False,
 ) -> dict:
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     subprocess.run(
@@ -224,6 +225,7 @@ def bench(
             str(warmup),
             "--json",
             str(out),
+            *(["--streaming"] if streaming else []),
         ],
         check=True,
         capture_output=True,
@@ -267,10 +269,17 @@ def main() -> None:
         help="servers per no-op and convray target, each its own process, port (and embedded Ray), driven as one "
         "at c=32 only; on a GPU each convray replica holds --gpus divided by it",
     )
+    parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="clients send over ModelStreamInfer, one stream per concurrent request (not the Ray Serve baseline)",
+    )
     parser.add_argument("--logs", default=None, help="folder for each server's output (default: a temporary one)")
     args = parser.parse_args()
     if args.batch_size != 1 and "ray_serve" in args.targets.split(","):
         parser.error("the Ray Serve baseline takes one image per request; leave it out of --targets for --batch-size")
+    if args.streaming and "ray_serve" in args.targets.split(","):
+        parser.error("the Ray Serve baseline serves unary ModelInfer only; leave it out of --targets for --streaming")
     out = Path(args.out)
     logs = Path(args.logs or tempfile.mkdtemp(prefix="convray-bench-logs-"))
     logs.mkdir(parents=True, exist_ok=True)
@@ -289,6 +298,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "client_processes": args.client_processes,
         "frontends": args.frontends,
+        "streaming": args.streaming,
         "points": [],
         "failures": [],
     }
@@ -345,6 +355,7 @@ def main() -> None:
                             args.datatype,
                             args.batch_size,
                             args.client_processes,
+                            args.streaming,
                         )
                         point = {
                             "model": model,

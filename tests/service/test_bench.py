@@ -19,6 +19,7 @@ from convray.service.bench import (
     report_of,
     split_load,
 )
+from tests.deploy.tools import scrape
 from tests.e2e.test_cli import free_port
 
 
@@ -68,9 +69,17 @@ def run_bench(*args: str, out: Path | None = None) -> tuple[subprocess.Completed
         ["--api", "oip", "--payload", "tensor", "--datatype", "UINT8", "--batch-size", "8"],
         ["--api", "oip", "--batch-size", "3"],
         ["--api", "oip", "--payload", "tensor", "--processes", "2"],
+        ["--api", "native", "--streaming"],
+        ["--api", "oip", "--payload", "tensor", "--datatype", "UINT8", "--streaming"],
+        ["--api", "oip", "--rate", "50", "--streaming"],
     ],
 )
 def test_a_short_run_against_the_real_server_reports_consistent_counts(served, tmp_path, flags):
+    api = flags[flags.index("--api") + 1]
+    rpcs = {"native": ("Classify", "ClassifyStream"), "oip": ("ModelInfer", "ModelStreamInfer")}
+    rpc = rpcs[api]["--streaming" in flags]
+    counted = {"api": api, "rpc": rpc, "model": "digits", "code": "OK"}
+    before = scrape(served.server.metrics_port).value("convray_requests_total", **counted)
     result, report = run_bench(
         "--server", served.address, "--duration", "1.5", "--warmup", "0.3", "--concurrency", "4", *flags,
         out=tmp_path / "report.json",
@@ -85,6 +94,9 @@ def test_a_short_run_against_the_real_server_reports_consistent_counts(served, t
     assert report["config"]["datatype"] == ("UINT8" if "UINT8" in flags else "FP32")
     batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 1
     assert report["images_per_s"] == pytest.approx(batch * report["requests_per_s"], rel=0.01)
+    # the server answered them through the RPC asked for (streams count each item), warm-up included
+    assert scrape(served.server.metrics_port).value("convray_requests_total", **counted) - before >= report["ok"]
+    assert ("streaming" in result.stdout) == ("--streaming" in flags)
 
 
 @pytest.mark.integration
@@ -103,9 +115,12 @@ def test_batches_need_the_oip_api():
 
 
 @pytest.mark.integration
-def test_errors_are_counted_by_code(served, tmp_path):
+@pytest.mark.parametrize(
+    "flags", [[], ["--streaming"], ["--api", "oip", "--streaming"]], ids=["unary", "native-stream", "oip-stream"]
+)
+def test_errors_are_counted_by_code(served, tmp_path, flags):
     result, report = run_bench(
-        "--server", served.address, "--model", "nope", "--requests", "20", "--warmup", "0",
+        "--server", served.address, "--model", "nope", "--requests", "20", "--warmup", "0", *flags,
         out=tmp_path / "report.json",
     )  # fmt: skip
     assert result.returncode == 1

@@ -1,0 +1,107 @@
+"""``convray bench --streaming``: requests sent over one bidirectional stream, replies matched by order.
+
+convray answers ``ClassifyStream`` and ``ModelStreamInfer`` items in the order they were sent (so does
+Triton), so a FIFO of waiting futures pairs each reply with its request. Items fail inside the stream,
+with the status a unary call would have had; a broken stream fails every request waiting on it with the
+stream's own status, and the next request opens a new stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+import grpc
+
+CLASSIFY_STREAM = "/convray.v1.Classifier/ClassifyStream"
+MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+def classify_stream_code(reply: bytes) -> str:
+    """The status code name of one ``ClassifyStreamResponse``: "OK", or its error's code."""
+    from convray.v1 import classifier_pb2 as pb
+
+    response = pb.ClassifyStreamResponse.FromString(reply)
+    return (response.error.code or "UNKNOWN") if response.WhichOneof("outcome") == "error" else "OK"
+
+
+def model_stream_infer_code(reply: bytes) -> str:
+    """The status code name of one ``ModelStreamInferResponse``: "OK", or the one its error message starts with.
+
+    convray writes the code as "[INVALID_ARGUMENT] message"; an error in another form (another server's) is UNKNOWN.
+    """
+    from convray.oip import inference_pb2 as oip
+
+    error = oip.ModelStreamInferResponse.FromString(reply).error_message
+    if not error:
+        return "OK"
+    name = error[1 : error.find("]")] if error.startswith("[") else ""
+    return name if name in grpc.StatusCode.__members__ else "UNKNOWN"
+
+
+class StreamCaller:
+    """Sends serialised requests over one stream of ``method``; each call returns its reply's status code name.
+
+    The stream opens on the first call and again after it broke. A request unanswered after its timeout counts as
+    DEADLINE_EXCEEDED and cancels the stream: every later reply on it would be matched to the wrong request.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel, method: str, code_of: Callable[[bytes], str]) -> None:
+        self._multicallable = channel.stream_stream(method)  # bytes in, bytes out
+        self._code_of = code_of
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._waiting: deque[asyncio.Future[str]] = deque()
+        self._reader: asyncio.Task[None] | None = None
+        self._writing = asyncio.Lock()  # a gRPC stream takes one write at a time; it also keeps the FIFO in order
+
+    async def __call__(self, payload: bytes, timeout_s: float) -> str:
+        """Send one request and wait for its reply; its status code name."""
+        reply = asyncio.get_running_loop().create_future()
+        async with self._writing:
+            if self._call is None:
+                self._call, self._waiting = self._multicallable(), deque()
+                self._reader = asyncio.create_task(self._read(self._call, self._waiting))
+            call = self._call
+            self._waiting.append(reply)
+            try:
+                await call.write(payload)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass  # the stream has ended: the reader answers this request with the stream's status
+        try:
+            return await asyncio.wait_for(reply, timeout_s)  # cancelled on a timeout: the reader then skips it
+        except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
+            if self._call is call:
+                self._call = None
+            call.cancel()
+            return "DEADLINE_EXCEEDED"
+
+    async def _read(self, call: grpc.aio.StreamStreamCall, waiting: deque[asyncio.Future[str]]) -> None:
+        """Answer the waiting requests in order from the stream's replies; when it ends, answer the rest."""
+        try:
+            while (reply := await call.read()) is not grpc.aio.EOF:
+                future = waiting.popleft()
+                if not future.done():
+                    future.set_result(self._code_of(reply))
+            code = (await call.code()).name
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+        if self._call is call:
+            self._call = None
+        for future in waiting:
+            if not future.done():
+                future.set_result("UNKNOWN" if code == "OK" else code)  # a stream that ended leaving them unanswered
+
+    async def close(self) -> None:
+        """Finish the stream: half-close it after the requests being written, and wait for every reply."""
+        async with self._writing:
+            call, reader = self._call, self._reader
+            if call is None or reader is None:
+                return
+            try:
+                await call.done_writing()
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass
+        await reader

@@ -1,0 +1,112 @@
+"""convray bench --streaming: replies matched to requests by order, item errors read, broken and stuck streams."""
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from convray.oip import inference_pb2 as oip
+from convray.service.bench_stream import StreamCaller, classify_stream_code, model_stream_infer_code
+from convray.v1 import classifier_pb2 as pb
+
+METHOD = "/test.Scripted/Stream"
+
+
+def test_a_classify_stream_reply_gives_its_error_code():
+    ok = pb.ClassifyStreamResponse(result=pb.ClassifyResponse(model="digits"))
+    failed = pb.ClassifyStreamResponse(error=pb.Error(code="NOT_FOUND", message="no model 'nope'"))
+    assert classify_stream_code(ok.SerializeToString()) == "OK"
+    assert classify_stream_code(failed.SerializeToString()) == "NOT_FOUND"
+
+
+@pytest.mark.parametrize(
+    ("error_message", "code"),
+    [
+        ("", "OK"),
+        ("[RESOURCE_EXHAUSTED] the queue of 'digits' is full", "RESOURCE_EXHAUSTED"),
+        ("[NOT_A_CODE] something", "UNKNOWN"),
+        ("in some other server's words", "UNKNOWN"),
+    ],
+)
+def test_a_model_stream_infer_reply_gives_the_code_its_error_starts_with(error_message, code):
+    reply = oip.ModelStreamInferResponse(error_message=error_message, infer_response=oip.ModelInferResponse())
+    assert model_stream_infer_code(reply.SerializeToString()) == code
+
+
+class ScriptedServer:
+    """A real gRPC server whose stream echoes each item back, in order, except:
+    b"break" ends the stream with UNAVAILABLE, and b"hang" is never answered."""
+
+    def __init__(self) -> None:
+        self.streams_opened = 0
+        self.server = grpc.aio.server()
+        handler = grpc.stream_stream_rpc_method_handler(self._stream)
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("test.Scripted", {"Stream": handler}),)
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+    async def _stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        self.streams_opened += 1
+        async for item in requests:
+            if item == b"break":
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
+            if item == b"hang":
+                await asyncio.Event().wait()
+            yield item
+
+    async def __aenter__(self) -> "ScriptedServer":
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.stop(None)
+
+
+def echoed(reply: bytes) -> str:
+    """The 'status' of a reply from the scripted server: what it echoed."""
+    return reply.decode()
+
+
+async def test_concurrent_requests_on_one_stream_each_get_their_own_reply():
+    async with ScriptedServer() as scripted, grpc.aio.insecure_channel(f"127.0.0.1:{scripted.port}") as channel:
+        caller = StreamCaller(channel, METHOD, echoed)
+        replies = await asyncio.gather(*(caller(f"item {i}".encode(), timeout_s=5) for i in range(20)))
+        await caller.close()
+    assert replies == [f"item {i}" for i in range(20)]
+    assert scripted.streams_opened == 1
+
+
+async def test_a_broken_stream_fails_its_waiting_requests_with_its_status_and_the_next_request_opens_another():
+    async with ScriptedServer() as scripted, grpc.aio.insecure_channel(f"127.0.0.1:{scripted.port}") as channel:
+        caller = StreamCaller(channel, METHOD, echoed)
+        assert await caller(b"first", timeout_s=5) == "first"
+        assert await asyncio.gather(caller(b"break", timeout_s=5), caller(b"queued behind it", timeout_s=5)) == [
+            "UNAVAILABLE",
+            "UNAVAILABLE",
+        ]
+        assert await caller(b"after", timeout_s=5) == "after"
+        await caller.close()
+    assert scripted.streams_opened == 2
+
+
+async def test_an_unanswered_request_times_out_and_its_stream_is_replaced():
+    async with ScriptedServer() as scripted, grpc.aio.insecure_channel(f"127.0.0.1:{scripted.port}") as channel:
+        caller = StreamCaller(channel, METHOD, echoed)
+        assert await caller(b"hang", timeout_s=0.3) == "DEADLINE_EXCEEDED"
+        # A reply that came late on the old stream would have been matched to the wrong request.
+        assert await caller(b"next", timeout_s=5) == "next"
+        await caller.close()
+    assert scripted.streams_opened == 2
+
+
+async def test_closing_waits_for_the_replies_still_on_their_way():
+    async with ScriptedServer() as scripted, grpc.aio.insecure_channel(f"127.0.0.1:{scripted.port}") as channel:
+        caller = StreamCaller(channel, METHOD, echoed)
+        pending = [asyncio.create_task(caller(f"{i}".encode(), timeout_s=5)) for i in range(5)]
+        await asyncio.sleep(0)  # every request written
+        await caller.close()
+        assert all(task.done() for task in pending)
+        assert [task.result() for task in pending] == [f"{i}" for i in range(5)]
+    assert scripted.streams_opened == 1
