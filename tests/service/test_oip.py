@@ -15,6 +15,7 @@ from PIL import Image
 
 from convray.oip import inference_pb2 as oip
 from convray.oip import inference_pb2_grpc as oip_grpc
+from convray.service.oip_codec import serialize_bytes
 from convray.v1 import classifier_pb2 as pb
 from convray.v1 import classifier_pb2_grpc
 from convray.workers.data import load_digits_split
@@ -286,3 +287,26 @@ def test_the_readme_tritonclient_example_runs(served):
     assert lines[0] == "server ready: True | model ready: True"
     assert lines[1].startswith("BYTES input, top 3 (value:index:label): ['") and ":3:3'" in lines[1]
     assert lines[2].startswith("FP32 input, most probable class: 3 ")
+
+
+def test_the_tritonclient_stream_example_answers_every_image_in_order_like_unary_calls(served, tmp_path):
+    images = sorted((REPO_ROOT / "examples" / "digits").glob("digit-*.png"))
+    not_an_image = tmp_path / "not-an-image.png"
+    not_an_image.write_bytes(b"plain text")
+    sent = [*images[:5], not_an_image, *images[5:]]
+    result = subprocess.run(
+        [str(CLIENT_PYTHON), str(REPO_ROOT / "examples" / "tritonclient_stream.py"), *map(str, sent),
+         "--url", served.address],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr  # one item failed
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(sent)
+    assert lines[5].startswith(f"{not_an_image}: error: [INVALID_ARGUMENT] not a decodable image")
+    stub = oip_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(served.address))
+    for path, line in zip(images, lines[:5] + lines[6:], strict=True):
+        request = oip.ModelInferRequest(model_name="digits", raw_input_contents=[serialize_bytes([path.read_bytes()])])
+        request.inputs.add(name="image", datatype="BYTES", shape=[1])
+        reply = stub.ModelInfer(request, timeout=10)
+        unary = np.frombuffer(reply.raw_output_contents[0], "<f4")
+        assert line == f"{path}: class {int(unary.argmax())}, p={unary.max():.4f}"
