@@ -417,6 +417,37 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def concurrency_levels(text: str) -> list[int]:
+    """The levels of ``--concurrency``: one number, or several separated by commas for a sweep ("1,8,32").
+
+    Raises:
+        ValueError: not positive integers, or a level given twice.
+    """
+    try:
+        levels = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"concurrency must be a positive integer or several, comma-separated; got {text!r}") from None
+    if any(level < 1 for level in levels):
+        raise ValueError(f"concurrency levels must be >= 1, got {text!r}")
+    if len(set(levels)) != len(levels):
+        raise ValueError(f"concurrency levels must differ, got {text!r}")
+    return levels
+
+
+def format_sweep(reports: list[BenchReport]) -> str:
+    """One line per concurrency level of a sweep: throughput, latency percentiles and errors."""
+    lines = [
+        "concurrency      req/s      img/s   p50 ms   p90 ms   p99 ms  errors",
+        *(
+            f"{r.config['concurrency']:>11} {r.requests_per_s:>10,.1f} {r.images_per_s:>10,.1f} "
+            f"{r.latency_ms['p50']:>8.2f} {r.latency_ms['p90']:>8.2f} {r.latency_ms['p99']:>8.2f}  "
+            f"{sum(r.errors.values()) or 'none'}"
+            for r in reports
+        ),
+    ]
+    return "\n".join(lines)
+
+
 def format_report(report: BenchReport) -> str:
     """A few human-readable lines."""
     lat = report.latency_ms

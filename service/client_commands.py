@@ -242,29 +242,46 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Load-test a server and print throughput, latency percentiles and errors."""
-    from convray.service.bench import BenchConfig, format_report, run, servers_of
+    from convray.service.bench import BenchConfig, concurrency_levels, format_report, format_sweep, run, servers_of
 
     width, _, height = args.image_size.partition("x")
-    config = BenchConfig(
+    try:
+        levels = concurrency_levels(args.concurrency)
+        if len(levels) > 1 and args.rate is not None:
+            raise ValueError("a sweep is of --concurrency levels; --rate runs open loop at one rate")
+    except ValueError as exc:
+        print(f"convray bench: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    base = BenchConfig(
         server=args.server, api=args.api, model=args.model, payload=args.payload, datatype=args.datatype,
-        batch_size=args.batch_size, concurrency=args.concurrency, rate_per_s=args.rate, duration_s=args.duration,
+        batch_size=args.batch_size, concurrency=levels[0], rate_per_s=args.rate, duration_s=args.duration,
         requests=args.requests, warmup_s=args.warmup, images=args.images,
         image_size=(int(width), int(height or width)), image_format=args.image_format.upper(),
         channels=args.channels, timeout_s=args.timeout,
         processes=args.processes or max(1, len(servers_of(args.server))), streaming=args.streaming,
     )  # fmt: skip
-    try:
-        report = asyncio.run(run(config))
-    except TimeoutError as exc:  # before OSError, its base class
-        print(f"convray bench: {exc or f'cannot reach a server at {args.server}'}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except (ValueError, OSError) as exc:
-        print(f"convray bench: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    print(format_report(report))
+    configs = [dataclasses.replace(base, concurrency=level) for level in levels]
+    if len(levels) > 1:  # a level gets no more client processes than requests in flight (but one per server)
+        fewest = len(servers_of(args.server))
+        configs = [dataclasses.replace(c, processes=max(fewest, min(c.processes, c.concurrency))) for c in configs]
+    reports = []
+    for config in configs:  # one level after another, each with its own warm-up
+        try:
+            reports.append(asyncio.run(run(config)))
+        except TimeoutError as exc:  # before OSError, its base class
+            print(f"convray bench: {exc or f'cannot reach a server at {args.server}'}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        except (ValueError, OSError) as exc:
+            print(f"convray bench: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(format_report(reports[-1]), flush=True)
+    if len(reports) > 1:
+        print(format_sweep(reports))
     if args.json:
-        Path(args.json).write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n", encoding="utf-8")
-    return EXIT_OK if report.ok else EXIT_FAILED
+        as_dicts = [dataclasses.asdict(report) for report in reports]
+        written = as_dicts[0] if len(as_dicts) == 1 else {"levels": as_dicts}
+        Path(args.json).write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
+    return EXIT_OK if all(report.ok for report in reports) else EXIT_FAILED
 
 
 def add_client_commands(commands: Any) -> None:
@@ -307,7 +324,9 @@ def add_client_commands(commands: Any) -> None:
                        help="of --payload tensor: UINT8 sends a quarter of FP32's bytes")  # fmt: skip
     bench.add_argument("--batch-size", type=int, default=1,
                        help="images per request (--api oip; at most the server's --max-batch-size)")  # fmt: skip
-    bench.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight")
+    bench.add_argument("--concurrency", default="1",
+                       help="closed loop: requests in flight; several, comma-separated (1,8,32), measure each in "
+                            "turn and end with a table")  # fmt: skip
     bench.add_argument("--rate", type=float, default=None, help="open loop instead: requests started per second")
     bench.add_argument("--streaming", action="store_true",
                        help="send over the API's bidirectional stream (ClassifyStream, ModelStreamInfer) instead "
@@ -324,7 +343,8 @@ def add_client_commands(commands: Any) -> None:
     bench.add_argument("--image-format", default="png", help="format of generated images")
     bench.add_argument("--channels", type=int, default=1, choices=[1, 3], help="of generated images")
     bench.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
-    bench.add_argument("--json", default=None, help="also write the report to this file")
+    bench.add_argument("--json", default=None,
+                       help="also write the report to this file (a sweep: {'levels': [reports]})")  # fmt: skip
     bench.set_defaults(run=cmd_bench)
 
     explain = commands.add_parser(

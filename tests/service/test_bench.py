@@ -12,8 +12,11 @@ from PIL import Image
 
 from convray.service.bench import (
     BenchConfig,
+    BenchReport,
     Measurement,
     build_payloads,
+    concurrency_levels,
+    format_sweep,
     load_images,
     percentiles,
     report_of,
@@ -32,6 +35,32 @@ def test_percentiles_interpolate_like_numpy():
 
 def test_percentiles_of_nothing_are_nan():
     assert all(math.isnan(v) for v in percentiles([]).values())
+
+
+def test_concurrency_is_one_level_or_a_comma_separated_sweep():
+    assert concurrency_levels("32") == [32]
+    assert concurrency_levels("1,8,32") == [1, 8, 32]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("0", ">= 1"), ("1,-4", ">= 1"), ("1,x", "positive integer"), ("", "positive integer"), ("8,8", "must differ")],
+)
+def test_a_bad_concurrency_is_a_clear_error(text, message):
+    with pytest.raises(ValueError, match=message):
+        concurrency_levels(text)
+
+
+def test_a_sweep_ends_with_one_row_per_level():
+    def report(concurrency: int, rate: float, errors: dict[str, int]) -> BenchReport:
+        config = {"concurrency": concurrency}
+        latency = {"p50": 1.0 * concurrency, "p90": 2.0, "p99": 3.0, "max": 4.0, "mean": 1.5}
+        return BenchReport(config, 10, 10, errors, 1.0, rate, rate, latency, 0.5, False)
+
+    lines = format_sweep([report(1, 500.0, {}), report(32, 2100.5, {"RESOURCE_EXHAUSTED": 3})]).splitlines()
+    assert lines[0].split() == ["concurrency", "req/s", "img/s", "p50", "ms", "p90", "ms", "p99", "ms", "errors"]
+    assert lines[1].split() == ["1", "500.0", "500.0", "1.00", "2.00", "3.00", "none"]
+    assert lines[2].split() == ["32", "2,100.5", "2,100.5", "32.00", "2.00", "3.00", "3"]
 
 
 def test_generated_images_have_the_asked_size_and_format():
@@ -97,6 +126,25 @@ def test_a_short_run_against_the_real_server_reports_consistent_counts(served, t
     # the server answered them through the RPC asked for (streams count each item), warm-up included
     assert scrape(served.server.metrics_port).value("convray_requests_total", **counted) - before >= report["ok"]
     assert ("streaming" in result.stdout) == ("--streaming" in flags)
+
+
+@pytest.mark.integration
+def test_a_sweep_measures_each_concurrency_level_in_turn(served, tmp_path):
+    result, report = run_bench(
+        "--server", served.address, "--api", "oip", "--concurrency", "1,4", "--processes", "2",
+        "--duration", "1", "--warmup", "0.3", out=tmp_path / "report.json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    levels = report["levels"]
+    assert [level["config"]["concurrency"] for level in levels] == [1, 4]
+    assert [level["config"]["processes"] for level in levels] == [1, 2]  # no more processes than requests in flight
+    assert all(level["ok"] > 0 and level["errors"] == {} for level in levels)
+    assert result.stdout.splitlines()[-3].split()[0] == "concurrency"
+
+
+def test_a_sweep_cannot_be_of_rates():
+    result, _ = run_bench("--concurrency", "1,4", "--rate", "10")
+    assert result.returncode == 2 and "--rate runs open loop at one rate" in result.stderr
 
 
 @pytest.mark.integration
