@@ -36,7 +36,11 @@ def test_a_model_stream_infer_reply_gives_the_code_its_error_starts_with(error_m
 
 class ScriptedServer:
     """A real gRPC server whose stream echoes each item back, in order, except:
-    b"break" ends the stream with UNAVAILABLE, and b"hang" is never answered."""
+    b"break next" makes the item after it end the stream with UNAVAILABLE, and b"hang" is never answered.
+
+    (The break waits for the next item so that no write follows it: a write racing the stream's end can
+    turn its status into grpc's own INTERNAL "Failed execute_batch".)
+    """
 
     def __init__(self) -> None:
         self.streams_opened = 0
@@ -49,9 +53,11 @@ class ScriptedServer:
 
     async def _stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         self.streams_opened += 1
+        breaking = False
         async for item in requests:
-            if item == b"break":
+            if breaking:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
+            breaking = item == b"break next"
             if item == b"hang":
                 await asyncio.Event().wait()
             yield item
@@ -82,10 +88,8 @@ async def test_a_broken_stream_fails_its_waiting_requests_with_its_status_and_th
     async with ScriptedServer() as scripted, grpc.aio.insecure_channel(f"127.0.0.1:{scripted.port}") as channel:
         caller = StreamCaller(channel, METHOD, echoed)
         assert await caller(b"first", timeout_s=5) == "first"
-        assert await asyncio.gather(caller(b"break", timeout_s=5), caller(b"queued behind it", timeout_s=5)) == [
-            "UNAVAILABLE",
-            "UNAVAILABLE",
-        ]
+        answers = await asyncio.gather(caller(b"break next", timeout_s=5), caller(b"waiting", timeout_s=5))
+        assert answers == ["break next", "UNAVAILABLE"]
         assert await caller(b"after", timeout_s=5) == "after"
         await caller.close()
     assert scripted.streams_opened == 2
