@@ -76,6 +76,7 @@ class Batcher(Generic[T, R]):
         self._batch_done = asyncio.Event()
         self._closed = False
         self._loop_task: asyncio.Task[None] | None = None
+        self._drain: asyncio.Future[None] | None = None  # close()'s work, shared by every caller
 
     @property
     def queue_depth(self) -> int:
@@ -115,7 +116,12 @@ class Batcher(Generic[T, R]):
         futures = self._admit(items, deadline)
         if len(futures) == 1:  # the common case; gather's bookkeeping costs more than the rest of submit
             return [await futures[0]]
-        return list(await asyncio.gather(*futures))
+        try:
+            return list(await asyncio.gather(*futures))
+        except Exception:
+            for future in futures:  # the caller has its answer: the rest leave the queue (running ones are skipped)
+                future.cancel()
+            raise
 
     def _admit(self, items: Sequence[T], deadline: float | None) -> list[asyncio.Future[R]]:
         if self._closed:
@@ -157,13 +163,37 @@ class Batcher(Generic[T, R]):
                 pass  # already taken into a batch, which skips it
 
     async def close(self) -> None:
-        """Refuse new requests, finish every admitted one, then stop."""
+        """Refuse new requests, finish every admitted one, then stop.
+
+        Cancelling a caller of ``close`` (an unload whose client gave up) stops its wait, not the drain: the
+        admitted requests are still answered. ``abort`` is the way to stop without draining.
+        """
         self._closed = True
         self._wakeup.set()
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self._finish_admitted())
+        await asyncio.shield(self._drain)
+
+    async def _finish_admitted(self) -> None:
         if self._loop_task is not None:
             await self._loop_task
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
+
+    def abort(self, reason: str) -> None:
+        """Stop at once without draining (the replicas are gone).
+
+        Queued requests fail with ModelNotReady(``reason``); running batches are cancelled, their requests with them.
+        """
+        self._closed = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        for task in list(self._running):
+            task.cancel()
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(ModelNotReady(reason))
 
     async def _form_batches(self) -> None:
         while True:
@@ -220,6 +250,9 @@ class Batcher(Generic[T, R]):
 
     async def _run(self, batch: list[_Pending[T, R]]) -> None:
         try:
+            batch = [p for p in batch if not p.future.done()]  # callers that gave up since the batch was formed
+            if not batch:
+                return
             results = await self._run_batch([p.item for p in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"{self.name}: batch of {len(batch)} requests returned {len(results)} results")

@@ -6,7 +6,9 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from convray.service.batching import Batcher
 from convray.service.config import BatchingSettings, WorkerSettings
@@ -18,6 +20,7 @@ from convray.service.statistics import ModelStatistics
 from convray.workers.pool import ReplicaOptions, ReplicaPool
 from convray.workers.repository import ModelLoadError, ModelMetadata, ModelRepository
 
+X = TypeVar("X")  # what a load or unload returns
 log = logging.getLogger(__name__)
 UNKNOWN_MODEL_LABEL = "(unknown)"  # the metrics' model label for names not served (see metric_label)
 
@@ -70,6 +73,7 @@ class ModelRegistry:
         self._metrics = metrics
         self._served: dict[str, dict[int, ServedModel]] = {}
         self._changing = asyncio.Lock()  # one load or unload at a time
+        self._changes: set[asyncio.Future[Any]] = set()  # loads and unloads under way (see _to_completion)
         self._poller: asyncio.Task[None] | None = None
         self._failed_versions: set[tuple[str, int]] = set()  # not retried by the poller
         self.ready = False
@@ -174,15 +178,30 @@ class ModelRegistry:
         log.info("loaded %s version %d on %d replica(s)", name, version, pool.size)
         return served
 
+    def _to_completion(self, change: Coroutine[Any, Any, X]) -> Awaitable[X]:
+        """Run a load or unload as a task that finishes even if its caller stops waiting.
+
+        A client whose deadline passes cancels its RPC's handler. Cut off halfway, a change would leave a
+        version forgotten but still holding its replicas and queued requests, or two versions serving.
+        """
+        task = asyncio.ensure_future(change)
+        self._changes.add(task)
+        task.add_done_callback(self._changes.discard)
+        return asyncio.shield(task)
+
     async def load_latest(self, name: str) -> ServedModel:
         """Serve the highest version of ``name`` on disk; once it is warm, unload the older ones.
 
-        A failed load leaves whatever was serving untouched.
+        A failed load leaves whatever was serving untouched. The change completes even if the caller is
+        cancelled.
 
         Raises:
             ModelNotFound: the repository has no version of ``name``.
             ModelLoadError: the version is invalid or its replicas failed to load it.
         """
+        return await self._to_completion(self._load_latest(name))
+
+    async def _load_latest(self, name: str) -> ServedModel:
         async with self._changing:
             version = self.repository.latest_version(name)
             if version is None:
@@ -220,9 +239,14 @@ class ModelRegistry:
     async def unload(self, name: str) -> None:
         """Stop serving every version of ``name``, after finishing the requests already queued.
 
+        The unload completes (queued requests answered, replicas stopped) even if the caller is cancelled.
+
         Raises:
             ModelNotFound: no version of ``name`` is loaded.
         """
+        await self._to_completion(self._unload(name))
+
+    async def _unload(self, name: str) -> None:
         async with self._changing:
             if not self._served.get(name):
                 raise ModelNotFound(f"model {name!r} is not loaded; loaded models: {sorted(self._served)}")
@@ -295,7 +319,7 @@ class ModelRegistry:
             try:
                 await asyncio.wait_for(version.batcher.close(), wait_s)
             except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
-                pass
+                version.batcher.abort(f"{version.name} version {version.version} lost its Ray cluster; retry")
             self._metrics.replicas.labels(version.name, str(version.version)).set(0)
 
     async def close(self) -> None:
@@ -303,6 +327,8 @@ class ModelRegistry:
         self.ready = False
         if self._poller is not None:
             self._poller.cancel()
+        if self._changes:  # a load or unload under way ends first (a load within the replicas' start timeout)
+            await asyncio.wait(set(self._changes))
         for versions in self._served.values():
             for served in versions.values():
                 await served.batcher.close()

@@ -195,6 +195,56 @@ async def test_close_finishes_admitted_requests_and_refuses_new_ones():
     assert await asyncio.gather(*admitted) == [0, 10, 20, 30, 40]
 
 
+@pytest.mark.parametrize("cancelled_while", ["a batch is queued", "only a batch is running"])
+async def test_a_cancelled_close_still_finishes_the_admitted_requests(cancelled_while):
+    """An unload whose client gave up cancels its close(); the requests it admitted are answered all the same."""
+    gate = asyncio.Event()
+    batcher = make(Recorder(gate), max_batch_size=2, max_batch_wait_s=0.0)
+    admitted = [asyncio.ensure_future(batcher.submit(i)) for i in range(2 if "only" in cancelled_while else 5)]
+    await asyncio.sleep(0.02)
+    closing = asyncio.ensure_future(batcher.close())
+    await asyncio.sleep(0.02)
+    closing.cancel()
+    await asyncio.gather(closing, return_exceptions=True)
+    gate.set()
+    results = await asyncio.wait_for(asyncio.gather(*admitted), 2)
+    assert results == [i * 10 for i in range(len(admitted))]
+    await asyncio.wait_for(batcher.close(), 2)  # the drain, finished, is what a later close() waits on
+    assert batcher.queue_depth == 0 and batcher.batches_running == 0
+
+
+async def test_abort_fails_the_queued_requests_and_cancels_the_running_batch():
+    batcher = make(Recorder(asyncio.Event()), max_batch_size=2, max_batch_wait_s=0.0)  # the gate never opens
+    running = [asyncio.ensure_future(batcher.submit(i)) for i in range(2)]
+    await asyncio.sleep(0.02)
+    queued = [asyncio.ensure_future(batcher.submit(i)) for i in range(2, 5)]
+    await asyncio.sleep(0.02)
+    batcher.abort("the cluster is gone")
+    outcomes = await asyncio.wait_for(asyncio.gather(*running, *queued, return_exceptions=True), 2)
+    assert all(isinstance(o, asyncio.CancelledError) for o in outcomes[:2])
+    assert all(isinstance(o, ModelNotReady) and "the cluster is gone" in str(o) for o in outcomes[2:])
+    with pytest.raises(ModelNotReady):
+        await batcher.submit(9)
+
+
+async def test_a_request_whose_first_batch_failed_runs_none_of_its_other_items():
+    ran: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int]:
+        await asyncio.sleep(0.02)
+        ran.append(list(items))
+        if 0 in items:
+            raise RuntimeError("replica lost")
+        return items
+
+    batcher = make(run, max_batch_size=2, max_batch_wait_s=0.0)
+    with pytest.raises(RuntimeError, match="replica lost"):
+        await batcher.submit_many(list(range(8)))
+    await asyncio.sleep(0.1)
+    assert ran == [[0, 1]] and batcher.queue_depth == 0
+    await batcher.close()
+
+
 def test_invalid_limits_are_refused_with_the_values():
     with pytest.raises(ValueError, match="got 0, 1, 1, 0.0"):
         Batcher(Recorder(), max_batch_size=0, max_batch_wait_s=0.0, max_queue=1, max_concurrent_batches=1)

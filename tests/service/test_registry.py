@@ -1,18 +1,71 @@
-"""The model registry picks up a newly published version while serving (models.poll_interval_s), issue #8."""
+"""The model registry: loads and unloads finish even when their caller gives up, and a newly published
+version is picked up while serving (models.poll_interval_s, issue #8)."""
 
+import asyncio
 import shutil
 import threading
 import time
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
+from convray.service.batching import Batcher
+from convray.service.config import BatchingSettings, WorkerSettings
+from convray.service.metrics import Metrics
+from convray.service.registry import ModelRegistry, ServedModel
+from convray.service.statistics import ModelStatistics
 from convray.v1 import classifier_pb2 as pb
 from convray.v1 import classifier_pb2_grpc
 from convray.workers.data import load_digits_split
-from tests.conftest import ServerThread, digit_png, server_settings
+from convray.workers.repository import ModelRepository
+from tests.conftest import SHIPPED_MODELS, ServerThread, digit_png, server_settings
 
-pytestmark = pytest.mark.integration
+
+class StoppablePool:
+    """Stands in for a version's ReplicaPool: records whether its replicas were stopped."""
+
+    size = 1
+    stopped = False
+
+    def replica_name(self, index: int) -> str:
+        return f"digits-1-{index}"
+
+    def shutdown(self) -> None:
+        self.stopped = True
+
+
+def registry_serving_a_held_batch() -> tuple[ModelRegistry, StoppablePool, Batcher, asyncio.Event]:
+    """A registry serving digits version 1 whose batches run only once the returned gate is opened."""
+    gate = asyncio.Event()
+
+    async def run_batch(items: list[int]) -> list[int]:
+        await gate.wait()
+        return items
+
+    registry = ModelRegistry(
+        ModelRepository(SHIPPED_MODELS), "digits", BatchingSettings(), WorkerSettings(), Metrics(CollectorRegistry())
+    )
+    batcher = Batcher(run_batch, max_batch_size=1, max_batch_wait_s=0.0, max_queue=8, max_concurrent_batches=1)
+    batcher.start()
+    pool = StoppablePool()
+    registry._served["digits"] = {1: ServedModel("digits", 1, None, pool, batcher, ModelStatistics())}
+    return registry, pool, batcher, gate
+
+
+async def test_an_unload_whose_caller_gave_up_still_answers_the_queue_and_stops_the_replicas():
+    """RepositoryModelUnload with a deadline shorter than the drain: gRPC cancels the handler mid-drain."""
+    registry, pool, batcher, gate = registry_serving_a_held_batch()
+    running, queued = asyncio.ensure_future(batcher.submit(1)), asyncio.ensure_future(batcher.submit(2))
+    await asyncio.sleep(0.02)
+    unloading = asyncio.ensure_future(registry.unload("digits"))
+    await asyncio.sleep(0.02)
+    unloading.cancel()  # the client's deadline passed
+    await asyncio.gather(unloading, return_exceptions=True)
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(running, queued), 2) == [1, 2]
+    await registry.close()  # waits for the unload, still under way
+    assert pool.stopped and registry.loaded_versions("digits") == []
 
 
 @pytest.fixture
@@ -22,6 +75,7 @@ def polling_server(ray_address, model_repo):
     server.stop()
 
 
+@pytest.mark.integration
 def test_a_published_version_is_loaded_warmed_and_switched_to_with_no_failed_request(polling_server):
     """Clients keep classifying (latest version, and version 1 by name) while version 2 appears on disk:
     every request succeeds, latest-version requests move from 1 to 2, and the poller then retires 1."""
@@ -73,6 +127,7 @@ def test_a_published_version_is_loaded_warmed_and_switched_to_with_no_failed_req
         assert set(served[switch:]) == {2}, "once a client got version 2, its latest-version requests never go back"
 
 
+@pytest.mark.integration
 def test_a_broken_new_version_leaves_the_served_one_in_place(polling_server):
     server, repo = polling_server
     broken = repo / "digits" / "2"
