@@ -52,8 +52,10 @@ def parse_version(text: str) -> int:
     """An OIP version string as convray's version number: '' is 0 (the latest loaded)."""
     if text == "":
         return 0
-    if not text.isdigit() or int(text) < 1:
-        raise InvalidInput(f"model version must be empty (latest) or a positive integer, got {text!r}")
+    # ASCII digits only: str.isdigit() also accepts '²' and '٣', which int() refuses or reads as another number.
+    # 18 digits fit the native API's int64 versions (and keep int() clear of Python's 4300-digit limit).
+    if not (text.isascii() and text.isdigit() and len(text) <= 18) or int(text) < 1:
+        raise InvalidInput(f"model version must be empty (latest) or a positive integer, got {text[:40]!r}")
     return int(text)
 
 

@@ -58,7 +58,7 @@ def test_versions(text, version):
     assert parse_version(text) == version
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "latest", "1.5"])
+@pytest.mark.parametrize("text", ["0", "-1", "latest", "1.5", "²", "1²", "①", "٣", "9" * 19, "9" * 5000])
 def test_bad_versions(text):
     with pytest.raises(InvalidInput, match="empty \\(latest\\) or a positive integer"):
         parse_version(text)
