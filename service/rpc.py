@@ -155,7 +155,12 @@ async def ordered_concurrently(
     async def read_requests() -> None:
         try:
             async for request in requests:
-                await in_order.put(asyncio.create_task(handle(request)))
+                task = asyncio.create_task(handle(request))
+                try:
+                    await in_order.put(task)
+                except BaseException:  # the stream ended while the window was full: nobody will await this one
+                    task.cancel()
+                    raise
         finally:
             await in_order.put(None)
 

@@ -12,7 +12,14 @@ from prometheus_client import CollectorRegistry
 
 from convray.service.errors import InvalidInput, ModelNotReady
 from convray.service.metrics import Metrics
-from convray.service.rpc import API_LABELS, CANCELLED_AS_UNAVAILABLE, HandlerCache, RpcObserver
+from convray.service.rpc import (
+    API_LABELS,
+    CANCELLED_AS_UNAVAILABLE,
+    STREAM_WINDOW,
+    HandlerCache,
+    RpcObserver,
+    ordered_concurrently,
+)
 
 
 async def _echo(request: object, context: object) -> object:
@@ -132,6 +139,31 @@ async def test_a_stream_item_cut_off_by_its_stream_ending_is_counted_cancelled_n
     labels = {"api": "oip", "rpc": "ModelStreamInfer", "model": "digits"}
     assert registry.get_sample_value("convray_requests_total", {**labels, "code": "CANCELLED"}) == 1
     assert registry.get_sample_value("convray_requests_total", {**labels, "code": "OK"}) is None
+
+
+async def test_no_stream_item_runs_on_after_its_stream_ends_with_the_window_full():
+    """The client goes away while every place in the window is taken and the next item is being read."""
+    started, finished = [], []
+
+    async def requests():
+        for i in range(STREAM_WINDOW + 5):
+            yield i
+
+    async def handle(i: int) -> int:
+        started.append(i)
+        await asyncio.sleep(0.2)
+        finished.append(i)
+        return i
+
+    replies = ordered_concurrently(requests(), handle)
+    first = asyncio.ensure_future(replies.__anext__())
+    await asyncio.sleep(0.05)  # the window is full and one more item has started
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    await replies.aclose()
+    await asyncio.sleep(0.4)
+    # one item awaited for the first reply, a full window behind it, and one more waiting for a place
+    assert len(started) == STREAM_WINDOW + 2 and finished == []
 
 
 def test_the_api_labels_name_the_services_convray_serves():
