@@ -116,7 +116,10 @@ class ReplicaPool:
         self._compiled_in_flight = compiled_in_flight
         self._token = new_token()
         self._fast_paths: list[FastPath | None] = [None] * len(actors)
-        self._reopening: set[asyncio.Task[None]] = set()
+        self._probes: dict[int, asyncio.Task[None]] = {}  # per lost replica: waiting for it to answer again
+        # Lost replicas not yet answering again: batches go to the others meanwhile. One that never comes back
+        # (Ray used up its restarts) stays here, so its instant failures do not draw every batch to it.
+        self._unwell: set[int] = set()
 
     @classmethod
     async def start(
@@ -211,8 +214,12 @@ class ReplicaPool:
             log.warning("replica %s-%d lost (%s); retrying its batch once", self.name, index, type(exc).__name__)
             if self._on_failure is not None:
                 self._on_failure()
+            self._unwell.add(index)
+            self._reopen_later(index)
             index = self._least_busy(avoid=index)
             reply = await self._run_on(index, pixels)
+        if self._unwell:
+            self._unwell.discard(index)  # it answered (a replica given up on, used when none was left, is back)
         return BatchResult(
             reply.probabilities,
             reply.compute_s,
@@ -223,9 +230,19 @@ class ReplicaPool:
         )
 
     def _least_busy(self, avoid: int | None = None) -> int:
+        """The replica for the next call: the least busy well one (ties round-robin).
+
+        Never ``avoid`` while another exists, and unwell replicas only when no other is left.
+
+        Raises:
+            ReplicaUnreachable: the pool was shut down (its version unloaded) since the caller picked it.
+        """
         offset = next(self._tie_break)
         count = len(self._actors)
-        candidates = [i for i in range(count) if i != avoid] or list(range(count))
+        if count == 0:
+            raise ReplicaUnreachable(f"{self.name} version {self.version} was unloaded; retry")
+        others = [i for i in range(count) if i != avoid] or list(range(count))
+        candidates = [i for i in others if i not in self._unwell] or others
         return min(candidates, key=lambda i: (self._in_flight[i], (i - offset) % count))
 
     async def _run_on(self, index: int, pixels: np.ndarray) -> Any:
@@ -281,23 +298,34 @@ class ReplicaPool:
         self._reopen_later(index)
 
     def _reopen_later(self, index: int) -> None:
-        """Open replica ``index``'s fast path again, in the background, once Ray has it running."""
-        task = asyncio.get_running_loop().create_task(self._reopen_when_back(index))
-        self._reopening.add(task)
-        task.add_done_callback(self._reopening.discard)
+        """Once Ray has replica ``index`` running again, in the background: count it well, open its fast path."""
+        if index in self._probes:
+            return  # already waiting for it
+        self._probes[index] = asyncio.get_running_loop().create_task(self._reopen_when_back(index))
 
     async def _reopen_when_back(self, index: int) -> None:
-        for attempt in range(REOPEN_ATTEMPTS):
-            await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
-            if not self._actors:
-                return  # shut down meanwhile
-            try:
-                described = await self._actors[index].describe.remote()  # answers once Ray restarted it
-            except REPLICA_LOST:
-                continue
-            await self._open_fast_path(index, described)
-            return
-        log.warning("replica %s: not back after %d tries; stays on plain calls", self.replica_name(index), attempt + 1)
+        try:
+            for attempt in range(REOPEN_ATTEMPTS):
+                await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
+                if not self._actors:
+                    return  # shut down meanwhile
+                try:
+                    described = await self._actors[index].describe.remote()  # answers once Ray restarted it
+                except REPLICA_LOST:
+                    continue
+                self._unwell.discard(index)
+                del self._probes[index]  # from here a new loss starts a new wait
+                await self._open_fast_path(index, described)
+                return
+            log.error(
+                "replica %s: not answering after %d tries (Ray may have used up its restarts); batches go to the "
+                "other replicas",
+                self.replica_name(index),
+                REOPEN_ATTEMPTS,
+            )
+        finally:
+            if self._probes.get(index) is asyncio.current_task():
+                del self._probes[index]
 
     async def _call(self, index: int, method: str, *args: Any) -> Any:
         """Call a replica's method, counting the call as in flight on that replica meanwhile."""
@@ -332,7 +360,7 @@ class ReplicaPool:
 
     def shutdown(self) -> None:
         """Stop every replica of this version (and the compiled graphs to them)."""
-        for task in self._reopening:
+        for task in self._probes.values():
             task.cancel()
         for path in self._fast_paths:
             if path is not None:

@@ -1,0 +1,95 @@
+"""ReplicaPool's choice of replica, without Ray: stand-in actor handles whose calls answer or fail at once.
+
+(tests/workers/test_pool.py drives the same pool over real Ray actors and every transport.)
+"""
+
+import asyncio
+
+import numpy as np
+import pytest
+from ray.exceptions import ActorDiedError
+
+from convray.workers import pool as pool_module
+from convray.workers.direct import ReplicaUnreachable
+from convray.workers.pool import ReplicaPool
+from convray.workers.replica import ReplicaReply
+
+BATCH = np.zeros((1, 1, 8, 8), np.uint8)
+
+
+class StandInActor:
+    """An actor handle whose ``run`` and ``describe`` answer after 1 ms, or raise ActorDiedError while ``dead``
+    (what Ray answers for an actor that has used up its restarts)."""
+
+    def __init__(self, dead: bool = False) -> None:
+        self.dead, self.runs = dead, 0
+
+    class _Method:
+        def __init__(self, call) -> None:
+            self._call = call
+
+        def remote(self, *args):
+            async def answer():
+                await asyncio.sleep(0.001)
+                return self._call(*args)
+
+            return answer()
+
+    def _alive(self) -> None:
+        if self.dead:
+            raise ActorDiedError()
+
+    def _run(self, pixels: np.ndarray) -> ReplicaReply:
+        self._alive()
+        self.runs += 1
+        return ReplicaReply(np.zeros((len(pixels), 10), np.float32), 0.0, 0, 0)
+
+    def _describe(self) -> dict:
+        self._alive()
+        return {"pid": 1, "input_shape": [1, 8, 8]}
+
+    @property
+    def run(self):
+        return self._Method(self._run)
+
+    @property
+    def describe(self):
+        return self._Method(self._describe)
+
+
+@pytest.fixture(autouse=True)
+def no_ray_kill(monkeypatch):
+    monkeypatch.setattr(pool_module.ray, "kill", lambda actor, no_restart=True: None)
+
+
+async def test_replicas_that_stay_dead_stop_drawing_batches_after_their_first_failure():
+    actors = [StandInActor(dead=True), StandInActor(dead=True), StandInActor()]
+    failures = []
+    pool = ReplicaPool("digits", 1, actors, on_failure=lambda: failures.append(1))
+    outcomes = [await asyncio.gather(pool.predict(BATCH), return_exceptions=True) for _ in range(30)]
+    assert sum(isinstance(o[0], Exception) for o in outcomes) <= 1  # at most one batch met both dead ones
+    assert actors[2].runs >= 29 and len(failures) <= 2  # each dead replica failed once, then was left alone
+    pool.shutdown()
+
+
+async def test_a_replica_that_answers_again_gets_batches_again():
+    actors = [StandInActor(dead=True), StandInActor()]
+    pool = ReplicaPool("digits", 1, actors)
+    for _ in range(4):
+        await pool.predict(BATCH)
+    assert actors[0].runs == 0
+    actors[0].dead = False  # Ray restarted it; the background probe finds it answering
+    await asyncio.sleep(0.7)
+    for _ in range(4):
+        await pool.predict(BATCH)
+    assert actors[0].runs == 2 and actors[1].runs == 6  # round-robin again
+    pool.shutdown()
+
+
+async def test_a_batch_or_explain_call_for_an_unloaded_version_is_replica_unreachable():
+    pool = ReplicaPool("digits", 1, [StandInActor(), StandInActor()])
+    pool.shutdown()  # the version was unloaded after the request resolved it
+    with pytest.raises(ReplicaUnreachable, match="digits version 1 was unloaded"):
+        await pool.predict(BATCH)
+    with pytest.raises(ReplicaUnreachable, match="was unloaded"):
+        await pool.explain(np.zeros((1, 8, 8), np.uint8), None, 1)
