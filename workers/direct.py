@@ -27,6 +27,7 @@ import asyncio
 import collections
 import functools
 import hmac
+import io
 import logging
 import secrets
 import socket
@@ -108,6 +109,10 @@ class DirectListener:
     def close(self) -> None:
         """Stop accepting and end every open connection (calls in flight on them fail at once)."""
         self._closed = True
+        try:
+            self._socket.shutdown(socket.SHUT_RDWR)  # wakes the thread in accept(); close() alone does not on Linux
+        except OSError:
+            pass
         self._socket.close()
         with self._lock:
             for connection in self._connections:
@@ -122,8 +127,15 @@ class DirectListener:
                 connection, _ = self._socket.accept()
             except OSError:
                 return  # closed
-            _tune(connection)
-            threading.Thread(target=self._serve, args=(connection,), name="convray-direct", daemon=True).start()
+            if self._closed:  # accepted as close() ran: it would escape close()'s shutdown of the connections
+                connection.close()
+                return
+            try:
+                _tune(connection)
+                threading.Thread(target=self._serve, args=(connection,), name="convray-direct", daemon=True).start()
+            except Exception:  # e.g. no thread can start now: refuse this one, keep accepting
+                log.exception("direct channel: could not serve a connection")
+                connection.close()
 
     def _serve(self, connection: socket.socket) -> None:
         with self._lock:
@@ -132,6 +144,8 @@ class DirectListener:
             self._answer(connection)
         except OSError:
             pass  # the front end went away (closed, reset); its batches in flight were already given up
+        except Exception:  # its batches fail over as for a lost replica; the others' connections go on
+            log.exception("direct channel: a connection failed")
         finally:
             with self._lock:
                 self._connections.discard(connection)
@@ -150,15 +164,35 @@ class DirectListener:
                 if size > self._max_batch_bytes:
                     log.warning("direct channel: refused a batch of %d bytes (limit %d)", size, self._max_batch_bytes)
                     return
-                pixels = self._buffer(shape)
+                try:
+                    pixels = self._buffer(shape)
+                except Exception as exc:  # noqa: BLE001 (e.g. pinned memory exhausted: this batch fails, not the link)
+                    if not _skip(incoming, size):
+                        return  # the client went away mid-batch
+                    connection.sendall(_error_reply(exc))
+                    continue
                 if incoming.readinto(memoryview(pixels).cast("B")) != size:
                     return  # the client went away mid-batch
                 try:
                     reply = _encode_reply(self._run(pixels))
                 except Exception as exc:  # noqa: BLE001 (the batch's error goes back to its caller)
-                    message = f"{type(exc).__name__}: {exc}".encode()
-                    reply = _STATUS.pack(_ERROR) + _ERROR_HEAD.pack(len(message)) + message
+                    reply = _error_reply(exc)
                 connection.sendall(reply)
+
+
+def _skip(incoming: io.BufferedReader, size: int) -> bool:
+    """Read and drop ``size`` bytes of a batch that has nowhere to go; False if the stream ended first."""
+    while size > 0:
+        chunk = incoming.read(min(size, 1 << 20))
+        if not chunk:
+            return False
+        size -= len(chunk)
+    return True
+
+
+def _error_reply(exc: Exception) -> bytes:
+    message = f"{type(exc).__name__}: {exc}".encode()
+    return _STATUS.pack(_ERROR) + _ERROR_HEAD.pack(len(message)) + message
 
 
 def _encode_reply(reply: ReplicaReply) -> bytes:
@@ -228,18 +262,21 @@ class DirectChannel:
         return reply
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        # A replica that accepts nothing (its listener gone, the kernel still completing connections) must fail
+        # the batch over, not hold it: connecting and the handshake get HANDSHAKE_TIMEOUT_S together.
         try:
-            reader, writer = await asyncio.open_connection(*self.address)
-        except OSError as exc:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(*self.address), HANDSHAKE_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError) as exc:  # noqa: UP041 (not yet the builtin on Python 3.10)
             raise self._fail(exc) from exc
         try:
             _tune(writer.get_extra_info("socket"))
             writer.write(self._token)
-            if await reader.readexactly(len(_ACCEPTED)) != _ACCEPTED:
+            answer = await asyncio.wait_for(reader.readexactly(len(_ACCEPTED)), HANDSHAKE_TIMEOUT_S)
+            if answer != _ACCEPTED:
                 raise ConnectionError("unexpected handshake answer")
         except BaseException as exc:
             writer.close()
-            if isinstance(exc, OSError | asyncio.IncompleteReadError):
+            if isinstance(exc, OSError | asyncio.IncompleteReadError | asyncio.TimeoutError):
                 raise self._fail(exc) from exc
             raise
         return reader, writer

@@ -287,6 +287,10 @@ class ReplicaPool:
             path.close()
             self._reopen_later(index)
             return
+        except Exception as exc:  # noqa: BLE001 (e.g. out of GPU memory for a moment: plain calls still work)
+            log.warning("replica %s: %s path failed its warm-up (%s); plain actor calls", name, self.transport, exc)
+            path.close()
+            return
         self._fast_paths[index] = path
 
     def _drop_fast_path(self, index: int, path: FastPath) -> None:

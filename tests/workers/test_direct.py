@@ -119,6 +119,55 @@ async def test_a_replica_that_goes_away_fails_the_call_at_once_instead_of_hangin
     assert channel.broken
 
 
+async def test_a_batch_with_no_buffer_to_land_in_fails_alone_and_the_connection_goes_on():
+    """E.g. pinned memory exhausted for one large batch: that batch gets the error, the next one runs."""
+    recorder, token = Recorder(), new_token()
+
+    def buffer(shape: tuple[int, ...]) -> np.ndarray:
+        if shape[0] == 3:
+            raise RuntimeError("pinned memory exhausted")
+        return np.empty(shape, np.uint8)
+
+    server = DirectListener(recorder, token, "127.0.0.1", max_batch_bytes=64 * 64, buffer=buffer)
+    try:
+        channel = DirectChannel(server.address, token)
+        with pytest.raises(ReplicaError, match="RuntimeError: pinned memory exhausted"):
+            await channel(images(1, 2, 3))
+        reply = await channel(images(4, 5))
+        assert reply.probabilities[:, 0].tolist() == [4.0, 5.0] and not channel.broken
+        assert [len(b) for b in recorder.batches] == [2]
+    finally:
+        server.close()
+
+
+def test_a_closed_listener_stops_accepting_and_its_thread_ends():
+    def accept_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "convray-direct-accept"}
+
+    before = accept_threads()
+    server = DirectListener(Recorder(), new_token(), "127.0.0.1", max_batch_bytes=64)
+    (its_thread,) = accept_threads() - before
+    server.close()
+    its_thread.join(timeout=2)
+    assert not its_thread.is_alive()
+    with pytest.raises(OSError):
+        socket.create_connection(server.address, timeout=1).close()
+
+
+async def test_a_replica_that_never_answers_the_handshake_is_unreachable_after_the_timeout(monkeypatch):
+    import convray.workers.direct as direct
+
+    monkeypatch.setattr(direct, "HANDSHAKE_TIMEOUT_S", 0.2)
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel completes connections; nobody answers
+    try:
+        channel = DirectChannel(silent.getsockname(), new_token())
+        with pytest.raises(ReplicaUnreachable, match="lost: TimeoutError"):
+            await asyncio.wait_for(channel(images(1)), 5)
+        assert channel.broken
+    finally:
+        silent.close()
+
+
 def test_nothing_listening_is_reported_as_unreachable():
     with socket.create_server(("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]  # free once closed

@@ -10,7 +10,7 @@ import pytest
 from ray.exceptions import ActorDiedError
 
 from convray.workers import pool as pool_module
-from convray.workers.direct import ReplicaUnreachable
+from convray.workers.direct import DirectListener, ReplicaUnreachable
 from convray.workers.pool import ReplicaPool
 from convray.workers.replica import ReplicaReply
 
@@ -21,8 +21,8 @@ class StandInActor:
     """An actor handle whose ``run`` and ``describe`` answer after 1 ms, or raise ActorDiedError while ``dead``
     (what Ray answers for an actor that has used up its restarts)."""
 
-    def __init__(self, dead: bool = False) -> None:
-        self.dead, self.runs = dead, 0
+    def __init__(self, dead: bool = False, direct_address: tuple[str, int] | None = None) -> None:
+        self.dead, self.runs, self.direct_address = dead, 0, direct_address
 
     class _Method:
         def __init__(self, call) -> None:
@@ -56,6 +56,10 @@ class StandInActor:
     def describe(self):
         return self._Method(self._describe)
 
+    @property
+    def open_direct_channel(self):
+        return self._Method(lambda token: self.direct_address)
+
 
 @pytest.fixture(autouse=True)
 def no_ray_kill(monkeypatch):
@@ -84,6 +88,26 @@ async def test_a_replica_that_answers_again_gets_batches_again():
         await pool.predict(BATCH)
     assert actors[0].runs == 2 and actors[1].runs == 6  # round-robin again
     pool.shutdown()
+
+
+async def test_a_fast_path_whose_warm_up_batch_fails_leaves_the_replica_on_plain_calls():
+    """E.g. a moment without GPU memory: the load goes on (before, the error escaped and failed it)."""
+
+    def run(pixels: np.ndarray) -> ReplicaReply:
+        raise RuntimeError("CUDA out of memory")
+
+    actor = StandInActor()
+    pool = ReplicaPool("digits", 1, [actor], transport="direct")
+    listener = DirectListener(run, pool._token, "127.0.0.1", max_batch_bytes=1 << 20)
+    actor.direct_address = listener.address
+    try:
+        await pool._open_fast_path(0, {"pid": 1, "input_shape": [1, 8, 8]})
+        assert pool.fast() == [False]
+        await pool.predict(BATCH)  # by a plain actor call
+        assert actor.runs == 1
+    finally:
+        listener.close()
+        pool.shutdown()
 
 
 async def test_a_batch_or_explain_call_for_an_unloaded_version_is_replica_unreachable():
