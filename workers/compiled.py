@@ -43,6 +43,7 @@ class CompiledRun:
         self._actor, self._pid = actor, pid
         self._probe_after_s = probe_after_s
         self._broken = asyncio.Event()
+        self._abandoned: set[asyncio.Future[Any]] = set()  # executions whose caller stopped waiting
 
     @property
     def broken(self) -> bool:
@@ -78,7 +79,11 @@ class CompiledRun:
         finally:
             broken.cancel()
             if not result.done():
-                result.cancel()
+                # Cancelled, or the graph broke: leave the execution to finish. Cancelling it would cancel the
+                # future Ray's reader resolves, which then fails on it and stops answering every later execution.
+                self._abandoned.add(result)
+                result.add_done_callback(_forget_outcome)
+                result.add_done_callback(self._abandoned.discard)
         try:
             reply = result.result()
         except RayTaskError:
@@ -114,3 +119,9 @@ class CompiledRun:
             self._graph.teardown()
         except Exception as exc:  # noqa: BLE001 (a graph whose actor died may fail to tear down; nothing to free)
             log.debug("compiled graph teardown: %s", exc)
+
+
+def _forget_outcome(execution: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned execution's outcome, so asyncio does not log it as never retrieved."""
+    if not execution.cancelled():
+        execution.exception()
