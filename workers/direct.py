@@ -33,6 +33,7 @@ import secrets
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -152,8 +153,7 @@ class DirectListener:
 
     def _answer(self, connection: socket.socket) -> None:
         with connection, connection.makefile("rb") as incoming:
-            connection.settimeout(self._handshake_timeout_s)  # a peer that never sends its token holds no thread
-            if not hmac.compare_digest(incoming.read(TOKEN_BYTES), self._token):
+            if not hmac.compare_digest(_read_within(connection, TOKEN_BYTES, self._handshake_timeout_s), self._token):
                 log.warning("direct channel: refused a connection with a wrong token")
                 return
             connection.settimeout(None)  # between batches a connection may idle for as long as traffic stops
@@ -178,6 +178,26 @@ class DirectListener:
                 except Exception as exc:  # noqa: BLE001 (the batch's error goes back to its caller)
                     reply = _error_reply(exc)
                 connection.sendall(reply)
+
+
+def _read_within(connection: socket.socket, size: int, timeout_s: float) -> bytes:
+    """Up to ``size`` bytes, all within ``timeout_s``; fewer if the peer closed or the time ran out.
+
+    The time is for all of them, not per read, so a peer that sends its token a byte at a time (or never)
+    holds the connection's thread no longer than ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    received = b""
+    while len(received) < size and (remaining := deadline - time.monotonic()) > 0:
+        connection.settimeout(remaining)
+        try:
+            chunk = connection.recv(size - len(received))
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        received += chunk
+    return received
 
 
 def _skip(incoming: io.BufferedReader, size: int) -> bool:

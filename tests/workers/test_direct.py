@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -197,6 +198,27 @@ def test_a_peer_that_never_sends_its_token_is_dropped_after_the_handshake_timeou
     with socket.create_connection(server.address) as silent:
         silent.settimeout(5)
         assert silent.recv(1) == b""  # closed by the listener, not left holding its thread
+    server.close()
+
+
+def test_a_peer_that_trickles_its_token_is_dropped_after_the_handshake_timeout_not_per_byte():
+    token = new_token()
+    server = DirectListener(Recorder(), token, "127.0.0.1", max_batch_bytes=64, handshake_timeout_s=0.3)
+    started = time.monotonic()
+    with socket.create_connection(server.address) as trickling:
+        trickling.settimeout(5)
+        try:
+            for byte in token:  # one byte every 0.1 s: each read is in time, the whole token is not
+                trickling.sendall(bytes([byte]))
+                time.sleep(0.1)
+        except OSError:
+            pass  # dropped while still sending
+        try:
+            answer = trickling.recv(1)
+        except ConnectionResetError:
+            answer = b""
+        assert answer == b""  # dropped, never accepted
+    assert time.monotonic() - started < 2.0
     server.close()
 
 
