@@ -1,6 +1,7 @@
 """convray bench --streaming: replies matched to requests by order, item errors read, broken and stuck streams."""
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -75,9 +76,14 @@ def echoed(reply: bytes) -> str:
     return reply.decode()
 
 
-async def test_concurrent_requests_on_one_stream_each_get_their_own_reply():
+@contextlib.asynccontextmanager
+async def caller_on_a_scripted_server() -> AsyncIterator[tuple[ScriptedServer, StreamCaller]]:
     async with ScriptedServer() as scripted, grpc.aio.insecure_channel(f"127.0.0.1:{scripted.port}") as channel:
-        caller = StreamCaller(channel, METHOD, echoed)
+        yield scripted, StreamCaller(channel, METHOD, echoed)
+
+
+async def test_concurrent_requests_on_one_stream_each_get_their_own_reply():
+    async with caller_on_a_scripted_server() as (scripted, caller):
         replies = await asyncio.gather(*(caller(f"item {i}".encode(), timeout_s=5) for i in range(20)))
         await caller.close()
     assert replies == [f"item {i}" for i in range(20)]
@@ -85,8 +91,7 @@ async def test_concurrent_requests_on_one_stream_each_get_their_own_reply():
 
 
 async def test_a_broken_stream_fails_its_waiting_requests_with_its_status_and_the_next_request_opens_another():
-    async with ScriptedServer() as scripted, grpc.aio.insecure_channel(f"127.0.0.1:{scripted.port}") as channel:
-        caller = StreamCaller(channel, METHOD, echoed)
+    async with caller_on_a_scripted_server() as (scripted, caller):
         assert await caller(b"first", timeout_s=5) == "first"
         answers = await asyncio.gather(caller(b"break next", timeout_s=5), caller(b"waiting", timeout_s=5))
         assert answers == ["break next", "UNAVAILABLE"]
@@ -96,8 +101,7 @@ async def test_a_broken_stream_fails_its_waiting_requests_with_its_status_and_th
 
 
 async def test_an_unanswered_request_times_out_and_its_stream_is_replaced():
-    async with ScriptedServer() as scripted, grpc.aio.insecure_channel(f"127.0.0.1:{scripted.port}") as channel:
-        caller = StreamCaller(channel, METHOD, echoed)
+    async with caller_on_a_scripted_server() as (scripted, caller):
         assert await caller(b"hang", timeout_s=0.3) == "DEADLINE_EXCEEDED"
         # A reply that came late on the old stream would have been matched to the wrong request.
         assert await caller(b"next", timeout_s=5) == "next"
@@ -106,8 +110,7 @@ async def test_an_unanswered_request_times_out_and_its_stream_is_replaced():
 
 
 async def test_closing_waits_for_the_replies_still_on_their_way():
-    async with ScriptedServer() as scripted, grpc.aio.insecure_channel(f"127.0.0.1:{scripted.port}") as channel:
-        caller = StreamCaller(channel, METHOD, echoed)
+    async with caller_on_a_scripted_server() as (scripted, caller):
         pending = [asyncio.create_task(caller(f"{i}".encode(), timeout_s=5)) for i in range(5)]
         await asyncio.sleep(0)  # every request written
         await caller.close()
