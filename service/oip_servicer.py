@@ -191,7 +191,9 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def _stream_item(
         self, request: oip.ModelInferRequest, deadline: float | None
     ) -> oip.ModelStreamInferResponse:
-        outcome = await self._rpc.item("ModelStreamInfer", request.model_name, lambda: self._infer(request, deadline))
+        outcome = await self._rpc.item(
+            "ModelStreamInfer", request.model_name, lambda: self._infer(request, deadline), deadline
+        )
         if isinstance(outcome, tuple):
             code, message = outcome
             return oip.ModelStreamInferResponse(

@@ -42,16 +42,16 @@ STREAM_WINDOW = 256
 CACHED_LABELS = 1024
 
 
-def cancelled_code(cancelled: asyncio.CancelledError, context: grpc.aio.ServicerContext | None) -> grpc.StatusCode:
-    """The status a cancelled call or stream item is counted under.
+def cancelled_code(cancelled: asyncio.CancelledError, deadline: float | None) -> grpc.StatusCode:
+    """The status a cancelled call or stream item is counted under; ``deadline`` as from ``deadline_of``.
 
     UNAVAILABLE when the server ended it (``CANCELLED_AS_UNAVAILABLE``), DEADLINE_EXCEEDED when its deadline
-    had passed, else CANCELLED (its client went away).
+    (a stream item's: its stream's) had passed, else CANCELLED (its client went away).
     """
     if cancelled.args and cancelled.args[0] == CANCELLED_AS_UNAVAILABLE:
         return grpc.StatusCode.UNAVAILABLE
-    remaining = context.time_remaining() if context is not None else None
-    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+    passed = deadline is not None and time.monotonic() >= deadline
+    return grpc.StatusCode.DEADLINE_EXCEEDED if passed else grpc.StatusCode.CANCELLED
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -117,7 +117,7 @@ class RpcObserver:
         except asyncio.CancelledError as cancelled:
             # gRPC cancels the handler when the client goes away or its deadline passes (a queued request then
             # leaves the batcher's queue unrun); the RayGate cancels it when Ray is lost.
-            code = cancelled_code(cancelled, context)
+            code = cancelled_code(cancelled, deadline_of(context))
             raise
         except Exception as exc:  # noqa: BLE001 (mapped onto a status just below)
             code, message, failure = *to_status(exc), exc
@@ -128,15 +128,18 @@ class RpcObserver:
             self._record(rpc, model_label, code, started, failure)
 
     async def item(
-        self, rpc: str, model: str, work: Callable[[], Awaitable[Reply]]
+        self, rpc: str, model: str, work: Callable[[], Awaitable[Reply]], deadline: float | None = None
     ) -> Reply | tuple[grpc.StatusCode, str]:
-        """Run one stream item's ``work``; a failure is returned as (code, message) so the stream goes on."""
+        """Run one stream item's ``work``; a failure is returned as (code, message) so the stream goes on.
+
+        ``deadline`` is the stream's (``deadline_of`` its context): an item cut off past it counts DEADLINE_EXCEEDED.
+        """
         started, code, failure = time.monotonic(), grpc.StatusCode.OK, None
         model_label = self._begin(model)
         try:
             return await work()
         except asyncio.CancelledError as cancelled:  # the stream ended under it (client gone, Ray lost)
-            code = cancelled_code(cancelled, None)
+            code = cancelled_code(cancelled, deadline)
             raise
         except Exception as exc:  # noqa: BLE001 (answered as this item's error)
             code, message, failure = *to_status(exc), exc

@@ -111,7 +111,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             )
             return classification_to_proto(result, request.request_id)
 
-        outcome = await self._rpc.item("ClassifyStream", request.model, work)
+        outcome = await self._rpc.item("ClassifyStream", request.model, work, deadline)
         if isinstance(outcome, tuple):
             code, message = outcome
             return pb.ClassifyStreamResponse(

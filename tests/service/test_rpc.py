@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -131,13 +132,24 @@ async def test_a_cancelled_call_is_counted_under_who_ended_it(message, remaining
     assert registry.get_sample_value("convray_requests_total", {**labels, "code": "OK"}) is None
 
 
-async def test_a_stream_item_cut_off_by_its_stream_ending_is_counted_cancelled_not_ok():
+@pytest.mark.parametrize(
+    "stream_deadline_in_s,code",
+    [(None, "CANCELLED"), (10.0, "CANCELLED"), (-0.001, "DEADLINE_EXCEEDED")],
+    ids=["no deadline", "before its deadline", "at its deadline"],
+)
+async def test_a_stream_item_cut_off_by_its_stream_ending_is_counted_cancelled_or_past_its_deadline(
+    stream_deadline_in_s, code
+):
     registry = CollectorRegistry()
     observer = RpcObserver("oip", Metrics(registry), lambda name: name)
-    await _cancelled_midway(lambda work: observer.item("ModelStreamInfer", "digits", work))
+    deadline = None if stream_deadline_in_s is None else time.monotonic() + stream_deadline_in_s
+    await _cancelled_midway(lambda work: observer.item("ModelStreamInfer", "digits", work, deadline))
 
     labels = {"api": "oip", "rpc": "ModelStreamInfer", "model": "digits"}
-    assert registry.get_sample_value("convray_requests_total", {**labels, "code": "CANCELLED"}) == 1
+    assert registry.get_sample_value("convray_requests_total", {**labels, "code": code}) == 1
+    assert registry.get_sample_value("convray_deadline_expired_total", {"api": "oip", "model": "digits"}) == (
+        1 if code == "DEADLINE_EXCEEDED" else None
+    )
     assert registry.get_sample_value("convray_requests_total", {**labels, "code": "OK"}) is None
 
 
