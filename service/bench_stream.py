@@ -80,9 +80,12 @@ class StreamCaller:
         """Answer the waiting requests in order from the stream's replies; when it ends, answer the rest."""
         try:
             while (reply := await call.read()) is not grpc.aio.EOF:
+                if not waiting:  # more replies than requests: nothing on this stream can be matched any more
+                    call.cancel()
+                    break
                 future = waiting.popleft()
                 if not future.done():
-                    future.set_result(self._code_of(reply))
+                    future.set_result(self._status_of(reply))
             code = (await call.code()).name
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
@@ -93,6 +96,12 @@ class StreamCaller:
         for future in waiting:
             if not future.done():
                 future.set_result("UNKNOWN" if code == "OK" else code)  # a stream that ended leaving them unanswered
+
+    def _status_of(self, reply: bytes) -> str:
+        try:
+            return self._code_of(reply)
+        except Exception:  # noqa: BLE001 (not the reply message this API defines: another server's, or garbled)
+            return "UNKNOWN"
 
     async def close(self) -> None:
         """Finish the stream: half-close it after the requests being written, and wait for every reply."""

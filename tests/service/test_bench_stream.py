@@ -37,7 +37,8 @@ def test_a_model_stream_infer_reply_gives_the_code_its_error_starts_with(error_m
 
 class ScriptedServer:
     """A real gRPC server whose stream echoes each item back, in order, except:
-    b"break next" makes the item after it end the stream with UNAVAILABLE, and b"hang" is never answered.
+    b"break next" makes the item after it end the stream with UNAVAILABLE, b"hang" is never answered, and
+    b"twice" is answered twice.
 
     (The break waits for the next item so that no write follows it: a write racing the stream's end can
     turn its status into grpc's own INTERNAL "Failed execute_batch".)
@@ -62,6 +63,8 @@ class ScriptedServer:
             if item == b"hang":
                 await asyncio.Event().wait()
             yield item
+            if item == b"twice":
+                yield item
 
     async def __aenter__(self) -> "ScriptedServer":
         await self.server.start()
@@ -117,3 +120,24 @@ async def test_closing_waits_for_the_replies_still_on_their_way():
         assert all(task.done() for task in pending)
         assert [task.result() for task in pending] == [f"{i}" for i in range(5)]
     assert scripted.streams_opened == 1
+
+
+async def test_a_reply_no_request_waits_for_ends_the_stream_and_the_next_request_opens_another():
+    """A server answering an item twice (one that breaks the stream contract) cannot be matched any more.
+
+    Only a reply arriving while nothing waits can be told apart; one arriving after the next request was sent
+    would be taken for its answer, which no client can tell.
+    """
+    async with caller_on_a_scripted_server() as (scripted, caller):
+        assert await caller(b"twice", timeout_s=5) == "twice"
+        await asyncio.sleep(0.1)  # the second answer arrives with nothing waiting
+        assert await caller(b"next", timeout_s=5) == "next"
+        await caller.close()
+    assert scripted.streams_opened == 2
+
+
+async def test_a_reply_that_is_not_the_apis_message_counts_as_unknown():
+    async with caller_on_a_scripted_server() as (scripted, caller):
+        assert await caller(b"\xff not utf-8", timeout_s=5) == "UNKNOWN"  # what `echoed` cannot read
+        assert await caller(b"next", timeout_s=5) == "next"
+        await caller.close()
