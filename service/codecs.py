@@ -56,6 +56,7 @@ def decode_image(data: bytes, contract: InputContract, limits: DecodeLimits) -> 
             )
         image.seek(0)
         image.load()
+        return _to_contract(image, contract)  # inside: EXIF is parsed here, lazily, and may be corrupt too
     except InvalidInput:
         raise
     except UnidentifiedImageError:
@@ -67,7 +68,6 @@ def decode_image(data: bytes, contract: InputContract, limits: DecodeLimits) -> 
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidInput(f"image data is corrupt or truncated ({type(exc).__name__}: {exc})") from None
-    return _to_contract(image, contract)
 
 
 def _to_contract(image: Image.Image, contract: InputContract) -> np.ndarray:

@@ -99,14 +99,24 @@ def test_cmyk_jpeg_is_converted():
     assert decode_image(encode(cmyk, "JPEG"), GREY_8, LIMITS)[0].min() > 240
 
 
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def png_header_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims a size, with a tiny (invalid) body: nothing big is ever allocated."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+def png_with_exif(exif: bytes) -> bytes:
+    """A valid 8x6 grey PNG carrying ``exif`` as its eXIf chunk (Pillow parses it only when asked)."""
+    ihdr = struct.pack(">IIBBBBB", 8, 6, 8, 0, 0, 0, 0)
+    rows = b"".join(b"\0" + b"\x80" * 8 for _ in range(6))
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"eXIf", exif)
+        + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b"")
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -122,6 +132,7 @@ def png_header_claiming(width: int, height: int) -> bytes:
         (encode(noise(64), "PNG")[:2000], "corrupt or truncated"),
         (encode(gradient(size=(64, 64)), "JPEG")[:300], "corrupt or truncated"),
         (encode(gradient(), "TIFF"), "not a decodable image"),
+        (png_with_exif(b"garbage-not-tiff"), r"corrupt or truncated \(SyntaxError: not a TIFF file"),
     ],
 )
 def test_bad_images_are_invalid_input_naming_the_problem(data, message):
