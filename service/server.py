@@ -372,6 +372,8 @@ class ConvrayServer:
 
     async def _replicas_answer(self) -> bool:
         calls = [actor.describe.remote() for s in self.registry.served_versions() for actor in s.pool.actors]
+        if not calls:  # none served: an earlier attempt abandoned the models, which must be loaded again
+            return False
         try:
             await asyncio.wait_for(asyncio.gather(*calls), REPLICA_CHECK_TIMEOUT_S)
         except Exception:  # noqa: BLE001 (dead, restarting or unreachable replicas)
