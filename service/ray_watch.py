@@ -63,6 +63,9 @@ class RayGate(grpc.aio.ServerInterceptor):
         self._reason: str | None = None
         self._calls: set[asyncio.Task[Any]] = set()
         self._failing: set[asyncio.Task[Any]] = set()
+        # Streams whose generator is suspended at a reply that gRPC is writing: cancelled there, the cancellation
+        # would land in gRPC's write, outside the generator, and gRPC would end the call with no status at all.
+        self._writing: set[asyncio.Task[Any]] = set()
         self._handlers = HandlerCache(self._wrap)
 
     @property
@@ -83,7 +86,8 @@ class RayGate(grpc.aio.ServerInterceptor):
         in_flight = [task for task in self._calls if not task.done()]
         for task in in_flight:
             self._failing.add(task)
-            task.cancel(msg=CANCELLED_AS_UNAVAILABLE)  # counted UNAVAILABLE by the servicer's RpcObserver
+            if task not in self._writing:  # a stream being written to fails when it resumes (_streaming)
+                task.cancel(msg=CANCELLED_AS_UNAVAILABLE)  # counted UNAVAILABLE by the servicer's RpcObserver
         return len(in_flight)
 
     def open(self) -> None:
@@ -152,8 +156,15 @@ class RayGate(grpc.aio.ServerInterceptor):
 
         async def gated(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with _GatedCall(self, context, method, request):
+                task = asyncio.current_task()
                 async for reply in replies(behaviour(request, context)):
-                    yield reply
+                    self._writing.add(task)
+                    try:
+                        yield reply
+                    finally:
+                        self._writing.discard(task)
+                    if task in self._failing:  # Ray was lost while gRPC wrote that reply
+                        await self._failed_in_flight(task, context)
 
         return handler_like(handler, gated)
 

@@ -129,3 +129,43 @@ async def test_a_call_refused_while_ray_is_lost_is_counted_unavailable_under_its
     assert ran == []
     assert count("oip", "ModelInfer") == 1 and count("native", "Classify") == 1
     assert registry.get_sample_value("convray_ray_unavailable_requests_total") == 2
+
+
+@pytest.mark.parametrize(
+    "write_s,close_after_s",
+    [(0.0, 0.105), (0.2, 0.1)],
+    ids=["lost while the stream works on an item", "lost while gRPC writes a reply"],
+)
+async def test_a_stream_in_flight_when_ray_is_lost_ends_unavailable_wherever_it_was(write_s, close_after_s):
+    """gRPC iterates a stream's generator and awaits the write of each reply outside it. A cancellation landing
+    in that write would end the call with no status at all (gRPC only logs a cancelled handler)."""
+    gate = RayGate(Metrics(CollectorRegistry()), lambda name: name or "digits")
+
+    async def behaviour(requests, context):
+        async for item in requests:
+            await asyncio.sleep(0.01)  # the item's batch, on Ray
+            yield item
+
+    async def requests():
+        for item in range(100):
+            yield item
+
+    handler = gate._wrap("/convray.v1.Classifier/ClassifyStream", grpc.stream_stream_rpc_method_handler(behaviour))
+    context = _Context()
+
+    async def like_grpc() -> str:  # grpc.aio's loop for a streaming handler: next reply, then write it
+        try:
+            async for _reply in handler.stream_stream(requests(), context):
+                await asyncio.sleep(write_s)  # the write: flow control, a slow reader
+        except _Aborted:
+            return "ended with a status"
+        except asyncio.CancelledError:
+            return "ended with no status"
+        return "ended OK"
+
+    call = asyncio.ensure_future(like_grpc())
+    await asyncio.sleep(close_after_s)
+    assert gate.close("GCS did not answer") == 1
+    assert await asyncio.wait_for(call, 5) == "ended with a status"
+    assert context.aborted[0] == grpc.StatusCode.UNAVAILABLE and "unreachable" in context.aborted[1]
+    assert not gate._calls and not gate._failing and not gate._writing
