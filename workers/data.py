@@ -119,10 +119,11 @@ def load_folder(root: str, colour_mode: str = "RGB", image_size: int | None = No
 
     size = (image_size, image_size) if image_size else None
     ds = ray.data.read_images(root, mode=colour_mode, size=size, include_paths=True, file_extensions=IMAGE_EXTENSIONS)
-    images, classes = [], []
-    for row in ds.iter_rows():
-        images.append(np.asarray(row["image"], dtype=np.uint8))
-        classes.append(Path(row["path"]).parent.name)
+    # Sorted by path: Ray Data yields rows in whatever order its read tasks finish, and the held-out split,
+    # the normalisation statistics and so the weights must be the same for the same seed.
+    rows = sorted(ds.iter_rows(), key=lambda row: row["path"])
+    images = [np.asarray(row["image"], dtype=np.uint8) for row in rows]
+    classes = [Path(row["path"]).parent.name for row in rows]
     if not images:
         raise ValueError(f"{root}: no {'/'.join(IMAGE_EXTENSIONS)} images under <class>/ folders")
     shapes = {image.shape for image in images}

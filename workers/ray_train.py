@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -56,7 +57,10 @@ def choose_run_name(config: TrainConfig, model_name: str) -> str:
     """
     if config.resume:
         root = Path(config.storage_path)
-        runs = sorted(root.glob(f"{model_name}-*/checkpoint_*"), key=lambda p: p.stat().st_mtime)
+        # Only this model's runs: "digits" must not pick up "digits-v2-<stamp>" (names may contain "-").
+        own = re.compile(rf"{re.escape(model_name)}-\d{{8}}-\d{{6}}-\d{{6}}")
+        checkpoints = (p for p in root.glob(f"{model_name}-*/checkpoint_*") if own.fullmatch(p.parent.name))
+        runs = sorted(checkpoints, key=lambda p: p.stat().st_mtime)
         if not runs:
             raise ValueError(f"--resume: no checkpointed run of {model_name!r} under {root.resolve()}")
         return runs[-1].parent.name

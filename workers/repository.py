@@ -211,14 +211,17 @@ class ModelRepository:
             for path in staging.iterdir():
                 os.chmod(path, 0o644)  # readable by serving pods that run as another user
             os.chmod(staging, 0o755)
+            version = 0
             while True:  # another publisher may take a number first: move on to the next one
-                version = (self.latest_version(name) or 0) + 1
+                version = max(version, self.latest_version(name) or 0) + 1
                 try:
                     os.rename(staging, self.version_dir(name, version))
                     return version
                 except OSError:
                     if not self.version_dir(name, version).exists():
                         raise
+                    # Taken: by another publisher's version, or by something that is not a version (a plain
+                    # file, which latest_version skips): either way the next number, never this one again.
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

@@ -1,5 +1,8 @@
 """convray train on Ray Train: two CPU workers on the test run's local Ray, a worker that dies, and --resume."""
 
+import os
+import time
+
 import pytest
 
 from convray.workers.ray_train import choose_run_name
@@ -38,6 +41,16 @@ def test_resume_continues_an_interrupted_run_and_a_dead_worker_is_replaced_from_
     checkpoints = sorted(p.name for p in (tmp_path / "runs" / name).glob("checkpoint_0*"))
     assert checkpoints == ["checkpoint_0003", "checkpoint_0004"]  # every epoch saved, the last two kept
     assert (out / "training_curve.png").stat().st_size > 1000 and f"run {name}" in lines[0]
+
+
+def test_resume_continues_this_models_latest_run_not_one_of_a_model_whose_name_starts_the_same(tmp_path):
+    for run, age_s in (("digits-20261125-101010-000001", 20), ("digits-v2-20261125-111111-000002", 10)):
+        checkpoint = tmp_path / run / "checkpoint_0001"
+        checkpoint.mkdir(parents=True)
+        os.utime(checkpoint, (time.time() - age_s, time.time() - age_s))  # digits-v2's run is the newer one
+    config = TrainConfig(resume=True, storage_path=str(tmp_path))
+    assert choose_run_name(config, "digits") == "digits-20261125-101010-000001"
+    assert choose_run_name(config, "digits-v2") == "digits-v2-20261125-111111-000002"
 
 
 def test_resume_without_an_earlier_run_says_so(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import threading
 
 import pytest
 import torch
@@ -46,6 +47,22 @@ def test_publish_writes_the_next_version_atomically_and_it_loads_back(model_repo
     again = repo.load("digits", 2)
     x = torch.randn(3, 1, 8, 8)
     assert torch.equal(again.module(x), original.module(x))
+
+
+def test_publish_steps_over_a_plain_file_where_the_next_version_would_go(model_repo):
+    """Before, it tried the same number forever: the file is not a version, so the highest stayed 1."""
+    repo = ModelRepository(model_repo)
+    original = repo.load("digits", 1)
+    (model_repo / "digits" / "2").write_text("not a version")
+    published: list[int] = []
+
+    def publish() -> None:
+        published.append(repo.publish("digits", original.metadata, original.module))
+
+    publishing = threading.Thread(target=publish, daemon=True)  # a thread: the old code never returned
+    publishing.start()
+    publishing.join(timeout=30)
+    assert published == [3] and repo.versions("digits") == [1, 3]
 
 
 def test_publish_refuses_a_bad_model_name(model_repo):
