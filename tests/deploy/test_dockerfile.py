@@ -37,11 +37,15 @@ def test_hadolint_passes():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_image_builds_the_stubs_with_the_make_proto_command():
+def test_the_image_builds_the_stubs_of_every_proto_with_the_make_proto_command():
+    """Every API's stubs: an image with the native ones only could not import the server (convray.oip)."""
     makefile = (REPO_ROOT / "Makefile").read_text()
     make_flags = re.search(r"grpc_tools\.protoc (-I proto .*?) \$\(PROTOS\)", makefile).group(1)
+    protos = re.search(r"^PROTOS := \$\(wildcard (\S+)\)$", makefile, re.MULTILINE).group(1)
     runs = " ".join(a for i, a in instructions() if i == "RUN")
-    assert f"python -m grpc_tools.protoc {make_flags} proto/convray/v1/*.proto" in re.sub(r"\s+", " ", runs)
+    assert f"python -m grpc_tools.protoc {make_flags} {protos}" in re.sub(r"\s+", " ", runs)
+    packages = {path.parent.name for path in REPO_ROOT.glob(protos)}
+    assert packages == {"v1", "oip"}  # the glob reaches both APIs
 
 
 def test_the_wheel_the_image_installs_is_the_one_pyproject_builds():
@@ -69,7 +73,8 @@ def test_dockerignore_lets_in_what_the_dockerfile_copies_and_nothing_generated()
     copied |= {"pyproject.toml", "README.md"}
     for path in copied - {"./"}:
         assert f"!{path.rstrip('/')}/" in ignore or f"!{path}" in ignore, path
-    assert "*" in ignore and "proto/convray/v1/*_pb2*.py" in ignore
+    assert "*" in ignore
+    assert {"proto/convray/*/*_pb2*.py", "proto/convray/*/*_pb2*.pyi"} <= set(ignore)  # every API's host stubs
 
 
 @pytest.mark.integration
