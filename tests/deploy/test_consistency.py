@@ -126,6 +126,15 @@ def test_probes_use_grpc_health_on_a_service_the_server_reports(built, overlay, 
 
 
 @pytest.mark.parametrize("overlay", SERVING)
+def test_the_startup_probe_outlasts_the_servers_own_start_limits(built, overlay, monkeypatch):
+    """Killed by the probe first, a pod restarts with no word of why; past its own limits the server says why."""
+    settings = settings_from_configmap(built[overlay], monkeypatch)
+    probe = next(c for c in frontend(built[overlay])["containers"] if c["name"] == "convray")["startupProbe"]
+    allowed_s = probe["periodSeconds"] * probe["failureThreshold"]
+    assert allowed_s >= settings.workers.ray_connect_timeout_s + settings.workers.replica_start_timeout_s + 60
+
+
+@pytest.mark.parametrize("overlay", SERVING)
 def test_termination_grace_outlasts_the_prestop_sleep_and_the_drain(built, overlay, monkeypatch):
     settings = settings_from_configmap(built[overlay], monkeypatch)
     pod = frontend(built[overlay])
