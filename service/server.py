@@ -250,6 +250,7 @@ class ConvrayServer:
             ) from None
         except Exception as exc:  # noqa: BLE001 (Ray raises several types for an unreachable cluster)
             raise StartupError(f"could not connect to {where}: {exc}") from exc
+        self.metrics.ray_connected.set(1)  # joined (the gauge says so while the models load)
         import ray
         import torch
 
@@ -267,7 +268,6 @@ class ConvrayServer:
             raise StartupError("no model could be loaded: " + "; ".join(errors))
         self.registry.start_polling(self.settings.models.poll_interval_s)
         await self._set_readiness(health_pb2.HealthCheckResponse.SERVING)
-        self.metrics.ray_connected.set(1)
         self._start_watchdog()
         # Everything built so far (torch, Ray, grpc: ~220,000 objects) lives as long as the process. Frozen, it is
         # out of the cyclic collector's sight, and collections scan only what requests allocate: 3-5% less
