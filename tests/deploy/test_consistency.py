@@ -135,6 +135,21 @@ def test_the_startup_probe_outlasts_the_servers_own_start_limits(built, overlay,
 
 
 @pytest.mark.parametrize("overlay", SERVING)
+def test_the_most_front_ends_the_autoscaler_allows_fit_their_replicas_on_the_ray_workers(built, overlay, monkeypatch):
+    """Each front end starts its own replicas (one model here), the rolling update adds one front end for a while,
+    and every replica needs its CPUs and GPUs on a Ray worker: more front ends than fit never become Ready."""
+    settings = settings_from_configmap(built[overlay], monkeypatch)
+    hpa = find(built[overlay], "HorizontalPodAutoscaler", "convray-frontend")["spec"]
+    surge = find(built[overlay], "Deployment", "convray-frontend")["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
+    (group,) = find(built[overlay], "RayCluster", "convray")["spec"]["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    front_ends, replicas = hpa["maxReplicas"] + surge, settings.workers.replicas
+    assert front_ends * replicas * settings.workers.cpus_per_replica <= group["maxReplicas"] * float(limits["cpu"])
+    gpus = float(limits.get("nvidia.com/gpu", 0))
+    assert front_ends * replicas * settings.workers.gpus_per_replica <= group["maxReplicas"] * gpus
+
+
+@pytest.mark.parametrize("overlay", SERVING)
 def test_termination_grace_outlasts_the_prestop_sleep_and_the_drain(built, overlay, monkeypatch):
     settings = settings_from_configmap(built[overlay], monkeypatch)
     pod = frontend(built[overlay])
