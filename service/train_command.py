@@ -84,17 +84,19 @@ class EpochGauges:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a CNN (in this process or on Ray Train workers) and publish it as the next model version."""
+    from convray.workers.repository import validate_model_name
     from convray.workers.train import train_and_publish
 
-    config = config_from_args(args)
-    on_epoch = None
-    if args.metrics_port is not None:
-        on_epoch = EpochGauges(args.model_name, args.metrics_port, args.metrics_host)
-        if config.workers == 0:
-            on_epoch.start()
     try:
+        config = config_from_args(args)
+        validate_model_name(args.model_name)  # now, not after the whole training
+        on_epoch = None
+        if args.metrics_port is not None:
+            on_epoch = EpochGauges(args.model_name, args.metrics_port, args.metrics_host)
+            if config.workers == 0:
+                on_epoch.start()
         train_and_publish(config, Path(args.model_repo), args.model_name, on_epoch=on_epoch)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:  # bad flags, or a --spec / dataset file that is not there
         print(f"convray train: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
@@ -102,11 +104,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Search spec and optimiser choices with Ray Tune (each trial a Ray Train run); publish the best."""
+    from convray.workers.repository import validate_model_name
     from convray.workers.tune import tune_and_publish
 
     try:
+        validate_model_name(args.model_name)
         tune_and_publish(config_from_args(args), args.trials, Path(args.model_repo), args.model_name)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         print(f"convray tune: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK

@@ -73,6 +73,32 @@ class TrainConfig:
     max_failures: int = 2  # worker-group restarts (from the last checkpoint) before the run fails
     fail_at_epoch: int | None = None  # tests: rank 0 dies at the start of this epoch (once: not after resuming)
 
+    def __post_init__(self) -> None:
+        """Refuse values no run can use, before anything trains.
+
+        On Ray Train workers they would fail each worker in turn, retried ``max_failures`` times, and some
+        (no epochs) would publish an untrained model.
+
+        Raises:
+            ValueError: naming every such value.
+        """
+        problems = [
+            message
+            for bad, message in (
+                (self.epochs < 1, f"epochs must be >= 1, got {self.epochs}"),
+                (self.batch_size < 1, f"batch size must be >= 1, got {self.batch_size}"),
+                (self.max_lr <= 0, f"learning rate must be > 0, got {self.max_lr}"),
+                (not 0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
+                (self.max_shift_px < 0, f"max shift must be >= 0 pixels, got {self.max_shift_px}"),
+                (self.threads < 1, f"threads must be >= 1, got {self.threads}"),
+                (self.workers < 0, f"workers must be >= 0, got {self.workers}"),
+                (self.resume and self.workers == 0, "--resume continues a Ray Train run's checkpoints: --workers >= 1"),
+            )
+            if bad
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 def load_spec(config: TrainConfig, data: ImageDataset | None = None) -> CNNSpec:
     """The spec to train: from ``spec_file`` when given, else the named preset fitted to ``data``.

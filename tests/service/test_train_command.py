@@ -1,8 +1,12 @@
 """`convray train` / `convray tune` flags: each sets one TrainConfig field, and every field has a flag."""
 
 import dataclasses
+import re
+
+import pytest
 
 from convray.service.cli import build_parser
+from convray.service.exit_codes import EXIT_USAGE
 from convray.service.train_command import TRAIN_FLAGS, _field, config_from_args
 from convray.workers.train import TrainConfig
 
@@ -26,3 +30,23 @@ def test_given_flags_override_the_defaults_and_the_rest_stay():
 def test_tune_takes_the_same_flags_and_a_trial_count():
     args = build_parser().parse_args(["tune", "--trials", "4", "--epochs", "5", "--model-name", "x"])
     assert args.trials == 4 and config_from_args(args).epochs == 5 and args.model_name == "x"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--epochs", "0", "--schedule", "cosine"], "epochs must be >= 1, got 0"),  # published an untrained model
+        (["--threads", "0"], "threads must be >= 1"),
+        (["--label-smoothing", "1.5"], r"label smoothing must be in \[0, 1\)"),
+        (["--max-shift-px", "-1"], "max shift must be >= 0 pixels"),
+        (["--lr", "-0.1", "--batch-size", "0"], "batch size must be >= 1, got 0; learning rate must be > 0"),
+        (["--resume", "--workers", "0"], "--resume continues a Ray Train run's checkpoints"),
+        (["--spec", "no-such-spec.json", "--workers", "0"], "No such file or directory: 'no-such-spec.json'"),
+        (["--model-name", "a/b", "--workers", "0"], "invalid model name"),  # before, refused after the training
+    ],
+)
+def test_options_no_run_can_use_are_a_usage_error_before_any_training(flags, message, tmp_path, capsys):
+    args = build_parser().parse_args(["train", *flags, "--model-repo", str(tmp_path)])
+    assert args.run(args) == EXIT_USAGE
+    assert re.search(message, capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())  # nothing published
