@@ -1,5 +1,7 @@
 """The training loop without Ray (--workers 0): statistics, spec fitting, schedules, AMP, a short run."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -48,6 +50,36 @@ def test_the_same_seed_trains_the_same_weights():
     first, _ = train_loop(config, data, LocalSession(config, lambda line: None, None))
     second, _ = train_loop(config, data, LocalSession(config, lambda line: None, None))
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+class CheckpointingSession(LocalSession):
+    """This process, keeping each epoch's checkpoint as Ray Train would, and able to stop after an epoch."""
+
+    def __init__(self, config: TrainConfig, restored: dict | None = None, stop_after: int | None = None) -> None:
+        super().__init__(config, lambda line: None, None)
+        self.restored, self.stop_after, self.saved = restored, stop_after, None
+
+    def restore(self) -> dict | None:
+        return copy.deepcopy(self.restored)
+
+    def report(self, progress, record, state) -> None:
+        self.saved = copy.deepcopy(state())
+        if progress.epoch == self.stop_after:
+            raise KeyboardInterrupt  # the interruption
+
+
+def test_a_run_resumed_from_its_checkpoint_trains_the_weights_of_an_uninterrupted_one():
+    """With dropout (digits-small has 0.1), whose masks come from torch's global generator."""
+    config = TrainConfig(epochs=3, seed=0, workers=0, threads=1)
+    data = prepare_data(config)
+    uninterrupted, _ = train_loop(config, data, CheckpointingSession(config))
+    interrupted = CheckpointingSession(config, stop_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(config, data, interrupted)
+    resumed, history = train_loop(config, data, CheckpointingSession(config, restored=interrupted.saved))
+    assert [record["epoch"] for record in history] == [1, 2, 3]
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
