@@ -2,7 +2,7 @@
 
 ``load_dataset`` takes the ``--dataset`` value:
 
-- ``digits``: scikit-learn's bundled 8x8 handwritten digits, always the same stratified 80/20 split;
+- ``digits``: scikit-learn's bundled 8x8 digits, the same stratified split per fraction (80/20 by default);
 - ``folder:PATH``: ``PATH/<class>/*.png|jpg`` (the ImageFolder convention), read with Ray Data so the
   same call reads local disk or object storage (``folder:s3://...``); class names are the sorted folders;
 - ``npz:PATH``: arrays ``images`` (N, H, W), (N, H, W, C) or (N, C, H, W) uint8, ``labels`` (N,), and
