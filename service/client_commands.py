@@ -252,18 +252,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"convray bench: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    servers = len(servers_of(args.server))
     base = BenchConfig(
         server=args.server, api=args.api, model=args.model, payload=args.payload, datatype=args.datatype,
         batch_size=args.batch_size, concurrency=levels[0], rate_per_s=args.rate, duration_s=args.duration,
         requests=args.requests, warmup_s=args.warmup, images=args.images,
         image_size=(int(width), int(height or width)), image_format=args.image_format.upper(),
-        channels=args.channels, timeout_s=args.timeout,
-        processes=args.processes or max(1, len(servers_of(args.server))), streaming=args.streaming,
+        channels=args.channels, timeout_s=args.timeout, processes=args.processes or max(1, servers),
+        streaming=args.streaming,
     )  # fmt: skip
-    configs = [dataclasses.replace(base, concurrency=level) for level in levels]
-    if len(levels) > 1:  # a level gets no more client processes than requests in flight (but one per server)
-        fewest = len(servers_of(args.server))
-        configs = [dataclasses.replace(c, processes=max(fewest, min(c.processes, c.concurrency))) for c in configs]
+    sweep = len(levels) > 1  # then a level gets no more client processes than requests in flight (one per server)
+    configs = [
+        dataclasses.replace(
+            base, concurrency=level, processes=max(servers, min(base.processes, level)) if sweep else base.processes
+        )
+        for level in levels
+    ]
     reports = []
     for config in configs:  # one level after another, each with its own warm-up
         try:

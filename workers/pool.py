@@ -309,27 +309,33 @@ class ReplicaPool:
 
     async def _reopen_when_back(self, index: int) -> None:
         try:
-            for attempt in range(REOPEN_ATTEMPTS):
-                await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
-                if not self._actors:
-                    return  # shut down meanwhile
-                try:
-                    described = await self._actors[index].describe.remote()  # answers once Ray restarted it
-                except REPLICA_LOST:
-                    continue
-                self._unwell.discard(index)
-                del self._probes[index]  # from here a new loss starts a new wait
-                await self._open_fast_path(index, described)
-                return
-            log.error(
-                "replica %s: not answering after %d tries (Ray may have used up its restarts); batches go to the "
-                "other replicas",
-                self.replica_name(index),
-                REOPEN_ATTEMPTS,
-            )
+            described = await self._describe_once_back(index)
         finally:
-            if self._probes.get(index) is asyncio.current_task():
-                del self._probes[index]
+            del self._probes[index]  # from here a new loss starts a new wait
+        if described is not None:
+            self._unwell.discard(index)
+            await self._open_fast_path(index, described)
+
+    async def _describe_once_back(self, index: int) -> dict[str, Any] | None:
+        """Replica ``index``'s ``describe`` once Ray has it running again, retried with backoff up to 5 s.
+
+        None if the pool was shut down meanwhile, or the replica still does not answer after ``REOPEN_ATTEMPTS`` tries.
+        """
+        for attempt in range(REOPEN_ATTEMPTS):
+            await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
+            if not self._actors:
+                return None  # shut down meanwhile
+            try:
+                return await self._actors[index].describe.remote()  # answers once Ray restarted it
+            except REPLICA_LOST:
+                continue
+        log.error(
+            "replica %s: not answering after %d tries (Ray may have used up its restarts); batches go to the "
+            "other replicas",
+            self.replica_name(index),
+            REOPEN_ATTEMPTS,
+        )
+        return None
 
     async def _call(self, index: int, method: str, *args: Any) -> Any:
         """Call a replica's method, counting the call as in flight on that replica meanwhile."""

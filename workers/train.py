@@ -299,10 +299,11 @@ def train_loop(config: TrainConfig, data: TrainingData, session: Session) -> tup
         if epoch == config.fail_at_epoch and started_before < epoch - 1 and session.rank == 0:
             session.crash(epoch)  # failure injection (tests): once, not again after restoring epoch - 1
         sampler.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch * 101 + session.rank)
+        epoch_seed = config.seed * 100_003 + epoch * 101 + session.rank
+        generator = torch.Generator().manual_seed(epoch_seed)  # augmentation
         # Dropout draws from torch's global generator, which no checkpoint carries: seeded per epoch and rank
         # (apart from the augmentation's), a resumed run draws what an uninterrupted one would, and ranks differ.
-        torch.manual_seed(config.seed * 100_003 + epoch * 101 + session.rank + 7_919)
+        torch.manual_seed(epoch_seed + 7_919)
         started = time.monotonic()
         totals = train_one_epoch(
             wrapped, opt, schedule, scaler, images, labels, data.contract.normalisation,
