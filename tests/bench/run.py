@@ -260,14 +260,20 @@ def main() -> None:
         "--client-processes",
         type=int,
         default=1,
-        help="convray bench processes per point at c=32 (where one saturates, e.g. on a many-core GPU node)",
+        help="convray bench processes per loaded point (where one saturates, e.g. on a many-core GPU node)",
     )
     parser.add_argument(
         "--frontends",
         type=int,
         default=1,
         help="servers per no-op and convray target, each its own process, port (and embedded Ray), driven as one "
-        "at c=32 only; on a GPU each convray replica holds --gpus divided by it",
+        "at the loaded point only; on a GPU each convray replica holds --gpus divided by it",
+    )
+    parser.add_argument(
+        "--loaded-concurrency",
+        type=int,
+        default=32,
+        help="requests in flight at the loaded point, in all (with --frontends N, shared among the N servers)",
     )
     parser.add_argument(
         "--streaming",
@@ -299,6 +305,7 @@ def main() -> None:
         "client_processes": args.client_processes,
         "frontends": args.frontends,
         "streaming": args.streaming,
+        "loaded_concurrency": args.loaded_concurrency,
         "points": [],
         "failures": [],
     }
@@ -345,7 +352,7 @@ def main() -> None:
                         results["failures"].append({"model": model, "target": target, "repeat": repeat})
                         print(f"{model} {target}: {error}; its output is in {logs}", flush=True)
                         continue
-                    for concurrency in (1, 32) if frontends == 1 else (32,):
+                    for concurrency in (1, args.loaded_concurrency) if frontends == 1 else (args.loaded_concurrency,):
                         report = bench(
                             ports,
                             model,
@@ -412,8 +419,9 @@ def _cell(number: float, spec: str) -> str:
 def summary(results: dict) -> str:
     """Markdown: medians per model, target and concurrency, and ratios within each repeat."""
     points, lines = results["points"], []
+    loaded = results.get("loaded_concurrency", 32)
     if results.get("frontends", 1) > 1:
-        lines += [f"{results['frontends']} front-end processes per no-op and convray target (c=32 only)", ""]
+        lines += [f"{results['frontends']} front-end processes per no-op and convray target (c={loaded} only)", ""]
     for model in dict.fromkeys(p["model"] for p in points):
         raw = select(points, model=model, target="raw")[0]
         lines += [
@@ -422,7 +430,7 @@ def summary(results: dict) -> str:
             f"raw model in one process: batch-1 forward {raw['batch1_ms']} ms, "
             f"{raw['batch32_img_per_s']:,.0f} img/s at batch 32",
             "",
-            "| server | c=1 img/s | c=1 p50 ms | c=32 img/s | c=32 p50 ms |",
+            f"| server | c=1 img/s | c=1 p50 ms | c={loaded} img/s | c={loaded} p50 ms |",
             "|---|---|---|---|---|",
         ]
         targets = [t for t in ("noop", "ray_serve", *CONVRAY_VARIANTS) if select(points, model=model, target=t)]
@@ -430,13 +438,13 @@ def summary(results: dict) -> str:
             cells = [
                 _cell(median_of(points, "img_per_s", model=model, target=target, concurrency=1), ",.0f"),
                 _cell(median_of(points, "p50_ms", model=model, target=target, concurrency=1), ".2f"),
-                _cell(median_of(points, "img_per_s", model=model, target=target, concurrency=32), ",.0f"),
-                _cell(median_of(points, "p50_ms", model=model, target=target, concurrency=32), ".1f"),
+                _cell(median_of(points, "img_per_s", model=model, target=target, concurrency=loaded), ",.0f"),
+                _cell(median_of(points, "p50_ms", model=model, target=target, concurrency=loaded), ".1f"),
             ]
             lines.append(f"| {target} | " + " | ".join(cells) + " |")
         lines.append("")
         for ours_target in (t for t in targets if t in CONVRAY_VARIANTS):
-            for c in (c for c in (1, 32) if select(points, model=model, target=ours_target, concurrency=c)):
+            for c in (c for c in (1, loaded) if select(points, model=model, target=ours_target, concurrency=c)):
                 # A lone single-image request faces the raw model at batch 1; anything else, the raw model at batch 32.
                 single = c == 1 and results.get("batch_size", 1) == 1
                 raw_rate = raw["batch1_img_per_s"] if single else raw["batch32_img_per_s"]

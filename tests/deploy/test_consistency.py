@@ -137,13 +137,15 @@ def test_the_startup_probe_outlasts_the_servers_own_start_limits(built, overlay,
 @pytest.mark.parametrize("overlay", SERVING)
 def test_the_most_front_ends_the_autoscaler_allows_fit_their_replicas_on_the_ray_workers(built, overlay, monkeypatch):
     """Each front end starts its own replicas (one model here), the rolling update adds one front end for a while,
-    and every replica needs its CPUs and GPUs on a Ray worker: more front ends than fit never become Ready."""
+    and every replica needs its CPUs and GPUs on a Ray worker: more front ends than fit never become Ready. A
+    version switch starts the new version's replicas before it stops the old ones, so it needs twice as many:
+    without room for them, a new version is never served at full scale (its load times out)."""
     settings = settings_from_configmap(built[overlay], monkeypatch)
     hpa = find(built[overlay], "HorizontalPodAutoscaler", "convray-frontend")["spec"]
     surge = find(built[overlay], "Deployment", "convray-frontend")["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
     (group,) = find(built[overlay], "RayCluster", "convray")["spec"]["workerGroupSpecs"]
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-    front_ends, replicas = hpa["maxReplicas"] + surge, settings.workers.replicas
+    front_ends, replicas = hpa["maxReplicas"] + surge, 2 * settings.workers.replicas  # old and new version
     assert front_ends * replicas * settings.workers.cpus_per_replica <= group["maxReplicas"] * float(limits["cpu"])
     gpus = float(limits.get("nvidia.com/gpu", 0))
     assert front_ends * replicas * settings.workers.gpus_per_replica <= group["maxReplicas"] * gpus
