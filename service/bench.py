@@ -14,6 +14,7 @@ API's bidirectional stream instead of unary calls (``bench_stream``), like perf_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
 import multiprocessing
@@ -68,6 +69,9 @@ class BenchConfig:
     channels: int = 1  # of generated images (1 grey, 3 RGB)
     timeout_s: float = 30.0
     processes: int = 1  # client processes the concurrency (or rate, or request count) is split over
+    # Connections each client process opens to its server, requests taken in turn: a server of several front-end
+    # processes on one port (`convray serve --frontends N`) gives each connection to one of them.
+    connections: int = 1
     # Over the API's bidirectional stream instead of unary calls: one stream per concurrent caller (open loop:
     # ``concurrency`` streams, taken in turn), each answered in order.
     streaming: bool = False
@@ -286,17 +290,24 @@ def _child(config: BenchConfig, start: threading.Barrier, results: multiprocessi
 
 async def measure(config: BenchConfig, start: threading.Barrier | None = None) -> Measurement:
     """One process's run: connect, warm up, measure. ``start``, when given, is waited at before warming up."""
-    async with grpc.aio.insecure_channel(
-        config.server, options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-    ) as channel:
+    if config.connections < 1:
+        raise ValueError(f"connections must be >= 1, got {config.connections}")
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    if config.connections > 1:  # grpc shares one connection among a process's channels to a target unless told
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    async with contextlib.AsyncExitStack() as stack:
+        channels = [
+            await stack.enter_async_context(grpc.aio.insecure_channel(config.server, options=options))
+            for _ in range(config.connections)
+        ]
         try:
-            await asyncio.wait_for(channel.channel_ready(), timeout=config.timeout_s)
+            await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), timeout=config.timeout_s)
         except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
             raise TimeoutError(f"cannot reach a server at {config.server} within {config.timeout_s:g} s") from None
-        method, payloads, images_per_request = await build_payloads(config, channel)
+        method, payloads, images_per_request = await build_payloads(config, channels[0])
         if start is not None:
             start.wait(timeout=config.timeout_s + 60)  # nothing else runs on this loop yet: blocking is fine
-        send = _Sender(config, channel, method)
+        send = _Sender(config, channels, method)
         latencies: list[float] = []
         codes: Counter[str] = Counter()
         measuring = False
@@ -355,22 +366,26 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
 class _Sender:
     """Sends a request and returns its status code name: by unary call, or over one of ``concurrency`` streams.
 
-    Request ``index`` goes on stream ``index`` modulo their number, so a closed-loop caller keeps its own stream.
+    Request ``index`` goes on stream ``index`` modulo their number, so a closed-loop caller keeps its own stream;
+    unary calls take the channels in turn the same way, and stream ``j`` opens on channel ``j`` modulo theirs.
     """
 
-    def __init__(self, config: BenchConfig, channel: grpc.aio.Channel, method: str) -> None:
+    def __init__(self, config: BenchConfig, channels: list[grpc.aio.Channel], method: str) -> None:
         self._timeout_s = config.timeout_s
-        self._unary = channel.unary_unary(method)  # bytes in, bytes out: no (de)serialisation on the client
+        # bytes in, bytes out: no (de)serialisation on the client
+        self._unary = [channel.unary_unary(method) for channel in channels]
         self._streams: list[StreamCaller] = []
         if config.streaming:
             stream_method, code_of = STREAM_OF[method]
-            self._streams = [StreamCaller(channel, stream_method, code_of) for _ in range(config.concurrency)]
+            self._streams = [
+                StreamCaller(channels[j % len(channels)], stream_method, code_of) for j in range(config.concurrency)
+            ]
 
     async def __call__(self, index: int, payload: bytes) -> str:
         if self._streams:
             return await self._streams[index % len(self._streams)](payload, self._timeout_s)
         try:
-            await self._unary(payload, timeout=self._timeout_s)
+            await self._unary[index % len(self._unary)](payload, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             return exc.code().name
         return "OK"
@@ -465,6 +480,8 @@ def format_report(report: BenchReport) -> str:
         mode += ", streaming"
     if report.config["processes"] != 1:
         mode += f" over {report.config['processes']} client processes"
+    if report.config.get("connections", 1) != 1:
+        mode += f", {report.config['connections']} connections each"
     lines = [
         f"{report.config['api']} {payload} -> {report.config['server']} model {report.config['model']}, {mode}",
         f"  {report.ok} OK of {report.requests} in {report.duration_s:.1f} s: {report.requests_per_s:,.1f} req/s, "

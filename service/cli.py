@@ -28,6 +28,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--keepalive-time-s": ("server", "keepalive_time_s"),
     "--keepalive-timeout-s": ("server", "keepalive_timeout_s"),
     "--min-client-ping-interval-s": ("server", "min_client_ping_interval_s"),
+    "--frontends": ("server", "frontends"),
     "--model-repo": ("models", "model_repo"),
     "--default-model": ("models", "default_model"),
     "--poll-interval-s": ("models", "poll_interval_s"),
@@ -104,6 +105,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"convray serve: invalid settings:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
+    if settings.server.frontends > 1:
+        from convray.service.frontends import run_frontends
+
+        return run_frontends(settings, args.log_level)
     return asyncio.run(serve(settings))
 
 

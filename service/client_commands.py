@@ -249,6 +249,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         levels = concurrency_levels(args.concurrency)
         if len(levels) > 1 and args.rate is not None:
             raise ValueError("a sweep is of --concurrency levels; --rate runs open loop at one rate")
+        if args.connections < 1:
+            raise ValueError(f"--connections must be >= 1, got {args.connections}")
     except ValueError as exc:
         print(f"convray bench: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -259,7 +261,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         requests=args.requests, warmup_s=args.warmup, images=args.images,
         image_size=(int(width), int(height or width)), image_format=args.image_format.upper(),
         channels=args.channels, timeout_s=args.timeout, processes=args.processes or max(1, servers),
-        streaming=args.streaming,
+        streaming=args.streaming, connections=args.connections,
     )  # fmt: skip
     sweep = len(levels) > 1  # then a level gets no more client processes than requests in flight (one per server)
     configs = [
@@ -339,6 +341,9 @@ def add_client_commands(commands: Any) -> None:
     bench.add_argument("--processes", type=int, default=None,
                        help="client processes to split the load over, when one is not enough "
                             "(default: one per --server)")  # fmt: skip
+    bench.add_argument("--connections", type=int, default=1,
+                       help="connections each client process opens, requests taken in turn (a server run with "
+                            "--frontends N gives each connection to one of its front ends)")  # fmt: skip
     bench.add_argument("--duration", type=float, default=10.0, help="seconds to measure")
     bench.add_argument("--requests", type=int, default=None, help="measure this many requests instead")
     bench.add_argument("--warmup", type=float, default=2.0, help="seconds sent before measuring")

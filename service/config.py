@@ -42,6 +42,26 @@ class ServerSettings(_Group):
     """How long a ping may go unanswered before the connection is closed and its calls cancelled (peer gone)."""
     min_client_ping_interval_s: float = Field(10.0, ge=0)
     """Most frequent keepalive pings a client may send; faster ones get GOAWAY ``too_many_pings`` (grpc's own: 300)."""
+    frontends: int = Field(1, ge=1, le=64)
+    """Front-end processes sharing the gRPC port, each with its own replicas and metrics port; split by connection."""
+
+    def metrics_port_of(self, frontend: int) -> int | None:
+        """The metrics port of front-end process ``frontend`` (0-based): consecutive from ``metrics_port``."""
+        return self.metrics_port + frontend if self.metrics_port else self.metrics_port
+
+    @model_validator(mode="after")
+    def _frontends_have_ports(self) -> ServerSettings:
+        if self.frontends == 1:
+            return self
+        if self.port == 0:
+            raise ValueError("frontends > 1 needs a fixed port: with 0 each front end would pick its own")
+        if self.metrics_port:
+            first, last = self.metrics_port, self.metrics_port + self.frontends - 1
+            if last > 65535:
+                raise ValueError(f"{self.frontends} front ends need metrics ports {first}-{last}, past 65535")
+            if self.metrics_port <= self.port <= last:
+                raise ValueError(f"the front ends' metrics ports {self.metrics_port}-{last} include port {self.port}")
+        return self
 
 
 class ModelSettings(_Group):

@@ -49,6 +49,12 @@ class Overloaded(ConvrayError):
         self.retry_after_s = retry_after_s
 
 
+class ModelControlOff(ConvrayError):
+    """Loading or unloading models on request is not possible in this server's set-up; the message says why."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class DeadlineExpired(ConvrayError):
     """The client's deadline passed while the request waited; it was dropped before any compute."""
 

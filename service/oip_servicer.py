@@ -15,7 +15,7 @@ from convray.oip import inference_pb2 as oip
 from convray.oip import inference_pb2_grpc as oip_grpc
 from convray.service import __version__
 from convray.service.config import BatchingSettings, WorkerSettings
-from convray.service.errors import ConvrayError, InvalidInput
+from convray.service.errors import ConvrayError, InvalidInput, ModelControlOff
 from convray.service.inference import Classifier
 from convray.service.metrics import Metrics
 from convray.service.oip_codec import (
@@ -50,7 +50,10 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         metrics: Metrics,
         batching: BatchingSettings,
         workers: WorkerSettings,
+        model_control_off: str | None = None,
     ) -> None:
+        """``model_control_off``: why RepositoryModelLoad/Unload are refused (FAILED_PRECONDITION); None allows them."""
+        self._model_control_off = model_control_off
         self._classifier = classifier
         self._registry = registry
         self._batching = batching
@@ -264,6 +267,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         async def work() -> oip.RepositoryModelLoadResponse:
             self._check_repository_name(request.repository_name)
             reject_parameters(request.parameters, "RepositoryModelLoad (config and file overrides are not supported)")
+            self._check_model_control()
             await self._registry.load_latest(request.model_name)
             return oip.RepositoryModelLoadResponse()
 
@@ -278,10 +282,15 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             self._check_repository_name(request.repository_name)
             # tritonclient always sends unload_dependents; convray models have no dependents, so it holds either way.
             reject_parameters(request.parameters, "RepositoryModelUnload", frozenset({"unload_dependents"}))
+            self._check_model_control()
             await self._registry.unload(request.model_name)
             return oip.RepositoryModelUnloadResponse()
 
         return await self._rpc.unary("RepositoryModelUnload", request.model_name, work, context)
+
+    def _check_model_control(self) -> None:
+        if self._model_control_off is not None:
+            raise ModelControlOff(self._model_control_off)
 
     @staticmethod
     def _check_repository_name(name: str) -> None:

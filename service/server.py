@@ -33,6 +33,7 @@ from convray.service import __version__
 from convray.service.codecs import DecodeLimits
 from convray.service.config import ServerSettings, Settings
 from convray.service.explaining import Explainer
+from convray.service.frontends import FrontendMember
 from convray.service.inference import Classifier
 from convray.service.metrics import Metrics
 from convray.service.oip_servicer import InferenceServicer
@@ -51,6 +52,11 @@ CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].fu
 OIP_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 READINESS_SERVICES = ("", CLASSIFIER_SERVICE, OIP_SERVICE)
 LIVENESS_SERVICE = "liveness"  # SERVING while the process runs and is not shutting down
+# Why RepositoryModelLoad/Unload are refused in a group: each front end has its own registry.
+MODEL_CONTROL_OFF = (
+    "this server runs {count} front-end processes (--frontends) and a load or unload would change only the one "
+    "this call reached; put the version in the repository and let --poll-interval-s serve it on all of them"
+)
 REPLICA_CHECK_TIMEOUT_S = 10.0  # after Ray answers again, how long the replicas get to answer too
 
 
@@ -90,14 +96,15 @@ def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | 
         future.set_result(result)  # type: ignore[arg-type] (result is a T whenever error is None)
 
 
-def grpc_server_options(server: ServerSettings) -> list[tuple[str, int]]:
-    """The grpc core options the server is built with."""
+def grpc_server_options(server: ServerSettings, share_port: bool = False) -> list[tuple[str, int]]:
+    """The grpc core options the server is built with; ``share_port`` for one of several front ends."""
     options = [
         ("grpc.max_receive_message_length", server.max_message_bytes),
         ("grpc.max_send_message_length", server.max_message_bytes),
         # gRPC sets SO_REUSEPORT by default, so a second server on a port in use would bind too and
-        # the kernel would split connections between the two; binding must fail instead.
-        ("grpc.so_reuseport", 0),
+        # the kernel would split connections between the two; binding must fail instead, except among the
+        # front ends of one `--frontends N`, which share the port on purpose (service/frontends.py).
+        ("grpc.so_reuseport", int(share_port)),
         # Keepalive, both ways. The server pings a silent connection so a client that vanished without closing
         # (its node lost) does not hold a stream and its resources for grpc's default 2 hours, and so idle
         # connections stay open through load balancers that drop them (AWS NLB after 350 s). No cap on pings
@@ -136,8 +143,10 @@ class StartupError(Exception):
 class ConvrayServer:
     """One convray front end: gRPC server, metrics endpoint, model registry on Ray."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, member: FrontendMember | None = None) -> None:
+        """``member``: this server is one of ``--frontends N`` (service/frontends.py); None when it is alone."""
         self.settings = settings
+        self.member = member
         self.metrics = Metrics(CollectorRegistry())
         self.registry = ModelRegistry(
             ModelRepository(settings.models.model_repo),
@@ -162,7 +171,9 @@ class ConvrayServer:
         self.ray_gate = RayGate(self.metrics, self.registry.metric_label)
         interceptors.append(self.ray_gate)  # innermost: an unauthenticated call is refused as such first
         self._credentials = server_credentials(security)
-        self._server = grpc.aio.server(interceptors=interceptors, options=grpc_server_options(settings.server))
+        self._server = grpc.aio.server(
+            interceptors=interceptors, options=grpc_server_options(settings.server, share_port=member is not None)
+        )
         explainer = Explainer(
             self.registry,
             DecodeLimits(settings.inputs.max_image_bytes, settings.inputs.max_image_pixels),
@@ -174,7 +185,14 @@ class ConvrayServer:
             ClassifierServicer(classifier, self.registry, self.metrics, explainer), self._server
         )
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(classifier, self.registry, self.metrics, settings.batching, settings.workers),
+            InferenceServicer(
+                classifier,
+                self.registry,
+                self.metrics,
+                settings.batching,
+                settings.workers,
+                model_control_off=None if member is None else MODEL_CONTROL_OFF.format(count=member.count),
+            ),
             self._server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -278,7 +296,8 @@ class ConvrayServer:
             f"http://{self.settings.server.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off"
         )
         log.info(
-            "convray ready: gRPC on %s:%d, models %s, Ray at %s, metrics %s",
+            "convray ready%s: gRPC on %s:%d, models %s, Ray at %s, metrics %s",
+            "" if self.member is None else f" (front end {self.member.index + 1} of {self.member.count})",
             self.settings.server.host,
             self.port,
             served,
@@ -431,10 +450,10 @@ class ConvrayServer:
         await self._server.wait_for_termination()
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, member: FrontendMember | None = None) -> int:
     """Run a server until SIGINT or SIGTERM, then drain; returns the process exit code."""
     try:
-        server = ConvrayServer(settings)
+        server = ConvrayServer(settings, member)
         await server.start()
     except (StartupError, OSError, ValueError) as exc:  # ports, TLS files, token file
         log.error("%s", exc)

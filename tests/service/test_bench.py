@@ -245,3 +245,63 @@ def test_no_server_is_a_clear_error_whatever_the_client_processes(processes):
         "--server", f"127.0.0.1:{free_port()}", "--timeout", "1", "--concurrency", "2", "--processes", processes
     )
     assert result.returncode == 3 and "cannot reach a server at 127.0.0.1:" in result.stderr, result.stderr
+
+
+class PeerRecorder:
+    """A real gRPC server answering Classify and ClassifyStream with empty replies, noting each caller's address.
+
+    Each client connection has its own address (port), so the set of addresses counts connections.
+    """
+
+    def __init__(self) -> None:
+        import grpc
+
+        self.peers: set[str] = set()
+        self.server = grpc.aio.server()
+        handlers = {
+            "Classify": grpc.unary_unary_rpc_method_handler(self._classify),
+            "ClassifyStream": grpc.stream_stream_rpc_method_handler(self._classify_stream),
+        }
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("convray.v1.Classifier", handlers),))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+    async def _classify(self, request: bytes, context) -> bytes:
+        self.peers.add(context.peer())
+        return b""
+
+    async def _classify_stream(self, requests, context):
+        from convray.v1 import classifier_pb2 as pb
+
+        self.peers.add(context.peer())
+        async for _ in requests:
+            yield pb.ClassifyStreamResponse(result=pb.ClassifyResponse()).SerializeToString()
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "streaming"])
+@pytest.mark.parametrize("connections", [1, 3])
+def test_a_client_process_opens_as_many_connections_as_asked_and_uses_them_all(streaming, connections):
+    from convray.service.bench import measure
+
+    async def run() -> tuple[set[str], dict[str, int]]:
+        recorder = PeerRecorder()
+        await recorder.server.start()
+        try:
+            config = BenchConfig(
+                server=f"127.0.0.1:{recorder.port}", concurrency=6, duration_s=0.3, warmup_s=0.1,
+                connections=connections, streaming=streaming,
+            )  # fmt: skip
+            measured = await measure(config)
+        finally:
+            await recorder.server.stop(None)
+        return recorder.peers, measured.codes
+
+    peers, codes = asyncio.run(run())
+    assert len(peers) == connections
+    assert set(codes) == {"OK"} and codes["OK"] > 0
+
+
+def test_connections_below_one_are_a_usage_error(capsys):
+    from convray.service.cli import main
+
+    assert main(["bench", "--connections", "0", "--duration", "0.1"]) == 2
+    assert "--connections must be >= 1, got 0" in capsys.readouterr().err

@@ -1,0 +1,177 @@
+"""`convray serve --frontends N` as a user runs it: N real front-end processes on one port and one embedded Ray."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from convray.oip import inference_pb2 as oip
+from convray.oip import inference_pb2_grpc as oip_grpc
+from convray.v1 import classifier_pb2, classifier_pb2_grpc
+from convray.workers.data import load_digits_split
+from tests.conftest import digit_png
+from tests.e2e.test_cli import CONVRAY, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def two_free_ports() -> int:
+    """A loopback port that is free now, and the next one too (front ends' metrics ports are consecutive)."""
+    while True:
+        first = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", first + 1))
+            except OSError:
+                continue
+        return first
+
+
+class Group:
+    """A `convray serve --frontends 2` process, its log file and its ports."""
+
+    def __init__(self, tmp_path: Path, model_repo: Path, *extra: str) -> None:
+        self.port, self.metrics_port = free_port(), two_free_ports()
+        self.log_path = tmp_path / "serve.log"
+        self.process = subprocess.Popen(
+            [CONVRAY, "serve", "--frontends", "2", "--host", "127.0.0.1", "--port", str(self.port),
+             "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port), "--model-repo", str(model_repo),
+             "--ray-num-cpus", "2", "--cpus-per-replica", "0.5", *extra],
+            stdout=subprocess.DEVNULL, stderr=self.log_path.open("w"),
+        )  # fmt: skip
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_ready(self, timeout_s: float = 150) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.log().count("convray ready (front end") < 2:
+            assert self.process.poll() is None, self.log()
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.2)
+
+    def requests_counted(self, front_end: int) -> float:
+        """convray_requests_total summed over labels, from front end ``front_end``'s (from 1) own /metrics."""
+        url = f"http://127.0.0.1:{self.metrics_port + front_end - 1}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        lines = [line for line in text.splitlines() if line.startswith("convray_requests_total{")]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def group(tmp_path, model_repo):
+    started = Group(tmp_path, model_repo)
+    yield started
+    started.close()
+
+
+def one_connection(port: int) -> grpc.Channel:
+    """A channel with a connection of its own (grpc otherwise shares one among a process's channels)."""
+    return grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def test_front_ends_share_the_port_each_answers_correctly_and_all_stop_on_sigterm(group):
+    group.wait_ready()
+    _, held_out = load_digits_split()
+    for i in range(20):  # 20 connections: the kernel spreads them over both front ends
+        with one_connection(group.port) as channel:
+            reply = classifier_pb2_grpc.ClassifierStub(channel).Classify(
+                classifier_pb2.ClassifyRequest(image=digit_png(held_out.images[i])), timeout=30
+            )
+            assert reply.predictions[0].index == held_out.labels[i]
+    counted = [group.requests_counted(1), group.requests_counted(2)]
+    assert sum(counted) == 20 and min(counted) > 0, counted
+    assert f"2 front ends share gRPC port 127.0.0.1:{group.port}" in group.log()
+
+    group.process.send_signal(signal.SIGTERM)
+    assert group.process.wait(60) == 0, group.log()
+    log = group.log()
+    assert len(re.findall(r"frontend-\d convray.service.server: stopped", log)) == 2, log
+    assert "stopped 2 front ends" in log
+    with pytest.raises(OSError):  # both front ends' ports are closed
+        urllib.request.urlopen(f"http://127.0.0.1:{group.metrics_port + 1}/metrics", timeout=2)
+
+
+def test_loading_a_model_by_rpc_is_refused_since_it_would_change_one_front_end_only(group):
+    group.wait_ready()
+    with one_connection(group.port) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        for call, request in (
+            (stub.RepositoryModelLoad, oip.RepositoryModelLoadRequest(model_name="digits")),
+            (stub.RepositoryModelUnload, oip.RepositoryModelUnloadRequest(model_name="digits")),
+        ):
+            with pytest.raises(grpc.RpcError) as raised:
+                call(request, timeout=30)
+            assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "runs 2 front-end processes (--frontends)" in raised.value.details()
+            assert "--poll-interval-s" in raised.value.details()
+        assert stub.ModelReady(oip.ModelReadyRequest(name="digits"), timeout=30).ready  # nothing was unloaded
+
+
+def test_when_one_front_end_dies_the_others_are_stopped_and_the_group_exits_1(group):
+    group.wait_ready()
+    pid = int(re.search(r"front end 2 of 2 started \(pid (\d+)\)", group.log()).group(1))
+    os.kill(pid, signal.SIGKILL)
+    assert group.process.wait(60) == 1, group.log()
+    log = group.log()
+    assert "front end 2 exited with code -9: stopping the others" in log
+    assert "frontend-1 convray.service.server: stopped" in log
+
+
+def test_front_ends_whose_replicas_cannot_fit_an_embedded_ray_are_refused_before_any_starts(tmp_path, model_repo):
+    group = Group(tmp_path, model_repo, "--cpus-per-replica", "1.5")
+    try:
+        assert group.process.wait(90) == 1, group.log()
+    finally:
+        group.close()
+    log = group.log()
+    assert (
+        "the replicas cannot all be placed: 2 front ends x 1 model(s) x 1 replica(s) x 1.5 CPU (--cpus-per-replica) "
+        "= 3 CPU, but the Ray cluster has 2 (--ray-num-cpus, --frontends)"
+    ) in log
+    assert "started (pid" not in log
+
+
+def test_front_ends_whose_supervisor_is_killed_exit_within_seconds(group):
+    """SIGKILL leaves the supervisor no chance to pass the stop on, and takes its embedded Ray along."""
+    group.wait_ready()
+    group.process.kill()
+    group.process.wait()
+    deadline = time.monotonic() + 30
+    while group.log().count("and its embedded Ray with it: exiting") < 2:
+        assert time.monotonic() < deadline, group.log()
+        time.sleep(0.2)
+    for front_end in (1, 2):
+        while True:
+            try:
+                group.requests_counted(front_end)
+            except OSError:
+                break  # the process, and with it its metrics port, is gone
+            assert time.monotonic() < deadline, group.log()
+            time.sleep(0.2)
+
+
+def test_a_ray_cluster_that_does_not_answer_is_named_after_the_connect_timeout(tmp_path, model_repo):
+    group = Group(tmp_path, model_repo, "--ray-address", "127.0.0.1:1", "--ray-connect-timeout-s", "3")
+    try:
+        assert group.process.wait(60) == 1, group.log()
+    finally:
+        group.close()
+    assert "could not connect to 127.0.0.1:1 within 3 s (--ray-address, --ray-connect-timeout-s)" in group.log()
+    assert "started (pid" not in group.log()

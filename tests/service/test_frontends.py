@@ -1,0 +1,67 @@
+"""`--frontends N`: the settings each front end gets, the resource check, and the port sharing it relies on.
+
+The processes themselves, started by the real CLI, are in tests/e2e/test_frontends.py.
+"""
+
+import pytest
+from pydantic import ValidationError
+
+from convray.service.config import ServerSettings, Settings
+from convray.service.frontends import frontend_settings, missing_resources
+from convray.service.server import grpc_server_options
+
+
+def test_front_ends_get_consecutive_metrics_ports_join_the_given_ray_and_run_alone():
+    settings = Settings(server={"port": 7000, "metrics_port": 9100, "frontends": 3}, workers={"replicas": 2})
+    each = [frontend_settings(settings, i, "10.0.0.1:6379") for i in range(3)]
+    assert [s.server.metrics_port for s in each] == [9100, 9101, 9102]
+    assert all(s.server.port == 7000 and s.server.frontends == 1 for s in each)
+    assert all(s.workers.ray_address == "10.0.0.1:6379" and s.workers.replicas == 2 for s in each)
+    assert settings.server.frontends == 3 and settings.workers.ray_address is None  # the group's own are untouched
+
+
+@pytest.mark.parametrize("metrics_port", [0, None])
+def test_a_metrics_port_picked_at_random_or_switched_off_stays_so_for_every_front_end(metrics_port):
+    settings = Settings(server={"port": 7000, "metrics_port": metrics_port, "frontends": 2})
+    assert [frontend_settings(settings, i, "x:1").server.metrics_port for i in range(2)] == [metrics_port] * 2
+
+
+@pytest.mark.parametrize(
+    ("server", "complaint"),
+    [
+        ({"port": 0, "frontends": 2}, "needs a fixed port"),
+        ({"port": 7000, "metrics_port": 65535, "frontends": 2}, "metrics ports 65535-65536, past 65535"),
+        ({"port": 9101, "metrics_port": 9100, "frontends": 4}, "metrics ports 9100-9103 include port 9101"),
+        ({"frontends": 0}, "greater than or equal to 1"),
+        ({"frontends": 65}, "less than or equal to 64"),
+    ],
+)
+def test_settings_that_front_ends_could_not_share_are_refused(server, complaint):
+    with pytest.raises(ValidationError, match=complaint):
+        ServerSettings(**server)
+
+
+def test_one_front_end_may_still_pick_a_port_at_random():
+    assert ServerSettings(port=0, frontends=1).port == 0
+
+
+def test_replicas_that_fit_the_cluster_pass_the_check():
+    settings = Settings(server={"frontends": 4}, workers={"cpus_per_replica": 1, "gpus_per_replica": 0.25})
+    assert missing_resources(settings, 1, {"CPU": 4.0, "GPU": 1.0}) is None
+
+
+def test_the_check_names_what_is_short_and_the_flag_that_sets_it():
+    cpus = Settings(server={"frontends": 3}, workers={"replicas": 1, "cpus_per_replica": 1})
+    assert missing_resources(cpus, 1, {"CPU": 2.0}) == (
+        "3 front ends x 1 model(s) x 1 replica(s) x 1 CPU (--cpus-per-replica) = 3 CPU, but the Ray cluster has 2"
+    )
+    gpus = Settings(server={"frontends": 4}, workers={"replicas": 2, "cpus_per_replica": 0, "gpus_per_replica": 0.25})
+    assert missing_resources(gpus, 2, {"CPU": 16.0, "GPU": 1.0}) == (
+        "4 front ends x 2 model(s) x 2 replica(s) x 0.25 GPU (--gpus-per-replica) = 4 GPU, but the Ray cluster has 1"
+    )
+    assert "has 0" in missing_resources(gpus, 1, {"CPU": 16.0})  # no GPU in the cluster at all
+
+
+def test_only_the_front_ends_of_a_group_share_their_port():
+    assert dict(grpc_server_options(ServerSettings()))["grpc.so_reuseport"] == 0
+    assert dict(grpc_server_options(ServerSettings(), share_port=True))["grpc.so_reuseport"] == 1
