@@ -1,8 +1,8 @@
 """Settings: convray's one typed configuration.
 
 Values come, highest priority first, from CLI flags (``service.cli`` maps each flag onto a field),
-environment variables ``CONVRAY_<GROUP>__<FIELD>`` (e.g. ``CONVRAY_BATCHING__MAX_BATCH_SIZE=64``),
-then the defaults below. Nothing else in convray reads the environment.
+environment variables ``CONVRAY_<GROUP>__<FIELD>`` (e.g. ``CONVRAY_BATCHING__MAX_BATCH_SIZE=64``; ``off``
+unsets an optional one), then the defaults below. Nothing else in convray reads the environment.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class ServerSettings(_Group):
     metrics_host: str = "localhost"
     """Bind address of the Prometheus /metrics endpoint."""
     metrics_port: int | None = Field(9100, ge=0, le=65535)
-    """Port of /metrics; 0 picks a free one; ``--no-metrics`` disables the endpoint."""
+    """Port of /metrics; 0 picks a free one; ``--no-metrics`` (or ``off`` in the environment) disables it."""
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     """Largest gRPC message received or sent (grpcio's own default is only 4 MiB)."""
     drain_grace_s: float = Field(10.0, ge=0)
@@ -179,7 +179,10 @@ class ExplainSettings(_Group):
 class Settings(BaseSettings):
     """Everything ``convray serve`` can be told, grouped by concern."""
 
-    model_config = SettingsConfigDict(env_prefix="CONVRAY_", env_nested_delimiter="__", extra="forbid")
+    # "off" in an environment variable unsets an optional setting (CONVRAY_SERVER__METRICS_PORT=off: no metrics).
+    model_config = SettingsConfigDict(
+        env_prefix="CONVRAY_", env_nested_delimiter="__", extra="forbid", env_parse_none_str="off"
+    )
 
     server: ServerSettings = ServerSettings()
     models: ModelSettings = ModelSettings()

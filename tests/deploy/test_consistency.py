@@ -135,6 +135,13 @@ def test_the_startup_probe_outlasts_the_servers_own_start_limits(built, overlay,
 
 
 @pytest.mark.parametrize("overlay", SERVING)
+def test_one_slow_health_answer_under_load_does_not_take_a_pod_out_of_the_service(built, overlay):
+    probe = next(c for c in frontend(built[overlay])["containers"] if c["name"] == "convray")["readinessProbe"]
+    assert probe.get("timeoutSeconds", 1) >= 2 and probe.get("failureThreshold", 3) >= 2
+    assert probe["periodSeconds"] * probe["failureThreshold"] <= 10  # a pod that stays unready still leaves soon
+
+
+@pytest.mark.parametrize("overlay", SERVING)
 def test_the_most_front_ends_the_autoscaler_allows_fit_their_replicas_on_the_ray_workers(built, overlay, monkeypatch):
     """Each front end starts its own replicas (one model here), the rolling update adds one front end for a while,
     and every replica needs its CPUs and GPUs on a Ray worker: more front ends than fit never become Ready. A

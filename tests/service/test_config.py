@@ -28,6 +28,14 @@ def test_environment_variables_set_nested_fields(monkeypatch):
     assert settings.workers.gpus_per_replica == 0.5
 
 
+def test_off_in_the_environment_unsets_an_optional_setting_like_no_metrics_does(monkeypatch):
+    monkeypatch.setenv("CONVRAY_SERVER__METRICS_PORT", "off")
+    monkeypatch.setenv("CONVRAY_WORKERS__RAY_NUM_CPUS", "off")
+    settings = Settings()
+    assert settings.server.metrics_port is None and settings.workers.ray_num_cpus is None
+    assert settings_from_args(serve_args("--metrics-port", "9200")).server.metrics_port == 9200  # a flag still wins
+
+
 def test_flags_override_the_environment_and_keep_the_rest_of_the_group(monkeypatch):
     monkeypatch.setenv("CONVRAY_BATCHING__MAX_QUEUE", "7")
     monkeypatch.setenv("CONVRAY_BATCHING__MAX_BATCH_SIZE", "64")
