@@ -26,7 +26,7 @@ TRAIN_FLAGS: dict[str, dict[str, Any]] = {
     "--optimizer": {"choices": ["sgd", "adamw"]},
     "--schedule": {"choices": ["one_cycle", "cosine", "constant"], "help": "learning-rate schedule, per step"},
     "--lr": {"dest": "max_lr", "type": float, "help": "peak (one_cycle) or initial learning rate"},
-    "--momentum": {"type": float},
+    "--momentum": {"type": float, "help": "SGD momentum (AdamW: beta1); one_cycle moves it 0.05 either way"},
     "--weight-decay": {"type": float},
     "--label-smoothing": {"type": float},
     "--seed": {"type": int},

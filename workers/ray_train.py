@@ -26,7 +26,7 @@ import torch
 
 from convray.workers.models import CNN, build_model
 from convray.workers.progress import EpochProgress
-from convray.workers.train import TrainConfig, TrainingData, epoch_line, train_loop
+from convray.workers.train import TrainConfig, TrainingData, changed_run_settings, epoch_line, train_loop
 
 STATE_FILE = "state.pt"
 CHECKPOINT_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # the controller's list of registered checkpoints
@@ -53,7 +53,8 @@ def choose_run_name(config: TrainConfig, model_name: str) -> str:
     """``--resume``: the latest run of ``model_name`` under the storage path; else a new UTC-stamped name.
 
     Raises:
-        ValueError: ``--resume`` with no earlier run that saved a checkpoint.
+        ValueError: ``--resume`` with no earlier run that saved a checkpoint, or with settings that shape the run
+            (``RUN_FIELDS``) other than those it was started with.
     """
     if config.resume:
         root = Path(config.storage_path)
@@ -63,6 +64,15 @@ def choose_run_name(config: TrainConfig, model_name: str) -> str:
         runs = sorted(checkpoints, key=lambda p: p.stat().st_mtime)
         if not runs:
             raise ValueError(f"--resume: no checkpointed run of {model_name!r} under {root.resolve()}")
+        state_file = runs[-1] / STATE_FILE
+        if state_file.exists():  # a checkpoint written before runs kept their settings has none to compare
+            saved = torch.load(state_file, weights_only=False).get("run", {})  # our own file
+            changed = changed_run_settings(saved, config)
+            if changed:
+                raise ValueError(
+                    f"--resume continues run {runs[-1].parent.name} as it was started, but these settings differ "
+                    f"from its own ({'; '.join(changed)}); give the run's values, or train anew without --resume"
+                )
         return runs[-1].parent.name
     return f"{model_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}"
 

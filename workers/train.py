@@ -35,6 +35,27 @@ from convray.workers.repository import InputContract, ModelMetadata, ModelReposi
 from convray.workers.spec import PRESETS, CNNSpec
 from convray.workers.transforms import channel_stats, normalise, random_flip, random_shift
 
+# The settings a run's course depends on. Its checkpoints carry them: a run resumed with one changed would not
+# be that run continued (the optimiser and schedule come from the checkpoint, so a new learning rate would be
+# ignored, and a one-cycle schedule stepped past its end fails), so --resume refuses it. Workers, devices and
+# threads may change: the batch is over all workers together.
+RUN_FIELDS = (
+    "dataset", "held_out_fraction", "image_size", "colour_mode", "max_shift_px", "flip", "preset", "spec_file",
+    "epochs", "batch_size", "optimizer", "schedule", "max_lr", "momentum", "weight_decay", "label_smoothing", "seed",
+)  # fmt: skip
+
+
+def run_settings(config: TrainConfig) -> dict[str, Any]:
+    """The values of ``RUN_FIELDS`` in ``config``, as a checkpoint keeps them."""
+    return {field: getattr(config, field) for field in RUN_FIELDS}
+
+
+def changed_run_settings(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """Each ``RUN_FIELDS`` setting whose value in ``config`` differs from ``saved``, as 'name: run's -> now'."""
+    now = run_settings(config)
+    differ = [field for field in RUN_FIELDS if field in saved and saved[field] != now[field]]
+    return [f"{field}: {saved[field]!r} -> {now[field]!r}" for field in differ]
+
 
 @dataclass
 class TrainConfig:
@@ -145,6 +166,9 @@ def prepare_data(config: TrainConfig) -> TrainingData:
     return TrainingData(train_set, held_out, load_spec(config, train_set), contract)
 
 
+MOMENTUM_CYCLE = 0.05  # how far one-cycle moves momentum either side of --momentum
+
+
 def make_optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch: int) -> tuple[Any, Any]:
     """The optimiser and its per-step learning-rate schedule."""
     if config.optimizer == "sgd":
@@ -158,7 +182,15 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch:
         raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'sgd' or 'adamw'")
     steps = config.epochs * steps_per_epoch
     if config.schedule == "one_cycle":
-        schedule: Any = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.max_lr, total_steps=steps)
+        # One-cycle also cycles momentum (AdamW's beta1), inversely to the rate, between base and max; centred on
+        # --momentum, 0.05 either way (torch's own 0.85 to 0.95 at the default 0.9), so the flag counts here too.
+        schedule: Any = torch.optim.lr_scheduler.OneCycleLR(
+            opt,
+            max_lr=config.max_lr,
+            total_steps=steps,
+            base_momentum=round(max(config.momentum - MOMENTUM_CYCLE, 0.0), 6),
+            max_momentum=round(min(config.momentum + MOMENTUM_CYCLE, 0.999), 6),
+        )
     elif config.schedule == "cosine":
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     elif config.schedule == "constant":
@@ -292,6 +324,7 @@ def train_loop(config: TrainConfig, data: TrainingData, session: Session) -> tup
             "schedule": schedule.state_dict(),
             "scaler": scaler.state_dict(),
             "history": history,
+            "run": run_settings(config),
         }
 
     for epoch in range(len(history) + 1, config.epochs + 1):

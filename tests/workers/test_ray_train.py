@@ -56,3 +56,33 @@ def test_resume_continues_this_models_latest_run_not_one_of_a_model_whose_name_s
 def test_resume_without_an_earlier_run_says_so(tmp_path):
     with pytest.raises(ValueError, match="no checkpointed run of 'digits'"):
         choose_run_name(TrainConfig(resume=True, storage_path=str(tmp_path)), "digits")
+
+
+def checkpointed_run(tmp_path, name: str, config: TrainConfig) -> None:
+    """A run directory whose checkpoint holds ``config``'s run settings, as train_loop saves them."""
+    import torch
+
+    from convray.workers.ray_train import STATE_FILE
+    from convray.workers.train import run_settings
+
+    checkpoint = tmp_path / name / "checkpoint_0002"
+    checkpoint.mkdir(parents=True)
+    torch.save({"history": [{}, {}], "run": run_settings(config)}, checkpoint / STATE_FILE)
+
+
+def test_resume_with_the_runs_own_settings_continues_it_whatever_the_workers(tmp_path):
+    checkpointed_run(tmp_path, "digits-20261125-101010-000001", TrainConfig(epochs=3, workers=2))
+    config = TrainConfig(epochs=3, workers=4, resume=True, storage_path=str(tmp_path))
+    assert choose_run_name(config, "digits") == "digits-20261125-101010-000001"
+
+
+def test_resume_with_settings_that_shape_the_run_changed_names_each_and_refuses(tmp_path):
+    """More epochs would step the checkpoint's one-cycle schedule past its end; a new rate would be ignored."""
+    checkpointed_run(tmp_path, "digits-20261125-101010-000001", TrainConfig(epochs=3, max_lr=0.2))
+    config = TrainConfig(epochs=5, max_lr=0.1, resume=True, storage_path=str(tmp_path))
+    with pytest.raises(ValueError) as refused:
+        choose_run_name(config, "digits")
+    assert str(refused.value) == (
+        "--resume continues run digits-20261125-101010-000001 as it was started, but these settings differ from its "
+        "own (epochs: 3 -> 5; max_lr: 0.2 -> 0.1); give the run's values, or train anew without --resume"
+    )

@@ -109,6 +109,31 @@ def test_every_optimizer_and_schedule_steps_through_the_whole_run(optimizer, sch
     assert (rates[-1] < 0.01) == (schedule != "constant")  # annealed towards 0 by the last step
 
 
+def momentum_per_step(opt, sched, steps: int) -> list[float]:
+    seen = []
+    for _ in range(steps):
+        seen.append(opt.param_groups[0]["momentum"])
+        opt.step()
+        sched.step()
+    return seen
+
+
+@pytest.mark.parametrize(("momentum", "low", "high"), [(0.9, 0.85, 0.95), (0.8, 0.75, 0.85), (0.99, 0.94, 0.999)])
+def test_one_cycle_moves_momentum_around_the_one_asked_for(momentum, low, high):
+    """Highest while the rate is lowest (the first step), lowest at the rate's peak."""
+    config = TrainConfig(schedule="one_cycle", momentum=momentum, epochs=1)
+    seen = momentum_per_step(*make_optimizer(config, torch.nn.Linear(2, 2), steps_per_epoch=10), steps=10)
+    assert seen[0] == high and min(seen) == pytest.approx(low, abs=1e-3)
+
+
+def test_at_the_default_momentum_one_cycle_is_torchs_own_cycle_to_the_bit():
+    """So the shipped model's training command trains the same weights as before --momentum counted here."""
+    ours = momentum_per_step(*make_optimizer(TrainConfig(epochs=1, max_lr=0.1), torch.nn.Linear(2, 2), 10), steps=10)
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    torchs = momentum_per_step(opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10), steps=10)
+    assert ours == torchs
+
+
 def test_mixed_precision_only_on_a_gpu():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert amp_dtype(TrainConfig(amp="bf16"), cpu) is None
