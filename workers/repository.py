@@ -211,11 +211,16 @@ class ModelRepository:
             for path in staging.iterdir():
                 os.chmod(path, 0o644)  # readable by serving pods that run as another user
             os.chmod(staging, 0o755)
+            # On disk before the rename makes the version visible: after a crash or power loss a poller must not
+            # find a version directory whose files are empty or half written.
+            for path in [*staging.iterdir(), staging]:
+                _fsync(path)
             version = 0
             while True:  # another publisher may take a number first: move on to the next one
                 version = max(version, self.latest_version(name) or 0) + 1
                 try:
                     os.rename(staging, self.version_dir(name, version))
+                    _fsync(model_dir)  # the rename itself
                     return version
                 except OSError:
                     if not self.version_dir(name, version).exists():
@@ -224,6 +229,15 @@ class ModelRepository:
                     # file, which latest_version skips): either way the next number, never this one again.
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's, or a directory's entries', writes to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def load_weights(module: torch.nn.Module, path: Path) -> None:

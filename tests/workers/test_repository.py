@@ -3,6 +3,7 @@
 import json
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +48,33 @@ def test_publish_writes_the_next_version_atomically_and_it_loads_back(model_repo
     again = repo.load("digits", 2)
     x = torch.randn(3, 1, 8, 8)
     assert torch.equal(again.module(x), original.module(x))
+
+
+def test_publish_flushes_every_file_and_the_version_to_disk_before_and_after_it_appears(model_repo, monkeypatch):
+    """A poller must never find, after a crash or power loss, a version whose files were not yet written out."""
+    import os
+
+    repo = ModelRepository(model_repo)
+    original = repo.load("digits", 1)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(descriptor: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    def rename(source, target) -> None:
+        events.append(("rename", str(target)))
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    repo.publish("digits", original.metadata, original.module, extra_files={"curve.png": b"png"})
+    rename_at = events.index(("rename", str(model_repo / "digits" / "2")))
+    flushed_before = {Path(path).name for kind, path in events[:rename_at] if kind == "fsync"}
+    assert {METADATA_FILE, WEIGHTS_FILE, "curve.png"} <= flushed_before
+    assert any(name.startswith(".publish-") for name in flushed_before)  # the staging directory's entries
+    assert events[rename_at + 1 :] == [("fsync", str(model_repo / "digits"))]  # the rename itself
 
 
 def test_publish_steps_over_a_plain_file_where_the_next_version_would_go(model_repo):
