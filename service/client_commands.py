@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import sys
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -78,51 +79,61 @@ def _call_metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    """Classify image files and print the top classes of each."""
-    import grpc
-
+    """Classify image files and print the top classes of each, in the order given."""
     from convray.v1 import classifier_pb2 as pb
     from convray.v1 import classifier_pb2_grpc as pb_grpc
 
+    if args.in_flight < 1:
+        print(f"convray classify: --in-flight must be >= 1, got {args.in_flight}", file=sys.stderr)
+        return EXIT_USAGE
     channel = _channel(args)
     if channel is None:
         return EXIT_UNREACHABLE
     stub = pb_grpc.ClassifierStub(channel)
     metadata = _call_metadata(args)
     exit_code = EXIT_OK
-    for path in args.images:
+
+    def send(path: str) -> Any:
+        """The call's future, or the OSError reading the file raised."""
         try:
             image = Path(path).read_bytes()
         except OSError as exc:
-            print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
-            exit_code = EXIT_FAILED
-            continue
+            return exc
         request = pb.ClassifyRequest(image=image, model=args.model, version=args.version, top_k=args.top_k)
-        try:
-            reply = stub.Classify(request, timeout=args.timeout, metadata=metadata)
-        except grpc.RpcError as exc:
-            print(f"{path}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                exit_code = EXIT_UNREACHABLE if exit_code == EXIT_OK else exit_code
-            else:
-                exit_code = EXIT_FAILED
-            continue
-        predictions = [{"label": p.label, "probability": round(p.probability, 6)} for p in reply.predictions]
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "image": path,
-                        "model": reply.model,
-                        "version": reply.version,
-                        "predictions": predictions,
-                    }
-                )
-            )
-        else:
-            print(f"{path}: {reply.model} v{reply.version} ({reply.timings.total_ms:.1f} ms)")
-            for p in predictions:
-                print(f"  {p['label']:>12}  {p['probability']:.4f}")
+        return stub.Classify.future(request, timeout=args.timeout, metadata=metadata)
+
+    # Up to --in-flight calls at once, so the server can batch them; answers are printed in the files' order.
+    pending: deque[tuple[str, Any]] = deque()
+    for path in args.images:
+        if len(pending) == args.in_flight:
+            exit_code = _print_classified(*pending.popleft(), args.json, exit_code)
+        pending.append((path, send(path)))
+    while pending:
+        exit_code = _print_classified(*pending.popleft(), args.json, exit_code)
+    return exit_code
+
+
+def _print_classified(path: str, outcome: Any, as_json: bool, exit_code: int) -> int:
+    """Print one file's answer (or why it has none); the exit code with this file counted."""
+    import grpc
+
+    if isinstance(outcome, OSError):
+        print(f"{path}: cannot read: {outcome.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        reply = outcome.result()
+    except grpc.RpcError as exc:
+        print(f"{path}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            return EXIT_UNREACHABLE if exit_code == EXIT_OK else exit_code
+        return EXIT_FAILED
+    predictions = [{"label": p.label, "probability": round(p.probability, 6)} for p in reply.predictions]
+    if as_json:
+        print(json.dumps({"image": path, "model": reply.model, "version": reply.version, "predictions": predictions}))
+    else:
+        print(f"{path}: {reply.model} v{reply.version} ({reply.timings.total_ms:.1f} ms)")
+        for p in predictions:
+            print(f"  {p['label']:>12}  {p['probability']:.4f}")
     return exit_code
 
 
@@ -311,6 +322,12 @@ def add_client_commands(commands: Any) -> None:
     classify.add_argument("--model", default="", help="model name (default: the server's default model)")
     classify.add_argument("--version", type=int, default=0, help="model version (default: latest loaded)")
     classify.add_argument("--json", action="store_true", help="one JSON object per line")
+    classify.add_argument(
+        "--in-flight",
+        type=int,
+        default=16,
+        help="requests sent at once, so the server can batch them (answers print in file order)",
+    )
     client_flags(classify)
     classify.set_defaults(run=cmd_classify)
 
