@@ -120,7 +120,13 @@ CONVRAY_VARIANTS = {
     "convray_2_replicas": ["--replicas", "2", "--cpus-per-replica", "0.5"],
     # Mixed precision (GPU runs): bf16 autocast, which 'auto' serves with the eager graph.
     "convray_bf16": ["--amp", "bf16"],
+    # `convray serve --frontends N` (N from run.py's --frontends): one command, N front ends on one port and one
+    # Ray, against the separate servers the other targets start per front end; driven with several connections.
+    "convray_group": [],
 }
+# For convray_group: connections in all per front end, shared among the client processes. The kernel gives each
+# connection to one front end by a hash, so a few per front end spread the load roughly evenly.
+CONNECTIONS_PER_FRONTEND = 4
 
 
 def convray_command() -> list[str]:
@@ -129,9 +135,11 @@ def convray_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "convray.service.cli"]
 
 
-def start(kind: str, port: int, repo: Path, model: str, batch: int, gpus: float, log: Path) -> subprocess.Popen:
+def start(
+    kind: str, port: int, repo: Path, model: str, batch: int, gpus: float, log: Path, group: int = 1
+) -> subprocess.Popen:
     """Start a target server on ``port``, its output to ``log``; with ``gpus`` > 0 its replica holds that share
-    of a GPU."""
+    of a GPU. ``group``: front ends of a ``convray_group``."""
     if kind == "noop":
         shape = "3,224,224" if model == "resnet_style" else "1,8,8"
         argv = [sys.executable, str(ROOT / "tests/bench/noop_server.py"), "--port", str(port), "--shape", shape]
@@ -173,6 +181,7 @@ def start(kind: str, port: int, repo: Path, model: str, batch: int, gpus: float,
             "1",
             *(["--gpus-per-replica", str(gpus)] if gpus else []),
             *CONVRAY_VARIANTS[kind],
+            *(["--frontends", str(group)] if kind == "convray_group" else []),
         ]
     with log.open("ab") as output:
         return subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
@@ -187,6 +196,21 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def wait_group_ready(log: Path, group: int, process: subprocess.Popen, timeout_s: float = 600) -> None:
+    """Wait until each of a ``convray serve --frontends`` group's front ends has logged that it is ready.
+
+    Raises:
+        RuntimeError: the group exited, or was not ready in ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while group > 1 and log.read_text(errors="replace").count("convray ready (front end") < group:
+        if process.poll() is not None:
+            raise RuntimeError(f"front-end group exited with code {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"front-end group not ready in {timeout_s} s")
+        time.sleep(0.5)
+
+
 def bench(
     ports: list[int],
     model: str,
@@ -197,6 +221,7 @@ def bench(
     batch_size: int = 1,
     processes: int = 1,
     streaming: bool = False,
+    connections: int = 1,
 ) -> dict:
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     subprocess.run(
@@ -226,6 +251,8 @@ def bench(
             "--json",
             str(out),
             *(["--streaming"] if streaming else []),
+            "--connections",
+            str(connections),
         ],
         check=True,
         capture_output=True,
@@ -339,15 +366,17 @@ def main() -> None:
                 # Several front ends, like front-end pods: the floor gets as many no-op processes. Ray Serve stays
                 # as deployed by default (one proxy per node).
                 frontends = 1 if target == "ray_serve" else args.frontends
-                ports = [free_port() for _ in range(frontends)]
-                logs_of = [logs / f"{model}-{target}-{repeat}-{i}.log" for i in range(frontends)]
+                group = frontends if target == "convray_group" else 1  # front ends in one process's group
+                ports = [free_port() for _ in range(frontends // group)]
+                logs_of = [logs / f"{model}-{target}-{repeat}-{i}.log" for i in range(len(ports))]
                 processes: list[subprocess.Popen] = []
                 try:
                     try:
                         for port, log in zip(ports, logs_of, strict=True):
-                            processes.append(start(target, port, repo, model, 32, args.gpus / frontends, log))
-                        for port, process in zip(ports, processes, strict=True):
+                            processes.append(start(target, port, repo, model, 32, args.gpus / frontends, log, group))
+                        for port, process, log in zip(ports, processes, logs_of, strict=True):
                             wait_ready(port, model, process)
+                            wait_group_ready(log, group, process)
                     except RuntimeError as error:  # one target failing to start does not lose the others
                         results["failures"].append({"model": model, "target": target, "repeat": repeat})
                         print(f"{model} {target}: {error}; its output is in {logs}", flush=True)
@@ -363,6 +392,7 @@ def main() -> None:
                             args.batch_size,
                             args.client_processes,
                             args.streaming,
+                            -(-CONNECTIONS_PER_FRONTEND * group // args.client_processes) if group > 1 else 1,
                         )
                         point = {
                             "model": model,
