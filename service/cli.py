@@ -20,6 +20,7 @@ from convray.service.train_command import add_train_commands
 SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--host": ("server", "host"),
     "--port": ("server", "port"),
+    "--health-port": ("server", "health_port"),
     "--metrics-host": ("server", "metrics_host"),
     "--metrics-port": ("server", "metrics_port"),
     "--max-message-bytes": ("server", "max_message_bytes"),

@@ -26,6 +26,8 @@ class ServerSettings(_Group):
     """gRPC bind address; the default keeps the server private to this machine."""
     port: int = Field(50051, ge=0, le=65535)
     """gRPC port; 0 picks a free one (logged at start)."""
+    health_port: int | None = Field(None, ge=0, le=65535)
+    """Plaintext gRPC port answering health checks only, for probes that cannot do TLS (Kubernetes'); unset: none."""
     metrics_host: str = "localhost"
     """Bind address of the Prometheus /metrics endpoint."""
     metrics_port: int | None = Field(9100, ge=0, le=65535)
@@ -53,8 +55,8 @@ class ServerSettings(_Group):
     def _frontends_have_ports(self) -> ServerSettings:
         if self.frontends == 1:
             return self
-        if self.port == 0:
-            raise ValueError("frontends > 1 needs a fixed port: with 0 each front end would pick its own")
+        if self.port == 0 or self.health_port == 0:
+            raise ValueError("frontends > 1 needs fixed ports: with 0 each front end would pick its own")
         if self.metrics_port:
             first, last = self.metrics_port, self.metrics_port + self.frontends - 1
             if last > 65535:
@@ -204,8 +206,10 @@ class Settings(BaseSettings):
         return found
 
     @model_validator(mode="after")
-    def _metrics_port_differs(self) -> Settings:
+    def _ports_differ(self) -> Settings:
         server = self.server
         if server.metrics_port and server.metrics_port == server.port:
             raise ValueError(f"server.metrics_port must differ from server.port (both {server.port})")
+        if server.health_port and server.health_port in (server.port, server.metrics_port):
+            raise ValueError(f"server.health_port {server.health_port} must differ from the gRPC and metrics ports")
         return self

@@ -205,7 +205,14 @@ class ConvrayServer:
             ],
             self._server,
         )
+        # Health checks only, in plaintext, for probes that cannot do TLS: a server of its own, since a port added
+        # to the main one would serve every API on it unencrypted. Same servicer, so both report the same status.
+        self._health_server: grpc.aio.Server | None = None
+        if settings.server.health_port is not None:
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", int(member is not None))])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
         self.port = 0
+        self.health_port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_http: Any = None
         self._bring_up: asyncio.Task[None] | None = None
@@ -232,9 +239,19 @@ class ConvrayServer:
             self.port = 0
         if self.port == 0:
             raise StartupError(f"could not bind gRPC to {server.host}:{server.port} (in use or not permitted)")
+        if self._health_server is not None:
+            health_address = f"{server.host}:{server.health_port}"
+            try:
+                self.health_port = self._health_server.add_insecure_port(health_address)
+            except RuntimeError:
+                self.health_port = 0
+            if self.health_port == 0:
+                raise StartupError(f"could not bind the health port to {health_address} (in use or not permitted)")
         await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         if server.metrics_port is not None:
             try:
                 self._metrics_http, _ = start_http_server(
@@ -436,6 +453,8 @@ class ConvrayServer:
         if self.watchdog is not None:
             await self.watchdog.stop()
         await self._server.stop(grace)
+        if self._health_server is not None:  # answered NOT_SERVING through the drain; now nothing is served
+            await self._health_server.stop(None)
         if self.ray_lost:
             await self.registry.abandon_all()  # nothing to drain: the replicas went with the cluster
         else:
@@ -463,7 +482,10 @@ async def serve(settings: Settings, member: FrontendMember | None = None) -> int
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
         server.signal_handlers[sig] = stopping.set
-    log.info("gRPC listening on %s:%d; connecting to Ray and loading models", settings.server.host, server.port)
+    health = "" if server.health_port is None else f", health checks only (plaintext) on port {server.health_port}"
+    log.info(
+        "gRPC listening on %s:%d%s; connecting to Ray and loading models", settings.server.host, server.port, health
+    )
     stop_waiter = asyncio.create_task(stopping.wait())
     ready_waiter = asyncio.create_task(server.wait_ready())
     await asyncio.wait({stop_waiter, ready_waiter}, return_when=asyncio.FIRST_COMPLETED)

@@ -93,7 +93,12 @@ def test_ports_services_and_servicemonitor_agree_with_the_settings(built, overla
     assert settings.server.metrics_port == defaults.server.metrics_port
     container = next(c for c in frontend(objects)["containers"] if c["name"] == "convray")
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": settings.server.port, "metrics": settings.server.metrics_port}
+    expected = {
+        "grpc": settings.server.port,
+        "health": settings.server.health_port,
+        "metrics": settings.server.metrics_port,
+    }
+    assert ports == expected
 
     grpc_service = find(objects, "Service", "convray-grpc")["spec"]
     headless_service = find(objects, "Service", "convray-frontend-pods")["spec"]
@@ -120,7 +125,7 @@ def test_probes_use_grpc_health_on_a_service_the_server_reports(built, overlay, 
     container = next(c for c in frontend(built[overlay])["containers"] if c["name"] == "convray")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         grpc = container[probe]["grpc"]
-        assert grpc["port"] == settings.server.port, probe
+        assert grpc["port"] == settings.server.health_port, probe  # plaintext: the kubelet's probes cannot do TLS
         expected = (LIVENESS_SERVICE,) if probe == "livenessProbe" else ("", CLASSIFIER_SERVICE)
         assert grpc.get("service", "") in expected, probe
 

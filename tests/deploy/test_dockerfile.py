@@ -89,6 +89,32 @@ def test_the_healthcheck_command_passes_on_a_serving_server_and_fails_without_on
         assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode != 0
 
 
+def test_the_healthcheck_asks_the_health_only_port_when_one_is_set():
+    """With TLS on the gRPC port the plaintext check can only pass there (CONVRAY_SERVER__HEALTH_PORT)."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    argv = [sys.executable, *healthcheck_argv()[1:]]
+    health_only = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, health_only)
+    port = health_only.add_insecure_port("127.0.0.1:0")
+    health_only.start()
+    try:
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))  # bound, not listening: the gRPC port answers nothing
+            env = {**os.environ, "CONVRAY_SERVER__PORT": str(silent.getsockname()[1])}
+            env["CONVRAY_SERVER__HEALTH_PORT"] = str(port)
+            assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 0
+            servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 1
+    finally:
+        health_only.stop(None)
+
+
 def test_every_image_installs_the_train_extra_the_training_job_needs():
     """One image runs `convray serve` and the RayJob's `convray train` (Ray Train, Data and Tune), issue #8."""
     installs = [a for i, a in instructions() if i == "RUN" and "/wheels/convray-" in a]

@@ -83,6 +83,7 @@ def secure_server(ray_address, pki, tmp_path_factory):
         security__tls_key=pki["server"][1],
         security__tls_client_ca=pki["ca"],
         security__auth_token_file=pki["token"],
+        server__health_port=0,
     )
     server = ServerThread(settings).start()
     yield server
@@ -139,6 +140,23 @@ def test_clients_without_a_certificate_from_the_trusted_ca_cannot_connect(secure
     with channel, pytest.raises(grpc.RpcError) as info:
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("service", ["", "liveness"])
+def test_probes_that_cannot_do_tls_get_health_on_the_plaintext_health_port(secure_server, service):
+    """Kubernetes' gRPC probes speak plaintext only: without this port a TLS server's pods never become Ready."""
+    with grpc.insecure_channel(f"127.0.0.1:{secure_server.server.health_port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_plaintext_health_port_serves_nothing_but_health(secure_server):
+    with grpc.insecure_channel(f"127.0.0.1:{secure_server.server.health_port}") as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.ClassifierStub(channel).Classify(
+                pb.ClassifyRequest(image=IMAGE), timeout=5, metadata=[("authorization", f"Bearer {TOKEN}")]
+            )
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_plaintext_clients_cannot_talk_to_a_tls_port(secure_server):
