@@ -2,16 +2,25 @@
 
 Values come, highest priority first, from CLI flags (``service.cli`` maps each flag onto a field),
 environment variables ``CONVRAY_<GROUP>__<FIELD>`` (e.g. ``CONVRAY_BATCHING__MAX_BATCH_SIZE=64``; ``off``
-unsets an optional one), then the defaults below. Nothing else in convray reads the environment.
+unsets a setting that may be unset), then the defaults below. Nothing else in convray reads the environment.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _off_is_none(value: object) -> object:
+    return None if value == "off" else value
+
+
+# A setting that may be unset: "off" (from a flag or an environment variable) unsets it, e.g.
+# CONVRAY_SERVER__METRICS_PORT=off is --no-metrics. Only these: elsewhere "off" keeps its own meaning (false).
+Unsettable = BeforeValidator(_off_is_none)
 
 
 class _Group(BaseModel):
@@ -26,12 +35,12 @@ class ServerSettings(_Group):
     """gRPC bind address; the default keeps the server private to this machine."""
     port: int = Field(50051, ge=0, le=65535)
     """gRPC port; 0 picks a free one (logged at start)."""
-    health_port: int | None = Field(None, ge=0, le=65535)
+    health_port: Annotated[int | None, Unsettable] = Field(None, ge=0, le=65535)
     """Plaintext gRPC port answering health checks only, for probes that cannot do TLS (Kubernetes'); unset: none."""
     metrics_host: str = "localhost"
     """Bind address of the Prometheus /metrics endpoint."""
-    metrics_port: int | None = Field(9100, ge=0, le=65535)
-    """Port of /metrics; 0 picks a free one; ``--no-metrics`` (or ``off`` in the environment) disables it."""
+    metrics_port: Annotated[int | None, Unsettable] = Field(9100, ge=0, le=65535)
+    """Port of /metrics; 0 picks a free one; ``--no-metrics`` (or ``off``) disables it."""
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     """Largest gRPC message received or sent (grpcio's own default is only 4 MiB)."""
     drain_grace_s: float = Field(10.0, ge=0)
@@ -97,7 +106,7 @@ class BatchingSettings(_Group):
 class WorkerSettings(_Group):
     """The Ray cluster and the replica actors that hold the models."""
 
-    ray_address: str | None = None
+    ray_address: Annotated[str | None, Unsettable] = None
     """Ray cluster to join (e.g. ``auto`` or ``HOST:6379``); unset starts an embedded local Ray."""
     ray_connect_timeout_s: float = Field(60.0, gt=0)
     """How long to wait for Ray (joining or starting it) before giving up with a clear error."""
@@ -105,7 +114,7 @@ class WorkerSettings(_Group):
     """Seconds between checks that Ray still answers (each may wait as long; two misses mark it lost); 0: no checks."""
     ray_lost_exit_s: float = Field(120.0, ge=0)
     """How long Ray may stay lost after start before the server exits with code 1 to be restarted; 0: never."""
-    ray_num_cpus: int | None = Field(None, ge=1)
+    ray_num_cpus: Annotated[int | None, Unsettable] = Field(None, ge=1)
     """CPUs an embedded local Ray may use; unset means all of this machine's."""
     replicas: int = Field(1, ge=1, le=1024)
     """Replica actors per model version."""
@@ -149,13 +158,13 @@ class InputSettings(_Group):
 class SecuritySettings(_Group):
     """Transport security and client authentication (both off by default; the default bind is localhost)."""
 
-    tls_cert: Path | None = None
+    tls_cert: Annotated[Path | None, Unsettable] = None
     """PEM certificate chain of the server; with ``tls_key`` it turns TLS on."""
-    tls_key: Path | None = None
+    tls_key: Annotated[Path | None, Unsettable] = None
     """PEM private key of ``tls_cert``."""
-    tls_client_ca: Path | None = None
+    tls_client_ca: Annotated[Path | None, Unsettable] = None
     """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
-    auth_token_file: Path | None = None
+    auth_token_file: Annotated[Path | None, Unsettable] = None
     """File holding a bearer token every RPC must carry (``authorization: Bearer ...``), health checks excepted."""
 
     @model_validator(mode="after")
@@ -181,10 +190,7 @@ class ExplainSettings(_Group):
 class Settings(BaseSettings):
     """Everything ``convray serve`` can be told, grouped by concern."""
 
-    # "off" in an environment variable unsets an optional setting (CONVRAY_SERVER__METRICS_PORT=off: no metrics).
-    model_config = SettingsConfigDict(
-        env_prefix="CONVRAY_", env_nested_delimiter="__", extra="forbid", env_parse_none_str="off"
-    )
+    model_config = SettingsConfigDict(env_prefix="CONVRAY_", env_nested_delimiter="__", extra="forbid")
 
     server: ServerSettings = ServerSettings()
     models: ModelSettings = ModelSettings()

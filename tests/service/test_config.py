@@ -28,12 +28,21 @@ def test_environment_variables_set_nested_fields(monkeypatch):
     assert settings.workers.gpus_per_replica == 0.5
 
 
-def test_off_in_the_environment_unsets_an_optional_setting_like_no_metrics_does(monkeypatch):
+def test_off_unsets_a_setting_that_may_be_unset_like_no_metrics_does(monkeypatch):
     monkeypatch.setenv("CONVRAY_SERVER__METRICS_PORT", "off")
     monkeypatch.setenv("CONVRAY_WORKERS__RAY_NUM_CPUS", "off")
     settings = Settings()
     assert settings.server.metrics_port is None and settings.workers.ray_num_cpus is None
     assert settings_from_args(serve_args("--metrics-port", "9200")).server.metrics_port == 9200  # a flag still wins
+    assert settings_from_args(serve_args("--health-port", "off")).server.health_port is None  # flags too
+
+
+def test_off_keeps_its_own_meaning_where_a_setting_cannot_be_unset(monkeypatch):
+    """A false boolean stays false, and a model may be called "off"."""
+    monkeypatch.setenv("CONVRAY_BATCHING__DISPATCH_WHEN_IDLE", "off")
+    monkeypatch.setenv("CONVRAY_MODELS__DEFAULT_MODEL", "off")
+    settings = Settings()
+    assert settings.batching.dispatch_when_idle is False and settings.models.default_model == "off"
 
 
 def test_flags_override_the_environment_and_keep_the_rest_of_the_group(monkeypatch):

@@ -29,7 +29,8 @@ def test_a_metrics_port_picked_at_random_or_switched_off_stays_so_for_every_fron
 @pytest.mark.parametrize(
     ("server", "complaint"),
     [
-        ({"port": 0, "frontends": 2}, "needs a fixed port"),
+        ({"port": 0, "frontends": 2}, "needs fixed ports"),
+        ({"port": 7000, "health_port": 0, "frontends": 2}, "needs fixed ports"),
         ({"port": 7000, "metrics_port": 65535, "frontends": 2}, "metrics ports 65535-65536, past 65535"),
         ({"port": 9101, "metrics_port": 9100, "frontends": 4}, "metrics ports 9100-9103 include port 9101"),
         ({"frontends": 0}, "greater than or equal to 1"),
