@@ -38,7 +38,10 @@ TRAIN_FLAGS: dict[str, dict[str, Any]] = {
     "--ray-address": {"help": "Ray cluster to join ('auto' inside a RayJob); unset starts a local Ray"},
     "--storage-path": {"help": "where runs keep their per-epoch checkpoints (shared storage on a cluster)"},
     "--run-name": {"help": "checkpoint directory name under --storage-path (default: MODEL-NAME-UTC-TIME)"},
-    "--resume": {"action": "store_true", "help": "continue the latest run of --model-name from its checkpoint"},
+    "--resume": {
+        "action": "store_true",
+        "help": "continue the latest run of --model-name from its checkpoint, with the settings it was started with",
+    },
     "--max-failures": {"type": int, "help": "worker-group restarts from the last checkpoint before failing"},
     "--fail-at-epoch": {"type": int, "help": argparse.SUPPRESS},  # tests: failure injection
 }
@@ -49,7 +52,12 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from convray.workers.train import TrainConfig
 
     given = {field: getattr(args, field) for field in map(_field, TRAIN_FLAGS)}
-    return TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    if config.resume and config.workers > 0 and getattr(args, "model_name", None):
+        from convray.workers.ray_train import continue_run
+
+        config = continue_run(config, args.model_name, {k for k, v in given.items() if v is not None})
+    return config
 
 
 def _field(flag: str) -> str:

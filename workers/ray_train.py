@@ -26,7 +26,7 @@ import torch
 
 from convray.workers.models import CNN, build_model
 from convray.workers.progress import EpochProgress
-from convray.workers.train import TrainConfig, TrainingData, changed_run_settings, epoch_line, train_loop
+from convray.workers.train import RUN_FIELDS, TrainConfig, TrainingData, changed_run_settings, epoch_line, train_loop
 
 STATE_FILE = "state.pt"
 CHECKPOINT_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # the controller's list of registered checkpoints
@@ -53,28 +53,81 @@ def choose_run_name(config: TrainConfig, model_name: str) -> str:
     """``--resume``: the latest run of ``model_name`` under the storage path; else a new UTC-stamped name.
 
     Raises:
-        ValueError: ``--resume`` with no earlier run that saved a checkpoint, or with settings that shape the run
-            (``RUN_FIELDS``) other than those it was started with.
+        ValueError: ``--resume`` with no earlier run that saved a checkpoint.
     """
     if config.resume:
         root = Path(config.storage_path)
         # Only this model's runs: "digits" must not pick up "digits-v2-<stamp>" (names may contain "-").
         own = re.compile(rf"{re.escape(model_name)}-\d{{8}}-\d{{6}}-\d{{6}}")
-        checkpoints = (p for p in root.glob(f"{model_name}-*/checkpoint_*") if own.fullmatch(p.parent.name))
-        runs = sorted(checkpoints, key=lambda p: p.stat().st_mtime)
+        runs = sorted(
+            (p for p in root.glob(f"{model_name}-*") if own.fullmatch(p.name) and latest_checkpoint(p)),
+            key=lambda run: latest_checkpoint(run).stat().st_mtime,  # type: ignore[union-attr] (filtered above)
+        )
         if not runs:
             raise ValueError(f"--resume: no checkpointed run of {model_name!r} under {root.resolve()}")
-        state_file = runs[-1] / STATE_FILE
-        if state_file.exists():  # a checkpoint written before runs kept their settings has none to compare
-            saved = torch.load(state_file, weights_only=False).get("run", {})  # our own file
-            changed = changed_run_settings(saved, config)
-            if changed:
-                raise ValueError(
-                    f"--resume continues run {runs[-1].parent.name} as it was started, but these settings differ "
-                    f"from its own ({'; '.join(changed)}); give the run's values, or train anew without --resume"
-                )
-        return runs[-1].parent.name
+        return runs[-1].name
     return f"{model_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The run's newest ``checkpoint_*`` directory, None if it has none."""
+    # checkpoint_0004 and the like; not Ray's checkpoint_manager_snapshot.json beside them
+    found = (p for p in run_dir.glob("checkpoint_*") if p.is_dir() and re.fullmatch(r"checkpoint_\d+", p.name))
+    checkpoints = sorted(found, key=lambda p: p.stat().st_mtime)
+    return checkpoints[-1] if checkpoints else None
+
+
+def saved_run_settings(config: TrainConfig) -> dict[str, Any] | None:
+    """The ``RUN_FIELDS`` settings run ``config.run_name`` was started with; None if it has no checkpoint yet.
+
+    Empty for a checkpoint written before runs kept them.
+
+    Raises:
+        ValueError: its latest checkpoint cannot be read.
+    """
+    assert config.run_name is not None
+    checkpoint = latest_checkpoint(Path(config.storage_path) / config.run_name)
+    if checkpoint is None:
+        return None
+    try:
+        state = torch.load(checkpoint / STATE_FILE, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        return {}  # not one of ours
+    except Exception as exc:  # noqa: BLE001 (torch raises several types for a damaged file)
+        raise ValueError(f"cannot read the checkpoint {checkpoint}: {type(exc).__name__}: {exc}") from None
+    return dict(state.get("run", {}))
+
+
+def continue_run(config: TrainConfig, model_name: str, given: set[str]) -> TrainConfig:
+    """``--resume``: ``config`` with the run it continues, and that run's own settings where no flag was ``given``.
+
+    So a plain ``--resume`` carries on as the run was started, whatever flags it was started with.
+
+    Raises:
+        ValueError: no run to resume, or its checkpoint cannot be read.
+    """
+    run_name = choose_run_name(config, model_name)
+    saved = saved_run_settings(replace(config, run_name=run_name)) or {}
+    kept = {field: value for field, value in saved.items() if field in RUN_FIELDS and field not in given}
+    return replace(config, run_name=run_name, **kept)
+
+
+def check_continues_as_started(config: TrainConfig) -> None:
+    """Refuse to go on with run ``config.run_name`` under settings that shape it other than its own.
+
+    It would not be that run continued (see ``RUN_FIELDS``); this holds for ``--resume`` and for ``--run-name``
+    naming a run that has checkpoints, which Ray Train restores by name.
+
+    Raises:
+        ValueError: naming each setting that differs, or the checkpoint cannot be read.
+    """
+    saved = saved_run_settings(config)
+    changed = changed_run_settings(saved or {}, config)
+    if changed:
+        raise ValueError(
+            f"run {config.run_name} has checkpoints and goes on as it was started, but these settings differ from "
+            f"its own ({'; '.join(changed)}); leave them out or give the run's values, or train a new run"
+        )
 
 
 class RaySession:
@@ -103,7 +156,7 @@ class RaySession:
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as directory:
-            state: dict[str, Any] = torch.load(Path(directory) / STATE_FILE, weights_only=False)  # our own file
+            state: dict[str, Any] = torch.load(Path(directory) / STATE_FILE, weights_only=True)
         if self.rank == 0:
             print(f"resumed from {checkpoint.path} after epoch {len(state['history'])}", flush=True)
         return state
@@ -228,7 +281,8 @@ def trainer(
 def load_state(checkpoint: Any) -> dict[str, Any]:
     """The training state saved in a Ray Train checkpoint."""
     with checkpoint.as_directory() as directory:
-        state: dict[str, Any] = torch.load(Path(directory) / STATE_FILE, weights_only=False)
+        # On the driver, which may have no GPU when the workers had one.
+        state: dict[str, Any] = torch.load(Path(directory) / STATE_FILE, weights_only=True, map_location="cpu")
     return state
 
 

@@ -8,6 +8,7 @@ to a hidden temporary directory and renamed into place, so a reader never sees h
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -220,22 +221,30 @@ class ModelRepository:
                 version = max(version, self.latest_version(name) or 0) + 1
                 try:
                     os.rename(staging, self.version_dir(name, version))
-                    _fsync(model_dir)  # the rename itself
-                    return version
                 except OSError:
                     if not self.version_dir(name, version).exists():
                         raise
                     # Taken: by another publisher's version, or by something that is not a version (a plain
                     # file, which latest_version skips): either way the next number, never this one again.
+                    continue
+                _fsync(model_dir)  # the rename itself
+                return version
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:
-    """Flush a file's, or a directory's entries', writes to the disk."""
+    """Flush a file's, or a directory's entries', writes to the disk.
+
+    Some shared filesystems refuse fsync on a directory (CIFS/SMB before Linux 4.17, some FUSE mounts): that is
+    skipped there, as every program that publishes this way has to.
+    """
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
+    except OSError as exc:
+        if not (path.is_dir() and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)):
+            raise
     finally:
         os.close(descriptor)
 

@@ -37,11 +37,13 @@ from convray.workers.transforms import channel_stats, normalise, random_flip, ra
 
 # The settings a run's course depends on. Its checkpoints carry them: a run resumed with one changed would not
 # be that run continued (the optimiser and schedule come from the checkpoint, so a new learning rate would be
-# ignored, and a one-cycle schedule stepped past its end fails), so --resume refuses it. Workers, devices and
-# threads may change: the batch is over all workers together.
+# ignored, and a one-cycle schedule stepped past its end fails), so it is refused; --resume takes the run's own
+# where no flag is given. The worker count is one of them: it sets the steps per epoch (each worker's share of
+# the batch is rounded down). Devices, mixed precision and threads may change.
 RUN_FIELDS = (
     "dataset", "held_out_fraction", "image_size", "colour_mode", "max_shift_px", "flip", "preset", "spec_file",
     "epochs", "batch_size", "optimizer", "schedule", "max_lr", "momentum", "weight_decay", "label_smoothing", "seed",
+    "workers",
 )  # fmt: skip
 
 
@@ -54,6 +56,8 @@ def changed_run_settings(saved: dict[str, Any], config: TrainConfig) -> list[str
     """Each ``RUN_FIELDS`` setting whose value in ``config`` differs from ``saved``, as 'name: run's -> now'."""
     now = run_settings(config)
     differ = [field for field in RUN_FIELDS if field in saved and saved[field] != now[field]]
+    if saved.get("spec_file") and now["spec_file"]:  # a spec file overrides the preset, which then does not count
+        differ = [field for field in differ if field != "preset"]
     return [f"{field}: {saved[field]!r} -> {now[field]!r}" for field in differ]
 
 
@@ -110,6 +114,7 @@ class TrainConfig:
                 (self.batch_size < 1, f"batch size must be >= 1, got {self.batch_size}"),
                 (self.max_lr <= 0, f"learning rate must be > 0, got {self.max_lr}"),
                 (not 0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
+                (not 0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
                 (self.max_shift_px < 0, f"max shift must be >= 0 pixels, got {self.max_shift_px}"),
                 (self.threads < 1, f"threads must be >= 1, got {self.threads}"),
                 (self.workers < 0, f"workers must be >= 0, got {self.workers}"),
@@ -177,7 +182,9 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch:
             weight_decay=config.weight_decay, nesterov=True,
         )  # fmt: skip
     elif config.optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=config.max_lr, weight_decay=config.weight_decay)
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=config.max_lr, weight_decay=config.weight_decay, betas=(config.momentum, 0.999)
+        )
     else:
         raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'sgd' or 'adamw'")
     steps = config.epochs * steps_per_epoch
@@ -314,7 +321,8 @@ def train_loop(config: TrainConfig, data: TrainingData, session: Session) -> tup
         model.load_state_dict(restored["model"])
         opt.load_state_dict(restored["optimizer"])
         schedule.load_state_dict(restored["schedule"])
-        scaler.load_state_dict(restored["scaler"])
+        if restored["scaler"]:  # empty when the run had no fp16 to scale (then a new fp16 scaler starts afresh)
+            scaler.load_state_dict(restored["scaler"])
         history = list(restored["history"])
 
     def state() -> dict[str, Any]:
@@ -469,10 +477,12 @@ def train_and_publish(
     """Train, then publish the next version of ``model_name`` with its plots; returns the version directory."""
     from convray.workers.plots import confusion_png, curve_png
 
-    if config.run_name is None and config.workers > 0:
-        from convray.workers.ray_train import choose_run_name
+    if config.workers > 0:
+        from convray.workers.ray_train import check_continues_as_started, choose_run_name
 
-        config.run_name = choose_run_name(config, model_name)
+        if config.run_name is None:
+            config.run_name = choose_run_name(config, model_name)
+        check_continues_as_started(config)
     model, metadata = train(config, log, on_epoch)
     extra_files = {
         "training_curve.png": curve_png(metadata.metrics["history"]),

@@ -39,6 +39,7 @@ def test_tune_takes_the_same_flags_and_a_trial_count():
         (["--threads", "0"], "threads must be >= 1"),
         (["--label-smoothing", "1.5"], r"label smoothing must be in \[0, 1\)"),
         (["--max-shift-px", "-1"], "max shift must be >= 0 pixels"),
+        (["--momentum", "1.2"], r"momentum must be in \[0, 1\), got 1.2"),  # one-cycle would run it past 1 and diverge
         (["--lr", "-0.1", "--batch-size", "0"], "batch size must be >= 1, got 0; learning rate must be > 0"),
         (["--resume", "--workers", "0"], "--resume continues a Ray Train run's checkpoints"),
         (["--spec", "no-such-spec.json", "--workers", "0"], "No such file or directory: 'no-such-spec.json'"),
@@ -50,3 +51,12 @@ def test_options_no_run_can_use_are_a_usage_error_before_any_training(flags, mes
     assert args.run(args) == EXIT_USAGE
     assert re.search(message, capsys.readouterr().err)
     assert not list(tmp_path.iterdir())  # nothing published
+
+
+def test_a_plain_resume_takes_the_runs_own_settings_and_given_flags_stay(tmp_path):
+    from tests.workers.test_ray_train import RUN, checkpointed_run
+
+    checkpointed_run(tmp_path, RUN, TrainConfig(epochs=30, seed=3, workers=4))
+    args = build_parser().parse_args(["train", "--resume", "--storage-path", str(tmp_path), "--seed", "9"])
+    config = config_from_args(args)
+    assert (config.run_name, config.epochs, config.workers, config.seed) == (RUN, 30, 4, 9)  # the seed was given

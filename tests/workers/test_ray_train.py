@@ -68,21 +68,63 @@ def checkpointed_run(tmp_path, name: str, config: TrainConfig) -> None:
     checkpoint = tmp_path / name / "checkpoint_0002"
     checkpoint.mkdir(parents=True)
     torch.save({"history": [{}, {}], "run": run_settings(config)}, checkpoint / STATE_FILE)
+    (tmp_path / name / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's, beside the checkpoints: newer
 
 
-def test_resume_with_the_runs_own_settings_continues_it_whatever_the_workers(tmp_path):
-    checkpointed_run(tmp_path, "digits-20261125-101010-000001", TrainConfig(epochs=3, workers=2))
-    config = TrainConfig(epochs=3, workers=4, resume=True, storage_path=str(tmp_path))
-    assert choose_run_name(config, "digits") == "digits-20261125-101010-000001"
+RUN = "digits-20261125-101010-000001"
 
 
-def test_resume_with_settings_that_shape_the_run_changed_names_each_and_refuses(tmp_path):
-    """More epochs would step the checkpoint's one-cycle schedule past its end; a new rate would be ignored."""
-    checkpointed_run(tmp_path, "digits-20261125-101010-000001", TrainConfig(epochs=3, max_lr=0.2))
-    config = TrainConfig(epochs=5, max_lr=0.1, resume=True, storage_path=str(tmp_path))
+def test_a_plain_resume_carries_on_with_the_settings_the_run_was_started_with(tmp_path):
+    """Started with the docs' RayJob flags; `--resume` alone must not fall back to the defaults."""
+    from convray.workers.ray_train import check_continues_as_started, continue_run
+
+    checkpointed_run(tmp_path, RUN, TrainConfig(epochs=30, workers=4, seed=3))
+    given = TrainConfig(resume=True, storage_path=str(tmp_path))
+    config = continue_run(given, "digits", given={"resume", "storage_path"})
+    assert (config.run_name, config.epochs, config.workers, config.seed) == (RUN, 30, 4, 3)
+    check_continues_as_started(config)  # nothing differs
+
+
+def test_going_on_with_settings_that_shape_the_run_changed_names_each_and_refuses(tmp_path):
+    """More epochs would step the checkpoint's one-cycle schedule past its end; a new rate would be ignored; more
+    workers change the steps per epoch (the same end, at the last epoch)."""
+    from convray.workers.ray_train import check_continues_as_started, continue_run
+
+    checkpointed_run(tmp_path, RUN, TrainConfig(epochs=3, max_lr=0.2, workers=4))
+    given = TrainConfig(epochs=5, max_lr=0.1, workers=5, resume=True, storage_path=str(tmp_path))
+    config = continue_run(given, "digits", given={"epochs", "max_lr", "workers", "resume", "storage_path"})
     with pytest.raises(ValueError) as refused:
-        choose_run_name(config, "digits")
+        check_continues_as_started(config)
     assert str(refused.value) == (
-        "--resume continues run digits-20261125-101010-000001 as it was started, but these settings differ from its "
-        "own (epochs: 3 -> 5; max_lr: 0.2 -> 0.1); give the run's values, or train anew without --resume"
+        f"run {RUN} has checkpoints and goes on as it was started, but these settings differ from its own "
+        "(epochs: 3 -> 5; max_lr: 0.2 -> 0.1; workers: 4 -> 5); leave them out or give the run's values, or train "
+        "a new run"
     )
+
+
+def test_naming_an_existing_run_is_checked_the_same_way(tmp_path):
+    """Ray Train restores a run by its name, with or without --resume."""
+    from convray.workers.ray_train import check_continues_as_started
+
+    checkpointed_run(tmp_path, RUN, TrainConfig(epochs=3))
+    with pytest.raises(ValueError, match=r"epochs: 3 -> 40"):
+        check_continues_as_started(TrainConfig(epochs=40, run_name=RUN, storage_path=str(tmp_path)))
+    check_continues_as_started(TrainConfig(epochs=40, run_name="a-new-run", storage_path=str(tmp_path)))
+
+
+def test_the_preset_does_not_count_where_a_spec_file_overrides_it(tmp_path):
+    from convray.workers.ray_train import check_continues_as_started
+
+    checkpointed_run(tmp_path, RUN, TrainConfig(spec_file="spec.json", preset="digits-small"))
+    check_continues_as_started(
+        TrainConfig(spec_file="spec.json", preset="other", run_name=RUN, storage_path=str(tmp_path))
+    )
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(tmp_path):
+    from convray.workers.ray_train import STATE_FILE, check_continues_as_started
+
+    checkpointed_run(tmp_path, RUN, TrainConfig())
+    (tmp_path / RUN / "checkpoint_0002" / STATE_FILE).write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ValueError, match=r"cannot read the checkpoint .*checkpoint_0002"):
+        check_continues_as_started(TrainConfig(run_name=RUN, storage_path=str(tmp_path)))

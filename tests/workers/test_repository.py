@@ -77,6 +77,44 @@ def test_publish_flushes_every_file_and_the_version_to_disk_before_and_after_it_
     assert events[rename_at + 1 :] == [("fsync", str(model_repo / "digits"))]  # the rename itself
 
 
+def test_publish_works_where_the_filesystem_refuses_to_fsync_a_directory(model_repo, monkeypatch):
+    """CIFS/SMB before Linux 4.17 and some FUSE mounts answer EINVAL: the files are still flushed, the version made."""
+    import errno
+    import os
+
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        if Path(os.readlink(f"/proc/self/fd/{descriptor}")).is_dir():
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    repo = ModelRepository(model_repo)
+    original = repo.load("digits", 1)
+    assert repo.publish("digits", original.metadata, original.module) == 2
+
+
+def test_a_failed_flush_after_the_rename_is_reported_as_itself(model_repo, monkeypatch):
+    """Not as a taken version number, which sent publish on to rename a staging directory that was gone."""
+    import errno
+    import os
+
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        if os.readlink(f"/proc/self/fd/{descriptor}") == str(model_repo / "digits"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    repo = ModelRepository(model_repo)
+    original = repo.load("digits", 1)
+    with pytest.raises(OSError) as failed:
+        repo.publish("digits", original.metadata, original.module)
+    assert failed.value.errno == errno.EIO
+
+
 def test_publish_steps_over_a_plain_file_where_the_next_version_would_go(model_repo):
     """Before, it tried the same number forever: the file is not a version, so the highest stayed 1."""
     repo = ModelRepository(model_repo)

@@ -126,6 +126,14 @@ def test_one_cycle_moves_momentum_around_the_one_asked_for(momentum, low, high):
     assert seen[0] == high and min(seen) == pytest.approx(low, abs=1e-3)
 
 
+def test_adamw_takes_momentum_as_its_beta1_under_every_schedule():
+    for schedule in ("cosine", "constant"):
+        opt, _ = make_optimizer(
+            TrainConfig(optimizer="adamw", schedule=schedule, momentum=0.8), torch.nn.Linear(2, 2), 3
+        )
+        assert opt.param_groups[0]["betas"] == (0.8, 0.999)
+
+
 def test_at_the_default_momentum_one_cycle_is_torchs_own_cycle_to_the_bit():
     """So the shipped model's training command trains the same weights as before --momentum counted here."""
     ours = momentum_per_step(*make_optimizer(TrainConfig(epochs=1, max_lr=0.1), torch.nn.Linear(2, 2), 10), steps=10)
