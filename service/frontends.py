@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from convray.service.exit_codes import EXIT_FAILED, EXIT_OK
 log = logging.getLogger(__name__)
 ORPHAN_CHECK_S = 1.0  # how often a front end checks that its supervisor is still there
 STOP_MARGIN_S = 30.0  # beyond each front end's drain grace, before a front end that has not stopped is killed
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @dataclass(frozen=True)
@@ -53,20 +56,32 @@ def frontend_settings(settings: Settings, index: int, ray_address: str) -> Setti
 def missing_resources(settings: Settings, models: int, available: dict[str, float]) -> str | None:
     """Why the front ends' replicas cannot all be placed on ``available`` Ray resources, or None if they fit.
 
-    Every front end starts ``replicas`` replicas of each of the repository's ``models``; a version switch
-    needs room for twice as many, which is not counted here (a switch that does not fit fails and leaves the
-    old version serving).
+    Every front end starts ``replicas`` replicas of each of the repository's ``models``. A GPU share below one
+    must fit on one GPU, so GPUs hold whole numbers of replicas (three of 0.4 need two GPUs, not 1.2). A version
+    switch needs room for twice as many, which is not counted here (a switch that does not fit fails and leaves
+    the old version serving).
     """
     workers, count = settings.workers, settings.server.frontends
     replicas = count * models * workers.replicas
-    for resource, each, flag in (("CPU", workers.cpus_per_replica, "--cpus-per-replica"),
-                                 ("GPU", workers.gpus_per_replica, "--gpus-per-replica")):  # fmt: skip
-        needed, have = replicas * each, available.get(resource, 0.0)
-        if needed > have + 1e-9:
-            return (
-                f"{count} front ends x {models} model(s) x {workers.replicas} replica(s) x {each:g} {resource} "
-                f"({flag}) = {needed:g} {resource}, but the Ray cluster has {have:g}"
-            )
+    shape = f"{count} front ends x {models} model(s) x {workers.replicas} replica(s)"
+    cpus, have_cpus = replicas * workers.cpus_per_replica, available.get("CPU", 0.0)
+    if cpus > have_cpus + 1e-9:
+        return (
+            f"{shape} x {workers.cpus_per_replica:g} CPU (--cpus-per-replica) = {cpus:g} CPU, "
+            f"but the Ray cluster has {have_cpus:g}"
+        )
+    each, have_gpus = workers.gpus_per_replica, available.get("GPU", 0.0)
+    if each == 0:
+        return None
+    if each > 1 and each != int(each):
+        return f"--gpus-per-replica {each:g}: Ray places a share above one GPU only as a whole number of GPUs"
+    per_gpu = int(1 / each + 1e-9) if each < 1 else 1  # replicas one GPU holds
+    gpus = math.ceil(replicas / per_gpu) if each < 1 else replicas * each
+    if gpus > have_gpus + 1e-9:
+        return (
+            f"{shape} x {each:g} GPU (--gpus-per-replica, {per_gpu} to a GPU) = {gpus:g} GPU, "
+            f"but the Ray cluster has {have_gpus:g}"
+        )
     return None
 
 
@@ -76,10 +91,20 @@ def run_frontends(settings: Settings, log_level: str) -> int:
 
     from convray.workers.repository import ModelRepository
 
+    problem = _ports_taken(settings) or _unreadable_security_files(settings)
+    if problem:
+        log.error("%s", problem)
+        return EXIT_FAILED
+    # A stop signal from here on stops the group cleanly, whatever it is doing.
+    stopping = threading.Event()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda *_: stopping.set())
     workers = settings.workers
     where = workers.ray_address or "an embedded local Ray"
+    log.info("%s for %d front ends", f"joining Ray at {where}" if workers.ray_address else "starting a local Ray",
+             settings.server.frontends)  # fmt: skip
     try:
-        ray_address = _connect(workers.ray_address, workers.ray_num_cpus, workers.ray_connect_timeout_s)
+        ray_address = _connect(workers.ray_address, workers.ray_num_cpus, workers.ray_connect_timeout_s, stopping)
     except TimeoutError:
         log.error(
             "could not connect to %s within %g s (--ray-address, --ray-connect-timeout-s)",
@@ -92,6 +117,9 @@ def run_frontends(settings: Settings, log_level: str) -> int:
         log.error("could not connect to %s: %s", where, exc)
         return EXIT_FAILED
     try:
+        if stopping.is_set():
+            log.info("stopped before any front end started")
+            return EXIT_OK
         models = len(ModelRepository(settings.models.model_repo).model_names())
         shortfall = missing_resources(settings, max(models, 1), ray.cluster_resources())
         if shortfall and workers.ray_address is None:
@@ -99,21 +127,70 @@ def run_frontends(settings: Settings, log_level: str) -> int:
             return EXIT_FAILED
         if shortfall:
             log.warning("the replicas do not fit the cluster as it is (its autoscaler may add nodes): %s", shortfall)
-        return _supervise(settings, ray_address, log_level)
+        return _supervise(settings, ray_address, log_level, stopping)
     finally:
         ray.shutdown()
 
 
-def _connect(address: str | None, num_cpus: int | None, timeout_s: float) -> str:
+def _ports_taken(settings: Settings) -> str | None:
+    """Whether something already listens on the gRPC or health port, as a message; None when both are free.
+
+    The front ends bind with SO_REUSEPORT, which Linux grants next to any other socket of this user that has it
+    (gRPC servers set it by default, another group does): they would share the port with it and might get none
+    of its connections. A bind without it fails wherever anything listens, so it is tried once first.
+    """
+    server = settings.server
+    for port in (server.port, server.health_port):
+        if not port:
+            continue
+        try:
+            addresses = socket.getaddrinfo(server.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError as exc:
+            return f"cannot resolve --host {server.host}: {exc}"
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    probe.bind(address)
+                except OSError as exc:
+                    return f"cannot serve on {server.host}:{port}: {exc.strerror} (another server there?)"
+    return None
+
+
+def _unreadable_security_files(settings: Settings) -> str | None:
+    """A TLS or token file every front end would fail on, said once here rather than by each after Ray's start."""
+    from convray.service.security import read_token, server_credentials
+
+    try:
+        server_credentials(settings.security)
+        if settings.security.auth_token_file is not None:
+            read_token(settings.security.auth_token_file)
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def _connect(address: str | None, num_cpus: int | None, timeout_s: float, stopping: threading.Event) -> str:
     """``cluster.connect``, giving up after ``timeout_s`` when joining a cluster (TimeoutError).
 
-    An embedded Ray is started on this, the main, thread: Ray stops its GCS and raylet when the thread that
-    started them ends, and the main thread lasts as long as the process.
+    An embedded Ray starts on this, the main, thread: Ray stops its GCS and raylet when the thread that started
+    them ends, and the main thread lasts as long as the process (started from another thread that stays, this
+    process was seen to abort as it exited). Ray puts its own SIGTERM handler in place of ours meanwhile, which
+    raises SystemExit: that is taken as the stop it was, and ours goes back afterwards.
     """
     from convray.workers import cluster
 
     if address is None:
-        return cluster.connect(None, num_cpus)
+        try:
+            return cluster.connect(None, num_cpus)
+        except SystemExit:  # Ray's SIGTERM handler, in ray.init
+            stopping.set()
+            return ""
+        finally:
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, lambda *_: stopping.set())
     outcome: list[str | BaseException] = []
 
     def join() -> None:
@@ -132,10 +209,8 @@ def _connect(address: str | None, num_cpus: int | None, timeout_s: float) -> str
     return outcome[0]
 
 
-def _supervise(settings: Settings, ray_address: str, log_level: str) -> int:
+def _supervise(settings: Settings, ray_address: str, log_level: str, stopping: threading.Event) -> int:
     count = settings.server.frontends
-    stopping = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     # Spawned, not forked: this process runs Ray's and gRPC's threads, which a fork would copy half-way.
     context = multiprocessing.get_context("spawn")
     processes = [
@@ -145,6 +220,7 @@ def _supervise(settings: Settings, ray_address: str, log_level: str) -> int:
                 frontend_settings(settings, i, ray_address),
                 FrontendMember(i, count, ray_embedded=settings.workers.ray_address is None),
                 log_level,
+                os.getpid(),
             ),
             name=f"convray-frontend-{i + 1}",
         )
@@ -156,12 +232,14 @@ def _supervise(settings: Settings, ray_address: str, log_level: str) -> int:
             process.start()
             log.info("front end %d of %d started (pid %d)", frontend_number(process), count, process.pid)
         server = settings.server
-        log.info("%d front ends share gRPC port %s:%d; Ray at %s", count, server.host, server.port, ray_address)
+        log.info("%d front ends starting on gRPC port %s:%d; Ray at %s", count, server.host, server.port, ray_address)
         while True:
             ended = wait([p.sentinel for p in processes], timeout=0.5)
             if stopping.is_set():  # a stop signal (with Ctrl-C the front ends got it too, and may be gone already)
                 _stop_all(processes, settings.server.drain_grace_s + STOP_MARGIN_S)
-                exit_code = EXIT_OK if all(p.exitcode == 0 for p in processes) else EXIT_FAILED
+                # Ended by the signal itself: a front end still starting Python, with nothing to drain yet.
+                stopped = all(p.exitcode in (0, -signal.SIGTERM, -signal.SIGINT) for p in processes)
+                exit_code = EXIT_OK if stopped else EXIT_FAILED
                 break
             if ended:  # a front end stopped on its own: the group is no longer what was asked for
                 gone = next(p for p in processes if p.sentinel in ended)
@@ -171,8 +249,6 @@ def _supervise(settings: Settings, ray_address: str, log_level: str) -> int:
                 exit_code = gone.exitcode if gone.exitcode and gone.exitcode > 0 else EXIT_FAILED
                 break
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         for process in processes:  # only on an error above: stopped processes are already gone
             if process.is_alive():
                 process.kill()
@@ -186,29 +262,34 @@ def frontend_number(process: Any) -> int:
 
 
 def _stop_all(processes: list[Any], timeout_s: float) -> None:
-    """SIGTERM every live front end (each drains as on its own), wait up to ``timeout_s``, kill what is left."""
+    """SIGTERM every live front end (each drains as on its own), wait up to ``timeout_s`` in all, kill the rest."""
     for process in processes:
         if process.is_alive():
             process.terminate()
+    deadline = time.monotonic() + timeout_s
     for process in processes:
-        process.join(timeout_s)
+        process.join(max(0.0, deadline - time.monotonic()))
         if process.is_alive():
             log.error("front end %d did not stop within %.0f s: killing it", frontend_number(process), timeout_s)
             process.kill()
             process.join()
 
 
-def _run_one(settings: Settings, member: FrontendMember, log_level: str) -> None:
+def _run_one(settings: Settings, member: FrontendMember, log_level: str, supervisor_pid: int) -> None:
     """A front end's process: one ordinary server, told it is one of a group."""
-    from convray.service.server import serve
-
+    # A stop signal from now until the server can drain waits for it (service.server.serve unblocks them),
+    # instead of killing a front end half-started.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s %(levelname)s frontend-{member.index + 1} %(name)s: %(message)s"
     )
+    # Watching before anything slow is imported: a supervisor killed meanwhile is noticed all the same.
     watch = threading.Thread(
-        target=_stop_when_orphaned, args=(os.getppid(), member.ray_embedded), name="convray-parent-watch", daemon=True
+        target=_stop_when_orphaned, args=(supervisor_pid, member.ray_embedded), name="convray-parent-watch", daemon=True
     )
     watch.start()
+    from convray.service.server import serve
+
     raise SystemExit(asyncio.run(serve(settings, member)))
 
 

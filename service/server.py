@@ -482,6 +482,8 @@ async def serve(settings: Settings, member: FrontendMember | None = None) -> int
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
         server.signal_handlers[sig] = stopping.set
+    if member is not None:  # a group's front end blocked them as it started: one sent meanwhile arrives now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     health = "" if server.health_port is None else f", health checks only (plaintext) on port {server.health_port}"
     log.info(
         "gRPC listening on %s:%d%s; connecting to Ray and loading models", settings.server.host, server.port, health

@@ -181,7 +181,9 @@ def start(
             "1",
             *(["--gpus-per-replica", str(gpus)] if gpus else []),
             *CONVRAY_VARIANTS[kind],
-            *(["--frontends", str(group)] if kind == "convray_group" else []),
+            # The group's replicas share one Ray, where the separate servers each have one of their own: each
+            # reserves 1/N of a CPU (still one torch thread), so the group fits wherever the separate ones run.
+            *(["--frontends", str(group), "--cpus-per-replica", f"{1 / group:g}"] if kind == "convray_group" else []),
         ]
     with log.open("ab") as output:
         return subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)

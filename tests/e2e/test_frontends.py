@@ -57,6 +57,13 @@ class Group:
             assert time.monotonic() < deadline, self.log()
             time.sleep(0.2)
 
+    def wait_for(self, text: str, times: int = 1, timeout_s: float = 120) -> None:
+        """Until ``text`` is in the log ``times`` times (front ends may log it after the supervisor is gone)."""
+        deadline = time.monotonic() + timeout_s
+        while self.log().count(text) < times:
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.05)
+
     def requests_counted(self, front_end: int) -> float:
         """convray_requests_total summed over labels, from front end ``front_end``'s (from 1) own /metrics."""
         url = f"http://127.0.0.1:{self.metrics_port + front_end - 1}/metrics"
@@ -97,7 +104,7 @@ def test_front_ends_share_the_port_each_answers_correctly_and_all_stop_on_sigter
             assert reply.predictions[0].index == held_out.labels[i]
     counted = [group.requests_counted(1), group.requests_counted(2)]
     assert sum(counted) == 20 and min(counted) > 0, counted
-    assert f"2 front ends share gRPC port 127.0.0.1:{group.port}" in group.log()
+    assert f"2 front ends starting on gRPC port 127.0.0.1:{group.port}" in group.log()
 
     group.process.send_signal(signal.SIGTERM)
     assert group.process.wait(60) == 0, group.log()
@@ -175,3 +182,33 @@ def test_a_ray_cluster_that_does_not_answer_is_named_after_the_connect_timeout(t
         group.close()
     assert "could not connect to 127.0.0.1:1 within 3 s (--ray-address, --ray-connect-timeout-s)" in group.log()
     assert "started (pid" not in group.log()
+
+
+def test_a_stop_signal_while_ray_starts_stops_the_group_cleanly(group):
+    """Ray's own SIGTERM handler exited at once with code 15, and Ctrl-C gave a traceback out of ray.init."""
+    group.wait_for("starting a local Ray for 2 front ends")
+    group.process.send_signal(signal.SIGTERM)
+    assert group.process.wait(60) == 0, group.log()
+    assert "stopped before any front end started" in group.log() and "started (pid" not in group.log()
+
+
+@pytest.mark.parametrize("after", ["front end 2 of 2 started (pid", "gRPC listening on"])
+def test_a_stop_signal_as_the_front_ends_start_is_a_clean_stop(group, after):
+    """Before, front ends still starting died of the SIGTERM passed on, and the group exited 1. Now one that has
+    not got as far as blocking stop signals ends by it (nothing to drain), and one that has drains once it can."""
+    group.wait_for(after)
+    group.process.send_signal(signal.SIGTERM)
+    assert group.process.wait(60) == 0, group.log()
+    assert "stopped 2 front ends" in group.log()
+    if after == "gRPC listening on":  # that front end had blocked them: it drained
+        assert "convray.service.server: stopped" in group.log()
+    with pytest.raises(OSError):  # nothing left serving metrics
+        group.requests_counted(1)
+
+
+def test_front_ends_whose_supervisor_is_killed_while_they_start_exit_all_the_same(group):
+    """Before, a front end still importing took the orphaned state for its parent's and never noticed."""
+    group.wait_for("front end 2 of 2 started (pid")
+    group.process.kill()
+    group.process.wait()
+    group.wait_for("and its embedded Ray with it: exiting", times=2, timeout_s=30)

@@ -58,9 +58,47 @@ def test_the_check_names_what_is_short_and_the_flag_that_sets_it():
     )
     gpus = Settings(server={"frontends": 4}, workers={"replicas": 2, "cpus_per_replica": 0, "gpus_per_replica": 0.25})
     assert missing_resources(gpus, 2, {"CPU": 16.0, "GPU": 1.0}) == (
-        "4 front ends x 2 model(s) x 2 replica(s) x 0.25 GPU (--gpus-per-replica) = 4 GPU, but the Ray cluster has 1"
+        "4 front ends x 2 model(s) x 2 replica(s) x 0.25 GPU (--gpus-per-replica, 4 to a GPU) = 4 GPU, "
+        "but the Ray cluster has 1"
     )
     assert "has 0" in missing_resources(gpus, 1, {"CPU": 16.0})  # no GPU in the cluster at all
+
+
+@pytest.mark.parametrize(
+    ("frontends", "models", "share", "gpus", "fits"),
+    [
+        (3, 1, 0.6, 2, False),  # one 0.6 to a GPU: 3 need 3 GPUs, though 1.8 in all
+        (3, 1, 0.6, 3, True),
+        (2, 2, 0.75, 3, False),  # 4 replicas of 0.75, one to a GPU: 4 GPUs
+        (4, 1, 0.25, 1, True),
+        (5, 1, 0.25, 1, False),
+        (2, 1, 2, 4, True),  # whole GPUs
+    ],
+)
+def test_gpu_shares_below_one_pack_whole_replicas_onto_each_gpu(frontends, models, share, gpus, fits):
+    settings = Settings(server={"frontends": frontends}, workers={"cpus_per_replica": 0, "gpus_per_replica": share})
+    assert (missing_resources(settings, models, {"CPU": 8.0, "GPU": float(gpus)}) is None) == fits
+
+
+def test_a_gpu_share_above_one_must_be_whole():
+    settings = Settings(server={"frontends": 2}, workers={"cpus_per_replica": 0, "gpus_per_replica": 1.5})
+    assert "only as a whole number of GPUs" in missing_resources(settings, 1, {"GPU": 8.0})
+
+
+def test_a_port_something_else_listens_on_is_refused_even_if_it_allows_sharing():
+    """gRPC servers, and other groups, listen with SO_REUSEPORT, which the front ends would quietly share."""
+    import socket
+
+    from convray.service.frontends import _ports_taken
+
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        settings = Settings(server={"host": "127.0.0.1", "port": port, "frontends": 2})
+        assert "cannot serve on 127.0.0.1:" in _ports_taken(settings)
+    assert _ports_taken(settings) is None  # closed: free again
 
 
 def test_only_the_front_ends_of_a_group_share_their_port():
