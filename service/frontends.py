@@ -140,11 +140,12 @@ def _ports_taken(settings: Settings) -> str | None:
     of its connections. A bind without it fails wherever anything listens, so it is tried once first.
     """
     server = settings.server
+    host = server.host.strip("[]")  # gRPC's "[::]" is getaddrinfo's "::"
     for port in (server.port, server.health_port):
         if not port:
             continue
         try:
-            addresses = socket.getaddrinfo(server.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         except OSError as exc:
             return f"cannot resolve --host {server.host}: {exc}"
         for family, kind, proto, _, address in addresses:

@@ -99,6 +99,7 @@ def test_a_port_something_else_listens_on_is_refused_even_if_it_allows_sharing()
         settings = Settings(server={"host": "127.0.0.1", "port": port, "frontends": 2})
         assert "cannot serve on 127.0.0.1:" in _ports_taken(settings)
     assert _ports_taken(settings) is None  # closed: free again
+    assert _ports_taken(Settings(server={"host": "[::]", "port": port, "frontends": 2})) is None  # gRPC's spelling
 
 
 def test_only_the_front_ends_of_a_group_share_their_port():
