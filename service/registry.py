@@ -22,6 +22,7 @@ from convray.workers.repository import ModelLoadError, ModelMetadata, ModelRepos
 
 X = TypeVar("X")  # what a load or unload returns
 log = logging.getLogger(__name__)
+POLL_RETRY_MAX_S = 600.0  # the longest wait before the poller tries a failed version again
 UNKNOWN_MODEL_LABEL = "(unknown)"  # the metrics' model label for names not served (see metric_label)
 
 # After switching to a new version, the old one keeps serving this long before it drains and stops:
@@ -75,7 +76,8 @@ class ModelRegistry:
         self._changing = asyncio.Lock()  # one load or unload at a time
         self._changes: set[asyncio.Future[Any]] = set()  # loads and unloads under way (see _to_completion)
         self._poller: asyncio.Task[None] | None = None
-        self._failed_versions: set[tuple[str, int]] = set()  # not retried by the poller
+        # Versions the poller failed to switch to: (failures so far, when to try again, on the loop's clock).
+        self._failed_versions: dict[tuple[str, int], tuple[int, float]] = {}
         self.ready = False
 
     @property
@@ -221,20 +223,30 @@ class ModelRegistry:
             self._poller = asyncio.create_task(self._poll(interval_s), name="convray-model-poller")
 
     async def _poll(self, interval_s: float) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval_s)
             for name in self.repository.model_names():
                 newest = self.repository.latest_version(name)
                 if newest is None or newest <= max(self.loaded_versions(name), default=0):
                     continue
-                if (name, newest) in self._failed_versions:
+                failures, retry_at = self._failed_versions.get((name, newest), (0, 0.0))
+                if loop.time() < retry_at:
                     continue
-                log.info("model repository has %s version %d; loading it", name, newest)
+                if not failures:
+                    log.info("model repository has %s version %d; loading it", name, newest)
                 try:
                     await self.load_latest(name)
-                except (ModelLoadError, ModelNotFound) as exc:  # keep serving what is loaded; say so once
-                    self._failed_versions.add((name, newest))
-                    log.warning("not switching to %s version %d: %s", name, newest, exc)
+                except (ModelLoadError, ModelNotFound) as exc:  # keep serving what is loaded
+                    # Tried again, less and less often: a failure may pass (no room for the new replicas until
+                    # the cluster grows, a copy still being written), and a front end that never retried would
+                    # serve the old version for good while others serve the new one.
+                    wait_s = min(interval_s * 2 ** (failures + 1), POLL_RETRY_MAX_S)
+                    self._failed_versions[(name, newest)] = (failures + 1, loop.time() + wait_s)
+                    report = log.warning if not failures else log.info
+                    report("not switching to %s version %d: %s (trying again in %.0f s)", name, newest, exc, wait_s)
+                else:
+                    self._failed_versions.pop((name, newest), None)
 
     async def unload(self, name: str) -> None:
         """Stop serving every version of ``name``, after finishing the requests already queued.

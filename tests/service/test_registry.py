@@ -141,3 +141,24 @@ def test_a_broken_new_version_leaves_the_served_one_in_place(polling_server):
             pb.ClassifyRequest(image=digit_png(held_out.images[0])), timeout=30
         )
     assert reply.version == 1
+
+
+@pytest.mark.integration
+def test_a_new_version_that_failed_to_load_is_tried_again_and_served_once_it_loads(polling_server, caplog):
+    """A failure may pass (a copy still being written, no room yet for the new replicas). Before, the poller never
+    tried that version again: a front end kept the old one for good, and in a --frontends group others did not."""
+    server, repo = polling_server
+    staged, version = repo / "digits" / ".staged", repo / "digits" / "2"
+    shutil.copytree(repo / "digits" / "1", staged)
+    weights = (staged / "model.safetensors").read_bytes()
+    (staged / "model.safetensors").write_bytes(b"not written yet")
+    staged.rename(version)  # appears at once, broken
+    deadline = time.monotonic() + 60
+    while "not switching to digits version 2" not in caplog.text:  # a replica read the broken file
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert server.server.registry.loaded_versions("digits") == [1]
+    (version / "model.safetensors").write_bytes(weights)
+    while server.server.registry.loaded_versions("digits") != [2]:
+        assert time.monotonic() < deadline, server.server.registry.loaded_versions("digits")
+        time.sleep(0.1)
