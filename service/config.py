@@ -70,8 +70,8 @@ class ServerSettings(_Group):
             first, last = self.metrics_port, self.metrics_port + self.frontends - 1
             if last > 65535:
                 raise ValueError(f"{self.frontends} front ends need metrics ports {first}-{last}, past 65535")
-            if self.metrics_port <= self.port <= last:
-                raise ValueError(f"the front ends' metrics ports {self.metrics_port}-{last} include port {self.port}")
+            if first <= self.port <= last:
+                raise ValueError(f"the front ends' metrics ports {first}-{last} include port {self.port}")
         return self
 
 

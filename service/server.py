@@ -33,7 +33,7 @@ from convray.service import __version__
 from convray.service.codecs import DecodeLimits
 from convray.service.config import ServerSettings, Settings
 from convray.service.explaining import Explainer
-from convray.service.frontends import FrontendMember
+from convray.service.frontends import STOP_SIGNALS, FrontendMember
 from convray.service.inference import Classifier
 from convray.service.metrics import Metrics
 from convray.service.oip_servicer import InferenceServicer
@@ -140,6 +140,24 @@ class StartupError(Exception):
     """The server could not become ready (Ray unreachable, or no model could be loaded)."""
 
 
+def _bind(server: grpc.aio.Server, address: str, what: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Add a port at ``address`` to ``server`` (TLS with ``credentials``); the port bound.
+
+    Raises:
+        StartupError: the bind failed, naming ``what``.
+    """
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # what grpc raises when the bind fails
+        port = 0
+    if port == 0:
+        raise StartupError(f"could not bind {what} to {address} (in use or not permitted)")
+    return port
+
+
 class ConvrayServer:
     """One convray front end: gRPC server, metrics endpoint, model registry on Ray."""
 
@@ -229,24 +247,9 @@ class ConvrayServer:
         for doubt in self.settings.doubts():
             log.warning("%s", doubt)
         server = self.settings.server
-        address = f"{server.host}:{server.port}"
-        try:
-            if self._credentials is None:
-                self.port = self._server.add_insecure_port(address)
-            else:
-                self.port = self._server.add_secure_port(address, self._credentials)
-        except RuntimeError:  # what grpc raises when the bind fails
-            self.port = 0
-        if self.port == 0:
-            raise StartupError(f"could not bind gRPC to {server.host}:{server.port} (in use or not permitted)")
+        self.port = _bind(self._server, f"{server.host}:{server.port}", "gRPC", self._credentials)
         if self._health_server is not None:
-            health_address = f"{server.host}:{server.health_port}"
-            try:
-                self.health_port = self._health_server.add_insecure_port(health_address)
-            except RuntimeError:
-                self.health_port = 0
-            if self.health_port == 0:
-                raise StartupError(f"could not bind the health port to {health_address} (in use or not permitted)")
+            self.health_port = _bind(self._health_server, f"{server.host}:{server.health_port}", "the health port")
         await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._server.start()
@@ -479,11 +482,11 @@ async def serve(settings: Settings, member: FrontendMember | None = None) -> int
         return 1
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stopping.set)
         server.signal_handlers[sig] = stopping.set
     if member is not None:  # a group's front end blocked them as it started: one sent meanwhile arrives now
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     health = "" if server.health_port is None else f", health checks only (plaintext) on port {server.health_port}"
     log.info(
         "gRPC listening on %s:%d%s; connecting to Ray and loading models", settings.server.host, server.port, health

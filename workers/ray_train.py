@@ -59,13 +59,11 @@ def choose_run_name(config: TrainConfig, model_name: str) -> str:
         root = Path(config.storage_path)
         # Only this model's runs: "digits" must not pick up "digits-v2-<stamp>" (names may contain "-").
         own = re.compile(rf"{re.escape(model_name)}-\d{{8}}-\d{{6}}-\d{{6}}")
-        runs = sorted(
-            (p for p in root.glob(f"{model_name}-*") if own.fullmatch(p.name) and latest_checkpoint(p)),
-            key=lambda run: latest_checkpoint(run).stat().st_mtime,  # type: ignore[union-attr] (filtered above)
-        )
-        if not runs:
+        checkpoints = [latest_checkpoint(p) for p in root.glob(f"{model_name}-*") if own.fullmatch(p.name)]
+        newest = sorted((c for c in checkpoints if c is not None), key=lambda c: c.stat().st_mtime)
+        if not newest:
             raise ValueError(f"--resume: no checkpointed run of {model_name!r} under {root.resolve()}")
-        return runs[-1].name
+        return newest[-1].parent.name
     return f"{model_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}"
 
 

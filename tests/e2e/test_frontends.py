@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -17,6 +16,7 @@ from convray.oip import inference_pb2_grpc as oip_grpc
 from convray.v1 import classifier_pb2, classifier_pb2_grpc
 from convray.workers.data import load_digits_split
 from tests.conftest import digit_png
+from tests.deploy.tools import scrape
 from tests.e2e.test_cli import CONVRAY, free_port
 
 pytestmark = pytest.mark.e2e
@@ -50,26 +50,22 @@ class Group:
     def log(self) -> str:
         return self.log_path.read_text()
 
-    def wait_ready(self, timeout_s: float = 150) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.log().count("convray ready (front end") < 2:
-            assert self.process.poll() is None, self.log()
-            assert time.monotonic() < deadline, self.log()
-            time.sleep(0.2)
+    def wait_ready(self) -> None:
+        self.wait_for("convray ready (front end", times=2, timeout_s=150, alive=True)
 
-    def wait_for(self, text: str, times: int = 1, timeout_s: float = 120) -> None:
-        """Until ``text`` is in the log ``times`` times (front ends may log it after the supervisor is gone)."""
+    def wait_for(self, text: str, times: int = 1, timeout_s: float = 120, alive: bool = False) -> None:
+        """Until ``text`` is in the log ``times`` times; with ``alive``, failing at once if the supervisor exits
+        (without, front ends may log it after the supervisor is gone)."""
         deadline = time.monotonic() + timeout_s
         while self.log().count(text) < times:
+            assert not alive or self.process.poll() is None, self.log()
             assert time.monotonic() < deadline, self.log()
             time.sleep(0.05)
 
     def requests_counted(self, front_end: int) -> float:
         """convray_requests_total summed over labels, from front end ``front_end``'s (from 1) own /metrics."""
-        url = f"http://127.0.0.1:{self.metrics_port + front_end - 1}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
-        lines = [line for line in text.splitlines() if line.startswith("convray_requests_total{")]
-        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+        samples = scrape(self.metrics_port + front_end - 1).samples
+        return sum(value for (name, _), value in samples.items() if name == "convray_requests_total")
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -111,8 +107,9 @@ def test_front_ends_share_the_port_each_answers_correctly_and_all_stop_on_sigter
     log = group.log()
     assert len(re.findall(r"frontend-\d convray.service.server: stopped", log)) == 2, log
     assert "stopped 2 front ends" in log
-    with pytest.raises(OSError):  # both front ends' ports are closed
-        urllib.request.urlopen(f"http://127.0.0.1:{group.metrics_port + 1}/metrics", timeout=2)
+    for front_end in (1, 2):  # both front ends' ports are closed
+        with pytest.raises(OSError):
+            group.requests_counted(front_end)
 
 
 def test_loading_a_model_by_rpc_is_refused_since_it_would_change_one_front_end_only(group):
