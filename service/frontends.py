@@ -179,7 +179,7 @@ def _connect(address: str | None, num_cpus: int | None, timeout_s: float, stoppi
     An embedded Ray starts on this, the main, thread: Ray stops its GCS and raylet when the thread that started
     them ends, and the main thread lasts as long as the process (started from another thread that stays, this
     process was seen to abort as it exited). Ray puts its own SIGTERM handler in place of ours meanwhile, which
-    raises SystemExit: that is taken as the stop it was, and ours goes back afterwards.
+    raises SystemExit: that is taken as the stop it was, and the command leaves at once.
     """
     from convray.workers import cluster
 
@@ -187,8 +187,11 @@ def _connect(address: str | None, num_cpus: int | None, timeout_s: float, stoppi
         try:
             return cluster.connect(None, num_cpus)
         except SystemExit:  # Ray's SIGTERM handler, in ray.init
-            stopping.set()
-            return ""
+            # Ray is half started, and its shutdown can wait on it for good (seen once in CI: the command hung).
+            # Its processes go with this one, so leave now.
+            log.info("stopped before any front end started")
+            logging.shutdown()
+            os._exit(EXIT_OK)
         finally:
             for sig in STOP_SIGNALS:
                 signal.signal(sig, lambda *_: stopping.set())
