@@ -178,20 +178,15 @@ def _connect(address: str | None, num_cpus: int | None, timeout_s: float, stoppi
 
     An embedded Ray starts on this, the main, thread: Ray stops its GCS and raylet when the thread that started
     them ends, and the main thread lasts as long as the process (started from another thread that stays, this
-    process was seen to abort as it exited). Ray puts its own SIGTERM handler in place of ours meanwhile, which
-    raises SystemExit: that is taken as the stop it was, and the command leaves at once.
+    process was seen to abort as it exited). A stop signal meanwhile sets ``stopping`` (the caller stops once
+    Ray is up), not Ray's own handler, and the handlers are put back after Ray's core worker has added its own.
     """
     from convray.workers import cluster
 
     if address is None:
         try:
-            return cluster.connect(None, num_cpus)
-        except SystemExit:  # Ray's SIGTERM handler, in ray.init
-            # Ray is half started, and its shutdown can wait on it for good (seen once in CI: the command hung).
-            # Its processes go with this one, so leave now.
-            log.info("stopped before any front end started")
-            logging.shutdown()
-            os._exit(EXIT_OK)
+            with cluster.own_sigterm_handler():
+                return cluster.connect(None, num_cpus)
         finally:
             for sig in STOP_SIGNALS:
                 signal.signal(sig, lambda *_: stopping.set())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import ray
 
@@ -30,6 +32,25 @@ def connect(address: str | None, num_cpus: int | None = None, log_to_driver: boo
                 log_to_driver=log_to_driver,
             )
     return str(ray.get_runtime_context().gcs_address)
+
+
+@contextlib.contextmanager
+def own_sigterm_handler() -> Iterator[None]:
+    """While Ray starts on this thread, keep this process's SIGTERM handler instead of taking Ray's.
+
+    On the main thread, ``ray.init`` puts in handlers of its own: the driver's raises SystemExit, and an
+    embedded head's drains the node for up to 30 s, kills it and raises SystemExit. Raised inside code that
+    swallows exceptions (seen: logging's after-fork hook, as Ray started a process), the stop was lost and
+    the process carried on as if no signal had come. Kept, the caller's handler notes the signal, and the
+    caller acts on it once ``ray.init`` has returned.
+    """
+    utils = ray._private.utils  # noqa: SLF001 (Ray installs its handlers through this one function)
+    install = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = install
 
 
 # Ray's own driver-side limit: a driver whose GCS stays unreachable this long logs "Failed to connect to

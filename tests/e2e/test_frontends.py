@@ -107,6 +107,7 @@ def test_front_ends_share_the_port_each_answers_correctly_and_all_stop_on_sigter
     log = group.log()
     assert len(re.findall(r"frontend-\d convray.service.server: stopped", log)) == 2, log
     assert "stopped 2 front ends" in log
+    assert "SIGTERM received" not in log  # Ray's stack dump for the signal, as if a process had crashed
     for front_end in (1, 2):  # both front ends' ports are closed
         with pytest.raises(OSError):
             group.requests_counted(front_end)
@@ -182,7 +183,8 @@ def test_a_ray_cluster_that_does_not_answer_is_named_after_the_connect_timeout(t
 
 
 def test_a_stop_signal_while_ray_starts_stops_the_group_cleanly(group):
-    """Ray's own SIGTERM handler exited at once with code 15, and Ctrl-C gave a traceback out of ray.init."""
+    """Ray's own SIGTERM handler exited at once with code 15, or its SystemExit was swallowed inside ray.init and
+    the group started as if no signal had come; Ctrl-C gave a traceback out of ray.init."""
     group.wait_for("starting a local Ray for 2 front ends")
     group.process.send_signal(signal.SIGTERM)
     assert group.process.wait(60) == 0, group.log()
