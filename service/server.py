@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from convray.oip import inference_pb2, inference_pb2_grpc
 from convray.service import __version__
 from convray.service.codecs import DecodeLimits
-from convray.service.config import ServerSettings, Settings
+from convray.service.config import ServerSettings, Settings, WorkerSettings
 from convray.service.explaining import Explainer
 from convray.service.frontends import STOP_SIGNALS, FrontendMember
 from convray.service.inference import Classifier
@@ -136,6 +136,19 @@ def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
 
+def where_ray_is(workers: WorkerSettings, member: FrontendMember | None) -> tuple[str, str]:
+    """How start-up errors name this server's Ray, and the flags behind it.
+
+    A ``--frontends`` group's front ends join the Ray their supervisor started, at an address the user never
+    gave: blaming ``--ray-address`` there would send them looking for a flag they did not use.
+    """
+    if member is not None and member.ray_embedded:
+        return f"the Ray started for the group at {workers.ray_address}", "--ray-connect-timeout-s"
+    if workers.ray_address:
+        return workers.ray_address, "--ray-address, --ray-connect-timeout-s"
+    return "an embedded local Ray", "--ray-connect-timeout-s"
+
+
 class StartupError(Exception):
     """The server could not become ready (Ray unreachable, or no model could be loaded)."""
 
@@ -238,8 +251,7 @@ class ConvrayServer:
         self._joining: asyncio.Future[str] | None = None  # the one Ray join under way, if any
         self._leaving: asyncio.Future[None] | None = None  # the one ray.shutdown under way, if any
         self._ray_lost_reason: str | None = None
-        # Signal handlers serve() installed on the loop; put back after joining Ray again, whose new core
-        # worker installs its own SIGTERM handler over them (seen: SIGTERM then killed the process undrained).
+        # Signal handlers serve() installed on the loop; put back after each join (_take_back_signal_handlers).
         self.signal_handlers: dict[int, Callable[[], object]] = {}
 
     async def start(self) -> None:
@@ -269,7 +281,7 @@ class ConvrayServer:
 
     async def _connect_and_load(self) -> None:
         workers = self.settings.workers
-        where = workers.ray_address or "an embedded local Ray"
+        where, flags = where_ray_is(workers, self.member)
         try:
             gcs = await asyncio.wait_for(
                 _in_thread(
@@ -283,11 +295,11 @@ class ConvrayServer:
             )
         except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
             raise StartupError(
-                f"could not connect to {where} within {workers.ray_connect_timeout_s:g} s "
-                "(--ray-address, --ray-connect-timeout-s)"
+                f"could not connect to {where} within {workers.ray_connect_timeout_s:g} s ({flags})"
             ) from None
         except Exception as exc:  # noqa: BLE001 (Ray raises several types for an unreachable cluster)
             raise StartupError(f"could not connect to {where}: {exc}") from exc
+        self._take_back_signal_handlers()
         self.metrics.ray_connected.set(1)  # joined (the gauge says so while the models load)
         import ray
         import torch
@@ -399,15 +411,23 @@ class ConvrayServer:
                 self._joining = None
                 return False
             self._joining = None
-            loop = asyncio.get_running_loop()
-            for sig, handler in self.signal_handlers.items():
-                loop.add_signal_handler(sig, handler)
+            self._take_back_signal_handlers()
         if not self.registry.ready:
             errors = await self.registry.load_latest_of_each()
             if not self.registry.ready:
                 log.warning("no model could be loaded again yet: %s", "; ".join(errors))
                 return False
         return True
+
+    def _take_back_signal_handlers(self) -> None:
+        """Put serve()'s stop-signal handlers back after joining Ray, whose core worker installs its own.
+
+        Ray's SIGTERM handler printed a stack dump ("*** SIGTERM received ...", at error level) on every
+        ordinary stop before passing the signal on; after a rejoin, one also killed the process undrained.
+        """
+        loop = asyncio.get_running_loop()
+        for sig, handler in self.signal_handlers.items():
+            loop.add_signal_handler(sig, handler)
 
     async def _replicas_answer(self) -> bool:
         calls = [actor.describe.remote() for s in self.registry.served_versions() for actor in s.pool.actors]
