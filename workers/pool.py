@@ -11,6 +11,7 @@ broke gets plain actor calls until Ray has restarted it and the path is opened a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -151,10 +152,17 @@ class ReplicaPool:
             )
             for _ in range(options.replicas)
         ]
+        describing = asyncio.gather(*(actor.describe.remote() for actor in actors))
         try:
-            described = await asyncio.wait_for(
-                asyncio.gather(*(actor.describe.remote() for actor in actors)), options.start_timeout_s
-            )
+            described = await asyncio.wait_for(describing, options.start_timeout_s)
+        except asyncio.CancelledError:  # the server stops while the version loads: leave no replica behind
+            # A cancelled gather ends with CancelledError as its exception; taken here, asyncio logs no
+            # "exception was never retrieved" traceback at a clean stop.
+            describing.add_done_callback(_take_outcome)
+            with contextlib.suppress(Exception):  # Ray itself may be gone; its actors then went with it
+                for actor in actors:
+                    ray.kill(actor, no_restart=True)
+            raise
         except (RayActorError, RayTaskError) as exc:
             for actor in actors:
                 ray.kill(actor, no_restart=True)
@@ -397,6 +405,12 @@ def _refuse_what_cannot_fit(name: str, version: int, options: ReplicaOptions) ->
                 f"--{resource.lower()}s-per-replica or --replicas"
                 + (", or run on a machine with a GPU" if resource == "GPU" else "")
             )
+
+
+def _take_outcome(future: asyncio.Future[Any]) -> None:
+    """Mark a finished future's exception as seen (a done callback), so that asyncio does not log it."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _root_cause(exc: BaseException) -> str:
