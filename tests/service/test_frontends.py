@@ -7,8 +7,8 @@ import pytest
 from pydantic import ValidationError
 
 from convray.service.config import ServerSettings, Settings
-from convray.service.frontends import frontend_settings, missing_resources
-from convray.service.server import grpc_server_options
+from convray.service.frontends import FrontendMember, frontend_settings, missing_resources
+from convray.service.server import grpc_server_options, where_ray_is
 
 
 def test_front_ends_get_consecutive_metrics_ports_join_the_given_ray_and_run_alone():
@@ -105,3 +105,19 @@ def test_a_port_something_else_listens_on_is_refused_even_if_it_allows_sharing()
 def test_only_the_front_ends_of_a_group_share_their_port():
     assert dict(grpc_server_options(ServerSettings()))["grpc.so_reuseport"] == 0
     assert dict(grpc_server_options(ServerSettings(), share_port=True))["grpc.so_reuseport"] == 1
+
+
+@pytest.mark.parametrize(
+    ("ray_address", "member", "named", "flags"),
+    [
+        (None, None, "an embedded local Ray", "--ray-connect-timeout-s"),
+        ("10.0.0.1:6379", None, "10.0.0.1:6379", "--ray-address, --ray-connect-timeout-s"),
+        ("10.0.0.1:6379", FrontendMember(0, 2, ray_embedded=False), "10.0.0.1:6379",
+         "--ray-address, --ray-connect-timeout-s"),
+        ("10.0.0.1:6379", FrontendMember(1, 2, ray_embedded=True), "the Ray started for the group at 10.0.0.1:6379",
+         "--ray-connect-timeout-s"),
+    ],
+)  # fmt: skip
+def test_a_front_end_that_cannot_reach_ray_names_it_by_the_flags_the_user_gave(ray_address, member, named, flags):
+    """A group's front ends join their supervisor's embedded Ray by address, but the user gave no --ray-address."""
+    assert where_ray_is(Settings(workers={"ray_address": ray_address}).workers, member) == (named, flags)
