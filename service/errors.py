@@ -61,8 +61,26 @@ class DeadlineExpired(ConvrayError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+MAX_MESSAGE_CHARS = 1000
+"""The longest status message sent. Messages repeat what the client sent (names, datatypes, parameter keys), and
+gRPC ends a call whose status is over its metadata limit (16 KiB) with RESOURCE_EXHAUSTED, which clients take for
+overload and retry."""
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """``text`` quoted for an error message, cut to ``limit`` characters: clients choose what they send."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and message for any exception raised while serving a request."""
+    code, message = _status_of(exc)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
+    return code, message
+
+
+def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     from convray.workers.pool import REPLICA_LOST  # lazy: keeps `convray classify` free of the ray import
 
     if isinstance(exc, ConvrayError):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from convray.oip import inference_pb2 as oip
-from convray.service.errors import InvalidInput
+from convray.service.errors import InvalidInput, shown
 from convray.workers.repository import InputContract
 
 PIXELS_INPUT = "input"
@@ -84,6 +84,8 @@ def deserialize_bytes(raw: bytes, count: int) -> list[bytes]:
             )
         items.append(raw[offset : offset + length])
         offset += length
+        if len(items) > count:  # now, not after splitting a large buffer into millions of elements on the loop
+            raise InvalidInput(f"BYTES tensor holds more than the {count} element(s) its shape says")
     if len(items) != count:
         raise InvalidInput(f"BYTES tensor holds {len(items)} element(s) but its shape says {count}")
     return items
@@ -102,12 +104,12 @@ def read_input(request: oip.ModelInferRequest, contract: InputContract, max_batc
             f"got {len(request.inputs)}"
         )
     tensor = request.inputs[0]
-    reject_parameters(tensor.parameters, f"input {tensor.name!r}")
+    reject_parameters(tensor.parameters, f"input {shown(tensor.name)}")
     if request.raw_input_contents and len(request.raw_input_contents) != 1:
         raise InvalidInput(f"raw_input_contents has {len(request.raw_input_contents)} entries for 1 input")
     raw = request.raw_input_contents[0] if request.raw_input_contents else None
     if raw is not None and tensor.HasField("contents"):
-        raise InvalidInput(f"input {tensor.name!r} has both raw_input_contents and contents; send one")
+        raise InvalidInput(f"input {shown(tensor.name)} has both raw_input_contents and contents; send one")
     shape = list(tensor.shape)
     batch = shape[0] if shape else 0
     if not 1 <= batch <= max_batch_size:
@@ -116,7 +118,7 @@ def read_input(request: oip.ModelInferRequest, contract: InputContract, max_batc
         return ModelInput(pixels=_read_pixels(tensor, raw, shape, contract))
     if tensor.name == IMAGE_INPUT:
         return ModelInput(images=_read_images(tensor, raw, shape))
-    raise InvalidInput(f"unknown input {tensor.name!r}; inputs are {PIXELS_INPUT!r} and {IMAGE_INPUT!r}")
+    raise InvalidInput(f"unknown input {shown(tensor.name)}; inputs are {PIXELS_INPUT!r} and {IMAGE_INPUT!r}")
 
 
 def _read_pixels(
@@ -124,7 +126,7 @@ def _read_pixels(
 ) -> np.ndarray:
     expected = [contract.channels, contract.height, contract.width]
     if tensor.datatype not in _PIXEL_DTYPES:
-        raise InvalidInput(f"input {PIXELS_INPUT!r} must be FP32 or UINT8, got datatype {tensor.datatype!r}")
+        raise InvalidInput(f"input {PIXELS_INPUT!r} must be FP32 or UINT8, got datatype {shown(tensor.datatype)}")
     if len(shape) != 4 or shape[1:] != expected:
         raise InvalidInput(f"input {PIXELS_INPUT!r} must have shape [N, {', '.join(map(str, expected))}], got {shape}")
     dtype = _PIXEL_DTYPES[tensor.datatype]
@@ -155,7 +157,9 @@ def _read_pixels(
 
 def _read_images(tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | None, shape: list[int]) -> list[bytes]:
     if tensor.datatype != "BYTES":
-        raise InvalidInput(f"input {IMAGE_INPUT!r} must be BYTES (encoded images), got datatype {tensor.datatype!r}")
+        raise InvalidInput(
+            f"input {IMAGE_INPUT!r} must be BYTES (encoded images), got datatype {shown(tensor.datatype)}"
+        )
     if shape not in ([shape[0]], [shape[0], 1]):
         raise InvalidInput(f"input {IMAGE_INPUT!r} must have shape [N] or [N, 1], got {shape}")
     if raw is not None:
@@ -173,8 +177,8 @@ def requested_outputs(request: oip.ModelInferRequest) -> list[RequestedOutput]:
     outputs = []
     for output in request.outputs:
         if output.name != OUTPUT:
-            raise InvalidInput(f"unknown output {output.name!r}; the output is {OUTPUT!r}")
-        reject_parameters(output.parameters, f"output {output.name!r}", frozenset({CLASSIFICATION}))
+            raise InvalidInput(f"unknown output {shown(output.name)}; the output is {OUTPUT!r}")
+        reject_parameters(output.parameters, f"output {shown(output.name)}", frozenset({CLASSIFICATION}))
         k = 0
         if CLASSIFICATION in output.parameters:
             parameter = output.parameters[CLASSIFICATION]

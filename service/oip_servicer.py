@@ -15,7 +15,7 @@ from convray.oip import inference_pb2 as oip
 from convray.oip import inference_pb2_grpc as oip_grpc
 from convray.service import __version__
 from convray.service.config import BatchingSettings, WorkerSettings
-from convray.service.errors import ConvrayError, InvalidInput, ModelControlOff
+from convray.service.errors import ConvrayError, InvalidInput, ModelControlOff, shown
 from convray.service.inference import Classifier
 from convray.service.metrics import Metrics
 from convray.service.oip_codec import (
@@ -31,6 +31,7 @@ from convray.service.oip_codec import (
 from convray.service.registry import ModelRegistry, ServedModel
 from convray.service.rpc import API_LABELS, RpcObserver, deadline_of, ordered_concurrently
 from convray.service.statistics import Duration
+from convray.workers.repository import validate_model_name
 
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
 PLATFORM = "pytorch_convray"
@@ -268,6 +269,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             self._check_repository_name(request.repository_name)
             reject_parameters(request.parameters, "RepositoryModelLoad (config and file overrides are not supported)")
             self._check_model_control()
+            _check_model_name(request.model_name)
             await self._registry.load_latest(request.model_name)
             return oip.RepositoryModelLoadResponse()
 
@@ -283,6 +285,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             # tritonclient always sends unload_dependents; convray models have no dependents, so it holds either way.
             reject_parameters(request.parameters, "RepositoryModelUnload", frozenset({"unload_dependents"}))
             self._check_model_control()
+            _check_model_name(request.model_name)
             await self._registry.unload(request.model_name)
             return oip.RepositoryModelUnloadResponse()
 
@@ -295,4 +298,12 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     @staticmethod
     def _check_repository_name(name: str) -> None:
         if name:
-            raise InvalidInput(f"convray serves one model repository; leave repository_name empty, got {name!r}")
+            raise InvalidInput(f"convray serves one model repository; leave repository_name empty, got {shown(name)}")
+
+
+def _check_model_name(name: str) -> None:
+    """Refuse a name no model of the repository can have: a path would reach outside it ("../x", "/x")."""
+    try:
+        validate_model_name(name)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None

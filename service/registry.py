@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from convray.service.batching import Batcher
 from convray.service.config import BatchingSettings, WorkerSettings
-from convray.service.errors import InvalidInput, ModelNotFound, ModelNotReady
+from convray.service.errors import InvalidInput, ModelNotFound, ModelNotReady, shown
 from convray.service.inference import BatchRunner, Job, JobResult
 from convray.service.metrics import Metrics
 from convray.service.pacing import LoopLoad, OverlapAdvisor
@@ -207,7 +207,7 @@ class ModelRegistry:
         async with self._changing:
             version = self.repository.latest_version(name)
             if version is None:
-                raise ModelNotFound(f"model {name!r} has no versions in {self.repository.root}")
+                raise ModelNotFound(f"model {shown(name)} has no versions in {self.repository.root}")
             current = self._served.get(name, {})
             served = current.get(version) or await self.load(name, version)
             older = [v for v in current if v != version]
@@ -261,7 +261,7 @@ class ModelRegistry:
     async def _unload(self, name: str) -> None:
         async with self._changing:
             if not self._served.get(name):
-                raise ModelNotFound(f"model {name!r} is not loaded; loaded models: {sorted(self._served)}")
+                raise ModelNotFound(f"model {shown(name)} is not loaded; loaded models: {sorted(self._served)}")
             for version in list(self._served[name]):
                 await self._unload_version(name, version)
 
@@ -312,11 +312,11 @@ class ModelRegistry:
         name = name or self.default_model
         versions = self._served.get(name)
         if not versions:
-            raise ModelNotFound(f"model {name!r} is not served; served models: {sorted(self._served)}")
+            raise ModelNotFound(f"model {shown(name)} is not served; served models: {sorted(self._served)}")
         if version == 0:
             return versions[max(versions)]
         if version not in versions:
-            raise ModelNotFound(f"version {version} of model {name!r} is not loaded; loaded: {sorted(versions)}")
+            raise ModelNotFound(f"version {version} of model {shown(name)} is not loaded; loaded: {sorted(versions)}")
         return versions[version]
 
     async def abandon_all(self, wait_s: float = 0.5) -> None:

@@ -112,7 +112,8 @@ class LoadedModel(BaseModel):
 def validate_model_name(name: str) -> str:
     """Return ``name`` if it is a valid model name (letters, digits, ``_.-``, at most 64), else raise."""
     if not re.fullmatch(_NAME_PATTERN, name):
-        raise ValueError(f"invalid model name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
+        shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"
+        raise ValueError(f"invalid model name {shown}: use letters, digits, '_', '.', '-' (at most 64)")
     return name
 
 
@@ -138,6 +139,8 @@ class ModelRepository:
 
     def versions(self, name: str) -> list[int]:
         """The version numbers of ``name`` on disk, ascending; hidden and non-numeric entries are ignored."""
+        if not re.fullmatch(_NAME_PATTERN, name):  # "../x" or "/x" would be a directory outside the repository
+            return []
         model_dir = self.root / name
         if not model_dir.is_dir():
             return []

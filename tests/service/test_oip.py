@@ -178,6 +178,35 @@ def test_malformed_bytes_length_prefix_is_invalid_argument(channel):
     assert "element 0 claims 255 bytes but only 3 remain" in info.value.details()
 
 
+def test_a_bytes_tensor_with_more_elements_than_its_shape_is_refused_at_the_first_extra_one(channel):
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    request = oip.ModelInferRequest(model_name="digits", raw_input_contents=[bytes(4 * 1_000_000)])  # 1M empty ones
+    request.inputs.add(name="image", datatype="BYTES", shape=[1])
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "BYTES tensor holds more than the 1 element(s) its shape says" in info.value.details()
+
+
+@pytest.mark.parametrize("field", ["model_name", "input_name", "datatype", "output_name"])
+def test_a_name_too_long_to_repeat_gets_its_own_status_with_a_short_message(channel, field):
+    """Repeated whole, a 20,000-character name made the status too big for gRPC's metadata: RESOURCE_EXHAUSTED."""
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    long = "x" * 20_000
+    request = oip.ModelInferRequest(model_name=long if field == "model_name" else "digits")
+    request.inputs.add(name=long if field == "input_name" else "input", shape=[1, 1, 8, 8],
+                       datatype=long if field == "datatype" else "FP32")  # fmt: skip
+    request.raw_input_contents.append(bytes(4 * 64))
+    if field == "output_name":
+        request.outputs.add(name=long)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, timeout=30)
+    expected = grpc.StatusCode.NOT_FOUND if field == "model_name" else grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.code() == expected, info.value.details()[:200]
+    assert "'xxxxxxxx" in info.value.details() and "... (20000 characters)" in info.value.details()
+    assert len(info.value.details()) < 500
+
+
 def test_statistics_count_real_inferences(served, held_out):
     before = triton(served.address, "statistics")["modelStats"][0]
     triton(served.address, "infer", images=held_out.images[:5].astype(float).tolist())
@@ -273,6 +302,23 @@ def test_load_moves_to_a_new_version_and_a_broken_one_leaves_it_serving(own_serv
         assert stub.ModelReady(oip.ModelReadyRequest(name="digits"), timeout=5).ready
         metadata = stub.ModelMetadata(oip.ModelMetadataRequest(name="digits"), timeout=5)
         assert list(metadata.versions) == ["2"]
+
+
+@pytest.mark.parametrize("name", ["../models/digits", "/etc", "digits/../digits", "x" * 20_000])
+def test_loading_or_unloading_a_path_instead_of_a_model_name_is_refused(own_server, name):
+    """Before, a path was loaded from wherever it led, outside the repository, under that name."""
+    server, _ = own_server
+    with grpc.insecure_channel(server.address) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        for call, request in (
+            (stub.RepositoryModelLoad, oip.RepositoryModelLoadRequest(model_name=name)),
+            (stub.RepositoryModelUnload, oip.RepositoryModelUnloadRequest(model_name=name)),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, timeout=60)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "invalid model name" in info.value.details() and len(info.value.details()) < 500
+        assert [m.name for m in stub.RepositoryIndex(oip.RepositoryIndexRequest(), timeout=5).models] == ["digits"]
 
 
 def test_the_readme_tritonclient_example_runs(served):

@@ -131,6 +131,13 @@ def test_publish_steps_over_a_plain_file_where_the_next_version_would_go(model_r
     assert published == [3] and repo.versions("digits") == [1, 3]
 
 
+@pytest.mark.parametrize("name", ["../models/digits", "/abs/digits", "digits/.."])
+def test_a_path_is_no_model_of_the_repository(model_repo, name):
+    assert (model_repo / "../models/digits").is_dir()  # the path leads to a model's directory, as a path
+    repo = ModelRepository(model_repo)
+    assert repo.versions(name) == [] and repo.latest_version(name) is None
+
+
 def test_publish_refuses_a_bad_model_name(model_repo):
     with pytest.raises(ValueError, match="invalid model name"):
         validate_model_name("../escape")
