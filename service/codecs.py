@@ -66,7 +66,9 @@ def decode_image(data: bytes, contract: InputContract, limits: DecodeLimits) -> 
             f"image refused as a decompression bomb ({exc}); the limit is {limits.max_image_pixels} pixels "
             "(--max-image-pixels)"
         ) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (untrusted bytes: Pillow's parsers raise many kinds, struct.error too)
         raise InvalidInput(f"image data is corrupt or truncated ({type(exc).__name__}: {exc})") from None
 
 

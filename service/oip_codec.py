@@ -178,6 +178,8 @@ def requested_outputs(request: oip.ModelInferRequest) -> list[RequestedOutput]:
     for output in request.outputs:
         if output.name != OUTPUT:
             raise InvalidInput(f"unknown output {shown(output.name)}; the output is {OUTPUT!r}")
+        if outputs:  # as Triton: a reply naming one output twice could not be read by name
+            raise InvalidInput(f"output {OUTPUT!r} is requested more than once")
         reject_parameters(output.parameters, f"output {shown(output.name)}", frozenset({CLASSIFICATION}))
         k = 0
         if CLASSIFICATION in output.parameters:

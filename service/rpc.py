@@ -247,6 +247,18 @@ def _safe(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] 
     return parse
 
 
+class _UndecodableInStream(Exception):
+    """Ends a request stream at a message that did not parse.
+
+    Raised through the handler, which first answers the requests before it (``ordered_concurrently`` surfaces a
+    broken request stream after their replies).
+    """
+
+    def __init__(self, request: _Undecodable) -> None:
+        super().__init__(str(request.error))
+        self.request = request
+
+
 async def _refuse(context: grpc.aio.ServicerContext, request: _Undecodable) -> None:
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid protobuf message: {request.error}")
 
@@ -281,10 +293,11 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         deserialize = _safe(handler.request_deserializer)
 
-        async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            # Not aborting here: the call would end at once, and replies to the requests before it be lost.
             async for request in requests:
                 if isinstance(request, _Undecodable):
-                    await _refuse(context, request)
+                    raise _UndecodableInStream(request)
                 yield request
 
         kind = (handler.request_streaming, handler.response_streaming)
@@ -311,13 +324,19 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
             behaviour = handler.stream_unary
 
             async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                return await behaviour(checked(requests, context), context)
+                try:
+                    return await behaviour(checked(requests), context)
+                except _UndecodableInStream as undecodable:
+                    await _refuse(context, undecodable.request)
 
             return handler_like(handler, stream_unary, deserialize)
         behaviour = handler.stream_stream
 
         async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async for reply in replies(behaviour(checked(requests, context), context)):
-                yield reply
+            try:
+                async for reply in replies(behaviour(checked(requests), context)):
+                    yield reply
+            except _UndecodableInStream as undecodable:
+                await _refuse(context, undecodable.request)
 
         return handler_like(handler, stream_stream, deserialize)

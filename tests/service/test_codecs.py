@@ -119,6 +119,12 @@ def png_with_exif(exif: bytes) -> bytes:
     )  # fmt: skip
 
 
+def exif_with_wrong_types() -> bytes:
+    """EXIF whose ImageWidth is ASCII and whose Orientation says "rotate": exif_transpose then fails on the types."""
+    entries = [struct.pack("<HHI4s", 0x0100, 2, 4, b"abc\0"), struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0)]
+    return b"Exif\0\0" + b"II*\0" + struct.pack("<IH", 8, len(entries)) + b"".join(entries) + b"\0" * 4
+
+
 @pytest.mark.parametrize(
     "data,message",
     [
@@ -133,6 +139,8 @@ def png_with_exif(exif: bytes) -> bytes:
         (encode(gradient(size=(64, 64)), "JPEG")[:300], "corrupt or truncated"),
         (encode(gradient(), "TIFF"), "not a decodable image"),
         (png_with_exif(b"garbage-not-tiff"), r"corrupt or truncated \(SyntaxError: not a TIFF file"),
+        (encode(gradient(), "JPEG", exif=exif_with_wrong_types()), r"corrupt or truncated \(error: required"),
+        (encode(gradient(), "WEBP", exif=exif_with_wrong_types()), r"corrupt or truncated \(error: required"),
     ],
 )
 def test_bad_images_are_invalid_input_naming_the_problem(data, message):

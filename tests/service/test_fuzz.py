@@ -95,6 +95,26 @@ def test_corrupt_protobuf_is_invalid_argument_not_unknown(channel, method):
     assert "not a valid protobuf message" in info.value.details()
 
 
+@pytest.mark.parametrize("sent_before", [5, 40])
+def test_a_corrupt_message_in_a_stream_ends_it_only_after_the_requests_before_it_are_answered(channel, sent_before):
+    """Before, the stream was aborted as the bad message was read, and replies still being computed were lost."""
+    call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                 response_deserializer=oip.ModelStreamInferResponse.FromString)  # fmt: skip
+    good = []
+    for i in range(sent_before):
+        request = oip.ModelInferRequest(model_name="digits", id=f"good-{i}", raw_input_contents=[bytes(4 * 64)])
+        request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+        good.append(request.SerializeToString())
+    answered = []
+    with pytest.raises(grpc.RpcError) as info:
+        for reply in call(iter([*good, b"\xff\xff\xff"]), timeout=30):
+            answered.append(reply)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid protobuf message" in info.value.details()
+    assert [r.infer_response.id for r in answered] == [f"good-{i}" for i in range(sent_before)]
+    assert not any(r.error_message for r in answered)
+
+
 def test_after_the_fuzzing_the_server_is_healthy_and_no_queue_place_leaked(served, channel, stub):
     async def depth():
         return sum(s.batcher.queue_depth + s.batcher.batches_running for s in served.server.registry.served_versions())

@@ -150,6 +150,15 @@ def test_bad_requested_outputs(name, parameter, message):
         requested_outputs(request)
 
 
+def test_an_output_requested_twice_is_refused_as_triton_does():
+    """Two outputs of one name in the reply (one FP32, one classification): a client reading by name gets either."""
+    request = oip.ModelInferRequest()
+    request.outputs.add(name="probabilities")
+    request.outputs.add(name="probabilities").parameters["classification"].int64_param = 2
+    with pytest.raises(InvalidInput, match="output 'probabilities' is requested more than once"):
+        requested_outputs(request)
+
+
 def test_classification_strings_follow_triton_value_index_label():
     row = np.array([1.1, 3.3, 0.5, 2.4], dtype=np.float32)
     assert classification_strings(row, ["a", "b", "c", "d"], 2) == [b"3.300000:1:b", b"2.400000:3:d"]
