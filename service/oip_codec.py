@@ -170,6 +170,13 @@ def _read_images(tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | No
     return list(tensor.contents.bytes_contents)
 
 
+def images_in(request: oip.ModelInferRequest) -> int:
+    """How many images a request says it carries (its first input's first dimension), at least 1; unchecked."""
+    if request.inputs and request.inputs[0].shape:
+        return max(1, request.inputs[0].shape[0])
+    return 1
+
+
 def requested_outputs(request: oip.ModelInferRequest) -> list[RequestedOutput]:
     """The outputs to return (all when none is named), with any classification top-k."""
     if not request.outputs:

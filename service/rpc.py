@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from convray.service.config import BatchingSettings
 from convray.service.errors import ConvrayError, Overloaded, status_trailers, to_status
 from convray.service.metrics import Metrics
 
@@ -149,16 +150,61 @@ class RpcObserver:
             self._record(rpc, model_label, code, started, failure)
 
 
+def stream_budget(batching: BatchingSettings) -> int:
+    """Images one stream may have in processing: half a model's queue, so one stream cannot fill it alone."""
+    return max(1, batching.max_queue // 2)
+
+
+class ItemBudget:
+    """Room for ``total`` images in one stream's requests being processed; taking more waits until some finish.
+
+    A stream of large requests (32 images each) would otherwise fill the model's whole queue on its own and get
+    RESOURCE_EXHAUSTED for its own items, where waiting to read more is the backpressure a stream should see.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._returned = asyncio.Event()
+
+    async def take(self, count: int) -> int:
+        """Wait until ``count`` images fit, take them, and return how many were taken.
+
+        A request larger than the whole budget takes all of it, once the others are done, and goes alone.
+        """
+        count = min(count, self.total)
+        while self.free < count:
+            self._returned.clear()
+            await self._returned.wait()
+        self.free -= count
+        return count
+
+    def give_back(self, count: int) -> None:
+        """Return images ``take`` gave."""
+        self.free += count
+        self._returned.set()
+
+
 async def ordered_concurrently(
-    requests: AsyncIterator[Request], handle: Callable[[Request], Awaitable[Reply]]
+    requests: AsyncIterator[Request],
+    handle: Callable[[Request], Awaitable[Reply]],
+    budget: ItemBudget | None = None,
+    size_of: Callable[[Request], int] | None = None,
 ) -> AsyncIterator[Reply]:
-    """Handle stream requests concurrently (so they batch together) and yield replies in request order."""
+    """Handle stream requests concurrently (so they batch together) and yield replies in request order.
+
+    At most ``STREAM_WINDOW`` requests are handled at once and, with a ``budget``, at most its images (a
+    request counts ``size_of(request)``, else 1); past either, reading the stream waits.
+    """
     in_order: asyncio.Queue[asyncio.Task[Reply] | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
 
     async def read_requests() -> None:
         try:
             async for request in requests:
+                taken = 0 if budget is None else await budget.take(1 if size_of is None else size_of(request))
                 task = asyncio.create_task(handle(request))
+                if taken:
+                    task.add_done_callback(lambda _, taken=taken: budget.give_back(taken))
                 try:
                     await in_order.put(task)
                 except BaseException:  # the stream ended while the window was full: nobody will await this one

@@ -213,7 +213,7 @@ class ConvrayServer:
             self._decoder,
         )
         classifier_pb2_grpc.add_ClassifierServicer_to_server(
-            ClassifierServicer(classifier, self.registry, self.metrics, explainer), self._server
+            ClassifierServicer(classifier, self.registry, self.metrics, explainer, settings.batching), self._server
         )
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(

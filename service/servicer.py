@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from convray.service.config import BatchingSettings
 from convray.service.errors import InvalidInput
 from convray.service.explaining import ExplainAnswer, Explainer
 from convray.service.inference import Classification, Classifier
 from convray.service.metrics import Metrics
 from convray.service.registry import ModelRegistry
-from convray.service.rpc import API_LABELS, RpcObserver, deadline_of, ordered_concurrently
+from convray.service.rpc import API_LABELS, ItemBudget, RpcObserver, deadline_of, ordered_concurrently, stream_budget
 from convray.v1 import classifier_pb2 as pb
 from convray.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -79,8 +80,16 @@ def explanation_to_proto(answer: ExplainAnswer) -> pb.ExplainResponse:
 class ClassifierServicer(pb_grpc.ClassifierServicer):
     """convray's own API over the model registry."""
 
-    def __init__(self, classifier: Classifier, registry: ModelRegistry, metrics: Metrics, explainer: Explainer) -> None:
+    def __init__(
+        self,
+        classifier: Classifier,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        explainer: Explainer,
+        batching: BatchingSettings,
+    ) -> None:
         self._explainer = explainer
+        self._batching = batching
         self._classifier = classifier
         self._registry = registry
         self._rpc = RpcObserver(API_LABELS["convray.v1.Classifier"], metrics, registry.metric_label)
@@ -101,7 +110,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
         """Classify a stream of images concurrently, answering in request order."""
         deadline = deadline_of(context)
-        async for reply in ordered_concurrently(request_iterator, lambda r: self._stream_item(r, deadline)):
+        budget = ItemBudget(stream_budget(self._batching))  # one image per request
+        async for reply in ordered_concurrently(request_iterator, lambda r: self._stream_item(r, deadline), budget):
             yield reply
 
     async def _stream_item(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyStreamResponse:

@@ -18,6 +18,7 @@ from convray.service.rpc import (
     CANCELLED_AS_UNAVAILABLE,
     STREAM_WINDOW,
     HandlerCache,
+    ItemBudget,
     RpcObserver,
     ordered_concurrently,
 )
@@ -176,6 +177,30 @@ async def test_no_stream_item_runs_on_after_its_stream_ends_with_the_window_full
     await asyncio.sleep(0.4)
     # one item awaited for the first reply, a full window behind it, and one more waiting for a place
     assert len(started) == STREAM_WINDOW + 2 and finished == []
+
+
+async def test_a_stream_with_a_budget_handles_only_as_many_images_at_once_as_it_allows_and_keeps_the_order():
+    """Sizes 3 in a budget of 7: two requests at a time. The one of 10, larger than the whole budget, goes alone."""
+    sizes = [3, 3, 3, 3, 10, 3, 3]
+    processing, most_at_once = [], []
+
+    async def requests():
+        for i, size in enumerate(sizes):
+            yield (i, size)
+
+    async def handle(request: tuple[int, int]) -> int:
+        processing.append(request[1])
+        most_at_once.append(sum(processing))
+        await asyncio.sleep(0.02)
+        processing.remove(request[1])
+        return request[0]
+
+    budget = ItemBudget(7)
+    replies = [r async for r in ordered_concurrently(requests(), handle, budget, lambda request: request[1])]
+    assert replies == list(range(len(sizes)))
+    assert max(most_at_once) == 10 and sorted(set(most_at_once)) == [3, 6, 10]
+    await asyncio.sleep(0)  # the last request's images come back as its task's done callback runs
+    assert budget.free == 7
 
 
 def test_the_api_labels_name_the_services_convray_serves():
