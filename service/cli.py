@@ -55,6 +55,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--transport": ("workers", "transport"),
     "--max-image-bytes": ("inputs", "max_image_bytes"),
     "--max-image-pixels": ("inputs", "max_image_pixels"),
+    "--max-request-pixels": ("inputs", "max_request_pixels"),
     "--default-top-k": ("inputs", "default_top_k"),
     "--decode-threads": ("inputs", "decode_threads"),
     "--tls-cert": ("security", "tls_cert"),

@@ -8,10 +8,13 @@ unsets a setting that may be unset), then the defaults below. Nothing else in co
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from convray.service.codecs import DecodeLimits
 
 
 def _off_is_none(value: object) -> object:
@@ -149,10 +152,18 @@ class InputSettings(_Group):
     """Largest encoded image accepted."""
     max_image_pixels: int = Field(40_000_000, ge=1)
     """Largest width x height accepted, checked from the header before decoding (decompression bombs)."""
+    max_request_pixels: int = Field(400_000_000, ge=1)
+    """Largest sum of width x height over one request's images, from their headers before decoding (32 x 12 MP fit)."""
     default_top_k: int = Field(5, ge=1)
     """Classes returned when a request's top_k is 0 (capped at the model's class count)."""
     decode_threads: int = Field(4, ge=1, le=256)
     """Threads that decode images off the event loop."""
+
+    def decode_limits(self) -> DecodeLimits:
+        """The limits the decoder enforces."""
+        from convray.service.codecs import DecodeLimits
+
+        return DecodeLimits(self.max_image_bytes, self.max_image_pixels, self.max_request_pixels)
 
 
 class SecuritySettings(_Group):

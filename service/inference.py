@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from prometheus_client import Gauge
 
-from convray.service.codecs import ClassScore, DecodeLimits, decode_image, top_k
+from convray.service.codecs import ClassScore, DecodeLimits, check_request_pixels, decode_image, top_k
 from convray.service.errors import InvalidInput, ModelNotReady
 from convray.service.metrics import Metrics
 from convray.service.pacing import OverlapAdvisor
@@ -198,6 +198,8 @@ class Classifier:
         received = time.monotonic()
         try:
             loop = asyncio.get_running_loop()
+            if len(images) > 1:  # one image is bounded by --max-image-pixels already
+                await loop.run_in_executor(self._decoder, check_request_pixels, images, self._limits)
             decode = functools.partial(decode_image, contract=served.metadata.input, limits=self._limits)
             pixels = await asyncio.gather(*(loop.run_in_executor(self._decoder, decode, image) for image in images))
         except BaseException:

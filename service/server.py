@@ -30,7 +30,6 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from convray.oip import inference_pb2, inference_pb2_grpc
 from convray.service import __version__
-from convray.service.codecs import DecodeLimits
 from convray.service.config import ServerSettings, Settings, WorkerSettings
 from convray.service.explaining import Explainer
 from convray.service.frontends import STOP_SIGNALS, FrontendMember
@@ -189,7 +188,7 @@ class ConvrayServer:
         self._decoder = ThreadPoolExecutor(settings.inputs.decode_threads, thread_name_prefix="convray-decode")
         classifier = Classifier(
             self.registry,
-            DecodeLimits(settings.inputs.max_image_bytes, settings.inputs.max_image_pixels),
+            settings.inputs.decode_limits(),
             settings.inputs.default_top_k,
             self._decoder,
             self.metrics,
@@ -207,7 +206,7 @@ class ConvrayServer:
         )
         explainer = Explainer(
             self.registry,
-            DecodeLimits(settings.inputs.max_image_bytes, settings.inputs.max_image_pixels),
+            settings.inputs.decode_limits(),
             settings.explain,
             settings.inputs.default_top_k,
             self._decoder,

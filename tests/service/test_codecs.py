@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convray.service.codecs import DecodeLimits, decode_image, top_k
+from convray.service.codecs import DecodeLimits, check_request_pixels, decode_image, top_k
 from convray.service.errors import InvalidInput
 from convray.workers.repository import InputContract, Normalisation
 
@@ -22,7 +22,7 @@ RGB_4x6 = InputContract(
     colour_mode="RGB",
     normalisation=Normalisation(mean=[0.5] * 3, std=[0.5] * 3),
 )
-LIMITS = DecodeLimits(max_image_bytes=1 << 20, max_image_pixels=1_000_000)
+LIMITS = DecodeLimits(max_image_bytes=1 << 20, max_image_pixels=1_000_000, max_request_pixels=2_000_000)
 
 
 def noise(size: int) -> Image.Image:
@@ -148,9 +148,23 @@ def test_bad_images_are_invalid_input_naming_the_problem(data, message):
         decode_image(data, GREY_8, LIMITS)
 
 
+def test_a_request_whose_images_add_up_to_too_many_pixels_is_refused_from_their_headers():
+    """Each 1000x1000 header is within the per-image limit (1,000,000); three are over the request's 2,000,000."""
+    each = png_header_claiming(1000, 1000)  # its body is invalid: nothing is decoded to refuse it
+    check_request_pixels([each, each], LIMITS)
+    check_request_pixels([each, each, b"not an image"], LIMITS)  # counted 0: decode_image says what is wrong
+    with pytest.raises(InvalidInput, match=r"3 images are 3000000 pixels in all, over the limit of 2000000 "
+                                           r"\(--max-request-pixels\); send them in smaller requests"):  # fmt: skip
+        check_request_pixels([each, each, each], LIMITS)
+
+
 def test_oversize_bytes_are_refused_before_decoding():
     with pytest.raises(InvalidInput, match=r"over the limit of 10 \(--max-image-bytes\)"):
-        decode_image(encode(gradient(), "PNG"), GREY_8, DecodeLimits(max_image_bytes=10, max_image_pixels=100))
+        decode_image(
+            encode(gradient(), "PNG"),
+            GREY_8,
+            DecodeLimits(max_image_bytes=10, max_image_pixels=100, max_request_pixels=100),
+        )
 
 
 def test_top_k_sorts_by_probability_with_labels_and_stable_ties():

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import threading
 
@@ -217,6 +218,22 @@ def test_one_stream_of_full_batches_waits_for_room_instead_of_overflowing_the_qu
     assert len(replies) == 300
     assert [r.error_message for r in replies if r.error_message] == []
     assert all(r.infer_response.outputs[0].shape == [32, 10] for r in replies)
+
+
+def test_a_request_of_images_too_large_together_is_refused_before_any_is_decoded(channel):
+    """Each blank 6000x6000 PNG is within --max-image-pixels (40 M) and 140 KB; 32 of them took 11 s to decode."""
+    buffer = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(buffer, format="PNG")
+    blank = buffer.getvalue()
+    request = oip.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="image", datatype="BYTES", shape=[12])
+    request.raw_input_contents.append(b"".join(struct.pack("<I", len(blank)) + blank for _ in range(12)))
+    with pytest.raises(grpc.RpcError) as info:
+        oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "12 images are 432000000 pixels in all, over the limit of 400000000 (--max-request-pixels)" in (
+        info.value.details()
+    )
 
 
 def test_statistics_count_real_inferences(served, held_out):
