@@ -82,9 +82,11 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelReadyResponse:
-        """Whether the named model version is loaded and can serve."""
+        """Whether the named model version is loaded and can serve; a version that is not a number is refused."""
         try:
             self._resolve(request.name, request.version)
+        except InvalidInput as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except ConvrayError:
             return oip.ModelReadyResponse(ready=False)
         return oip.ModelReadyResponse(ready=True)

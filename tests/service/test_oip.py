@@ -179,6 +179,18 @@ def test_malformed_bytes_length_prefix_is_invalid_argument(channel):
     assert "element 0 claims 255 bytes but only 3 remain" in info.value.details()
 
 
+def test_model_ready_says_no_for_what_is_not_loaded_and_refuses_a_version_that_is_not_a_number(channel):
+    """As Triton: a version it cannot parse is INVALID_ARGUMENT, not a plain 'not ready' that hides the mistake."""
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    assert stub.ModelReady(oip.ModelReadyRequest(name="digits"), timeout=5).ready
+    assert not stub.ModelReady(oip.ModelReadyRequest(name="digits", version="9"), timeout=5).ready
+    assert not stub.ModelReady(oip.ModelReadyRequest(name="nope"), timeout=5).ready
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelReady(oip.ModelReadyRequest(name="digits", version="latest"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model version must be empty (latest) or a positive integer, got 'latest'" in info.value.details()
+
+
 def test_a_bytes_tensor_with_more_elements_than_its_shape_is_refused_at_the_first_extra_one(channel):
     stub = oip_grpc.GRPCInferenceServiceStub(channel)
     request = oip.ModelInferRequest(model_name="digits", raw_input_contents=[bytes(4 * 1_000_000)])  # 1M empty ones
