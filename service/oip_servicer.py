@@ -116,7 +116,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                         datatype="FP32",
                         shape=[-1, contract.channels, contract.height, contract.width],
                     ),
-                    tensor(name=IMAGE_INPUT, datatype="BYTES", shape=[-1]),
+                    # [N, 1] as ModelConfig's dims [1] say (Triton's convention); [N] is accepted too.
+                    tensor(name=IMAGE_INPUT, datatype="BYTES", shape=[-1, 1]),
                 ],
                 outputs=[tensor(name=OUTPUT, datatype="FP32", shape=[-1, len(served.metadata.labels)])],
             )
@@ -142,8 +143,9 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 backend="pytorch",
                 max_batch_size=served.batcher.max_batch_size,
                 input=[
+                    # Each is optional: a request sends exactly one of the two.
                     oip.ModelInput(name=PIXELS_INPUT, data_type=oip.TYPE_FP32, format=oip.ModelInput.FORMAT_NCHW,
-                                   dims=[contract.channels, contract.height, contract.width]),
+                                   dims=[contract.channels, contract.height, contract.width], optional=True),
                     oip.ModelInput(name=IMAGE_INPUT, data_type=oip.TYPE_STRING, dims=[1], optional=True),
                 ],
                 output=[oip.ModelOutput(name=OUTPUT, data_type=oip.TYPE_FP32, dims=[len(served.metadata.labels)],

@@ -68,11 +68,13 @@ def test_server_and_model_metadata_and_config(served):
     model = reply["model"]
     assert model["name"] == "digits" and model["versions"] == ["1"]
     assert model["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": ["-1", "1", "8", "8"]}
-    assert model["inputs"][1] == {"name": "image", "datatype": "BYTES", "shape": ["-1"]}
+    assert model["inputs"][1] == {"name": "image", "datatype": "BYTES", "shape": ["-1", "1"]}  # as config's [1]
     assert model["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": ["-1", "10"]}]
     config = reply["config"]
     assert config["maxBatchSize"] == 32
     assert config["input"][0]["format"] == "FORMAT_NCHW" and config["input"][0]["dims"] == ["1", "8", "8"]
+    assert config["input"][1]["dims"] == ["1"]
+    assert config["input"][0]["optional"] and config["input"][1]["optional"]  # a request sends one of the two
     assert config["output"][0]["name"] == "probabilities"
     assert config["instanceGroup"][0]["count"] == 2
     assert "dynamicBatching" in config
