@@ -15,7 +15,7 @@ from convray.oip import inference_pb2 as oip
 from convray.oip import inference_pb2_grpc as oip_grpc
 from convray.service import __version__
 from convray.service.config import BatchingSettings, WorkerSettings
-from convray.service.errors import ConvrayError, InvalidInput, ModelControlOff, shown
+from convray.service.errors import ConvrayError, InvalidInput, ModelControlOff, ModelNotReady, shown
 from convray.service.inference import Classifier
 from convray.service.metrics import Metrics
 from convray.service.oip_codec import (
@@ -301,6 +301,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     def _check_model_control(self) -> None:
         if self._model_control_off is not None:
             raise ModelControlOff(self._model_control_off)
+        if not self._registry.ready:  # the start-up loads (or a recovery's) come first, and Ray may not be there
+            raise ModelNotReady("server is starting: models are still loading; retry shortly")
 
     @staticmethod
     def _check_repository_name(name: str) -> None:

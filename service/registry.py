@@ -17,7 +17,7 @@ from convray.service.inference import BatchRunner, Job, JobResult
 from convray.service.metrics import Metrics
 from convray.service.pacing import LoopLoad, OverlapAdvisor
 from convray.service.statistics import ModelStatistics
-from convray.workers.pool import ReplicaOptions, ReplicaPool
+from convray.workers.pool import ReplicaOptions, ReplicaPool, take_outcome
 from convray.workers.repository import ModelLoadError, ModelMetadata, ModelRepository
 
 X = TypeVar("X")  # what a load or unload returns
@@ -28,6 +28,8 @@ UNKNOWN_MODEL_LABEL = "(unknown)"  # the metrics' model label for names not serv
 # After switching to a new version, the old one keeps serving this long before it drains and stops:
 # a request that picked it just before the switch may still be decoding its image off the event loop.
 SWITCH_GRACE_S = 1.0
+# How long an unload waits for a version's calls outside its batcher (Explain) before stopping its replicas.
+UNLOAD_CALLS_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,17 @@ class ModelRegistry:
         self._served: dict[str, dict[int, ServedModel]] = {}
         self._changing = asyncio.Lock()  # one load or unload at a time
         self._changes: set[asyncio.Future[Any]] = set()  # loads and unloads under way (see _to_completion)
+        self._starting: set[asyncio.Task[Any]] = set()  # changes waiting for a new version's replicas to start
         self._poller: asyncio.Task[None] | None = None
         # Versions the poller failed to switch to: (failures so far, when to try again, on the loop's clock).
         self._failed_versions: dict[tuple[str, int], tuple[int, float]] = {}
+        # Models unloaded by request (RepositoryModelUnload): neither the poller nor a recovery loads them again
+        # until a load is requested.
+        self._unloaded_by_request: set[str] = set()
         self.ready = False
+        # Set while the Ray cluster is lost (the server's watchdog): the poller starts no load meanwhile, since
+        # Ray's calls would wait on a cluster that is gone, on the event loop.
+        self.ray_lost = False
 
     @property
     def default_model(self) -> str:
@@ -106,19 +115,27 @@ class ModelRegistry:
         return sorted(self._served.get(name, {}))
 
     async def load_latest_of_each(self) -> list[str]:
-        """Load the highest version of every model in the repository; return the load errors."""
+        """Serve every model in the repository, at its highest version that loads; return the load errors.
+
+        A broken highest version (a bad publish) falls back to the one below, so that a restart after it serves
+        what ran before instead of exiting; the poller keeps trying the highest one. Models unloaded by request
+        are left out. Versions already loaded are kept.
+        """
         errors = []
         names = self.repository.model_names()
         if not names:
             errors.append(f"model repository {self.repository.root.resolve()} holds no model versions")
-        for name in names:
-            version = self.repository.latest_version(name)
-            assert version is not None  # model_names() lists only models with versions
-            try:
-                await self.load(name, version)
-            except ModelLoadError as exc:
-                log.error("could not load %s version %d: %s", name, version, exc)
-                errors.append(str(exc))
+        async with self._changing:
+            for name in names:
+                if name in self._unloaded_by_request or self._served.get(name):
+                    continue
+                for version in reversed(self.repository.versions(name)):
+                    try:
+                        await self.load(name, version)
+                        break
+                    except ModelLoadError as exc:
+                        log.error("could not load %s version %d: %s", name, version, exc)
+                        errors.append(str(exc))
         self.ready = bool(self._served)
         return errors
 
@@ -131,13 +148,19 @@ class ModelRegistry:
         started = time.monotonic()
         try:
             metadata = self.repository.read_metadata(name, version)  # fail fast, with file and field named
-            pool = await ReplicaPool.start(
-                str(self.repository.root),
-                name,
-                version,
-                self._replica_options,
-                on_failure=self._metrics.replica_failures.labels(name, str(version)).inc,
-            )
+            starting = asyncio.current_task()
+            assert starting is not None
+            self._starting.add(starting)  # close() cancels it rather than wait up to the replicas' start timeout
+            try:
+                pool = await ReplicaPool.start(
+                    str(self.repository.root),
+                    name,
+                    version,
+                    self._replica_options,
+                    on_failure=self._metrics.replica_failures.labels(name, str(version)).inc,
+                )
+            finally:
+                self._starting.discard(starting)
         except ModelLoadError:
             self._metrics.model_loads.labels(name, str(version), "failure").inc()
             raise
@@ -189,6 +212,7 @@ class ModelRegistry:
         task = asyncio.ensure_future(change)
         self._changes.add(task)
         task.add_done_callback(self._changes.discard)
+        task.add_done_callback(take_outcome)  # its caller may be gone: the failure reached whoever still waits
         return asyncio.shield(task)
 
     async def load_latest(self, name: str) -> ServedModel:
@@ -201,6 +225,7 @@ class ModelRegistry:
             ModelNotFound: the repository has no version of ``name``.
             ModelLoadError: the version is invalid or its replicas failed to load it.
         """
+        self._unloaded_by_request.discard(name)
         return await self._to_completion(self._load_latest(name))
 
     async def _load_latest(self, name: str) -> ServedModel:
@@ -226,9 +251,12 @@ class ModelRegistry:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval_s)
+            if self.ray_lost or not self.ready:  # Ray is gone, or the server is loading its models again
+                continue
             for name in self.repository.model_names():
                 newest = self.repository.latest_version(name)
-                if newest is None or newest <= max(self.loaded_versions(name), default=0):
+                loaded = self.loaded_versions(name)
+                if newest is None or name in self._unloaded_by_request or newest <= max(loaded, default=0):
                     continue
                 failures, retry_at = self._failed_versions.get((name, newest), (0, 0.0))
                 if loop.time() < retry_at:
@@ -236,15 +264,20 @@ class ModelRegistry:
                 if not failures:
                     log.info("model repository has %s version %d; loading it", name, newest)
                 try:
-                    await self.load_latest(name)
-                except (ModelLoadError, ModelNotFound) as exc:  # keep serving what is loaded
+                    await self._to_completion(self._load_latest(name))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 (keep serving what is loaded, and keep polling)
                     # Tried again, less and less often: a failure may pass (no room for the new replicas until
                     # the cluster grows, a copy still being written), and a front end that never retried would
                     # serve the old version for good while others serve the new one.
                     wait_s = min(interval_s * 2 ** (failures + 1), POLL_RETRY_MAX_S)
                     self._failed_versions[(name, newest)] = (failures + 1, loop.time() + wait_s)
+                    expected = isinstance(exc, ModelLoadError | ModelNotFound)
                     report = log.warning if not failures else log.info
-                    report("not switching to %s version %d: %s (trying again in %.0f s)", name, newest, exc, wait_s)
+                    report("not switching to %s version %d: %s (trying again in %.0f s)", name, newest,
+                           exc if expected else f"{type(exc).__name__}: {exc}", wait_s,
+                           exc_info=None if expected else exc)  # fmt: skip
                 else:
                     self._failed_versions.pop((name, newest), None)
 
@@ -262,6 +295,7 @@ class ModelRegistry:
         async with self._changing:
             if not self._served.get(name):
                 raise ModelNotFound(f"model {shown(name)} is not loaded; loaded models: {sorted(self._served)}")
+            self._unloaded_by_request.add(name)
             for version in list(self._served[name]):
                 await self._unload_version(name, version)
 
@@ -270,6 +304,7 @@ class ModelRegistry:
         if not self._served[name]:
             del self._served[name]
         await served.batcher.close()  # new requests now resolve elsewhere; queued ones finish here
+        await served.pool.wait_idle(UNLOAD_CALLS_GRACE_S)  # calls outside the batcher (Explain) finish too
         replica_names = [served.pool.replica_name(i) for i in range(served.pool.size)]
         served.pool.shutdown()
         self._metrics.replicas.labels(name, str(version)).set(0)
@@ -326,6 +361,8 @@ class ModelRegistry:
         cancelled; the replicas are not stopped (they are gone, or belong to a session being left).
         """
         self.ready = False
+        for starting in self._starting:  # a load waiting for replicas on the lost cluster would wait its timeout
+            starting.cancel()
         served, self._served = self.served_versions(), {}
         for version in served:
             try:
@@ -339,7 +376,9 @@ class ModelRegistry:
         self.ready = False
         if self._poller is not None:
             self._poller.cancel()
-        if self._changes:  # a load or unload under way ends first (a load within the replicas' start timeout)
+        if self._changes:  # a change under way ends first; a load waiting for replicas is cancelled, not awaited
+            for starting in self._starting:
+                starting.cancel()
             await asyncio.wait(set(self._changes))
         for versions in self._served.values():
             for served in versions.values():

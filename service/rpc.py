@@ -15,6 +15,7 @@ import grpc
 from convray.service.config import BatchingSettings
 from convray.service.errors import ConvrayError, Overloaded, status_trailers, to_status
 from convray.service.metrics import Metrics
+from convray.workers.repository import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class RpcObserver:
             # The caller's own doing, already counted by code in convray_requests_total; at debug so that a
             # client looping on a bad request (or an overload) cannot flood the log with one line per call.
             log.debug("%s failed: %s %s", rpc, code.name, message)
-        elif isinstance(exc, ConvrayError):
+        elif isinstance(exc, ConvrayError | ModelLoadError):  # expected: its message says all (no traceback)
             log.warning("%s failed: %s %s", rpc, code.name, message)
         else:
             log.error("%s failed unexpectedly", rpc, exc_info=exc)

@@ -365,6 +365,7 @@ class ConvrayServer:
     async def _ray_lost(self, reason: str) -> None:
         self._ray_lost_reason = reason
         failed = self.ray_gate.close(reason)
+        self.registry.ray_lost = True
         await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.metrics.ray_connected.set(0)
         self.metrics.ray_lost.inc()
@@ -440,6 +441,7 @@ class ConvrayServer:
 
     async def _ray_back(self, lost_for_s: float) -> None:
         self._ray_lost_reason = None
+        self.registry.ray_lost = False
         self.ray_gate.open()
         self.metrics.ray_connected.set(1)
         await self._set_readiness(health_pb2.HealthCheckResponse.SERVING)

@@ -137,8 +137,8 @@ class ReplicaPool:
             ModelLoadError: a replica could not load the version, or was not placed and warm within
                 ``options.start_timeout_s`` (the cluster lacks the CPUs/GPUs asked for); the message says which.
         """
-        if options.fixed_cluster:
-            _refuse_what_cannot_fit(name, version, options)
+        if options.fixed_cluster:  # off the event loop: Ray's call waits on a cluster that is not answering
+            await asyncio.get_running_loop().run_in_executor(None, _refuse_what_cannot_fit, name, version, options)
         actor_class = ray.remote(ModelRunner).options(
             num_cpus=options.cpus_per_replica,
             num_gpus=options.gpus_per_replica,
@@ -158,7 +158,7 @@ class ReplicaPool:
         except asyncio.CancelledError:  # the server stops while the version loads: leave no replica behind
             # A cancelled gather ends with CancelledError as its exception; taken here, asyncio logs no
             # "exception was never retrieved" traceback at a clean stop.
-            describing.add_done_callback(_take_outcome)
+            describing.add_done_callback(take_outcome)
             with contextlib.suppress(Exception):  # Ray itself may be gone; its actors then went with it
                 for actor in actors:
                     ray.kill(actor, no_restart=True)
@@ -224,7 +224,9 @@ class ReplicaPool:
                 self._on_failure()
             self._unwell.add(index)
             self._reopen_later(index)
-            index = self._least_busy(avoid=index)
+            lost, index = index, self._least_busy(avoid=index)
+            if index == lost and lost in self._probes:  # alone: its retry waits until Ray has restarted it
+                await asyncio.shield(self._probes[lost])
             reply = await self._run_on(index, pixels)
         if self._unwell:
             self._unwell.discard(index)  # it answered (a replica given up on, used when none was left, is back)
@@ -376,6 +378,13 @@ class ReplicaPool:
         explanation, compute_s = await self._call(index, "explain", pixels, blocks, top_k, method, max_channels)
         return ExplainResult(explanation, compute_s, time.perf_counter() - started, f"{self.name}-{index}")
 
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no call is in flight on any replica, at most ``timeout_s``; whether none is."""
+        deadline = time.monotonic() + timeout_s
+        while any(self._in_flight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return not any(self._in_flight)
+
     def shutdown(self) -> None:
         """Stop every replica of this version (and the compiled graphs to them)."""
         for task in self._probes.values():
@@ -407,7 +416,7 @@ def _refuse_what_cannot_fit(name: str, version: int, options: ReplicaOptions) ->
             )
 
 
-def _take_outcome(future: asyncio.Future[Any]) -> None:
+def take_outcome(future: asyncio.Future[Any]) -> None:
     """Mark a finished future's exception as seen (a done callback), so that asyncio does not log it."""
     if not future.cancelled():
         future.exception()

@@ -166,8 +166,8 @@ class ModelRepository:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ModelLoadError(f"{path}: file not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"{path}: not readable JSON ({exc})") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # nested too deep
+            raise ModelLoadError(f"{path}: not readable JSON ({type(exc).__name__}: {exc})") from None
         try:
             return ModelMetadata.model_validate(raw)
         except ValidationError as exc:

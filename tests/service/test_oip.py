@@ -262,6 +262,44 @@ def test_statistics_count_real_inferences(served, held_out):
     assert after["batchStats"] and all(int(b["batchSize"]) >= 1 for b in after["batchStats"])
 
 
+class Aborted(Exception):
+    """What ``AbortingContext.abort`` raises, as gRPC's own context does, with the status it was given."""
+
+
+class AbortingContext:
+    """The little of a grpc.aio ServicerContext a handler that fails uses."""
+
+    def time_remaining(self) -> None:
+        return None
+
+    async def abort(self, code: grpc.StatusCode, message: str, trailers: tuple = ()) -> None:
+        raise Aborted(code, message)
+
+
+async def test_model_control_is_refused_as_unavailable_until_the_start_up_loads_are_done(model_repo):
+    """Before, a load sent as the port opened failed INTERNAL (Ray not started yet), or ran next to the start-up
+    load of the same version and left a second, orphaned set of replicas."""
+    from prometheus_client import CollectorRegistry
+
+    from convray.service.config import BatchingSettings, WorkerSettings
+    from convray.service.metrics import Metrics
+    from convray.service.oip_servicer import InferenceServicer
+    from convray.service.registry import ModelRegistry
+    from convray.workers.repository import ModelRepository
+
+    metrics = Metrics(CollectorRegistry())
+    registry = ModelRegistry(ModelRepository(model_repo), "digits", BatchingSettings(), WorkerSettings(), metrics)
+    servicer = InferenceServicer(None, registry, metrics, BatchingSettings(), WorkerSettings())
+    for call in (
+        servicer.RepositoryModelLoad(oip.RepositoryModelLoadRequest(model_name="digits"), AbortingContext()),
+        servicer.RepositoryModelUnload(oip.RepositoryModelUnloadRequest(model_name="digits"), AbortingContext()),
+    ):
+        with pytest.raises(Aborted) as refused:
+            await call
+        assert refused.value.args == (grpc.StatusCode.UNAVAILABLE, "server is starting: models are still loading; "
+                                                                   "retry shortly")  # fmt: skip
+
+
 # ---- a server of its own: batching across APIs, load and unload ----
 
 
@@ -361,7 +399,7 @@ def test_loading_or_unloading_a_path_instead_of_a_model_name_is_refused(own_serv
                 call(request, timeout=60)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "invalid model name" in info.value.details() and len(info.value.details()) < 500
-        assert [m.name for m in stub.RepositoryIndex(oip.RepositoryIndexRequest(), timeout=5).models] == ["digits"]
+        assert {m.name for m in stub.RepositoryIndex(oip.RepositoryIndexRequest(), timeout=5).models} == {"digits"}
 
 
 def test_the_readme_tritonclient_example_runs(served):

@@ -31,6 +31,9 @@ class StoppablePool:
     def replica_name(self, index: int) -> str:
         return f"digits-1-{index}"
 
+    async def wait_idle(self, timeout_s: float) -> bool:
+        return True
+
     def shutdown(self) -> None:
         self.stopped = True
 
@@ -66,6 +69,127 @@ async def test_an_unload_whose_caller_gave_up_still_answers_the_queue_and_stops_
     assert await asyncio.wait_for(asyncio.gather(running, queued), 2) == [1, 2]
     await registry.close()  # waits for the unload, still under way
     assert pool.stopped and registry.loaded_versions("digits") == []
+
+
+def registry_with_a_new_version_on_disk(model_repo) -> tuple[ModelRegistry, list[str]]:
+    """A registry serving digits version 1 (a stand-in) with version 2 on disk; its loads are recorded, not run."""
+    shutil.copytree(model_repo / "digits" / "1", model_repo / "digits" / "2")
+    registry = ModelRegistry(
+        ModelRepository(model_repo), "digits", BatchingSettings(), WorkerSettings(), Metrics(CollectorRegistry())
+    )
+    registry._served["digits"] = {1: ServedModel("digits", 1, None, StoppablePool(), None, ModelStatistics())}
+    registry.ready = True
+    loads: list[str] = []
+
+    async def load_latest(name: str) -> None:
+        loads.append(name)
+
+    registry._load_latest = load_latest
+    return registry, loads
+
+
+async def test_the_poller_starts_no_load_while_ray_is_lost_or_the_models_load_again(model_repo):
+    """Found in review: after a lost Ray's models were forgotten, the poller loaded them on the dead cluster, with
+    a blocking Ray call on the event loop; the server froze, and Ray ended the process a minute later."""
+    registry, loads = registry_with_a_new_version_on_disk(model_repo)
+    registry.ray_lost = True
+    registry.start_polling(0.02)
+    await asyncio.sleep(0.15)
+    registry.ray_lost, registry.ready = False, False  # back, and loading again (recovery)
+    await asyncio.sleep(0.15)
+    assert loads == []
+    registry.ready = True
+    await asyncio.sleep(0.15)
+    assert loads[:1] == ["digits"]
+    registry._poller.cancel()
+
+
+async def test_the_poller_logs_an_unexpected_failure_and_goes_on_polling(model_repo, caplog):
+    """Before, any exception but a load error ended the poller for good, without a word."""
+    registry, loads = registry_with_a_new_version_on_disk(model_repo)
+    attempts = []
+
+    async def load_latest(name: str) -> None:
+        attempts.append(name)
+        if len(attempts) == 1:
+            raise RecursionError("maximum recursion depth exceeded")
+        loads.append(name)
+
+    registry._load_latest = load_latest
+    registry.start_polling(0.02)
+    await asyncio.sleep(0.5)  # the retry comes after 2 intervals
+    registry._poller.cancel()
+    assert loads[:1] == ["digits"] and len(attempts) >= 2
+    assert "not switching to digits version 2: RecursionError: maximum recursion depth exceeded" in caplog.text
+
+
+async def test_a_model_unloaded_by_request_stays_unloaded_until_a_load_is_requested(model_repo):
+    """Before, the poller loaded it again within one interval, undoing the operator's RepositoryModelUnload."""
+    registry, loads = registry_with_a_new_version_on_disk(model_repo)
+    registry._served = registry_serving_a_held_batch()[0]._served  # a version with a real batcher to close
+    await registry.unload("digits")
+    registry.start_polling(0.02)
+    await asyncio.sleep(0.15)
+    assert loads == [] and registry.loaded_versions("digits") == []
+    await registry.load_latest("digits")  # RepositoryModelLoad
+    await asyncio.sleep(0.1)
+    assert loads[0] == "digits"
+    registry._poller.cancel()
+
+
+async def test_an_unload_lets_calls_outside_the_batcher_finish_before_it_stops_the_replicas():
+    """Explain calls go to the replicas directly; an unload stopped them mid-call (UNAVAILABLE, ActorDiedError)."""
+    registry, pool, _, _ = registry_serving_a_held_batch()
+    explain_done = asyncio.Event()
+
+    async def wait_idle(timeout_s: float) -> bool:
+        await explain_done.wait()
+        return True
+
+    pool.wait_idle = wait_idle
+    unloading = asyncio.ensure_future(registry.unload("digits"))
+    await asyncio.sleep(0.1)
+    assert not pool.stopped and not unloading.done()
+    explain_done.set()
+    await asyncio.wait_for(unloading, 2)
+    assert pool.stopped
+
+
+def registry_on(model_repo, **workers) -> ModelRegistry:
+    """A real registry on ``model_repo``: its loads start replicas on the test's Ray."""
+    settings = WorkerSettings(**{"replicas": 1, "cpus_per_replica": 0.25, **workers})
+    return ModelRegistry(
+        ModelRepository(model_repo), "digits", BatchingSettings(), settings, Metrics(CollectorRegistry())
+    )
+
+
+@pytest.mark.integration
+async def test_a_broken_highest_version_at_start_falls_back_to_the_one_below(ray_address, model_repo):
+    """Before, a restart after a bad publish loaded nothing and exited 1 (a crash loop), though version 1 was fine."""
+    broken = model_repo / "digits" / "2"
+    shutil.copytree(model_repo / "digits" / "1", broken)
+    (broken / "model.safetensors").write_bytes(b"truncated")
+    registry = registry_on(model_repo)
+    errors = await registry.load_latest_of_each()
+    try:
+        assert registry.ready and registry.loaded_versions("digits") == [1]
+        assert len(errors) == 1 and "model.safetensors" in errors[0]
+    finally:
+        await registry.close()
+
+
+@pytest.mark.integration
+async def test_closing_cancels_a_load_still_waiting_for_its_replicas(ray_address, model_repo):
+    """Before, a stop waited for it up to --replica-start-timeout-s (600 s by default), far past any drain grace."""
+    # Joined, not embedded: no up-front refusal, the replica waits to be placed (as if for a node to join).
+    registry = registry_on(model_repo, cpus_per_replica=64, replica_start_timeout_s=300, ray_address=ray_address)
+    registry.ready = True
+    loading = asyncio.ensure_future(registry.load_latest("digits"))
+    await asyncio.sleep(1.0)
+    assert not loading.done()
+    await asyncio.wait_for(registry.close(), 15)
+    with pytest.raises(asyncio.CancelledError):
+        await loading
 
 
 @pytest.fixture

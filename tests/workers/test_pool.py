@@ -4,6 +4,8 @@ elsewhere, and the path opened again once Ray has restarted the replica."""
 
 import asyncio
 import gc
+import os
+import signal
 import time
 
 import numpy as np
@@ -80,6 +82,19 @@ async def test_a_killed_replica_loses_no_batch_and_gets_its_fast_path_back(model
         assert pool.fast() == [True, True]  # opened again to the restarted process
         again = await asyncio.wait_for(asyncio.gather(*(pool.predict(batch) for _ in range(4))), timeout=30)
         np.testing.assert_allclose(again[0].probabilities, results[0].probabilities, atol=1e-6)
+    finally:
+        pool.shutdown()
+
+
+async def test_a_lone_replica_killed_loses_no_batch_its_retry_waits_for_the_restart(model_repo, batch):
+    """Before, the retry went at once to the replica Ray was still restarting and failed (ActorUnavailableError)."""
+    pool = await ReplicaPool.start(str(model_repo), "digits", 1, options(replicas=1, transport="direct"))
+    try:
+        expected = (await pool.predict(batch)).probabilities
+        os.kill((await pool.actors[0].describe.remote())["pid"], signal.SIGKILL)  # Ray restarts it
+        results = await asyncio.wait_for(asyncio.gather(*(pool.predict(batch) for _ in range(4))), timeout=90)
+        for result in results:
+            np.testing.assert_allclose(result.probabilities, expected, atol=1e-6)
     finally:
         pool.shutdown()
 

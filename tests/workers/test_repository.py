@@ -170,6 +170,16 @@ def test_invalid_model_json_names_the_file_and_field(model_repo, edit, message):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("text", ["{not json", "[" * 100_000 + "]" * 100_000])
+def test_a_model_json_that_does_not_parse_is_a_load_error_naming_the_file(model_repo, text):
+    """Nested too deep, Python's parser raises RecursionError: it escaped as such and ended the model poller."""
+    path = model_repo / "digits" / "1" / METADATA_FILE
+    path.write_text(text)
+    with pytest.raises(ModelLoadError, match="not readable JSON") as info:
+        ModelRepository(model_repo).read_metadata("digits", 1)
+    assert str(path) in str(info.value)
+
+
 def test_missing_files_are_named(model_repo):
     (model_repo / "digits" / "1" / WEIGHTS_FILE).unlink()
     with pytest.raises(ModelLoadError, match=f"{WEIGHTS_FILE}: file not found"):
