@@ -250,15 +250,19 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: oip.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> oip.RepositoryIndexResponse:
-        """Every model version in the repository and whether it is loaded (READY) or not (UNAVAILABLE)."""
+        """Every model version in the repository and whether it is loaded (READY) or not (UNAVAILABLE).
+
+        A version still served after its directory was removed from disk is listed too (READY).
+        """
 
         async def work() -> oip.RepositoryIndexResponse:
             self._check_repository_name(request.repository_name)
             reply = oip.RepositoryIndexResponse()
             repository = self._registry.repository
-            for name in repository.model_names():
+            served = {s.name for s in self._registry.served_versions()}
+            for name in sorted(set(repository.model_names()) | served):
                 loaded = set(self._registry.loaded_versions(name))
-                for version in repository.versions(name):
+                for version in sorted(set(repository.versions(name)) | loaded):
                     if version in loaded:
                         reply.models.add(name=name, version=str(version), state="READY")
                     elif not request.ready:

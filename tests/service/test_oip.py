@@ -300,6 +300,27 @@ async def test_model_control_is_refused_as_unavailable_until_the_start_up_loads_
                                                                    "retry shortly")  # fmt: skip
 
 
+async def test_the_repository_index_lists_a_version_still_served_after_its_directory_was_removed(model_repo):
+    """Found in review: it listed only what was on disk, and the version actually serving was missing."""
+    from prometheus_client import CollectorRegistry
+
+    from convray.service.config import BatchingSettings, WorkerSettings
+    from convray.service.metrics import Metrics
+    from convray.service.oip_servicer import InferenceServicer
+    from convray.service.registry import ModelRegistry, ServedModel
+    from convray.workers.repository import ModelRepository
+
+    metrics = Metrics(CollectorRegistry())
+    registry = ModelRegistry(ModelRepository(model_repo), "digits", BatchingSettings(), WorkerSettings(), metrics)
+    registry._served["digits"] = {2: ServedModel("digits", 2, None, None, None, None)}  # digits/2 is not on disk
+    servicer = InferenceServicer(None, registry, metrics, BatchingSettings(), WorkerSettings())
+    reply = await servicer.RepositoryIndex(oip.RepositoryIndexRequest(), AbortingContext())
+    assert [(m.name, m.version, m.state) for m in reply.models] == [
+        ("digits", "1", "UNAVAILABLE"),
+        ("digits", "2", "READY"),
+    ]
+
+
 # ---- a server of its own: batching across APIs, load and unload ----
 
 
