@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -21,7 +22,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayChannelError, RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayChannelError, RayTaskError
 
 from convray.workers.compiled import CompiledRun
 from convray.workers.direct import DirectChannel, ReplicaUnreachable, new_token
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 # graph) broke; the batch it held never produced a result.
 REPLICA_LOST = (RayActorError, ActorUnavailableError, RayChannelError, ReplicaUnreachable)
 REOPEN_ATTEMPTS = 30  # after a replica was lost, tries (backing off to 5 s) to open its fast path again
+DEAD_FOR_GOOD_AFTER = 3  # describe calls in a row failing ActorDiedError: Ray will not restart the replica
 
 Transport = Literal["direct", "compiled-graph", "actor-call"]
 
@@ -106,9 +108,17 @@ class ReplicaPool:
         on_failure: Callable[[], None] | None = None,
         transport: Transport = "actor-call",
         compiled_in_flight: int = 4,
+        start_replica: Callable[[], Any] | None = None,
+        start_timeout_s: float = 600.0,
     ) -> None:
-        """Wrap started actors; ``compiled_in_flight`` is each compiled graph's capacity."""
+        """Wrap started actors; ``compiled_in_flight`` is each compiled graph's capacity.
+
+        ``start_replica`` starts one more actor like these (within ``start_timeout_s``), to take the place of one
+        Ray will not restart; None: such a replica stays out of the rotation.
+        """
         self.name, self.version = name, version
+        self._start_replica = start_replica
+        self._start_timeout_s = start_timeout_s
         self.transport: Transport = transport
         self._actors = actors
         self._on_failure = on_failure
@@ -146,12 +156,18 @@ class ReplicaPool:
             max_task_retries=0,  # retrying a batch is the front end's decision, not Ray's
         )
         threads = max(1, int(options.cpus_per_replica))
-        actors = [
-            actor_class.remote(
-                model_repo, name, version, options.device, options.amp, threads, options.graph, options.max_batch_size
-            )
-            for _ in range(options.replicas)
-        ]
+        start_replica = functools.partial(
+            actor_class.remote,
+            model_repo,
+            name,
+            version,
+            options.device,
+            options.amp,
+            threads,
+            options.graph,
+            options.max_batch_size,
+        )
+        actors = [start_replica() for _ in range(options.replicas)]
         describing = asyncio.gather(*(actor.describe.remote() for actor in actors))
         try:
             described = await asyncio.wait_for(describing, options.start_timeout_s)
@@ -180,7 +196,9 @@ class ReplicaPool:
         # Room for every batch the front end may send one replica, with margin for explain calls counted
         # against the same replica by the least-busy choice.
         capacity = 2 * options.replicas * options.batches_in_flight_per_replica
-        pool = cls(name, version, actors, on_failure, options.transport, capacity)
+        pool = cls(
+            name, version, actors, on_failure, options.transport, capacity, start_replica, options.start_timeout_s
+        )
         await asyncio.gather(*(pool._open_fast_path(index, info) for index, info in enumerate(described)))
         runs_on = sorted(
             {f"{i['device']}, {i['graph']} graph, warm at batches 1-{i['warmed_up_to']}" for i in described}
@@ -320,6 +338,8 @@ class ReplicaPool:
     async def _reopen_when_back(self, index: int) -> None:
         try:
             described = await self._describe_once_back(index)
+            if described is None and self._actors and self._start_replica is not None:
+                described = await self._replace(index)
         finally:
             del self._probes[index]  # from here a new loss starts a new wait
         if described is not None:
@@ -331,21 +351,50 @@ class ReplicaPool:
 
         None if the pool was shut down meanwhile, or the replica still does not answer after ``REOPEN_ATTEMPTS`` tries.
         """
+        died = 0
         for attempt in range(REOPEN_ATTEMPTS):
             await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
             if not self._actors:
                 return None  # shut down meanwhile
             try:
                 return await self._actors[index].describe.remote()  # answers once Ray restarted it
+            except ActorDiedError:  # a call to an actor Ray is restarting waits; to one it will not, fails at once
+                died += 1
+                if died >= DEAD_FOR_GOOD_AFTER:
+                    log.error("replica %s: dead, and Ray will not restart it (--max-restarts used up)",
+                              self.replica_name(index))  # fmt: skip
+                    return None
             except REPLICA_LOST:
-                continue
-        log.error(
-            "replica %s: not answering after %d tries (Ray may have used up its restarts); batches go to the "
-            "other replicas",
-            self.replica_name(index),
-            REOPEN_ATTEMPTS,
-        )
+                died = 0
+        log.error("replica %s: not answering after %d tries", self.replica_name(index), REOPEN_ATTEMPTS)
         return None
+
+    async def _replace(self, index: int) -> dict[str, Any] | None:
+        """Start a new replica in the place of ``index``, which Ray will not restart; its ``describe``, or None.
+
+        Without it, a version whose replicas had all used up their restarts stayed loaded and ready while every
+        request to it failed, for good.
+        """
+        name = self.replica_name(index)
+        assert self._start_replica is not None
+        log.warning("replica %s: starting a new one in its place", name)
+        actor = self._start_replica()
+        try:
+            described = await asyncio.wait_for(actor.describe.remote(), self._start_timeout_s)
+        except Exception as exc:  # noqa: BLE001 (whatever kept it from starting, the others serve meanwhile)
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+            log.error("replica %s: its replacement did not start either (%s); batches go to the other replicas",
+                      name, _root_cause(exc))  # fmt: skip
+            return None
+        if not self._actors:  # the version was unloaded meanwhile
+            ray.kill(actor, no_restart=True)
+            return None
+        old, self._actors[index] = self._actors[index], actor
+        with contextlib.suppress(Exception):
+            ray.kill(old, no_restart=True)
+        log.info("replica %s: replaced, serving again", name)
+        return described
 
     async def _call(self, index: int, method: str, *args: Any) -> Any:
         """Call a replica's method, counting the call as in flight on that replica meanwhile."""

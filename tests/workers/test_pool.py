@@ -99,6 +99,25 @@ async def test_a_lone_replica_killed_loses_no_batch_its_retry_waits_for_the_rest
         pool.shutdown()
 
 
+async def test_a_replica_ray_will_not_restart_is_replaced_by_a_new_one(model_repo, batch):
+    """Found in review: with its restarts used up (here none allowed), a lone replica's version stayed loaded and
+    every batch failed (ActorDiedError), for good."""
+    pool = await ReplicaPool.start(str(model_repo), "digits", 1, options(replicas=1, max_restarts=0))
+    try:
+        expected = (await pool.predict(batch)).probabilities
+        first = pool.actors[0]
+        os.kill((await first.describe.remote())["pid"], signal.SIGKILL)
+        result = await asyncio.wait_for(pool.predict(batch), timeout=90)  # waits for the replacement
+        np.testing.assert_allclose(result.probabilities, expected, atol=1e-6)
+        assert pool.actors[0] != first
+        deadline = time.monotonic() + 30
+        while pool.fast() != [True] and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert pool.fast() == [True]  # the new replica has its direct channel too
+    finally:
+        pool.shutdown()
+
+
 async def test_replicas_ray_cannot_place_fail_the_load_with_a_clear_error_instead_of_waiting_forever(model_repo):
     too_big = options(cpus_per_replica=1000, start_timeout_s=3)
     with pytest.raises(ModelLoadError, match=r"not running after 3 s; each asks Ray for 1000 CPU.*free"):
