@@ -73,8 +73,9 @@ class ServerSettings(_Group):
             first, last = self.metrics_port, self.metrics_port + self.frontends - 1
             if last > 65535:
                 raise ValueError(f"{self.frontends} front ends need metrics ports {first}-{last}, past 65535")
-            if first <= self.port <= last:
-                raise ValueError(f"the front ends' metrics ports {first}-{last} include port {self.port}")
+            for port, flag in ((self.port, "--port"), (self.health_port, "--health-port")):
+                if port and first <= port <= last:
+                    raise ValueError(f"the front ends' metrics ports {first}-{last} include {flag} {port}")
         return self
 
 

@@ -17,7 +17,7 @@ from convray.service.inference import BatchRunner, Job, JobResult
 from convray.service.metrics import Metrics
 from convray.service.pacing import LoopLoad, OverlapAdvisor
 from convray.service.statistics import ModelStatistics
-from convray.workers.pool import ReplicaOptions, ReplicaPool, take_outcome
+from convray.workers.pool import ReplicaOptions, ReplicaPool, ReplicasNotPlaced, take_outcome
 from convray.workers.repository import ModelLoadError, ModelMetadata, ModelRepository
 
 X = TypeVar("X")  # what a load or unload returns
@@ -118,7 +118,9 @@ class ModelRegistry:
         """Serve every model in the repository, at its highest version that loads; return the load errors.
 
         A broken highest version (a bad publish) falls back to the one below, so that a restart after it serves
-        what ran before instead of exiting; the poller keeps trying the highest one. Models unloaded by request
+        what ran before instead of exiting; the poller keeps trying the highest one. Replicas that could not be
+        placed in time do not fall back: the cluster is short, and waiting again per version would outlast the
+        start-up probe. Models unloaded by request
         are left out. Versions already loaded are kept.
         """
         errors = []
@@ -136,6 +138,8 @@ class ModelRegistry:
                     except ModelLoadError as exc:
                         log.error("could not load %s version %d: %s", name, version, exc)
                         errors.append(str(exc))
+                        if isinstance(exc, ReplicasNotPlaced):  # no other version would fit either
+                            break
         self.ready = bool(self._served)
         return errors
 

@@ -34,6 +34,10 @@ from convray.workers.repository import ModelLoadError
 log = logging.getLogger(__name__)
 # A replica's process is gone (dead, or restarting), or the fast path to it (direct channel, compiled
 # graph) broke; the batch it held never produced a result.
+class ReplicasNotPlaced(ModelLoadError):
+    """A version's replicas were not running within the start timeout: the cluster, not the version, is short."""
+
+
 REPLICA_LOST = (RayActorError, ActorUnavailableError, RayChannelError, ReplicaUnreachable)
 REOPEN_ATTEMPTS = 30  # after a replica was lost, tries (backing off to 5 s) to open its fast path again
 DEAD_FOR_GOOD_AFTER = 3  # describe calls in a row failing ActorDiedError: Ray will not restart the replica
@@ -187,7 +191,7 @@ class ReplicaPool:
             for actor in actors:
                 ray.kill(actor, no_restart=True)
             free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
-            raise ModelLoadError(
+            raise ReplicasNotPlaced(
                 f"{options.replicas} replica(s) of {name} version {version} were not running after "
                 f"{options.start_timeout_s:g} s; each asks Ray for {options.cpus_per_replica:g} CPU and "
                 f"{options.gpus_per_replica:g} GPU and the cluster has {free} free: lower --cpus-per-replica "

@@ -221,8 +221,8 @@ def build() -> Dashboard:
                     " have a second one (1: its compute outlasts a call's overhead and the front end has time).",
                     "short",
                     query(
-                        f"sum by (replica, version) (convray_replica_in_flight_batches{{{SERVED}}})",
-                        "{{replica}} v{{version}}",
+                        f"sum by (instance, replica, version) (convray_replica_in_flight_batches{{{SERVED}}})",
+                        "{{instance}} {{replica}} v{{version}}",
                     ),
                     query(
                         f"max by (model, version) (convray_batch_overlap{{{SERVED}}})",
@@ -234,17 +234,17 @@ def build() -> Dashboard:
                     "torch's allocated and reserved CUDA memory in each replica, as of its last batch (0 on CPU).",
                     "bytes",
                     query(
-                        f"max by (replica, version) (convray_replica_gpu_memory_allocated_bytes{{{SERVED}}})",
-                        "allocated {{replica}} v{{version}}",
+                        f"max by (instance, replica, version) (convray_replica_gpu_memory_allocated_bytes{{{SERVED}}})",
+                        "allocated {{instance}} {{replica}} v{{version}}",
                     ),
                     query(
-                        f"max by (replica, version) (convray_replica_gpu_memory_reserved_bytes{{{SERVED}}})",
-                        "reserved {{replica}} v{{version}}",
+                        f"max by (instance, replica, version) (convray_replica_gpu_memory_reserved_bytes{{{SERVED}}})",
+                        "reserved {{instance}} {{replica}} v{{version}}",
                     ),
                 ),
                 panel(
                     "Model loads",
-                    "Load attempts by outcome, unloads, and the slowest load time in the window.",
+                    "Load attempts by outcome, unloads, and the mean load time of the loads in the window.",
                     "short",
                     query(
                         f"sum by (model, outcome) (increase(convray_model_loads_total{{{SERVED}}}{RATE}))",
@@ -255,8 +255,8 @@ def build() -> Dashboard:
                         "unloads {{model}}",
                     ),
                     query(
-                        f"max by (model) (convray_model_load_duration_seconds_sum{{{SERVED}}}"
-                        f" / convray_model_load_duration_seconds_count{{{SERVED}}})",
+                        f"sum by (model) (increase(convray_model_load_duration_seconds_sum{{{SERVED}}}{RATE}))"
+                        f" / sum by (model) (increase(convray_model_load_duration_seconds_count{{{SERVED}}}{RATE}))",
                         "mean load seconds {{model}}",
                     ),
                 ),

@@ -6,6 +6,8 @@ import os
 import re
 import shlex
 import subprocess
+import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -137,6 +139,15 @@ def test_the_startup_probe_outlasts_the_servers_own_start_limits(built, overlay,
     probe = next(c for c in frontend(built[overlay])["containers"] if c["name"] == "convray")["startupProbe"]
     allowed_s = probe["periodSeconds"] * probe["failureThreshold"]
     assert allowed_s >= settings.workers.ray_connect_timeout_s + settings.workers.replica_start_timeout_s + 60
+
+
+@pytest.mark.parametrize("overlay", SERVING)
+def test_the_autoscaler_alone_sets_how_many_front_ends_run(built, overlay):
+    """With replicas in the Deployment too, each `kubectl apply` (a settings change) reset an autoscaled set to it."""
+    deployment = find(built[overlay], "Deployment", "convray-frontend")
+    hpa = find(built[overlay], "HorizontalPodAutoscaler", "convray-frontend")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "convray-frontend"
+    assert "replicas" not in deployment["spec"] and hpa["spec"]["minReplicas"] >= 2
 
 
 @pytest.mark.parametrize("overlay", SERVING)
@@ -309,3 +320,40 @@ def test_the_kubernetes_prometheus_rule_carries_exactly_the_tested_alert_rules()
     assert rule["spec"]["groups"] == alerts
     (monitor,) = [d for d in documents if d["kind"] == "ServiceMonitor"]
     assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/name"  # so up{job="convray"} in the rules matches
+
+
+@pytest.mark.parametrize("overlay", SERVING)
+def test_the_ray_pods_probe_rays_health_endpoints_without_tools_the_image_lacks(built, overlay):
+    """Without probes of their own, older KubeRay operators add ones that run `wget`, not in the image: the pods
+    never became Ready (found in review). Ours run the image's Python; here against a stand-in endpoint."""
+    import http.server
+    import threading
+
+    cluster = find(built[overlay], "RayCluster", "convray")["spec"]
+    pods = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]
+    answer = {"body": b"success"}
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(answer["body"])
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health) as stand_in:
+        threading.Thread(target=stand_in.serve_forever, daemon=True).start()
+        for pod in pods:
+            ray_container = pod["spec"]["containers"][0]
+            for kind in ("readinessProbe", "livenessProbe"):
+                command = ray_container[kind]["exec"]["command"]
+                assert command[0] == "python" and all("localhost:" in url for url in command[3:])
+                port = stand_in.server_address[1]
+                urls = [f"http://127.0.0.1:{port}{urllib.parse.urlsplit(url).path}" for url in command[3:]]
+                run = [sys.executable, *command[1:3], *urls]
+                answer["body"] = b"success"
+                assert subprocess.run(run, capture_output=True, timeout=30).returncode == 0
+                answer["body"] = b"failed"
+                assert subprocess.run(run, capture_output=True, timeout=30).returncode == 1
+        stand_in.shutdown()

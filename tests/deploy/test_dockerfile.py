@@ -115,6 +115,28 @@ def test_the_healthcheck_asks_the_health_only_port_when_one_is_set():
         health_only.stop(None)
 
 
+def test_the_healthcheck_asks_the_grpc_port_when_the_health_port_is_off():
+    """CONVRAY_SERVER__HEALTH_PORT=off (documented) made it dial 127.0.0.1:off: the container was always unhealthy."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    argv = [sys.executable, *healthcheck_argv()[1:]]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        for off in ("off", "0", ""):
+            env = {**os.environ, "CONVRAY_SERVER__PORT": str(port), "CONVRAY_SERVER__HEALTH_PORT": off}
+            assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 0, off
+    finally:
+        server.stop(None)
+
+
 def test_every_image_installs_the_train_extra_the_training_job_needs():
     """One image runs `convray serve` and the RayJob's `convray train` (Ray Train, Data and Tune), issue #8."""
     installs = [a for i, a in instructions() if i == "RUN" and "/wheels/convray-" in a]

@@ -49,6 +49,16 @@ def test_the_committed_dashboard_json_is_what_dashboard_py_generates():
     )
 
 
+def test_per_replica_panels_keep_each_front_ends_replicas_apart():
+    """Every front end names its replicas digits-0, digits-1...: grouped without ``instance``, a panel summed
+    unrelated actors of different front ends into one line (found in review)."""
+    per_replica = [(title, expr) for title, expr in PANEL_QUERIES if "convray_replica_" in expr and " by (" in expr]
+    assert per_replica
+    for title, expr in per_replica:
+        grouping = re.search(r" by \(([^)]*)\)", expr).group(1)
+        assert "replica" not in grouping or "instance" in grouping, (title, expr)
+
+
 def test_the_dashboard_reads_its_datasource_model_and_instance_from_template_variables():
     variables = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"

@@ -179,6 +179,19 @@ async def test_a_broken_highest_version_at_start_falls_back_to_the_one_below(ray
 
 
 @pytest.mark.integration
+async def test_replicas_that_cannot_be_placed_at_start_do_not_fall_back_to_wait_again_per_version(
+    ray_address, model_repo
+):
+    """The cluster is short, not the version: each fallback would wait --replica-start-timeout-s again, past the
+    Kubernetes start-up probe (found in review)."""
+    shutil.copytree(model_repo / "digits" / "1", model_repo / "digits" / "2")
+    registry = registry_on(model_repo, cpus_per_replica=64, replica_start_timeout_s=2, ray_address=ray_address)
+    errors = await registry.load_latest_of_each()
+    assert not registry.ready
+    assert len(errors) == 1 and "digits version 2 were not running after 2 s" in errors[0]
+
+
+@pytest.mark.integration
 async def test_closing_cancels_a_load_still_waiting_for_its_replicas(ray_address, model_repo):
     """Before, a stop waited for it up to --replica-start-timeout-s (600 s by default), far past any drain grace."""
     # Joined, not embedded: no up-front refusal, the replica waits to be placed (as if for a node to join).
