@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -89,40 +92,14 @@ def test_the_healthcheck_command_passes_on_a_serving_server_and_fails_without_on
         assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode != 0
 
 
-def test_the_healthcheck_asks_the_health_only_port_when_one_is_set():
-    """With TLS on the gRPC port the plaintext check can only pass there (CONVRAY_SERVER__HEALTH_PORT)."""
+@contextlib.contextmanager
+def health_service() -> Iterator[tuple[int, Any]]:
+    """A plain gRPC health service on a loopback port, SERVING: (its port, its servicer, to change that)."""
     from concurrent import futures
 
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    argv = [sys.executable, *healthcheck_argv()[1:]]
-    health_only = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    servicer = health.HealthServicer()
-    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, health_only)
-    port = health_only.add_insecure_port("127.0.0.1:0")
-    health_only.start()
-    try:
-        with socket.socket() as silent:
-            silent.bind(("127.0.0.1", 0))  # bound, not listening: the gRPC port answers nothing
-            env = {**os.environ, "CONVRAY_SERVER__PORT": str(silent.getsockname()[1])}
-            env["CONVRAY_SERVER__HEALTH_PORT"] = str(port)
-            assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 0
-            servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-            assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 1
-    finally:
-        health_only.stop(None)
-
-
-def test_the_healthcheck_asks_the_grpc_port_when_the_health_port_is_off():
-    """CONVRAY_SERVER__HEALTH_PORT=off (documented) made it dial 127.0.0.1:off: the container was always unhealthy."""
-    from concurrent import futures
-
-    import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-    argv = [sys.executable, *healthcheck_argv()[1:]]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     servicer = health.HealthServicer()
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -130,11 +107,32 @@ def test_the_healthcheck_asks_the_grpc_port_when_the_health_port_is_off():
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
+        yield port, servicer
+    finally:
+        server.stop(None)
+
+
+def test_the_healthcheck_asks_the_health_only_port_when_one_is_set():
+    """With TLS on the gRPC port the plaintext check can only pass there (CONVRAY_SERVER__HEALTH_PORT)."""
+    from grpc_health.v1 import health_pb2
+
+    argv = [sys.executable, *healthcheck_argv()[1:]]
+    with health_service() as (port, servicer), socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))  # bound, not listening: the gRPC port answers nothing
+        env = {**os.environ, "CONVRAY_SERVER__PORT": str(silent.getsockname()[1])}
+        env["CONVRAY_SERVER__HEALTH_PORT"] = str(port)
+        assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 0
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 1
+
+
+def test_the_healthcheck_asks_the_grpc_port_when_the_health_port_is_off():
+    """CONVRAY_SERVER__HEALTH_PORT=off (documented) made it dial 127.0.0.1:off: the container was always unhealthy."""
+    argv = [sys.executable, *healthcheck_argv()[1:]]
+    with health_service() as (port, _):
         for off in ("off", "0", ""):
             env = {**os.environ, "CONVRAY_SERVER__PORT": str(port), "CONVRAY_SERVER__HEALTH_PORT": off}
             assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 0, off
-    finally:
-        server.stop(None)
 
 
 def test_every_image_installs_the_train_extra_the_training_job_needs():
