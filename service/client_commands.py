@@ -45,6 +45,33 @@ def retry_options(retries: int) -> list[tuple[str, Any]]:
     ]
 
 
+def client_problem(args: argparse.Namespace) -> str | None:
+    """Why the client flags cannot work, found before anything is sent (a usage error); None when they can.
+
+    Left to gRPC and protobuf, these were a crash (a certificate without its key aborted the process), a
+    traceback (an unreadable file, a version past int64) or a silently plaintext connection (a key alone).
+    """
+    if bool(args.tls_cert) != bool(args.tls_key):
+        return "--tls-cert and --tls-key go together: a client certificate and its private key"
+    for flag in ("tls_ca", "tls_cert", "tls_key", "token_file"):
+        path = getattr(args, flag)
+        if not path:
+            continue
+        try:
+            content = Path(path).read_bytes()
+        except OSError as exc:
+            return f"--{flag.replace('_', '-')} {path}: cannot read: {exc.strerror}"
+        if flag == "token_file" and (not content.strip() or len(content.split()) != 1):
+            return f"--token-file {path}: must hold one token, with no spaces or line breaks inside"
+    if args.timeout <= 0:
+        return f"--timeout must be > 0, got {args.timeout:g}"
+    if not 0 <= getattr(args, "version", 0) < 2**63:
+        return f"--version must be 0 (latest) or a positive version number, got {args.version}"
+    if getattr(args, "top_k", 0) >= 2**32:
+        return f"--top-k is too large: {args.top_k}"
+    return None
+
+
 def _channel(args: argparse.Namespace) -> Any:
     """A channel to ``args.server`` (TLS when a CA or client certificate is given), or None if unreachable."""
     import grpc
@@ -83,8 +110,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from convray.v1 import classifier_pb2 as pb
     from convray.v1 import classifier_pb2_grpc as pb_grpc
 
-    if args.in_flight < 1:
-        print(f"convray classify: --in-flight must be >= 1, got {args.in_flight}", file=sys.stderr)
+    problem = client_problem(args)
+    if problem is None and args.in_flight < 1:
+        problem = f"--in-flight must be >= 1, got {args.in_flight}"
+    if problem:
+        print(f"convray classify: {problem}", file=sys.stderr)
         return EXIT_USAGE
     channel = _channel(args)
     if channel is None:
@@ -144,6 +174,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     from convray.v1 import classifier_pb2 as pb
     from convray.v1 import classifier_pb2_grpc as pb_grpc
 
+    problem = client_problem(args)
+    if problem:
+        print(f"convray models: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     channel = _channel(args)
     if channel is None:
         return EXIT_UNREACHABLE
@@ -153,7 +187,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         )
     except grpc.RpcError as exc:
         print(f"convray models: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_UNREACHABLE if exc.code() == grpc.StatusCode.UNAVAILABLE else EXIT_FAILED
     for model in reply.models:
         versions = ", ".join(f"{v.version}{' (loaded)' if v.loaded else ''}" for v in model.versions)
         marker = "  [default model]" if model.name == reply.default_model else ""
@@ -173,6 +207,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from convray.v1 import classifier_pb2 as pb
     from convray.v1 import classifier_pb2_grpc as pb_grpc
 
+    out = Path(args.out)
+    problem = client_problem(args)
+    if problem is None:
+        try:  # before the call: a reply with nowhere to go is work thrown away
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            problem = f"--out {out}: cannot make a directory there: {exc.strerror}"
+    if problem:
+        print(f"convray explain: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         image = Path(args.image).read_bytes()
     except OSError as exc:
@@ -195,15 +239,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         print(f"{args.image}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return EXIT_UNREACHABLE if exc.code() == grpc.StatusCode.UNAVAILABLE else EXIT_FAILED
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     method = {pb.CAM_METHOD_CAM: "CAM", pb.CAM_METHOD_GRAD_CAM: "Grad-CAM"}.get(reply.method, "?")
     print(f"{args.image}: {reply.model} v{reply.version} ({reply.total_ms:.1f} ms)")
     for m in reply.feature_maps:
-        path = out / f"{m.block}.png"
+        path = out / f"{_file_label(m.block)}.png"  # the server names it: "../x" must not leave --out
         path.write_bytes(m.png)
         shape = "x".join(map(str, m.shape))
-        shown = f"{m.channels_shown} of {m.shape[0]}" if m.channels_shown < m.shape[0] else f"{m.channels_shown}"
+        channels = m.shape[0] if m.shape else m.channels_shown
+        shown = f"{m.channels_shown} of {channels}" if m.channels_shown < channels else f"{m.channels_shown}"
         print(f"wrote {path}  feature maps of {m.block} ({shape}), {shown} channels in {m.grid_rows}x{m.grid_columns}")
     for rank, cam in enumerate(reply.class_activation_maps, start=1):
         p = cam.prediction

@@ -1,8 +1,10 @@
 """convray classify against a scripted real gRPC server: requests overlap, answers print in the files' order."""
 
+import contextlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
@@ -79,3 +81,85 @@ def test_classify_keeps_in_flight_requests_going_and_prints_in_the_files_order(
 def test_classify_refuses_no_requests_in_flight(capsys):
     assert main(["classify", "x.png", "--in-flight", "0"]) == 2
     assert "--in-flight must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["classify", "x.png"], ["models"], ["explain", "x.png", "--out", "maps"]])
+@pytest.mark.parametrize(
+    ("flags", "complaint"),
+    [
+        (["--tls-cert", "{cert}"], "--tls-cert and --tls-key go together"),  # aborted the process (SIGABRT)
+        (["--tls-key", "{cert}"], "--tls-cert and --tls-key go together"),  # was plaintext, silently
+        (["--tls-ca", "{missing}"], "--tls-ca {missing}: cannot read: No such file or directory"),  # a traceback
+        (["--token-file", "{missing}"], "--token-file {missing}: cannot read"),
+        (["--token-file", "{two_lines}"], "must hold one token, with no spaces or line breaks inside"),
+        (["--timeout", "0"], "--timeout must be > 0, got 0"),
+    ],
+)
+def test_client_flags_that_cannot_work_are_usage_errors_before_anything_is_sent(
+    tmp_path, capsys, monkeypatch, command, flags, complaint
+):
+    monkeypatch.chdir(tmp_path)
+    files = {"cert": tmp_path / "cert.pem", "missing": tmp_path / "missing", "two_lines": tmp_path / "token"}
+    files["cert"].write_text("not checked before the key is")
+    files["two_lines"].write_text("a\nb")
+    names = {key: str(path) for key, path in files.items()}
+    argv = [*command, "--server", "127.0.0.1:1", *(flag.format(**names) for flag in flags)]
+    assert main(argv) == 2
+    assert complaint.format(**names) in capsys.readouterr().err
+    assert not (tmp_path / "maps").exists()  # explain made nothing either
+
+
+@pytest.mark.parametrize(
+    ("flags", "complaint"),
+    [(["--version", str(2**64)], "--version must be 0 (latest) or a positive version number"),
+     (["--top-k", str(2**33)], "--top-k is too large")],
+)  # fmt: skip
+def test_numbers_protobuf_cannot_hold_are_usage_errors_not_tracebacks(capsys, flags, complaint):
+    assert main(["classify", "x.png", "--server", "127.0.0.1:1", *flags]) == 2
+    assert complaint in capsys.readouterr().err
+
+
+def test_explain_refuses_an_out_path_that_is_a_file_before_calling_the_server(tmp_path, capsys):
+    image, taken = tmp_path / "digit.png", tmp_path / "taken"
+    image.write_bytes(b"x")
+    taken.write_text("a file")
+    assert main(["explain", str(image), "--server", "127.0.0.1:1", "--out", str(taken)]) == 2
+    assert f"--out {taken}: cannot make a directory there" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def fake_classifier(method: str, behaviour, request_type, reply_type) -> Iterator[str]:
+    """A real gRPC server whose Classifier has one method, answering as ``behaviour`` says; yields its address."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    handler = grpc.unary_unary_rpc_method_handler(behaviour, request_type.FromString, reply_type.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("convray.v1.Classifier", {method: handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+def test_models_says_unreachable_when_the_server_answers_unavailable(capsys):
+    """Exit 3, as classify and explain: a draining server answers UNAVAILABLE, and scripts retry elsewhere."""
+
+    def unavailable(request, context):
+        context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+
+    with fake_classifier("ListModels", unavailable, pb.ListModelsRequest, pb.ListModelsResponse) as address:
+        assert main(["models", "--server", address, "--retries", "0"]) == 3
+    assert "UNAVAILABLE: draining" in capsys.readouterr().err
+
+
+def test_explain_keeps_files_the_server_names_inside_out(tmp_path, capsys):
+    """A block name is the server's to choose: "../escaped" wrote outside --out."""
+
+    def explain(request, context):
+        return pb.ExplainResponse(model="m", version=1, feature_maps=[pb.FeatureMap(block="../escaped", png=b"png")])
+
+    image, out = tmp_path / "digit.png", tmp_path / "outer" / "maps"
+    image.write_bytes(b"x")
+    with fake_classifier("Explain", explain, pb.ExplainRequest, pb.ExplainResponse) as address:
+        assert main(["explain", str(image), "--server", address, "--out", str(out)]) == 0
+    assert [p.name for p in out.iterdir()] == [".._escaped.png"] and not (tmp_path / "outer" / "escaped.png").exists()
