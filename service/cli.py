@@ -65,6 +65,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--explain-max-blocks": ("explain", "max_blocks"),
     "--explain-max-channels": ("explain", "max_channels"),
     "--explain-max-top-k": ("explain", "max_top_k"),
+    "--explain-max-in-flight": ("explain", "max_in_flight"),
 }
 
 

@@ -197,6 +197,8 @@ class ExplainSettings(_Group):
     """Most channels drawn in one block's feature-map grid (the first ones)."""
     max_top_k: int = Field(10, ge=1, le=1000)
     """Most classes one Explain call may ask class activation maps of (Grad-CAM costs a backward pass each)."""
+    max_in_flight: int = Field(4, ge=1, le=1024)
+    """Explain calls processed at once; past it, more get RESOURCE_EXHAUSTED (Explain bypasses the batcher's queue)."""
 
 
 class Settings(BaseSettings):

@@ -16,7 +16,7 @@ import numpy as np
 
 from convray.service.codecs import ClassScore, DecodeLimits, decode_image, top_k
 from convray.service.config import ExplainSettings
-from convray.service.errors import InvalidInput
+from convray.service.errors import InvalidInput, Overloaded
 from convray.service.render import Grid, cam_overlay, feature_grid
 from convray.workers.explain import CamChoice, CamMethod, Explanation, choose_method
 from convray.workers.spec import output_shapes
@@ -88,6 +88,7 @@ class Explainer:
         self._settings = settings
         self._default_top_k = default_top_k
         self._executor = executor
+        self._in_flight = 0  # calls between admission and reply
 
     def _check(self, served: ServedModel, blocks: list[str], k: int, method: CamChoice) -> list[str]:
         """The blocks to explain (all when none are named), after checking every request field."""
@@ -121,8 +122,22 @@ class Explainer:
         """Feature maps, top-k class activation maps and probabilities of one image, rendered as PNGs.
 
         Raises:
-            InvalidInput, ModelNotFound, ModelNotReady: see ``service.errors``.
+            InvalidInput, ModelNotFound, ModelNotReady, Overloaded (--explain-max-in-flight): see ``service.errors``.
         """
+        if self._in_flight >= self._settings.max_in_flight:
+            raise Overloaded(
+                f"{self._in_flight} Explain calls are being processed, the limit (--explain-max-in-flight); "
+                "retry shortly"
+            )
+        self._in_flight += 1
+        try:
+            return await self._explain(image, model, version, blocks, top_k_requested, method)
+        finally:
+            self._in_flight -= 1
+
+    async def _explain(
+        self, image: bytes, model: str, version: int, blocks: list[str], top_k_requested: int, method: CamChoice
+    ) -> ExplainAnswer:
         received = time.monotonic()
         served = self._registry.resolve(model, version)
         labels = served.metadata.labels
