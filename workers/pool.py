@@ -32,12 +32,14 @@ from convray.workers.replica import AmpChoice, DeviceChoice, ModelRunner
 from convray.workers.repository import ModelLoadError
 
 log = logging.getLogger(__name__)
-# A replica's process is gone (dead, or restarting), or the fast path to it (direct channel, compiled
-# graph) broke; the batch it held never produced a result.
+
+
 class ReplicasNotPlaced(ModelLoadError):
     """A version's replicas were not running within the start timeout: the cluster, not the version, is short."""
 
 
+# A replica's process is gone (dead, or restarting), or the fast path to it (direct channel, compiled
+# graph) broke; the batch it held never produced a result.
 REPLICA_LOST = (RayActorError, ActorUnavailableError, RayChannelError, ReplicaUnreachable)
 REOPEN_ATTEMPTS = 30  # after a replica was lost, tries (backing off to 5 s) to open its fast path again
 DEAD_FOR_GOOD_AFTER = 3  # describe calls in a row failing ActorDiedError: Ray will not restart the replica
