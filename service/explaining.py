@@ -17,6 +17,7 @@ import numpy as np
 from convray.service.codecs import ClassScore, DecodeLimits, decode_image, top_k
 from convray.service.config import ExplainSettings
 from convray.service.errors import InvalidInput, Overloaded
+from convray.service.inference import run_resolved
 from convray.service.render import Grid, cam_overlay, feature_grid
 from convray.workers.explain import CamChoice, CamMethod, Explanation, choose_method
 from convray.workers.spec import output_shapes
@@ -139,24 +140,29 @@ class Explainer:
         self, image: bytes, model: str, version: int, blocks: list[str], top_k_requested: int, method: CamChoice
     ) -> ExplainAnswer:
         received = time.monotonic()
-        served = self._registry.resolve(model, version)
-        labels = served.metadata.labels
-        k = top_k_requested or min(self._default_top_k, len(labels), self._settings.max_top_k)
-        chosen = self._check(served, blocks, k, method)
         loop = asyncio.get_running_loop()
-        pixels = await loop.run_in_executor(self._executor, decode_image, image, served.metadata.input, self._limits)
-        result = await served.pool.explain(pixels, chosen, k, method, self._settings.max_channels)
-        explanation = result.explanation
-        scores, maps, cams = await loop.run_in_executor(self._executor, render, pixels, explanation, labels)
-        return ExplainAnswer(
-            model=served.name,
-            version=served.version,
-            predictions=scores,
-            feature_maps=maps,
-            cams=cams,
-            method=explanation.method,
-            cam_block=explanation.cam_block,
-            compute_s=result.compute_s,
-            total_s=time.monotonic() - received,
-            replica=result.replica,
-        )
+
+        async def run(served: ServedModel) -> ExplainAnswer:
+            labels = served.metadata.labels
+            k = top_k_requested or min(self._default_top_k, len(labels), self._settings.max_top_k)
+            chosen = self._check(served, blocks, k, method)
+            contract = served.metadata.input
+            pixels = await loop.run_in_executor(self._executor, decode_image, image, contract, self._limits)
+            result = await served.pool.explain(pixels, chosen, k, method, self._settings.max_channels)
+            explanation = result.explanation
+            scores, maps, cams = await loop.run_in_executor(self._executor, render, pixels, explanation, labels)
+            return ExplainAnswer(
+                model=served.name,
+                version=served.version,
+                predictions=scores,
+                feature_maps=maps,
+                cams=cams,
+                method=explanation.method,
+                cam_block=explanation.cam_block,
+                compute_s=result.compute_s,
+                total_s=time.monotonic() - received,
+                replica=result.replica,
+            )
+
+        # A version switched out while the image decodes: moved to the new one, as Classify is.
+        return await run_resolved(self._registry, model, version, run)

@@ -22,6 +22,7 @@ from convray.service.errors import InvalidInput, ModelNotReady
 from convray.service.metrics import Metrics
 from convray.service.pacing import OverlapAdvisor
 from convray.service.statistics import ModelStatistics
+from convray.workers.direct import ReplicaUnreachable
 from convray.workers.pool import BatchResult, ReplicaPool
 
 if TYPE_CHECKING:
@@ -177,19 +178,8 @@ class Classifier:
         return await self.on_resolved(model, version, run)
 
     async def on_resolved(self, model: str, version: int, work: Callable[[ServedModel], Awaitable[T]]) -> T:
-        """Resolve ``(model, version)`` and run ``work`` on it.
-
-        If that version was retired while the request was on its way (a newer version switched in, or an
-        unload), resolve once more: a latest-version request moves to the new version and is not lost; a
-        request naming the retired version gets NOT_FOUND. A server that is itself draining still refuses.
-        """
-        served = self._registry.resolve(model, version)
-        try:
-            return await work(served)
-        except ModelNotReady:
-            if self._registry.serves(served):
-                raise
-            return await work(self._registry.resolve(model, version))
+        """``run_resolved`` on this classifier's registry."""
+        return await run_resolved(self._registry, model, version, work)
 
     async def infer_images(
         self, served: ServedModel, images: Sequence[bytes], deadline: float | None = None
@@ -226,3 +216,23 @@ class Classifier:
             raise
         served.stats.record_request(True, time.monotonic() - received, len(pixels), sum(r.queue_s for r in results))
         return results
+
+
+async def run_resolved(
+    registry: ModelRegistry, model: str, version: int, work: Callable[[ServedModel], Awaitable[T]]
+) -> T:
+    """Resolve ``(model, version)`` and run ``work`` on it.
+
+    If that version was retired while the request was on its way (a newer version switched in, or an
+    unload), resolve once more: a latest-version request moves to the new version and is not lost; a
+    request naming the retired version gets NOT_FOUND. A server that is itself draining still refuses.
+    A retired version refuses through its closed batcher (ModelNotReady) or, for calls that bypass the
+    batcher (Explain), through its stopped replicas (ReplicaUnreachable).
+    """
+    served = registry.resolve(model, version)
+    try:
+        return await work(served)
+    except (ModelNotReady, ReplicaUnreachable):
+        if registry.serves(served):
+            raise
+        return await work(registry.resolve(model, version))

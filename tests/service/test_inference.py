@@ -3,7 +3,8 @@
 import pytest
 
 from convray.service.errors import ModelNotFound, ModelNotReady
-from convray.service.inference import Classifier
+from convray.service.inference import Classifier, run_resolved
+from convray.workers.direct import ReplicaUnreachable
 
 
 class Registry:
@@ -65,3 +66,20 @@ async def test_a_draining_server_still_refuses_with_model_not_ready():
 
     with pytest.raises(ModelNotReady):
         await classifier(registry).on_resolved("digits", 0, draining)
+
+
+async def test_a_call_past_the_batcher_that_finds_its_versions_replicas_stopped_runs_on_the_new_version():
+    """Explain calls the replicas directly: a switch that stopped them while the image decoded answered UNAVAILABLE
+    (found in review); now such a call moves to the new version like a batched one."""
+    registry = Registry()
+    calls = []
+
+    async def explain(served: str) -> str:
+        calls.append(served)
+        if len(calls) == 1:
+            registry.switch()
+            raise ReplicaUnreachable("digits version 1 was unloaded; retry")
+        return served
+
+    assert await run_resolved(registry, "digits", 0, explain) == "digits v2"
+    assert calls == ["digits v1", "digits v2"]
