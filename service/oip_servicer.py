@@ -30,7 +30,7 @@ from convray.service.oip_codec import (
     write_outputs,
 )
 from convray.service.registry import ModelRegistry, ServedModel
-from convray.service.rpc import API_LABELS, ItemBudget, RpcObserver, deadline_of, ordered_concurrently, stream_budget
+from convray.service.rpc import API_LABELS, RpcObserver, deadline_of, ordered_concurrently, stream_budget
 from convray.service.statistics import Duration
 from convray.workers.repository import validate_model_name
 
@@ -194,7 +194,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[oip.ModelStreamInferResponse]:
         """ModelInfer over a bidirectional stream: concurrent, answered in request order, errors inline."""
         deadline = deadline_of(context)
-        budget = ItemBudget(stream_budget(self._batching))
+        budget = stream_budget(self._batching)
         items = ordered_concurrently(request_iterator, lambda r: self._stream_item(r, deadline), budget, images_in)
         async for reply in items:
             yield reply

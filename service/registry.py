@@ -120,8 +120,7 @@ class ModelRegistry:
         A broken highest version (a bad publish) falls back to the one below, so that a restart after it serves
         what ran before instead of exiting; the poller keeps trying the highest one. Replicas that could not be
         placed in time do not fall back: the cluster is short, and waiting again per version would outlast the
-        start-up probe. Models unloaded by request
-        are left out. Versions already loaded are kept.
+        start-up probe. Models unloaded by request are left out. Versions already loaded are kept.
         """
         errors = []
         names = self.repository.model_names()

@@ -151,9 +151,9 @@ class RpcObserver:
             self._record(rpc, model_label, code, started, failure)
 
 
-def stream_budget(batching: BatchingSettings) -> int:
-    """Images one stream may have in processing: half a model's queue, so one stream cannot fill it alone."""
-    return max(1, batching.max_queue // 2)
+def stream_budget(batching: BatchingSettings) -> ItemBudget:
+    """A new stream's budget: half a model's queue in images, so one stream cannot fill the queue alone."""
+    return ItemBudget(max(1, batching.max_queue // 2))
 
 
 class ItemBudget:

@@ -13,7 +13,7 @@ from convray.service.explaining import ExplainAnswer, Explainer
 from convray.service.inference import Classification, Classifier
 from convray.service.metrics import Metrics
 from convray.service.registry import ModelRegistry
-from convray.service.rpc import API_LABELS, ItemBudget, RpcObserver, deadline_of, ordered_concurrently, stream_budget
+from convray.service.rpc import API_LABELS, RpcObserver, deadline_of, ordered_concurrently, stream_budget
 from convray.v1 import classifier_pb2 as pb
 from convray.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -110,7 +110,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
         """Classify a stream of images concurrently, answering in request order."""
         deadline = deadline_of(context)
-        budget = ItemBudget(stream_budget(self._batching))  # one image per request
+        budget = stream_budget(self._batching)  # one image per request
         async for reply in ordered_concurrently(request_iterator, lambda r: self._stream_item(r, deadline), budget):
             yield reply
 

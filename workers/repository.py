@@ -109,9 +109,14 @@ class LoadedModel(BaseModel):
     module: CNN
 
 
+def is_model_name(name: str) -> bool:
+    """Whether ``name`` can name a model: letters, digits, ``_.-``, at most 64 (no path, so never outside)."""
+    return re.fullmatch(_NAME_PATTERN, name) is not None
+
+
 def validate_model_name(name: str) -> str:
     """Return ``name`` if it is a valid model name (letters, digits, ``_.-``, at most 64), else raise."""
-    if not re.fullmatch(_NAME_PATTERN, name):
+    if not is_model_name(name):
         shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"
         raise ValueError(f"invalid model name {shown}: use letters, digits, '_', '.', '-' (at most 64)")
     return name
@@ -139,7 +144,7 @@ class ModelRepository:
 
     def versions(self, name: str) -> list[int]:
         """The version numbers of ``name`` on disk, ascending; hidden and non-numeric entries are ignored."""
-        if not re.fullmatch(_NAME_PATTERN, name):  # "../x" or "/x" would be a directory outside the repository
+        if not is_model_name(name):  # "../x" or "/x" would be a directory outside the repository
             return []
         model_dir = self.root / name
         if not model_dir.is_dir():
