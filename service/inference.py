@@ -221,7 +221,7 @@ class Classifier:
 async def run_resolved(
     registry: ModelRegistry, model: str, version: int, work: Callable[[ServedModel], Awaitable[T]]
 ) -> T:
-    """Resolve ``(model, version)`` and run ``work`` on it.
+    """Resolve ``(model, version)`` to a version with a replica able to serve, and run ``work`` on it.
 
     If that version was retired while the request was on its way (a newer version switched in, or an
     unload), resolve once more: a latest-version request moves to the new version and is not lost; a
@@ -229,10 +229,10 @@ async def run_resolved(
     A retired version refuses through its closed batcher (ModelNotReady) or, for calls that bypass the
     batcher (Explain), through its stopped replicas (ReplicaUnreachable).
     """
-    served = registry.resolve(model, version)
+    served = registry.resolve_serving(model, version)
     try:
         return await work(served)
     except (ModelNotReady, ReplicaUnreachable):
         if registry.serves(served):
             raise
-        return await work(registry.resolve(model, version))
+        return await work(registry.resolve_serving(model, version))

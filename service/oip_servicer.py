@@ -82,9 +82,9 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelReadyResponse:
-        """Whether the named model version is loaded and can serve; a version that is not a number is refused."""
+        """Whether the named model version is loaded and has a replica able to serve; a non-numeric version: refused."""
         try:
-            self._resolve(request.name, request.version)
+            self._registry.resolve_serving(request.name, parse_version(request.version))
         except InvalidInput as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except ConvrayError:

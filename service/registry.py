@@ -357,6 +357,18 @@ class ModelRegistry:
             raise ModelNotFound(f"version {version} of model {shown(name)} is not loaded; loaded: {sorted(versions)}")
         return versions[version]
 
+    def resolve_serving(self, name: str, version: int) -> ServedModel:
+        """``resolve``, refusing a version that has no replica able to run a batch now.
+
+        Raises:
+            ModelNotReady: every replica of the version is dead and no replacement has started (yet).
+            And whatever ``resolve`` raises.
+        """
+        served = self.resolve(name, version)
+        if (why := served.pool.not_serving) is not None:
+            raise ModelNotReady(why)
+        return served
+
     async def abandon_all(self, wait_s: float = 0.5) -> None:
         """Forget every loaded version without draining, after their Ray cluster was lost with their replicas.
 

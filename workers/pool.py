@@ -43,6 +43,7 @@ class ReplicasNotPlaced(ModelLoadError):
 REPLICA_LOST = (RayActorError, ActorUnavailableError, RayChannelError, ReplicaUnreachable)
 REOPEN_ATTEMPTS = 30  # after a replica was lost, tries (backing off to 5 s) to open its fast path again
 DEAD_FOR_GOOD_AFTER = 3  # describe calls in a row failing ActorDiedError: Ray will not restart the replica
+REPLACE_RETRY_S = (5.0, 60.0)  # a replacement that failed is tried again after 5 s, backing off to once a minute
 
 Transport = Literal["direct", "compiled-graph", "actor-call"]
 
@@ -137,6 +138,9 @@ class ReplicaPool:
         # Lost replicas not yet answering again: batches go to the others meanwhile. One that never comes back
         # (Ray used up its restarts) stays here, so its instant failures do not draw every batch to it.
         self._unwell: set[int] = set()
+        # Replicas whose replacement could not start either, with why: tried again in the background (``_replacing``).
+        self._given_up: dict[int, str] = {}
+        self._replacing: dict[int, asyncio.Task[None]] = {}
 
     @classmethod
     async def start(
@@ -224,6 +228,16 @@ class ReplicaPool:
     def in_flight(self) -> list[int]:
         """Batches currently sent to each replica and not yet answered."""
         return list(self._in_flight)
+
+    @property
+    def not_serving(self) -> str | None:
+        """Why no replica of this version can run a batch (each died and its replacement failed); None while one can."""
+        if not self._actors or len(self._given_up) < len(self._actors):
+            return None
+        return (
+            f"{self.name} version {self.version} has no running replica: Ray will not restart them and new ones "
+            f"did not start ({next(iter(self._given_up.values()))}); retrying in the background"
+        )
 
     def replica_name(self, index: int) -> str:
         """The name of replica ``index`` in replies (timings.replica) and metric labels, e.g. ``digits-0``."""
@@ -337,8 +351,8 @@ class ReplicaPool:
 
     def _reopen_later(self, index: int) -> None:
         """Once Ray has replica ``index`` running again, in the background: count it well, open its fast path."""
-        if index in self._probes:
-            return  # already waiting for it
+        if index in self._probes or index in self._replacing:
+            return  # already waiting for it, or already trying to replace it
         self._probes[index] = asyncio.get_running_loop().create_task(self._reopen_when_back(index))
 
     async def _reopen_when_back(self, index: int) -> None:
@@ -346,11 +360,37 @@ class ReplicaPool:
             described = await self._describe_once_back(index)
             if described is None and self._actors and self._start_replica is not None:
                 described = await self._replace(index)
+                if described is None and self._actors:
+                    self._replacing[index] = asyncio.get_running_loop().create_task(self._keep_replacing(index))
         finally:
             del self._probes[index]  # from here a new loss starts a new wait
         if described is not None:
-            self._unwell.discard(index)
-            await self._open_fast_path(index, described)
+            await self._back_in_service(index, described)
+
+    async def _back_in_service(self, index: int, described: dict[str, Any]) -> None:
+        self._unwell.discard(index)
+        self._given_up.pop(index, None)
+        await self._open_fast_path(index, described)
+
+    async def _keep_replacing(self, index: int) -> None:
+        """Try to replace replica ``index`` again and again, backing off, until one starts or the pool shuts down.
+
+        What kept the first replacement from starting (a full cluster, a node going away) may pass; until it
+        does, ``not_serving`` says why when no replica is left.
+        """
+        delay_s, longest_s = REPLACE_RETRY_S
+        try:
+            while True:
+                await asyncio.sleep(delay_s)
+                if not self._actors:
+                    return
+                described = await self._replace(index)
+                if described is not None:
+                    break
+                delay_s = min(delay_s * 2, longest_s)
+        finally:
+            del self._replacing[index]
+        await self._back_in_service(index, described)
 
     async def _describe_once_back(self, index: int) -> dict[str, Any] | None:
         """Replica ``index``'s ``describe`` once Ray has it running again, retried with backoff up to 5 s.
@@ -390,8 +430,9 @@ class ReplicaPool:
         except Exception as exc:  # noqa: BLE001 (whatever kept it from starting, the others serve meanwhile)
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
-            log.error("replica %s: its replacement did not start either (%s); batches go to the other replicas",
-                      name, _root_cause(exc))  # fmt: skip
+            self._given_up[index] = why = _root_cause(exc)
+            log.error("replica %s: its replacement did not start either (%s); batches go to the other replicas, "
+                      "and it is tried again in the background", name, why)  # fmt: skip
             return None
         if not self._actors:  # the version was unloaded meanwhile
             ray.kill(actor, no_restart=True)
@@ -442,7 +483,7 @@ class ReplicaPool:
 
     def shutdown(self) -> None:
         """Stop every replica of this version (and the compiled graphs to them)."""
-        for task in self._probes.values():
+        for task in [*self._probes.values(), *self._replacing.values()]:
             task.cancel()
         for path in self._fast_paths:
             if path is not None:

@@ -23,6 +23,8 @@ class Registry:
             raise ModelNotFound(f"version {version} of model {name!r} is not loaded")
         return self.loaded[version]
 
+    resolve_serving = resolve  # every version here has a replica able to serve
+
     def serves(self, served: str) -> bool:
         return served in self.loaded.values()
 

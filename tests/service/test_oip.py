@@ -406,6 +406,38 @@ def test_load_moves_to_a_new_version_and_a_broken_one_leaves_it_serving(own_serv
         assert list(metadata.versions) == ["2"]
 
 
+def test_a_version_left_with_no_replica_able_to_serve_is_not_ready_and_refused_saying_why(own_server, held_out):
+    """Its replicas died for good and no replacement started (tests/workers/test_pool.py makes that happen for
+    real); before, ModelReady stayed true and every request went to a dead replica first."""
+    server, _ = own_server
+    served = server.server.registry.resolve("digits", 0)
+    reason = "digits version 1 has no running replica: Ray will not restart them and new ones did not start"
+
+    def given_up(replicas: dict[int, str]) -> None:
+        async def assign() -> None:
+            served.pool._given_up = replicas
+
+        server.call(assign())
+
+    pixels = held_out.images[:1].astype("<f4").tobytes()
+    request = oip.ModelInferRequest(model_name="digits", raw_input_contents=[pixels])
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+    with grpc.insecure_channel(server.address) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        given_up({0: "FileNotFoundError: digits/1/model.safetensors"})
+        try:
+            assert not stub.ModelReady(oip.ModelReadyRequest(name="digits"), timeout=5).ready
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert reason.replace("version 1", f"version {served.version}") in info.value.details()
+            assert "FileNotFoundError" in info.value.details()
+        finally:
+            given_up({})
+        assert stub.ModelReady(oip.ModelReadyRequest(name="digits"), timeout=5).ready
+        assert stub.ModelInfer(request, timeout=10).outputs[0].name == "probabilities"
+
+
 @pytest.mark.parametrize("name", ["../models/digits", "/etc", "digits/../digits", "x" * 20_000])
 def test_loading_or_unloading_a_path_instead_of_a_model_name_is_refused(own_server, name):
     """Before, a path was loaded from wherever it led, outside the repository, under that name."""

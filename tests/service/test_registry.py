@@ -27,6 +27,7 @@ class StoppablePool:
 
     size = 1
     stopped = False
+    not_serving = None
 
     def replica_name(self, index: int) -> str:
         return f"digits-1-{index}"

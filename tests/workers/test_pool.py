@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import ray
 
+from convray.workers import pool as pool_module
 from convray.workers.data import load_digits_split
-from convray.workers.pool import ReplicaOptions, ReplicaPool
+from convray.workers.pool import REPLICA_LOST, ReplicaOptions, ReplicaPool
 from convray.workers.repository import ModelLoadError
 
 pytestmark = pytest.mark.usefixtures("ray_address")
@@ -114,6 +115,33 @@ async def test_a_replica_ray_will_not_restart_is_replaced_by_a_new_one(model_rep
         while pool.fast() != [True] and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         assert pool.fast() == [True]  # the new replica has its direct channel too
+    finally:
+        pool.shutdown()
+
+
+async def test_a_version_whose_replacement_cannot_start_says_it_is_not_serving_and_serves_once_one_starts(
+    model_repo, batch, monkeypatch
+):
+    """Found in review: a replacement that failed was never tried again, and the version, with no replica left,
+    still looked ready while every batch went to its dead replica."""
+    monkeypatch.setattr(pool_module, "REPLACE_RETRY_S", (0.5, 1.0))
+    pool = await ReplicaPool.start(str(model_repo), "digits", 1, options(replicas=1, max_restarts=0))
+    version_dir, moved = model_repo / "digits" / "1", model_repo / "elsewhere"
+    try:
+        expected = (await pool.predict(batch)).probabilities
+        assert pool.not_serving is None
+        version_dir.rename(moved)  # a new replica cannot load the version now
+        os.kill((await pool.actors[0].describe.remote())["pid"], signal.SIGKILL)
+        with pytest.raises(REPLICA_LOST):
+            await asyncio.wait_for(pool.predict(batch), timeout=90)  # its retry waited for the replacement
+        assert "digits version 1 has no running replica" in pool.not_serving
+        moved.rename(version_dir)
+        deadline = time.monotonic() + 60
+        while pool.not_serving is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert pool.not_serving is None  # tried again in the background, and this time it started
+        result = await asyncio.wait_for(pool.predict(batch), timeout=30)
+        np.testing.assert_allclose(result.probabilities, expected, atol=1e-6)
     finally:
         pool.shutdown()
 
