@@ -88,7 +88,10 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ModelLoadError):  # the files on disk are wrong, not the request
         return grpc.StatusCode.FAILED_PRECONDITION, f"model load failed: {exc}"
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the request was served"
+        # The client's own deadline never arrives here (DeadlineExpired, or gRPC cancels the call), so this was
+        # a wait inside the server, e.g. on Ray: transient, logged at warning, worth a retry.
+        detail = f": {exc}" if str(exc) else ""
+        return grpc.StatusCode.UNAVAILABLE, f"timed out inside the server ({type(exc).__name__}{detail}); retry"
     if isinstance(exc, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED, "request cancelled"
     if isinstance(exc, REPLICA_LOST):

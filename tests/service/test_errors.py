@@ -26,11 +26,19 @@ from convray.service.errors import (
         (Overloaded("full", retry_after_s=0.25), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (DeadlineExpired("late"), grpc.StatusCode.DEADLINE_EXCEEDED),
         (asyncio.CancelledError(), grpc.StatusCode.CANCELLED),
+        # A wait inside the server ran out, not the client's deadline: retryable, not the caller's doing.
+        (TimeoutError("GCS did not answer"), grpc.StatusCode.UNAVAILABLE),
+        (asyncio.TimeoutError(), grpc.StatusCode.UNAVAILABLE),  # noqa: UP041 (its own class on Python 3.10)
         (KeyError("x"), grpc.StatusCode.INTERNAL),
     ],
 )
 def test_every_exception_maps_to_a_status_that_says_what_happened(exc, code):
     assert to_status(exc)[0] == code
+
+
+def test_a_timeout_inside_the_server_says_so_and_asks_for_a_retry():
+    code, message = to_status(TimeoutError("GCS did not answer"))
+    assert message == "timed out inside the server (TimeoutError: GCS did not answer); retry"
 
 
 def test_an_overload_tells_the_client_when_to_retry_in_both_forms_clients_read():
