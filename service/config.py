@@ -192,7 +192,8 @@ class ExplainSettings(_Group):
     """Limits of the Explain RPC, which runs outside the batcher, one image per replica call."""
 
     max_blocks: int = Field(16, ge=1, le=1024)
-    """Most blocks one Explain call may return feature maps of (all by default)."""
+    """Most blocks one Explain call may return feature maps of; a call naming none gets all, or this many spread
+    from the first block to the last."""
     max_channels: int = Field(64, ge=1, le=4096)
     """Most channels drawn in one block's feature-map grid (the first ones)."""
     max_top_k: int = Field(10, ge=1, le=1000)

@@ -73,6 +73,15 @@ def render(
     return scores, maps, cams
 
 
+def evenly_spread(names: list[str], most: int) -> list[str]:
+    """All of ``names`` if there are at most ``most``; else ``most`` of them, evenly spaced, first and last included."""
+    if len(names) <= most:
+        return list(names)
+    if most == 1:
+        return [names[-1]]
+    return [names[round(i * (len(names) - 1) / (most - 1))] for i in range(most)]
+
+
 class Explainer:
     """Explains encoded images with the registry's models, one direct replica call each."""
 
@@ -92,17 +101,21 @@ class Explainer:
         self._in_flight = 0  # calls between admission and reply
 
     def _check(self, served: ServedModel, blocks: list[str], k: int, method: CamChoice) -> list[str]:
-        """The blocks to explain (all when none are named), after checking every request field."""
+        """The blocks to explain, after checking every request field.
+
+        None named means all, or, when the model has more than ``--explain-max-blocks``, that many of them spread
+        evenly from the first to the last (a deep model's plain ``convray explain`` is not refused).
+        """
         meta = served.metadata
         valid = [name for name, _ in output_shapes(meta.spec, meta.input.height, meta.input.width)]
         unknown = [b for b in blocks if b not in valid]
         if unknown:
             raise InvalidInput(f"unknown block(s) {unknown} for model {served.name!r}; valid blocks: {valid}")
-        chosen = list(dict.fromkeys(blocks)) or valid
         limit = self._settings.max_blocks
+        chosen = list(dict.fromkeys(blocks)) or evenly_spread(valid, limit)
         if len(chosen) > limit:
             raise InvalidInput(
-                f"{len(chosen)} blocks asked for (empty means all), over the limit of {limit} "
+                f"{len(chosen)} blocks asked for, over the limit of {limit} "
                 f"(--explain-max-blocks); name at most {limit} of {valid}"
             )
         if k > len(meta.labels):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from convray.service.explaining import evenly_spread
 from convray.service.render import grid_layout, tile_scale
 from convray.v1 import classifier_pb2 as pb
 from convray.workers.spec import CNNSpec, output_shapes
@@ -114,7 +115,10 @@ def tight_stub(ray_address, tmp_path_factory):
 
 def test_explain_limits_blocks_classes_and_channels(tight_stub):
     for request, message in [
-        (pb.ExplainRequest(image=DIGIT_3), "6 blocks asked for (empty means all), over the limit of 2"),
+        (
+            pb.ExplainRequest(image=DIGIT_3, blocks=["block0_conv", "block1_conv", "block3_conv"]),
+            "3 blocks asked for, over the limit of 2 (--explain-max-blocks); name at most 2 of ['block0_conv',",
+        ),
         (
             pb.ExplainRequest(image=DIGIT_3, blocks=["block0_conv"], top_k=3),
             "top_k is 3, over the Explain limit of 2 (--explain-max-top-k)",
@@ -129,6 +133,19 @@ def test_explain_limits_blocks_classes_and_channels(tight_stub):
     assert [list(m.shape) for m in reply.feature_maps] == [[32, 8, 8], [64, 4, 4]]
     assert png(reply.feature_maps[0].png).size == (3 * 32 + 2, 3 * 32 + 2)  # 8 tiles: 3 x 3 grid of 32 px
     assert len(reply.class_activation_maps) == 2  # default top_k (5) capped at the limit
+
+
+def test_explain_of_a_model_with_more_blocks_than_the_limit_spreads_the_limit_over_them_first_to_last(tight_stub):
+    """Before, naming no block asked for all six and was refused: a deep model's plain `convray explain` failed."""
+    reply = tight_stub.Explain(pb.ExplainRequest(image=DIGIT_3), timeout=30)
+    assert [m.block for m in reply.feature_maps] == ["block0_conv", "block5_dropout"]
+
+
+def test_blocks_spread_evenly_keep_the_first_and_the_last_and_all_when_they_fit():
+    names = [f"b{i}" for i in range(53)]
+    assert evenly_spread(names, 4) == ["b0", "b17", "b35", "b52"]
+    assert evenly_spread(names, 1) == ["b52"]  # the last block: the one class activation maps use
+    assert evenly_spread(names[:3], 16) == ["b0", "b1", "b2"]
 
 
 def test_explain_calls_past_the_in_flight_limit_are_refused_as_overload(stub):
