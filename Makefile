@@ -46,7 +46,7 @@ lint: install
 # Side-by-side benchmark (raw model, no-op gRPC floor, Ray Serve, convray); about 9 minutes.
 bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) tests/bench/run.py
+	$(PY) tests/bench/run.py --out docs/benchmark-results.json
 
 # The same on a GPU machine: each server's replica and the raw model on the GPU, plus convray with bf16.
 # Four client processes per c=32 point: one saturated against the no-op server on a 16-core H200 node.

@@ -275,7 +275,12 @@ def main() -> None:
         help=f"any of noop, ray_serve, {', '.join(CONVRAY_VARIANTS)} (each variant adds about 1.5 minutes)",
     )
     parser.add_argument("--variants-on", default="digits", help="models the convray variants also run on")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmark-results.json"))
+    parser.add_argument(
+        "--out",
+        default="bench-results.json",
+        help="JSON file for every point (default: in the current folder; `make bench` writes the committed "
+        "docs/benchmark-results.json, which an ad-hoc run should not overwrite)",
+    )
     parser.add_argument(
         "--gpus", type=float, default=0.0, help="GPU share of each server's replica and the raw model's device (0: CPU)"
     )
