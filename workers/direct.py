@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 TOKEN_BYTES = 32
 HANDSHAKE_TIMEOUT_S = 5.0
+MAX_HANDSHAKING = 64
+"""Connections a listener holds before they have shown the token; past it new ones are closed at once, so a
+flood of connections that never authenticate costs a bounded number of threads (each is dropped after the
+handshake timeout). The front end's own connections stay open between batches and are not counted."""
 _SHAPE = struct.Struct("<4I")
 _STATUS = struct.Struct("<B")
 _OK_HEAD = struct.Struct("<dQQ2I")
@@ -90,15 +94,20 @@ class DirectListener:
         max_batch_bytes: int,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         buffer: Callable[[tuple[int, ...]], np.ndarray] | None = None,
+        max_handshaking: int = MAX_HANDSHAKING,
     ) -> None:
         """Listen on ``host`` (an ephemeral port); batches over ``max_batch_bytes`` close their connection.
 
-        A connection that has not sent the token within ``handshake_timeout_s`` is closed. ``buffer(shape)``
+        A connection that has not sent the token within ``handshake_timeout_s`` is closed, and one arriving while
+        ``max_handshaking`` others have not yet sent theirs is closed at once. ``buffer(shape)``
         gives the uint8 array each batch is read into (``replica.batch_buffer``: pinned memory for a GPU).
         """
         self._run, self._token, self._max_batch_bytes = run, token, max_batch_bytes
         self._buffer = buffer or functools.partial(np.empty, dtype=np.uint8)
         self._handshake_timeout_s = handshake_timeout_s
+        self._max_handshaking = max_handshaking
+        self._handshake_slots = threading.BoundedSemaphore(max_handshaking)
+        self._refusing = False  # the last connection was refused for want of a handshake slot
         family = socket.AF_INET6 if ":" in host else socket.AF_INET  # an IPv6-only cluster's node IP
         self._socket = socket.create_server((host, 0), family=family)
         self.address: tuple[str, int] = (host, self._socket.getsockname()[1])
@@ -131,18 +140,35 @@ class DirectListener:
             if self._closed:  # accepted as close() ran: it would escape close()'s shutdown of the connections
                 connection.close()
                 return
+            if not self._handshake_slots.acquire(blocking=False):
+                if not self._refusing:  # once per flood, not once per connection
+                    log.warning("direct channel: refusing connections while %d others have not shown the token",
+                                self._max_handshaking)  # fmt: skip
+                self._refusing = True
+                connection.close()
+                continue
+            self._refusing = False
             try:
                 _tune(connection)
                 threading.Thread(target=self._serve, args=(connection,), name="convray-direct", daemon=True).start()
             except Exception:  # e.g. no thread can start now: refuse this one, keep accepting
                 log.exception("direct channel: could not serve a connection")
+                self._handshake_slots.release()
                 connection.close()
 
     def _serve(self, connection: socket.socket) -> None:
         with self._lock:
             self._connections.add(connection)
         try:
-            self._answer(connection)
+            with connection:
+                try:
+                    token = _read_within(connection, TOKEN_BYTES, self._handshake_timeout_s)
+                finally:
+                    self._handshake_slots.release()
+                if not hmac.compare_digest(token, self._token):
+                    log.warning("direct channel: refused a connection with a wrong token")
+                    return
+                self._answer(connection)
         except OSError:
             pass  # the front end went away (closed, reset); its batches in flight were already given up
         except Exception:  # its batches fail over as for a lost replica; the others' connections go on
@@ -152,10 +178,8 @@ class DirectListener:
                 self._connections.discard(connection)
 
     def _answer(self, connection: socket.socket) -> None:
-        with connection, connection.makefile("rb") as incoming:
-            if not hmac.compare_digest(_read_within(connection, TOKEN_BYTES, self._handshake_timeout_s), self._token):
-                log.warning("direct channel: refused a connection with a wrong token")
-                return
+        """Serve an authenticated connection's batches until it closes."""
+        with connection.makefile("rb") as incoming:
             connection.settimeout(None)  # between batches a connection may idle for as long as traffic stops
             connection.sendall(_ACCEPTED)
             while (head := incoming.read(_SHAPE.size)) and len(head) == _SHAPE.size:

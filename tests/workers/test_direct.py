@@ -222,6 +222,41 @@ def test_a_peer_that_trickles_its_token_is_dropped_after_the_handshake_timeout_n
     server.close()
 
 
+async def test_connections_that_never_show_the_token_hold_a_bounded_number_of_threads():
+    """Found in review: every connection got a thread until its handshake timed out, however many came."""
+    token = new_token()
+    server = DirectListener(Recorder(), token, "127.0.0.1", max_batch_bytes=64 * 64, max_handshaking=3)
+    trusted = DirectChannel(server.address, token)
+    assert (await trusted(images(5))).probabilities[0, 0] == 5  # its connection is open before the flood
+    silent = [socket.create_connection(server.address) for _ in range(3)]
+    try:
+        time.sleep(0.2)  # all three accepted, each waiting for its token
+        threads = threading.active_count()
+        with socket.create_connection(server.address) as extra:
+            extra.settimeout(5)
+            assert extra.recv(1) == b""  # closed at once: no slot, no thread
+        assert threading.active_count() == threads
+        assert (await trusted(images(7))).probabilities[0, 0] == 7  # an authenticated connection is unaffected
+        with pytest.raises(ReplicaUnreachable):
+            await DirectChannel(server.address, token)(images(1))  # a new one waits for a slot like any other
+    finally:
+        for connection in silent:
+            connection.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the listener sees the silent peers close and frees their slots
+        try:
+            fresh = DirectChannel(server.address, token)
+            assert (await fresh(images(9))).probabilities[0, 0] == 9
+            fresh.close()
+            break
+        except ReplicaUnreachable:
+            await asyncio.sleep(0.1)
+    else:
+        pytest.fail("slots were not freed when the silent peers closed")
+    trusted.close()
+    server.close()
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as probe:
