@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from convray.service.cli import SERVE_FLAGS, build_parser
 from convray.service.config import Settings
-from convray.service.metrics import Metrics
+from convray.service.metrics import Metrics, TrainingMetrics
 from convray.service.server import CLASSIFIER_SERVICE, LIVENESS_SERVICE
 from convray.workers.repository import ModelRepository
 from tests.conftest import REPO_ROOT, SHIPPED_MODELS
@@ -258,10 +258,25 @@ def test_the_rayjob_runs_a_real_convray_train_command_into_the_shared_repository
     assert job["shutdownAfterJobFinishes"] is True
 
 
-def test_alerts_hpa_and_docs_name_only_metrics_the_server_exports():
+def test_a_podmonitor_scrapes_the_training_jobs_progress_on_the_pod_that_serves_it(built):
+    """Before, the dashboard's training row stayed empty on Kubernetes: the job served no metrics port."""
+    job = find(built["train"], "RayJob")["spec"]
+    args = build_parser().parse_args(shlex.split(job["entrypoint"])[1:])
+    assert args.metrics_port is not None and args.metrics_host == "0.0.0.0"  # reachable from outside the pod
+    head = job["rayClusterSpec"]["headGroupSpec"]["template"]  # driver and Ray Train workers: no other pods
+    assert "workerGroupSpecs" not in job["rayClusterSpec"]
+    ports = {p["name"]: p["containerPort"] for p in head["spec"]["containers"][0]["ports"]}
+    monitor = find(built["train"], "PodMonitor")["spec"]
+    (endpoint,) = monitor["podMetricsEndpoints"]
+    assert ports[endpoint["port"]] == args.metrics_port and endpoint["path"] == "/metrics"
+    assert monitor["selector"]["matchLabels"].items() <= head["metadata"]["labels"].items()
+
+
+def test_alerts_hpa_and_docs_name_only_metrics_the_server_or_the_training_job_exports():
     """Families as the client library exports them (a labelled family has no samples until first used)."""
     registry = CollectorRegistry()
     Metrics(registry)
+    TrainingMetrics(registry, "digits")  # the training job's (deploy/k8s/train)
     exported = set()
     for family in registry.collect():
         exported |= {family.name} | {sample.name for sample in family.samples}
