@@ -133,7 +133,8 @@ class Metrics:
         )
         self.replicas = Gauge(
             "convray_replicas",
-            "Replica actors serving a model version.",
+            "Replica actors of a model version able to take batches now (not lost, restarting or awaiting a "
+            "replacement); 0 once unloaded.",
             ["model", "version"],
             registry=registry,
         )

@@ -183,7 +183,7 @@ class ModelRegistry:
         served = ServedModel(name, version, metadata, pool, batcher, stats, advisor)
         self._served.setdefault(name, {})[version] = served
         labels = (name, str(version))
-        self._metrics.replicas.labels(*labels).set(pool.size)
+        self._metrics.replicas.labels(*labels).set_function(lambda: pool.serving)
         self._metrics.queue_depth.labels(*labels).set_function(lambda: batcher.queue_depth)
         overlaps = self._batching.batches_in_flight_per_replica > 1
         self._metrics.batch_overlap.labels(*labels).set_function(
@@ -310,7 +310,7 @@ class ModelRegistry:
         await served.pool.wait_idle(UNLOAD_CALLS_GRACE_S)  # calls outside the batcher (Explain) finish too
         replica_names = [served.pool.replica_name(i) for i in range(served.pool.size)]
         served.pool.shutdown()
-        self._metrics.replicas.labels(name, str(version)).set(0)
+        self._metrics.replicas.labels(name, str(version)).set_function(lambda: 0)
         self._metrics.queue_depth.labels(name, str(version)).set_function(lambda: 0)
         self._metrics.batch_overlap.labels(name, str(version)).set_function(lambda: 0)
         self._forget_replicas(name, version, replica_names)
@@ -384,7 +384,7 @@ class ModelRegistry:
                 await asyncio.wait_for(version.batcher.close(), wait_s)
             except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
                 version.batcher.abort(f"{version.name} version {version.version} lost its Ray cluster; retry")
-            self._metrics.replicas.labels(version.name, str(version.version)).set(0)
+            self._metrics.replicas.labels(version.name, str(version.version)).set_function(lambda: 0)
 
     async def close(self) -> None:
         """Finish every queued request, then stop all replicas."""

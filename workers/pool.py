@@ -230,6 +230,13 @@ class ReplicaPool:
         return list(self._in_flight)
 
     @property
+    def serving(self) -> int:
+        """Replicas taking batches now: not lost (restarting, or dead and awaiting a replacement)."""
+        if not self._actors:
+            return 0
+        return len(self._actors) - len(self._unwell | self._given_up.keys())
+
+    @property
     def not_serving(self) -> str | None:
         """Why no replica of this version can run a batch (each died and its replacement failed); None while one can."""
         if not self._actors or len(self._given_up) < len(self._actors):
@@ -268,6 +275,7 @@ class ReplicaPool:
             reply = await self._run_on(index, pixels)
         if self._unwell:
             self._unwell.discard(index)  # it answered (a replica given up on, used when none was left, is back)
+            self._given_up.pop(index, None)
         return BatchResult(
             reply.probabilities,
             reply.compute_s,

@@ -163,6 +163,21 @@ def test_replicas_are_exported_each_with_in_flight_batches_and_gpu_memory_zero_o
     assert len(build) == 1 and {"version", "torch", "ray", "grpcio", "python"} <= {key for key, _ in build[0]}
 
 
+def test_the_replicas_gauge_counts_only_replicas_taking_batches_now(metered, channel, images):
+    """Before, it was set once at load: a version whose replicas had all died still showed them all."""
+    pool = metered.server.registry.resolve("digits", 1).pool
+
+    async def mark_lost(indices: set[int]) -> None:  # as predict does when a batch finds a replica dead
+        pool._unwell = indices
+
+    metered.call(mark_lost({0}))
+    try:
+        assert scrape(metered.server.metrics_port).value("convray_replicas", **DIGITS) == 1
+    finally:
+        metered.call(mark_lost(set()))
+    assert scrape(metered.server.metrics_port).value("convray_replicas", **DIGITS) == 2
+
+
 def test_a_live_scrape_passes_promtool_check_metrics(metered, channel, images):
     promtool = prometheus_binary("promtool")
     classifier_pb2_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest(image=png(images[0])), timeout=10)

@@ -135,11 +135,13 @@ async def test_a_version_whose_replacement_cannot_start_says_it_is_not_serving_a
         with pytest.raises(REPLICA_LOST):
             await asyncio.wait_for(pool.predict(batch), timeout=90)  # its retry waited for the replacement
         assert "digits version 1 has no running replica" in pool.not_serving
+        assert pool.serving == 0  # what the convray_replicas gauge shows
         moved.rename(version_dir)
         deadline = time.monotonic() + 60
         while pool.not_serving is not None and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         assert pool.not_serving is None  # tried again in the background, and this time it started
+        assert pool.serving == 1
         result = await asyncio.wait_for(pool.predict(batch), timeout=30)
         np.testing.assert_allclose(result.probabilities, expected, atol=1e-6)
     finally:
