@@ -149,11 +149,15 @@ def _print_classified(path: str, outcome: Any, as_json: bool, exit_code: int) ->
 
     if isinstance(outcome, OSError):
         print(f"{path}: cannot read: {outcome.strerror}", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"image": path, "error": {"code": "UNREADABLE_FILE", "message": outcome.strerror}}))
         return EXIT_FAILED
     try:
         reply = outcome.result()
     except grpc.RpcError as exc:
         print(f"{path}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        if as_json:  # a line per file given, so a script can pair its lines with its inputs
+            print(json.dumps({"image": path, "error": {"code": exc.code().name, "message": exc.details()}}))
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
             return EXIT_UNREACHABLE if exit_code == EXIT_OK else exit_code
         return EXIT_FAILED
@@ -364,7 +368,11 @@ def add_client_commands(commands: Any) -> None:
     classify.add_argument("--top-k", type=int, default=3)
     classify.add_argument("--model", default="", help="model name (default: the server's default model)")
     classify.add_argument("--version", type=int, default=0, help="model version (default: latest loaded)")
-    classify.add_argument("--json", action="store_true", help="one JSON object per line")
+    classify.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object per line and file, in order; a failed one is {"image", "error": {"code", "message"}}',
+    )
     classify.add_argument(
         "--in-flight",
         type=int,

@@ -96,6 +96,19 @@ def test_classify_reports_bad_files_and_bad_images_with_exit_code_1(served, tmp_
     assert "missing.png: cannot read" in result.stderr
 
 
+def test_classify_json_gives_every_file_a_line_in_order_failures_included(served, digit_files, tmp_path):
+    """Before, a failed file printed only to stderr: a script could not pair stdout's lines with its inputs."""
+    junk, missing, good = tmp_path / "junk.png", tmp_path / "missing.png", digit_files[0][0]
+    junk.write_bytes(b"definitely not a png")
+    result = run_cli("classify", str(junk), str(missing), good, "--server", served.address, "--json")
+    assert result.returncode == 1
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["image"] for line in lines] == [str(junk), str(missing), good]
+    assert lines[0]["error"]["code"] == "INVALID_ARGUMENT" and "not a decodable image" in lines[0]["error"]["message"]
+    assert lines[1]["error"] == {"code": "UNREADABLE_FILE", "message": "No such file or directory"}
+    assert lines[2]["predictions"][0]["label"] == digit_files[0][1]
+
+
 def test_classify_says_clearly_when_no_server_is_there(tmp_path):
     result = run_cli("classify", "x.png", "--server", f"127.0.0.1:{free_port()}", "--connect-timeout", "1")
     assert result.returncode == 3
