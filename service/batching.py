@@ -35,6 +35,7 @@ class _Pending(Generic[T, R]):
     future: asyncio.Future[R]
     deadline: float | None  # time.monotonic() after which the caller no longer wants the answer
     enqueued_at: float = field(default_factory=time.monotonic)
+    batch: asyncio.Task[None] | None = None  # the batch it was taken into, once taken
 
 
 class Batcher(Generic[T, R]):
@@ -72,7 +73,7 @@ class Batcher(Generic[T, R]):
         self._queue: collections.deque[_Pending[T, R]] = collections.deque()
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(max_concurrent_batches)
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: dict[asyncio.Task[None], list[_Pending[T, R]]] = {}  # each batch's task and its requests
         self._batch_done = asyncio.Event()
         self._closed = False
         self._loop_task: asyncio.Task[None] | None = None
@@ -129,13 +130,15 @@ class Batcher(Generic[T, R]):
         if len(self._queue) + len(items) > self.max_queue:
             raise self._refusal(len(items))
         loop = asyncio.get_running_loop()
+        was_empty = not self._queue
         futures = []
         for item in items:
             pending: _Pending[T, R] = _Pending(item, loop.create_future(), deadline)
             pending.future.add_done_callback(functools.partial(self._forget_if_cancelled, pending))
             self._queue.append(pending)
             futures.append(pending.future)
-        self._wakeup.set()
+        if was_empty or len(self._queue) >= self.max_batch_size:  # the only changes a forming batch waits for
+            self._wakeup.set()
         return futures
 
     def _refusal(self, requested: int) -> InvalidInput | Overloaded:
@@ -156,11 +159,15 @@ class Batcher(Generic[T, R]):
         )
 
     def _forget_if_cancelled(self, pending: _Pending[T, R], _future: object = None) -> None:
-        if pending.future.cancelled():
+        if not pending.future.cancelled():
+            return
+        if pending.batch is None:
             try:
                 self._queue.remove(pending)
             except ValueError:
-                pass  # already taken into a batch, which skips it
+                pass  # taken into a batch being formed, which skips it
+        elif all(p.future.done() for p in self._running.get(pending.batch, ())):
+            pending.batch.cancel()  # every caller of a running batch gave up: free its slot, not wait for its replica
 
     async def close(self) -> None:
         """Refuse new requests, finish every admitted one, then stop.
@@ -208,12 +215,19 @@ class Batcher(Generic[T, R]):
                     return
                 continue
             task = asyncio.get_running_loop().create_task(self._run(batch))
-            self._running.add(task)
+            self._running[task] = batch
+            for pending in batch:
+                pending.batch = task
             task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
+        """Every batch task ends here, even one cancelled before its first step (``abort``): ``_run`` never ran."""
+        for pending in self._running.pop(task, ()):
+            if not pending.future.done():
+                pending.future.cancel()
+        self._slots.release()
         self._batch_done.set()
+        self._wakeup.set()  # a batch forming meanwhile may go at once now (dispatch_when_idle)
 
     async def _next_batch(self) -> list[_Pending[T, R]]:
         while not self._queue:
@@ -223,8 +237,9 @@ class Batcher(Generic[T, R]):
             await self._wakeup.wait()
         # The wait counts from the first request's arrival, so time spent waiting for a free slot counts.
         deadline = self._queue[0].enqueued_at + self.max_batch_wait_s
-        idle = self.dispatch_when_idle and not self._running
-        while len(self._queue) < self.max_batch_size and not self._closed and not idle:
+        while len(self._queue) < self.max_batch_size and not self._closed:
+            if self.dispatch_when_idle and not self._running:
+                break  # asked again each time: the batches out may have finished while this one formed
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -268,5 +283,3 @@ class Batcher(Generic[T, R]):
                         pending.future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
-        finally:
-            self._slots.release()

@@ -274,6 +274,8 @@ class DirectChannel:
         """
         if self._broken:
             raise ReplicaUnreachable(f"direct channel to {self._where} is closed")
+        if pixels.dtype != np.uint8 or pixels.ndim != 4:  # the header counts bytes as pixels: anything else desyncs
+            raise TypeError(f"a batch is uint8 (N, C, H, W), got {pixels.dtype} {pixels.shape}")
         connection = self._idle.pop() if self._idle else await self._connect()
         reader, writer = connection
         try:

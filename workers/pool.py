@@ -44,6 +44,7 @@ REPLICA_LOST = (RayActorError, ActorUnavailableError, RayChannelError, ReplicaUn
 REOPEN_ATTEMPTS = 30  # after a replica was lost, tries (backing off to 5 s) to open its fast path again
 DEAD_FOR_GOOD_AFTER = 3  # describe calls in a row failing ActorDiedError: Ray will not restart the replica
 REPLACE_RETRY_S = (5.0, 60.0)  # a replacement that failed is tried again after 5 s, backing off to once a minute
+LONE_RETRY_WAIT_S = 60.0  # a lone replica's lost batch waits this long for Ray's restart, then fails UNAVAILABLE
 
 Transport = Literal["direct", "compiled-graph", "actor-call"]
 
@@ -92,6 +93,7 @@ class BatchResult:
     replica: str  # the replica that answered, as named by ReplicaPool.replica_name
     gpu_memory_allocated_bytes: int = 0  # the replica's, after this batch; 0 on CPU
     gpu_memory_reserved_bytes: int = 0
+    retried: bool = False  # its first replica was lost: call_s includes the failure and the wait
 
 
 @dataclass(frozen=True)
@@ -254,13 +256,16 @@ class ReplicaPool:
         """Run one uint8 batch (N, C, H, W) on the least busy replica (ties go round-robin).
 
         A replica that died (killed process, CUDA error, out of memory) is restarted by Ray; its batch
-        is retried once on the least busy other replica, or on the restarted one if it is alone.
+        is retried once on the least busy other replica, or on the restarted one if it is alone (waiting up
+        to ``LONE_RETRY_WAIT_S`` for the restart).
 
         Raises:
-            RayActorError, ActorUnavailableError: the retry failed too.
+            RayActorError, ActorUnavailableError, ReplicaUnreachable: the retry failed too, or a lone
+            replica was not back in time.
         """
         started = time.perf_counter()
         index = self._least_busy()
+        retried = False
         try:
             reply = await self._run_on(index, pixels)
         except REPLICA_LOST as exc:
@@ -271,8 +276,15 @@ class ReplicaPool:
             self._reopen_later(index)
             lost, index = index, self._least_busy(avoid=index)
             if index == lost and lost in self._probes:  # alone: its retry waits until Ray has restarted it
-                await asyncio.shield(self._probes[lost])
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._probes[lost]), LONE_RETRY_WAIT_S)
+                except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
+                    raise ReplicaUnreachable(
+                        f"replica {self.replica_name(lost)} was lost and is not running again after "
+                        f"{LONE_RETRY_WAIT_S:g} s; retry"
+                    ) from exc
             reply = await self._run_on(index, pixels)
+            retried = True
         if self._unwell:
             self._unwell.discard(index)  # it answered (a replica given up on, used when none was left, is back)
             self._given_up.pop(index, None)
@@ -283,6 +295,7 @@ class ReplicaPool:
             self.replica_name(index),
             reply.gpu_memory_allocated_bytes,
             reply.gpu_memory_reserved_bytes,
+            retried,
         )
 
     def _least_busy(self, avoid: int | None = None) -> int:
@@ -321,6 +334,8 @@ class ReplicaPool:
         The first execution of a compiled graph sets up its channels and takes seconds; no request should pay that.
         """
         name = self.replica_name(index)
+        if not self._actors:
+            return  # shut down meanwhile
         try:
             path: FastPath
             if self.transport == "direct":
@@ -345,6 +360,9 @@ class ReplicaPool:
             return
         except Exception as exc:  # noqa: BLE001 (e.g. out of GPU memory for a moment: plain calls still work)
             log.warning("replica %s: %s path failed its warm-up (%s); plain actor calls", name, self.transport, exc)
+            path.close()
+            return
+        if not self._actors:  # shut down during the warm-up: shutdown() closed the paths it knew, not this one
             path.close()
             return
         self._fast_paths[index] = path
@@ -403,15 +421,20 @@ class ReplicaPool:
     async def _describe_once_back(self, index: int) -> dict[str, Any] | None:
         """Replica ``index``'s ``describe`` once Ray has it running again, retried with backoff up to 5 s.
 
-        None if the pool was shut down meanwhile, or the replica still does not answer after ``REOPEN_ATTEMPTS`` tries.
+        None if the pool was shut down meanwhile, the replica still does not answer after ``REOPEN_ATTEMPTS`` tries,
+        or one try waited the replica start timeout (Ray could not place the restart): the caller then replaces it.
         """
         died = 0
         for attempt in range(REOPEN_ATTEMPTS):
             await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
             if not self._actors:
                 return None  # shut down meanwhile
-            try:
-                return await self._actors[index].describe.remote()  # answers once Ray restarted it
+            try:  # answers once Ray restarted it; a restart Ray cannot place (no room, node gone) never answers
+                return await asyncio.wait_for(self._actors[index].describe.remote(), self._start_timeout_s)
+            except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
+                log.error("replica %s: not running again %g s after it was lost", self.replica_name(index),
+                          self._start_timeout_s)  # fmt: skip
+                return None
             except ActorDiedError:  # a call to an actor Ray is restarting waits; to one it will not, fails at once
                 died += 1
                 if died >= DEAD_FOR_GOOD_AFTER:

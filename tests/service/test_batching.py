@@ -227,6 +227,72 @@ async def test_abort_fails_the_queued_requests_and_cancels_the_running_batch():
         await batcher.submit(9)
 
 
+async def test_abort_as_a_batch_is_formed_before_it_ran_a_step_still_resolves_its_requests():
+    """Found in review: cancelled before its first step, the batch's ``_run`` never ran, so its requests, already
+    out of the queue, were never answered."""
+    started = []
+
+    async def run(items: list[int]) -> list[int]:
+        started.append(items)
+        await asyncio.sleep(10)
+        return items
+
+    batcher = make(run, max_batch_size=8, max_batch_wait_s=0.0, max_concurrent_batches=2)
+    request = asyncio.ensure_future(batcher.submit(1))
+    for _ in range(50):  # turn the loop until the batch's task exists, then abort before it runs
+        await asyncio.sleep(0)
+        if batcher.batches_running:
+            break
+    assert batcher.batches_running == 1 and not started
+    batcher.abort("the cluster is gone")
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(request, 2)
+    await asyncio.sleep(0)
+    assert batcher.batches_running == 0
+
+
+async def test_a_running_batch_whose_callers_all_gave_up_is_cancelled_and_its_slot_serves_the_next():
+    """Found in review: a batch held by a replica that never came back kept its slot after every caller had
+    gone, until the queue filled and every request was refused for overload."""
+    held, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def run(items: list[int]) -> list[int]:
+        if items == [0, 1]:  # the batch whose replica never answers
+            held.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        return [item * 10 for item in items]
+
+    batcher = make(run, max_batch_size=2, max_batch_wait_s=0.0, max_concurrent_batches=1)
+    callers = [asyncio.ensure_future(batcher.submit(i)) for i in range(2)]
+    await asyncio.wait_for(held.wait(), 2)
+    callers[0].cancel()
+    await asyncio.sleep(0.05)
+    assert not cancelled.is_set()  # one caller still waits for it
+    callers[1].cancel()
+    await asyncio.wait_for(cancelled.wait(), 2)
+    assert await asyncio.wait_for(batcher.submit(5), 2) == 50
+    await batcher.close()
+
+
+async def test_a_batch_forming_behind_a_running_one_goes_as_soon_as_that_one_finishes():
+    """Found in review: whether the batcher was idle was decided once, so a request that arrived while a batch
+    ran waited the whole delay (here 30 s) although nothing was running any more."""
+    gate = asyncio.Event()
+    batcher = make(Recorder(gate), max_batch_size=8, max_batch_wait_s=30.0, max_concurrent_batches=2)
+    first = asyncio.ensure_future(batcher.submit(1))  # idle: goes at once
+    await asyncio.sleep(0.02)
+    second = asyncio.ensure_future(batcher.submit(2))  # a batch runs: this one waits to grow
+    await asyncio.sleep(0.05)
+    assert not second.done()
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(first, second), 2) == [10, 20]
+    await batcher.close()
+
+
 async def test_a_request_whose_first_batch_failed_runs_none_of_its_other_items():
     ran: list[list[int]] = []
 

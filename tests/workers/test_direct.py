@@ -274,3 +274,13 @@ async def test_a_replica_on_an_ipv6_address_is_reached_the_same_way():
     assert (await channel(images(9))).probabilities[0, 0] == 9
     channel.close()
     server.close()
+
+
+async def test_a_batch_that_is_not_uint8_is_refused_before_it_can_desync_the_connection(listener):
+    """The header counts pixels and the body is sent as bytes: a float batch would leave the next batch misread."""
+    server, _, token = listener
+    channel = DirectChannel(server.address, token)
+    with pytest.raises(TypeError, match="a batch is uint8"):
+        await channel(images(1).astype(np.float32))
+    assert (await channel(images(4))).probabilities[0, 0] == 4  # the connection is still in step
+    channel.close()

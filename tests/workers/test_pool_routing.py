@@ -117,3 +117,44 @@ async def test_a_batch_or_explain_call_for_an_unloaded_version_is_replica_unreac
         await pool.predict(BATCH)
     with pytest.raises(ReplicaUnreachable, match="was unloaded"):
         await pool.explain(np.zeros((1, 8, 8), np.uint8), None, 1)
+
+
+class RestartNeverPlaced(StandInActor):
+    """An actor lost once whose restart Ray can never place: its calls fail, then ``describe`` waits for ever."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost = False
+
+    @property
+    def run(self):
+        def lost(pixels):
+            self.lost = True
+            raise ActorDiedError()
+
+        return self._Method(lost)
+
+    @property
+    def describe(self):
+        class Waits:
+            def remote(self):
+                return asyncio.Event().wait()  # queued behind a restart that never happens
+
+        return Waits()
+
+
+async def test_a_lone_replicas_lost_batch_waits_for_its_restart_only_so_long_then_fails_unavailable(monkeypatch):
+    """Found in review: with one replica whose restart never came, the retry and the probe waited for ever, so
+    batches held their slots and every later request was refused for overload while the version looked ready."""
+    monkeypatch.setattr(pool_module, "LONE_RETRY_WAIT_S", 0.5)
+    replacement = StandInActor()
+    pool = ReplicaPool("digits", 1, [RestartNeverPlaced()], start_replica=lambda: replacement, start_timeout_s=2.0)
+    with pytest.raises(ReplicaUnreachable, match="not running again after 0.5 s; retry"):
+        await asyncio.wait_for(pool.predict(BATCH), 5)
+    for _ in range(100):  # the probe gives up after the start timeout and a new replica takes the place
+        if pool.actors == [replacement] and pool.serving == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert pool.actors == [replacement] and pool.serving == 1
+    assert (await asyncio.wait_for(pool.predict(BATCH), 5)).probabilities.shape == (1, 10)
+    pool.shutdown()
