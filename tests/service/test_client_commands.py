@@ -71,8 +71,10 @@ def test_classify_keeps_in_flight_requests_going_and_prints_in_the_files_order(
     code = main(["classify", *args, "--server", server, "--json", "--in-flight", str(in_flight)])
     out, err = capsys.readouterr()
     assert code == 1  # the missing file and image 5
-    labels = [json.loads(line)["predictions"][0]["label"] for line in out.splitlines()]
-    assert labels == ["0", "1", "2", "3", "4", "6", "7", "8", "9"]
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["image"] for line in lines] == args  # a line per file, failures included, in the files' order
+    outcomes = [line["predictions"][0]["label"] if "predictions" in line else line["error"]["code"] for line in lines]
+    assert outcomes == ["0", "1", "2", "UNREADABLE_FILE", "3", "4", "INVALID_ARGUMENT", "6", "7", "8", "9"]
     assert [line.split(":")[0] for line in err.splitlines()] == [missing, numbered_files[5]]
     assert "INVALID_ARGUMENT: image 5 is not an image" in err
     assert slow_server.most_in_flight == in_flight
