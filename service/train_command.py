@@ -67,27 +67,49 @@ def _field(flag: str) -> str:
 class EpochGauges:
     """``--metrics-port``: progress as Prometheus gauges, served from the process that reports epochs.
 
-    Picklable until its first call, so a Ray Train run can take it to its rank-0 worker.
+    Picklable until its first call, so a Ray Train run can take it to its rank-0 worker, where it starts
+    serving after the first epoch (and again after a worker-group restart).
     """
 
     def __init__(self, model_name: str, port: int, host: str) -> None:
         self._model_name, self._port, self._host = model_name, port, host
         self._metrics: Any = None
+        self._unavailable = False  # the port could not be bound on a worker: train on without gauges
 
     def start(self) -> None:
-        """Serve /metrics now (before the first epoch)."""
+        """Serve /metrics now (``--workers 0``: before the first epoch).
+
+        Raises:
+            OSError: the port cannot be bound (taken, or not this machine's address).
+        """
         from prometheus_client import CollectorRegistry, start_http_server
 
         from convray.service.metrics import TrainingMetrics
 
-        self._metrics = TrainingMetrics(CollectorRegistry(), self._model_name)
-        start_http_server(self._port, addr=self._host, registry=self._metrics.registry)
+        metrics = TrainingMetrics(CollectorRegistry(), self._model_name)
+        start_http_server(self._port, addr=self._host, registry=metrics.registry)
+        self._metrics = metrics
 
     def __call__(self, progress: EpochProgress) -> None:
         """Record one finished epoch."""
+        if self._unavailable:
+            return
         if self._metrics is None:
-            self.start()
+            try:
+                self.start()
+            except OSError as exc:  # gauges are a side channel: they must not stop the training
+                self._unavailable = True
+                print(f"convray train: no progress gauges: cannot serve {self._host}:{self._port}: {exc}", flush=True)
+                return
         self._metrics.observe_epoch(progress)
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 1-65535."""
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1-65535, got {port}")
+    return port
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -102,7 +124,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.metrics_port is not None:
             on_epoch = EpochGauges(args.model_name, args.metrics_port, args.metrics_host)
             if config.workers == 0:
-                on_epoch.start()
+                try:
+                    on_epoch.start()
+                except OSError as exc:
+                    raise ValueError(
+                        f"--metrics-port: cannot serve {args.metrics_host}:{args.metrics_port}: {exc}"
+                    ) from None
         train_and_publish(config, Path(args.model_repo), args.model_name, on_epoch=on_epoch)
     except (ValueError, FileNotFoundError) as exc:  # bad flags, or a --spec / dataset file that is not there
         print(f"convray train: {exc}", file=sys.stderr)
@@ -113,11 +140,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     """Search spec and optimiser choices with Ray Tune (each trial a Ray Train run); publish the best."""
     from convray.workers.repository import validate_model_name
-    from convray.workers.tune import tune_and_publish
+    from convray.workers.tune import SEARCHED_KNOBS, tune_and_publish
 
     try:
         validate_model_name(args.model_name)
-        tune_and_publish(config_from_args(args), args.trials, Path(args.model_repo), args.model_name)
+        refused = [
+            message
+            for bad, message in (
+                (args.trials < 1, f"--trials must be >= 1, got {args.trials}"),
+                (args.workers == 0, "--workers 0: each trial is a Ray Train run, so --workers >= 1"),
+                (args.resume, "--resume continues a `convray train` run; a search starts its own trials"),
+                (args.run_name is not None, "--run-name: each trial is named by Ray Tune (trial-<id>)"),
+            )
+            if bad
+        ]
+        if refused:
+            raise ValueError("; ".join(refused))
+        fixed = [knob for knob in SEARCHED_KNOBS if getattr(args, knob) is not None]  # the user's stay as given
+        tune_and_publish(config_from_args(args), args.trials, Path(args.model_repo), args.model_name, fixed=fixed)
     except (ValueError, FileNotFoundError) as exc:
         print(f"convray tune: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -137,7 +177,7 @@ def add_train_commands(commands: Any) -> None:
     """Add ``train`` and ``tune`` to the ``convray`` sub-command parsers."""
     train = commands.add_parser("train", help="train and publish a model version", description=cmd_train.__doc__)
     _add_train_flags(train)
-    train.add_argument("--metrics-port", type=int, default=None, help="serve progress gauges on /metrics here")
+    train.add_argument("--metrics-port", type=_port, default=None, help="serve progress gauges on /metrics here")
     train.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
     train.set_defaults(run=cmd_train)
 

@@ -95,7 +95,11 @@ def labelled(labels: np.ndarray, names: list[str] | None = None) -> tuple[np.nda
 
 def load_npz(path: str) -> ImageDataset:
     """A ``.npz`` with ``images`` and ``labels`` (and optionally ``label_names``)."""
-    with np.load(path, allow_pickle=False) as arrays:
+    try:
+        opened = np.load(path, allow_pickle=False)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    with opened as arrays:
         missing = {"images", "labels"} - set(arrays.files)
         if missing:
             raise ValueError(f"{path}: missing array(s) {sorted(missing)}; it has {arrays.files}")
@@ -118,6 +122,8 @@ def load_folder(root: str, colour_mode: str = "RGB", image_size: int | None = No
     import ray.data
 
     size = (image_size, image_size) if image_size else None
+    if "://" not in root and not Path(root).is_dir():
+        raise ValueError(f"{root}: no such folder (expected {root}/<class>/<image>)")
     ds = ray.data.read_images(root, mode=colour_mode, size=size, include_paths=True, file_extensions=IMAGE_EXTENSIONS)
     # Sorted by path: Ray Data yields rows in whatever order its read tasks finish, and the held-out split,
     # the normalisation statistics and so the weights must be the same for the same seed.

@@ -10,6 +10,7 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (200, 200, 200)
@@ -63,9 +64,22 @@ def curve_png(history: Sequence[dict[str, Any]]) -> bytes:
     return _png(image)
 
 
+MAX_GRID_PX = 2000
+"""The confusion matrix's grid is at most this wide: cells shrink with many classes (1,000 classes at 36 px would be a
+36,000-pixel square, about 4 GB to draw)."""
+LABELLED_CELL_PX = 20  # cells smaller than this carry no counts or class names
+
+
 def confusion_png(confusion: Sequence[Sequence[int]], labels: Sequence[str], cell_px: int = 36) -> bytes:
-    """The confusion matrix as a grid (rows: true class, columns: predicted), darker for more images."""
+    """The confusion matrix as a grid (rows: true class, columns: predicted), darker for more images.
+
+    With many classes the cells shrink to keep the grid within ``MAX_GRID_PX``, and below ``LABELLED_CELL_PX``
+    the grid is shading only.
+    """
     classes = len(labels)
+    cell_px = min(cell_px, max(1, MAX_GRID_PX // max(classes, 1)))
+    if cell_px < LABELLED_CELL_PX:
+        return _shaded_confusion_png(confusion, cell_px)
     margin = 60
     size = margin + classes * cell_px + 10
     image = Image.new("RGB", (size, size), WHITE)
@@ -82,4 +96,19 @@ def confusion_png(confusion: Sequence[Sequence[int]], labels: Sequence[str], cel
             draw.rectangle((x, y, x + cell_px, y + cell_px), fill=(shade, shade, 255), outline=GREY)
             if count:
                 draw.text((x + 4, y + cell_px // 3), str(count), fill=WHITE if shade < 128 else BLACK)
+    return _png(image)
+
+
+def _shaded_confusion_png(confusion: Sequence[Sequence[int]], cell_px: int) -> bytes:
+    """Too many classes for text: each cell one shade, drawn as an array and scaled up, not cell by cell."""
+    counts = np.asarray(confusion, dtype=np.float64)
+    shade = (255 * (1 - counts / np.maximum(counts.sum(axis=1, keepdims=True), 1))).astype(np.uint8)
+    grid = Image.fromarray(np.stack([shade, shade, np.full_like(shade, 255)], axis=-1), "RGB")
+    side = len(counts) * cell_px
+    margin = 30
+    image = Image.new("RGB", (margin + side + 10, margin + side + 10), WHITE)
+    image.paste(grid.resize((side, side), Image.Resampling.NEAREST), (margin, margin))
+    draw = ImageDraw.Draw(image)
+    draw.text((margin, 4), f"predicted -> ({len(counts)} classes)", fill=BLACK)
+    draw.text((2, 16), "true", fill=BLACK)
     return _png(image)

@@ -11,6 +11,7 @@ The fixed cost is what dominates a small job: see ``FAST_START_ENV`` and docs/be
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ from convray.workers.progress import EpochProgress
 from convray.workers.train import RUN_FIELDS, TrainConfig, TrainingData, changed_run_settings, epoch_line, train_loop
 
 STATE_FILE = "state.pt"
+PUBLISHED_FILE = "published.json"  # in a run's directory once its model was published: {"model", "version"}
 CHECKPOINT_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # the controller's list of registered checkpoints
 
 # Ray Train V2 knobs (python/ray/train/v2/_internal/constants.py), set for this process unless the
@@ -50,13 +52,19 @@ FAST_START_ENV = {
 
 
 def choose_run_name(config: TrainConfig, model_name: str) -> str:
-    """``--resume``: the latest run of ``model_name`` under the storage path; else a new UTC-stamped name.
+    """The run to train: a new UTC-stamped name, or with ``--resume`` the run to continue.
+
+    That is the run ``--run-name`` names, else the latest run of ``model_name`` under the storage path.
 
     Raises:
-        ValueError: ``--resume`` with no earlier run that saved a checkpoint.
+        ValueError: ``--resume`` with no such run that saved a checkpoint.
     """
     if config.resume:
         root = Path(config.storage_path)
+        if config.run_name:  # resume that one, whatever it is called
+            if latest_checkpoint(root / config.run_name) is None:
+                raise ValueError(f"--resume: run {config.run_name!r} has no checkpoint under {root.resolve()}")
+            return config.run_name
         # Only this model's runs: "digits" must not pick up "digits-v2-<stamp>" (names may contain "-").
         own = re.compile(rf"{re.escape(model_name)}-\d{{8}}-\d{{6}}-\d{{6}}")
         checkpoints = [latest_checkpoint(p) for p in root.glob(f"{model_name}-*") if own.fullmatch(p.name)]
@@ -128,6 +136,31 @@ def check_continues_as_started(config: TrainConfig) -> None:
         )
 
 
+def check_not_published(config: TrainConfig) -> None:
+    """Refuse to go on with a run whose model was already published: it has nothing left to train.
+
+    Ray Train restores a finished run by name and returns at once, so ``--resume`` (or ``--run-name``) would
+    publish the same weights again as a new version.
+
+    Raises:
+        ValueError: naming the version it was published as.
+    """
+    marker = Path(config.storage_path) / str(config.run_name) / PUBLISHED_FILE
+    if marker.exists():
+        published = json.loads(marker.read_text(encoding="utf-8"))
+        raise ValueError(
+            f"run {config.run_name} is finished and was published as {published['model']} version "
+            f"{published['version']}; leave out --resume and --run-name to train a new run"
+        )
+
+
+def mark_published(config: TrainConfig, model_name: str, version: int) -> None:
+    """Note in the run's directory that its model is published (``check_not_published`` reads it)."""
+    run_dir = Path(config.storage_path) / str(config.run_name)
+    if run_dir.is_dir():
+        (run_dir / PUBLISHED_FILE).write_text(json.dumps({"model": model_name, "version": version}), encoding="utf-8")
+
+
 class RaySession:
     """``train_loop`` on one Ray Train worker: its rank, device, DDP, the all-reduce and checkpoints."""
 
@@ -154,7 +187,9 @@ class RaySession:
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as directory:
-            state: dict[str, Any] = torch.load(Path(directory) / STATE_FILE, weights_only=True)
+            # On the CPU first: a GPU run's optimiser state would not load on a worker without one, and
+            # load_state_dict moves each tensor to its parameter's device anyway.
+            state: dict[str, Any] = torch.load(Path(directory) / STATE_FILE, weights_only=True, map_location="cpu")
         if self.rank == 0:
             print(f"resumed from {checkpoint.path} after epoch {len(state['history'])}", flush=True)
         return state
@@ -276,6 +311,30 @@ def trainer(
     )
 
 
+def refuse_what_cannot_fit(config: TrainConfig) -> None:
+    """On an embedded Ray, which no node can join: refuse workers that ask for more than it has in all.
+
+    Ray Train would otherwise wait for them for ever, retrying without end.
+
+    Raises:
+        ValueError: naming the resource, the ask and what this Ray has.
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    for resource, each, flag in (
+        ("CPU", config.cpus_per_worker, "--cpus-per-worker"),
+        ("GPU", int(config.gpu), "--gpu"),
+    ):
+        asked, has = config.workers * each, total.get(resource, 0.0)
+        if asked > has:
+            raise ValueError(
+                f"{config.workers} Ray Train worker(s) ask for {asked:g} {resource} in all ({each:g} each) and this "
+                f"local Ray has {has:g}, and no node can join it: lower --workers or {flag}"
+                + (", or run on a machine with a GPU" if resource == "GPU" else "")
+            )
+
+
 def load_state(checkpoint: Any) -> dict[str, Any]:
     """The training state saved in a Ray Train checkpoint."""
     with checkpoint.as_directory() as directory:
@@ -297,6 +356,8 @@ def fit(
     """
     for name, value in FAST_START_ENV.items():
         os.environ.setdefault(name, value)
+    if not config.ray_address:
+        refuse_what_cannot_fit(config)
     started = time.monotonic()
     config = replace(config, run_name=config.run_name or choose_run_name(config, "run"))
     result = trainer(config, data, on_epoch).fit()

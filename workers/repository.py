@@ -8,6 +8,7 @@ to a hidden temporary directory and renamed into place, so a reader never sees h
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -197,6 +198,28 @@ class ModelRepository:
         load_weights(module, weights_path)
         module.eval()
         return LoadedModel(name=name, version=version, metadata=metadata, module=module)
+
+    def check_publishable(self, name: str) -> None:
+        """Raise now if ``publish(name, ...)`` could not write here, rather than after a whole training run.
+
+        Raises:
+            ValueError: the repository or the model's directory cannot be made or written to, and why.
+        """
+        validate_model_name(name)
+        target = self.root / name
+        missing = [p for p in [target, *target.parents] if not p.exists()]  # deepest first; made for the check only
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            os.rmdir(tempfile.mkdtemp(prefix=".publish-check-", dir=target))
+        except OSError as exc:
+            raise ValueError(
+                f"model repository {self.root}: cannot publish {name!r} there: {exc.strerror or exc} "
+                f"({exc.filename or target})"
+            ) from None
+        finally:
+            for made in missing:
+                with contextlib.suppress(OSError):
+                    made.rmdir()
 
     def publish(
         self, name: str, metadata: ModelMetadata, module: torch.nn.Module, extra_files: dict[str, bytes] | None = None

@@ -32,7 +32,7 @@ from convray.workers.data import ImageDataset, load_dataset
 from convray.workers.models import CNN, build_model
 from convray.workers.progress import EpochProgress
 from convray.workers.repository import InputContract, ModelMetadata, ModelRepository, Normalisation
-from convray.workers.spec import PRESETS, CNNSpec
+from convray.workers.spec import PRESETS, CNNSpec, output_shapes
 from convray.workers.transforms import channel_stats, normalise, random_flip, random_shift
 
 # The settings a run's course depends on. Its checkpoints carry them: a run resumed with one changed would not
@@ -115,10 +115,20 @@ class TrainConfig:
                 (self.max_lr <= 0, f"learning rate must be > 0, got {self.max_lr}"),
                 (not 0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
                 (not 0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+                (self.weight_decay < 0, f"weight decay must be >= 0, got {self.weight_decay}"),
                 (self.max_shift_px < 0, f"max shift must be >= 0 pixels, got {self.max_shift_px}"),
                 (self.threads < 1, f"threads must be >= 1, got {self.threads}"),
                 (self.workers < 0, f"workers must be >= 0, got {self.workers}"),
                 (self.resume and self.workers == 0, "--resume continues a Ray Train run's checkpoints: --workers >= 1"),
+                (
+                    self.gpu and self.workers == 0 and not torch.cuda.is_available(),
+                    "--gpu with --workers 0 trains in this process, which sees no CUDA device",
+                ),
+                (
+                    "://" in self.storage_path,
+                    f"--storage-path must be a local or mounted directory (shared storage on a cluster), got "
+                    f"{self.storage_path!r}: resuming and the run checks read it as files",
+                ),
             )
             if bad
         ]
@@ -133,7 +143,11 @@ def load_spec(config: TrainConfig, data: ImageDataset | None = None) -> CNNSpec:
         ValueError: unknown preset, or a spec file whose channels or classes differ from the data.
     """
     if config.spec_file:
-        spec = CNNSpec.model_validate_json(Path(config.spec_file).read_text(encoding="utf-8"))
+        try:
+            text = Path(config.spec_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"--spec {config.spec_file}: cannot read it: {exc.strerror or exc}") from None
+        spec = CNNSpec.model_validate_json(text)
     elif config.preset in PRESETS:
         spec = CNNSpec.model_validate(PRESETS[config.preset])
         if data is not None:  # a preset is a shape of network; the data decides its ends
@@ -168,7 +182,9 @@ def prepare_data(config: TrainConfig) -> TrainingData:
     contract = InputContract(
         channels=channels, height=height, width=width, colour_mode=train_set.colour_mode, normalisation=norm
     )
-    return TrainingData(train_set, held_out, load_spec(config, train_set), contract)
+    spec = load_spec(config, train_set)
+    output_shapes(spec, height, width)  # here, not first in every Ray Train worker (each retried max_failures times)
+    return TrainingData(train_set, held_out, spec, contract)
 
 
 MOMENTUM_CYCLE = 0.05  # how far one-cycle moves momentum either side of --momentum
@@ -431,6 +447,9 @@ def _connect_and_prepare_data(config: TrainConfig) -> TrainingData:
     from convray.workers import cluster
 
     if config.dataset.startswith("folder:"):
+        folder = config.dataset.removeprefix("folder:")
+        if "://" not in folder and not Path(folder).is_dir():  # before Ray starts, not after
+            raise ValueError(f"{folder}: no such folder (expected {folder}/<class>/<image>)")
         cluster.connect(config.ray_address, log_to_driver=True)
         return prepare_data(config)
 
@@ -477,20 +496,26 @@ def train_and_publish(
     """Train, then publish the next version of ``model_name`` with its plots; returns the version directory."""
     from convray.workers.plots import confusion_png, curve_png
 
+    repo = ModelRepository(model_repo)
+    repo.check_publishable(model_name)  # now, not after the whole run
     if config.workers > 0:
-        from convray.workers.ray_train import check_continues_as_started, choose_run_name
+        from convray.workers.ray_train import check_continues_as_started, check_not_published, choose_run_name
 
         if config.run_name is None:
             config.run_name = choose_run_name(config, model_name)
+        check_not_published(config)
         check_continues_as_started(config)
     model, metadata = train(config, log, on_epoch)
     extra_files = {
         "training_curve.png": curve_png(metadata.metrics["history"]),
         "confusion_matrix.png": confusion_png(metadata.metrics["confusion_matrix"], metadata.labels),
     }
-    repo = ModelRepository(model_repo)
     version = repo.publish(model_name, metadata, model, extra_files)
     out = repo.version_dir(model_name, version)
+    if config.workers > 0:
+        from convray.workers.ray_train import mark_published
+
+        mark_published(config, model_name, version)
     metrics = metadata.metrics
     worst = min(metrics["per_class_accuracy"].items(), key=lambda item: item[1])
     log(

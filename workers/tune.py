@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Collection
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,12 +27,18 @@ from convray.workers.repository import ModelRepository
 from convray.workers.spec import Activation, CNNSpec, ConvBlock, DropoutBlock, FCHead, GAPFCHead, GAPHead, PoolBlock
 from convray.workers.train import TrainConfig, TrainingData, finish, prepare_data
 
+SEARCHED_KNOBS = ("optimizer", "max_lr", "weight_decay", "label_smoothing")
+"""The TrainConfig fields the search draws; one the user set (``--optimizer``, ``--lr``...) is kept, not searched."""
 
-def search_space() -> dict[str, Any]:
-    """The choices a trial draws from: spec shape (head, pooling, activation, dropout, width) and optimiser."""
+
+def search_space(fixed: Collection[str] = ()) -> dict[str, Any]:
+    """The choices a trial draws from: spec shape (head, pooling, activation, dropout, width) and optimiser.
+
+    ``fixed``: knobs of ``SEARCHED_KNOBS`` the user set, left out of the search.
+    """
     from ray import tune
 
-    return {
+    space = {
         "head": tune.choice(["gap_fc", "gap", "fc"]),
         "pool": tune.choice(["max", "avg"]),
         "activation": tune.choice(["relu", "leaky_relu"]),
@@ -42,6 +49,7 @@ def search_space() -> dict[str, Any]:
         "weight_decay": tune.loguniform(1e-5, 1e-3),
         "label_smoothing": tune.choice([0.0, 0.05, 0.1]),
     }
+    return {name: choices for name, choices in space.items() if name not in fixed}
 
 
 def spec_for(base: CNNSpec, choice: dict[str, Any]) -> CNNSpec:
@@ -65,9 +73,8 @@ def spec_for(base: CNNSpec, choice: dict[str, Any]) -> CNNSpec:
 
 
 def config_for(base: TrainConfig, choice: dict[str, Any]) -> TrainConfig:
-    """``base`` with one trial's optimiser knobs."""
-    knobs = ("optimizer", "max_lr", "weight_decay", "label_smoothing")
-    return replace(base, **{k: choice[k] for k in knobs})
+    """``base`` with one trial's optimiser knobs (those it drew: the user's own stay)."""
+    return replace(base, **{k: choice[k] for k in SEARCHED_KNOBS if k in choice})
 
 
 def run_trial(choice: dict[str, Any], base: dict[str, Any], data: TrainingData) -> None:
@@ -81,23 +88,36 @@ def run_trial(choice: dict[str, Any], base: dict[str, Any], data: TrainingData) 
     trainer(config, trial_data, callbacks=[TuneReportCallback()]).fit()
 
 
-def tune_and_publish(config: TrainConfig, trials: int, model_repo: Path, model_name: str, log: Any = print) -> Path:
+def tune_and_publish(
+    config: TrainConfig,
+    trials: int,
+    model_repo: Path,
+    model_name: str,
+    log: Any = print,
+    fixed: Collection[str] = (),
+) -> Path:
     """Run ``trials`` trials, publish the best by held-out accuracy, and return its version directory.
 
+    ``fixed``: knobs of ``SEARCHED_KNOBS`` the user set; every trial keeps ``config``'s value of them.
+
     Raises:
-        ValueError: no trial finished.
+        ValueError: no trial finished, or the workers cannot fit an embedded Ray, or the repository is not writable.
     """
     from ray import tune
     from ray.train import Checkpoint
 
     from convray.workers import cluster
     from convray.workers.plots import confusion_png, curve_png
-    from convray.workers.ray_train import FAST_START_ENV
+    from convray.workers.ray_train import FAST_START_ENV, refuse_what_cannot_fit
 
     for name, value in FAST_START_ENV.items():
         os.environ.setdefault(name, value)
     started = time.monotonic()
+    repo = ModelRepository(model_repo)
+    repo.check_publishable(model_name)
     cluster.connect(config.ray_address, log_to_driver=True)
+    if not config.ray_address:
+        refuse_what_cannot_fit(config)
     data = prepare_data(config)
     search = f"tune-{model_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     config = replace(config, storage_path=str(Path(config.storage_path).resolve() / search))
@@ -107,7 +127,7 @@ def tune_and_publish(config: TrainConfig, trials: int, model_repo: Path, model_n
         tune.with_resources(
             tune.with_parameters(run_trial, base=asdict(config), data=data), {"cpu": 0, "memory": 2**20}
         ),
-        param_space=search_space(),
+        param_space=search_space(fixed),
         tune_config=tune.TuneConfig(
             num_samples=trials,
             metric="val_accuracy",
@@ -134,7 +154,6 @@ def tune_and_publish(config: TrainConfig, trials: int, model_repo: Path, model_n
     model.load_state_dict(state["model"])
     metadata = finish(best_config, best_data, model, state["history"], time.monotonic() - started)
     metadata.training["tune"] = {"trials": trials, "best": best.config, "search": search}
-    repo = ModelRepository(model_repo)
     version = repo.publish(
         model_name,
         metadata,

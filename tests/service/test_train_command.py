@@ -2,6 +2,7 @@
 
 import dataclasses
 import re
+import socket
 
 import pytest
 
@@ -42,7 +43,13 @@ def test_tune_takes_the_same_flags_and_a_trial_count():
         (["--momentum", "1.2"], r"momentum must be in \[0, 1\), got 1.2"),  # one-cycle would run it past 1 and diverge
         (["--lr", "-0.1", "--batch-size", "0"], "batch size must be >= 1, got 0; learning rate must be > 0"),
         (["--resume", "--workers", "0"], "--resume continues a Ray Train run's checkpoints"),
-        (["--spec", "no-such-spec.json", "--workers", "0"], "No such file or directory: 'no-such-spec.json'"),
+        (["--spec", "no-such-spec.json", "--workers", "0"], "--spec no-such-spec.json: cannot read it: No such file"),
+        # Found in review: these failed inside each Ray Train worker, three times, or after the whole run.
+        (["--weight-decay", "-0.1"], "weight decay must be >= 0, got -0.1"),
+        (["--storage-path", "s3://bucket/runs"], "--storage-path must be a local or mounted directory"),
+        (["--spec", ".", "--workers", "0"], "--spec .: cannot read it: Is a directory"),
+        (["--dataset", "npz:.", "--workers", "0"], ".: cannot read it"),
+        (["--dataset", "folder:no-such-folder"], "no-such-folder: no such folder"),
         (["--model-name", "a/b", "--workers", "0"], "invalid model name"),  # before, refused after the training
     ],
 )
@@ -60,3 +67,77 @@ def test_a_plain_resume_takes_the_runs_own_settings_and_given_flags_stay(tmp_pat
     args = build_parser().parse_args(["train", "--resume", "--storage-path", str(tmp_path), "--seed", "9"])
     config = config_from_args(args)
     assert (config.run_name, config.epochs, config.workers, config.seed) == (RUN, 30, 4, 9)  # the seed was given
+
+
+def test_a_model_repository_that_cannot_be_written_is_refused_before_training(tmp_path, capsys):
+    """Found in review: a --model-repo that is a file failed only at publish, after the whole run."""
+    not_a_folder = tmp_path / "repo"
+    not_a_folder.write_text("a file")
+    args = build_parser().parse_args(["train", "--workers", "0", "--model-repo", str(not_a_folder)])
+    assert args.run(args) == EXIT_USAGE
+    assert f"model repository {not_a_folder}: cannot publish 'digits' there" in capsys.readouterr().err
+
+
+def test_a_metrics_port_out_of_range_or_taken_is_a_usage_error_in_this_process(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["train", "--metrics-port", "70000"])
+    assert exit_info.value.code == EXIT_USAGE and "a port is 1-65535, got 70000" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = build_parser().parse_args(
+            ["train", "--workers", "0", "--model-repo", str(tmp_path), "--metrics-port", str(port)]
+        )
+        assert args.run(args) == EXIT_USAGE
+    assert f"--metrics-port: cannot serve 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_on_a_ray_train_worker_a_taken_metrics_port_leaves_the_training_going_without_gauges(capsys):
+    """Found in review: the worker's bind error failed the worker group, three times, and so the whole run."""
+    from convray.service.train_command import EpochGauges
+    from convray.workers.progress import EpochProgress
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        gauges = EpochGauges("digits", taken.getsockname()[1], "127.0.0.1")
+        progress = EpochProgress(epoch=1, epochs=2, loss=0.5, accuracy=0.9, images_per_second=100.0)
+        gauges(progress)
+        gauges(progress)  # and keeps quiet afterwards
+    out = capsys.readouterr().out
+    assert out.count("no progress gauges: cannot serve") == 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_training_in_this_process_without_a_gpu_is_refused(tmp_path, capsys):
+    """Found in review: it trained on the CPU and recorded gpu: true in model.json."""
+    args = build_parser().parse_args(["train", "--workers", "0", "--gpu", "--model-repo", str(tmp_path)])
+    assert args.run(args) == EXIT_USAGE
+    assert "--gpu with --workers 0 trains in this process, which sees no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--trials", "0"], "--trials must be >= 1, got 0"),  # was an uncaught RuntimeError
+        (["--workers", "0"], "--workers 0: each trial is a Ray Train run"),  # every trial failed
+        (["--resume"], "--resume continues a `convray train` run"),
+        (["--run-name", "mine"], "--run-name: each trial is named by Ray Tune"),
+    ],
+)
+def test_tune_refuses_what_a_search_cannot_honour(flags, message, tmp_path, capsys):
+    args = build_parser().parse_args(["tune", *flags, "--model-repo", str(tmp_path)])
+    assert args.run(args) == EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_tune_keeps_the_optimiser_knobs_given_as_flags_out_of_the_search():
+    """Found in review: --optimizer, --lr, --weight-decay and --label-smoothing were overwritten by each draw."""
+    from convray.workers.tune import config_for, search_space
+
+    space = search_space(fixed=["optimizer", "max_lr"])
+    assert "optimizer" not in space and "max_lr" not in space and "weight_decay" in space
+    drawn = {"weight_decay": 1e-4, "label_smoothing": 0.05, "head": "gap"}
+    config = config_for(TrainConfig(optimizer="adamw", max_lr=0.02), drawn)
+    assert (config.optimizer, config.max_lr, config.weight_decay) == ("adamw", 0.02, 1e-4)

@@ -128,3 +128,42 @@ def test_a_damaged_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / RUN / "checkpoint_0002" / STATE_FILE).write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(ValueError, match=r"cannot read the checkpoint .*checkpoint_0002"):
         check_continues_as_started(TrainConfig(run_name=RUN, storage_path=str(tmp_path)))
+
+
+def test_resume_with_a_run_name_continues_that_run_whatever_it_is_called(tmp_path):
+    """Found in review: --run-name was ignored under --resume, which took the latest stamped run instead, so a
+    run given its own name could never be resumed."""
+    checkpointed_run(tmp_path, "my-experiment", TrainConfig())
+    checkpointed_run(tmp_path, RUN, TrainConfig())
+    config = TrainConfig(resume=True, run_name="my-experiment", storage_path=str(tmp_path))
+    assert choose_run_name(config, "digits") == "my-experiment"
+    with pytest.raises(ValueError, match="run 'nothing-here' has no checkpoint"):
+        choose_run_name(TrainConfig(resume=True, run_name="nothing-here", storage_path=str(tmp_path)), "digits")
+
+
+def test_a_run_already_published_is_not_trained_on_nor_published_again(tmp_path):
+    """Found in review: Ray Train restores a finished run by name and returns at once, so --resume published the
+    same weights again as a new version."""
+    from convray.workers.ray_train import mark_published
+
+    checkpointed_run(tmp_path / "runs", RUN, TrainConfig())
+    config = TrainConfig(workers=1, run_name=RUN, storage_path=str(tmp_path / "runs"))
+    mark_published(config, "digits", 3)
+    with pytest.raises(ValueError, match=f"run {RUN} is finished and was published as digits version 3"):
+        train_and_publish(config, tmp_path / "repo", "digits")
+    assert ModelRepository(tmp_path / "repo").versions("digits") == []
+
+
+def test_workers_an_embedded_ray_cannot_hold_are_refused_instead_of_waited_for_for_ever(ray_address):
+    """Found in review: `--workers 3` on a 2-CPU machine, or `--gpu` on one without a GPU, never started and never
+    failed (Ray Train retries placing the group without end)."""
+    import ray
+
+    from convray.workers.ray_train import refuse_what_cannot_fit
+
+    cpus, gpus = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
+    with pytest.raises(ValueError, match=rf"ask for {cpus + 1:g} CPU in all \(1 each\) and this local Ray has"):
+        refuse_what_cannot_fit(TrainConfig(workers=int(cpus) + 1, cpus_per_worker=1))
+    with pytest.raises(ValueError, match="GPU in all"):
+        refuse_what_cannot_fit(TrainConfig(workers=int(gpus) + 1, gpu=True))
+    refuse_what_cannot_fit(TrainConfig(workers=2, cpus_per_worker=0.5))  # fits: no error
