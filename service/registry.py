@@ -206,17 +206,25 @@ class ModelRegistry:
         log.info("loaded %s version %d on %d replica(s)", name, version, pool.size)
         return served
 
-    def _to_completion(self, change: Coroutine[Any, Any, X]) -> Awaitable[X]:
+    def _to_completion(self, change: Coroutine[Any, Any, X], what: str) -> Awaitable[X]:
         """Run a load or unload as a task that finishes even if its caller stops waiting.
 
         A client whose deadline passes cancels its RPC's handler. Cut off halfway, a change would leave a
         version forgotten but still holding its replicas and queued requests, or two versions serving.
+        A change that fails after its caller has gone is logged here, since no one else will say so.
         """
         task = asyncio.ensure_future(change)
+        waited = asyncio.shield(task)
+
+        def report_if_unheard(done: asyncio.Future[X]) -> None:
+            take_outcome(done)  # its caller may be gone: the failure reached whoever still waits
+            if waited.cancelled() and not done.cancelled() and done.exception() is not None:
+                log.warning("%s failed after its caller stopped waiting: %s", what, done.exception())
+
         self._changes.add(task)
         task.add_done_callback(self._changes.discard)
-        task.add_done_callback(take_outcome)  # its caller may be gone: the failure reached whoever still waits
-        return asyncio.shield(task)
+        task.add_done_callback(report_if_unheard)
+        return waited
 
     async def load_latest(self, name: str) -> ServedModel:
         """Serve the highest version of ``name`` on disk; once it is warm, unload the older ones.
@@ -229,7 +237,7 @@ class ModelRegistry:
             ModelLoadError: the version is invalid or its replicas failed to load it.
         """
         self._unloaded_by_request.discard(name)
-        return await self._to_completion(self._load_latest(name))
+        return await self._to_completion(self._load_latest(name), f"loading {shown(name)}")
 
     async def _load_latest(self, name: str) -> ServedModel:
         async with self._changing:
@@ -267,7 +275,7 @@ class ModelRegistry:
                 if not failures:
                     log.info("model repository has %s version %d; loading it", name, newest)
                 try:
-                    await self._to_completion(self._load_latest(name))
+                    await self._to_completion(self._load_latest(name), f"loading {shown(name)}")
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 (keep serving what is loaded, and keep polling)
@@ -292,7 +300,7 @@ class ModelRegistry:
         Raises:
             ModelNotFound: no version of ``name`` is loaded.
         """
-        await self._to_completion(self._unload(name))
+        await self._to_completion(self._unload(name), f"unloading {shown(name)}")
 
     async def _unload(self, name: str) -> None:
         async with self._changing:

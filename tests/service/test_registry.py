@@ -72,6 +72,28 @@ async def test_an_unload_whose_caller_gave_up_still_answers_the_queue_and_stops_
     assert pool.stopped and registry.loaded_versions("digits") == []
 
 
+async def test_a_load_that_fails_after_its_caller_gave_up_is_logged(model_repo, caplog):
+    """Found in review: with the RPC's caller gone, a failed RepositoryModelLoad left no line in the log."""
+    registry = ModelRegistry(
+        ModelRepository(model_repo), "digits", BatchingSettings(), WorkerSettings(), Metrics(CollectorRegistry())
+    )
+    registry.ready = True
+    gate = asyncio.Event()
+
+    async def load_latest(name: str) -> None:
+        await gate.wait()
+        raise RuntimeError("no room for the replicas")
+
+    registry._load_latest = load_latest
+    loading = asyncio.ensure_future(registry.load_latest("digits"))
+    await asyncio.sleep(0.02)
+    loading.cancel()  # the client's deadline passed
+    await asyncio.gather(loading, return_exceptions=True)
+    gate.set()
+    await asyncio.sleep(0.05)
+    assert "loading 'digits' failed after its caller stopped waiting: no room for the replicas" in caplog.text
+
+
 def registry_with_a_new_version_on_disk(model_repo) -> tuple[ModelRegistry, list[str]]:
     """A registry serving digits version 1 (a stand-in) with version 2 on disk; its loads are recorded, not run."""
     shutil.copytree(model_repo / "digits" / "1", model_repo / "digits" / "2")
