@@ -278,21 +278,6 @@ async def test_a_running_batch_whose_callers_all_gave_up_is_cancelled_and_its_sl
     await batcher.close()
 
 
-async def test_a_batch_forming_behind_a_running_one_goes_as_soon_as_that_one_finishes():
-    """Found in review: whether the batcher was idle was decided once, so a request that arrived while a batch
-    ran waited the whole delay (here 30 s) although nothing was running any more."""
-    gate = asyncio.Event()
-    batcher = make(Recorder(gate), max_batch_size=8, max_batch_wait_s=30.0, max_concurrent_batches=2)
-    first = asyncio.ensure_future(batcher.submit(1))  # idle: goes at once
-    await asyncio.sleep(0.02)
-    second = asyncio.ensure_future(batcher.submit(2))  # a batch runs: this one waits to grow
-    await asyncio.sleep(0.05)
-    assert not second.done()
-    gate.set()
-    assert await asyncio.wait_for(asyncio.gather(first, second), 2) == [10, 20]
-    await batcher.close()
-
-
 async def test_a_request_whose_first_batch_failed_runs_none_of_its_other_items():
     ran: list[list[int]] = []
 
