@@ -18,6 +18,7 @@ import contextlib
 import io
 import math
 import multiprocessing
+import os
 import queue
 import resource
 import threading
@@ -87,6 +88,7 @@ class Measurement:
     cpu_s: float  # the process's CPU seconds over the same span
     images_per_request: int
     server: str = ""  # the HOST:PORT it drove
+    started_at: float = 0.0  # time.time() when measuring began; processes on one machine share this clock
 
 
 @dataclass
@@ -258,9 +260,17 @@ def _measure_in_processes(parts: list[BenchConfig]) -> list[Measurement]:
     try:
         while len(measurements) + len(failures) < len(children):  # each child reports exactly once
             try:
-                outcome = results.get(timeout=max(0.1, deadline - time.monotonic()))
+                outcome = results.get(timeout=1.0)
             except queue.Empty:
-                raise TimeoutError(f"client processes did not finish within {budget_s:.0f} s") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"client processes did not finish within {budget_s:.0f} s") from None
+                # A child that died without a word (killed, out of memory) would otherwise be waited for to the end.
+                dead = [c for c in children if not c.is_alive() and c.exitcode != 0]
+                if dead and results.empty():
+                    raise RuntimeError(
+                        f"a client process died (exit code {dead[0].exitcode}) before reporting its measurement"
+                    ) from None
+                continue
             if isinstance(outcome, Measurement):
                 measurements.append(outcome)
             else:
@@ -280,12 +290,23 @@ def _measure_in_processes(parts: list[BenchConfig]) -> list[Measurement]:
 
 
 def _child(config: BenchConfig, start: threading.Barrier, results: multiprocessing.Queue) -> None:
-    """A client process: measure, put the ``Measurement`` (or the error's type and message) on ``results``."""
+    """A client process: measure, put the ``Measurement`` (or the error's type and message) on ``results``.
+
+    It ends with its parent: a parent killed mid-run would otherwise leave it sending load for the whole run.
+    """
+    # Also the way out of exiting while the result is stuck in a full pipe no one reads any more.
+    threading.Thread(target=_exit_when_orphaned, args=(multiprocessing.parent_process(),), daemon=True).start()
     try:
         results.put(asyncio.run(measure(config, start)))
     except BaseException as exc:  # noqa: BLE001 (reported to the parent, which raises it)
         start.abort()  # the others must not wait for this one at the start line
         results.put((type(exc).__name__, str(exc) or type(exc).__name__))
+
+
+def _exit_when_orphaned(parent: multiprocessing.process.BaseProcess | None) -> None:
+    while parent is not None and parent.is_alive():
+        time.sleep(0.5)
+    os._exit(1)
 
 
 async def measure(config: BenchConfig, start: threading.Barrier | None = None) -> Measurement:
@@ -311,7 +332,7 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
         latencies: list[float] = []
         codes: Counter[str] = Counter()
         measuring = False
-        budget = [config.requests if config.requests is not None else -1]
+        budget = [config.requests or 0]  # measured requests still to start, with --requests
 
         async def one(index: int) -> None:
             started = time.perf_counter()
@@ -322,10 +343,13 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
                     latencies.append((time.perf_counter() - started) * 1e3)
 
         def more() -> bool:
-            if not measuring or budget[0] < 0:
+            """Whether to start another request: always, unless --requests is used up."""
+            if not measuring or config.requests is None:
                 return True
+            if budget[0] <= 0:
+                return False
             budget[0] -= 1
-            return budget[0] >= 0
+            return True
 
         async def closed_loop(worker: int, until: float) -> None:
             index = worker
@@ -355,12 +379,12 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
 
         await phase(config.warmup_s)
         measuring = True
-        cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
+        cpu_start, wall_start, started_at = _cpu_seconds(), time.perf_counter(), time.time()
         await phase(config.duration_s if config.requests is None else 3600.0)
         wall = time.perf_counter() - wall_start
         cpu = _cpu_seconds() - cpu_start
         await send.close()
-    return Measurement(latencies, dict(codes), wall, cpu, images_per_request, config.server)
+    return Measurement(latencies, dict(codes), wall, cpu, images_per_request, config.server, started_at)
 
 
 class _Sender:
@@ -392,7 +416,7 @@ class _Sender:
 
     async def close(self) -> None:
         """Finish the streams (nothing to do for unary calls)."""
-        await asyncio.gather(*(stream.close() for stream in self._streams))
+        await asyncio.gather(*(stream.close(self._timeout_s) for stream in self._streams))
 
 
 def report_of(config: BenchConfig, measurements: list[Measurement]) -> BenchReport:
@@ -401,16 +425,24 @@ def report_of(config: BenchConfig, measurements: list[Measurement]) -> BenchRepo
     for m in measurements:
         codes.update(m.codes)
     ok = codes.get("OK", 0)
-    wall = max(m.wall_s for m in measurements)
-    per_server: Counter[str] = Counter()  # each process's rate over its own span, added up by server
-    for m in measurements:
-        per_server[m.server] += m.codes.get("OK", 0) / m.wall_s
-    requests_per_s = sum(per_server.values())
+    wall = _window(measurements)  # one window for all: rates over processes' own spans do not add up
+    requests_per_s = ok / wall
+    per_server = {
+        server: sum(m.codes.get("OK", 0) for m in ms) / _window(ms)
+        for server in {m.server for m in measurements}
+        if (ms := [m for m in measurements if m.server == server])
+    }
     busiest = max(m.cpu_s / m.wall_s for m in measurements)
     notes = []
     if busiest > 0.9:
         many = " (add --processes)" if len(measurements) == 1 else " (add more --processes)"
         notes.append(f"a client process used over 90% of a core: it may have been the bottleneck{many}")
+    sent_per_s = sum(codes.values()) / wall
+    if config.rate_per_s is not None and sent_per_s < 0.95 * config.rate_per_s:
+        notes.append(
+            f"sent {sent_per_s:,.1f} requests/s of the {config.rate_per_s:,g} asked: the client fell behind its "
+            "schedule (add --processes, or lower --rate); the latencies are of an open loop that did not hold"
+        )
     return BenchReport(
         config={k: v for k, v in asdict(config).items()},
         requests=sum(codes.values()),
@@ -425,6 +457,13 @@ def report_of(config: BenchConfig, measurements: list[Measurement]) -> BenchRepo
         notes=notes,
         per_server_requests_per_s={server: round(rate, 1) for server, rate in sorted(per_server.items())},
     )
+
+
+def _window(measurements: list[Measurement]) -> float:
+    """Seconds from the first measurement's start to the last one's end (the longest span if clocks are absent)."""
+    if any(m.started_at == 0.0 for m in measurements):
+        return max(m.wall_s for m in measurements)
+    return max(m.started_at + m.wall_s for m in measurements) - min(m.started_at for m in measurements)
 
 
 def _cpu_seconds() -> float:

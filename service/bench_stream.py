@@ -16,6 +16,8 @@ import grpc
 
 CLASSIFY_STREAM = "/convray.v1.Classifier/ClassifyStream"
 MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
+CLIENT_RESET = "CLIENT_RESET_STREAM"
+"""Not a gRPC code: the requests still waiting on a stream this client cancelled because another on it timed out."""
 
 
 def classify_stream_code(reply: bytes) -> str:
@@ -54,6 +56,7 @@ class StreamCaller:
         self._waiting: deque[asyncio.Future[str]] = deque()
         self._reader: asyncio.Task[None] | None = None
         self._writing = asyncio.Lock()  # a gRPC stream takes one write at a time; it also keeps the FIFO in order
+        self._reset: set[grpc.aio.StreamStreamCall] = set()  # streams this client cancelled after a timeout
 
     async def __call__(self, payload: bytes, timeout_s: float) -> str:
         """Send one request and wait for its reply; its status code name."""
@@ -73,6 +76,7 @@ class StreamCaller:
         except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
             if self._call is call:
                 self._call = None
+            self._reset.add(call)
             call.cancel()
             return "DEADLINE_EXCEEDED"
 
@@ -91,6 +95,9 @@ class StreamCaller:
             code = exc.code().name
         except asyncio.CancelledError:
             code = "CANCELLED"
+        if call in self._reset:  # not the server's doing: this client gave the stream up
+            self._reset.discard(call)
+            code = CLIENT_RESET
         if self._call is call:
             self._call = None
         for future in waiting:
@@ -103,8 +110,11 @@ class StreamCaller:
         except Exception:  # noqa: BLE001 (not the reply message this API defines: another server's, or garbled)
             return "UNKNOWN"
 
-    async def close(self) -> None:
-        """Finish the stream: half-close it after the requests being written, and wait for every reply."""
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Finish the stream: half-close it after the requests being written, and wait for every reply.
+
+        A server that keeps the stream open after that gets ``timeout_s``, then the stream is cancelled.
+        """
         async with self._writing:
             call, reader = self._call, self._reader
             if call is None or reader is None:
@@ -113,4 +123,8 @@ class StreamCaller:
                 await call.done_writing()
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 pass
-        await reader
+        try:
+            await asyncio.wait_for(asyncio.shield(reader), timeout_s)
+        except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
+            call.cancel()
+            await reader

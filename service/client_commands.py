@@ -6,12 +6,15 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import re
 import sys
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 from convray.service.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
+
+IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF"}  # what `convray bench` can generate images as
 
 # `convray kernels --kernel` choices; the kernels themselves are in workers/kernels.py (imported lazily).
 KERNEL_NAMES = ("sobel-x", "sobel-y", "laplacian", "box-blur", "gaussian", "sharpen")
@@ -307,8 +310,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
         levels = concurrency_levels(args.concurrency)
         if len(levels) > 1 and args.rate is not None:
             raise ValueError("a sweep is of --concurrency levels; --rate runs open loop at one rate")
-        if args.connections < 1:
-            raise ValueError(f"--connections must be >= 1, got {args.connections}")
+        refused = [
+            message
+            for bad, message in (
+                (args.connections < 1, f"--connections must be >= 1, got {args.connections}"),
+                (args.rate is not None and not args.rate > 0, f"--rate must be > 0 requests/s, got {args.rate}"),
+                (args.requests is not None and args.requests < 1, f"--requests must be >= 1, got {args.requests}"),
+                (not args.duration > 0, f"--duration must be > 0 s, got {args.duration}"),
+                (not args.warmup >= 0, f"--warmup must be >= 0 s, got {args.warmup}"),
+                (not args.timeout > 0, f"--timeout must be > 0 s, got {args.timeout}"),
+                (args.processes is not None and args.processes < 1, f"--processes must be >= 1, got {args.processes}"),
+                (not re.fullmatch(r"[1-9]\d*(x[1-9]\d*)?", args.image_size),
+                 f"--image-size is WxH (or one number for a square), got {args.image_size!r}"),
+                (args.image_format.upper() not in IMAGE_FORMATS,
+                 f"--image-format must be one of {', '.join(sorted(IMAGE_FORMATS))}, got {args.image_format!r}"),
+            )
+            if bad
+        ]  # fmt: skip
+        if refused:
+            raise ValueError("; ".join(refused))
     except ValueError as exc:
         print(f"convray bench: {exc}", file=sys.stderr)
         return EXIT_USAGE

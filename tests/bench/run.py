@@ -9,6 +9,7 @@ Run: make bench (or .venv/bin/python tests/bench/run.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -190,11 +191,15 @@ def start(
 
 
 def stop(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
+    """Stop a server's whole process group (it may have exited already: then only reap it)."""
     try:
+        os.killpg(process.pid, signal.SIGTERM)
         process.wait(30)
+    except ProcessLookupError:
+        process.wait()
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
 
@@ -225,8 +230,15 @@ def bench(
     streaming: bool = False,
     connections: int = 1,
 ) -> dict:
-    out = Path(tempfile.mkstemp(suffix=".json")[1])
-    subprocess.run(
+    """One ``convray bench`` point's JSON report.
+
+    Raises:
+        RuntimeError: it failed (0 OK, a server gone...), with its output.
+    """
+    handle, name = tempfile.mkstemp(suffix=".json")
+    os.close(handle)
+    out = Path(name)
+    finished = subprocess.run(
         [
             *convray_command(),
             "bench",
@@ -256,11 +268,17 @@ def bench(
             "--connections",
             str(connections),
         ],
-        check=True,
         capture_output=True,
+        text=True,
         timeout=600,
+        start_new_session=True,  # its client processes go with it if it has to be killed
     )
-    return json.loads(out.read_text())
+    try:
+        if finished.returncode != 0 or not out.stat().st_size:
+            raise RuntimeError(f"convray bench exited {finished.returncode}: {finished.stdout}{finished.stderr}")
+        return json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -389,18 +407,25 @@ def main() -> None:
                         print(f"{model} {target}: {error}; its output is in {logs}", flush=True)
                         continue
                     for concurrency in (1, args.loaded_concurrency) if frontends == 1 else (args.loaded_concurrency,):
-                        report = bench(
-                            ports,
-                            model,
-                            concurrency,
-                            args.seconds,
-                            args.warmup,
-                            args.datatype,
-                            args.batch_size,
-                            args.client_processes,
-                            args.streaming,
-                            -(-CONNECTIONS_PER_FRONTEND * group // args.client_processes) if group > 1 else 1,
-                        )
+                        try:
+                            report = bench(
+                                ports,
+                                model,
+                                concurrency,
+                                args.seconds,
+                                args.warmup,
+                                args.datatype,
+                                args.batch_size,
+                                args.client_processes,
+                                args.streaming,
+                                -(-CONNECTIONS_PER_FRONTEND * group // args.client_processes) if group > 1 else 1,
+                            )
+                        except RuntimeError as error:  # a failed point (the server died...) loses only itself
+                            results["failures"].append(
+                                {"model": model, "target": target, "repeat": repeat, "concurrency": concurrency}
+                            )
+                            print(f"{model} {target} c={concurrency}: {error}", flush=True)
+                            continue
                         point = {
                             "model": model,
                             "target": target,
@@ -413,6 +438,9 @@ def main() -> None:
                             "p99_ms": report["latency_ms"]["p99"],
                             "errors": report["errors"],
                             "client_cpu": report["client_cpu_fraction"],
+                            # a client-bound point (the no-op floor's, most likely) shows here
+                            "client_saturated": report["client_saturated"],
+                            "notes": report["notes"],
                         }
                         results["points"].append(point)
                         print(point, flush=True)

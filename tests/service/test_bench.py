@@ -193,12 +193,16 @@ def test_several_servers_are_shared_out_round_robin_over_the_client_processes():
 
 
 def test_client_processes_measurements_merge_into_one_report():
-    first = Measurement([1.0, 2.0], {"OK": 2, "UNAVAILABLE": 1}, wall_s=2.0, cpu_s=1.9, images_per_request=4)
-    second = Measurement([3.0], {"OK": 1}, wall_s=1.0, cpu_s=0.2, images_per_request=4)
+    first = Measurement(
+        [1.0, 2.0], {"OK": 2, "UNAVAILABLE": 1}, wall_s=2.0, cpu_s=1.9, images_per_request=4, started_at=100.0
+    )
+    second = Measurement([3.0], {"OK": 1}, wall_s=1.0, cpu_s=0.2, images_per_request=4, started_at=100.5)
     report = report_of(BenchConfig(processes=2), [first, second])
     assert (report.requests, report.ok, report.errors) == (4, 3, {"UNAVAILABLE": 1})
-    assert report.requests_per_s == 2.0  # each process's rate over its own span, added: 2/2 + 1/1
-    assert report.images_per_s == 8.0
+    # The OK requests over one window, from the first start to the last end. Found in review: each process's
+    # rate over its own span, added up (2/2 + 1/1), made 2.0, a rate the run never reached.
+    assert report.duration_s == 2.0 and report.requests_per_s == 1.5
+    assert report.images_per_s == 6.0
     assert report.latency_ms["max"] == 3.0 and report.latency_ms["p50"] == 2.0
     assert report.client_cpu_fraction == pytest.approx(2.1 / 2.0)
     assert report.client_saturated and "add more --processes" in report.notes[0]  # the first used 95% of a core
@@ -211,8 +215,8 @@ def test_the_report_gives_each_servers_rate():
         Measurement([1.0], {"OK": 2}, wall_s=1.0, cpu_s=0.1, images_per_request=1, server="a:1"),
     ]
     report = report_of(BenchConfig(server="a:1,b:2", processes=3), measurements)
-    assert report.per_server_requests_per_s == {"a:1": 4.0, "b:2": 3.0}
-    assert report.requests_per_s == 7.0
+    assert report.per_server_requests_per_s == {"a:1": 3.0, "b:2": 3.0}  # each server's OK over the window
+    assert report.requests_per_s == 6.0
 
 
 @pytest.mark.integration
@@ -298,6 +302,72 @@ def test_a_client_process_opens_as_many_connections_as_asked_and_uses_them_all(s
     peers, codes = asyncio.run(run())
     assert len(peers) == connections
     assert set(codes) == {"OK"} and codes["OK"] > 0
+
+
+def test_an_open_loop_that_fell_behind_its_rate_says_so():
+    """Found in review: asked for 20,000 requests/s, a starved client sent 3,000 and said nothing."""
+    behind = Measurement([1.0] * 90, {"OK": 90, "UNAVAILABLE": 10}, wall_s=1.0, cpu_s=0.5, images_per_request=1)
+    assert "fell behind its schedule" in report_of(BenchConfig(rate_per_s=1000.0), [behind]).notes[0]
+    assert report_of(BenchConfig(rate_per_s=100.0), [behind]).notes == []  # 100 sent of 100 asked
+
+
+class RequestCounter:
+    """A real gRPC server answering Classify with an empty reply, counting the requests."""
+
+    def __init__(self) -> None:
+        import grpc
+
+        self.requests = 0
+        self.server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(self._classify)
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("convray.v1.Classifier", {"Classify": handler}),)
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+    async def _classify(self, request: bytes, context) -> bytes:
+        self.requests += 1
+        return b""
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_request_count_sends_exactly_that_many_at_any_concurrency(concurrency):
+    """Found in review: at concurrency above 1, all callers but the first took the spent budget for "no limit"
+    and sent for an hour."""
+    from convray.service.bench import measure
+
+    async def run() -> tuple[int, dict[str, int]]:
+        counter = RequestCounter()
+        await counter.server.start()
+        try:
+            config = BenchConfig(server=f"127.0.0.1:{counter.port}", concurrency=concurrency, requests=50, warmup_s=0.0)
+            measured = await asyncio.wait_for(measure(config), 30)
+        finally:
+            await counter.server.stop(None)
+        return counter.requests, measured.codes
+
+    sent, codes = asyncio.run(run())
+    assert sent == 50 and codes == {"OK": 50}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--rate", "0"], "--rate must be > 0 requests/s, got 0.0"),  # ran at 1/s
+        (["--rate", "-5"], "--rate must be > 0"),  # sent unthrottled
+        (["--requests", "-1"], "--requests must be >= 1, got -1"),  # ran for an hour
+        (["--duration", "0"], "--duration must be > 0 s"),
+        (["--timeout", "0"], "--timeout must be > 0 s"),
+        (["--processes", "0"], "--processes must be >= 1"),  # became the default
+        (["--image-size", "abc"], "--image-size is WxH"),  # a traceback
+        (["--image-format", "foo"], "--image-format must be one of BMP, GIF, JPEG, PNG, WEBP"),  # a traceback
+    ],
+)
+def test_bench_flags_no_run_can_use_are_usage_errors_before_anything_is_sent(flags, message, capsys):
+    from convray.service.cli import main
+
+    assert main(["bench", *flags]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_connections_below_one_are_a_usage_error(capsys):

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from convray.oip import inference_pb2 as oip
-from convray.service.bench_stream import StreamCaller, classify_stream_code, model_stream_infer_code
+from convray.service.bench_stream import CLIENT_RESET, StreamCaller, classify_stream_code, model_stream_infer_code
 from convray.v1 import classifier_pb2 as pb
 
 METHOD = "/test.Scripted/Stream"
@@ -37,8 +37,8 @@ def test_a_model_stream_infer_reply_gives_the_code_its_error_starts_with(error_m
 
 class ScriptedServer:
     """A real gRPC server whose stream echoes each item back, in order, except:
-    b"break next" makes the item after it end the stream with UNAVAILABLE, b"hang" is never answered, and
-    b"twice" is answered twice.
+    b"break next" makes the item after it end the stream with UNAVAILABLE, b"hang" is never answered,
+    b"twice" is answered twice, and after b"stay open" the stream stays open when the client half-closes it.
 
     (The break waits for the next item so that no write follows it: a write racing the stream's end can
     turn its status into grpc's own INTERNAL "Failed execute_batch".)
@@ -55,8 +55,9 @@ class ScriptedServer:
 
     async def _stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         self.streams_opened += 1
-        breaking = False
+        breaking = staying = False
         async for item in requests:
+            staying = staying or item == b"stay open"
             if breaking:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
             breaking = item == b"break next"
@@ -65,6 +66,8 @@ class ScriptedServer:
             yield item
             if item == b"twice":
                 yield item
+        if staying:
+            await asyncio.Event().wait()
 
     async def __aenter__(self) -> "ScriptedServer":
         await self.server.start()
@@ -141,3 +144,19 @@ async def test_a_reply_that_is_not_the_apis_message_counts_as_unknown():
         assert await caller(b"\xff not utf-8", timeout_s=5) == "UNKNOWN"  # what `echoed` cannot read
         assert await caller(b"next", timeout_s=5) == "next"
         await caller.close()
+
+
+async def test_requests_behind_a_timed_out_one_count_as_the_clients_reset_not_as_cancelled_by_the_server():
+    """Found in review: a timeout on a stream made every request still waiting on it count CANCELLED, as if the
+    server had cancelled them (190 of 200 in its run)."""
+    async with caller_on_a_scripted_server() as (scripted, caller):
+        answers = await asyncio.gather(caller(b"hang", timeout_s=0.3), caller(b"behind it", timeout_s=5))
+        await caller.close()
+    assert answers == ["DEADLINE_EXCEEDED", CLIENT_RESET]
+
+
+async def test_closing_a_stream_the_server_keeps_open_gives_up_after_the_timeout():
+    """Found in review: the run hung at its end, and its report was lost."""
+    async with caller_on_a_scripted_server() as (scripted, caller):
+        assert await caller(b"stay open", timeout_s=5) == "stay open"
+        await asyncio.wait_for(caller.close(timeout_s=0.5), 5)
