@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# The CPU build of torch for dev and CI; pyproject keeps a range so GPU users get CUDA builds.
-TORCH  ?= torch==2.13.0
+# The CPU build of torch for dev and CI, from PyTorch's CPU index (PyPI's Linux torch is the multi-GB CUDA build);
+# pyproject keeps a range so GPU users get CUDA builds. For one: TORCH=torch==2.13.0 TORCH_INDEX=<PyTorch's CUDA index>.
+TORCH  ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PROTOS := $(wildcard proto/convray/*/*.proto)
 STUBS  := $(PROTOS:.proto=_pb2.py)
 
@@ -17,7 +19,7 @@ install: $(VENV)/.installed $(STUBS)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet '$(TORCH)' --extra-index-url $(TORCH_INDEX)
 	$(PY) -m pip install --quiet -e '.[dev,train]'
 	touch $@
 
@@ -50,7 +52,7 @@ bench: install
 
 # The same on a GPU machine: each server's replica and the raw model on the GPU, plus convray with bf16.
 # Four client processes per c=32 point: one saturated against the no-op server on a 16-core H200 node.
-# Needs a CUDA build of torch in a fresh .venv: make bench-gpu TORCH='torch==2.13.0 --index-url <PyTorch's CUDA wheel index>'
+# Needs a CUDA build of torch in a fresh .venv: make bench-gpu TORCH=torch==2.13.0 TORCH_INDEX=<PyTorch's CUDA wheel index>
 bench-gpu: install
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) tests/bench/run.py --gpus 1 --targets noop,ray_serve,convray,convray_bf16 --variants-on resnet_style \

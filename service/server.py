@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -152,12 +153,21 @@ class StartupError(Exception):
     """The server could not become ready (Ray unreachable, or no model could be loaded)."""
 
 
-def _bind(server: grpc.aio.Server, address: str, what: str, credentials: grpc.ServerCredentials | None = None) -> int:
+def _bind(
+    server: grpc.aio.Server,
+    address: str,
+    what: str,
+    credentials: grpc.ServerCredentials | None = None,
+    shared: bool = False,
+) -> int:
     """Add a port at ``address`` to ``server`` (TLS with ``credentials``); the port bound.
 
+    ``shared``: the port is shared on purpose with the other front ends of ``--frontends N`` (SO_REUSEPORT).
+
     Raises:
-        StartupError: the bind failed, naming ``what``.
+        StartupError: the bind failed, naming ``what``, on any of the addresses the host resolves to.
     """
+    _refuse_if_taken(address, what, shared)
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
@@ -168,6 +178,38 @@ def _bind(server: grpc.aio.Server, address: str, what: str, credentials: grpc.Se
     if port == 0:
         raise StartupError(f"could not bind {what} to {address} (in use or not permitted)")
     return port
+
+
+def _refuse_if_taken(address: str, what: str, shared: bool) -> None:
+    """Raise if any address ``address``'s host resolves to has its port in use.
+
+    grpc binds every address it can and only logs the rest ("Only 1 addresses added out of total 2
+    resolved"): with another process on 127.0.0.1:PORT, ``localhost:PORT`` came up on [::1] alone, and
+    clients dialling 127.0.0.1 reached the other process.
+
+    Raises:
+        StartupError: naming the address in use and ``what``.
+    """
+    host, _, port = address.rpartition(":")
+    if port in ("", "0"):
+        return  # an ephemeral port is always free
+    try:
+        resolved = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, ValueError):
+        return  # grpc reports an address it cannot resolve itself
+    for family, kind, protocol, _, sockaddr in resolved:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does: TIME_WAIT is no obstacle
+            if shared and hasattr(socket, "SO_REUSEPORT"):
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                raise StartupError(
+                    f"could not bind {what} to {address}: {sockaddr[0]} port {port} is in use or not permitted ({exc})"
+                ) from None
 
 
 class ConvrayServer:
@@ -258,9 +300,12 @@ class ConvrayServer:
         for doubt in self.settings.doubts():
             log.warning("%s", doubt)
         server = self.settings.server
-        self.port = _bind(self._server, f"{server.host}:{server.port}", "gRPC", self._credentials)
+        shared = self.member is not None
+        self.port = _bind(self._server, f"{server.host}:{server.port}", "gRPC", self._credentials, shared)
         if self._health_server is not None:
-            self.health_port = _bind(self._health_server, f"{server.host}:{server.health_port}", "the health port")
+            self.health_port = _bind(
+                self._health_server, f"{server.host}:{server.health_port}", "the health port", shared=shared
+            )
         await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._server.start()

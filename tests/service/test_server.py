@@ -184,6 +184,25 @@ def test_metrics_endpoint_counts_requests_and_batches(served, stub, held_out):
     assert "convray_build_info{" in after
 
 
+async def test_a_host_whose_port_is_taken_on_one_of_its_addresses_refuses_to_start(tmp_path):
+    """Found in review: with 127.0.0.1:PORT taken, `localhost:PORT` came up on [::1] alone (grpc only logged
+    "Only 1 addresses added out of total 2 resolved"), and clients dialling 127.0.0.1 reached the other process."""
+    import socket
+
+    from convray.service.server import ConvrayServer, StartupError
+    from tests.conftest import server_settings
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = server_settings(
+            tmp_path / "models", server__host="localhost", server__port=port, server__metrics_port=None
+        )
+        with pytest.raises(StartupError, match=f"could not bind gRPC to localhost:{port}: 127.0.0.1 port {port} is"):
+            await ConvrayServer(settings).start()
+
+
 async def test_a_second_server_on_a_port_in_use_refuses_to_start(served, tmp_path):
     from convray.service.server import ConvrayServer, StartupError
     from tests.conftest import server_settings
