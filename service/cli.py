@@ -6,14 +6,16 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
-from typing import Any
+import typing
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from convray.service.client_commands import add_client_commands
 from convray.service.config import Settings
-from convray.service.exit_codes import EXIT_USAGE
+from convray.service.exit_codes import EXIT_FAILED, EXIT_USAGE
 from convray.service.train_command import add_train_commands
 
 # Every `convray serve` flag and the Settings field it sets (group, field).
@@ -69,19 +71,62 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
 }
 
 
+def _env(group: str, field: str) -> str:
+    return f"CONVRAY_{group.upper()}__{field.upper()}"
+
+
+def _metavar(field: str, info: Any) -> str:
+    """What a flag's value looks like in --help: its choices, true|false, N, S (seconds), MS, or a noun."""
+    if typing.get_origin(info.annotation) is Literal:
+        return "|".join(map(str, typing.get_args(info.annotation)))
+    kinds = {arg for arg in typing.get_args(info.annotation) if arg is not type(None)} or {info.annotation}
+    for kind in kinds:
+        if typing.get_origin(kind) is Literal:
+            return "|".join(map(str, typing.get_args(kind)))
+    if bool in kinds:
+        return "true|false"
+    if field.endswith("_s"):
+        return "S"
+    if field.endswith("_ms"):
+        return "MS"
+    if int in kinds or float in kinds:
+        return "N"
+    return field.split("_")[-1].upper()
+
+
+def _help(info: Any, group: str, field: str) -> str:
+    """A setting's docstring for --help: field names it mentions as their flags, code marks dropped."""
+    flags = {f: flag for flag, (_, f) in SERVE_FLAGS.items()}
+    text = re.sub(r"``(\w+)``", lambda m: flags.get(m.group(1), m.group(1)), info.description or "")
+    default = "unset" if info.default is None else info.default
+    return f"{text.replace('``', '')} [env {_env(group, field)}; default {default}]"
+
+
 def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     groups = Settings.model_fields
     for flag, (group, field) in SERVE_FLAGS.items():
         info = groups[group].annotation.model_fields[field]  # type: ignore[union-attr] (groups are models)
-        default = info.default
         parser.add_argument(
-            flag,
-            dest=f"{group}.{field}",
-            default=None,
-            metavar=field.split("_")[-1].upper(),
-            help=f"{info.description or ''} [env CONVRAY_{group.upper()}__{field.upper()}; default {default}]",
+            flag, dest=f"{group}.{field}", default=None, metavar=_metavar(field, info), help=_help(info, group, field)
         )
     parser.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+
+
+def settings_problems(error: ValidationError) -> list[str]:
+    """Each problem of invalid settings, named by its flag and environment variable, not by the model's field."""
+    by_field = {fields: flag for flag, fields in SERVE_FLAGS.items()}
+    problems = []
+    for item in error.errors(include_url=False):
+        where = tuple(str(part) for part in item["loc"][:2])
+        if where in by_field:
+            name = f"{by_field[where]} ({_env(*where)})"
+        else:  # a check across several settings
+            name = ".".join(where) or "settings"
+        given = (
+            f", got {item['input']!r}" if item["type"] != "value_error" and not isinstance(item["input"], dict) else ""
+        )
+        problems.append(f"{name}: {item['msg'].removeprefix('Value error, ')}{given}")
+    return problems
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -106,7 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        print(f"convray serve: invalid settings:\n{exc}", file=sys.stderr)
+        print("convray serve: invalid settings:\n  " + "\n  ".join(settings_problems(exc)), file=sys.stderr)
         return EXIT_USAGE
     if settings.server.frontends > 1:
         from convray.service.frontends import run_frontends
@@ -140,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "kernels" and args.stride < 1:
         print("convray kernels: --stride must be >= 1", file=sys.stderr)
         return EXIT_USAGE
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except BrokenPipeError:  # the reader of our output went away (`convray classify ... | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -292,10 +292,15 @@ def cmd_kernels(args: argparse.Namespace) -> int:
         print(f"convray kernels: {exc}", file=sys.stderr)
         return EXIT_USAGE
     signed = abs(sum(map(sum, KERNELS[args.kernel]))) < 1e-9  # weights sum to 0: an edge detector
-    Image.fromarray(response_image(response, signed)).save(args.out, format="PNG")
+    try:
+        Image.fromarray(response_image(response, signed)).save(args.out, format="PNG")
+    except OSError as exc:
+        print(f"convray kernels: cannot write --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     shown = "|response| scaled to its maximum" if signed else "clipped to 0..255"
+    padding_text = f"{args.padding} px padding" if isinstance(padding, int) else f"{args.padding} padding"
     print(
-        f"wrote {args.out}  {args.kernel} ({args.padding} padding, stride {args.stride}): "
+        f"wrote {args.out}  {args.kernel} ({padding_text}, stride {args.stride}): "
         f"{pixels.shape[2]}x{pixels.shape[1]} -> {response.shape[2]}x{response.shape[1]}, {shown}"
     )
     return EXIT_OK

@@ -7,6 +7,7 @@ only the listed formats are tried, and every failure becomes ``InvalidInput`` na
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -86,9 +87,11 @@ def decode_image(data: bytes, contract: InputContract, limits: DecodeLimits) -> 
     except UnidentifiedImageError:
         raise InvalidInput(f"not a decodable image; accepted formats: {', '.join(ACCEPTED_FORMATS)}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own, larger limit, met before ours could be checked: say ours, not Pillow's.
+        size = re.search(r"Image size \((\d+) pixels\)", str(exc))
+        pixels = f"{size.group(1)} pixels" if size else "larger than Pillow will open"
         raise InvalidInput(
-            f"image refused as a decompression bomb ({exc}); the limit is {limits.max_image_pixels} pixels "
-            "(--max-image-pixels)"
+            f"image is {pixels}, over the limit of {limits.max_image_pixels} (--max-image-pixels)"
         ) from None
     except MemoryError:
         raise

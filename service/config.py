@@ -131,7 +131,8 @@ class WorkerSettings(_Group):
     amp: Literal["none", "fp16", "bf16"] = "none"
     """Mixed precision for the forward pass: ``none``, ``bf16`` or ``fp16`` (GPU only)."""
     graph: Literal["auto", "frozen", "compiled", "eager"] = "auto"
-    """Forward pass: TorchScript ``frozen``, ``torch.compile``d, ``eager``; ``auto``: frozen, eager with ``amp``."""
+    """Forward pass: ``frozen`` (TorchScript), ``compiled`` (torch.compile), ``eager``; ``auto``: frozen, eager with
+    ``amp``."""
     max_restarts: int = Field(3, ge=-1)
     """Times Ray restarts a replica that died; -1 means without limit."""
     replica_start_timeout_s: float = Field(600.0, gt=0)

@@ -130,7 +130,11 @@ def exif_with_wrong_types() -> bytes:
     [
         (b"", "image is empty"),
         (b"hello, not an image", "not a decodable image; accepted formats: PNG, JPEG"),
-        (png_header_claiming(100_000, 100_000), r"10000000000 pixels.*--max-image-pixels"),
+        # Past Pillow's own limit too: only ours is quoted (found in review: both were, in one message)
+        (
+            png_header_claiming(100_000, 100_000),
+            r"^image is 10000000000 pixels, over the limit of 1000000 \(--max-image-pixels\)$",
+        ),
         (
             png_header_claiming(2000, 1000),
             r"2000x1000 = 2000000 pixels, over the limit of 1000000 \(--max-image",

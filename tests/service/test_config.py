@@ -107,3 +107,23 @@ def test_a_queue_smaller_than_a_batch_is_accepted_but_doubted():
         "--max-queue 4 is below --max-batch-size 8: batches can never fill, "
         "and requests of more than 4 images are always refused"
     ]
+
+
+def test_invalid_settings_are_named_by_their_flag_and_environment_variable(capsys):
+    """Found in a walkthrough: the error named the model's field (batching.dispatch_when_idle) and linked pydantic."""
+    from convray.service.cli import main
+
+    assert main(["serve", "--dispatch-when-idle", "maybe", "--port", "-5"]) == 2
+    err = capsys.readouterr().err
+    assert "--dispatch-when-idle (CONVRAY_BATCHING__DISPATCH_WHEN_IDLE): Input should be a valid boolean" in err
+    assert "got 'maybe'" in err and "--port (CONVRAY_SERVER__PORT)" in err
+    assert "errors.pydantic.dev" not in err
+
+
+def test_help_shows_what_each_value_looks_like():
+    from convray.service.cli import build_parser
+
+    serve = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("serve"))
+    text = serve.format_help()
+    assert "--transport direct|compiled-graph|actor-call" in text and "--dispatch-when-idle true|false" in text
+    assert "--drain-grace-s S" in text and "``" not in text
