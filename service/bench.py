@@ -89,6 +89,7 @@ class Measurement:
     images_per_request: int
     server: str = ""  # the HOST:PORT it drove
     started_at: float = 0.0  # time.time() when measuring began; processes on one machine share this clock
+    first_messages: dict[str, str] = field(default_factory=dict)  # an error code's first message (unary calls)
 
 
 @dataclass
@@ -107,6 +108,7 @@ class BenchReport:
     client_saturated: bool
     notes: list[str] = field(default_factory=list)
     per_server_requests_per_s: dict[str, float] = field(default_factory=dict)  # successful requests, by server
+    first_error_messages: dict[str, str] = field(default_factory=dict)  # by code: why, as the server said it
 
 
 def percentiles(values_ms: list[float]) -> dict[str, float]:
@@ -331,6 +333,7 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
         send = _Sender(config, channels, method)
         latencies: list[float] = []
         codes: Counter[str] = Counter()
+        first_messages: dict[str, str] = {}
         measuring = False
         budget = [config.requests or 0]  # measured requests still to start, with --requests
 
@@ -341,6 +344,8 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
                 codes[code] += 1
                 if code == "OK":
                     latencies.append((time.perf_counter() - started) * 1e3)
+                elif code not in first_messages and send.last_message:
+                    first_messages[code] = send.last_message
 
         def more() -> bool:
             """Whether to start another request: always, unless --requests is used up."""
@@ -384,7 +389,7 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
         wall = time.perf_counter() - wall_start
         cpu = _cpu_seconds() - cpu_start
         await send.close()
-    return Measurement(latencies, dict(codes), wall, cpu, images_per_request, config.server, started_at)
+    return Measurement(latencies, dict(codes), wall, cpu, images_per_request, config.server, started_at, first_messages)
 
 
 class _Sender:
@@ -399,6 +404,7 @@ class _Sender:
         # bytes in, bytes out: no (de)serialisation on the client
         self._unary = [channel.unary_unary(method) for channel in channels]
         self._streams: list[StreamCaller] = []
+        self.last_message = ""  # the details of the last unary call that failed
         if config.streaming:
             stream_method, code_of = STREAM_OF[method]
             self._streams = [
@@ -411,6 +417,7 @@ class _Sender:
         try:
             await self._unary[index % len(self._unary)](payload, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
+            self.last_message = exc.details() or ""
             return exc.code().name
         return "OK"
 
@@ -456,6 +463,9 @@ def report_of(config: BenchConfig, measurements: list[Measurement]) -> BenchRepo
         client_saturated=busiest > 0.9,
         notes=notes,
         per_server_requests_per_s={server: round(rate, 1) for server, rate in sorted(per_server.items())},
+        first_error_messages={
+            code: message for m in reversed(measurements) for code, message in m.first_messages.items()
+        },
     )
 
 
@@ -531,5 +541,6 @@ def format_report(report: BenchReport) -> str:
     if len(report.per_server_requests_per_s) > 1:
         shares = ", ".join(f"{server} {rate:,.1f}" for server, rate in report.per_server_requests_per_s.items())
         lines.append(f"  req/s by server: {shares}")
+    lines += [f"  first {code}: {message}" for code, message in sorted(report.first_error_messages.items())]
     lines += [f"  note: {note}" for note in report.notes]
     return "\n".join(lines)

@@ -390,7 +390,7 @@ def add_client_commands(commands: Any) -> None:
 
     classify = commands.add_parser("classify", help="classify image files", description=cmd_classify.__doc__)
     classify.add_argument("images", nargs="+", metavar="IMAGE")
-    classify.add_argument("--top-k", type=int, default=3)
+    classify.add_argument("--top-k", type=int, default=3, help="classes printed per image (default 3)")
     classify.add_argument("--model", default="", help="model name (default: the server's default model)")
     classify.add_argument("--version", type=int, default=0, help="model version (default: latest loaded)")
     classify.add_argument(

@@ -125,7 +125,9 @@ class ModelRegistry:
         errors = []
         names = self.repository.model_names()
         if not names:
-            errors.append(f"model repository {self.repository.root.resolve()} holds no model versions")
+            root = self.repository.root.resolve()
+            why = "holds no model versions" if root.is_dir() else "does not exist (--model-repo)"
+            errors.append(f"model repository {root} {why}")
         async with self._changing:
             for name in names:
                 if name in self._unloaded_by_request or self._served.get(name):

@@ -169,8 +169,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     # torch: too slow to import for every `convray` command just to print defaults in --help).
     for flag, options in TRAIN_FLAGS.items():
         parser.add_argument(flag, **{"dest": _field(flag), "default": None, **options})
-    parser.add_argument("--model-repo", default="models")
-    parser.add_argument("--model-name", default="digits")
+    parser.add_argument("--model-repo", default="models", help="repository to publish into (default: models)")
+    parser.add_argument("--model-name", default="digits", help="model to publish the next version of (default: digits)")
 
 
 def add_train_commands(commands: Any) -> None:

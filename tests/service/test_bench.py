@@ -155,6 +155,9 @@ def test_a_batch_larger_than_the_servers_maximum_is_counted_as_invalid_argument(
     )  # fmt: skip
     assert result.returncode == 1
     assert report["ok"] == 0 and report["errors"] == {"INVALID_ARGUMENT": 5}
+    # Why, as the server said it (found in a walkthrough: a run of nothing but errors never said what they were)
+    assert "1000" in report["first_error_messages"]["INVALID_ARGUMENT"]
+    assert "first INVALID_ARGUMENT: " in result.stdout
 
 
 def test_batches_need_the_oip_api():
