@@ -76,6 +76,12 @@ class BenchConfig:
     # Over the API's bidirectional stream instead of unary calls: one stream per concurrent caller (open loop:
     # ``concurrency`` streams, taken in turn), each answered in order.
     streaming: bool = False
+    # A server with TLS (``tls_ca``; mutual TLS adds ``tls_cert`` and ``tls_key``) or a bearer token: PEM and
+    # token files, read by each client process.
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token_file: str | None = None
 
 
 @dataclass
@@ -146,7 +152,27 @@ def load_images(config: BenchConfig) -> list[bytes]:
     return encoded
 
 
-async def build_payloads(config: BenchConfig, channel: grpc.aio.Channel) -> tuple[str, list[bytes], int]:
+def _credentials(config: BenchConfig) -> grpc.ChannelCredentials | None:
+    """TLS credentials from the config's PEM files; None for plaintext."""
+    if not (config.tls_ca or config.tls_cert):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(config.tls_ca).read_bytes() if config.tls_ca else None,
+        private_key=Path(config.tls_key).read_bytes() if config.tls_key else None,
+        certificate_chain=Path(config.tls_cert).read_bytes() if config.tls_cert else None,
+    )
+
+
+def _call_metadata(config: BenchConfig) -> tuple[tuple[str, str], ...]:
+    """The bearer token, as every call sends it; empty without one."""
+    if not config.token_file:
+        return ()
+    return (("authorization", f"Bearer {Path(config.token_file).read_text(encoding='utf-8').strip()}"),)
+
+
+async def build_payloads(
+    config: BenchConfig, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = ()
+) -> tuple[str, list[bytes], int]:
     """The RPC path, the serialised requests to cycle through, and images per request."""
     from convray.oip import inference_pb2 as oip
     from convray.v1 import classifier_pb2 as pb
@@ -178,8 +204,10 @@ async def build_payloads(config: BenchConfig, channel: grpc.aio.Channel) -> tupl
         request_serializer=oip.ModelMetadataRequest.SerializeToString,
         response_deserializer=oip.ModelMetadataResponse.FromString,
     )
-    metadata = await metadata_call(oip.ModelMetadataRequest(name=config.model), timeout=config.timeout_s)
-    shape = [batch, *list(next(t for t in metadata.inputs if t.name == "input").shape)[1:]]
+    described = await metadata_call(
+        oip.ModelMetadataRequest(name=config.model), timeout=config.timeout_s, metadata=metadata
+    )
+    shape = [batch, *list(next(t for t in described.inputs if t.name == "input").shape)[1:]]
     rng = np.random.default_rng(0)
     dtype = {"FP32": "<f4", "UINT8": "u1"}[config.datatype]
     for _ in range(16):
@@ -318,19 +346,28 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
     if config.connections > 1:  # grpc shares one connection among a process's channels to a target unless told
         options.append(("grpc.use_local_subchannel_pool", 1))
+    credentials = _credentials(config)
+    metadata = _call_metadata(config)
     async with contextlib.AsyncExitStack() as stack:
         channels = [
-            await stack.enter_async_context(grpc.aio.insecure_channel(config.server, options=options))
+            await stack.enter_async_context(
+                grpc.aio.insecure_channel(config.server, options=options)
+                if credentials is None
+                else grpc.aio.secure_channel(config.server, credentials, options=options)
+            )
             for _ in range(config.connections)
         ]
         try:
             await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), timeout=config.timeout_s)
         except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
-            raise TimeoutError(f"cannot reach a server at {config.server} within {config.timeout_s:g} s") from None
-        method, payloads, images_per_request = await build_payloads(config, channels[0])
+            hint = "" if credentials else " (a TLS server needs --tls-ca)"
+            raise TimeoutError(
+                f"cannot reach a server at {config.server} within {config.timeout_s:g} s{hint}"
+            ) from None
+        method, payloads, images_per_request = await build_payloads(config, channels[0], metadata)
         if start is not None:
             start.wait(timeout=config.timeout_s + 60)  # nothing else runs on this loop yet: blocking is fine
-        send = _Sender(config, channels, method)
+        send = _Sender(config, channels, method, metadata)
         latencies: list[float] = []
         codes: Counter[str] = Counter()
         first_messages: dict[str, str] = {}
@@ -399,8 +436,15 @@ class _Sender:
     unary calls take the channels in turn the same way, and stream ``j`` opens on channel ``j`` modulo theirs.
     """
 
-    def __init__(self, config: BenchConfig, channels: list[grpc.aio.Channel], method: str) -> None:
+    def __init__(
+        self,
+        config: BenchConfig,
+        channels: list[grpc.aio.Channel],
+        method: str,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self._timeout_s = config.timeout_s
+        self._metadata = metadata or None
         # bytes in, bytes out: no (de)serialisation on the client
         self._unary = [channel.unary_unary(method) for channel in channels]
         self._streams: list[StreamCaller] = []
@@ -408,14 +452,15 @@ class _Sender:
         if config.streaming:
             stream_method, code_of = STREAM_OF[method]
             self._streams = [
-                StreamCaller(channels[j % len(channels)], stream_method, code_of) for j in range(config.concurrency)
+                StreamCaller(channels[j % len(channels)], stream_method, code_of, metadata)
+                for j in range(config.concurrency)
             ]
 
     async def __call__(self, index: int, payload: bytes) -> str:
         if self._streams:
             return await self._streams[index % len(self._streams)](payload, self._timeout_s)
         try:
-            await self._unary[index % len(self._unary)](payload, timeout=self._timeout_s)
+            await self._unary[index % len(self._unary)](payload, timeout=self._timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             self.last_message = exc.details() or ""
             return exc.code().name

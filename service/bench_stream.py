@@ -49,8 +49,16 @@ class StreamCaller:
     DEADLINE_EXCEEDED and cancels the stream: every later reply on it would be matched to the wrong request.
     """
 
-    def __init__(self, channel: grpc.aio.Channel, method: str, code_of: Callable[[bytes], str]) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        method: str,
+        code_of: Callable[[bytes], str],
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        """``metadata``: sent with each stream it opens (a bearer token)."""
         self._multicallable = channel.stream_stream(method)  # bytes in, bytes out
+        self._metadata = metadata or None
         self._code_of = code_of
         self._call: grpc.aio.StreamStreamCall | None = None
         self._waiting: deque[asyncio.Future[str]] = deque()
@@ -63,7 +71,7 @@ class StreamCaller:
         reply = asyncio.get_running_loop().create_future()
         async with self._writing:
             if self._call is None:
-                self._call, self._waiting = self._multicallable(), deque()
+                self._call, self._waiting = self._multicallable(metadata=self._metadata), deque()
                 self._reader = asyncio.create_task(self._read(self._call, self._waiting))
             call = self._call
             self._waiting.append(reply)

@@ -315,6 +315,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         levels = concurrency_levels(args.concurrency)
         if len(levels) > 1 and args.rate is not None:
             raise ValueError("a sweep is of --concurrency levels; --rate runs open loop at one rate")
+        if problem := client_problem(args):
+            raise ValueError(problem)
         refused = [
             message
             for bad, message in (
@@ -344,7 +346,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         requests=args.requests, warmup_s=args.warmup, images=args.images,
         image_size=(int(width), int(height or width)), image_format=args.image_format.upper(),
         channels=args.channels, timeout_s=args.timeout, processes=args.processes or max(1, servers),
-        streaming=args.streaming, connections=args.connections,
+        streaming=args.streaming, connections=args.connections, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, token_file=args.token_file,
     )  # fmt: skip
     sweep = len(levels) > 1  # then a level gets no more client processes than requests in flight (one per server)
     configs = [
@@ -376,14 +379,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def add_client_commands(commands: Any) -> None:
     """Add classify, models, bench, explain and kernels to the ``convray`` sub-command parsers."""
 
-    def client_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--server", default="localhost:50051", help="HOST:PORT of a convray server")
-        p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
-        p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to wait for the server")
+    def security_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--tls-ca", default=None, help="PEM CA that signed the server's certificate (turns TLS on)")
         p.add_argument("--tls-cert", default=None, help="PEM client certificate, for mutual TLS")
         p.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
         p.add_argument("--token-file", default=None, help="file with the bearer token the server requires")
+
+    def client_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--server", default="localhost:50051", help="HOST:PORT of a convray server")
+        p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+        p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to wait for the server")
+        security_flags(p)
         p.add_argument("--retries", type=int, default=3, choices=range(5), metavar="0..4",
                        help="times a call refused as overloaded or unavailable is sent again, after the delay "
                             "the server advises (default 3)")  # fmt: skip
@@ -445,6 +451,7 @@ def add_client_commands(commands: Any) -> None:
     bench.add_argument("--image-format", default="png", help="format of generated images")
     bench.add_argument("--channels", type=int, default=1, choices=[1, 3], help="of generated images")
     bench.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    security_flags(bench)
     bench.add_argument("--json", default=None,
                        help="also write the report to this file (a sweep: {'levels': [reports]})")  # fmt: skip
     bench.set_defaults(run=cmd_bench)

@@ -360,7 +360,7 @@ def test_a_request_count_sends_exactly_that_many_at_any_concurrency(concurrency)
         (["--rate", "-5"], "--rate must be > 0"),  # sent unthrottled
         (["--requests", "-1"], "--requests must be >= 1, got -1"),  # ran for an hour
         (["--duration", "0"], "--duration must be > 0 s"),
-        (["--timeout", "0"], "--timeout must be > 0 s"),
+        (["--timeout", "0"], "--timeout must be > 0, got 0"),
         (["--processes", "0"], "--processes must be >= 1"),  # became the default
         (["--image-size", "abc"], "--image-size is WxH"),  # a traceback
         (["--image-format", "foo"], "--image-format must be one of BMP, GIF, JPEG, PNG, WEBP"),  # a traceback

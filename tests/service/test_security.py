@@ -2,6 +2,7 @@
 
 import datetime
 import ipaddress
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +177,20 @@ def test_the_cli_classifies_over_mutual_tls_with_a_token(secure_server, pki):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert '"label": "3"' in result.stdout
+
+
+@pytest.mark.parametrize("flags", [[], ["--streaming"]], ids=["unary", "streaming"])
+def test_bench_loads_a_server_over_mutual_tls_with_a_token(secure_server, pki, flags, tmp_path):
+    """Found in a walkthrough: bench had no TLS or token flags, and against a TLS server said it could not reach
+    it, 30 s later."""
+    out = tmp_path / "report.json"
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "convray"), "bench", "--server", f"localhost:{secure_server.server.port}",
+         "--tls-ca", str(pki["ca"]), "--tls-cert", str(pki["client"][0]), "--tls-key", str(pki["client"][1]),
+         "--token-file", str(pki["token"]), "--concurrency", "2", "--duration", "1", "--warmup", "0.2",
+         "--json", str(out), *flags],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["ok"] > 0 and report["errors"] == {}
