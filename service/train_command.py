@@ -164,11 +164,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+def _add_train_flags(parser: argparse.ArgumentParser, hidden: tuple[str, ...] = ()) -> None:
+    """Every TRAIN_FLAGS flag; those in ``hidden`` are parsed (to be refused with a reason) but not in --help."""
     # Unset flags stay None, so TrainConfig's defaults apply (shown in workers/train.py, which imports
     # torch: too slow to import for every `convray` command just to print defaults in --help).
     for flag, options in TRAIN_FLAGS.items():
-        parser.add_argument(flag, **{"dest": _field(flag), "default": None, **options})
+        shown = {"help": argparse.SUPPRESS} if flag in hidden else {}
+        parser.add_argument(flag, **{"dest": _field(flag), "default": None, **options, **shown})
     parser.add_argument("--model-repo", default="models", help="repository to publish into (default: models)")
     parser.add_argument("--model-name", default="digits", help="model to publish the next version of (default: digits)")
 
@@ -182,6 +184,6 @@ def add_train_commands(commands: Any) -> None:
     train.set_defaults(run=cmd_train)
 
     tune = commands.add_parser("tune", help="search hyperparameters, publish the best", description=cmd_tune.__doc__)
-    _add_train_flags(tune)
+    _add_train_flags(tune, hidden=("--resume", "--run-name"))  # a search names and starts its own trials
     tune.add_argument("--trials", type=int, default=8, help="configurations to try")
     tune.set_defaults(run=cmd_tune)
