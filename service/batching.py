@@ -35,7 +35,6 @@ class _Pending(Generic[T, R]):
     future: asyncio.Future[R]
     deadline: float | None  # time.monotonic() after which the caller no longer wants the answer
     enqueued_at: float = field(default_factory=time.monotonic)
-    batch: asyncio.Task[None] | None = None  # the batch it was taken into, once taken
 
 
 class Batcher(Generic[T, R]):
@@ -159,15 +158,13 @@ class Batcher(Generic[T, R]):
         )
 
     def _forget_if_cancelled(self, pending: _Pending[T, R], _future: object = None) -> None:
-        if not pending.future.cancelled():
-            return
-        if pending.batch is None:
+        # A running batch whose callers all left keeps its slot until its replica answers: the replica is still
+        # working on it, and freeing the slot would send it more than --batches-in-flight-per-replica.
+        if pending.future.cancelled():
             try:
                 self._queue.remove(pending)
             except ValueError:
-                pass  # taken into a batch being formed, which skips it
-        elif all(p.future.done() for p in self._running.get(pending.batch, ())):
-            pending.batch.cancel()  # every caller of a running batch gave up: free its slot, not wait for its replica
+                pass  # already taken into a batch, which skips it
 
     async def close(self) -> None:
         """Refuse new requests, finish every admitted one, then stop.
@@ -190,12 +187,16 @@ class Batcher(Generic[T, R]):
     def abort(self, reason: str) -> None:
         """Stop at once without draining (the replicas are gone).
 
-        Queued requests fail with ModelNotReady(``reason``); running batches are cancelled, their requests with them.
+        Every admitted request, queued or in a running batch, fails with ModelNotReady(``reason``); running batches
+        are cancelled.
         """
         self._closed = True
         if self._loop_task is not None:
             self._loop_task.cancel()
-        for task in list(self._running):
+        for task, batch in list(self._running.items()):
+            for pending in batch:  # UNAVAILABLE with the reason, so clients retry elsewhere; not CANCELLED
+                if not pending.future.done():
+                    pending.future.set_exception(ModelNotReady(reason))
             task.cancel()
         while self._queue:
             pending = self._queue.popleft()
@@ -216,8 +217,6 @@ class Batcher(Generic[T, R]):
                 continue
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._running[task] = batch
-            for pending in batch:
-                pending.batch = task
             task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:

@@ -38,6 +38,7 @@ from convray.service.bench_stream import (
     classify_stream_code,
     model_stream_infer_code,
 )
+from convray.service.credentials import bearer_metadata, channel_credentials
 
 CLASSIFY = "/convray.v1.Classifier/Classify"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -152,24 +153,6 @@ def load_images(config: BenchConfig) -> list[bytes]:
     return encoded
 
 
-def _credentials(config: BenchConfig) -> grpc.ChannelCredentials | None:
-    """TLS credentials from the config's PEM files; None for plaintext."""
-    if not (config.tls_ca or config.tls_cert):
-        return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=Path(config.tls_ca).read_bytes() if config.tls_ca else None,
-        private_key=Path(config.tls_key).read_bytes() if config.tls_key else None,
-        certificate_chain=Path(config.tls_cert).read_bytes() if config.tls_cert else None,
-    )
-
-
-def _call_metadata(config: BenchConfig) -> tuple[tuple[str, str], ...]:
-    """The bearer token, as every call sends it; empty without one."""
-    if not config.token_file:
-        return ()
-    return (("authorization", f"Bearer {Path(config.token_file).read_text(encoding='utf-8').strip()}"),)
-
-
 async def build_payloads(
     config: BenchConfig, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = ()
 ) -> tuple[str, list[bytes], int]:
@@ -279,7 +262,9 @@ def _measure_in_processes(parts: list[BenchConfig]) -> list[Measurement]:
     context = multiprocessing.get_context("spawn")  # not fork: grpc's threads do not survive a fork
     start = context.Barrier(len(parts))
     results = context.Queue()
-    children = [context.Process(target=_child, args=(part, start, results), daemon=True) for part in parts]
+    children = [
+        context.Process(target=_child, args=(i, part, start, results), daemon=True) for i, part in enumerate(parts)
+    ]
     for child in children:
         child.start()
     first = parts[0]
@@ -287,20 +272,23 @@ def _measure_in_processes(parts: list[BenchConfig]) -> list[Measurement]:
     deadline = time.monotonic() + budget_s
     measurements: list[Measurement] = []
     failures: list[tuple[str, str]] = []  # (exception type name, message)
+    reported: set[int] = set()
     try:
         while len(measurements) + len(failures) < len(children):  # each child reports exactly once
             try:
-                outcome = results.get(timeout=1.0)
+                index, outcome = results.get(timeout=1.0)
             except queue.Empty:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"client processes did not finish within {budget_s:.0f} s") from None
                 # A child that died without a word (killed, out of memory) would otherwise be waited for to the end.
-                dead = [c for c in children if not c.is_alive() and c.exitcode != 0]
-                if dead and results.empty():
+                # (One that died after reporting, e.g. in grpc's teardown, has said what it had to.)
+                silent = [c for i, c in enumerate(children) if i not in reported and c.exitcode not in (None, 0)]
+                if silent:
                     raise RuntimeError(
-                        f"a client process died (exit code {dead[0].exitcode}) before reporting its measurement"
+                        f"a client process died (exit code {silent[0].exitcode}) before reporting its measurement"
                     ) from None
                 continue
+            reported.add(index)
             if isinstance(outcome, Measurement):
                 measurements.append(outcome)
             else:
@@ -319,18 +307,20 @@ def _measure_in_processes(parts: list[BenchConfig]) -> list[Measurement]:
     return measurements
 
 
-def _child(config: BenchConfig, start: threading.Barrier, results: multiprocessing.Queue) -> None:
-    """A client process: measure, put the ``Measurement`` (or the error's type and message) on ``results``.
+def _child(index: int, config: BenchConfig, start: threading.Barrier, results: multiprocessing.Queue) -> None:
+    """Client process ``index``: measure, and put ``(index, outcome)`` on ``results``.
+
+    The outcome is the ``Measurement``, or the error's type and message.
 
     It ends with its parent: a parent killed mid-run would otherwise leave it sending load for the whole run.
     """
     # Also the way out of exiting while the result is stuck in a full pipe no one reads any more.
     threading.Thread(target=_exit_when_orphaned, args=(multiprocessing.parent_process(),), daemon=True).start()
     try:
-        results.put(asyncio.run(measure(config, start)))
+        results.put((index, asyncio.run(measure(config, start))))
     except BaseException as exc:  # noqa: BLE001 (reported to the parent, which raises it)
         start.abort()  # the others must not wait for this one at the start line
-        results.put((type(exc).__name__, str(exc) or type(exc).__name__))
+        results.put((index, (type(exc).__name__, str(exc) or type(exc).__name__)))
 
 
 def _exit_when_orphaned(parent: multiprocessing.process.BaseProcess | None) -> None:
@@ -346,8 +336,8 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
     if config.connections > 1:  # grpc shares one connection among a process's channels to a target unless told
         options.append(("grpc.use_local_subchannel_pool", 1))
-    credentials = _credentials(config)
-    metadata = _call_metadata(config)
+    credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
+    metadata = bearer_metadata(config.token_file)
     async with contextlib.AsyncExitStack() as stack:
         channels = [
             await stack.enter_async_context(

@@ -79,13 +79,11 @@ def _channel(args: argparse.Namespace) -> Any:
     """A channel to ``args.server`` (TLS when a CA or client certificate is given), or None if unreachable."""
     import grpc
 
+    from convray.service.credentials import channel_credentials
+
     options = retry_options(args.retries)
-    if args.tls_ca or args.tls_cert:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
-            private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
-            certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
-        )
+    credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    if credentials is not None:
         channel = grpc.secure_channel(args.server, credentials, options=options)
     else:
         channel = grpc.insecure_channel(args.server, options=options)
@@ -103,9 +101,9 @@ def _channel(args: argparse.Namespace) -> Any:
 
 def _call_metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The bearer token from --token-file as call metadata, if one is given."""
-    if not args.token_file:
-        return []
-    return [("authorization", f"Bearer {Path(args.token_file).read_text(encoding='utf-8').strip()}")]
+    from convray.service.credentials import bearer_metadata
+
+    return list(bearer_metadata(args.token_file))
 
 
 def cmd_classify(args: argparse.Namespace) -> int:

@@ -68,7 +68,7 @@ class ServerSettings(_Group):
         if self.frontends == 1:
             return self
         if self.port == 0 or self.health_port == 0:
-            raise ValueError("frontends > 1 needs fixed ports: with 0 each front end would pick its own")
+            raise ValueError("--frontends above 1 needs fixed ports: with 0 each front end would pick its own")
         if self.metrics_port:
             first, last = self.metrics_port, self.metrics_port + self.frontends - 1
             if last > 65535:
@@ -143,7 +143,7 @@ class WorkerSettings(_Group):
     @model_validator(mode="after")
     def _graph_fits_amp(self) -> WorkerSettings:
         if self.graph == "frozen" and self.amp != "none":
-            raise ValueError(f"graph 'frozen' does not combine with amp {self.amp!r}; use 'compiled' or 'eager'")
+            raise ValueError(f"--graph frozen does not combine with --amp {self.amp}; use --graph compiled or eager")
         return self
 
 
@@ -183,9 +183,9 @@ class SecuritySettings(_Group):
     @model_validator(mode="after")
     def _complete(self) -> SecuritySettings:
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key must be given together")
+            raise ValueError("--tls-cert and --tls-key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         return self
 
 
@@ -231,7 +231,7 @@ class Settings(BaseSettings):
     def _ports_differ(self) -> Settings:
         server = self.server
         if server.metrics_port and server.metrics_port == server.port:
-            raise ValueError(f"server.metrics_port must differ from server.port (both {server.port})")
+            raise ValueError(f"--metrics-port must differ from --port (both {server.port})")
         if server.health_port and server.health_port in (server.port, server.metrics_port):
-            raise ValueError(f"server.health_port {server.health_port} must differ from the gRPC and metrics ports")
+            raise ValueError(f"--health-port {server.health_port} must differ from --port and --metrics-port")
         return self

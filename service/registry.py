@@ -17,6 +17,7 @@ from convray.service.inference import BatchRunner, Job, JobResult
 from convray.service.metrics import Metrics
 from convray.service.pacing import LoopLoad, OverlapAdvisor
 from convray.service.statistics import ModelStatistics
+from convray.workers.cluster import started_here
 from convray.workers.pool import ReplicaOptions, ReplicaPool, ReplicasNotPlaced, take_outcome
 from convray.workers.repository import ModelLoadError, ModelMetadata, ModelRepository
 
@@ -68,7 +69,7 @@ class ModelRegistry:
             graph=workers.graph,
             max_restarts=workers.max_restarts,
             start_timeout_s=workers.replica_start_timeout_s,
-            fixed_cluster=workers.ray_address is None,  # an embedded Ray: no node can join
+            fixed_cluster=started_here(workers.ray_address),  # an embedded Ray: no node can join
             transport=workers.transport,
             batches_in_flight_per_replica=batching.batches_in_flight_per_replica,
             max_batch_size=batching.max_batch_size,

@@ -12,6 +12,7 @@ moment the port opens until shutdown, whatever Ray does, for liveness probes.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import os
@@ -198,15 +199,18 @@ def _refuse_if_taken(address: str, what: str, shared: bool) -> None:
     except (OSError, ValueError):
         return  # grpc reports an address it cannot resolve itself
     for family, kind, protocol, _, sockaddr in resolved:
-        with socket.socket(family, kind, protocol) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does: TIME_WAIT is no obstacle
-            if shared and hasattr(socket, "SO_REUSEPORT"):
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
+        try:
+            with socket.socket(family, kind, protocol) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does: TIME_WAIT is no obstacle
+                if shared and hasattr(socket, "SO_REUSEPORT"):
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 probe.bind(sockaddr)
-            except OSError as exc:
+        except OSError as exc:
+            # Only a port someone else holds: an address this machine cannot use at all (::1 where IPv6 is off,
+            # though /etc/hosts names it) grpc skips, as it always has, and serves on the others.
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
                 raise StartupError(
                     f"could not bind {what} to {address}: {sockaddr[0]} port {port} is in use or not permitted ({exc})"
                 ) from None

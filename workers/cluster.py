@@ -34,6 +34,28 @@ def connect(address: str | None, num_cpus: int | None = None, log_to_driver: boo
     return str(ray.get_runtime_context().gcs_address)
 
 
+def shortfall(count: int, each: dict[str, float]) -> tuple[str, float, float] | None:
+    """The first resource the connected cluster has too little of in all for ``count`` actors asking ``each``.
+
+    ``each`` is e.g. {"CPU": 1, "GPU": 0}; the answer is (resource, asked in all, the cluster's total), or None
+    if all fit. Only final on a Ray no node can join (an embedded one): elsewhere an autoscaler may add nodes.
+    """
+    total = ray.cluster_resources()
+    for resource, per_actor in each.items():
+        asked, has = count * per_actor, total.get(resource, 0.0)
+        if asked > has:
+            return resource, asked, has
+    return None
+
+
+def started_here(address: str | None) -> bool:
+    """Whether ``connect(address)`` starts (or started) an embedded Ray rather than joining one.
+
+    So when no address is given, here or in RAY_ADDRESS (which ``ray.init`` honours too).
+    """
+    return not (address or os.environ.get("RAY_ADDRESS"))
+
+
 @contextlib.contextmanager
 def own_sigterm_handler() -> Iterator[None]:
     """While Ray starts on this thread, keep this process's SIGTERM handler instead of taking Ray's.

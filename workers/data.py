@@ -111,6 +111,12 @@ def load_npz(path: str) -> ImageDataset:
     return ImageDataset(images, numbers, names)
 
 
+def check_folder(root: str) -> None:
+    """Raise ValueError if ``root`` is a local path and not a folder (a URI is Ray Data's to check)."""
+    if "://" not in root and not Path(root).is_dir():
+        raise ValueError(f"{root}: no such folder (expected {root}/<class>/<image>)")
+
+
 def load_folder(root: str, colour_mode: str = "RGB", image_size: int | None = None) -> ImageDataset:
     """``root/<class>/<image>`` read with Ray Data (``read_images``), each image's class its parent folder.
 
@@ -122,8 +128,7 @@ def load_folder(root: str, colour_mode: str = "RGB", image_size: int | None = No
     import ray.data
 
     size = (image_size, image_size) if image_size else None
-    if "://" not in root and not Path(root).is_dir():
-        raise ValueError(f"{root}: no such folder (expected {root}/<class>/<image>)")
+    check_folder(root)
     ds = ray.data.read_images(root, mode=colour_mode, size=size, include_paths=True, file_extensions=IMAGE_EXTENSIONS)
     # Sorted by path: Ray Data yields rows in whatever order its read tasks finish, and the held-out split,
     # the normalisation statistics and so the weights must be the same for the same seed.

@@ -47,7 +47,8 @@ HANDSHAKE_TIMEOUT_S = 5.0
 MAX_HANDSHAKING = 64
 """Connections a listener holds before they have shown the token; past it new ones are closed at once, so a
 flood of connections that never authenticate costs a bounded number of threads (each is dropped after the
-handshake timeout). The front end's own connections stay open between batches and are not counted."""
+handshake timeout). The front end's open connections are not counted, but a new one it opens during a flood is
+refused too: the pool then sends that replica's batches by plain Ray calls until the channel opens again."""
 _SHAPE = struct.Struct("<4I")
 _STATUS = struct.Struct("<B")
 _OK_HEAD = struct.Struct("<dQQ2I")

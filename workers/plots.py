@@ -73,8 +73,8 @@ LABELLED_CELL_PX = 20  # cells smaller than this carry no counts or class names
 def confusion_png(confusion: Sequence[Sequence[int]], labels: Sequence[str], cell_px: int = 36) -> bytes:
     """The confusion matrix as a grid (rows: true class, columns: predicted), darker for more images.
 
-    With many classes the cells shrink to keep the grid within ``MAX_GRID_PX``, and below ``LABELLED_CELL_PX``
-    the grid is shading only.
+    With many classes the cells shrink to keep the grid within ``MAX_GRID_PX`` (one pixel a class past that many
+    classes), and below ``LABELLED_CELL_PX`` the grid is shading only.
     """
     classes = len(labels)
     cell_px = min(cell_px, max(1, MAX_GRID_PX // max(classes, 1)))

@@ -24,6 +24,7 @@ import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayChannelError, RayTaskError
 
+from convray.workers.cluster import shortfall
 from convray.workers.compiled import CompiledRun
 from convray.workers.direct import DirectChannel, ReplicaUnreachable, new_token
 from convray.workers.explain import CamChoice, Explanation
@@ -266,6 +267,8 @@ class ReplicaPool:
         started = time.perf_counter()
         index = self._least_busy()
         retried = False
+        if index in self._unwell and index in self._probes:  # none is well: wait for this one, as a retry would
+            await self._wait_for_restart(index, None)
         try:
             reply = await self._run_on(index, pixels)
         except REPLICA_LOST as exc:
@@ -276,13 +279,7 @@ class ReplicaPool:
             self._reopen_later(index)
             lost, index = index, self._least_busy(avoid=index)
             if index == lost and lost in self._probes:  # alone: its retry waits until Ray has restarted it
-                try:
-                    await asyncio.wait_for(asyncio.shield(self._probes[lost]), LONE_RETRY_WAIT_S)
-                except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
-                    raise ReplicaUnreachable(
-                        f"replica {self.replica_name(lost)} was lost and is not running again after "
-                        f"{LONE_RETRY_WAIT_S:g} s; retry"
-                    ) from exc
+                await self._wait_for_restart(lost, exc)
             reply = await self._run_on(index, pixels)
             retried = True
         if self._unwell:
@@ -297,6 +294,20 @@ class ReplicaPool:
             reply.gpu_memory_reserved_bytes,
             retried,
         )
+
+    async def _wait_for_restart(self, index: int, cause: BaseException | None) -> None:
+        """Wait, at most ``LONE_RETRY_WAIT_S``, for the probe of lost replica ``index`` to find it running again.
+
+        Raises:
+            ReplicaUnreachable: it is not back in time.
+        """
+        try:
+            await asyncio.wait_for(asyncio.shield(self._probes[index]), LONE_RETRY_WAIT_S)
+        except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
+            raise ReplicaUnreachable(
+                f"replica {self.replica_name(index)} was lost and is not running again after "
+                f"{LONE_RETRY_WAIT_S:g} s; retry"
+            ) from cause
 
     def _least_busy(self, avoid: int | None = None) -> int:
         """The replica for the next call: the least busy well one (ties round-robin).
@@ -432,8 +443,10 @@ class ReplicaPool:
             try:  # answers once Ray restarted it; a restart Ray cannot place (no room, node gone) never answers
                 return await asyncio.wait_for(self._actors[index].describe.remote(), self._start_timeout_s)
             except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
-                log.error("replica %s: not running again %g s after it was lost", self.replica_name(index),
-                          self._start_timeout_s)  # fmt: skip
+                log.error("replica %s: not running again %g s after it was lost; replacing it",
+                          self.replica_name(index), self._start_timeout_s)  # fmt: skip
+                with contextlib.suppress(Exception):  # else its pending restart would compete with the replacement
+                    ray.kill(self._actors[index], no_restart=True)
                 return None
             except ActorDiedError:  # a call to an actor Ray is restarting waits; to one it will not, fails at once
                 died += 1
@@ -458,6 +471,10 @@ class ReplicaPool:
         actor = self._start_replica()
         try:
             described = await asyncio.wait_for(actor.describe.remote(), self._start_timeout_s)
+        except asyncio.CancelledError:  # the pool shuts down meanwhile: leave no replica behind
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+            raise
         except Exception as exc:  # noqa: BLE001 (whatever kept it from starting, the others serve meanwhile)
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
@@ -531,16 +548,15 @@ def _refuse_what_cannot_fit(name: str, version: int, options: ReplicaOptions) ->
     Raises:
         ModelLoadError: naming the resource, the ask and the cluster's total.
     """
-    total = ray.cluster_resources()
-    for resource, per_replica in (("CPU", options.cpus_per_replica), ("GPU", options.gpus_per_replica)):
-        asked, has = options.replicas * per_replica, total.get(resource, 0.0)
-        if asked > has:
-            raise ModelLoadError(
-                f"{options.replicas} replica(s) of {name} version {version} ask Ray for {asked:g} {resource} in all "
-                f"({per_replica:g} each) and this Ray has {has:g}, and no node can join it: lower "
-                f"--{resource.lower()}s-per-replica or --replicas"
-                + (", or run on a machine with a GPU" if resource == "GPU" else "")
-            )
+    each = {"CPU": options.cpus_per_replica, "GPU": options.gpus_per_replica}
+    if (short := shortfall(options.replicas, each)) is not None:
+        resource, asked, has = short
+        raise ModelLoadError(
+            f"{options.replicas} replica(s) of {name} version {version} ask Ray for {asked:g} {resource} in all "
+            f"({each[resource]:g} each) and this Ray has {has:g}, and no node can join it: lower "
+            f"--{resource.lower()}s-per-replica or --replicas"
+            + (", or run on a machine with a GPU" if resource == "GPU" else "")
+        )
 
 
 def take_outcome(future: asyncio.Future[Any]) -> None:

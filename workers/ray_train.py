@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from convray.workers.cluster import started_here
 from convray.workers.models import CNN, build_model
 from convray.workers.progress import EpochProgress
 from convray.workers.train import RUN_FIELDS, TrainConfig, TrainingData, changed_run_settings, epoch_line, train_loop
@@ -147,10 +148,14 @@ def check_not_published(config: TrainConfig) -> None:
     """
     marker = Path(config.storage_path) / str(config.run_name) / PUBLISHED_FILE
     if marker.exists():
-        published = json.loads(marker.read_text(encoding="utf-8"))
+        try:
+            published = json.loads(marker.read_text(encoding="utf-8"))
+            version = f"as {published['model']} version {published['version']}"
+        except (ValueError, KeyError, TypeError):  # a damaged marker still marks a finished run
+            version = f"(its {PUBLISHED_FILE} is unreadable)"
         raise ValueError(
-            f"run {config.run_name} is finished and was published as {published['model']} version "
-            f"{published['version']}; leave out --resume and --run-name to train a new run"
+            f"run {config.run_name} is finished and was published {version}; leave out --resume and --run-name "
+            "to train a new run"
         )
 
 
@@ -319,20 +324,17 @@ def refuse_what_cannot_fit(config: TrainConfig) -> None:
     Raises:
         ValueError: naming the resource, the ask and what this Ray has.
     """
-    import ray
+    from convray.workers.cluster import shortfall
 
-    total = ray.cluster_resources()
-    for resource, each, flag in (
-        ("CPU", config.cpus_per_worker, "--cpus-per-worker"),
-        ("GPU", int(config.gpu), "--gpu"),
-    ):
-        asked, has = config.workers * each, total.get(resource, 0.0)
-        if asked > has:
-            raise ValueError(
-                f"{config.workers} Ray Train worker(s) ask for {asked:g} {resource} in all ({each:g} each) and this "
-                f"local Ray has {has:g}, and no node can join it: lower --workers or {flag}"
-                + (", or run on a machine with a GPU" if resource == "GPU" else "")
-            )
+    each = {"CPU": config.cpus_per_worker, "GPU": float(config.gpu)}
+    if (short := shortfall(config.workers, each)) is not None:
+        resource, asked, has = short
+        flag = "--cpus-per-worker" if resource == "CPU" else "--gpu"
+        raise ValueError(
+            f"{config.workers} Ray Train worker(s) ask for {asked:g} {resource} in all ({each[resource]:g} each) "
+            f"and this local Ray has {has:g}, and no node can join it: lower --workers or {flag}"
+            + (", or run on a machine with a GPU" if resource == "GPU" else "")
+        )
 
 
 def load_state(checkpoint: Any) -> dict[str, Any]:
@@ -356,7 +358,7 @@ def fit(
     """
     for name, value in FAST_START_ENV.items():
         os.environ.setdefault(name, value)
-    if not config.ray_address:
+    if started_here(config.ray_address):
         refuse_what_cannot_fit(config)
     started = time.monotonic()
     config = replace(config, run_name=config.run_name or choose_run_name(config, "run"))

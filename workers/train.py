@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from convray.workers.data import ImageDataset, load_dataset
+from convray.workers.data import ImageDataset, check_folder, load_dataset
 from convray.workers.models import CNN, build_model
 from convray.workers.progress import EpochProgress
 from convray.workers.repository import InputContract, ModelMetadata, ModelRepository, Normalisation
@@ -447,9 +447,7 @@ def _connect_and_prepare_data(config: TrainConfig) -> TrainingData:
     from convray.workers import cluster
 
     if config.dataset.startswith("folder:"):
-        folder = config.dataset.removeprefix("folder:")
-        if "://" not in folder and not Path(folder).is_dir():  # before Ray starts, not after
-            raise ValueError(f"{folder}: no such folder (expected {folder}/<class>/<image>)")
+        check_folder(config.dataset.removeprefix("folder:"))  # before Ray starts, not after
         cluster.connect(config.ray_address, log_to_driver=True)
         return prepare_data(config)
 

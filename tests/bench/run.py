@@ -238,45 +238,48 @@ def bench(
     handle, name = tempfile.mkstemp(suffix=".json")
     os.close(handle)
     out = Path(name)
-    finished = subprocess.run(
-        [
-            *convray_command(),
-            "bench",
-            "--server",
-            ",".join(f"127.0.0.1:{port}" for port in ports),
-            "--api",
-            "oip",
-            "--payload",
-            "tensor",
-            "--datatype",
-            datatype,
-            "--batch-size",
-            str(batch_size),
-            "--processes",
-            str(max(processes if concurrency >= processes else 1, len(ports))),
-            "--model",
-            model,
-            "--concurrency",
-            str(concurrency),
-            "--duration",
-            str(seconds),
-            "--warmup",
-            str(warmup),
-            "--json",
-            str(out),
-            *(["--streaming"] if streaming else []),
-            "--connections",
-            str(connections),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        start_new_session=True,  # its client processes go with it if it has to be killed
-    )
     try:
+        finished = subprocess.run(
+            [
+                *convray_command(),
+                "bench",
+                "--server",
+                ",".join(f"127.0.0.1:{port}" for port in ports),
+                "--api",
+                "oip",
+                "--payload",
+                "tensor",
+                "--datatype",
+                datatype,
+                "--batch-size",
+                str(batch_size),
+                "--processes",
+                str(max(processes if concurrency >= processes else 1, len(ports))),
+                "--model",
+                model,
+                "--concurrency",
+                str(concurrency),
+                "--duration",
+                str(seconds),
+                "--warmup",
+                str(warmup),
+                "--json",
+                str(out),
+                *(["--streaming"] if streaming else []),
+                "--connections",
+                str(connections),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,  # on a timeout run() kills bench; its client processes exit when they see it gone
+        )
         if finished.returncode != 0 or not out.stat().st_size:
             raise RuntimeError(f"convray bench exited {finished.returncode}: {finished.stdout}{finished.stderr}")
         return json.loads(out.read_text())
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"convray bench did not finish in {exc.timeout:g} s") from None
+    except ValueError as exc:  # its JSON report is unreadable
+        raise RuntimeError(f"convray bench wrote an unreadable report: {exc}") from None
     finally:
         out.unlink(missing_ok=True)
 

@@ -71,9 +71,9 @@ def test_no_metrics_disables_the_endpoint():
         (["--port", "70000"], "port"),
         (["--device", "tpu"], "device"),
         (["--transport", "grpc"], "transport"),
-        (["--port", "9100"], "metrics_port must differ from server.port"),
+        (["--port", "9100"], "--metrics-port must differ from --port"),
         (["--graph", "jit"], "graph"),
-        (["--graph", "frozen", "--amp", "bf16"], "graph 'frozen' does not combine with amp 'bf16'"),
+        (["--graph", "frozen", "--amp", "bf16"], "--graph frozen does not combine with --amp bf16"),
     ],
 )
 def test_invalid_values_are_refused_naming_the_field(argv, message):

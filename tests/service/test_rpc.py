@@ -78,14 +78,22 @@ async def test_a_callers_error_is_logged_at_debug_and_a_server_side_one_at_warni
     async def not_ready() -> str:
         raise ModelNotReady("draining")
 
+    async def timed_out_inside() -> str:
+        raise TimeoutError("GCS did not answer")
+
     with caplog.at_level(logging.DEBUG, logger="convray.service.rpc"):
         await observer.item("ModelInfer", "digits", _fails)
         await observer.item("ModelInfer", "digits", not_ready)
+        await observer.item("ModelInfer", "digits", timed_out_inside)
 
     levels = {record.getMessage(): record.levelno for record in caplog.records}
     assert levels == {
         "ModelInfer failed: INVALID_ARGUMENT bad pixels": logging.DEBUG,
         "ModelInfer failed: UNAVAILABLE draining": logging.WARNING,
+        # a wait inside the server: a warning saying so, not an error with a traceback
+        "ModelInfer failed: UNAVAILABLE timed out inside the server (TimeoutError: GCS did not answer); retry": (
+            logging.WARNING
+        ),
     }
 
 

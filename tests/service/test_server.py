@@ -203,6 +203,19 @@ async def test_a_host_whose_port_is_taken_on_one_of_its_addresses_refuses_to_sta
             await ConvrayServer(settings).start()
 
 
+def test_an_address_this_machine_cannot_use_is_left_to_grpc_to_skip_not_refused(monkeypatch):
+    """Found in review: ::1 where IPv6 is off (though /etc/hosts names it for localhost) failed the start-up
+    check, although grpc skips it and serves on 127.0.0.1 as it always had."""
+    import socket
+
+    from convray.service import server
+
+    free = socket.getaddrinfo("127.0.0.1", 0, type=socket.SOCK_STREAM)
+    unusable = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.55", 50999))]  # not this machine's
+    monkeypatch.setattr(server.socket, "getaddrinfo", lambda *args, **kwargs: unusable + free)
+    server._refuse_if_taken("localhost:50999", "gRPC", shared=False)  # no StartupError
+
+
 async def test_a_second_server_on_a_port_in_use_refuses_to_start(served, tmp_path):
     from convray.service.server import ConvrayServer, StartupError
     from tests.conftest import server_settings

@@ -120,7 +120,8 @@ async def test_a_batch_or_explain_call_for_an_unloaded_version_is_replica_unreac
 
 
 class RestartNeverPlaced(StandInActor):
-    """An actor lost once whose restart Ray can never place: its calls fail, then ``describe`` waits for ever."""
+    """An actor lost once whose restart Ray can never place: its first call fails, and later calls (``run`` and
+    ``describe``) wait for ever, as Ray holds calls to an actor it is restarting."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -128,11 +129,19 @@ class RestartNeverPlaced(StandInActor):
 
     @property
     def run(self):
-        def lost(pixels):
-            self.lost = True
-            raise ActorDiedError()
+        actor = self
 
-        return self._Method(lost)
+        class Run:
+            def remote(self, pixels):
+                async def call():
+                    if actor.lost:
+                        await asyncio.Event().wait()
+                    actor.lost = True
+                    raise ActorDiedError()
+
+                return call()
+
+        return Run()
 
     @property
     def describe(self):
@@ -149,6 +158,9 @@ async def test_a_lone_replicas_lost_batch_waits_for_its_restart_only_so_long_the
     monkeypatch.setattr(pool_module, "LONE_RETRY_WAIT_S", 0.5)
     replacement = StandInActor()
     pool = ReplicaPool("digits", 1, [RestartNeverPlaced()], start_replica=lambda: replacement, start_timeout_s=2.0)
+    with pytest.raises(ReplicaUnreachable, match="not running again after 0.5 s; retry"):
+        await asyncio.wait_for(pool.predict(BATCH), 5)
+    # A later batch finds no well replica: it waits as boundedly, not for ever on the restarting actor.
     with pytest.raises(ReplicaUnreachable, match="not running again after 0.5 s; retry"):
         await asyncio.wait_for(pool.predict(BATCH), 5)
     for _ in range(100):  # the probe gives up after the start timeout and a new replica takes the place
