@@ -19,7 +19,10 @@ install: $(VENV)/.installed $(STUBS)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet '$(TORCH)' --extra-index-url $(TORCH_INDEX)
+	# torch alone from TORCH_INDEX, then its dependencies from the usual indexes: asking TORCH_INDEX for each of
+	# them costs a retry cycle apiece where it cannot be reached (offline CI with the wheel on disk).
+	$(PY) -m pip install --quiet --no-deps '$(TORCH)' --extra-index-url $(TORCH_INDEX)
+	$(PY) -m pip install --quiet '$(TORCH)'
 	$(PY) -m pip install --quiet -e '.[dev,train]'
 	touch $@
 
