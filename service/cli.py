@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import re
+import select
 import sys
 import typing
 from typing import Any, Literal
@@ -188,13 +189,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except BrokenPipeError:
-        try:
-            sys.stdout.flush()
-        except BrokenPipeError:  # the reader of our output went away (`convray classify ... | head`): stop quietly
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
-            return EXIT_FAILED
-        raise  # another pipe or socket than our output
+        if not _stdout_reader_gone():
+            raise  # another pipe or socket than our output
+        # The reader of our output went away (`convray classify ... | head`): stop quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return EXIT_FAILED
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll here (Windows), or stdout replaced or closed
+        return False
 
 
 if __name__ == "__main__":

@@ -85,3 +85,26 @@ def test_kernels_refuses_bad_usage(tmp_path):
     assert result.returncode == 2 and "--padding must be same, valid or a number" in result.stderr
     result = run_cli("kernels", str(tmp_path / "missing.png"), "--kernel", "sobel-x", "--out", str(tmp_path / "x.png"))
     assert result.returncode == 1 and "cannot read as an image" in result.stderr
+
+
+def test_kernels_to_a_folder_that_does_not_exist_is_a_usage_error(tmp_path):
+    """Found in a walkthrough: a FileNotFoundError traceback."""
+    result = run_cli("kernels", DIGIT_3, "--kernel", "laplacian", "--out", str(tmp_path / "no-such" / "k.png"))
+    assert result.returncode == 2
+    assert "convray kernels: cannot write --out" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_output_to_a_reader_that_went_away_ends_quietly(tmp_path):
+    """Found in a walkthrough: `convray classify ... --json | head -1` ended in a BrokenPipeError traceback."""
+    import subprocess
+
+    from tests.e2e.test_cli import CONVRAY
+
+    child = subprocess.Popen(
+        [str(CONVRAY), "kernels", DIGIT_3, "--kernel", "sobel-x", "--out", str(tmp_path / "k.png")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    child.stdout.close()  # the reader goes away before the line is written
+    stderr = child.stderr.read().decode()
+    assert child.wait(60) == 1
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
