@@ -140,24 +140,41 @@ def _ports_taken(settings: Settings) -> str | None:
     of its connections. A bind without it fails wherever anything listens, so it is tried once first.
     """
     server = settings.server
-    host = server.host.strip("[]")  # gRPC's "[::]" is getaddrinfo's "::"
     for port in (server.port, server.health_port):
         if not port:
             continue
         try:
-            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            failures = bind_failures(server.host, port)
         except OSError as exc:
             return f"cannot resolve --host {server.host}: {exc}"
-        for family, kind, proto, _, address in addresses:
+        if failures:
+            return f"cannot serve on {server.host}:{port}: {failures[0][1].strerror} (another server there?)"
+    return None
+
+
+def bind_failures(host: str, port: int, reuse_port: bool = False) -> list[tuple[str, OSError]]:
+    """Each address ``host`` resolves to on which ``port`` cannot be bound now, with the error.
+
+    Each is probed as grpc binds (SO_REUSEADDR; IPv6 only on IPv6 addresses; SO_REUSEPORT with ``reuse_port``)
+    and closed at once. ``host`` may be in gRPC's spelling ("[::]").
+
+    Raises:
+        OSError: ``host`` does not resolve.
+    """
+    failures = []
+    resolved = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    for family, kind, proto, _, address in resolved:
+        try:
             with socket.socket(family, kind, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does: TIME_WAIT is no obstacle
+                if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                try:
-                    probe.bind(address)
-                except OSError as exc:
-                    return f"cannot serve on {server.host}:{port}: {exc.strerror} (another server there?)"
-    return None
+                probe.bind(address)
+        except OSError as exc:
+            failures.append((address[0], exc))
+    return failures
 
 
 def _unreadable_security_files(settings: Settings) -> str | None:

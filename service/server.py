@@ -18,7 +18,6 @@ import logging
 import os
 import platform
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from convray.oip import inference_pb2, inference_pb2_grpc
 from convray.service import __version__
 from convray.service.config import ServerSettings, Settings, WorkerSettings
 from convray.service.explaining import Explainer
-from convray.service.frontends import STOP_SIGNALS, FrontendMember
+from convray.service.frontends import STOP_SIGNALS, FrontendMember, bind_failures
 from convray.service.inference import Classifier
 from convray.service.metrics import Metrics
 from convray.service.oip_servicer import InferenceServicer
@@ -195,25 +194,16 @@ def _refuse_if_taken(address: str, what: str, shared: bool) -> None:
     if port in ("", "0"):
         return  # an ephemeral port is always free
     try:
-        resolved = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        failures = bind_failures(host, int(port), reuse_port=shared)
     except (OSError, ValueError):
         return  # grpc reports an address it cannot resolve itself
-    for family, kind, protocol, _, sockaddr in resolved:
-        try:
-            with socket.socket(family, kind, protocol) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does: TIME_WAIT is no obstacle
-                if shared and hasattr(socket, "SO_REUSEPORT"):
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                probe.bind(sockaddr)
-        except OSError as exc:
-            # Only a port someone else holds: an address this machine cannot use at all (::1 where IPv6 is off,
-            # though /etc/hosts names it) grpc skips, as it always has, and serves on the others.
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                raise StartupError(
-                    f"could not bind {what} to {address}: {sockaddr[0]} port {port} is in use or not permitted ({exc})"
-                ) from None
+    for where, exc in failures:
+        # Only a port someone else holds: an address this machine cannot use at all (::1 where IPv6 is off,
+        # though /etc/hosts names it) grpc skips, as it always has, and serves on the others.
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            raise StartupError(
+                f"could not bind {what} to {address}: {where} port {port} is in use or not permitted ({exc})"
+            ) from None
 
 
 class ConvrayServer:

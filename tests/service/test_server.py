@@ -208,11 +208,11 @@ def test_an_address_this_machine_cannot_use_is_left_to_grpc_to_skip_not_refused(
     check, although grpc skips it and serves on 127.0.0.1 as it always had."""
     import socket
 
-    from convray.service import server
+    from convray.service import frontends, server
 
     free = socket.getaddrinfo("127.0.0.1", 0, type=socket.SOCK_STREAM)
     unusable = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.55", 50999))]  # not this machine's
-    monkeypatch.setattr(server.socket, "getaddrinfo", lambda *args, **kwargs: unusable + free)
+    monkeypatch.setattr(frontends.socket, "getaddrinfo", lambda *args, **kwargs: unusable + free)
     server._refuse_if_taken("localhost:50999", "gRPC", shared=False)  # no StartupError
 
 
