@@ -220,10 +220,11 @@ class Batcher(Generic[T, R]):
             task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        """Every batch task ends here, even one cancelled before its first step (``abort``): ``_run`` never ran."""
-        for pending in self._running.pop(task, ()):
-            if not pending.future.done():
-                pending.future.cancel()
+        """Release a batch's slot: every batch task ends here, even one ``abort`` cancelled before its first step.
+
+        (``abort`` resolves such a batch's requests itself; ``_run`` resolves them in every other case.)
+        """
+        del self._running[task]
         self._slots.release()
         self._batch_done.set()
 
