@@ -188,9 +188,7 @@ class ReplicaPool:
             # A cancelled gather ends with CancelledError as its exception; taken here, asyncio logs no
             # "exception was never retrieved" traceback at a clean stop.
             describing.add_done_callback(take_outcome)
-            with contextlib.suppress(Exception):  # Ray itself may be gone; its actors then went with it
-                for actor in actors:
-                    ray.kill(actor, no_restart=True)
+            _kill_quietly(*actors)
             raise
         except (RayActorError, RayTaskError) as exc:
             for actor in actors:
@@ -445,8 +443,7 @@ class ReplicaPool:
             except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
                 log.error("replica %s: not running again %g s after it was lost; replacing it",
                           self.replica_name(index), self._start_timeout_s)  # fmt: skip
-                with contextlib.suppress(Exception):  # else its pending restart would compete with the replacement
-                    ray.kill(self._actors[index], no_restart=True)
+                _kill_quietly(self._actors[index])  # else its pending restart would compete with the replacement
                 return None
             except ActorDiedError:  # a call to an actor Ray is restarting waits; to one it will not, fails at once
                 died += 1
@@ -472,12 +469,10 @@ class ReplicaPool:
         try:
             described = await asyncio.wait_for(actor.describe.remote(), self._start_timeout_s)
         except asyncio.CancelledError:  # the pool shuts down meanwhile: leave no replica behind
-            with contextlib.suppress(Exception):
-                ray.kill(actor, no_restart=True)
+            _kill_quietly(actor)
             raise
         except Exception as exc:  # noqa: BLE001 (whatever kept it from starting, the others serve meanwhile)
-            with contextlib.suppress(Exception):
-                ray.kill(actor, no_restart=True)
+            _kill_quietly(actor)
             self._given_up[index] = why = _root_cause(exc)
             log.error("replica %s: its replacement did not start either (%s); batches go to the other replicas, "
                       "and it is tried again in the background", name, why)  # fmt: skip
@@ -486,8 +481,7 @@ class ReplicaPool:
             ray.kill(actor, no_restart=True)
             return None
         old, self._actors[index] = self._actors[index], actor
-        with contextlib.suppress(Exception):
-            ray.kill(old, no_restart=True)
+        _kill_quietly(old)
         log.info("replica %s: replaced, serving again", name)
         return described
 
@@ -557,6 +551,13 @@ def _refuse_what_cannot_fit(name: str, version: int, options: ReplicaOptions) ->
             f"--{resource.lower()}s-per-replica or --replicas"
             + (", or run on a machine with a GPU" if resource == "GPU" else "")
         )
+
+
+def _kill_quietly(*actors: Any) -> None:
+    """Stop these actors for good (no restart), saying nothing if Ray itself is gone (its actors went with it)."""
+    with contextlib.suppress(Exception):
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
 
 
 def take_outcome(future: asyncio.Future[Any]) -> None:
