@@ -93,7 +93,7 @@ def saved_run_settings(config: TrainConfig) -> dict[str, Any] | None:
         ValueError: its latest checkpoint cannot be read.
     """
     assert config.run_name is not None
-    checkpoint = latest_checkpoint(Path(config.storage_path) / config.run_name)
+    checkpoint = latest_checkpoint(run_path(config))
     if checkpoint is None:
         return None
     try:
@@ -137,6 +137,11 @@ def check_continues_as_started(config: TrainConfig) -> None:
         )
 
 
+def run_path(config: TrainConfig) -> Path:
+    """Where run ``config.run_name`` keeps its checkpoints (Ray Train's) and convray's notes about it."""
+    return Path(config.storage_path) / str(config.run_name)
+
+
 def check_not_published(config: TrainConfig) -> None:
     """Refuse to go on with a run whose model was already published: it has nothing left to train.
 
@@ -146,7 +151,7 @@ def check_not_published(config: TrainConfig) -> None:
     Raises:
         ValueError: naming the version it was published as.
     """
-    marker = Path(config.storage_path) / str(config.run_name) / PUBLISHED_FILE
+    marker = run_path(config) / PUBLISHED_FILE
     if marker.exists():
         try:
             published = json.loads(marker.read_text(encoding="utf-8"))
@@ -161,9 +166,10 @@ def check_not_published(config: TrainConfig) -> None:
 
 def mark_published(config: TrainConfig, model_name: str, version: int) -> None:
     """Note in the run's directory that its model is published (``check_not_published`` reads it)."""
-    run_dir = Path(config.storage_path) / str(config.run_name)
-    if run_dir.is_dir():
-        (run_dir / PUBLISHED_FILE).write_text(json.dumps({"model": model_name, "version": version}), encoding="utf-8")
+    if run_path(config).is_dir():
+        (run_path(config) / PUBLISHED_FILE).write_text(
+            json.dumps({"model": model_name, "version": version}), encoding="utf-8"
+        )
 
 
 class RaySession:
@@ -191,10 +197,9 @@ class RaySession:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        with checkpoint.as_directory() as directory:
-            # On the CPU first: a GPU run's optimiser state would not load on a worker without one, and
-            # load_state_dict moves each tensor to its parameter's device anyway.
-            state: dict[str, Any] = torch.load(Path(directory) / STATE_FILE, weights_only=True, map_location="cpu")
+        # Loaded on the CPU (load_state): a GPU run's optimiser state would not load on a worker without one, and
+        # load_state_dict moves each tensor to its parameter's device anyway.
+        state = load_state(checkpoint)
         if self.rank == 0:
             print(f"resumed from {checkpoint.path} after epoch {len(state['history'])}", flush=True)
         return state
@@ -243,8 +248,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report and checkpoint
     config = TrainConfig(**loop_config["config"])
     config.threads = max(1, int(config.cpus_per_worker))  # intra-op threads = the CPUs Ray reserved
-    run_dir = Path(config.storage_path).resolve() / str(config.run_name)
-    train_loop(config, loop_config["data"], RaySession(loop_config["on_epoch"], run_dir))
+    train_loop(config, loop_config["data"], RaySession(loop_config["on_epoch"], run_path(config).resolve()))
 
 
 def lean_torch_trainer(embedded_ray: bool) -> type:
@@ -317,7 +321,9 @@ def trainer(
 
 
 def refuse_what_cannot_fit(config: TrainConfig) -> None:
-    """On an embedded Ray, which no node can join: refuse workers that ask for more than it has in all.
+    """On an embedded Ray, which no node can join, refuse workers that ask for more than it has in all.
+
+    Nothing to check when the run joins a cluster: its autoscaler may add nodes.
 
     Ray Train would otherwise wait for them for ever, retrying without end.
 
@@ -326,6 +332,8 @@ def refuse_what_cannot_fit(config: TrainConfig) -> None:
     """
     from convray.workers.cluster import shortfall
 
+    if not started_here(config.ray_address):
+        return
     each = {"CPU": config.cpus_per_worker, "GPU": float(config.gpu)}
     if (short := shortfall(config.workers, each)) is not None:
         resource, asked, has = short
@@ -358,8 +366,7 @@ def fit(
     """
     for name, value in FAST_START_ENV.items():
         os.environ.setdefault(name, value)
-    if started_here(config.ray_address):
-        refuse_what_cannot_fit(config)
+    refuse_what_cannot_fit(config)
     started = time.monotonic()
     config = replace(config, run_name=config.run_name or choose_run_name(config, "run"))
     result = trainer(config, data, on_epoch).fit()

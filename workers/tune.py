@@ -116,8 +116,7 @@ def tune_and_publish(
     repo = ModelRepository(model_repo)
     repo.check_publishable(model_name)
     cluster.connect(config.ray_address, log_to_driver=True)
-    if cluster.started_here(config.ray_address):
-        refuse_what_cannot_fit(config)
+    refuse_what_cannot_fit(config)
     data = prepare_data(config)
     search = f"tune-{model_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     config = replace(config, storage_path=str(Path(config.storage_path).resolve() / search))
