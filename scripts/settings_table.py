@@ -4,7 +4,7 @@ The README's configuration table is this script's output (tests/service/test_con
 Run: .venv/bin/python scripts/settings_table.py
 """
 
-from convray.service.cli import SERVE_FLAGS
+from convray.service.cli import SERVE_FLAGS, env_var
 from convray.service.config import Settings
 
 
@@ -14,7 +14,7 @@ def settings_table() -> str:
     for flag, (group, field) in SERVE_FLAGS.items():
         info = Settings.model_fields[group].annotation.model_fields[field]
         default = "unset" if info.default is None else f"`{info.default}`"
-        env = f"CONVRAY_{group.upper()}__{field.upper()}"
+        env = env_var(group, field)
         rows.append(f"| `{flag}` | `{env}` | {default} | {(info.description or '').replace(chr(10), ' ')} |")
     return "\n".join(rows)
 

@@ -72,18 +72,17 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
 }
 
 
-def _env(group: str, field: str) -> str:
+def env_var(group: str, field: str) -> str:
+    """The environment variable that sets Settings field ``group.field``, e.g. CONVRAY_BATCHING__MAX_QUEUE."""
     return f"CONVRAY_{group.upper()}__{field.upper()}"
 
 
 def _metavar(field: str, info: Any) -> str:
     """What a flag's value looks like in --help: its choices, true|false, N, S (seconds), MS, or a noun."""
-    if typing.get_origin(info.annotation) is Literal:
-        return "|".join(map(str, typing.get_args(info.annotation)))
-    kinds = {arg for arg in typing.get_args(info.annotation) if arg is not type(None)} or {info.annotation}
-    for kind in kinds:
+    for kind in (info.annotation, *typing.get_args(info.annotation)):  # a Literal, or an optional one
         if typing.get_origin(kind) is Literal:
             return "|".join(map(str, typing.get_args(kind)))
+    kinds = {arg for arg in typing.get_args(info.annotation) if arg is not type(None)} or {info.annotation}
     if bool in kinds:
         return "true|false"
     if field.endswith("_s"):
@@ -100,7 +99,7 @@ def _help(info: Any, group: str, field: str) -> str:
     flags = {f: flag for flag, (_, f) in SERVE_FLAGS.items()}
     text = re.sub(r"``(\w+)``", lambda m: flags.get(m.group(1), m.group(1)), info.description or "")
     default = "unset" if info.default is None else info.default
-    return f"{text.replace('``', '')} [env {_env(group, field)}; default {default}]"
+    return f"{text.replace('``', '')} [env {env_var(group, field)}; default {default}]"
 
 
 def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -120,7 +119,7 @@ def settings_problems(error: ValidationError) -> list[str]:
     for item in error.errors(include_url=False):
         where = tuple(str(part) for part in item["loc"][:2])
         if where in by_field:
-            name = f"{by_field[where]} ({_env(*where)})"
+            name = f"{by_field[where]} ({env_var(*where)})"
         else:  # a check across several settings
             name = ".".join(where) or "settings"
         given = (
