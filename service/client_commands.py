@@ -323,7 +323,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 (args.requests is not None and args.requests < 1, f"--requests must be >= 1, got {args.requests}"),
                 (not args.duration > 0, f"--duration must be > 0 s, got {args.duration}"),
                 (not args.warmup >= 0, f"--warmup must be >= 0 s, got {args.warmup}"),
-                (not args.timeout > 0, f"--timeout must be > 0 s, got {args.timeout}"),
                 (args.processes is not None and args.processes < 1, f"--processes must be >= 1, got {args.processes}"),
                 (not re.fullmatch(r"[1-9]\d*(x[1-9]\d*)?", args.image_size),
                  f"--image-size is WxH (or one number for a square), got {args.image_size!r}"),
