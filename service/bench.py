@@ -34,9 +34,10 @@ import numpy as np
 from convray.service.bench_stream import (
     CLASSIFY_STREAM,
     MODEL_STREAM_INFER,
+    Outcome,
     StreamCaller,
-    classify_stream_code,
-    model_stream_infer_code,
+    classify_stream_outcome,
+    model_stream_infer_outcome,
 )
 from convray.service.credentials import bearer_metadata, channel_credentials
 
@@ -45,8 +46,8 @@ MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODEL_METADATA = "/inference.GRPCInferenceService/ModelMetadata"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 STREAM_OF = {  # each unary method's stream counterpart, and how to read a stream reply's status
-    CLASSIFY: (CLASSIFY_STREAM, classify_stream_code),
-    MODEL_INFER: (MODEL_STREAM_INFER, model_stream_infer_code),
+    CLASSIFY: (CLASSIFY_STREAM, classify_stream_outcome),
+    MODEL_INFER: (MODEL_STREAM_INFER, model_stream_infer_outcome),
 }
 
 
@@ -96,7 +97,7 @@ class Measurement:
     images_per_request: int
     server: str = ""  # the HOST:PORT it drove
     started_at: float = 0.0  # time.time() when measuring began; processes on one machine share this clock
-    first_messages: dict[str, str] = field(default_factory=dict)  # an error code's first message (unary calls)
+    first_messages: dict[str, str] = field(default_factory=dict)  # an error code's first message
 
 
 @dataclass
@@ -116,6 +117,10 @@ class BenchReport:
     notes: list[str] = field(default_factory=list)
     per_server_requests_per_s: dict[str, float] = field(default_factory=dict)  # successful requests, by server
     first_error_messages: dict[str, str] = field(default_factory=dict)  # by code: why, as the server said it
+
+    def passed(self, max_error_fraction: float = 0.0) -> bool:
+        """Whether the run passes: something succeeded, and no more than that fraction of requests failed."""
+        return self.ok > 0 and self.requests - self.ok <= max_error_fraction * self.requests
 
 
 def percentiles(values_ms: list[float]) -> dict[str, float]:
@@ -224,7 +229,8 @@ def servers_of(server: str) -> list[str]:
 def split_load(config: BenchConfig) -> list[BenchConfig]:
     """One configuration per client process: the concurrency, rate and request count shared out.
 
-    Several servers are given out round-robin: process i drives server i modulo their number.
+    Several servers are given out round-robin: process i drives server i modulo their number. Each server gets an
+    equal share of the load however many processes drive it.
 
     Raises:
         ValueError: fewer concurrent requests (or requests) than processes, or fewer processes than servers.
@@ -241,20 +247,30 @@ def split_load(config: BenchConfig) -> list[BenchConfig]:
     if config.requests is not None and config.requests < n:
         raise ValueError(f"--requests {config.requests} cannot be split over {n} processes")
 
-    def share(total: int, i: int) -> int:
-        return total // n + (1 if i < total % n else 0)
+    def share(total: int, i: int, among: int) -> int:
+        return total // among + (1 if i < total % among else 0)
 
-    return [
-        replace(
-            config,
-            server=servers[i % len(servers)],
-            processes=1,
-            concurrency=share(config.concurrency, i) if config.rate_per_s is None else config.concurrency,
-            rate_per_s=None if config.rate_per_s is None else config.rate_per_s / n,
-            requests=None if config.requests is None else share(config.requests, i),
+    parts = []
+    for i in range(n):
+        # Each server gets its share of the load first, then its processes split that: with 3 processes and
+        # 2 servers, each server still gets half (split per process, the one with 2 processes got two thirds).
+        s, j = i % len(servers), i // len(servers)
+        on_server = share(n, s, len(servers))
+        parts.append(
+            replace(
+                config,
+                server=servers[s],
+                processes=1,
+                concurrency=config.concurrency
+                if config.rate_per_s is not None
+                else share(share(config.concurrency, s, len(servers)), j, on_server),
+                rate_per_s=None if config.rate_per_s is None else config.rate_per_s / len(servers) / on_server,
+                requests=None
+                if config.requests is None
+                else share(share(config.requests, s, len(servers)), j, on_server),
+            )
         )
-        for i in range(n)
-    ]
+    return parts
 
 
 def _measure_in_processes(parts: list[BenchConfig]) -> list[Measurement]:
@@ -366,13 +382,13 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
 
         async def one(index: int) -> None:
             started = time.perf_counter()
-            code = await send(index, payloads[index % len(payloads)])
+            code, message = await send(index, payloads[index % len(payloads)])
             if measuring:
                 codes[code] += 1
                 if code == "OK":
                     latencies.append((time.perf_counter() - started) * 1e3)
-                elif code not in first_messages and send.last_message:
-                    first_messages[code] = send.last_message
+                elif code not in first_messages and message:
+                    first_messages[code] = message
 
         def more() -> bool:
             """Whether to start another request: always, unless --requests is used up."""
@@ -420,7 +436,7 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
 
 
 class _Sender:
-    """Sends a request and returns its status code name: by unary call, or over one of ``concurrency`` streams.
+    """Sends a request and returns its outcome (code, message): by unary call or over one of ``concurrency`` streams.
 
     Request ``index`` goes on stream ``index`` modulo their number, so a closed-loop caller keeps its own stream;
     unary calls take the channels in turn the same way, and stream ``j`` opens on channel ``j`` modulo theirs.
@@ -438,23 +454,21 @@ class _Sender:
         # bytes in, bytes out: no (de)serialisation on the client
         self._unary = [channel.unary_unary(method) for channel in channels]
         self._streams: list[StreamCaller] = []
-        self.last_message = ""  # the details of the last unary call that failed
         if config.streaming:
-            stream_method, code_of = STREAM_OF[method]
+            stream_method, outcome_of = STREAM_OF[method]
             self._streams = [
-                StreamCaller(channels[j % len(channels)], stream_method, code_of, metadata)
+                StreamCaller(channels[j % len(channels)], stream_method, outcome_of, metadata)
                 for j in range(config.concurrency)
             ]
 
-    async def __call__(self, index: int, payload: bytes) -> str:
+    async def __call__(self, index: int, payload: bytes) -> Outcome:
         if self._streams:
             return await self._streams[index % len(self._streams)](payload, self._timeout_s)
         try:
             await self._unary[index % len(self._unary)](payload, timeout=self._timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
-            self.last_message = exc.details() or ""
-            return exc.code().name
-        return "OK"
+            return exc.code().name, exc.details() or ""
+        return "OK", ""
 
     async def close(self) -> None:
         """Finish the streams (nothing to do for unary calls)."""

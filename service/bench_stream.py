@@ -20,26 +20,35 @@ CLIENT_RESET = "CLIENT_RESET_STREAM"
 """Not a gRPC code: the requests still waiting on a stream this client cancelled because another on it timed out."""
 
 
-def classify_stream_code(reply: bytes) -> str:
-    """The status code name of one ``ClassifyStreamResponse``: "OK", or its error's code."""
+Outcome = tuple[str, str]
+"""A request's status code name ("OK" or a gRPC code's) and the server's message ("" when it succeeded)."""
+
+
+def classify_stream_outcome(reply: bytes) -> Outcome:
+    """The outcome of one ``ClassifyStreamResponse``: "OK", or its error's code and message."""
     from convray.v1 import classifier_pb2 as pb
 
     response = pb.ClassifyStreamResponse.FromString(reply)
-    return (response.error.code or "UNKNOWN") if response.WhichOneof("outcome") == "error" else "OK"
+    if response.WhichOneof("outcome") != "error":
+        return "OK", ""
+    return response.error.code or "UNKNOWN", response.error.message
 
 
-def model_stream_infer_code(reply: bytes) -> str:
-    """The status code name of one ``ModelStreamInferResponse``: "OK", or the one its error message starts with.
+def model_stream_infer_outcome(reply: bytes) -> Outcome:
+    """The outcome of one ``ModelStreamInferResponse``: "OK", or the code its error message starts with.
 
-    convray writes the code as "[INVALID_ARGUMENT] message"; an error in another form (another server's) is UNKNOWN.
+    convray writes the error as "[INVALID_ARGUMENT] message"; an error in another form (another server's) is UNKNOWN,
+    with the whole text as its message.
     """
     from convray.oip import inference_pb2 as oip
 
     error = oip.ModelStreamInferResponse.FromString(reply).error_message
     if not error:
-        return "OK"
-    name = error[1 : error.find("]")] if error.startswith("[") else ""
-    return name if name in grpc.StatusCode.__members__ else "UNKNOWN"
+        return "OK", ""
+    name, bracket, message = error[1:].partition("] ") if error.startswith("[") else ("", "", error)
+    if not bracket or name not in grpc.StatusCode.__members__:
+        return "UNKNOWN", error
+    return name, message
 
 
 class StreamCaller:
@@ -53,21 +62,21 @@ class StreamCaller:
         self,
         channel: grpc.aio.Channel,
         method: str,
-        code_of: Callable[[bytes], str],
+        outcome_of: Callable[[bytes], Outcome],
         metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """``metadata``: sent with each stream it opens (a bearer token)."""
         self._multicallable = channel.stream_stream(method)  # bytes in, bytes out
         self._metadata = metadata or None
-        self._code_of = code_of
+        self._outcome_of = outcome_of
         self._call: grpc.aio.StreamStreamCall | None = None
-        self._waiting: deque[asyncio.Future[str]] = deque()
+        self._waiting: deque[asyncio.Future[Outcome]] = deque()
         self._reader: asyncio.Task[None] | None = None
         self._writing = asyncio.Lock()  # a gRPC stream takes one write at a time; it also keeps the FIFO in order
         self._reset: set[grpc.aio.StreamStreamCall] = set()  # streams this client cancelled after a timeout
 
-    async def __call__(self, payload: bytes, timeout_s: float) -> str:
-        """Send one request and wait for its reply; its status code name."""
+    async def __call__(self, payload: bytes, timeout_s: float) -> Outcome:
+        """Send one request and wait for its reply's outcome."""
         reply = asyncio.get_running_loop().create_future()
         async with self._writing:
             if self._call is None:
@@ -86,9 +95,9 @@ class StreamCaller:
                 self._call = None
             self._reset.add(call)
             call.cancel()
-            return "DEADLINE_EXCEEDED"
+            return "DEADLINE_EXCEEDED", f"no reply within --timeout {timeout_s:g} s"
 
-    async def _read(self, call: grpc.aio.StreamStreamCall, waiting: deque[asyncio.Future[str]]) -> None:
+    async def _read(self, call: grpc.aio.StreamStreamCall, waiting: deque[asyncio.Future[Outcome]]) -> None:
         """Answer the waiting requests in order from the stream's replies; when it ends, answer the rest."""
         try:
             while (reply := await call.read()) is not grpc.aio.EOF:
@@ -97,26 +106,28 @@ class StreamCaller:
                     break
                 future = waiting.popleft()
                 if not future.done():
-                    future.set_result(self._status_of(reply))
-            code = (await call.code()).name
+                    future.set_result(self._outcome(reply))
+            code, message = (await call.code()).name, await call.details()
         except grpc.aio.AioRpcError as exc:
-            code = exc.code().name
+            code, message = exc.code().name, exc.details() or ""
         except asyncio.CancelledError:
-            code = "CANCELLED"
+            code, message = "CANCELLED", "the stream was cancelled"
         if call in self._reset:  # not the server's doing: this client gave the stream up
             self._reset.discard(call)
-            code = CLIENT_RESET
+            code, message = CLIENT_RESET, "another request on its stream timed out, and the client reset the stream"
         if self._call is call:
             self._call = None
+        if code == "OK":
+            code, message = "UNKNOWN", "the stream ended before answering this request"
         for future in waiting:
             if not future.done():
-                future.set_result("UNKNOWN" if code == "OK" else code)  # a stream that ended leaving them unanswered
+                future.set_result((code, message))
 
-    def _status_of(self, reply: bytes) -> str:
+    def _outcome(self, reply: bytes) -> Outcome:
         try:
-            return self._code_of(reply)
-        except Exception:  # noqa: BLE001 (not the reply message this API defines: another server's, or garbled)
-            return "UNKNOWN"
+            return self._outcome_of(reply)
+        except Exception as exc:  # noqa: BLE001 (not the reply message this API defines: another server's, or garbled)
+            return "UNKNOWN", f"an unreadable stream reply: {exc}"
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Finish the stream: half-close it after the requests being written, and wait for every reply.

@@ -324,6 +324,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 (not args.duration > 0, f"--duration must be > 0 s, got {args.duration}"),
                 (not args.warmup >= 0, f"--warmup must be >= 0 s, got {args.warmup}"),
                 (args.processes is not None and args.processes < 1, f"--processes must be >= 1, got {args.processes}"),
+                (not 0 <= args.max_error_fraction <= 1,
+                 f"--max-error-fraction must be from 0 to 1, got {args.max_error_fraction}"),
                 (not re.fullmatch(r"[1-9]\d*(x[1-9]\d*)?", args.image_size),
                  f"--image-size is WxH (or one number for a square), got {args.image_size!r}"),
                 (args.image_format.upper() not in IMAGE_FORMATS,
@@ -370,7 +372,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         as_dicts = [dataclasses.asdict(report) for report in reports]
         written = as_dicts[0] if len(as_dicts) == 1 else {"levels": as_dicts}
         Path(args.json).write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
-    return EXIT_OK if all(report.ok for report in reports) else EXIT_FAILED
+    failed = [report for report in reports if not report.passed(args.max_error_fraction)]
+    for report in failed:
+        print(
+            f"convray bench: {report.requests - report.ok} of {report.requests} requests failed at concurrency "
+            f"{report.config['concurrency']}, over --max-error-fraction {args.max_error_fraction:g}",
+            file=sys.stderr,
+        )
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def add_client_commands(commands: Any) -> None:
@@ -448,6 +457,14 @@ def add_client_commands(commands: Any) -> None:
     bench.add_argument("--image-format", default="png", help="format of generated images")
     bench.add_argument("--channels", type=int, default=1, choices=[1, 3], help="of generated images")
     bench.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    bench.add_argument(
+        "--max-error-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="exit 1 when more than this fraction of measured requests fail (default 0: any; "
+        "1: only when none succeeds, e.g. to measure overload)",
+    )
     security_flags(bench)
     bench.add_argument("--json", default=None,
                        help="also write the report to this file (a sweep: {'levels': [reports]})")  # fmt: skip

@@ -257,6 +257,8 @@ def bench(
                 str(max(processes if concurrency >= processes else 1, len(ports))),
                 "--model",
                 model,
+                "--max-error-fraction",  # a point with some errors is recorded with their counts, not as failed
+                "1",
                 "--concurrency",
                 str(concurrency),
                 "--duration",

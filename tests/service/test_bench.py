@@ -142,6 +142,24 @@ def test_a_sweep_measures_each_concurrency_level_in_turn(served, tmp_path):
     assert result.stdout.splitlines()[-3].split()[0] == "concurrency"
 
 
+@pytest.mark.parametrize(
+    ("ok", "requests", "max_error_fraction", "passed"),
+    [(100, 100, 0.0, True), (99, 100, 0.0, False), (99, 100, 0.01, True), (90, 100, 0.05, False),
+     (1, 100, 1.0, True), (0, 100, 1.0, False), (0, 0, 1.0, False)],
+)  # fmt: skip
+def test_a_run_passes_when_no_more_than_the_allowed_fraction_of_requests_failed(
+    ok, requests, max_error_fraction, passed
+):
+    """Found in review: bench exited 0 when one request in a thousand succeeded."""
+    report = BenchReport({}, requests, ok, {"UNAVAILABLE": requests - ok}, 1.0, 1.0, 1.0, {}, 0.1, False)
+    assert report.passed(max_error_fraction) is passed
+
+
+def test_the_allowed_error_fraction_is_from_0_to_1():
+    result, _ = run_bench("--max-error-fraction", "1.5")
+    assert result.returncode == 2 and "--max-error-fraction must be from 0 to 1, got 1.5" in result.stderr
+
+
 def test_a_sweep_cannot_be_of_rates():
     result, _ = run_bench("--concurrency", "1,4", "--rate", "10")
     assert result.returncode == 2 and "--rate runs open loop at one rate" in result.stderr
@@ -176,6 +194,7 @@ def test_errors_are_counted_by_code(served, tmp_path, flags):
     )  # fmt: skip
     assert result.returncode == 1
     assert report["ok"] == 0 and report["errors"] == {"NOT_FOUND": 20}
+    assert "nope" in report["first_error_messages"]["NOT_FOUND"]  # streams' items too (found in review)
 
 
 def test_the_load_is_shared_out_over_client_processes():
@@ -188,9 +207,13 @@ def test_the_load_is_shared_out_over_client_processes():
         split_load(BenchConfig(concurrency=2, processes=4))
 
 
-def test_several_servers_are_shared_out_round_robin_over_the_client_processes():
+def test_several_servers_are_shared_out_round_robin_over_the_client_processes_each_getting_an_equal_load():
     parts = split_load(BenchConfig(server="a:1, b:2", concurrency=32, processes=4))
     assert [(p.server, p.concurrency) for p in parts] == [("a:1", 8), ("b:2", 8), ("a:1", 8), ("b:2", 8)]
+    uneven = split_load(BenchConfig(server="a:1,b:2", concurrency=12, requests=100, processes=3))
+    assert [(p.server, p.concurrency, p.requests) for p in uneven] == [("a:1", 3, 25), ("b:2", 6, 50), ("a:1", 3, 25)]
+    rates = split_load(BenchConfig(server="a:1,b:2", rate_per_s=60.0, processes=3))
+    assert [(p.server, p.rate_per_s) for p in rates] == [("a:1", 15.0), ("b:2", 30.0), ("a:1", 15.0)]
     with pytest.raises(ValueError, match="2 servers need at least as many client processes, got --processes 1"):
         split_load(BenchConfig(server="a:1,b:2", concurrency=4, processes=1))
 

@@ -8,31 +8,42 @@ import grpc
 import pytest
 
 from convray.oip import inference_pb2 as oip
-from convray.service.bench_stream import CLIENT_RESET, StreamCaller, classify_stream_code, model_stream_infer_code
+from convray.service.bench_stream import (
+    CLIENT_RESET,
+    Outcome,
+    StreamCaller,
+    classify_stream_outcome,
+    model_stream_infer_outcome,
+)
 from convray.v1 import classifier_pb2 as pb
 
 METHOD = "/test.Scripted/Stream"
 
 
-def test_a_classify_stream_reply_gives_its_error_code():
+def test_a_classify_stream_reply_gives_its_error_code_and_message():
     ok = pb.ClassifyStreamResponse(result=pb.ClassifyResponse(model="digits"))
     failed = pb.ClassifyStreamResponse(error=pb.Error(code="NOT_FOUND", message="no model 'nope'"))
-    assert classify_stream_code(ok.SerializeToString()) == "OK"
-    assert classify_stream_code(failed.SerializeToString()) == "NOT_FOUND"
+    assert classify_stream_outcome(ok.SerializeToString()) == ("OK", "")
+    assert classify_stream_outcome(failed.SerializeToString()) == ("NOT_FOUND", "no model 'nope'")
 
 
 @pytest.mark.parametrize(
-    ("error_message", "code"),
+    ("error_message", "outcome"),
     [
-        ("", "OK"),
-        ("[RESOURCE_EXHAUSTED] the queue of 'digits' is full", "RESOURCE_EXHAUSTED"),
-        ("[NOT_A_CODE] something", "UNKNOWN"),
-        ("in some other server's words", "UNKNOWN"),
+        ("", ("OK", "")),
+        (
+            "[RESOURCE_EXHAUSTED] the queue of 'digits' is full",
+            ("RESOURCE_EXHAUSTED", "the queue of 'digits' is full"),
+        ),
+        ("[NOT_A_CODE] something", ("UNKNOWN", "[NOT_A_CODE] something")),
+        ("in some other server's words", ("UNKNOWN", "in some other server's words")),
     ],
 )
-def test_a_model_stream_infer_reply_gives_the_code_its_error_starts_with(error_message, code):
+def test_a_model_stream_infer_reply_gives_the_code_its_error_starts_with_and_the_rest_as_message(
+    error_message, outcome
+):
     reply = oip.ModelStreamInferResponse(error_message=error_message, infer_response=oip.ModelInferResponse())
-    assert model_stream_infer_code(reply.SerializeToString()) == code
+    assert model_stream_infer_outcome(reply.SerializeToString()) == outcome
 
 
 class ScriptedServer:
@@ -77,15 +88,39 @@ class ScriptedServer:
         await self.server.stop(None)
 
 
-def echoed(reply: bytes) -> str:
+def echoed(reply: bytes) -> Outcome:
     """The 'status' of a reply from the scripted server: what it echoed."""
-    return reply.decode()
+    return reply.decode(), ""
+
+
+class CodesOnly:
+    """A StreamCaller whose calls give only the code of their outcome, which is what most tests here look at."""
+
+    def __init__(self, caller: StreamCaller) -> None:
+        self.caller = caller
+
+    async def __call__(self, payload: bytes, timeout_s: float) -> str:
+        code, _ = await self.caller(payload, timeout_s)
+        return code
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        await self.caller.close(timeout_s)
 
 
 @contextlib.asynccontextmanager
-async def caller_on_a_scripted_server() -> AsyncIterator[tuple[ScriptedServer, StreamCaller]]:
+async def caller_on_a_scripted_server() -> AsyncIterator[tuple[ScriptedServer, CodesOnly]]:
     async with ScriptedServer() as scripted, grpc.aio.insecure_channel(f"127.0.0.1:{scripted.port}") as channel:
-        yield scripted, StreamCaller(channel, METHOD, echoed)
+        yield scripted, CodesOnly(StreamCaller(channel, METHOD, echoed))
+
+
+async def test_a_failed_request_says_why_a_broken_stream_with_its_details_a_timeout_with_the_limit():
+    """Found in review: bench reported each error code's first message for unary calls only."""
+    async with caller_on_a_scripted_server() as (scripted, codes_only):
+        caller = codes_only.caller
+        broken = await asyncio.gather(caller(b"break next", timeout_s=5), caller(b"waiting", timeout_s=5))
+        assert broken == [("break next", ""), ("UNAVAILABLE", "going away")]
+        assert await caller(b"hang", timeout_s=0.3) == ("DEADLINE_EXCEEDED", "no reply within --timeout 0.3 s")
+        await caller.close()
 
 
 async def test_concurrent_requests_on_one_stream_each_get_their_own_reply():
