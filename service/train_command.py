@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ TRAIN_FLAGS: dict[str, dict[str, Any]] = {
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """A TrainConfig with every flag given on the command line laid over the defaults."""
-    from convray.workers.train import TrainConfig
+    from convray.workers.train_config import TrainConfig
 
     given = {field: getattr(args, field) for field in map(_field, TRAIN_FLAGS)}
     config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
@@ -166,13 +167,25 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def _add_train_flags(parser: argparse.ArgumentParser, hidden: tuple[str, ...] = ()) -> None:
     """Every TRAIN_FLAGS flag; those in ``hidden`` are parsed (to be refused with a reason) but not in --help."""
-    # Unset flags stay None, so TrainConfig's defaults apply (shown in workers/train.py, which imports
-    # torch: too slow to import for every `convray` command just to print defaults in --help).
+    from convray.workers.train_config import TrainConfig  # free of torch: cheap enough for every `convray` start
+
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
     for flag, options in TRAIN_FLAGS.items():
-        shown = {"help": argparse.SUPPRESS} if flag in hidden else {}
+        # Unset flags stay None, so that TrainConfig's defaults apply and --resume can tell what was given.
+        shown = {"help": argparse.SUPPRESS} if flag in hidden else _with_default(options, defaults[_field(flag)])
         parser.add_argument(flag, **{"dest": _field(flag), "default": None, **options, **shown})
     parser.add_argument("--model-repo", default="models", help="repository to publish into (default: models)")
     parser.add_argument("--model-name", default="digits", help="model to publish the next version of (default: digits)")
+
+
+def _with_default(options: dict[str, Any], default: Any) -> dict[str, Any]:
+    """``options``' help with TrainConfig's default added, unless the help already says it or there is none."""
+    text = options.get("help", "")
+    if text == argparse.SUPPRESS or "default" in text or default is None or options.get("action") == "store_true":
+        return {}
+    if isinstance(default, bool):
+        default = "on" if default else "off"
+    return {"help": f"{text} (default: {default})".lstrip()}
 
 
 def add_train_commands(commands: Any) -> None:

@@ -28,7 +28,8 @@ import torch
 from convray.workers.cluster import started_here
 from convray.workers.models import CNN, build_model
 from convray.workers.progress import EpochProgress
-from convray.workers.train import RUN_FIELDS, TrainConfig, TrainingData, changed_run_settings, epoch_line, train_loop
+from convray.workers.train import TrainingData, epoch_line, load_spec, train_loop
+from convray.workers.train_config import RUN_FIELDS, TrainConfig, changed_run_settings
 
 STATE_FILE = "state.pt"
 PUBLISHED_FILE = "published.json"  # in a run's directory once its model was published: {"model", "version"}
@@ -78,31 +79,42 @@ def choose_run_name(config: TrainConfig, model_name: str) -> str:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The run's newest ``checkpoint_*`` directory, None if it has none."""
+    found = checkpoints_of(run_dir)
+    return found[-1] if found else None
+
+
+def checkpoints_of(run_dir: Path) -> list[Path]:
+    """The run's ``checkpoint_*`` directories, oldest first."""
     # checkpoint_0004 and the like; not Ray's checkpoint_manager_snapshot.json beside them
     found = (p for p in run_dir.glob("checkpoint_*") if p.is_dir() and re.fullmatch(r"checkpoint_\d+", p.name))
-    checkpoints = sorted(found, key=lambda p: p.stat().st_mtime)
-    return checkpoints[-1] if checkpoints else None
+    return sorted(found, key=lambda p: p.stat().st_mtime)
 
 
 def saved_run_settings(config: TrainConfig) -> dict[str, Any] | None:
-    """The ``RUN_FIELDS`` settings run ``config.run_name`` was started with; None if it has no checkpoint yet.
+    """The settings run ``config.run_name`` was started with (``RUN_FIELDS``, and its spec as trained).
 
-    Empty for a checkpoint written before runs kept them.
+    Every checkpoint of a run holds the same settings, so the newest that can be read gives them: a last one
+    half written when the run was stopped does not hide them (Ray Train restores the one before it then).
+    None if the run has no checkpoint yet; empty for checkpoints written before runs kept their settings.
 
     Raises:
-        ValueError: its latest checkpoint cannot be read.
+        ValueError: none of its checkpoints can be read.
     """
     assert config.run_name is not None
-    checkpoint = latest_checkpoint(run_path(config))
-    if checkpoint is None:
+    checkpoints = checkpoints_of(run_path(config))
+    if not checkpoints:
         return None
-    try:
-        state = torch.load(checkpoint / STATE_FILE, weights_only=True, map_location="cpu")
-    except FileNotFoundError:
-        return {}  # not one of ours
-    except Exception as exc:  # noqa: BLE001 (torch raises several types for a damaged file)
-        raise ValueError(f"cannot read the checkpoint {checkpoint}: {type(exc).__name__}: {exc}") from None
-    return dict(state.get("run", {}))
+    problems = []
+    for checkpoint in reversed(checkpoints):
+        try:
+            state = torch.load(checkpoint / STATE_FILE, weights_only=True, map_location="cpu")
+        except FileNotFoundError:
+            problems.append(f"{checkpoint} has no {STATE_FILE}")
+        except Exception as exc:  # noqa: BLE001 (torch raises several types for a damaged file)
+            problems.append(f"cannot read the checkpoint {checkpoint}: {type(exc).__name__}: {exc}")
+        else:
+            return dict(state.get("run", {}))
+    raise ValueError("; ".join(problems))
 
 
 def continue_run(config: TrainConfig, model_name: str, given: set[str]) -> TrainConfig:
@@ -128,8 +140,10 @@ def check_continues_as_started(config: TrainConfig) -> None:
     Raises:
         ValueError: naming each setting that differs, or the checkpoint cannot be read.
     """
-    saved = saved_run_settings(config)
-    changed = changed_run_settings(saved or {}, config)
+    saved = saved_run_settings(config) or {}
+    changed = changed_run_settings(saved, config)
+    if config.spec_file and "spec" in saved and load_spec(config).model_dump(mode="json") != saved["spec"]:
+        changed.append(f"the spec in {config.spec_file} (edited since the run started)")
     if changed:
         raise ValueError(
             f"run {config.run_name} has checkpoints and goes on as it was started, but these settings differ from "

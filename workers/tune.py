@@ -25,7 +25,8 @@ from convray.workers.models import build_model
 from convray.workers.ray_train import load_state, trainer
 from convray.workers.repository import ModelRepository
 from convray.workers.spec import Activation, CNNSpec, ConvBlock, DropoutBlock, FCHead, GAPFCHead, GAPHead, PoolBlock
-from convray.workers.train import TrainConfig, TrainingData, finish, prepare_data
+from convray.workers.train import TrainingData, finish, prepare_data
+from convray.workers.train_config import TrainConfig
 
 SEARCHED_KNOBS = ("optimizer", "max_lr", "weight_decay", "label_smoothing")
 """The TrainConfig fields the search draws; one the user set (``--optimizer``, ``--lr``...) is kept, not searched."""

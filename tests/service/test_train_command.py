@@ -3,19 +3,38 @@
 import dataclasses
 import re
 import socket
+import subprocess
+import sys
 
 import pytest
 
 from convray.service.cli import build_parser
 from convray.service.exit_codes import EXIT_USAGE
 from convray.service.train_command import TRAIN_FLAGS, _field, config_from_args
-from convray.workers.train import TrainConfig
+from convray.workers.train_config import TrainConfig
 
 
 def test_every_train_config_field_has_exactly_one_flag():
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     flagged = [_field(flag) for flag in TRAIN_FLAGS]
     assert sorted(flagged) == sorted(fields), set(fields) ^ set(flagged)
+
+
+def test_help_shows_each_flags_default_as_train_config_has_it(capsys):
+    """Found in review: `convray train --help` showed no defaults at all."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    defaults = TrainConfig()
+    for flag, value in [("--epochs", defaults.epochs), ("--lr", defaults.max_lr), ("--preset", defaults.preset)]:
+        assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(str(value))}\)", shown), flag
+    assert "--flip, --no-flip random left-right flips (not for digits) (default: off)" in shown
+
+
+def test_reading_the_train_settings_does_not_import_torch():
+    """So that --help can show their defaults without the seconds torch takes to import."""
+    code = "import sys, convray.service.cli, convray.workers.train_config; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
 def test_given_flags_override_the_defaults_and_the_rest_stay():

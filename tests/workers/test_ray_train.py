@@ -1,6 +1,7 @@
 """convray train on Ray Train: two CPU workers on the test run's local Ray, a worker that dies, and --resume."""
 
 import os
+import re
 import time
 
 import pytest
@@ -58,16 +59,17 @@ def test_resume_without_an_earlier_run_says_so(tmp_path):
         choose_run_name(TrainConfig(resume=True, storage_path=str(tmp_path)), "digits")
 
 
-def checkpointed_run(tmp_path, name: str, config: TrainConfig) -> None:
-    """A run directory whose checkpoint holds ``config``'s run settings, as train_loop saves them."""
+def checkpointed_run(tmp_path, name: str, config: TrainConfig, spec: dict | None = None) -> None:
+    """A run directory whose checkpoint holds ``config``'s run settings (and ``spec``), as train_loop saves them."""
     import torch
 
     from convray.workers.ray_train import STATE_FILE
-    from convray.workers.train import run_settings
+    from convray.workers.train_config import run_settings
 
     checkpoint = tmp_path / name / "checkpoint_0002"
     checkpoint.mkdir(parents=True)
-    torch.save({"history": [{}, {}], "run": run_settings(config)}, checkpoint / STATE_FILE)
+    settings = run_settings(config) | ({"spec": spec} if spec is not None else {})
+    torch.save({"history": [{}, {}], "run": settings}, checkpoint / STATE_FILE)
     (tmp_path / name / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's, beside the checkpoints: newer
 
 
@@ -128,6 +130,43 @@ def test_a_damaged_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / RUN / "checkpoint_0002" / STATE_FILE).write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(ValueError, match=r"cannot read the checkpoint .*checkpoint_0002"):
         check_continues_as_started(TrainConfig(run_name=RUN, storage_path=str(tmp_path)))
+
+
+def test_a_last_checkpoint_cut_short_does_not_hide_the_runs_settings_in_the_one_before(tmp_path):
+    """Found in review: the newest checkpoint directory alone was read, so a run stopped while writing it could
+    not be resumed, where Ray Train restores the one before."""
+    from convray.workers.ray_train import STATE_FILE, check_continues_as_started
+
+    checkpointed_run(tmp_path, RUN, TrainConfig(epochs=3))
+    cut_short = tmp_path / RUN / "checkpoint_0003"
+    cut_short.mkdir()
+    (cut_short / STATE_FILE).write_bytes(b"PK\x03\x04 cut short")
+    os.utime(tmp_path / RUN / "checkpoint_0002", (1, 1))  # the older of the two, whatever the clock's resolution
+    with pytest.raises(ValueError, match=r"epochs: 3 -> 40"):
+        check_continues_as_started(TrainConfig(epochs=40, run_name=RUN, storage_path=str(tmp_path)))
+    check_continues_as_started(TrainConfig(epochs=3, run_name=RUN, storage_path=str(tmp_path)))
+
+
+def test_a_spec_file_edited_since_the_run_started_is_refused(tmp_path):
+    """Found in review: only the spec file's name was compared, so an edited spec resumed as another network
+    (or failed in each worker on the weights' shapes)."""
+    import json
+
+    from convray.workers.ray_train import check_continues_as_started
+    from convray.workers.spec import PRESETS, CNNSpec
+
+    spec = CNNSpec.model_validate(PRESETS["digits-small"]).model_dump(mode="json")
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    checkpointed_run(tmp_path, RUN, TrainConfig(spec_file=str(spec_file)), spec=spec)
+    config = TrainConfig(spec_file=str(spec_file), run_name=RUN, storage_path=str(tmp_path))
+    check_continues_as_started(config)  # the same spec
+    edited = json.loads(json.dumps(spec))
+    edited["blocks"][-1] = {"type": "dropout", "rate": 0.3}  # the same weights' shapes, another network
+    assert edited != spec
+    spec_file.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=rf"the spec in {re.escape(str(spec_file))} \(edited since the run started\)"):
+        check_continues_as_started(config)
 
 
 def test_resume_with_a_run_name_continues_that_run_whatever_it_is_called(tmp_path):
