@@ -6,6 +6,8 @@ Handlers never let an exception escape: grpc would turn it into UNKNOWN, which t
 from __future__ import annotations
 
 import asyncio
+import itertools
+from collections.abc import Collection
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -70,6 +72,16 @@ overload and retry."""
 def shown(text: str, limit: int = 80) -> str:
     """``text`` quoted for an error message, cut to ``limit`` characters: clients choose what they send."""
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def shown_items(items: Collection[object], limit: int = 8) -> str:
+    """A list for an error message, cut to its first ``limit`` items (strings cut as ``shown`` does).
+
+    A client may send millions of names or dimensions; formatting them all would hold up the event loop.
+    """
+    first = [shown(item) if isinstance(item, str) else repr(item) for item in itertools.islice(items, limit)]
+    more = f", ...] ({len(items)} in all)" if len(items) > limit else "]"
+    return f"[{', '.join(first)}{more}"
 
 
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from convray.service.codecs import ClassScore, DecodeLimits, decode_image, top_k
 from convray.service.config import ExplainSettings
-from convray.service.errors import InvalidInput, Overloaded
+from convray.service.errors import InvalidInput, Overloaded, shown_items
 from convray.service.inference import run_resolved
 from convray.service.render import Grid, cam_overlay, feature_grid
 from convray.workers.explain import CamChoice, CamMethod, Explanation, choose_method
@@ -108,9 +108,10 @@ class Explainer:
         """
         meta = served.metadata
         valid = [name for name, _ in output_shapes(meta.spec, meta.input.height, meta.input.width)]
-        unknown = [b for b in blocks if b not in valid]
+        unknown = set(blocks).difference(valid)  # a set: a client may name millions (found in review)
         if unknown:
-            raise InvalidInput(f"unknown block(s) {unknown} for model {served.name!r}; valid blocks: {valid}")
+            listed = shown_items(unknown)
+            raise InvalidInput(f"unknown block(s) {listed} for model {served.name!r}; valid blocks: {valid}")
         limit = self._settings.max_blocks
         chosen = list(dict.fromkeys(blocks)) or evenly_spread(valid, limit)
         if len(chosen) > limit:

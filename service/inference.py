@@ -198,7 +198,10 @@ class Classifier:
             if len(images) == 1:  # the common case; gather's bookkeeping costs about 20 us a request
                 pixels = [await loop.run_in_executor(self._decoder, decode, images[0])]
             else:
-                pixels = await asyncio.gather(*(loop.run_in_executor(self._decoder, decode, i) for i in images))
+                numbered = functools.partial(_decode_numbered, decode=decode, count=len(images))
+                pixels = await asyncio.gather(
+                    *(loop.run_in_executor(self._decoder, numbered, i, image) for i, image in enumerate(images))
+                )
         except BaseException:
             served.stats.record_request(False, time.monotonic() - received)
             raise
@@ -246,3 +249,11 @@ async def run_resolved(
         if registry.serves(served):
             raise
         return await work(registry.resolve_serving(model, version))
+
+
+def _decode_numbered(index: int, image: bytes, decode: Callable[[bytes], np.ndarray], count: int) -> np.ndarray:
+    """``decode(image)``; a refusal says which of the request's ``count`` images it was (1-based)."""
+    try:
+        return decode(image)
+    except InvalidInput as exc:
+        raise InvalidInput(f"image {index + 1} of {count}: {exc}") from None

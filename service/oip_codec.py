@@ -8,6 +8,8 @@ client can get wrong raises ``InvalidInput`` saying what was expected.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import struct
 from collections.abc import Mapping
@@ -16,13 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from convray.oip import inference_pb2 as oip
-from convray.service.errors import InvalidInput, shown
+from convray.service.errors import InvalidInput, shown, shown_items
 from convray.workers.repository import InputContract
 
 PIXELS_INPUT = "input"
 IMAGE_INPUT = "image"
 OUTPUT = "probabilities"
 CLASSIFICATION = "classification"
+CONTENT_TYPE = "content_type"  # MLServer's codec name for a tensor or request
+MAX_DIMS = 8  # no input has more than 4; checked before a shape a client sent is copied or shown
 _PIXEL_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
 _LENGTH = struct.Struct("<I")
 
@@ -63,10 +67,23 @@ def reject_parameters(parameters: Mapping[str, object], where: str, allowed: fro
     """Refuse parameters convray does not support, naming them."""
     if not parameters:  # the common case, and the cheap check
         return
-    unsupported = sorted(set(parameters) - allowed)
+    unsupported = set(parameters).difference(allowed)
     if unsupported:
         extra = f"; supported: {sorted(allowed)}" if allowed else ""
-        raise InvalidInput(f"unsupported parameter(s) {unsupported} on {where}{extra}")
+        raise InvalidInput(f"unsupported parameter(s) {shown_items(unsupported)} on {where}{extra}")
+
+
+def check_content_type(parameters: Mapping[str, oip.InferParameter], where: str, accepted: tuple[str, ...]) -> None:
+    """Accept MLServer's ``content_type`` parameter where it names what convray reads there anyway.
+
+    MLServer's codecs set it on every input ("np" for a numpy tensor) and on requests; refusing it would turn
+    away MLServer clients. Any other value says the data is something convray would misread.
+    """
+    if CONTENT_TYPE not in parameters:
+        return
+    value = parameters[CONTENT_TYPE].string_param
+    if value not in accepted:
+        raise InvalidInput(f"content_type {shown(value)} on {where} is not supported; accepted: {list(accepted)}")
 
 
 def deserialize_bytes(raw: bytes, count: int) -> list[bytes]:
@@ -104,7 +121,11 @@ def read_input(request: oip.ModelInferRequest, contract: InputContract, max_batc
             f"got {len(request.inputs)}"
         )
     tensor = request.inputs[0]
-    reject_parameters(tensor.parameters, f"input {shown(tensor.name)}")
+    where = f"input {shown(tensor.name)}"
+    check_content_type(tensor.parameters, where, ("np",) if tensor.name == PIXELS_INPUT else ("base64",))
+    reject_parameters(tensor.parameters, where, frozenset({CONTENT_TYPE}))
+    if len(tensor.shape) > MAX_DIMS:
+        raise InvalidInput(f"{where} has a shape of {len(tensor.shape)} dimensions; inputs have at most 4")
     if request.raw_input_contents and len(request.raw_input_contents) != 1:
         raise InvalidInput(f"raw_input_contents has {len(request.raw_input_contents)} entries for 1 input")
     raw = request.raw_input_contents[0] if request.raw_input_contents else None
@@ -139,10 +160,11 @@ def _read_pixels(
             )
         values = np.frombuffer(raw, dtype=dtype)
     else:
-        typed = tensor.contents.fp32_contents if tensor.datatype == "FP32" else tensor.contents.uint_contents
+        field = "fp32_contents" if tensor.datatype == "FP32" else "uint_contents"  # where OIP puts that datatype
+        typed = getattr(tensor.contents, field)
         if len(typed) != elements:
-            raise InvalidInput(f"input {PIXELS_INPUT!r}: contents hold {len(typed)} values, shape {shape} needs "
-                               f"{elements}")  # fmt: skip
+            raise InvalidInput(f"input {PIXELS_INPUT!r}: {tensor.datatype} values go in contents.{field}, which "
+                               f"holds {len(typed)}; shape {shape} needs {elements}")  # fmt: skip
         values = np.asarray(typed, dtype=np.float32 if tensor.datatype == "FP32" else np.int64)
     if values.dtype != np.uint8:
         # The extremes rather than elementwise comparisons: no temporary arrays (a 224x224 RGB image is 602 KB
@@ -163,11 +185,24 @@ def _read_images(tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | No
     if shape not in ([shape[0]], [shape[0], 1]):
         raise InvalidInput(f"input {IMAGE_INPUT!r} must have shape [N] or [N, 1], got {shape}")
     if raw is not None:
-        return deserialize_bytes(raw, shape[0])
-    if len(tensor.contents.bytes_contents) != shape[0]:
-        raise InvalidInput(f"input {IMAGE_INPUT!r}: contents hold {len(tensor.contents.bytes_contents)} elements, "
-                           f"shape {shape} needs {shape[0]}")  # fmt: skip
-    return list(tensor.contents.bytes_contents)
+        images = deserialize_bytes(raw, shape[0])
+    elif len(tensor.contents.bytes_contents) != shape[0]:
+        raise InvalidInput(f"input {IMAGE_INPUT!r}: bytes_contents hold {len(tensor.contents.bytes_contents)} "
+                           f"elements, shape {shape} needs {shape[0]}")  # fmt: skip
+    else:
+        images = list(tensor.contents.bytes_contents)
+    if CONTENT_TYPE in tensor.parameters:  # "base64" (check_content_type): MLServer's Base64Codec encoded each
+        images = [_from_base64(image, i, len(images)) for i, image in enumerate(images)]
+    return images
+
+
+def _from_base64(text: bytes, index: int, count: int) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise InvalidInput(
+            f"input {IMAGE_INPUT!r}: image {index + 1} of {count} is not base64 as its content_type says: {exc}"
+        ) from None
 
 
 def images_in(request: oip.ModelInferRequest) -> int:

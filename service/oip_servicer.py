@@ -19,9 +19,11 @@ from convray.service.errors import ConvrayError, InvalidInput, ModelControlOff, 
 from convray.service.inference import Classifier
 from convray.service.metrics import Metrics
 from convray.service.oip_codec import (
+    CONTENT_TYPE,
     IMAGE_INPUT,
     OUTPUT,
     PIXELS_INPUT,
+    check_content_type,
     images_in,
     parse_version,
     read_input,
@@ -164,7 +166,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     # ---- inference ----
 
     async def _infer(self, request: oip.ModelInferRequest, deadline: float | None) -> oip.ModelInferResponse:
-        reject_parameters(request.parameters, "the request")
+        check_content_type(request.parameters, "the request", ("np",))
+        reject_parameters(request.parameters, "the request", frozenset({CONTENT_TYPE}))
         outputs = requested_outputs(request)
 
         async def run(served: ServedModel) -> oip.ModelInferResponse:
@@ -207,8 +210,11 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         )
         if isinstance(outcome, tuple):
             code, message = outcome
+            # The id in the text as well: tritonclient hands a stream callback only the error message, so its users
+            # could match a failed item only by counting.
+            about = f"request {shown(request.id)}: " if request.id else ""
             return oip.ModelStreamInferResponse(
-                error_message=f"[{code.name}] {message}",
+                error_message=f"[{code.name}] {about}{message}",
                 infer_response=oip.ModelInferResponse(model_name=request.model_name, id=request.id),
             )
         return oip.ModelStreamInferResponse(infer_response=outcome)

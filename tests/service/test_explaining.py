@@ -76,6 +76,8 @@ def test_explain_takes_named_blocks_grad_cam_and_caps_channels(stub):
             "unknown block(s) ['block9_conv'] for model 'digits'; valid blocks: ['block0_conv', 'block1_conv', "
             "'block2_pool', 'block3_conv', 'block4_pool', 'block5_dropout']",
         ),
+        # Found in review: each of millions of names was listed, holding the event loop for a second
+        ({"blocks": [f"x{i}" for i in range(100_000)]}, ", ...] (100000 in all) for model 'digits'; valid blocks:"),
         ({"top_k": 11}, "top_k is 11 but model 'digits' has 10 classes"),
         ({"method": 7}, "unknown method 7"),
         ({"image": b"not an image"}, "not a decodable image"),

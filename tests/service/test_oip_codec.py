@@ -103,7 +103,14 @@ def test_bytes_input_accepts_shape_n_or_n_by_1_and_typed_contents():
         ({"name": "pixels", "raw": b"\x00" * 16}, "unknown input 'pixels'; inputs are 'input' and 'image'"),
         ({"name": "image", "datatype": "FP32", "shape": (1,), "raw": b"x"}, "must be BYTES"),
         ({"name": "image", "datatype": "BYTES", "shape": (1, 2), "raw": b""}, r"shape \[N\] or \[N, 1\]"),
-        ({"fp32_contents": [1.0]}, "contents hold 1 values"),
+        ({"fp32_contents": [1.0]}, r"FP32 values go in contents.fp32_contents, which holds 1; shape .* needs 4"),
+        # Found in review: the values sent in the other datatype's field were reported as "0 values".
+        (
+            {"datatype": "FP32", "uint_contents": [1, 2, 3, 4]},
+            "FP32 values go in contents.fp32_contents, which holds 0",
+        ),
+        ({"datatype": "UINT8", "fp32_contents": [1.0] * 4}, "UINT8 values go in contents.uint_contents, which holds 0"),
+        ({"shape": (1,) * 9, "raw": b"\x00" * 16}, "has a shape of 9 dimensions; inputs have at most 4"),
     ],
 )
 def test_bad_inputs_say_what_was_expected(request_args, message):
@@ -121,6 +128,55 @@ def test_input_parameters_such_as_shared_memory_are_refused_by_name():
     request = request_with(raw=b"\x00" * 16)
     request.inputs[0].parameters["shared_memory_region"].string_param = "r0"
     with pytest.raises(InvalidInput, match=r"unsupported parameter\(s\) \['shared_memory_region'\] on input 'input'"):
+        read_input(request, CONTRACT, 4)
+
+
+def test_a_huge_shape_is_refused_before_it_is_copied_or_formatted():
+    """Found in review: a 59 MiB shape of 62 million dimensions held the event loop for 8 s (every RPC waited)
+    while the error message listed them all; this one has a million."""
+    request = request_with(shape=(1,) * 1_000_000, raw=b"\x00" * 16)
+    with pytest.raises(InvalidInput) as refused:
+        read_input(request, CONTRACT, 4)
+    assert str(refused.value) == "input 'input' has a shape of 1000000 dimensions; inputs have at most 4"
+
+
+def test_a_million_unsupported_parameters_are_counted_not_listed():
+    request = request_with(raw=b"\x00" * 16)
+    for i in range(100_000):
+        request.inputs[0].parameters[f"p{i}"].string_param = "x"
+    with pytest.raises(InvalidInput, match=r"unsupported parameter\(s\) \['p\d+', .*, \.\.\.\] \(100000 in all\)"):
+        read_input(request, CONTRACT, 4)
+
+
+@pytest.mark.parametrize("name,content_type", [("input", "np"), ("image", "base64")])
+def test_mlservers_content_type_is_accepted_where_it_names_what_convray_reads(name, content_type):
+    """Found in review: MLServer's codecs set content_type on every input, so its clients were all refused."""
+    if name == "input":
+        request = request_with(raw=b"\x00" * 16)
+    else:  # MLServer's Base64Codec sends each image base64-encoded
+        request = request_with("image", "BYTES", [2], bytes_contents=[b"aW1hZ2Ux", b"aW1hZ2Uy"])
+    request.inputs[0].parameters["content_type"].string_param = content_type
+    model_input = read_input(request, CONTRACT, 4)
+    assert model_input.count == (1 if name == "input" else 2)
+    if name == "image":
+        assert model_input.images == [b"image1", b"image2"]
+
+
+@pytest.mark.parametrize(
+    "name,content_type,message",
+    [
+        ("input", "str", r"content_type 'str' on input 'input' is not supported; accepted: \['np'\]"),
+        ("image", "np", r"content_type 'np' on input 'image' is not supported; accepted: \['base64'\]"),
+        ("image", "base64", r"image 2 of 2 is not base64 as its content_type says"),
+    ],
+)
+def test_a_content_type_convray_would_misread_is_refused(name, content_type, message):
+    if name == "input":
+        request = request_with(raw=b"\x00" * 16)
+    else:
+        request = request_with("image", "BYTES", [2], bytes_contents=[b"aW1hZ2Ux", b"not base64!"])
+    request.inputs[0].parameters["content_type"].string_param = content_type
+    with pytest.raises(InvalidInput, match=message):
         read_input(request, CONTRACT, 4)
 
 
