@@ -131,6 +131,12 @@ class Metrics:
             ["model", "version"],
             registry=registry,
         )
+        self.replica_losses = Counter(
+            "convray_replica_losses",
+            "Replicas found dead, once per death however many batches found it (alert on this, not on failures).",
+            ["model", "version"],
+            registry=registry,
+        )
         self.replicas = Gauge(
             "convray_replicas",
             "Replica actors of a model version able to take batches now (not lost, restarting or awaiting a "

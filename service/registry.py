@@ -164,6 +164,7 @@ class ModelRegistry:
                     version,
                     self._replica_options,
                     on_failure=self._metrics.replica_failures.labels(name, str(version)).inc,
+                    on_lost=self._metrics.replica_losses.labels(name, str(version)).inc,
                 )
             finally:
                 self._starting.discard(starting)

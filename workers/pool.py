@@ -120,8 +120,12 @@ class ReplicaPool:
         compiled_in_flight: int = 4,
         start_replica: Callable[[], Any] | None = None,
         start_timeout_s: float = 600.0,
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
         """Wrap started actors; ``compiled_in_flight`` is each compiled graph's capacity.
+
+        ``on_failure`` is called for each batch that found its replica dead, ``on_lost`` once per loss (the first
+        batch to find it dead; the others in flight on it, and those sent before it is back, do not count again).
 
         ``start_replica`` starts one more actor like these (within ``start_timeout_s``), to take the place of one
         Ray will not restart; None: such a replica stays out of the rotation.
@@ -131,7 +135,7 @@ class ReplicaPool:
         self._start_timeout_s = start_timeout_s
         self.transport: Transport = transport
         self._actors = actors
-        self._on_failure = on_failure
+        self._on_failure, self._on_lost = on_failure, on_lost
         self._in_flight = [0] * len(actors)
         self._tie_break = itertools.count()
         self._compiled_in_flight = compiled_in_flight
@@ -153,6 +157,7 @@ class ReplicaPool:
         version: int,
         options: ReplicaOptions,
         on_failure: Callable[[], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
     ) -> ReplicaPool:
         """Start ``options.replicas`` actors, each loading the version, and wait until all are warm.
 
@@ -208,7 +213,15 @@ class ReplicaPool:
         # against the same replica by the least-busy choice.
         capacity = 2 * options.replicas * options.batches_in_flight_per_replica
         pool = cls(
-            name, version, actors, on_failure, options.transport, capacity, start_replica, options.start_timeout_s
+            name,
+            version,
+            actors,
+            on_failure,
+            options.transport,
+            capacity,
+            start_replica,
+            options.start_timeout_s,
+            on_lost=on_lost,
         )
         await asyncio.gather(*(pool._open_fast_path(index, info) for index, info in enumerate(described)))
         runs_on = sorted(
@@ -273,6 +286,8 @@ class ReplicaPool:
             log.warning("replica %s-%d lost (%s); retrying its batch once", self.name, index, type(exc).__name__)
             if self._on_failure is not None:
                 self._on_failure()
+            if self._on_lost is not None and index not in self._unwell:
+                self._on_lost()
             self._unwell.add(index)
             self._reopen_later(index)
             lost, index = index, self._least_busy(avoid=index)

@@ -202,13 +202,18 @@ def build() -> Dashboard:
             [
                 panel(
                     "Replicas and failures",
-                    "Replica actors per model version, replicas found dead in the window (Ray restarts them), and"
-                    " replicas reached by plain Ray calls instead of their fast path (--transport; see the log).",
+                    "Replica actors per model version able to take batches, replicas found dead in the window (each"
+                    " death once; Ray restarts them) and the batches that found them dead, and replicas reached by"
+                    " plain Ray calls instead of their fast path (--transport; see the log).",
                     "short",
                     query(f"sum by (model, version) (convray_replicas{{{SERVED}}})", "replicas {{model}} v{{version}}"),
                     query(
+                        f"sum by (model, version) (increase(convray_replica_losses_total{{{SERVED}}}{RATE}))",
+                        "deaths {{model}} v{{version}}",
+                    ),
+                    query(
                         f"sum by (model, version) (increase(convray_replica_failures_total{{{SERVED}}}{RATE}))",
-                        "failures {{model}} v{{version}}",
+                        "batches that found one dead {{model}} v{{version}}",
                     ),
                     query(
                         f"sum by (model, version) (1 - convray_replica_fast_path{{{SERVED}}})",

@@ -70,6 +70,19 @@ def test_the_container_listens_on_every_interface_exposes_the_default_ports_and_
     assert "COPY --chown=1000:1000 models /app/models" in [f"COPY {a}" for i, a in instructions() if i == "COPY"]
 
 
+def test_a_login_shell_keeps_the_venv_on_path_as_kuberay_before_1_4_starts_ray():
+    """Found in review: older KubeRay runs `bash -lc 'ray start ...'`; Debian's /etc/profile resets PATH, so the
+    venv, set only by ENV, was lost and the Ray pods could not start."""
+    (script,) = [a for i, a in instructions() if i == "RUN" and "/etc/profile.d/" in a]
+    written = re.fullmatch(r"echo '(.*)' > (/etc/profile\.d/\S+\.sh)", script)
+    assert written, script
+    env = {"VIRTUAL_ENV": "/opt/venv", "PATH": "/usr/bin:/bin"}  # /etc/profile's PATH, as a login shell has it
+    shell = subprocess.run(["bash", "-c", f"{written.group(1)}; echo $PATH"], env=env, capture_output=True, text=True)
+    assert shell.stdout.strip().split(":")[0] == "/opt/venv/bin"
+    env_lines = " ".join(a for i, a in instructions() if i == "ENV")
+    assert "VIRTUAL_ENV=/opt/venv" in env_lines  # which the script reads, in the image and in the pods
+
+
 def test_dockerignore_lets_in_what_the_dockerfile_copies_and_nothing_generated():
     ignore = (REPO_ROOT / ".dockerignore").read_text().splitlines()
     copied = {a.split()[-2] for i, a in instructions() if i == "COPY" and "--from" not in a}

@@ -76,6 +76,23 @@ async def test_replicas_that_stay_dead_stop_drawing_batches_after_their_first_fa
     pool.shutdown()
 
 
+async def test_a_death_is_counted_once_as_a_loss_however_many_batches_in_flight_found_it():
+    """Found in review: the alert on repeated deaths counted failed batches, so one death with a few batches in
+    flight (a worker pod drained) paged as a crash loop."""
+    actors = [StandInActor(), StandInActor()]
+    failures, losses = [], []
+    pool = ReplicaPool("digits", 1, actors, on_failure=lambda: failures.append(1), on_lost=lambda: losses.append(1))
+    actors[0].dead = True
+    await asyncio.gather(*(pool.predict(BATCH) for _ in range(4)))  # two of them in flight on the dead one
+    assert len(failures) == 2 and len(losses) == 1
+    actors[0].dead = False  # Ray restarted it; the background probe finds it answering
+    await asyncio.sleep(0.7)
+    actors[0].dead = True  # and it dies again: a second loss
+    await asyncio.gather(*(pool.predict(BATCH) for _ in range(4)))
+    assert len(losses) == 2
+    pool.shutdown()
+
+
 async def test_a_replica_that_answers_again_gets_batches_again():
     actors = [StandInActor(dead=True), StandInActor()]
     pool = ReplicaPool("digits", 1, actors)
