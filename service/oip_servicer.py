@@ -32,7 +32,15 @@ from convray.service.oip_codec import (
     write_outputs,
 )
 from convray.service.registry import ModelRegistry, ServedModel
-from convray.service.rpc import API_LABELS, RpcObserver, deadline_of, ordered_concurrently, stream_budget
+from convray.service.rpc import (
+    API_LABELS,
+    OpenStreams,
+    RpcObserver,
+    StreamClosedForDrain,
+    deadline_of,
+    ordered_concurrently,
+    stream_budget,
+)
 from convray.service.statistics import Duration
 from convray.workers.repository import validate_model_name
 
@@ -55,8 +63,13 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         batching: BatchingSettings,
         workers: WorkerSettings,
         model_control_off: str | None = None,
+        streams: OpenStreams | None = None,
     ) -> None:
-        """``model_control_off``: why RepositoryModelLoad/Unload are refused (FAILED_PRECONDITION); None allows them."""
+        """``model_control_off``: why RepositoryModelLoad/Unload are refused (FAILED_PRECONDITION); None allows them.
+
+        ``streams``: where its request streams are tracked, for a drain to stop reading them.
+        """
+        self._streams = streams or OpenStreams()
         self._model_control_off = model_control_off
         self._classifier = classifier
         self._registry = registry
@@ -198,9 +211,14 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         """ModelInfer over a bidirectional stream: concurrent, answered in request order, errors inline."""
         deadline = deadline_of(context)
         budget = stream_budget(self._batching)
-        items = ordered_concurrently(request_iterator, lambda r: self._stream_item(r, deadline), budget, images_in)
-        async for reply in items:
-            yield reply
+        items = ordered_concurrently(
+            request_iterator, lambda r: self._stream_item(r, deadline), budget, images_in, self._streams
+        )
+        try:
+            async for reply in items:
+                yield reply
+        except StreamClosedForDrain as exc:
+            await context.abort(exc.code, str(exc))
 
     async def _stream_item(
         self, request: oip.ModelInferRequest, deadline: float | None

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 
 from convray.service.config import BatchingSettings
-from convray.service.errors import ConvrayError, Overloaded, status_trailers, to_status
+from convray.service.errors import ConvrayError, ModelNotReady, Overloaded, status_trailers, to_status
 from convray.service.metrics import Metrics
 from convray.workers.repository import ModelLoadError
 
@@ -186,16 +186,55 @@ class ItemBudget:
         self._returned.set()
 
 
+DRAINING = "the server is draining"  # the cancel message that tells a drain from the call's own end
+CLOSED_FOR_DRAIN = (
+    "the server is shutting down: this stream was answered up to the last request it read, and those sent after it "
+    "were not read; send them on a new stream"
+)
+
+
+class StreamClosedForDrain(ModelNotReady):
+    """A request stream the server stopped reading because it is shutting down (UNAVAILABLE: open another)."""
+
+
+class OpenStreams:
+    """The request streams being read, so that a drain can stop reading them all (``stop_reading``).
+
+    A stream only waiting for its client's next request held the drain for its whole grace period, and was
+    then cancelled with whatever it had in flight. Stopped instead, it answers what it has read and ends with
+    ``StreamClosedForDrain``, which tells the client that its later requests were not read.
+    """
+
+    def __init__(self) -> None:
+        self.closing = False
+        self._readers: set[asyncio.Task[None]] = set()
+
+    def add(self, reader: asyncio.Task[None]) -> None:
+        """Track one stream's reading task until it ends."""
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
+
+    def stop_reading(self) -> None:
+        """Stop reading every stream: each ends after the replies to the requests it had read."""
+        self.closing = True
+        for reader in list(self._readers):
+            reader.cancel(DRAINING)
+
+
 async def ordered_concurrently(
     requests: AsyncIterator[Request],
     handle: Callable[[Request], Awaitable[Reply]],
     budget: ItemBudget | None = None,
     size_of: Callable[[Request], int] | None = None,
+    streams: OpenStreams | None = None,
 ) -> AsyncIterator[Reply]:
     """Handle stream requests concurrently (so they batch together) and yield replies in request order.
 
     At most ``STREAM_WINDOW`` requests are handled at once and, with a ``budget``, at most its images (a
     request counts ``size_of(request)``, else 1); past either, reading the stream waits.
+
+    Raises:
+        StreamClosedForDrain: ``streams.stop_reading()`` was called; after the replies to the requests read.
     """
     in_order: asyncio.Queue[asyncio.Task[Reply] | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
 
@@ -211,10 +250,18 @@ async def ordered_concurrently(
                 except BaseException:  # the stream ended while the window was full: nobody will await this one
                     task.cancel()
                     raise
+        except asyncio.CancelledError as cancelled:
+            if cancelled.args != (DRAINING,):  # the call itself ended: nobody reads what this would raise
+                raise
+            raise StreamClosedForDrain(CLOSED_FOR_DRAIN) from None
         finally:
             await in_order.put(None)
 
+    if streams is not None and streams.closing:  # opened as the drain began: read nothing
+        raise StreamClosedForDrain(CLOSED_FOR_DRAIN)
     reader = asyncio.create_task(read_requests())
+    if streams is not None:
+        streams.add(reader)  # no await since the check above: stop_reading() cannot come in between
     try:
         while (task := await in_order.get()) is not None:
             yield await task

@@ -39,7 +39,7 @@ from convray.service.metrics import Metrics
 from convray.service.oip_servicer import InferenceServicer
 from convray.service.ray_watch import RayGate, RayWatchdog
 from convray.service.registry import ModelRegistry
-from convray.service.rpc import MalformedMessageInterceptor
+from convray.service.rpc import MalformedMessageInterceptor, OpenStreams
 from convray.service.security import BearerTokenInterceptor, read_token, server_credentials
 from convray.service.servicer import ClassifierServicer
 from convray.v1 import classifier_pb2, classifier_pb2_grpc
@@ -247,8 +247,12 @@ class ConvrayServer:
             settings.inputs.default_top_k,
             self._decoder,
         )
+        self.open_streams = OpenStreams()
         classifier_pb2_grpc.add_ClassifierServicer_to_server(
-            ClassifierServicer(classifier, self.registry, self.metrics, explainer, settings.batching), self._server
+            ClassifierServicer(
+                classifier, self.registry, self.metrics, explainer, settings.batching, self.open_streams
+            ),
+            self._server,
         )
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(
@@ -258,6 +262,7 @@ class ConvrayServer:
                 settings.batching,
                 settings.workers,
                 model_control_off=None if member is None else MODEL_CONTROL_OFF.format(count=member.count),
+                streams=self.open_streams,
             ),
             self._server,
         )
@@ -511,6 +516,7 @@ class ConvrayServer:
         """Drain: health to NOT_SERVING, refuse new calls, finish admitted ones, stop replicas."""
         grace = self.settings.server.drain_grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
+        self.open_streams.stop_reading()  # each ends after its replies, not at the end of the grace period
         if self._bring_up is not None and not self._bring_up.done():
             self._bring_up.cancel()
         if self.watchdog is not None:

@@ -13,7 +13,15 @@ from convray.service.explaining import ExplainAnswer, Explainer
 from convray.service.inference import Classification, Classifier
 from convray.service.metrics import Metrics
 from convray.service.registry import ModelRegistry
-from convray.service.rpc import API_LABELS, RpcObserver, deadline_of, ordered_concurrently, stream_budget
+from convray.service.rpc import (
+    API_LABELS,
+    OpenStreams,
+    RpcObserver,
+    StreamClosedForDrain,
+    deadline_of,
+    ordered_concurrently,
+    stream_budget,
+)
 from convray.v1 import classifier_pb2 as pb
 from convray.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -87,7 +95,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         metrics: Metrics,
         explainer: Explainer,
         batching: BatchingSettings,
+        streams: OpenStreams | None = None,
     ) -> None:
+        """``streams``: where its request streams are tracked, for a drain to stop reading them."""
+        self._streams = streams or OpenStreams()
         self._explainer = explainer
         self._batching = batching
         self._classifier = classifier
@@ -111,8 +122,14 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         """Classify a stream of images concurrently, answering in request order."""
         deadline = deadline_of(context)
         budget = stream_budget(self._batching)  # one image per request
-        async for reply in ordered_concurrently(request_iterator, lambda r: self._stream_item(r, deadline), budget):
-            yield reply
+        items = ordered_concurrently(
+            request_iterator, lambda r: self._stream_item(r, deadline), budget, streams=self._streams
+        )
+        try:
+            async for reply in items:
+                yield reply
+        except StreamClosedForDrain as exc:
+            await context.abort(exc.code, str(exc))
 
     async def _stream_item(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyStreamResponse:
         async def work() -> pb.ClassifyResponse:

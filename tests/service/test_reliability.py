@@ -257,7 +257,14 @@ def test_a_replica_killed_under_load_is_replaced_and_no_request_is_lost(ray_addr
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_0(ray_address, model_repo, pngs):
+    """A stream left open by its client ends at once, with UNAVAILABLE, rather than holding the drain's 10 s grace
+    and then being cancelled (found in review)."""
     images, labels = pngs
+    more = threading.Event()
+
+    def one_image_then_silence():
+        yield pb.ClassifyRequest(image=images[0], request_id="streamed")
+        more.wait(60)  # the client keeps its stream open, sending nothing
     port = free_port()
     env = {**os.environ, "CONVRAY_WORKERS__CPUS_PER_REPLICA": "0.25"}
     process = subprocess.Popen(
@@ -270,17 +277,27 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(ray_address, model_rep
         wait_serving(port, process)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.ClassifierStub(channel)
+            stream = stub.ClassifyStream(one_image_then_silence(), timeout=60)
+            assert next(stream).request_id == "streamed"  # answered; nothing else on the way
             in_flight = [stub.Classify.future(pb.ClassifyRequest(image=images[i]), timeout=30) for i in range(12)]
             time.sleep(0.5)  # all 12 are admitted and waiting for their batch to fill
             process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
             time.sleep(0.3)
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Classify(pb.ClassifyRequest(image=images[0]), timeout=5)
             replies = [call.result() for call in in_flight]
+            with pytest.raises(grpc.RpcError) as stream_ended:
+                next(stream)
         _, log = process.communicate(timeout=60)
+        exited_after_s = time.monotonic() - signalled
     finally:
+        more.set()
         if process.poll() is None:
             process.kill()
+    assert stream_ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "sent after it were not read; send them on a new stream" in stream_ended.value.details()
+    assert exited_after_s < 8, "the open stream held the drain for its grace period"
     assert [r.predictions[0].label for r in replies] == [str(label) for label in labels[:12]]
     assert all(r.timings.batch_size == 12 for r in replies)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE

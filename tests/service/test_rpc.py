@@ -19,7 +19,9 @@ from convray.service.rpc import (
     STREAM_WINDOW,
     HandlerCache,
     ItemBudget,
+    OpenStreams,
     RpcObserver,
+    StreamClosedForDrain,
     ordered_concurrently,
 )
 
@@ -209,6 +211,50 @@ async def test_a_stream_with_a_budget_handles_only_as_many_images_at_once_as_it_
     assert max(most_at_once) == 10 and sorted(set(most_at_once)) == [3, 6, 10]
     await asyncio.sleep(0)  # the last request's images come back as its task's done callback runs
     assert budget.free == 7
+
+
+async def test_a_drain_stops_reading_a_stream_that_ends_after_answering_what_it_read():
+    """Found in review: a stream waiting for its client's next request held the drain for its whole grace period,
+    then was cancelled with whatever it had in flight."""
+    sent, waiting_for_more = asyncio.Queue(), asyncio.Event()
+
+    async def requests():
+        while True:
+            if sent.empty():
+                waiting_for_more.set()
+            yield await sent.get()
+
+    async def handle(i: int) -> int:
+        await asyncio.sleep(0.1)  # still in flight when the drain begins
+        return i
+
+    streams = OpenStreams()
+    replies = ordered_concurrently(requests(), handle, streams=streams)
+    for i in range(3):
+        sent.put_nowait(i)
+    first = await replies.__anext__()
+    await waiting_for_more.wait()  # the three read, the client silent
+    streams.stop_reading()
+    rest = []
+    with pytest.raises(StreamClosedForDrain, match="sent after it were not read"):
+        async for reply in replies:
+            rest.append(reply)
+    assert [first, *rest] == [0, 1, 2]
+
+
+async def test_a_stream_opened_as_the_drain_begins_is_not_read_and_the_calls_own_end_is_no_drain():
+    async def requests():
+        yield 1
+
+    async def handle(i: int) -> int:
+        return i
+
+    closing = OpenStreams()
+    closing.stop_reading()
+    with pytest.raises(StreamClosedForDrain):
+        [r async for r in ordered_concurrently(requests(), handle, streams=closing)]
+    open_ = OpenStreams()
+    assert [r async for r in ordered_concurrently(requests(), handle, streams=open_)] == [1]
 
 
 def test_the_api_labels_name_the_services_convray_serves():
