@@ -9,7 +9,6 @@ from typing import Any
 import grpc
 
 from convray.service.config import SecuritySettings
-from convray.service.rpc import handler_like
 
 # Kubernetes' and load balancers' probes carry no credentials, so health checks stay open.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -62,10 +61,24 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method or ""
         if handler is None or method.startswith(OPEN_METHOD_PREFIXES) or self._authorised(handler_call_details):
             return handler
-        return handler_like(handler, _deny)  # same kind, aborts before reading any request
+        return _deny_handler(handler)
 
 
-async def _deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+def _deny_handler(template: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler that answers UNAUTHENTICATED without reading the request.
+
+    Request-streaming whatever the method's kind: for a unary request grpc would first receive the whole message
+    (up to --max-message-bytes) and the next interceptor would parse it, so callers without the token could fill
+    the server's memory with requests it refuses anyway (found in review: 16 of 60 MiB took it from 420 to
+    1,555 MiB).
+    """
+    factory = (
+        grpc.stream_stream_rpc_method_handler if template.response_streaming else grpc.stream_unary_rpc_method_handler
+    )
+    return factory(_deny, response_serializer=template.response_serializer)
+
+
+async def _deny(requests: Any, context: grpc.aio.ServicerContext) -> None:
     await context.abort(
         grpc.StatusCode.UNAUTHENTICATED,
         "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'",

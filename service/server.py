@@ -231,9 +231,10 @@ class ConvrayServer:
         )
         self.health = health.aio.HealthServicer()
         security = settings.security
-        interceptors: list[grpc.aio.ServerInterceptor] = [MalformedMessageInterceptor()]
-        if security.auth_token_file is not None:
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if security.auth_token_file is not None:  # outermost: nothing is read or parsed for a caller without it
             interceptors.append(BearerTokenInterceptor(read_token(security.auth_token_file)))
+        interceptors.append(MalformedMessageInterceptor())
         self.ray_gate = RayGate(self.metrics, self.registry.metric_label)
         interceptors.append(self.ray_gate)  # innermost: an unauthenticated call is refused as such first
         self._credentials = server_credentials(security)

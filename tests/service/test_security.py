@@ -117,6 +117,16 @@ def test_a_missing_or_wrong_token_is_unauthenticated(secure_server, pki, metadat
     assert "bearer token" in info.value.details()
 
 
+def test_a_call_without_the_token_is_refused_before_its_request_is_read(secure_server, pki):
+    """Found in review: the whole message was received and parsed first (an unparsable one got INVALID_ARGUMENT),
+    so callers without the token could fill the server's memory with requests it was about to refuse."""
+    with secure_channel(secure_server, pki) as channel:
+        raw = channel.unary_unary("/convray.v1.Classifier/Classify")  # bytes in: any body, parsable or not
+        with pytest.raises(grpc.RpcError) as info:
+            raw(b"\xff" * (8 << 20), timeout=30)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_streaming_calls_are_refused_too_without_the_token(secure_server, pki):
     with secure_channel(secure_server, pki) as channel:
         replies = pb_grpc.ClassifierStub(channel).ClassifyStream(iter([pb.ClassifyRequest(image=IMAGE)]), timeout=10)
