@@ -121,8 +121,11 @@ class ReplicaPool:
         start_replica: Callable[[], Any] | None = None,
         start_timeout_s: float = 600.0,
         on_lost: Callable[[], None] | None = None,
+        direct_host: str | None = None,
     ) -> None:
         """Wrap started actors; ``compiled_in_flight`` is each compiled graph's capacity.
+
+        ``direct_host``: the address each replica's direct listener binds (None: its node's IP, for other nodes).
 
         ``on_failure`` is called for each batch that found its replica dead, ``on_lost`` once per loss (the first
         batch to find it dead; the others in flight on it, and those sent before it is back, do not count again).
@@ -136,6 +139,7 @@ class ReplicaPool:
         self.transport: Transport = transport
         self._actors = actors
         self._on_failure, self._on_lost = on_failure, on_lost
+        self._direct_host = direct_host
         self._in_flight = [0] * len(actors)
         self._tie_break = itertools.count()
         self._compiled_in_flight = compiled_in_flight
@@ -222,6 +226,9 @@ class ReplicaPool:
             start_replica,
             options.start_timeout_s,
             on_lost=on_lost,
+            # An embedded Ray is all on this machine: the replicas' direct listeners stay on loopback, as the
+            # server's own default bind does (found in review: they listened on the machine's routable address).
+            direct_host="127.0.0.1" if options.fixed_cluster else None,
         )
         await asyncio.gather(*(pool._open_fast_path(index, info) for index, info in enumerate(described)))
         runs_on = sorted(
@@ -363,7 +370,7 @@ class ReplicaPool:
         try:
             path: FastPath
             if self.transport == "direct":
-                address = await self._actors[index].open_direct_channel.remote(self._token)
+                address = await self._actors[index].open_direct_channel.remote(self._token, self._direct_host)
                 path = DirectChannel(tuple(address), self._token)
             elif self.transport == "compiled-graph":
                 path = CompiledRun(self._actors[index], int(described["pid"]), self._compiled_in_flight)

@@ -47,6 +47,21 @@ async def test_a_fast_path_gives_the_same_probabilities_as_a_plain_call(model_re
         fast.shutdown()
 
 
+@pytest.mark.parametrize("embedded", [True, False])
+async def test_direct_listeners_stay_on_loopback_when_ray_is_embedded_and_use_the_nodes_address_otherwise(
+    model_repo, batch, embedded
+):
+    """Found in review: with the default localhost bind and an embedded Ray, the replicas' direct listeners were on
+    the machine's routable address, open to anyone on the network (at least to hold the 64 handshake slots)."""
+    pool = await ReplicaPool.start(str(model_repo), "digits", 1, options(fixed_cluster=embedded))
+    try:
+        (path,) = pool._fast_paths
+        assert path.address[0] == ("127.0.0.1" if embedded else ray.util.get_node_ip_address())
+        assert (await pool.predict(batch)).probabilities.shape == (16, 10)
+    finally:
+        pool.shutdown()
+
+
 async def test_a_compiled_graphs_reply_is_copied_out_of_its_reusable_channel_buffer(model_repo, batch):
     pool = await ReplicaPool.start(str(model_repo), "digits", 1, options(transport="compiled-graph"))
     try:
