@@ -36,6 +36,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--model-repo": ("models", "model_repo"),
     "--default-model": ("models", "default_model"),
     "--poll-interval-s": ("models", "poll_interval_s"),
+    "--model-control": ("models", "control"),
     "--max-batch-size": ("batching", "max_batch_size"),
     "--max-batch-delay-ms": ("batching", "max_batch_delay_ms"),
     "--max-queue": ("batching", "max_queue"),

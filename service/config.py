@@ -26,6 +26,9 @@ def _off_is_none(value: object) -> object:
 Unsettable = BeforeValidator(_off_is_none)
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
 class _Group(BaseModel):
     # Attribute docstrings become field descriptions: the CLI's --help and the README table use them.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
@@ -88,6 +91,8 @@ class ModelSettings(_Group):
     """Model for requests that name none; if it is not served, the first served model by name."""
     poll_interval_s: float = Field(0.0, ge=0)
     """Seconds between checks of the repository for a newer version, which is loaded, warmed, then served; 0: off."""
+    control: bool = False
+    """Allow OIP RepositoryModelLoad/Unload (Triton's --model-control-mode=explicit); off, they are refused."""
 
 
 class BatchingSettings(_Group):
@@ -225,7 +230,22 @@ class Settings(BaseSettings):
                 f"--max-queue {batching.max_queue} is below --max-batch-size {batching.max_batch_size}: batches "
                 f"can never fill, and requests of more than {batching.max_queue} images are always refused"
             )
+        server, security = self.server, self.security
+        if self.models.control and security.auth_token_file is None and server.host not in LOOPBACK_HOSTS:
+            found.append(
+                f"--model-control with --host {server.host} and no --auth-token-file: anyone who can reach port "
+                f"{server.port} can unload every model"
+            )
         return found
+
+    @model_validator(mode="after")
+    def _model_control_reaches_every_front_end(self) -> Settings:
+        if self.models.control and self.server.frontends > 1:
+            raise ValueError(
+                f"--model-control cannot be used with --frontends {self.server.frontends}: a load or unload would "
+                "reach one front end only; let --poll-interval-s serve new versions on all of them"
+            )
+        return self
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Settings:

@@ -57,7 +57,20 @@ MODEL_CONTROL_OFF = (
     "this server runs {count} front-end processes (--frontends) and a load or unload would change only the one "
     "this call reached; put the version in the repository and let --poll-interval-s serve it on all of them"
 )
+# Why they are refused by default: as Triton's default (--model-control-mode=none), for a server that may be reachable
+# by clients who should classify, not change what is served.
+MODEL_CONTROL_DISABLED = (
+    "model control is off: start the server with --model-control (CONVRAY_MODELS__CONTROL=true) to load and unload "
+    "models by request, or put new versions in the repository for --poll-interval-s to serve"
+)
 REPLICA_CHECK_TIMEOUT_S = 10.0  # after Ray answers again, how long the replicas get to answer too
+
+
+def model_control_refusal(settings: Settings, member: FrontendMember | None) -> str | None:
+    """Why this server refuses RepositoryModelLoad/Unload (FAILED_PRECONDITION), or None where it allows them."""
+    if member is not None:
+        return MODEL_CONTROL_OFF.format(count=member.count)
+    return None if settings.models.control else MODEL_CONTROL_DISABLED
 
 
 def _in_thread(
@@ -262,7 +275,7 @@ class ConvrayServer:
                 self.metrics,
                 settings.batching,
                 settings.workers,
-                model_control_off=None if member is None else MODEL_CONTROL_OFF.format(count=member.count),
+                model_control_off=model_control_refusal(settings, member),
                 streams=self.open_streams,
             ),
             self._server,

@@ -87,7 +87,7 @@ def server_settings(model_repo: Path, **overrides):
 
     groups = {
         "server": {"host": "127.0.0.1", "port": 0, "metrics_host": "127.0.0.1", "metrics_port": 0},
-        "models": {"model_repo": model_repo},
+        "models": {"model_repo": model_repo, "control": True},  # tests load and unload (off by default)
         "workers": {"replicas": 2, "cpus_per_replica": 0.5},
         "batching": {"max_batch_size": 32, "max_batch_delay_ms": 2.0},
     }

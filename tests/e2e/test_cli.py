@@ -14,6 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from convray.oip import inference_pb2 as oip
+from convray.oip import inference_pb2_grpc as oip_grpc
 from convray.workers.data import load_digits_split
 from tests.conftest import REPO_ROOT
 
@@ -165,6 +167,14 @@ def test_serve_joins_a_ray_cluster_serves_and_exits_0_on_sigterm(ray_address, mo
         result = run_cli("classify", digit_files[0][0], "--server", f"127.0.0.1:{port}", "--json")
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["predictions"][0]["label"] == digit_files[0][1]
+        # Found in review: any client could unload every model. Off unless --model-control, as in Triton.
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                oip_grpc.GRPCInferenceServiceStub(channel).RepositoryModelUnload(
+                    oip.RepositoryModelUnloadRequest(model_name="digits"), timeout=30
+                )
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "start the server with --model-control" in refused.value.details()
         process.send_signal(signal.SIGTERM)
         _, log = process.communicate(timeout=60)
     finally:

@@ -18,6 +18,7 @@ def test_defaults_are_safe_and_bounded():
     assert settings.models.model_repo.as_posix() == "models"
     assert settings.batching.max_queue > 0
     assert settings.workers.ray_address is None
+    assert settings.models.control is False  # load and unload by request are off, as Triton's default
 
 
 def test_environment_variables_set_nested_fields(monkeypatch):
@@ -107,6 +108,17 @@ def test_a_queue_smaller_than_a_batch_is_accepted_but_doubted():
         "--max-queue 4 is below --max-batch-size 8: batches can never fill, "
         "and requests of more than 4 images are always refused"
     ]
+
+
+def test_model_control_beyond_loopback_without_a_token_is_doubted_and_with_several_front_ends_refused():
+    assert Settings(models={"control": True}).doubts() == []  # localhost
+    open_to_all = Settings(models={"control": True}, server={"host": "0.0.0.0"})
+    assert open_to_all.doubts() == [
+        "--model-control with --host 0.0.0.0 and no --auth-token-file: anyone who can reach port 50051 can unload "
+        "every model"
+    ]
+    with pytest.raises(ValidationError, match="--model-control cannot be used with --frontends 2"):
+        Settings(models={"control": True}, server={"frontends": 2})
 
 
 def test_invalid_settings_are_named_by_their_flag_and_environment_variable(capsys):
