@@ -265,6 +265,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(ray_address, model_rep
     def one_image_then_silence():
         yield pb.ClassifyRequest(image=images[0], request_id="streamed")
         more.wait(60)  # the client keeps its stream open, sending nothing
+
     port = free_port()
     env = {**os.environ, "CONVRAY_WORKERS__CPUS_PER_REPLICA": "0.25"}
     process = subprocess.Popen(
