@@ -196,6 +196,37 @@ def test_the_frontend_joins_the_ray_head_service_of_the_raycluster(built, overla
     assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
+def selects(selector: dict, labels: dict) -> bool:
+    """Whether a LabelSelector of matchLabels only selects pods with ``labels``."""
+    assert set(selector) <= {"matchLabels"}, "only matchLabels is read here"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+@pytest.mark.parametrize("overlay", SERVING)
+def test_only_the_front_ends_the_ray_pods_and_the_metrics_port_reach_the_ray_cluster(built, overlay):
+    """Found in review: any pod in any namespace could submit a job to the Ray dashboard and run code next to the
+    replicas. KubeRay labels every pod of a RayCluster ray.io/cluster=<its name>."""
+    cluster = find(built[overlay], "RayCluster")
+    ray_pod = {"ray.io/cluster": cluster["metadata"]["name"]}
+    front_end = find(built[overlay], "Deployment", "convray-frontend")["spec"]["template"]["metadata"]["labels"]
+    policy = find(built[overlay], "NetworkPolicy", "convray-ray")["spec"]
+    assert selects(policy["podSelector"], ray_pod) and policy["policyTypes"] == ["Ingress"]
+    (anywhere_in_app, metrics_only) = policy["ingress"]
+    assert "ports" not in anywhere_in_app  # Ray uses many ports, some chosen at random
+    peers = anywhere_in_app["from"]
+    assert any(selects(peer["podSelector"], ray_pod) for peer in peers)
+    assert any(selects(peer["podSelector"], front_end) for peer in peers)
+    assert all(set(peer) == {"podSelector"} for peer in peers)  # this namespace only
+    assert metrics_only["from"] == [{"namespaceSelector": {}}]
+    (port,) = metrics_only["ports"]
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    workers = [g["template"]["spec"]["containers"][0] for g in cluster["spec"]["workerGroupSpecs"]]
+    for container in (head, *workers):  # the port named there, which the PodMonitor scrapes
+        assert port["port"] in {p["name"] for p in container["ports"]}
+    monitor = find(built[overlay], "PodMonitor", "convray-ray")["spec"]
+    assert [e["port"] for e in monitor["podMetricsEndpoints"]] == [port["port"]]
+
+
 @pytest.mark.parametrize("overlay", SERVING)
 def test_frontend_and_workers_see_the_model_repository_at_the_configured_path(built, overlay, monkeypatch):
     repo = settings_from_configmap(built[overlay], monkeypatch).models.model_repo.as_posix()
