@@ -223,6 +223,7 @@ def test_only_the_front_ends_the_ray_pods_and_the_metrics_port_reach_the_ray_clu
     workers = [g["template"]["spec"]["containers"][0] for g in cluster["spec"]["workerGroupSpecs"]]
     for container in (head, *workers):  # the port named there, which the PodMonitor scrapes
         assert port["port"] in {p["name"] for p in container["ports"]}
+    assert frontend(built[overlay])["automountServiceAccountToken"] is False  # it never calls the Kubernetes API
     monitor = find(built[overlay], "PodMonitor", "convray-ray")["spec"]
     assert [e["port"] for e in monitor["podMetricsEndpoints"]] == [port["port"]]
 
