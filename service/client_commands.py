@@ -53,7 +53,13 @@ def client_problem(args: argparse.Namespace) -> str | None:
 
     Left to gRPC and protobuf, these were a crash (a certificate without its key aborted the process), a
     traceback (an unreadable file, a version past int64) or a silently plaintext connection (a key alone).
+    Flags that work but expose the token (sent in cleartext beyond this machine) get a warning on stderr.
     """
+    from convray.service.credentials import cleartext_token_warning
+
+    servers = [s.strip() for s in args.server.split(",") if s.strip()]
+    if warning := cleartext_token_warning(servers, args.token_file, bool(args.tls_ca or args.tls_cert)):
+        print(f"convray: warning: {warning}", file=sys.stderr)
     if bool(args.tls_cert) != bool(args.tls_key):
         return "--tls-cert and --tls-key go together: a client certificate and its private key"
     for flag in ("tls_ca", "tls_cert", "tls_key", "token_file"):

@@ -231,6 +231,11 @@ class Settings(BaseSettings):
                 f"can never fill, and requests of more than {batching.max_queue} images are always refused"
             )
         server, security = self.server, self.security
+        if security.auth_token_file is not None and security.tls_cert is None and server.host not in LOOPBACK_HOSTS:
+            found.append(
+                f"--auth-token-file without --tls-cert/--tls-key on --host {server.host}: clients send the token in "
+                "cleartext, readable by anyone on the network path"
+            )
         if self.models.control and security.auth_token_file is None and server.host not in LOOPBACK_HOSTS:
             found.append(
                 f"--model-control with --host {server.host} and no --auth-token-file: anyone who can reach port "

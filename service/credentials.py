@@ -23,3 +23,19 @@ def bearer_metadata(token_file: str | None) -> tuple[tuple[str, str], ...]:
     if not token_file:
         return ()
     return (("authorization", f"Bearer {Path(token_file).read_text(encoding='utf-8').strip()}"),)
+
+
+LOOPBACK = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def cleartext_token_warning(servers: list[str], token_file: str | None, tls: bool) -> str | None:
+    """A warning when a bearer token would cross the network in cleartext (no TLS, a server beyond this machine)."""
+    if not token_file or tls:
+        return None
+    remote = [s for s in servers if s.rpartition(":")[0] not in LOOPBACK]
+    if not remote:
+        return None
+    return (
+        f"--token-file without TLS: the token goes to {', '.join(remote)} in cleartext, readable on the way "
+        "(add --tls-ca for a TLS server)"
+    )

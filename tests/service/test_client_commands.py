@@ -112,6 +112,18 @@ def test_client_flags_that_cannot_work_are_usage_errors_before_anything_is_sent(
 
 
 @pytest.mark.parametrize(
+    ("server", "tls", "warned"),
+    [("10.0.0.1:1", False, True), ("localhost:1", False, False), ("10.0.0.1:1", True, False)],
+)
+def test_a_token_sent_in_cleartext_beyond_this_machine_is_warned_about(tmp_path, capsys, server, tls, warned):
+    token = tmp_path / "token"
+    token.write_text("secret")
+    tls_flags = ["--tls-ca", str(token)] if tls else []  # read only when connecting
+    main(["models", "--server", server, "--token-file", str(token), *tls_flags, "--connect-timeout", "0.01"])
+    assert ("the token goes to 10.0.0.1:1 in cleartext" in capsys.readouterr().err) is warned
+
+
+@pytest.mark.parametrize(
     ("flags", "complaint"),
     [(["--version", str(2**64)], "--version must be 0 (latest) or a positive version number"),
      (["--top-k", str(2**33)], "--top-k is too large")],

@@ -110,12 +110,17 @@ def test_a_queue_smaller_than_a_batch_is_accepted_but_doubted():
     ]
 
 
-def test_model_control_beyond_loopback_without_a_token_is_doubted_and_with_several_front_ends_refused():
+def test_model_control_or_a_token_in_cleartext_beyond_loopback_are_doubted_and_control_with_front_ends_refused():
     assert Settings(models={"control": True}).doubts() == []  # localhost
     open_to_all = Settings(models={"control": True}, server={"host": "0.0.0.0"})
     assert open_to_all.doubts() == [
         "--model-control with --host 0.0.0.0 and no --auth-token-file: anyone who can reach port 50051 can unload "
         "every model"
+    ]
+    token = Settings(server={"host": "0.0.0.0"}, security={"auth_token_file": "token"})
+    assert token.doubts() == [
+        "--auth-token-file without --tls-cert/--tls-key on --host 0.0.0.0: clients send the token in cleartext, "
+        "readable by anyone on the network path"
     ]
     with pytest.raises(ValidationError, match="--model-control cannot be used with --frontends 2"):
         Settings(models={"control": True}, server={"frontends": 2})
