@@ -28,6 +28,12 @@ def instructions() -> list[tuple[str, str]]:
     return [(row.split(None, 1)[0].upper(), row.split(None, 1)[1] if " " in row else "") for row in rows]
 
 
+def dockerfile_arg(name: str) -> str:
+    match = re.search(rf"^ARG {name}=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
+    assert match, f"ARG {name} not in {DOCKERFILE}"
+    return match.group(1)
+
+
 def healthcheck_argv() -> list[str]:
     (args,) = [a for i, a in instructions() if i == "HEALTHCHECK"]
     return json.loads(args[args.index("CMD") + 3 :].strip())
@@ -81,6 +87,30 @@ def test_a_login_shell_keeps_the_venv_on_path_as_kuberay_before_1_4_starts_ray()
     assert shell.stdout.strip().split(":")[0] == "/opt/venv/bin"
     env_lines = " ".join(a for i, a in instructions() if i == "ENV")
     assert "VIRTUAL_ENV=/opt/venv" in env_lines  # which the script reads, in the image and in the pods
+
+
+def test_the_image_installs_the_versions_the_tests_ran_with_within_pyprojects_ranges():
+    """Found in review: only torch and Ray were pinned, so two builds of one commit could differ."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 and later
+
+    from packaging.requirements import Requirement
+
+    constraints = (REPO_ROOT / "deploy" / "docker" / "constraints.txt").read_text().splitlines()
+    pinned = dict(line.split("==", 1) for line in constraints if line and not line.startswith("#"))
+    pinned = {name.lower().replace("_", "-"): version for name, version in pinned.items()}
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    for text in [*project["dependencies"], *project["optional-dependencies"]["train"]]:
+        requirement = Requirement(text)
+        name = requirement.name.lower()
+        if name == "torch":
+            assert name not in pinned  # the Dockerfile pins it, and its CUDA build brings its own wheels
+            continue
+        assert name in pinned, f"{name} is not held by constraints.txt (run scripts/lock_image.py)"
+        assert requirement.specifier.contains(pinned[name], prereleases=True), (name, pinned[name])
+    assert pinned["ray"] == dockerfile_arg("RAY_VERSION")
+    installs = [a for i, a in instructions() if i == "RUN" and "convray-0.1.0-py3-none-any.whl" in a]
+    assert len(installs) == 2 and all("-c /tmp/constraints.txt" in a for a in installs)  # cpu and cuda
+    assert ("COPY", "deploy/docker/constraints.txt /tmp/constraints.txt") in instructions()
 
 
 def test_dockerignore_lets_in_what_the_dockerfile_copies_and_nothing_generated():
