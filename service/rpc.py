@@ -188,8 +188,8 @@ class ItemBudget:
 
 DRAINING = "the server is draining"  # the cancel message that tells a drain from the call's own end
 CLOSED_FOR_DRAIN = (
-    "the server is shutting down: this stream was answered up to the last request it read, and those sent after it "
-    "were not read; send them on a new stream"
+    "the server is shutting down: the requests on this stream that got no reply were not processed; send them on a "
+    "new stream"
 )
 
 
@@ -202,22 +202,43 @@ class OpenStreams:
 
     A stream only waiting for its client's next request held the drain for its whole grace period, and was
     then cancelled with whatever it had in flight. Stopped instead, it answers what it has read and ends with
-    ``StreamClosedForDrain``, which tells the client that its later requests were not read.
+    ``StreamClosedForDrain``: every request without a reply was not processed, and can be sent again.
     """
 
     def __init__(self) -> None:
         self.closing = False
-        self._readers: set[asyncio.Task[None]] = set()
+        self._waiting: set[asyncio.Task[Any]] = set()  # readers now waiting for their client's next request
 
-    def add(self, reader: asyncio.Task[None]) -> None:
-        """Track one stream's reading task until it ends."""
-        self._readers.add(reader)
-        reader.add_done_callback(self._readers.discard)
+    async def next_request(self, requests: AsyncIterator[Request]) -> Request:
+        """The stream's next request; only this wait is cut short by a drain.
+
+        Raises:
+            StopAsyncIteration: the client finished the stream.
+            StreamClosedForDrain: the server is draining (before the wait, or during it).
+        """
+        if self.closing:
+            raise StreamClosedForDrain(CLOSED_FOR_DRAIN)
+        reader = asyncio.current_task()
+        assert reader is not None
+        self._waiting.add(reader)
+        try:
+            return await anext(requests)
+        except asyncio.CancelledError as cancelled:
+            if cancelled.args != (DRAINING,):  # the call itself ended
+                raise
+            raise StreamClosedForDrain(CLOSED_FOR_DRAIN) from None
+        finally:
+            self._waiting.discard(reader)
 
     def stop_reading(self) -> None:
-        """Stop reading every stream: each ends after the replies to the requests it had read."""
+        """Stop reading every stream: each ends after the replies to the requests it had taken in.
+
+        Only readers waiting for a request are interrupted; one handing a request over (waiting for room in its
+        window or budget) finishes that and stops before reading the next. A request gRPC had received just as
+        the wait was interrupted is not processed, and gets no reply: the client's rule holds.
+        """
         self.closing = True
-        for reader in list(self._readers):
+        for reader in list(self._waiting):
             reader.cancel(DRAINING)
 
 
@@ -234,13 +255,18 @@ async def ordered_concurrently(
     request counts ``size_of(request)``, else 1); past either, reading the stream waits.
 
     Raises:
-        StreamClosedForDrain: ``streams.stop_reading()`` was called; after the replies to the requests read.
+        StreamClosedForDrain: ``streams.stop_reading()`` was called; after the replies to the requests taken in.
     """
     in_order: asyncio.Queue[asyncio.Task[Reply] | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
+    iterator = aiter(requests)
 
     async def read_requests() -> None:
         try:
-            async for request in requests:
+            while True:
+                try:
+                    request = await (anext(iterator) if streams is None else streams.next_request(iterator))
+                except StopAsyncIteration:
+                    return
                 taken = 0 if budget is None else await budget.take(1 if size_of is None else size_of(request))
                 task = asyncio.create_task(handle(request))
                 if taken:
@@ -250,22 +276,14 @@ async def ordered_concurrently(
                 except BaseException:  # the stream ended while the window was full: nobody will await this one
                     task.cancel()
                     raise
-        except asyncio.CancelledError as cancelled:
-            if cancelled.args != (DRAINING,):  # the call itself ended: nobody reads what this would raise
-                raise
-            raise StreamClosedForDrain(CLOSED_FOR_DRAIN) from None
         finally:
             await in_order.put(None)
 
-    if streams is not None and streams.closing:  # opened as the drain began: read nothing
-        raise StreamClosedForDrain(CLOSED_FOR_DRAIN)
     reader = asyncio.create_task(read_requests())
-    if streams is not None:
-        streams.add(reader)  # no await since the check above: stop_reading() cannot come in between
     try:
         while (task := await in_order.get()) is not None:
             yield await task
-        await reader  # surfaces a broken request stream
+        await reader  # surfaces a broken request stream, or a drain
     finally:
         reader.cancel()
         while not in_order.empty():

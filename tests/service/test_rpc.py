@@ -236,25 +236,69 @@ async def test_a_drain_stops_reading_a_stream_that_ends_after_answering_what_it_
     await waiting_for_more.wait()  # the three read, the client silent
     streams.stop_reading()
     rest = []
-    with pytest.raises(StreamClosedForDrain, match="sent after it were not read"):
+    with pytest.raises(StreamClosedForDrain, match="requests on this stream that got no reply were not processed"):
         async for reply in replies:
             rest.append(reply)
     assert [first, *rest] == [0, 1, 2]
 
 
-async def test_a_stream_opened_as_the_drain_begins_is_not_read_and_the_calls_own_end_is_no_drain():
+async def test_a_stream_whose_reading_has_not_begun_when_the_drain_comes_ends_at_once():
+    """Found in review: a drain landing before the reader's first step left the stream waiting for ever."""
+
     async def requests():
         yield 1
 
     async def handle(i: int) -> int:
         return i
 
-    closing = OpenStreams()
-    closing.stop_reading()
+    streams = OpenStreams()
+    replies = ordered_concurrently(requests(), handle, streams=streams)
+    first = asyncio.ensure_future(replies.__anext__())
+    await asyncio.sleep(0)  # the generator has started its reader, which has not run yet
+    streams.stop_reading()
     with pytest.raises(StreamClosedForDrain):
-        [r async for r in ordered_concurrently(requests(), handle, streams=closing)]
-    open_ = OpenStreams()
-    assert [r async for r in ordered_concurrently(requests(), handle, streams=open_)] == [1]
+        await asyncio.wait_for(first, 2)
+
+
+async def test_a_request_read_while_waiting_for_room_is_answered_before_the_stream_ends():
+    """Found in review: a drain cancelled the reader wherever it was, so a request it had read but not yet handed
+    over (waiting for the stream's image budget) was dropped."""
+    release, second_read = asyncio.Event(), asyncio.Event()
+
+    async def requests():
+        yield (0, 2)
+        second_read.set()
+        yield (1, 2)  # needs the room the first holds
+        await asyncio.Event().wait()  # then the client is silent
+
+    async def handle(request: tuple[int, int]) -> int:
+        if request[0] == 0:
+            await release.wait()
+        return request[0]
+
+    streams = OpenStreams()
+    replies = ordered_concurrently(requests(), handle, ItemBudget(2), lambda request: request[1], streams)
+    first = asyncio.ensure_future(replies.__anext__())
+    await second_read.wait()
+    await asyncio.sleep(0.01)  # the reader waits for room for the second
+    streams.stop_reading()
+    release.set()
+    answered = [await first]
+    with pytest.raises(StreamClosedForDrain):
+        async for reply in replies:
+            answered.append(reply)
+    assert answered == [0, 1]
+
+
+async def test_without_a_drain_a_stream_is_read_to_its_end():
+    async def requests():
+        for i in range(3):
+            yield i
+
+    async def handle(i: int) -> int:
+        return i
+
+    assert [r async for r in ordered_concurrently(requests(), handle, streams=OpenStreams())] == [0, 1, 2]
 
 
 def test_the_api_labels_name_the_services_convray_serves():
