@@ -107,8 +107,15 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     groups = Settings.model_fields
     for flag, (group, field) in SERVE_FLAGS.items():
         info = groups[group].annotation.model_fields[field]  # type: ignore[union-attr] (groups are models)
+        # A switch may be given bare (`--model-control`) as well as with a value (`--model-control false`).
+        bare = {"nargs": "?", "const": "true"} if info.annotation is bool else {}
         parser.add_argument(
-            flag, dest=f"{group}.{field}", default=None, metavar=_metavar(field, info), help=_help(info, group, field)
+            flag,
+            dest=f"{group}.{field}",
+            default=None,
+            metavar=_metavar(field, info),
+            help=_help(info, group, field),
+            **bare,
         )
     parser.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
 

@@ -56,6 +56,13 @@ def test_flags_override_the_environment_and_keep_the_rest_of_the_group(monkeypat
     assert settings.workers.ray_address == "auto"
 
 
+def test_a_switch_may_be_given_bare_or_with_a_value():
+    """Found in review: `--model-control`, as the refusal told users to write, was an argparse error."""
+    assert settings_from_args(serve_args("--model-control", "--port", "5")).models.control is True
+    assert settings_from_args(serve_args("--model-control", "false")).models.control is False
+    assert settings_from_args(serve_args()).models.control is False
+
+
 def test_every_serve_flag_maps_onto_a_real_field():
     for flag, (group, field) in SERVE_FLAGS.items():
         assert field in Settings.model_fields[group].annotation.model_fields, flag
@@ -142,5 +149,5 @@ def test_help_shows_what_each_value_looks_like():
 
     serve = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("serve"))
     text = serve.format_help()
-    assert "--transport direct|compiled-graph|actor-call" in text and "--dispatch-when-idle true|false" in text
+    assert "--transport direct|compiled-graph|actor-call" in text and "--dispatch-when-idle [true|false]" in text
     assert "--drain-grace-s S" in text and "``" not in text
