@@ -380,9 +380,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
     failed = [report for report in reports if not report.passed(args.max_error_fraction)]
     for report in failed:
+        level = "" if args.rate is not None else f" at concurrency {report.config['concurrency']}"
         print(
-            f"convray bench: {report.requests - report.ok} of {report.requests} requests failed at concurrency "
-            f"{report.config['concurrency']}, over --max-error-fraction {args.max_error_fraction:g}",
+            f"convray bench: {report.requests - report.ok} of {report.requests} requests failed{level}, "
+            f"over --max-error-fraction {args.max_error_fraction:g}",
             file=sys.stderr,
         )
     return EXIT_FAILED if failed else EXIT_OK

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from convray.service.credentials import LOOPBACK_HOSTS
+
 if TYPE_CHECKING:
     from convray.service.codecs import DecodeLimits
 
@@ -24,9 +26,6 @@ def _off_is_none(value: object) -> object:
 # A setting that may be unset: "off" (from a flag or an environment variable) unsets it, e.g.
 # CONVRAY_SERVER__METRICS_PORT=off is --no-metrics. Only these: elsewhere "off" keeps its own meaning (false).
 Unsettable = BeforeValidator(_off_is_none)
-
-
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 class _Group(BaseModel):

@@ -26,6 +26,7 @@ IMAGE_INPUT = "image"
 OUTPUT = "probabilities"
 CLASSIFICATION = "classification"
 CONTENT_TYPE = "content_type"  # MLServer's codec name for a tensor or request
+_CONTENT_TYPES = {PIXELS_INPUT: ("np",), IMAGE_INPUT: ("base64",)}  # MLServer's, per input, that convray reads
 MAX_DIMS = 8  # no input has more than 4; checked before a shape a client sent is copied or shown
 _PIXEL_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
 _LENGTH = struct.Struct("<I")
@@ -81,7 +82,10 @@ def check_content_type(parameters: Mapping[str, oip.InferParameter], where: str,
     """
     if CONTENT_TYPE not in parameters:
         return
-    value = parameters[CONTENT_TYPE].string_param
+    parameter = parameters[CONTENT_TYPE]
+    if parameter.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidInput(f"content_type on {where} must be a string_param")
+    value = parameter.string_param
     if value not in accepted:
         raise InvalidInput(f"content_type {shown(value)} on {where} is not supported; accepted: {list(accepted)}")
 
@@ -122,7 +126,8 @@ def read_input(request: oip.ModelInferRequest, contract: InputContract, max_batc
         )
     tensor = request.inputs[0]
     where = f"input {shown(tensor.name)}"
-    check_content_type(tensor.parameters, where, ("np",) if tensor.name == PIXELS_INPUT else ("base64",))
+    if tensor.name in _CONTENT_TYPES:  # an unknown input is refused as such below
+        check_content_type(tensor.parameters, where, _CONTENT_TYPES[tensor.name])
     reject_parameters(tensor.parameters, where, frozenset({CONTENT_TYPE}))
     if len(tensor.shape) > MAX_DIMS:
         raise InvalidInput(f"{where} has a shape of {len(tensor.shape)} dimensions; inputs have at most 4")

@@ -41,7 +41,8 @@ TRAIN_FLAGS: dict[str, dict[str, Any]] = {
     "--run-name": {"help": "checkpoint directory name under --storage-path (default: MODEL-NAME-UTC-TIME)"},
     "--resume": {
         "action": "store_true",
-        "help": "continue the latest run of --model-name from its checkpoint, with the settings it was started with",
+        "help": "continue the latest run of --model-name from its checkpoint, with the settings it was started with "
+        "(flags left out take the run's values, not the defaults shown here)",
     },
     "--max-failures": {"type": int, "help": "worker-group restarts from the last checkpoint before failing"},
     "--fail-at-epoch": {"type": int, "help": argparse.SUPPRESS},  # tests: failure injection

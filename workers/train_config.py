@@ -108,6 +108,8 @@ def changed_run_settings(saved: dict[str, Any], config: TrainConfig) -> list[str
     differ = [field for field in RUN_FIELDS if field in saved and saved[field] != now[field]]
     if saved.get("spec_file") and now["spec_file"]:  # a spec file overrides the preset, which then does not count
         differ = [field for field in differ if field != "preset"]
+        if "spec" in saved:  # its contents are compared (check_continues_as_started), so not how its path is spelt
+            differ = [field for field in differ if field != "spec_file"]
     return [f"{field}: {saved[field]!r} -> {now[field]!r}" for field in differ]
 
 

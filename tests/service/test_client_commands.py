@@ -113,8 +113,9 @@ def test_client_flags_that_cannot_work_are_usage_errors_before_anything_is_sent(
 
 @pytest.mark.parametrize(
     ("server", "tls", "warned"),
-    [("10.0.0.1:1", False, True), ("localhost:1", False, False), ("10.0.0.1:1", True, False)],
-)
+    [("10.0.0.1:1", False, True), ("localhost:1", False, False), ("[::1]:1", False, False),
+     ("unix:/tmp/convray.sock", False, False), ("10.0.0.1:1", True, False)],
+)  # fmt: skip
 def test_a_token_sent_in_cleartext_beyond_this_machine_is_warned_about(tmp_path, capsys, server, tls, warned):
     token = tmp_path / "token"
     token.write_text("secret")

@@ -168,15 +168,23 @@ def test_mlservers_content_type_is_accepted_where_it_names_what_convray_reads(na
         ("input", "str", r"content_type 'str' on input 'input' is not supported; accepted: \['np'\]"),
         ("image", "np", r"content_type 'np' on input 'image' is not supported; accepted: \['base64'\]"),
         ("image", "base64", r"image 2 of 2 is not base64 as its content_type says"),
+        ("pixels", "np", r"unknown input 'pixels'"),  # not a content_type problem
     ],
 )
 def test_a_content_type_convray_would_misread_is_refused(name, content_type, message):
-    if name == "input":
-        request = request_with(raw=b"\x00" * 16)
+    if name in ("input", "pixels"):
+        request = request_with(name, raw=b"\x00" * 16)
     else:
         request = request_with("image", "BYTES", [2], bytes_contents=[b"aW1hZ2Ux", b"not base64!"])
     request.inputs[0].parameters["content_type"].string_param = content_type
     with pytest.raises(InvalidInput, match=message):
+        read_input(request, CONTRACT, 4)
+
+
+def test_a_content_type_that_is_not_a_string_says_so():
+    request = request_with(raw=b"\x00" * 16)
+    request.inputs[0].parameters["content_type"].int64_param = 1
+    with pytest.raises(InvalidInput, match="content_type on input 'input' must be a string_param"):
         read_input(request, CONTRACT, 4)
 
 

@@ -161,6 +161,10 @@ def test_a_spec_file_edited_since_the_run_started_is_refused(tmp_path):
     checkpointed_run(tmp_path, RUN, TrainConfig(spec_file=str(spec_file)), spec=spec)
     config = TrainConfig(spec_file=str(spec_file), run_name=RUN, storage_path=str(tmp_path))
     check_continues_as_started(config)  # the same spec
+    copy = tmp_path / "elsewhere" / "same-spec.json"  # the same contents by another path: the same run
+    copy.parent.mkdir()
+    copy.write_text(spec_file.read_text())
+    check_continues_as_started(TrainConfig(spec_file=str(copy), run_name=RUN, storage_path=str(tmp_path)))
     edited = json.loads(json.dumps(spec))
     edited["blocks"][-1] = {"type": "dropout", "rate": 0.3}  # the same weights' shapes, another network
     assert edited != spec
