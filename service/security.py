@@ -3,27 +3,84 @@
 from __future__ import annotations
 
 import hmac
+import logging
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from convray.service.config import SecuritySettings
 
+log = logging.getLogger(__name__)
+
 # Kubernetes' and load balancers' probes carry no credentials, so health checks stay open.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 def server_credentials(security: SecuritySettings) -> grpc.ServerCredentials | None:
-    """TLS (or mutual TLS when a client CA is set) credentials, or None for plaintext."""
+    """TLS (or mutual TLS when a client CA is set) credentials, or None for plaintext.
+
+    The files are read again when one of them changes (``ServerCertificates``), so a renewed certificate is served
+    without a restart.
+    """
     if security.tls_cert is None or security.tls_key is None:
         return None
-    client_ca = security.tls_client_ca.read_bytes() if security.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(security.tls_key.read_bytes(), security.tls_cert.read_bytes())],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
+    certificates = ServerCertificates(security.tls_cert, security.tls_key, security.tls_client_ca)
+    return grpc.dynamic_ssl_server_credentials(
+        certificates.configuration(),
+        certificates.changed,
+        require_client_authentication=security.tls_client_ca is not None,
     )
+
+
+class ServerCertificates:
+    """The server's certificate, key and client CA files, read again when one changes on disk.
+
+    cert-manager and Kubernetes Secret volumes renew them in place (a Secret volume swaps a symlink); read once,
+    a certificate expired under a server that had not restarted, and clients could no longer connect. gRPC asks
+    ``changed`` at each new connection's handshake: a stat of each file, and a read only when one changed.
+    """
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None) -> None:
+        self._paths = (cert, key, *([client_ca] if client_ca else []))
+        self._cert, self._key, self._client_ca = cert, key, client_ca
+        self._seen = self._stamps()
+
+    def _stamps(self) -> tuple[tuple[int, int, int], ...]:
+        stats = [path.stat() for path in self._paths]
+        return tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in stats)
+
+    def configuration(self) -> grpc.ServerCertificateConfiguration:
+        """The files as they are now.
+
+        Raises:
+            OSError, ssl.SSLError: a file cannot be read, or the key does not belong to the certificate.
+        """
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self._cert, self._key)  # a pair?
+        return grpc.ssl_server_certificate_configuration(
+            [(self._key.read_bytes(), self._cert.read_bytes())],
+            root_certificates=self._client_ca.read_bytes() if self._client_ca else None,
+        )
+
+    def changed(self) -> grpc.ServerCertificateConfiguration | None:
+        """The new configuration if a file changed since it was last read, else None (gRPC keeps the current).
+
+        Files caught mid-update (a key that does not match its certificate yet, a file missing) are not taken:
+        the current ones serve on, and the next connection looks again.
+        """
+        try:
+            stamps = self._stamps()
+            if stamps == self._seen:
+                return None
+            configuration = self.configuration()
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("TLS files changed but cannot be used yet (%s); serving the previous certificate", exc)
+            return None
+        self._seen = stamps
+        log.info("TLS files changed: new connections get the renewed certificate")
+        return configuration
 
 
 def read_token(path: Any) -> str:

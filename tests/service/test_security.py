@@ -204,3 +204,50 @@ def test_bench_loads_a_server_over_mutual_tls_with_a_token(secure_server, pki, f
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["ok"] > 0 and report["errors"] == {}
+
+
+async def test_renewed_certificate_files_are_served_without_a_restart_and_a_mismatched_pair_is_not(tmp_path):
+    """Found in review: the files were read once at start, so a certificate renewed in place (cert-manager, a
+    Kubernetes Secret volume) was not served, and the old one expired under a server that had not restarted."""
+    import os
+
+    from convray.service.config import SecuritySettings
+    from convray.service.security import server_credentials
+
+    first_ca, first_ca_key = make_cert("first CA", is_ca=True)
+    next_ca, next_ca_key = make_cert("next CA", is_ca=True)
+    cert, key = write_pem(tmp_path, "server", *make_cert("server", first_ca, first_ca_key))
+    server = grpc.aio.server()
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return request
+
+    handlers = {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
+    port = server.add_secure_port("localhost:0", server_credentials(SecuritySettings(tls_cert=cert, tls_key=key)))
+    await server.start()
+
+    async def trusted_by(ca) -> bool:
+        credentials = grpc.ssl_channel_credentials(ca.public_bytes(serialization.Encoding.PEM))
+        async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as channel:  # a new connection
+            try:
+                return await channel.unary_unary("/test.Echo/Echo")(b"x", timeout=5) == b"x"
+            except grpc.aio.AioRpcError:
+                return False
+
+    def renew(name: str, with_key: bool = True) -> None:
+        staged = tmp_path / name
+        staged.mkdir()
+        new_cert, new_key = write_pem(staged, "server", *make_cert("server", next_ca, next_ca_key))
+        os.replace(new_cert, cert)  # replaced whole, as a Secret volume's symlink swap does
+        if with_key:
+            os.replace(new_key, key)
+
+    try:
+        assert await trusted_by(first_ca) and not await trusted_by(next_ca)
+        renew("half", with_key=False)  # caught mid-update: the new certificate with the old key
+        assert await trusted_by(first_ca)  # still the old pair
+        renew("whole")
+        assert await trusted_by(next_ca) and not await trusted_by(first_ca)
+    finally:
+        await server.stop(None)
