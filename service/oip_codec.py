@@ -12,6 +12,7 @@ import base64
 import binascii
 import math
 import struct
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ IMAGE_INPUT = "image"
 OUTPUT = "probabilities"
 CLASSIFICATION = "classification"
 CONTENT_TYPE = "content_type"  # MLServer's codec name for a tensor or request
+TIMEOUT = "timeout"  # Triton's request parameter: microseconds the request may take
 _CONTENT_TYPES = {PIXELS_INPUT: ("np",), IMAGE_INPUT: ("base64",)}  # MLServer's, per input, that convray reads
 MAX_DIMS = 8  # no input has more than 4; checked before a shape a client sent is copied or shown
 _PIXEL_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
@@ -88,6 +90,23 @@ def check_content_type(parameters: Mapping[str, oip.InferParameter], where: str,
     value = parameter.string_param
     if value not in accepted:
         raise InvalidInput(f"content_type {shown(value)} on {where} is not supported; accepted: {list(accepted)}")
+
+
+def with_timeout(parameters: Mapping[str, oip.InferParameter], deadline: float | None) -> float | None:
+    """``deadline`` (time.monotonic()), brought forward by Triton's ``timeout`` request parameter when it is sooner.
+
+    tritonclient's ``infer(..., timeout=us)`` sends it: microseconds the request may take, 0 for no limit. A request
+    still queued when it passes is dropped unrun and answered DEADLINE_EXCEEDED, as one past the client's deadline.
+    """
+    if TIMEOUT not in parameters:
+        return deadline
+    parameter = parameters[TIMEOUT]
+    if parameter.WhichOneof("parameter_choice") != "int64_param" or parameter.int64_param < 0:
+        raise InvalidInput("'timeout' must be an int64_param of microseconds, 0 or more (0: no limit)")
+    if parameter.int64_param == 0:
+        return deadline
+    own = time.monotonic() + parameter.int64_param / 1e6
+    return own if deadline is None else min(deadline, own)
 
 
 def deserialize_bytes(raw: bytes, count: int) -> list[bytes]:

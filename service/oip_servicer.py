@@ -23,12 +23,14 @@ from convray.service.oip_codec import (
     IMAGE_INPUT,
     OUTPUT,
     PIXELS_INPUT,
+    TIMEOUT,
     check_content_type,
     images_in,
     parse_version,
     read_input,
     reject_parameters,
     requested_outputs,
+    with_timeout,
     write_outputs,
 )
 from convray.service.registry import ModelRegistry, ServedModel
@@ -180,7 +182,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: oip.ModelInferRequest, deadline: float | None) -> oip.ModelInferResponse:
         check_content_type(request.parameters, "the request", ("np",))
-        reject_parameters(request.parameters, "the request", frozenset({CONTENT_TYPE}))
+        reject_parameters(request.parameters, "the request", frozenset({CONTENT_TYPE, TIMEOUT}))
+        deadline = with_timeout(request.parameters, deadline)
         outputs = requested_outputs(request)
 
         async def run(served: ServedModel) -> oip.ModelInferResponse:

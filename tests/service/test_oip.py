@@ -235,6 +235,18 @@ def test_one_stream_of_full_batches_waits_for_room_instead_of_overflowing_the_qu
     assert all(r.infer_response.outputs[0].shape == [32, 10] for r in replies)
 
 
+def test_tritons_timeout_parameter_limits_how_long_a_request_may_wait(channel, held_out):
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    request = oip.ModelInferRequest(model_name="digits", raw_input_contents=[held_out.images[:1].tobytes()])
+    request.inputs.add(name="input", datatype="UINT8", shape=[1, 1, 8, 8])
+    request.parameters["timeout"].int64_param = 10_000_000  # 10 s: plenty
+    assert stub.ModelInfer(request, timeout=30).outputs[0].shape == [1, 10]
+    request.parameters["timeout"].int64_param = 1  # 1 us: past before the batch can go
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 def test_a_bad_image_among_several_is_named_by_its_place_in_the_request(channel):
     """Found in review: one bad image in a batch of 32 was reported without saying which."""
     buffer = io.BytesIO()

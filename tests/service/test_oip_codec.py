@@ -15,6 +15,7 @@ from convray.service.oip_codec import (
     read_input,
     requested_outputs,
     serialize_bytes,
+    with_timeout,
     write_outputs,
 )
 from convray.workers.repository import InputContract, Normalisation
@@ -238,3 +239,20 @@ def test_write_outputs_puts_every_output_in_raw_contents_in_order():
     assert deserialize_bytes(response.raw_output_contents[1], 4) == [
         b"0.900000:1:dog", b"0.100000:0:cat", b"0.800000:0:cat", b"0.200000:1:dog",
     ]  # fmt: skip
+
+
+def test_tritons_timeout_parameter_brings_the_deadline_forward_never_back():
+    """tritonclient's infer(..., timeout=us) sends it; it was refused as an unsupported parameter."""
+    import time
+
+    request = oip.ModelInferRequest()
+    assert with_timeout(request.parameters, 123.0) == 123.0  # none given
+    request.parameters["timeout"].int64_param = 0  # Triton's "no limit"
+    assert with_timeout(request.parameters, None) is None
+    request.parameters["timeout"].int64_param = 2_000_000  # 2 s
+    now = time.monotonic()
+    assert now + 1.9 < with_timeout(request.parameters, None) < now + 2.1
+    assert with_timeout(request.parameters, now + 0.5) == now + 0.5  # the client's own deadline is sooner
+    request.parameters["timeout"].string_param = "2s"
+    with pytest.raises(InvalidInput, match="'timeout' must be an int64_param of microseconds"):
+        with_timeout(request.parameters, None)
