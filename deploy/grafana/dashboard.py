@@ -28,6 +28,7 @@ from grafana_foundation_sdk.models.dashboard import (
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 SERVED = 'instance=~"$instance", model=~"$model"'
+INSTANCE = 'instance=~"$instance"'  # for the front end's own series, which have no model label
 INFERENCE_RPCS = 'rpc=~"Classify|ClassifyStream|ModelInfer|ModelStreamInfer"'
 RATE = "[$__rate_interval]"
 
@@ -286,6 +287,23 @@ def build() -> Dashboard:
                     query(
                         f"sum by (model, api) (rate(convray_deadline_expired_total{{{SERVED}}}{RATE}))",
                         "{{model}} {{api}}",
+                    ),
+                ),
+            ],
+        ),
+        (
+            "Ray cluster",
+            [
+                panel(
+                    "Ray cluster connection",
+                    "1 while each front end's Ray cluster answers its checks (0 before it is joined and while it is"
+                    " lost: readiness is NOT_SERVING then), and the requests refused or failed meanwhile with"
+                    " UNAVAILABLE. Per front end: these have no model label.",
+                    "short",
+                    query(f"min by (instance) (convray_ray_connected{{{INSTANCE}}})", "connected {{instance}}"),
+                    query(
+                        f"sum by (instance) (rate(convray_ray_unavailable_requests_total{{{INSTANCE}}}{RATE}))",
+                        "refused, Ray lost, req/s {{instance}}",
                     ),
                 ),
             ],
