@@ -30,6 +30,15 @@ class DecodeLimits:
     max_request_pixels: int
 
 
+def request_pixels_may_exceed(count: int, limits: DecodeLimits) -> bool:
+    """Whether ``count`` images could be over ``limits.max_request_pixels`` together, each within its own limit.
+
+    When not (up to 10 images at the defaults), ``check_request_pixels`` has nothing to find: ``decode_image``
+    refuses any one image over ``max_image_pixels`` from its header, before decoding it.
+    """
+    return count * limits.max_image_pixels > limits.max_request_pixels
+
+
 def check_request_pixels(images: list[bytes], limits: DecodeLimits) -> None:
     """Refuse a request whose images' headers add up to more than ``limits.max_request_pixels``, before decoding.
 

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from prometheus_client import Gauge, Histogram
 
-from convray.service.codecs import ClassScore, DecodeLimits, check_request_pixels, decode_image, top_k
+from convray.service.codecs import (
+    ClassScore,
+    DecodeLimits,
+    check_request_pixels,
+    decode_image,
+    request_pixels_may_exceed,
+    top_k,
+)
 from convray.service.errors import InvalidInput, ModelNotReady
 from convray.service.metrics import Metrics
 from convray.service.pacing import OverlapAdvisor
@@ -192,7 +199,7 @@ class Classifier:
         received = time.monotonic()
         try:
             loop = asyncio.get_running_loop()
-            if len(images) > 1:  # one image is bounded by --max-image-pixels already
+            if request_pixels_may_exceed(len(images), self._limits):  # else each image's own limit bounds them
                 await loop.run_in_executor(self._decoder, check_request_pixels, images, self._limits)
             decode = functools.partial(decode_image, contract=served.metadata.input, limits=self._limits)
             if len(images) == 1:  # the common case; gather's bookkeeping costs about 20 us a request

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convray.service.codecs import DecodeLimits, check_request_pixels, decode_image, top_k
+from convray.service.codecs import (
+    DecodeLimits,
+    check_request_pixels,
+    decode_image,
+    request_pixels_may_exceed,
+    top_k,
+)
 from convray.service.errors import InvalidInput
 from convray.workers.repository import InputContract, Normalisation
 
@@ -160,6 +166,13 @@ def test_a_request_whose_images_add_up_to_too_many_pixels_is_refused_from_their_
     with pytest.raises(InvalidInput, match=r"3 images are 3000000 pixels in all, over the limit of 2000000 "
                                            r"\(--max-request-pixels\); send them in smaller requests"):  # fmt: skip
         check_request_pixels([each, each, each], LIMITS)
+
+
+def test_requests_too_few_to_exceed_the_request_limit_need_no_header_pass():
+    """At 1,000,000 pixels each, two images cannot pass 2,000,000 together; three can."""
+    assert not request_pixels_may_exceed(2, LIMITS) and request_pixels_may_exceed(3, LIMITS)
+    defaults = DecodeLimits(max_image_bytes=1, max_image_pixels=40_000_000, max_request_pixels=400_000_000)
+    assert not request_pixels_may_exceed(10, defaults) and request_pixels_may_exceed(11, defaults)
 
 
 def test_oversize_bytes_are_refused_before_decoding():
