@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import re
 import sys
 from collections import deque
@@ -72,8 +73,10 @@ def client_problem(args: argparse.Namespace) -> str | None:
             return f"--{flag.replace('_', '-')} {path}: cannot read: {exc.strerror}"
         if flag == "token_file" and (not content.strip() or len(content.split()) != 1):
             return f"--token-file {path}: must hold one token, with no spaces or line breaks inside"
-    if args.timeout <= 0:
-        return f"--timeout must be > 0, got {args.timeout:g}"
+    for flag in ("timeout", "connect_timeout"):  # NaN compares false both ways: `<= 0` let it through
+        seconds = getattr(args, flag, 1.0)
+        if not (seconds > 0 and math.isfinite(seconds)):
+            return f"--{flag.replace('_', '-')} must be a number of seconds > 0, got {seconds:g}"
     if not 0 <= getattr(args, "version", 0) < 2**63:
         return f"--version must be 0 (latest) or a positive version number, got {args.version}"
     if getattr(args, "top_k", 0) >= 2**32:
@@ -325,10 +328,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             message
             for bad, message in (
                 (args.connections < 1, f"--connections must be >= 1, got {args.connections}"),
-                (args.rate is not None and not args.rate > 0, f"--rate must be > 0 requests/s, got {args.rate}"),
+                (args.rate is not None and not 0 < args.rate < math.inf,
+                 f"--rate must be > 0 requests/s, got {args.rate}"),
                 (args.requests is not None and args.requests < 1, f"--requests must be >= 1, got {args.requests}"),
-                (not args.duration > 0, f"--duration must be > 0 s, got {args.duration}"),
-                (not args.warmup >= 0, f"--warmup must be >= 0 s, got {args.warmup}"),
+                (not 0 < args.duration < math.inf, f"--duration must be > 0 s, got {args.duration}"),
+                (not 0 <= args.warmup < math.inf, f"--warmup must be >= 0 s, got {args.warmup}"),
                 (args.processes is not None and args.processes < 1, f"--processes must be >= 1, got {args.processes}"),
                 (not 0 <= args.max_error_fraction <= 1,
                  f"--max-error-fraction must be from 0 to 1, got {args.max_error_fraction}"),

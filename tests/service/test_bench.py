@@ -383,7 +383,9 @@ def test_a_request_count_sends_exactly_that_many_at_any_concurrency(concurrency)
         (["--rate", "-5"], "--rate must be > 0"),  # sent unthrottled
         (["--requests", "-1"], "--requests must be >= 1, got -1"),  # ran for an hour
         (["--duration", "0"], "--duration must be > 0 s"),
-        (["--timeout", "0"], "--timeout must be > 0, got 0"),
+        (["--timeout", "0"], "--timeout must be a number of seconds > 0, got 0"),
+        (["--duration", "inf"], "--duration must be > 0 s, got inf"),  # would never end
+        (["--rate", "nan"], "--rate must be > 0 requests/s, got nan"),
         (["--processes", "0"], "--processes must be >= 1"),  # became the default
         (["--image-size", "abc"], "--image-size is WxH"),  # a traceback
         (["--image-format", "foo"], "--image-format must be one of BMP, GIF, JPEG, PNG, WEBP"),  # a traceback

@@ -94,7 +94,11 @@ def test_classify_refuses_no_requests_in_flight(capsys):
         (["--tls-ca", "{missing}"], "--tls-ca {missing}: cannot read: No such file or directory"),  # a traceback
         (["--token-file", "{missing}"], "--token-file {missing}: cannot read"),
         (["--token-file", "{two_lines}"], "must hold one token, with no spaces or line breaks inside"),
-        (["--timeout", "0"], "--timeout must be > 0, got 0"),
+        (["--timeout", "0"], "--timeout must be a number of seconds > 0, got 0"),
+        # Found in review: NaN passed the check, and `models --connect-timeout nan` spun a core for good.
+        (["--timeout", "nan"], "--timeout must be a number of seconds > 0, got nan"),
+        (["--connect-timeout", "nan"], "--connect-timeout must be a number of seconds > 0, got nan"),
+        (["--connect-timeout", "inf"], "--connect-timeout must be a number of seconds > 0, got inf"),
     ],
 )
 def test_client_flags_that_cannot_work_are_usage_errors_before_anything_is_sent(
