@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``convray`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command in ("classify", "explain") and args.top_k < 0:
+    if args.command in ("classify", "explain") and args.top_k is not None and args.top_k < 0:
         print(f"convray {args.command}: --top-k must be >= 0", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "kernels" and args.stride < 1:

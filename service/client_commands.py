@@ -79,7 +79,7 @@ def client_problem(args: argparse.Namespace) -> str | None:
             return f"--{flag.replace('_', '-')} must be a number of seconds > 0, got {seconds:g}"
     if not 0 <= getattr(args, "version", 0) < 2**63:
         return f"--version must be 0 (latest) or a positive version number, got {args.version}"
-    if getattr(args, "top_k", 0) >= 2**32:
+    if (getattr(args, "top_k", 0) or 0) >= 2**32:
         return f"--top-k is too large: {args.top_k}"
     return None
 
@@ -139,21 +139,26 @@ def cmd_classify(args: argparse.Namespace) -> int:
             image = Path(path).read_bytes()
         except OSError as exc:
             return exc
-        request = pb.ClassifyRequest(image=image, model=args.model, version=args.version, top_k=args.top_k)
+        request = pb.ClassifyRequest(image=image, model=args.model, version=args.version, top_k=args.top_k or 0)
         return stub.Classify.future(request, timeout=args.timeout, metadata=metadata)
 
     # Up to --in-flight calls at once, so the server can batch them; answers are printed in the files' order.
     pending: deque[tuple[str, Any]] = deque()
     for path in args.images:
         if len(pending) == args.in_flight:
-            exit_code = _print_classified(*pending.popleft(), args.json, exit_code)
+            exit_code = _print_classified(*pending.popleft(), args.json, exit_code, args.top_k)
         pending.append((path, send(path)))
     while pending:
-        exit_code = _print_classified(*pending.popleft(), args.json, exit_code)
+        exit_code = _print_classified(*pending.popleft(), args.json, exit_code, args.top_k)
     return exit_code
 
 
-def _print_classified(path: str, outcome: Any, as_json: bool, exit_code: int) -> int:
+DEFAULT_PRINTED = 3
+"""Classes `classify` prints per image without --top-k. It asks for the server's default (top_k 0, which the
+server caps at the model's class count) and prints that many of them: asking for 3 failed on a 2-class model."""
+
+
+def _print_classified(path: str, outcome: Any, as_json: bool, exit_code: int, top_k: int | None = None) -> int:
     """Print one file's answer (or why it has none); the exit code with this file counted."""
     import grpc
 
@@ -171,7 +176,8 @@ def _print_classified(path: str, outcome: Any, as_json: bool, exit_code: int) ->
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
             return EXIT_UNREACHABLE if exit_code == EXIT_OK else exit_code
         return EXIT_FAILED
-    predictions = [{"label": p.label, "probability": round(p.probability, 6)} for p in reply.predictions]
+    shown = reply.predictions if top_k else reply.predictions[:DEFAULT_PRINTED]
+    predictions = [{"label": p.label, "probability": round(p.probability, 6)} for p in shown]
     if as_json:
         print(json.dumps({"image": path, "model": reply.model, "version": reply.version, "predictions": predictions}))
     else:
@@ -205,7 +211,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     for model in reply.models:
         versions = ", ".join(f"{v.version}{' (loaded)' if v.loaded else ''}" for v in model.versions)
         marker = "  [default model]" if model.name == reply.default_model else ""
-        print(f"{model.name}: versions {versions}; serving v{model.default_version}{marker}")
+        # default_version 0: none of its versions is loaded (unloaded, or the server still starting)
+        serving = f"serving v{model.default_version}" if model.default_version else "not loaded"
+        print(f"{model.name}: versions {versions}; {serving}{marker}")
     return EXIT_OK
 
 
@@ -245,7 +253,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         model=args.model,
         version=args.version,
         blocks=args.blocks or [],
-        top_k=args.top_k,
+        top_k=args.top_k or 0,  # 0: the server's default, capped at the model's classes and its Explain limit
         method=methods[args.method],
     )
     try:
@@ -274,6 +282,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     """Apply a classic fixed kernel to an image with convray's conv block, locally, and write the result."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
+    from pydantic import ValidationError
 
     from convray.service.render import response_image
     from convray.workers.kernels import KERNELS, apply_kernel
@@ -295,6 +304,10 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     pixels = pixels.transpose(2, 0, 1) if pixels.ndim == 3 else pixels[None]  # (C, H, W)
     try:
         response = apply_kernel(pixels, args.kernel, padding, args.stride)
+    except ValidationError as exc:  # a value no conv block takes: say which flag, in a line, without pydantic's links
+        last = {str(error["loc"][0]): error["msg"] for error in exc.errors(include_url=False)}  # a union's last
+        print("convray kernels: " + "; ".join(f"--{flag}: {msg}" for flag, msg in last.items()), file=sys.stderr)
+        return EXIT_USAGE
     except ValueError as exc:
         print(f"convray kernels: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -413,7 +426,12 @@ def add_client_commands(commands: Any) -> None:
 
     classify = commands.add_parser("classify", help="classify image files", description=cmd_classify.__doc__)
     classify.add_argument("images", nargs="+", metavar="IMAGE")
-    classify.add_argument("--top-k", type=int, default=3, help="classes printed per image (default 3)")
+    classify.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="classes per image (default: 3, or fewer if the model has fewer classes)",
+    )
     classify.add_argument("--model", default="", help="model name (default: the server's default model)")
     classify.add_argument("--version", type=int, default=0, help="model version (default: latest loaded)")
     classify.add_argument(
@@ -489,7 +507,13 @@ def add_client_commands(commands: Any) -> None:
     explain.add_argument("--model", default="", help="model name (default: the server's default model)")
     explain.add_argument("--version", type=int, default=0, help="model version (default: latest loaded)")
     explain.add_argument("--blocks", nargs="+", metavar="BLOCK", help="e.g. block0_conv block3_conv (default: all)")
-    explain.add_argument("--top-k", type=int, default=3, help="classes that get a class activation map")
+    explain.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="classes that get a class activation map (default: the server's --default-top-k, "
+        "capped at the model's classes and --explain-max-top-k)",
+    )
     explain.add_argument("--method", default="auto", choices=["auto", "cam", "grad-cam"])
     client_flags(explain)
     explain.set_defaults(run=cmd_explain)
@@ -500,6 +524,6 @@ def add_client_commands(commands: Any) -> None:
     kernels.add_argument("image", metavar="IMAGE")
     kernels.add_argument("--kernel", required=True, choices=sorted(KERNEL_NAMES))
     kernels.add_argument("--out", required=True, metavar="FILE", help="PNG file to write")
-    kernels.add_argument("--padding", default="same", help="same, valid or pixels per side (default same)")
-    kernels.add_argument("--stride", type=int, default=1)
+    kernels.add_argument("--padding", default="same", help="same, valid or pixels per side, 0-31 (default same)")
+    kernels.add_argument("--stride", type=int, default=1, help="1-16, as a conv block allows (default 1)")
     kernels.set_defaults(run=cmd_kernels)

@@ -133,22 +133,25 @@ def run_frontends(settings: Settings, log_level: str) -> int:
 
 
 def _ports_taken(settings: Settings) -> str | None:
-    """Whether something already listens on the gRPC or health port, as a message; None when both are free.
+    """Whether something already listens on the gRPC, health or a metrics port, as a message; None when all are free.
 
     The front ends bind with SO_REUSEPORT, which Linux grants next to any other socket of this user that has it
     (gRPC servers set it by default, another group does): they would share the port with it and might get none
-    of its connections. A bind without it fails wherever anything listens, so it is tried once first.
+    of its connections. A bind without it fails wherever anything listens, so it is tried once first. Each front
+    end's own metrics port is checked too: taken, it failed that front end only once Ray had started, seconds in.
     """
     server = settings.server
-    for port in (server.port, server.health_port):
+    metrics = [(server.metrics_host, server.metrics_port_of(i), "--metrics-host") for i in range(server.frontends)]
+    for host, port, host_flag in [(server.host, server.port, "--host"), (server.host, server.health_port, "--host"),
+                                  *metrics]:  # fmt: skip
         if not port:
             continue
         try:
-            failures = bind_failures(server.host, port)
+            failures = bind_failures(host, port)
         except OSError as exc:
-            return f"cannot resolve --host {server.host}: {exc}"
+            return f"cannot resolve {host_flag} {host}: {exc}"
         if failures:
-            return f"cannot serve on {server.host}:{port}: {failures[0][1].strerror} (another server there?)"
+            return f"cannot serve on {host}:{port}: {failures[0][1].strerror} (another server there?)"
     return None
 
 

@@ -85,6 +85,10 @@ def test_kernels_refuses_bad_usage(tmp_path):
     assert result.returncode == 2 and "--padding must be same, valid or a number" in result.stderr
     result = run_cli("kernels", str(tmp_path / "missing.png"), "--kernel", "sobel-x", "--out", str(tmp_path / "x.png"))
     assert result.returncode == 1 and "cannot read as an image" in result.stderr
+    # Found in review: out-of-range values printed pydantic's multi-line error with its links.
+    result = run_cli("kernels", DIGIT_3, "--kernel", "sobel-x", "--out", str(tmp_path / "x.png"), "--stride", "17")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "convray kernels: --stride: Input should be less than or equal to 16"
 
 
 def test_kernels_to_a_folder_that_does_not_exist_is_a_usage_error(tmp_path):

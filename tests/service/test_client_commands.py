@@ -61,6 +61,68 @@ def numbered_files(tmp_path):
     return files
 
 
+class CappedClassifier:
+    """A real gRPC server whose Classify behaves as convray's on a model of ``classes`` classes: top_k 0 means 5
+    capped at the class count, and a top_k over the class count is INVALID_ARGUMENT. It notes each top_k asked."""
+
+    def __init__(self, classes: int) -> None:
+        self.classes, self.asked = classes, []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        handler = grpc.unary_unary_rpc_method_handler(
+            self._classify, pb.ClassifyRequest.FromString, pb.ClassifyResponse.SerializeToString
+        )
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("convray.v1.Classifier", {"Classify": handler}),)
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+    def _classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
+        self.asked.append(request.top_k)
+        if request.top_k > self.classes:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"top_k is {request.top_k} but the model has fewer classes")
+        k = request.top_k or min(5, self.classes)
+        return pb.ClassifyResponse(model="m", version=1, predictions=[pb.Prediction(label=str(i)) for i in range(k)])
+
+
+@pytest.mark.parametrize(("classes", "printed"), [(2, 2), (10, 3)])
+def test_classify_without_top_k_asks_for_the_servers_default_and_prints_up_to_3(tmp_path, capsys, classes, printed):
+    """Found in review: the default --top-k 3 was sent as such, so every model of fewer classes refused it."""
+    fake = CappedClassifier(classes)
+    fake.server.start()
+    image = tmp_path / "image"
+    image.write_bytes(b"x")
+    try:
+        assert main(["classify", str(image), "--server", f"127.0.0.1:{fake.port}", "--json"]) == 0
+        assert main(["classify", str(image), "--server", f"127.0.0.1:{fake.port}", "--json", "--top-k", "1"]) == 0
+    finally:
+        fake.server.stop(None)
+    default, one = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert fake.asked == [0, 1]
+    assert len(default["predictions"]) == printed and len(one["predictions"]) == 1
+
+
+def test_models_says_not_loaded_for_a_model_with_no_version_loaded(capsys):
+    """Found in review: it printed "serving v0" for a model unloaded by request."""
+    reply = pb.ListModelsResponse(
+        models=[pb.ModelSummary(name="digits", versions=[pb.ModelVersionState(version=1)], default_version=0)],
+        default_model="digits",
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    handler = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: reply, pb.ListModelsRequest.FromString, pb.ListModelsResponse.SerializeToString
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("convray.v1.Classifier", {"ListModels": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        assert main(["models", "--server", f"127.0.0.1:{port}"]) == 0
+    finally:
+        server.stop(None)
+    assert capsys.readouterr().out.strip() == "digits: versions 1; not loaded  [default model]"
+
+
 @pytest.mark.parametrize("in_flight", [1, 4])
 def test_classify_keeps_in_flight_requests_going_and_prints_in_the_files_order(
     slow_server, numbered_files, in_flight, capsys

@@ -97,10 +97,31 @@ def test_a_port_something_else_listens_on_is_refused_even_if_it_allows_sharing()
         other.bind(("127.0.0.1", 0))
         other.listen()
         port = other.getsockname()[1]
-        settings = Settings(server={"host": "127.0.0.1", "port": port, "frontends": 2})
+        settings = Settings(server={"host": "127.0.0.1", "port": port, "frontends": 2, "metrics_port": None})
         assert "cannot serve on 127.0.0.1:" in _ports_taken(settings)
     assert _ports_taken(settings) is None  # closed: free again
-    assert _ports_taken(Settings(server={"host": "[::]", "port": port, "frontends": 2})) is None  # gRPC's spelling
+    spelt = Settings(server={"host": "[::]", "port": port, "frontends": 2, "metrics_port": None})
+    assert _ports_taken(spelt) is None  # gRPC's spelling
+
+
+def test_a_metrics_port_of_one_of_the_front_ends_that_is_taken_is_refused_before_anything_starts():
+    """Found in review: the second front end failed on it only after Ray had started, seconds in."""
+    import socket
+
+    from convray.service.frontends import _ports_taken
+
+    with socket.socket() as grpc_port, socket.socket() as other:
+        grpc_port.bind(("127.0.0.1", 0))  # held (not listening) so no one else takes it meanwhile
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        server = {"host": "127.0.0.1", "port": grpc_port.getsockname()[1], "frontends": 2, "metrics_host": "127.0.0.1"}
+        grpc_port.close()
+        settings = Settings(server={**server, "metrics_port": taken})  # the first front end's; the second's is next
+        assert (
+            _ports_taken(settings)
+            == f"cannot serve on 127.0.0.1:{taken}: Address already in use (another server there?)"
+        )
 
 
 def test_only_the_front_ends_of_a_group_share_their_port():
