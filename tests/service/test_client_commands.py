@@ -14,6 +14,16 @@ from convray.service.cli import main
 from convray.v1 import classifier_pb2 as pb
 
 
+def classifier_server(behaviour, method: str = "Classify", workers: int = 4) -> tuple[grpc.Server, int]:
+    """A real (unstarted) gRPC server on loopback answering convray.v1.Classifier's ``method`` with ``behaviour``."""
+    request, reply = {"Classify": (pb.ClassifyRequest, pb.ClassifyResponse),
+                      "ListModels": (pb.ListModelsRequest, pb.ListModelsResponse)}[method]  # fmt: skip
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    handler = grpc.unary_unary_rpc_method_handler(behaviour, request.FromString, reply.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("convray.v1.Classifier", {method: handler}),))
+    return server, server.add_insecure_port("127.0.0.1:0")
+
+
 class SlowClassifier:
     """A real gRPC server whose Classify answers the image bytes b"<i>" after (10 - i) * 20 ms, naming i as the
     label, so later files finish first; it notes the most calls it had at once."""
@@ -21,14 +31,7 @@ class SlowClassifier:
     def __init__(self) -> None:
         self.in_flight = self.most_in_flight = 0
         self._lock = threading.Lock()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
-        handler = grpc.unary_unary_rpc_method_handler(
-            self._classify, pb.ClassifyRequest.FromString, pb.ClassifyResponse.SerializeToString
-        )
-        self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("convray.v1.Classifier", {"Classify": handler}),)
-        )
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server, self.port = classifier_server(self._classify, workers=32)
 
     def _classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         index = int(request.image)
@@ -67,14 +70,7 @@ class CappedClassifier:
 
     def __init__(self, classes: int) -> None:
         self.classes, self.asked = classes, []
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        handler = grpc.unary_unary_rpc_method_handler(
-            self._classify, pb.ClassifyRequest.FromString, pb.ClassifyResponse.SerializeToString
-        )
-        self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("convray.v1.Classifier", {"Classify": handler}),)
-        )
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server, self.port = classifier_server(self._classify)
 
     def _classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         self.asked.append(request.top_k)
@@ -107,14 +103,7 @@ def test_models_says_not_loaded_for_a_model_with_no_version_loaded(capsys):
         models=[pb.ModelSummary(name="digits", versions=[pb.ModelVersionState(version=1)], default_version=0)],
         default_model="digits",
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    handler = grpc.unary_unary_rpc_method_handler(
-        lambda request, context: reply, pb.ListModelsRequest.FromString, pb.ListModelsResponse.SerializeToString
-    )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("convray.v1.Classifier", {"ListModels": handler}),)
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
+    server, port = classifier_server(lambda request, context: reply, method="ListModels")
     server.start()
     try:
         assert main(["models", "--server", f"127.0.0.1:{port}"]) == 0
