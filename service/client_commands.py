@@ -284,6 +284,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
     from pydantic import ValidationError
 
+    from convray.service.codecs import GREY_MODES, as_colour_mode
     from convray.service.render import response_image
     from convray.workers.kernels import KERNELS, apply_kernel
 
@@ -295,9 +296,8 @@ def cmd_kernels(args: argparse.Namespace) -> int:
             print(f"convray kernels: --padding must be same, valid or a number, got {padding!r}", file=sys.stderr)
             return EXIT_USAGE
     try:
-        with Image.open(args.image) as image:
-            colour = image.mode not in ("1", "L", "LA", "I", "I;16", "F")
-            pixels = np.asarray(image.convert("RGB" if colour else "L"))
+        with Image.open(args.image) as image:  # made grey or RGB as the server makes a model's input
+            pixels = np.asarray(as_colour_mode(image, "L" if image.mode in GREY_MODES else "RGB"))
     except (OSError, UnidentifiedImageError) as exc:
         print(f"{args.image}: cannot read as an image: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -108,11 +108,18 @@ def decode_image(data: bytes, contract: InputContract, limits: DecodeLimits) -> 
         raise InvalidInput(f"image data is corrupt or truncated ({type(exc).__name__}: {exc})") from None
 
 
-def _to_contract(image: Image.Image, contract: InputContract) -> np.ndarray:
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow modes of single-channel images
+
+
+def as_colour_mode(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` upright and in ``mode`` ("L" or "RGB"), as every model input is made (``convray kernels`` too).
+
+    Unlike a plain ``convert``: 16-bit values are scaled to 8 bits (Pillow clips them at 255, so most 16-bit images
+    turned white), and transparent pixels are laid over black.
+    """
     if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # phone photos: rotate as the camera meant
         image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # Pillow's convert("L") clips 16-bit values at 255 instead of scaling them.
         wide = np.asarray(image, dtype=np.uint32)
         image = Image.fromarray((wide >> 8).clip(0, 255).astype(np.uint8), mode="L")
     if image.mode == "P" and "transparency" in image.info:
@@ -120,7 +127,11 @@ def _to_contract(image: Image.Image, contract: InputContract) -> np.ndarray:
     if image.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    image = image.convert(contract.colour_mode)
+    return image.convert(mode)
+
+
+def _to_contract(image: Image.Image, contract: InputContract) -> np.ndarray:
+    image = as_colour_mode(image, contract.colour_mode)
     if image.size != (contract.width, contract.height):
         shrinking = image.width >= contract.width and image.height >= contract.height
         # Area averaging when shrinking keeps every source pixel's weight (no aliasing); bilinear to enlarge.

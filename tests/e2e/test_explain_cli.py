@@ -70,6 +70,18 @@ def test_kernels_finds_the_vertical_edge_with_sobel_x(tmp_path):
     assert (response[:, 8:10] == 255).all() and (response[:, :8] == 0).all() and (response[:, 10:] == 0).all()
 
 
+def test_kernels_reads_a_16_bit_image_as_the_server_does(tmp_path):
+    """Found in review: Pillow's convert("L") clips 16-bit values at 255, so the edge below vanished into white."""
+    image = np.full((16, 20), 30 << 8, np.uint16)
+    image[:, 10:] = 220 << 8
+    source, target = tmp_path / "edge16.png", tmp_path / "sobel.png"
+    Image.fromarray(image).save(source)
+    result = run_cli("kernels", str(source), "--kernel", "sobel-x", "--out", str(target), "--padding", "valid")
+    assert result.returncode == 0, result.stderr
+    response = np.asarray(Image.open(target))
+    assert (response[:, 8:10] == 255).all() and (response[:, :8] == 0).all() and (response[:, 10:] == 0).all()
+
+
 def test_kernels_blurs_a_colour_image_with_padding_and_stride(tmp_path):
     source, target = tmp_path / "photo.png", tmp_path / "blurred.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (21, 30, 3)).astype(np.uint8)).save(source)
