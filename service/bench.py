@@ -250,27 +250,29 @@ def split_load(config: BenchConfig) -> list[BenchConfig]:
     def share(total: int, i: int, among: int) -> int:
         return total // among + (1 if i < total % among else 0)
 
-    parts = []
-    for i in range(n):
-        # Each server gets its share of the load first, then its processes split that: with 3 processes and
-        # 2 servers, each server still gets half (split per process, the one with 2 processes got two thirds).
-        s, j = i % len(servers), i // len(servers)
-        on_server = share(n, s, len(servers))
-        parts.append(
-            replace(
-                config,
-                server=servers[s],
-                processes=1,
-                concurrency=config.concurrency
-                if config.rate_per_s is not None
-                else share(share(config.concurrency, s, len(servers)), j, on_server),
-                rate_per_s=None if config.rate_per_s is None else config.rate_per_s / len(servers) / on_server,
-                requests=None
-                if config.requests is None
-                else share(share(config.requests, s, len(servers)), j, on_server),
-            )
+    def processes_on(i: int) -> int:
+        """How many processes drive process ``i``'s server."""
+        return share(n, i % len(servers), len(servers))
+
+    def part(total: int, i: int) -> int:
+        """Process ``i``'s part of ``total``: its server's equal share, split over that server's processes.
+
+        Split per process instead, 3 processes on 2 servers gave one server two thirds of the load.
+        """
+        return share(share(total, i % len(servers), len(servers)), i // len(servers), processes_on(i))
+
+    open_loop = config.rate_per_s is not None
+    return [
+        replace(
+            config,
+            server=servers[i % len(servers)],
+            processes=1,
+            concurrency=config.concurrency if open_loop else part(config.concurrency, i),
+            rate_per_s=config.rate_per_s / len(servers) / processes_on(i) if open_loop else None,
+            requests=None if config.requests is None else part(config.requests, i),
         )
-    return parts
+        for i in range(n)
+    ]
 
 
 def _measure_in_processes(parts: list[BenchConfig]) -> list[Measurement]:

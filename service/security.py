@@ -44,12 +44,11 @@ class ServerCertificates:
     """
 
     def __init__(self, cert: Path, key: Path, client_ca: Path | None = None) -> None:
-        self._paths = (cert, key, *([client_ca] if client_ca else []))
         self._cert, self._key, self._client_ca = cert, key, client_ca
         self._seen = self._stamps()
 
     def _stamps(self) -> tuple[tuple[int, int, int], ...]:
-        stats = [path.stat() for path in self._paths]
+        stats = [path.stat() for path in (self._cert, self._key, self._client_ca) if path is not None]
         return tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in stats)
 
     def configuration(self) -> grpc.ServerCertificateConfiguration:
