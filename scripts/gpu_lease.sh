@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Run convray's GPU checks on a lent GPU machine (the `device` tool): no network, Python 3.12 with a CUDA torch.
+#
+# Here, first:  .venv/bin/python scripts/gpu_bundle.py      (fills .gpu-bundle/: the wheels the machine lacks)
+# Then, as one device call from the repository root, with carry [".gpu-bundle"]:
+#     scripts/gpu_lease.sh tests bench-group
+#
+# Steps, run in the order given (each writes under $OUT, which the device tool brings back):
+#   tests        the GPU tests (skipped on CPU in CI), about 2 minutes
+#   bench-group  `convray serve --frontends 8` against 8 separate front ends and 8 no-op servers, over streams,
+#                ResNet-style UINT8 (the 0.9x-the-raw-model goal of issue #7), about 5 minutes
+#   bench        the make bench-gpu comparison at 2 s points (raw model, no-op, Ray Serve, convray, bf16)
+# Environment: PYTHON (default python3), GPUS (default 1; 0 runs the steps on a CPU, to try this script) and
+# FRONTENDS (default 8; bench-group's front ends, each with 32 requests in flight and two client processes).
+# A step that fails is reported and the next one still runs; the exit status is then 1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+GPUS=${GPUS:-1}
+FRONTENDS=${FRONTENDS:-8}
+OUT=${OUT:-/tmp/convray-gpu-out}
+SITE=/tmp/convray-site   # the bundle's packages, installed once per machine
+PACKAGE=/tmp/convray-pkg # the source folders under the `convray` names pyproject gives them
+mkdir -p "$OUT"
+
+if [ ! -f "$SITE/.installed" ]; then
+    ls .gpu-bundle/wheels/*.whl >/dev/null || { echo "no .gpu-bundle: run scripts/gpu_bundle.py here first" >&2; exit 2; }
+    "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        .gpu-bundle/wheels/*.whl
+    touch "$SITE/.installed"
+fi
+cp -r .gpu-bundle/stubs/proto/convray/. proto/convray/
+mkdir -p "$PACKAGE/convray"
+for pair in service:service workers:workers v1:proto/convray/v1 oip:proto/convray/oip; do
+    ln -sfn "$PWD/${pair#*:}" "$PACKAGE/convray/${pair%%:*}"
+done
+# Ray's workers inherit this environment, so they import the same packages.
+export PYTHONPATH="$PWD:$PACKAGE:$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH" PYTHONUNBUFFERED=1
+"$PYTHON" - <<'EOF' | tee "$OUT/environment.txt"
+import platform, torch, ray, grpc
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+print(f"python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}, grpcio {grpc.__version__}, {gpu}")
+EOF
+
+bench() { # bench NAME ARGS...: one tests/bench/run.py run, its JSON and its servers' logs under $OUT
+    local name=$1 rc=0; shift
+    mkdir -p "/tmp/convray-logs/$name"
+    "$PYTHON" tests/bench/run.py --gpus "$GPUS" --seconds 2 --warmup 1 --repeats 1 --out "$OUT/$name.json" \
+        --logs "/tmp/convray-logs/$name" "$@" 2>&1 | tee "$OUT/$name.txt" || rc=$?
+    tar -czf "$OUT/$name-logs.tar.gz" -C /tmp/convray-logs "$name"
+    return $rc
+}
+
+run_step() {
+    case $1 in
+        tests)
+            "$PYTHON" -m pytest -p no:cacheprovider -q tests/workers/test_replica.py tests/workers/test_forward.py \
+                tests/service/test_server_gpu.py 2>&1 | tee "$OUT/tests.txt"
+            ;;
+        bench-group)
+            bench bench-group --models resnet_style --variants-on resnet_style --datatype UINT8 \
+                --targets noop,convray,convray_group \
+                --frontends "$FRONTENDS" --client-processes $((2 * FRONTENDS)) \
+                --loaded-concurrency $((32 * FRONTENDS)) --streaming
+            ;;
+        bench)
+            bench bench --targets noop,ray_serve,convray,convray_bf16 --variants-on resnet_style --client-processes 4
+            ;;
+        *)
+            echo "unknown step '$1': tests, bench-group or bench" >&2
+            return 2
+            ;;
+    esac
+}
+
+status=0
+for step in "$@"; do
+    echo "== $step ($(date +%T))"
+    run_step "$step" || { echo "== $step FAILED"; status=1; }
+done
+echo "== done ($(date +%T)); results in $OUT"
+exit $status
