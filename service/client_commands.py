@@ -231,11 +231,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     problem = client_problem(args)
-    if problem is None:
-        try:  # before the call: a reply with nowhere to go is work thrown away
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            problem = f"--out {out}: cannot make a directory there: {exc.strerror}"
     if problem:
         print(f"convray explain: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -244,6 +239,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"{args.image}: cannot read: {exc.strerror}", file=sys.stderr)
         return EXIT_FAILED
+    try:  # before the call: a reply with nowhere to go is work thrown away
+        out.mkdir(parents=True, exist_ok=True)
+        # Class activation maps are named by rank: an earlier run's cam-3 beside this run's cam-1 would pass
+        # for this image's third class.
+        for stale in out.glob("cam-*.png"):
+            stale.unlink()
+    except OSError as exc:
+        print(f"convray explain: --out {out}: cannot write there: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     channel = _channel(args)
     if channel is None:
         return EXIT_UNREACHABLE
@@ -503,7 +507,12 @@ def add_client_commands(commands: Any) -> None:
         "explain", help="feature maps and class activation maps of an image", description=cmd_explain.__doc__
     )
     explain.add_argument("image", metavar="IMAGE")
-    explain.add_argument("--out", required=True, metavar="DIR", help="folder the PNGs are written to")
+    explain.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder the PNGs are written to; cam-*.png files already there are removed first",
+    )
     explain.add_argument("--model", default="", help="model name (default: the server's default model)")
     explain.add_argument("--version", type=int, default=0, help="model version (default: latest loaded)")
     explain.add_argument("--blocks", nargs="+", metavar="BLOCK", help="e.g. block0_conv block3_conv (default: all)")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from convray.service.batching import MIN_RETRY_AFTER_S
 from convray.service.codecs import ClassScore, DecodeLimits, decode_image, top_k
 from convray.service.config import ExplainSettings
 from convray.service.errors import InvalidInput, Overloaded, shown_items
@@ -98,7 +99,8 @@ class Explainer:
         self._settings = settings
         self._default_top_k = default_top_k
         self._executor = executor
-        self._in_flight = 0  # calls between admission and reply
+        self._started: list[float] = []  # when each call between admission and reply was admitted
+        self._last_duration_s = 0.0  # of the last call to finish: how long a slot is likely to stay taken
 
     def _check(self, served: ServedModel, blocks: list[str], k: int, method: CamChoice) -> list[str]:
         """The blocks to explain, after checking every request field.
@@ -139,16 +141,21 @@ class Explainer:
         Raises:
             InvalidInput, ModelNotFound, ModelNotReady, Overloaded (--explain-max-in-flight): see ``service.errors``.
         """
-        if self._in_flight >= self._settings.max_in_flight:
+        now = time.monotonic()
+        if len(self._started) >= self._settings.max_in_flight:
+            # The oldest call frees the first slot, about one call's duration after it started.
+            retry_after_s = max(self._last_duration_s - (now - self._started[0]), MIN_RETRY_AFTER_S)
             raise Overloaded(
-                f"{self._in_flight} Explain calls are being processed, the limit (--explain-max-in-flight); "
-                "retry shortly"
+                f"{len(self._started)} Explain calls are being processed, the limit (--explain-max-in-flight); "
+                f"retry in about {retry_after_s * 1e3:.0f} ms",
+                retry_after_s=retry_after_s,
             )
-        self._in_flight += 1
+        self._started.append(now)
         try:
             return await self._explain(image, model, version, blocks, top_k_requested, method)
         finally:
-            self._in_flight -= 1
+            self._started.remove(now)
+            self._last_duration_s = time.monotonic() - now
 
     async def _explain(
         self, image: bytes, model: str, version: int, blocks: list[str], top_k_requested: int, method: CamChoice

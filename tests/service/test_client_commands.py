@@ -194,7 +194,13 @@ def test_explain_refuses_an_out_path_that_is_a_file_before_calling_the_server(tm
     image.write_bytes(b"x")
     taken.write_text("a file")
     assert main(["explain", str(image), "--server", "127.0.0.1:1", "--out", str(taken)]) == 2
-    assert f"--out {taken}: cannot make a directory there" in capsys.readouterr().err
+    assert f"--out {taken}: cannot write there" in capsys.readouterr().err
+
+
+def test_explain_of_an_image_it_cannot_read_makes_no_out_folder(tmp_path, capsys):
+    out = tmp_path / "maps"
+    assert main(["explain", str(tmp_path / "missing.png"), "--server", "127.0.0.1:1", "--out", str(out)]) == 1
+    assert "missing.png: cannot read" in capsys.readouterr().err and not out.exists()
 
 
 @contextlib.contextmanager
@@ -233,3 +239,23 @@ def test_explain_keeps_files_the_server_names_inside_out(tmp_path, capsys):
     with fake_classifier("Explain", explain, pb.ExplainRequest, pb.ExplainResponse) as address:
         assert main(["explain", str(image), "--server", address, "--out", str(out)]) == 0
     assert [p.name for p in out.iterdir()] == [".._escaped.png"] and not (tmp_path / "outer" / "escaped.png").exists()
+
+
+def test_explain_removes_an_earlier_runs_class_activation_maps_and_nothing_else(tmp_path, capsys):
+    """CAM files are named by rank: an earlier run's cam-2 left beside this run's only map would pass for its own."""
+
+    def explain(request, context):
+        prediction = pb.Prediction(label="3", probability=0.9)
+        return pb.ExplainResponse(
+            model="m", version=1, class_activation_maps=[pb.ClassActivationMap(prediction=prediction, png=b"new")]
+        )
+
+    image, out = tmp_path / "digit.png", tmp_path / "maps"
+    image.write_bytes(b"x")
+    out.mkdir()
+    for name in ("cam-1-7.png", "cam-2-1.png", "block0_conv.png", "notes.txt"):
+        (out / name).write_bytes(b"old")
+    with fake_classifier("Explain", explain, pb.ExplainRequest, pb.ExplainResponse) as address:
+        assert main(["explain", str(image), "--server", address, "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["block0_conv.png", "cam-1-3.png", "notes.txt"]
+    assert (out / "cam-1-3.png").read_bytes() == b"new"

@@ -1,13 +1,18 @@
 """The Explain RPC against the real server on a real local Ray: maps, shapes, PNG sizes, probabilities, errors."""
 
+import asyncio
 import io
 
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from PIL import Image
 
-from convray.service.explaining import evenly_spread
+from convray.service.config import ExplainSettings
+from convray.service.errors import Overloaded
+from convray.service.explaining import Explainer, evenly_spread
 from convray.service.render import grid_layout, tile_scale
 from convray.v1 import classifier_pb2 as pb
 from convray.workers.spec import CNNSpec, output_shapes
@@ -163,6 +168,31 @@ def test_explain_calls_past_the_in_flight_limit_are_refused_as_overload(stub):
         except grpc.RpcError as exc:
             codes.append(exc.code())
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                assert "the limit (--explain-max-in-flight)" in exc.details()
+                assert "the limit (--explain-max-in-flight); retry in about" in exc.details()
+                retry_info = error_details_pb2.RetryInfo()  # when to retry, for programs, as for Classify
+                (detail,) = rpc_status.from_call(exc).details
+                assert detail.Unpack(retry_info) and 0 < retry_info.retry_delay.ToNanoseconds() < 60e9
     assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
     assert stub.Explain(request, timeout=60).model == "digits"  # the places come back
+
+
+async def test_an_explain_refused_for_overload_says_when_the_oldest_call_should_free_its_place(monkeypatch):
+    """The delay is the last call's duration less the time the oldest call in flight has run."""
+    explainer = Explainer(None, None, ExplainSettings(max_in_flight=1), default_top_k=3, executor=None)
+    durations = iter([0.4, None, 0.0])  # the first call takes 0.4 s, the second until released
+    release = asyncio.Event()
+
+    async def explain(*_args):
+        duration = next(durations)
+        await (asyncio.sleep(duration) if duration else release.wait())
+
+    monkeypatch.setattr(explainer, "_explain", explain)
+    await explainer.explain(b"", "m", 0, [], 0, "auto")
+    holding = asyncio.create_task(explainer.explain(b"", "m", 0, [], 0, "auto"))
+    await asyncio.sleep(0.2)
+    with pytest.raises(Overloaded) as refused:
+        await explainer.explain(b"", "m", 0, [], 0, "auto")
+    assert 0.1 <= refused.value.retry_after_s <= 0.3  # about 0.4 s less the 0.2 s the holding call has run
+    release.set()
+    await holding
+    await explainer.explain(b"", "m", 0, [], 0, "auto")  # its place came back
