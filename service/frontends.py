@@ -29,7 +29,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from convray.service.config import Settings
-from convray.service.exit_codes import EXIT_FAILED, EXIT_OK
+from convray.service.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger(__name__)
 ORPHAN_CHECK_S = 1.0  # how often a front end checks that its supervisor is still there
@@ -124,7 +124,7 @@ def run_frontends(settings: Settings, log_level: str) -> int:
         shortfall = missing_resources(settings, max(models, 1), ray.cluster_resources())
         if shortfall and workers.ray_address is None:
             log.error("the replicas cannot all be placed: %s (--ray-num-cpus, --frontends)", shortfall)
-            return EXIT_FAILED
+            return EXIT_USAGE  # as `convray train` asking an embedded Ray for more than it has: the flags' fault
         if shortfall:
             log.warning("the replicas do not fit the cluster as it is (its autoscaler may add nodes): %s", shortfall)
         return _supervise(settings, ray_address, log_level, stopping)
