@@ -128,8 +128,8 @@ class WorkerSettings(_Group):
     """Replica actors per model version."""
     cpus_per_replica: float = Field(1.0, ge=0)
     """Ray CPUs reserved per replica; also its torch thread count (at least 1)."""
-    gpus_per_replica: float = Field(0.0, ge=0)
-    """Fractions share one GPU between replicas; 0 runs on CPU."""
+    gpus_per_replica: float = Field(0.0, ge=0, le=1)
+    """Fractions share one GPU between replicas (a replica uses one GPU at most); 0 runs on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``, ``cpu`` or ``cuda``; ``auto`` uses the GPU when the replica has one."""
     amp: Literal["none", "fp16", "bf16"] = "none"
@@ -148,6 +148,8 @@ class WorkerSettings(_Group):
     def _graph_fits_amp(self) -> WorkerSettings:
         if self.graph == "frozen" and self.amp != "none":
             raise ValueError(f"--graph frozen does not combine with --amp {self.amp}; use --graph compiled or eager")
+        if self.device == "cuda" and self.gpus_per_replica == 0:
+            raise ValueError("--device cuda needs --gpus-per-replica above 0: Ray reserves no GPU for the replicas")
         return self
 
 

@@ -183,7 +183,7 @@ class ReplicaPool:
             model_repo,
             name,
             version,
-            options.device,
+            replica_device(options),
             options.amp,
             threads,
             options.graph,
@@ -206,12 +206,13 @@ class ReplicaPool:
         except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
             for actor in actors:
                 ray.kill(actor, no_restart=True)
-            free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+            available = ray.available_resources()
+            free = {k: available.get(k, 0.0) for k in ("CPU", "GPU")}  # Ray leaves out a resource with none free
             raise ReplicasNotPlaced(
                 f"{options.replicas} replica(s) of {name} version {version} were not running after "
                 f"{options.start_timeout_s:g} s; each asks Ray for {options.cpus_per_replica:g} CPU and "
-                f"{options.gpus_per_replica:g} GPU and the cluster has {free} free: lower --cpus-per-replica "
-                "or --replicas, or add nodes"
+                f"{options.gpus_per_replica:g} GPU and the cluster has {free} free: lower --cpus-per-replica, "
+                "--gpus-per-replica or --replicas, or add nodes"
             ) from None
         # Room for every batch the front end may send one replica, with margin for explain calls counted
         # against the same replica by the least-busy choice.
@@ -558,11 +559,28 @@ class ReplicaPool:
         self._actors = []
 
 
+def replica_device(options: ReplicaOptions) -> DeviceChoice:
+    """The device a replica is told to use: ``auto`` with no GPU reserved for it is the CPU.
+
+    Ray (2.60 here; ray#54868) leaves CUDA_VISIBLE_DEVICES alone for an actor with ``num_gpus=0``, so such a
+    replica sees every GPU of its node, and ``auto`` alone would put it on one Ray never reserved for it.
+    """
+    if options.device == "auto" and options.gpus_per_replica == 0:
+        return "cpu"
+    return options.device
+
+
 def _refuse_what_cannot_fit(name: str, version: int, options: ReplicaOptions) -> None:
-    """Raise if the version's replicas together ask for more CPUs or GPUs than the cluster has in all.
+    """Raise if the version's replicas ask for more CPUs or GPUs than the cluster has, or more GPU than is free.
+
+    Only called on an embedded Ray, which nothing else uses: GPUs held by other models' replicas (or by the
+    version a switch replaces) are not let go while waiting, so waiting the start timeout for them gains
+    nothing (the first GPU lease's server, one whole GPU per model, waited out the timeout for a second one,
+    and the message blamed the CPUs). CPUs are checked against the total only: a replica just stopped frees
+    its CPU a moment later.
 
     Raises:
-        ModelLoadError: naming the resource, the ask and the cluster's total.
+        ModelLoadError: naming the resource, the ask and the cluster's total or what is free.
     """
     each = {"CPU": options.cpus_per_replica, "GPU": options.gpus_per_replica}
     if (short := shortfall(options.replicas, each)) is not None:
@@ -572,6 +590,14 @@ def _refuse_what_cannot_fit(name: str, version: int, options: ReplicaOptions) ->
             f"({each[resource]:g} each) and this Ray has {has:g}, and no node can join it: lower "
             f"--{resource.lower()}s-per-replica or --replicas"
             + (", or run on a machine with a GPU" if resource == "GPU" else "")
+        )
+    asked_gpus = options.replicas * options.gpus_per_replica
+    free_gpus = ray.available_resources().get("GPU", 0.0)
+    if asked_gpus > free_gpus + 1e-9:
+        raise ModelLoadError(
+            f"{options.replicas} replica(s) of {name} version {version} ask Ray for {asked_gpus:g} GPU in all "
+            f"({options.gpus_per_replica:g} each) and {free_gpus:g} is free (other models' or versions' replicas "
+            "hold the rest), and no node can join this Ray: lower --gpus-per-replica or --replicas"
         )
 
 

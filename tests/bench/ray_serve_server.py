@@ -31,8 +31,10 @@ def build_app(model_repo: str, model: str, max_batch_size: int, batch_wait_s: fl
             from convray.workers.replica import ModelRunner
 
             # Warmed like convray's replicas (on a GPU: every batch size up to the maximum), so p99s compare.
+            # The device as convray's pool picks it: Ray leaves a GPU visible to an actor that reserved none.
+            device = "cuda" if gpus else "cpu"
             self.runner = ModelRunner(
-                model_repo, model, version=1, device="auto", threads=1, max_batch_size=max_batch_size
+                model_repo, model, version=1, device=device, threads=1, max_batch_size=max_batch_size
             )
             self.shape = self.runner._expected_shape
 

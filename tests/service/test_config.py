@@ -82,6 +82,8 @@ def test_no_metrics_disables_the_endpoint():
         (["--port", "9100"], "--metrics-port must differ from --port"),
         (["--graph", "jit"], "graph"),
         (["--graph", "frozen", "--amp", "bf16"], "--graph frozen does not combine with --amp bf16"),
+        (["--device", "cuda"], "--device cuda needs --gpus-per-replica above 0"),
+        (["--gpus-per-replica", "2"], "gpus_per_replica"),  # a replica uses one GPU; more would sit idle
     ],
 )
 def test_invalid_values_are_refused_naming_the_field(argv, message):

@@ -169,23 +169,42 @@ async def test_replicas_ray_cannot_place_fail_the_load_with_a_clear_error_instea
         await asyncio.wait_for(ReplicaPool.start(str(model_repo), "digits", 1, too_big), timeout=30)
 
 
+async def test_on_a_cluster_no_node_can_join_replicas_that_can_never_fit_fail_before_waiting(model_repo):
+    # The whole test Ray has 4 CPUs; the message is the up-front check's, not the timeout's.
+    with pytest.raises(
+        ModelLoadError, match=r"3 replica\(s\) .* ask Ray for 6 CPU in all \(2 each\) and this Ray has 4"
+    ):
+        await ReplicaPool.start(
+            str(model_repo), "digits", 1, options(fixed_cluster=True, replicas=3, cpus_per_replica=2)
+        )
+    # One GPU more than the machine has (none here; on a GPU machine, its count plus one).
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    message = rf"ask Ray for {gpus + 1} GPU in all \(1 each\) and this Ray has {gpus}, "
+    with pytest.raises(ModelLoadError, match=message + (".*run on a machine with a GPU" if not gpus else "")):
+        ask = options(fixed_cluster=True, replicas=gpus + 1, gpus_per_replica=1, device="cuda")
+        await ReplicaPool.start(str(model_repo), "digits", 1, ask)
+
+
+async def test_on_an_embedded_ray_gpus_other_replicas_hold_are_refused_at_once_not_waited_for(model_repo, monkeypatch):
+    """A second model's replicas, or a new version's during a switch, asking for a GPU that others hold: found in
+    a GPU lease, where the load waited out its start timeout and the message then blamed the CPUs."""
+    monkeypatch.setattr(pool_module, "shortfall", lambda count, each: None)  # a machine with one GPU in all...
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 4.0, "GPU": 0.25})  # ...three quarters held
+    ask = options(fixed_cluster=True, replicas=1, gpus_per_replica=0.5, device="cuda")
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match=r"ask Ray for 0.5 GPU in all \(0.5 each\) and 0.25 is free"):
+        await ReplicaPool.start(str(model_repo), "digits", 1, ask)
+    assert time.monotonic() - started < 5
+
+
 @pytest.mark.parametrize(
-    "ask,message",
-    [
-        (
-            {"gpus_per_replica": 1},
-            r"ask Ray for 1 GPU in all \(1 each\) and this Ray has 0, .*run on a machine with a GPU",
-        ),
-        (
-            {"replicas": 3, "cpus_per_replica": 2},
-            r"3 replica\(s\) .* ask Ray for 6 CPU in all \(2 each\) and this Ray has 4",
-        ),
-    ],
+    "device,gpus,told",
+    [("auto", 0, "cpu"), ("auto", 0.25, "auto"), ("cpu", 0.5, "cpu"), ("cuda", 1, "cuda")],
 )
-async def test_on_a_cluster_no_node_can_join_replicas_that_can_never_fit_fail_before_waiting(model_repo, ask, message):
-    # The whole test Ray has 4 CPUs and no GPU; the message is the up-front check's, not the timeout's.
-    with pytest.raises(ModelLoadError, match=message):
-        await ReplicaPool.start(str(model_repo), "digits", 1, options(fixed_cluster=True, **ask))
+def test_a_replica_with_no_gpu_reserved_is_told_the_cpu_even_where_it_could_see_one(device, gpus, told):
+    """Ray leaves CUDA_VISIBLE_DEVICES unset for an actor with num_gpus=0 (ray#54868), so on a GPU node `auto` put
+    CPU-configured replicas on a GPU Ray had not reserved (found in review)."""
+    assert pool_module.replica_device(options(device=device, gpus_per_replica=gpus)) == told
 
 
 async def test_a_load_cancelled_by_a_stopping_server_leaves_no_replica_behind_and_logs_no_traceback(model_repo, caplog):
