@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -46,6 +47,8 @@ class Normalisation(BaseModel):
 
     @model_validator(mode="after")
     def _positive_std(self) -> Normalisation:
+        if not all(math.isfinite(v) for v in [*self.mean, *self.std]):
+            raise ValueError(f"mean and std must be finite numbers, got {self.mean} and {self.std}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"every std must be > 0, got {self.std}")
         return self
@@ -123,7 +126,8 @@ def validate_model_name(name: str) -> str:
     return name
 
 
-def _format_validation_error(path: Path, error: ValidationError) -> str:
+def format_validation_error(path: Path, error: ValidationError) -> str:
+    """One line naming ``path`` and each field pydantic refused, without its links (for model.json, --spec)."""
     problems = []
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
@@ -177,7 +181,7 @@ class ModelRepository:
         try:
             return ModelMetadata.model_validate(raw)
         except ValidationError as exc:
-            raise ModelLoadError(_format_validation_error(path, exc)) from None
+            raise ModelLoadError(format_validation_error(path, exc)) from None
 
     def load(self, name: str, version: int | None = None) -> LoadedModel:
         """Load a version (the latest when None): metadata, module and weights, in eval mode, on CPU.
@@ -295,18 +299,29 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
+    both = sorted(set(state) & set(expected))
     wrong_shape = [
         f"{key} is {tuple(state[key].shape)}, expected {tuple(expected[key].shape)}"
-        for key in sorted(set(state) & set(expected))
+        for key in both
         if state[key].shape != expected[key].shape
     ]
-    if missing or unexpected or wrong_shape:
+    # load_state_dict casts: int8 weights would be truncated and served, integer counters made fractional.
+    kind = {True: "floating-point", False: "integer"}
+    wrong_kind = [
+        f"{key} is {state[key].dtype}, expected a {kind[expected[key].is_floating_point()]} type"
+        for key in both
+        if state[key].is_floating_point() != expected[key].is_floating_point()
+    ]
+    if missing or unexpected or wrong_shape or wrong_kind:
         parts = []
         if missing:
             parts.append(f"missing tensors {missing}")
         if unexpected:
             parts.append(f"unexpected tensors {unexpected}")
-        if wrong_shape:
-            parts.append("; ".join(wrong_shape))
+        parts += wrong_shape + wrong_kind
         raise ModelLoadError(f"{path}: weights do not match model.json's spec: " + "; ".join(parts))
+    # A NaN or infinity would be served as a NaN probability for every image (and a JSON reply that is not JSON).
+    not_finite = [key for key in both if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all())]
+    if not_finite:
+        raise ModelLoadError(f"{path}: tensors with NaN or infinite values: {not_finite}")
     module.load_state_dict(state)

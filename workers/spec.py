@@ -17,7 +17,10 @@ PoolKind = Literal["max", "avg", "sum", "min", "none"]
 
 
 class _Strict(BaseModel):
-    """Base for spec parts: unknown fields are errors, so a typo never passes silently."""
+    """Base for spec parts: unknown fields are errors, so a typo never passes silently.
+
+    Counts and switches are ``strict`` too: ``"filters": true`` or ``"8"`` is refused, not read as 1 or 8.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -34,12 +37,12 @@ class ConvBlock(_Strict):
     """Convolution (filters x kernel over the input channels), optional batch norm, activation."""
 
     type: Literal["conv"] = "conv"
-    filters: int = Field(gt=0, le=4096)
-    kernel_size: int = Field(3, gt=0, le=31)
-    stride: int = Field(1, gt=0, le=16)
-    padding: Literal["same", "valid"] | Annotated[int, Field(ge=0, le=31)] = "same"
+    filters: int = Field(gt=0, le=4096, strict=True)
+    kernel_size: int = Field(3, gt=0, le=31, strict=True)
+    stride: int = Field(1, gt=0, le=16, strict=True)
+    padding: Literal["same", "valid"] | Annotated[int, Field(ge=0, le=31, strict=True)] = "same"
     """``same``: output size ceil(in / stride); ``valid``: no padding; an int pads each side."""
-    batch_norm: bool = False
+    batch_norm: bool = Field(False, strict=True)
     activation: Activation = Activation()
 
 
@@ -48,8 +51,8 @@ class PoolBlock(_Strict):
 
     type: Literal["pool"] = "pool"
     kind: PoolKind = "max"
-    window: int = Field(2, gt=0, le=16)
-    stride: int | None = Field(None, gt=0, le=16)
+    window: int = Field(2, gt=0, le=16, strict=True)
+    stride: int | None = Field(None, gt=0, le=16, strict=True)
     """Defaults to the window size (non-overlapping windows)."""
 
 
@@ -67,7 +70,7 @@ class FCHead(_Strict):
     """Flatten, then dense layers (``hidden`` sizes, each with activation and dropout), then classes."""
 
     type: Literal["fc"] = "fc"
-    hidden: list[Annotated[int, Field(gt=0, le=65536)]] = []
+    hidden: list[Annotated[int, Field(gt=0, le=65536, strict=True)]] = []
     activation: Activation = Activation()
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
@@ -82,7 +85,7 @@ class GAPFCHead(_Strict):
     """Global average pooling, then dense layers to the classes, as in ResNet-50."""
 
     type: Literal["gap_fc"] = "gap_fc"
-    hidden: list[Annotated[int, Field(gt=0, le=65536)]] = []
+    hidden: list[Annotated[int, Field(gt=0, le=65536, strict=True)]] = []
     activation: Activation = Activation()
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
@@ -93,10 +96,10 @@ Head = Annotated[FCHead | GAPHead | GAPFCHead, Field(discriminator="type")]
 class CNNSpec(_Strict):
     """A whole CNN: input channels, feature blocks, head, class count and output activation."""
 
-    in_channels: int = Field(gt=0, le=4)
+    in_channels: int = Field(gt=0, le=4, strict=True)
     blocks: list[Block] = Field(min_length=1)
     head: Head
-    num_classes: int = Field(gt=0, le=100_000)
+    num_classes: int = Field(gt=0, le=100_000, strict=True)
     output: Literal["softmax", "sigmoid"] = "softmax"
     """``softmax`` for single-label classification, ``sigmoid`` for multi-label."""
 
@@ -104,6 +107,8 @@ class CNNSpec(_Strict):
     def _has_a_conv_block(self) -> CNNSpec:
         if not any(isinstance(b, ConvBlock) for b in self.blocks):
             raise ValueError("blocks must contain at least one 'conv' block")
+        if self.num_classes == 1 and self.output == "softmax":
+            raise ValueError("a softmax over 1 class is always 1.0: use output 'sigmoid' for a yes/no model")
         return self
 
 
@@ -132,6 +137,7 @@ def output_shapes(spec: CNNSpec, height: int, width: int) -> list[tuple[str, tup
     """
     channels, shapes = spec.in_channels, []
     for i, block in enumerate(spec.blocks):
+        given = f"{height}x{width}"
         if isinstance(block, ConvBlock):
             height = conv_output_size(height, block.kernel_size, block.stride, block.padding)
             width = conv_output_size(width, block.kernel_size, block.stride, block.padding)
@@ -142,8 +148,8 @@ def output_shapes(spec: CNNSpec, height: int, width: int) -> list[tuple[str, tup
             width = pool_output_size(width, block.window, stride)
         if height < 1 or width < 1:
             raise ValueError(
-                f"blocks[{i}] ({block.type}) shrinks the feature map to {height}x{width}; "
-                "use less pooling or 'same' padding for this input size"
+                f"blocks[{i}] ({block.type}) shrinks the feature map to {max(height, 0)}x{max(width, 0)} "
+                f"(from {given}); use less pooling or 'same' padding for this input size"
             )
         shapes.append((f"block{i}_{block.type}", (channels, height, width)))
     return shapes

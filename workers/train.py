@@ -21,17 +21,24 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch.utils.data import DistributedSampler
 
 from convray.workers.data import ImageDataset, check_folder, load_dataset
 from convray.workers.models import CNN, build_model
 from convray.workers.progress import EpochProgress
-from convray.workers.repository import InputContract, ModelMetadata, ModelRepository, Normalisation
+from convray.workers.repository import (
+    InputContract,
+    ModelMetadata,
+    ModelRepository,
+    Normalisation,
+    format_validation_error,
+)
 from convray.workers.spec import PRESETS, CNNSpec, output_shapes
 from convray.workers.train_config import TrainConfig, run_settings
 from convray.workers.transforms import channel_stats, normalise, random_flip, random_shift
@@ -48,7 +55,10 @@ def load_spec(config: TrainConfig, data: ImageDataset | None = None) -> CNNSpec:
             text = Path(config.spec_file).read_text(encoding="utf-8")
         except OSError as exc:
             raise ValueError(f"--spec {config.spec_file}: cannot read it: {exc.strerror or exc}") from None
-        spec = CNNSpec.model_validate_json(text)
+        try:
+            spec = CNNSpec.model_validate_json(text)
+        except ValidationError as exc:  # one line naming the file and each field, as a model.json's errors do
+            raise ValueError(format_validation_error(Path(config.spec_file), exc)) from None
     elif config.preset in PRESETS:
         spec = CNNSpec.model_validate(PRESETS[config.preset])
         if data is not None:  # a preset is a shape of network; the data decides its ends
@@ -131,6 +141,34 @@ def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if config.amp == "bf16" else torch.float16
 
 
+def classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, output: Literal["softmax", "sigmoid"], label_smoothing: float
+) -> torch.Tensor:
+    """The training loss for a head whose ``output`` is ``softmax`` or ``sigmoid``.
+
+    Softmax: cross-entropy over the classes. Sigmoid, whose classes are served as independent probabilities: a
+    binary cross-entropy per class against one-vs-rest targets (trained with softmax's loss, the served
+    probabilities of a digit summed to about 5).
+    """
+    if output == "softmax":
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    targets = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    targets = targets * (1 - label_smoothing) + label_smoothing / 2  # smoothed towards 0.5, each class alone
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+def batch_bounds(count: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each batch of an epoch of ``count`` images; a last batch of one joins the one before.
+
+    Batch norm cannot train on a batch of one image when its map is 1x1 (torch raises at the end of the
+    first epoch), and one image makes a noisy step anyway.
+    """
+    starts = list(range(0, count, batch_size))
+    if len(starts) > 1 and count - starts[-1] == 1:
+        starts.pop()
+    return [(start, stop) for start, stop in zip(starts, [*starts[1:], count], strict=True)]
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
@@ -144,20 +182,21 @@ def train_one_epoch(
     generator: torch.Generator,
     device: torch.device,
     batch_size: int,
+    output: Literal["softmax", "sigmoid"] = "softmax",
 ) -> torch.Tensor:
     """One pass over ``indices`` of uint8 ``images`` (N, C, H, W) in batches; returns [loss sum, correct, images]."""
     dtype = amp_dtype(config, device)
     totals = torch.zeros(3, dtype=torch.float64)
     model.train()
-    for i in range(0, len(indices), batch_size):
-        idx = indices[i : i + batch_size]
+    for start, stop in batch_bounds(len(indices), batch_size):
+        idx = indices[start:stop]
         x = random_shift(images[idx], config.max_shift_px, generator)  # uint8 (B, C, H, W)
         if config.flip:
             x = random_flip(x, generator)
         x, y = normalise(x.to(device, non_blocking=True), norm.mean, norm.std), labels[idx].to(device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+            loss = classification_loss(logits, y, output, config.label_smoothing)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # a pass-through unless fp16 (GradScaler(enabled=...))
         scaler.step(opt)
@@ -228,7 +267,7 @@ def train_loop(config: TrainConfig, data: TrainingData, session: Session) -> tup
         range(len(data.train.labels)), num_replicas=session.world_size, rank=session.rank, seed=config.seed
     )
     batch_size = max(1, config.batch_size // session.world_size)
-    opt, schedule = make_optimizer(config, model, steps_per_epoch=-(-len(sampler) // batch_size))
+    opt, schedule = make_optimizer(config, model, steps_per_epoch=len(batch_bounds(len(sampler), batch_size)))
     scaler = torch.amp.GradScaler(session.device.type, enabled=amp_dtype(config, session.device) == torch.float16)
     # A copy: arrays that came through Ray's object store are read-only, which torch warns about.
     images, labels = torch.from_numpy(data.train.images.copy()), torch.from_numpy(data.train.labels.copy())
@@ -266,7 +305,7 @@ def train_loop(config: TrainConfig, data: TrainingData, session: Session) -> tup
         started = time.monotonic()
         totals = train_one_epoch(
             wrapped, opt, schedule, scaler, images, labels, data.contract.normalisation,
-            torch.tensor(list(sampler)), config, generator, session.device, batch_size,
+            torch.tensor(list(sampler)), config, generator, session.device, batch_size, data.spec.output,
         )  # fmt: skip
         loss_sum, correct, seen = session.all_reduce(totals).tolist()
         seconds = time.monotonic() - started

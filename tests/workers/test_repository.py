@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from convray.workers.repository import (
     METADATA_FILE,
@@ -159,6 +160,7 @@ def break_json(model_repo, edit):
         (lambda d: d["labels"].pop(), "labels has 9 names but spec.num_classes is 10"),
         (lambda d: d["input"].update(colour_mode="CMYK"), r"input\.colour_mode"),
         (lambda d: d["input"]["normalisation"].update(std=[0.0]), "every std must be > 0"),
+        (lambda d: d["input"]["normalisation"].update(mean=[float("nan")]), "mean and std must be finite numbers"),
         (lambda d: d["metrics"].pop("accuracy"), "metrics.accuracy must be a number"),
         (lambda d: d.update(surprise=1), "surprise: Extra inputs are not permitted"),
     ],
@@ -199,6 +201,27 @@ def test_corrupt_weights_are_reported(model_repo):
 def test_weights_that_do_not_fit_the_spec_are_listed(model_repo):
     break_json(model_repo, lambda d: d["spec"]["blocks"][0].update(filters=16))
     with pytest.raises(ModelLoadError, match=r"weights do not match model.json's spec: .*expected \(16, 1, 3, 3\)"):
+        ModelRepository(model_repo).load("digits", 1)
+
+
+def rewrite_weights(model_repo, change) -> None:
+    path = model_repo / "digits" / "1" / WEIGHTS_FILE
+    state = load_file(str(path))
+    change(state)
+    save_file(state, str(path))
+
+
+def test_weights_of_another_kind_are_refused_not_cast(model_repo):
+    """Found in review: int8 weights loaded (load_state_dict casts) and served 0.1 for every class."""
+    rewrite_weights(model_repo, lambda state: state.update({k: v.to(torch.int8) for k, v in state.items()}))
+    with pytest.raises(ModelLoadError, match=r"features.0.1.weight is torch.int8, expected a floating-point type"):
+        ModelRepository(model_repo).load("digits", 1)
+
+
+def test_weights_holding_nan_or_infinity_are_refused(model_repo):
+    """Found in review: served as NaN probabilities for every image."""
+    rewrite_weights(model_repo, lambda state: state["features.0.1.weight"].view(-1).__setitem__(0, float("nan")))
+    with pytest.raises(ModelLoadError, match=r"tensors with NaN or infinite values: \['features.0.1.weight'\]"):
         ModelRepository(model_repo).load("digits", 1)
 
 

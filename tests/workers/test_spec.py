@@ -1,5 +1,6 @@
 """The CNN spec: validation and the output-shape rules of convolution and pooling."""
 
+import json
 import math
 
 import pytest
@@ -78,7 +79,13 @@ def test_output_shapes_track_channels_and_sizes_through_the_blocks():
 
 def test_output_shapes_refuse_a_spec_that_shrinks_the_map_to_nothing():
     spec = CNNSpec.model_validate(small_spec(blocks=[{"type": "conv", "filters": 2}] + [{"type": "pool"}] * 4))
-    with pytest.raises(ValueError, match=r"blocks\[4\] \(pool\) shrinks the feature map to 0x0"):
+    with pytest.raises(ValueError, match=r"blocks\[4\] \(pool\) shrinks the feature map to 0x0 \(from 1x1\)"):
+        output_shapes(spec, 8, 8)
+    # A kernel wider than the map: the size is not shown as negative, and the block's input is given.
+    spec = CNNSpec.model_validate(
+        small_spec(blocks=[{"type": "conv", "filters": 2, "kernel_size": 15, "padding": "valid"}])
+    )
+    with pytest.raises(ValueError, match=r"blocks\[0\] \(conv\) shrinks the feature map to 0x0 \(from 8x8\)"):
         output_shapes(spec, 8, 8)
 
 
@@ -99,11 +106,24 @@ def test_spec_round_trips_through_json():
         ({"head": {"type": "dense"}}, "head"),
         ({"output": "relu"}, "output"),
         ({"num_classes": 0}, "num_classes"),
+        ({"num_classes": 1}, "a softmax over 1 class is always 1.0: use output 'sigmoid'"),
     ],
 )
 def test_invalid_specs_are_rejected_naming_the_field(overrides, message):
     with pytest.raises(ValidationError, match=message):
         CNNSpec.model_validate(small_spec(**overrides))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("filters", True), ("filters", "8"), ("kernel_size", True), ("stride", "2"), ("padding", True),
+     ("batch_norm", "yes"), ("batch_norm", 1)],
+)  # fmt: skip
+def test_counts_and_switches_of_another_json_type_are_refused_not_coerced(field, value):
+    """Found in review: "filters": true trained and published a one-filter model."""
+    block = {"type": "conv", "filters": 4, field: value}
+    with pytest.raises(ValidationError, match=f"blocks.0.conv.{field}"):
+        CNNSpec.model_validate_json(json.dumps(small_spec(blocks=[block])))
 
 
 def test_leaky_relu_slope_defaults_to_0_01():

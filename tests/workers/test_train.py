@@ -1,6 +1,8 @@
 """The training loop without Ray (--workers 0): statistics, spec fitting, schedules, AMP, a short run."""
 
 import copy
+import json
+import math
 
 import numpy as np
 import pytest
@@ -8,17 +10,22 @@ import torch
 from PIL import Image
 
 from convray.workers.repository import ModelRepository
+from convray.workers.spec import PRESETS
 from convray.workers.train import (
     LocalSession,
     TrainConfig,
     amp_dtype,
+    batch_bounds,
     channel_stats,
+    classification_loss,
     load_spec,
     make_optimizer,
     prepare_data,
+    train,
     train_and_publish,
     train_loop,
 )
+from convray.workers.transforms import normalise
 
 
 def test_channel_stats_are_on_the_0_to_1_scale():
@@ -148,3 +155,59 @@ def test_mixed_precision_only_on_a_gpu():
     assert amp_dtype(TrainConfig(amp="bf16"), cuda) is torch.bfloat16
     assert amp_dtype(TrainConfig(amp="fp16"), cuda) is torch.float16
     assert amp_dtype(TrainConfig(amp="none"), cuda) is None
+
+
+def spec_file(tmp_path, **changes) -> str:
+    """The digits preset, changed as given, written as a --spec file."""
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({**PRESETS["digits-small"], "num_classes": 10, **changes}))
+    return str(path)
+
+
+def test_a_sigmoid_head_learns_each_class_as_its_own_yes_or_no(tmp_path):
+    """Found in review: trained with softmax's cross-entropy, a sigmoid model's served probabilities of one
+    digit summed to about 5, several classes over 0.79 each."""
+    config = TrainConfig(spec_file=spec_file(tmp_path, output="sigmoid"), epochs=3, seed=0, workers=0)
+    model, metadata = train(config, log=lambda line: None)
+    held_out, norm = prepare_data(config).held_out, metadata.input.normalisation
+    x = normalise(torch.from_numpy(held_out.images), norm.mean, norm.std)
+    model.eval()
+    with torch.inference_mode():
+        probabilities = torch.sigmoid(model(x))
+    assert metadata.metrics["accuracy"] > 0.5
+    assert probabilities.sum(1).mean() < 1.5  # one class near 1, the others near 0
+
+
+def test_sigmoid_loss_is_a_binary_cross_entropy_per_class_and_softmax_loss_the_usual_one():
+    logits, labels = torch.tensor([[2.0, -1.0, 0.5]]), torch.tensor([0])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([[1.0, 0.0, 0.0]]))
+    assert torch.allclose(classification_loss(logits, labels, "sigmoid", 0.0), expected)
+    smoothed = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([[0.95, 0.05, 0.05]]))
+    assert torch.allclose(classification_loss(logits, labels, "sigmoid", 0.1), smoothed)
+    assert torch.allclose(
+        classification_loss(logits, labels, "softmax", 0.0), torch.nn.functional.cross_entropy(logits, labels)
+    )
+
+
+def test_a_last_batch_of_one_image_joins_the_one_before():
+    assert batch_bounds(9, 4) == [(0, 4), (4, 9)]
+    assert batch_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert batch_bounds(1, 4) == [(0, 1)]  # one image in all still trains
+
+
+def test_batch_norm_on_a_one_pixel_map_trains_when_an_epoch_would_end_with_one_image(tmp_path):
+    """Found in review: 1437 training digits in batches of 4 leave one image, and batch norm over a 1x1 map
+    raised "Expected more than 1 value per channel" at the end of the first epoch."""
+    blocks = [{"type": "conv", "filters": 8, "kernel_size": 8, "padding": "valid", "batch_norm": True}]
+    config = TrainConfig(spec_file=spec_file(tmp_path, blocks=blocks), epochs=1, batch_size=4, workers=0)
+    assert len(prepare_data(config).train.labels) % 4 == 1
+    _, metadata = train(config, log=lambda line: None)  # raised before
+    (epoch,) = metadata.metrics["history"]
+    assert math.isfinite(epoch["loss"])
+
+
+def test_a_spec_file_with_a_mistake_is_refused_in_one_line_naming_the_file_and_field(tmp_path):
+    path = spec_file(tmp_path, blocks=[{"type": "conv", "filters": 8, "stride": 0}])
+    with pytest.raises(ValueError) as refused:
+        load_spec(TrainConfig(spec_file=path))
+    assert str(refused.value) == f"{path}: blocks.0.conv.stride: Input should be greater than 0"
