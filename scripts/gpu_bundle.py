@@ -29,7 +29,7 @@ LIMIT_BYTES = 60 * 2**20  # a device call carries 64 MiB with the working tree (
 
 # What the GPU tests and tests/bench/run.py import, with the extras they need; each at this .venv's version.
 WANTED = {
-    "ray": ("default", "serve"),
+    "ray": ("default", "serve", "train", "tune"),
     "grpcio": (),
     "grpcio-health-checking": (),
     "grpcio-reflection": (),

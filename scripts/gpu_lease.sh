@@ -6,7 +6,7 @@
 #     scripts/gpu_lease.sh tests bench-group
 #
 # Steps, run in the order given (each writes under $OUT, which the device tool brings back):
-#   tests        the GPU tests (skipped on CPU in CI), about 2 minutes
+#   tests        the GPU tests (skipped on CPU in CI): serving and training, about 3 minutes
 #   bench-group  `convray serve --frontends 8` against 8 separate front ends and 8 no-op servers, over streams,
 #                ResNet-style UINT8 (the 0.9x-the-raw-model goal of issue #7), about 5 minutes
 #   bench        the make bench-gpu comparison at 2 s points (raw model, no-op, Ray Serve, convray, bf16)
@@ -55,7 +55,7 @@ run_step() {
     case $1 in
         tests)
             "$PYTHON" -m pytest -p no:cacheprovider -q tests/workers/test_replica.py tests/workers/test_forward.py \
-                tests/service/test_server_gpu.py 2>&1 | tee "$OUT/tests.txt"
+                tests/service/test_server_gpu.py tests/workers/test_train_gpu.py 2>&1 | tee "$OUT/tests.txt"
             ;;
         bench-group)
             bench bench-group --models resnet_style --variants-on resnet_style --datatype UINT8 \
