@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from convray.workers.models import CNN, build_model
@@ -29,6 +30,7 @@ from convray.workers.spec import CNNSpec
 
 METADATA_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
+SPEC_DIGEST_KEY = "convray_spec_sha256"  # in the weights file's metadata: the spec they were published for
 FORMAT_VERSION = 1
 _NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 _VERSION_DIR = re.compile(r"[1-9][0-9]{0,17}")
@@ -199,7 +201,7 @@ class ModelRepository:
         except ValueError as exc:
             raise ModelLoadError(f"{self.version_dir(name, version) / METADATA_FILE}: spec: {exc}") from None
         weights_path = self.version_dir(name, version) / WEIGHTS_FILE
-        load_weights(module, weights_path)
+        load_weights(module, weights_path, spec_digest(metadata.spec))
         module.eval()
         return LoadedModel(name=name, version=version, metadata=metadata, module=module)
 
@@ -239,7 +241,11 @@ class ModelRepository:
         try:
             (staging / METADATA_FILE).write_text(metadata.model_dump_json(indent=2) + "\n", encoding="utf-8")
             state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-            save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+            save_file(
+                state,
+                str(staging / WEIGHTS_FILE),
+                metadata={"format": "pt", SPEC_DIGEST_KEY: spec_digest(metadata.spec)},
+            )
             for extra, content in (extra_files or {}).items():
                 if extra in (METADATA_FILE, WEIGHTS_FILE) or Path(extra).name != extra:
                     raise ValueError(f"extra file name {extra!r} must be a plain name other than the model's own")
@@ -284,13 +290,26 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
-def load_weights(module: torch.nn.Module, path: Path) -> None:
+def spec_digest(spec: CNNSpec) -> str:
+    """SHA-256 of a spec's canonical JSON (defaults filled in, keys sorted): what the weights were trained for."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def load_weights(module: torch.nn.Module, path: Path, digest: str | None = None) -> None:
     """Load a safetensors file into ``module``, requiring exactly its parameter names and shapes.
+
+    ``digest``: the ``spec_digest`` of the spec ``module`` was built from. Weights published with another
+    spec's digest are refused: an edit to model.json that keeps every tensor's shape (max pooling made min,
+    an activation changed) would otherwise serve the old weights through a different network. Files
+    published before the digest was kept have none and are not checked.
 
     Raises:
         ModelLoadError: the file is missing or corrupt, or names/shapes differ (listed in the message).
     """
     try:
+        with safe_open(str(path), framework="pt") as weights:
+            published_for = (weights.metadata() or {}).get(SPEC_DIGEST_KEY)
         state = load_file(str(path))
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: file not found") from None
@@ -320,6 +339,11 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
             parts.append(f"unexpected tensors {unexpected}")
         parts += wrong_shape + wrong_kind
         raise ModelLoadError(f"{path}: weights do not match model.json's spec: " + "; ".join(parts))
+    if digest is not None and published_for is not None and published_for != digest:
+        raise ModelLoadError(
+            f"{path}: these weights were published with a different spec than model.json's now (edited since?); "
+            "publish the model again rather than edit its spec"
+        )
     # A NaN or infinity would be served as a NaN probability for every image (and a JSON reply that is not JSON).
     not_finite = [key for key in both if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all())]
     if not_finite:

@@ -225,6 +225,23 @@ def test_weights_holding_nan_or_infinity_are_refused(model_repo):
         ModelRepository(model_repo).load("digits", 1)
 
 
+def test_weights_are_refused_under_a_spec_edited_since_they_were_published(model_repo):
+    """Found in review: max pooling edited to min in model.json kept every tensor's shape, loaded silently and
+    moved the shipped model's answer for a 3 from 0.935 to class 1. Weights now carry their spec's digest."""
+    repo = ModelRepository(model_repo)
+    original = repo.load("digits", 1)
+    assert repo.publish("digits", original.metadata, original.module) == 2
+    repo.load("digits", 2)  # unchanged: loads
+    for version in (1, 2):
+        path = model_repo / "digits" / str(version) / METADATA_FILE
+        data = json.loads(path.read_text())
+        next(block for block in data["spec"]["blocks"] if block["type"] == "pool")["kind"] = "min"
+        path.write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match="published with a different spec than model.json's now"):
+        repo.load("digits", 2)
+    repo.load("digits", 1)  # published before weights carried a digest: cannot be checked, loads as before
+
+
 def test_a_model_without_versions_is_an_error(model_repo):
     (model_repo / "empty").mkdir()
     repo = ModelRepository(model_repo)
