@@ -212,6 +212,32 @@ def prepare_for_inference(model: CNN) -> CNN:
     return fold_same_padding(fold_batch_norm(model))
 
 
+MAX_PARAMETERS = 1_000_000_000
+"""Most parameters a spec may give a model: 4 GB of fp32 weights, 40 times ResNet-50. Every field of a spec can
+be within its bounds and the whole still need tens of GB (two 4096-filter 31x31 convolutions: 64 GB)."""
+
+
+def parameter_count(spec: CNNSpec, height: int, width: int) -> int:
+    """How many parameters ``spec`` has at this input size, counted without allocating them (torch's meta device).
+
+    Raises:
+        ValueError: the spec does not fit the input size (``output_shapes``), or it has over ``MAX_PARAMETERS``.
+    """
+    with torch.device("meta"):
+        count = sum(p.numel() for p in CNN(spec, height, width).parameters())
+    if count > MAX_PARAMETERS:
+        raise ValueError(
+            f"the spec has {count:,} parameters at {height}x{width} ({count * 4 / 1e9:.1f} GB of fp32 weights), "
+            f"over the limit of {MAX_PARAMETERS:,}: use fewer filters, smaller kernels or smaller dense layers"
+        )
+    return count
+
+
 def build_model(spec: CNNSpec, height: int, width: int) -> CNN:
-    """Build the torch module for ``spec`` at input size ``height`` x ``width`` (randomly initialised)."""
+    """Build the torch module for ``spec`` at input size ``height`` x ``width`` (randomly initialised).
+
+    Raises:
+        ValueError: the spec does not fit the input size, or is too large (``parameter_count``).
+    """
+    parameter_count(spec, height, width)  # before allocating what could be tens of GB
     return CNN(spec, height, width)

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from torch.utils.data import DistributedSampler
 
 from convray.workers.data import ImageDataset, check_folder, load_dataset
-from convray.workers.models import CNN, build_model
+from convray.workers.models import CNN, build_model, parameter_count
 from convray.workers.progress import EpochProgress
 from convray.workers.repository import (
     InputContract,
@@ -39,7 +39,7 @@ from convray.workers.repository import (
     Normalisation,
     format_validation_error,
 )
-from convray.workers.spec import PRESETS, CNNSpec, output_shapes
+from convray.workers.spec import PRESETS, CNNSpec
 from convray.workers.train_config import TrainConfig, run_settings
 from convray.workers.transforms import channel_stats, normalise, random_flip, random_shift
 
@@ -94,7 +94,7 @@ def prepare_data(config: TrainConfig) -> TrainingData:
         channels=channels, height=height, width=width, colour_mode=train_set.colour_mode, normalisation=norm
     )
     spec = load_spec(config, train_set)
-    output_shapes(spec, height, width)  # here, not first in every Ray Train worker (each retried max_failures times)
+    parameter_count(spec, height, width)  # here, not first in every Ray Train worker (each retried max_failures times)
     return TrainingData(train_set, held_out, spec, contract)
 
 

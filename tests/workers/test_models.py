@@ -16,6 +16,7 @@ from convray.workers.models import (
     make_activation,
     make_head,
     make_pool,
+    parameter_count,
 )
 from convray.workers.spec import (
     Activation,
@@ -294,3 +295,13 @@ def test_folding_symmetric_same_padding_into_the_conv_keeps_every_block_output()
             assert torch.allclose(y, want, atol=1e-6)
     kept = [isinstance(block[0], SamePad) for block in model.features]
     assert kept == [False, False, True, True]
+
+
+def test_parameters_are_counted_without_allocating_them_and_a_model_too_large_is_refused_before_it_is_built():
+    """Found in review: two 4096-filter 31x31 convolutions, each field within its bounds, asked for 64 GB and
+    ended `convray train` with an allocator traceback (and a model of a few GB would have been built)."""
+    small = CNNSpec(in_channels=1, blocks=[ConvBlock(filters=4, kernel_size=3)], head=GAPHead(), num_classes=3)
+    assert parameter_count(small, 8, 8) == sum(p.numel() for p in build_model(small, 8, 8).parameters())
+    huge = CNNSpec(in_channels=1, blocks=[ConvBlock(filters=4096, kernel_size=31)] * 2, head=GAPHead(), num_classes=10)
+    with pytest.raises(ValueError, match=r"the spec has 16,126,889,994 parameters at 8x8 \(64.5 GB"):
+        build_model(huge, 8, 8)
