@@ -56,6 +56,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--graph": ("workers", "graph"),
     "--max-restarts": ("workers", "max_restarts"),
     "--replica-start-timeout-s": ("workers", "replica_start_timeout_s"),
+    "--batch-timeout-s": ("workers", "batch_timeout_s"),
     "--transport": ("workers", "transport"),
     "--max-image-bytes": ("inputs", "max_image_bytes"),
     "--max-image-pixels": ("inputs", "max_image_pixels"),

@@ -141,6 +141,9 @@ class WorkerSettings(_Group):
     """Times Ray restarts a replica that died; -1 means without limit."""
     replica_start_timeout_s: float = Field(600.0, gt=0)
     """How long a version's replicas may take to be placed and load before the load fails with a clear error."""
+    batch_timeout_s: float = Field(30.0, ge=0)
+    """How long a replica may take to answer one batch; past it the replica counts as stuck (alive but hung):
+    it is restarted and the batch retried on another. 0: no limit."""
     transport: Literal["direct", "compiled-graph", "actor-call"] = "direct"
     """How batches reach a replica: ``direct`` TCP, a Ray ``compiled-graph`` (spins a core), a plain ``actor-call``."""
 

@@ -107,7 +107,11 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED, "request cancelled"
     if isinstance(exc, REPLICA_LOST):
-        return grpc.StatusCode.UNAVAILABLE, f"model replica unavailable, retry: {type(exc).__name__}"
+        # Our own (ReplicaUnreachable, ReplicaStuck) say which replica and why in a line; Ray's run to many lines.
+        why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return grpc.StatusCode.UNAVAILABLE, f"model replica unavailable, retry: {type(exc).__name__}" + (
+            f" ({why})" if why else ""
+        )
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 

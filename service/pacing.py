@@ -67,10 +67,17 @@ class BatchTicket:
 class OverlapAdvisor:
     """Decides whether another batch may go out while ``running`` are out, from measured timings."""
 
-    def __init__(self, replicas: int, loop_load: LoopLoad | None = None) -> None:
-        """``loop_load``, when given, is sampled at each finished batch and vetoes overlap while busy."""
+    def __init__(
+        self, replicas: int, loop_load: LoopLoad | None = None, idle_replica: Callable[[], bool] | None = None
+    ) -> None:
+        """``loop_load``, when given, is sampled at each finished batch and vetoes overlap while busy.
+
+        ``idle_replica``, when given, says whether a replica that takes batches has none in flight: a batch may
+        then always start, even with ``replicas`` batches out (some of them held by a replica that is stuck).
+        """
         self.replicas = replicas
         self.loop_load = loop_load
+        self.idle_replica = idle_replica
         self.compute_s: float | None = None  # moving average, batches that ran alone
         self.overhead_s: float | None = None  # call minus compute, same batches
         self._out = 0
@@ -88,7 +95,7 @@ class OverlapAdvisor:
 
     def may_start(self, running: int) -> bool:
         """Whether a new batch may go out while ``running`` batches are out (``Batcher``'s ``may_start``)."""
-        if running < self.replicas:
+        if running < self.replicas or (self.idle_replica is not None and self.idle_replica()):
             return True
         return self.overlap_pays and self._since_measured < PROBE_EVERY
 

@@ -73,6 +73,7 @@ class ModelRegistry:
             transport=workers.transport,
             batches_in_flight_per_replica=batching.batches_in_flight_per_replica,
             max_batch_size=batching.max_batch_size,
+            batch_timeout_s=workers.batch_timeout_s,
         )
         self._metrics = metrics
         self._served: dict[str, dict[int, ServedModel]] = {}
@@ -172,7 +173,9 @@ class ModelRegistry:
             self._metrics.model_loads.labels(name, str(version), "failure").inc()
             raise
         stats = ModelStatistics()
-        advisor = OverlapAdvisor(pool.size, LoopLoad()) if self._batching.adaptive_in_flight else None
+        advisor = (
+            OverlapAdvisor(pool.size, LoopLoad(), pool.has_idle_replica) if self._batching.adaptive_in_flight else None
+        )
         batcher: Batcher[Job, JobResult] = Batcher(
             BatchRunner(pool, self._metrics, stats, self._batching.max_batch_size, advisor),
             max_batch_size=self._batching.max_batch_size,
@@ -398,8 +401,14 @@ class ModelRegistry:
                 version.batcher.abort(f"{version.name} version {version.version} lost its Ray cluster; retry")
             self._metrics.replicas.labels(version.name, str(version.version)).set_function(lambda: 0)
 
-    async def close(self) -> None:
-        """Finish every queued request, then stop all replicas."""
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Finish every queued request, then stop all replicas.
+
+        ``timeout_s``: how long the batches still running may take (the rest of a drain's grace period). Past it
+        (a stuck replica, a lone one's retry waiting for its restart) their requests fail UNAVAILABLE and the
+        replicas are stopped anyway: a server told to stop must not wait on them for ever (found in review).
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self.ready = False
         if self._poller is not None:
             self._poller.cancel()
@@ -409,6 +418,14 @@ class ModelRegistry:
             await asyncio.wait(set(self._changes))
         for versions in self._served.values():
             for served in versions.values():
-                await served.batcher.close()
+                left_s = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                try:
+                    await asyncio.wait_for(served.batcher.close(), left_s)
+                except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
+                    log.warning("%s version %d: batches still running at the end of the drain; stopping anyway",
+                                served.name, served.version)  # fmt: skip
+                    served.batcher.abort(
+                        f"the server stopped before this request's batch of {served.name} came back; retry"
+                    )
                 served.pool.shutdown()
         self._served.clear()

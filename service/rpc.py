@@ -103,8 +103,11 @@ class RpcObserver:
             # The caller's own doing, already counted by code in convray_requests_total; at debug so that a
             # client looping on a bad request (or an overload) cannot flood the log with one line per call.
             log.debug("%s failed: %s %s", rpc, code.name, message)
-        elif isinstance(exc, ConvrayError | ModelLoadError | TimeoutError | asyncio.TimeoutError):
-            log.warning("%s failed: %s %s", rpc, code.name, message)  # expected: its message says all (no traceback)
+        elif code == grpc.StatusCode.UNAVAILABLE or isinstance(
+            exc, ConvrayError | ModelLoadError | TimeoutError | asyncio.TimeoutError
+        ):
+            # Expected: a lost replica, Ray away, a drain; its message says all (no traceback).
+            log.warning("%s failed: %s %s", rpc, code.name, message)
         else:
             log.error("%s failed unexpectedly", rpc, exc_info=exc)
 

@@ -20,6 +20,7 @@ import platform
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -64,6 +65,7 @@ MODEL_CONTROL_DISABLED = (
     "models by request, or put new versions in the repository for --poll-interval-s to serve"
 )
 REPLICA_CHECK_TIMEOUT_S = 10.0  # after Ray answers again, how long the replicas get to answer too
+DRAIN_BATCHES_AT_LEAST_S = 1.0  # at the end of a drain, for the batches of calls already answered to come back
 
 
 def model_control_refusal(settings: Settings, member: FrontendMember | None) -> str | None:
@@ -529,6 +531,7 @@ class ConvrayServer:
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: health to NOT_SERVING, refuse new calls, finish admitted ones, stop replicas."""
         grace = self.settings.server.drain_grace_s if grace_s is None else grace_s
+        drain_ends = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
         self.open_streams.stop_reading()  # each ends after its replies, not at the end of the grace period
         if self._bring_up is not None and not self._bring_up.done():
@@ -540,8 +543,8 @@ class ConvrayServer:
             await self._health_server.stop(None)
         if self.ray_lost:
             await self.registry.abandon_all()  # nothing to drain: the replicas went with the cluster
-        else:
-            await self.registry.close()
+        else:  # the calls were answered or cancelled by now; what their batches still hold gets a moment more
+            await self.registry.close(timeout_s=max(drain_ends - time.monotonic(), DRAIN_BATCHES_AT_LEAST_S))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -41,8 +41,15 @@ class ReplicasNotPlaced(ModelLoadError):
 
 # A replica's process is gone (dead, or restarting), or the fast path to it (direct channel, compiled
 # graph) broke; the batch it held never produced a result.
+class ReplicaStuck(ReplicaUnreachable):
+    """A replica did not answer a batch within the batch timeout: alive, so Ray would not restart it."""
+
+
 REPLICA_LOST = (RayActorError, ActorUnavailableError, RayChannelError, ReplicaUnreachable)
-REOPEN_ATTEMPTS = 30  # after a replica was lost, tries (backing off to 5 s) to open its fast path again
+# After a replica was lost, how often and how many times to ask whether Ray has it running again (about two minutes
+# in all). A fixed short interval: backing off, the restarted replica waited 1.4 s for the next try (found in review).
+REOPEN_POLL_S = 0.5
+REOPEN_ATTEMPTS = 240
 DEAD_FOR_GOOD_AFTER = 3  # describe calls in a row failing ActorDiedError: Ray will not restart the replica
 REPLACE_RETRY_S = (5.0, 60.0)  # a replacement that failed is tried again after 5 s, backing off to once a minute
 LONE_RETRY_WAIT_S = 60.0  # a lone replica's lost batch waits this long for Ray's restart, then fails UNAVAILABLE
@@ -82,6 +89,7 @@ class ReplicaOptions:
     fixed_cluster: bool = False
     batches_in_flight_per_replica: int = 2  # sizes each compiled graph's in-flight capacity
     max_batch_size: int = 32  # the batcher's: a replica on a GPU warms up every batch size up to it
+    batch_timeout_s: float = 30.0  # a replica not answering a batch by then is stuck: restarted, batch retried; 0: none
 
 
 @dataclass(frozen=True)
@@ -122,8 +130,13 @@ class ReplicaPool:
         start_timeout_s: float = 600.0,
         on_lost: Callable[[], None] | None = None,
         direct_host: str | None = None,
+        batch_timeout_s: float = 0.0,
     ) -> None:
         """Wrap started actors; ``compiled_in_flight`` is each compiled graph's capacity.
+
+        ``batch_timeout_s`` (0: none): a replica that has not answered a batch by then is stuck (a hung GPU, a
+        deadlock, a stopped process: alive, so Ray restarts nothing). It is killed for Ray to restart, and the
+        batch is retried as for a lost replica.
 
         ``direct_host``: the address each replica's direct listener binds (None: its node's IP, for other nodes).
 
@@ -140,6 +153,7 @@ class ReplicaPool:
         self._actors = actors
         self._on_failure, self._on_lost = on_failure, on_lost
         self._direct_host = direct_host
+        self._batch_timeout_s = batch_timeout_s or None
         self._in_flight = [0] * len(actors)
         self._tie_break = itertools.count()
         self._compiled_in_flight = compiled_in_flight
@@ -230,6 +244,7 @@ class ReplicaPool:
             # An embedded Ray is all on this machine: the replicas' direct listeners stay on loopback, as the
             # server's own default bind does (found in review: they listened on the machine's routable address).
             direct_host="127.0.0.1" if options.fixed_cluster else None,
+            batch_timeout_s=options.batch_timeout_s,
         )
         await asyncio.gather(*(pool._open_fast_path(index, info) for index, info in enumerate(described)))
         runs_on = sorted(
@@ -250,6 +265,11 @@ class ReplicaPool:
     def in_flight(self) -> list[int]:
         """Batches currently sent to each replica and not yet answered."""
         return list(self._in_flight)
+
+    def has_idle_replica(self) -> bool:
+        """Whether a replica that takes batches (not lost) has none in flight: a batch sent now would run alone."""
+        lost = self._unwell | self._given_up.keys()
+        return any(count == 0 and index not in lost for index, count in enumerate(self._in_flight))
 
     @property
     def serving(self) -> int:
@@ -347,18 +367,38 @@ class ReplicaPool:
         return min(candidates, key=lambda i: (self._in_flight[i], (i - offset) % count))
 
     async def _run_on(self, index: int, pixels: np.ndarray) -> Any:
-        """Replica ``index``'s ``run(pixels)``, through its fast path when it has one."""
+        """Replica ``index``'s ``run(pixels)``, through its fast path when it has one, within the batch timeout.
+
+        Raises:
+            ReplicaStuck: no answer within ``batch_timeout_s``; the replica is being restarted.
+        """
         path = self._fast_paths[index]
-        if path is None:
-            return await self._call(index, "run", pixels)
         self._in_flight[index] += 1
         try:
-            return await path(pixels)
+            call = self._actors[index].run.remote(pixels) if path is None else path(pixels)
+            try:
+                return await asyncio.wait_for(call, self._batch_timeout_s)
+            except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
+                self._restart_stuck(index)
+                raise ReplicaStuck(
+                    f"replica {self.replica_name(index)} did not answer a batch within {self._batch_timeout_s:g} s "
+                    "(--batch-timeout-s); it is being restarted"
+                ) from None
         except REPLICA_LOST:
-            self._drop_fast_path(index, path)
+            if path is not None:
+                self._drop_fast_path(index, path)
             raise
         finally:
             self._in_flight[index] -= 1
+
+    def _restart_stuck(self, index: int) -> None:
+        """Kill replica ``index``, alive but not answering, for Ray to restart it (once, whatever batches saw it)."""
+        if index in self._unwell:
+            return  # already lost or being restarted: its other batches need not kill it again
+        log.error("replica %s: no answer to a batch within %g s (--batch-timeout-s); restarting it",
+                  self.replica_name(index), self._batch_timeout_s)  # fmt: skip
+        with contextlib.suppress(Exception):  # Ray itself gone: the loss is handled as any other
+            ray.kill(self._actors[index], no_restart=False)
 
     async def _open_fast_path(self, index: int, described: dict[str, Any]) -> None:
         """Open the transport's fast path to replica ``index`` (as ``describe`` described it), warmed by a batch.
@@ -451,14 +491,14 @@ class ReplicaPool:
         await self._back_in_service(index, described)
 
     async def _describe_once_back(self, index: int) -> dict[str, Any] | None:
-        """Replica ``index``'s ``describe`` once Ray has it running again, retried with backoff up to 5 s.
+        """Replica ``index``'s ``describe`` once Ray has it running again, asked every ``REOPEN_POLL_S``.
 
         None if the pool was shut down meanwhile, the replica still does not answer after ``REOPEN_ATTEMPTS`` tries,
         or one try waited the replica start timeout (Ray could not place the restart): the caller then replaces it.
         """
         died = 0
-        for attempt in range(REOPEN_ATTEMPTS):
-            await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
+        for _ in range(REOPEN_ATTEMPTS):
+            await asyncio.sleep(REOPEN_POLL_S)
             if not self._actors:
                 return None  # shut down meanwhile
             try:  # answers once Ray restarted it; a restart Ray cannot place (no room, node gone) never answers

@@ -36,6 +36,27 @@ def test_every_exception_maps_to_a_status_that_says_what_happened(exc, code):
     assert to_status(exc)[0] == code
 
 
+def test_a_lost_replica_is_unavailable_and_says_which_replica_and_why_in_one_line():
+    """Found in review: the message named only the class, and the front end logged a traceback at error."""
+    from convray.workers.pool import ReplicaStuck
+
+    why = "replica digits-0 did not answer a batch within 30 s (--batch-timeout-s); it is being restarted"
+    code, message = to_status(ReplicaStuck(why))
+    assert (code, message) == (grpc.StatusCode.UNAVAILABLE, f"model replica unavailable, retry: ReplicaStuck ({why})")
+    code, message = to_status(ReplicaStuck("first line\n  details over\n  many lines"))
+    assert message.endswith("ReplicaStuck (first line)")
+
+
+def test_a_lost_replica_is_logged_as_a_warning_without_a_traceback(caplog):
+    from convray.service.rpc import RpcObserver
+    from convray.workers.pool import ReplicaStuck
+
+    exc = ReplicaStuck("replica digits-0 did not answer")
+    RpcObserver._log("Classify", exc, *to_status(exc))
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and record.exc_info is None
+
+
 def test_a_timeout_inside_the_server_says_so_and_asks_for_a_retry():
     code, message = to_status(TimeoutError("GCS did not answer"))
     assert message == "timed out inside the server (TimeoutError: GCS did not answer); retry"

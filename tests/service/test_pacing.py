@@ -31,6 +31,17 @@ def test_each_replica_may_always_have_one_batch():
     assert not advisor.may_start(2)
 
 
+def test_an_idle_replica_always_gets_a_batch_even_while_another_holds_two():
+    """Found in review: with 2 replicas, one stuck (SIGSTOP) on 2 batches made `running` 2 and the idle replica got
+    nothing for as long as the other stayed stuck."""
+    idle = [True]
+    advisor = OverlapAdvisor(replicas=2, idle_replica=lambda: idle[0])
+    run_alone(advisor, compute_s=0.001, call_s=0.004)  # overhead-bound: overlap does not pay
+    assert advisor.may_start(2) and advisor.may_start(3)
+    idle[0] = False
+    assert not advisor.may_start(2)
+
+
 def test_before_any_measurement_overlap_is_allowed():
     advisor = OverlapAdvisor(replicas=1)
     assert advisor.overlap_pays and advisor.may_start(1)

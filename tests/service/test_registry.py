@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from convray.service.batching import Batcher
 from convray.service.config import BatchingSettings, WorkerSettings
+from convray.service.errors import ModelNotReady
 from convray.service.metrics import Metrics
 from convray.service.registry import ModelRegistry, ServedModel
 from convray.service.statistics import ModelStatistics
@@ -70,6 +71,20 @@ async def test_an_unload_whose_caller_gave_up_still_answers_the_queue_and_stops_
     assert await asyncio.wait_for(asyncio.gather(running, queued), 2) == [1, 2]
     await registry.close()  # waits for the unload, still under way
     assert pool.stopped and registry.loaded_versions("digits") == []
+
+
+async def test_closing_gives_running_batches_the_time_left_then_fails_them_and_stops_the_replicas():
+    """Found in review: a server told to stop waited for ever on a batch its stuck replica held."""
+    registry, pool, batcher, _gate = registry_serving_a_held_batch()  # the gate never opens: a stuck batch
+    running = asyncio.ensure_future(batcher.submit(1))
+    await asyncio.sleep(0.02)
+    started = time.monotonic()
+    await asyncio.wait_for(registry.close(timeout_s=0.3), 5)
+    assert 0.25 < time.monotonic() - started < 2 and pool.stopped
+    with pytest.raises(
+        ModelNotReady, match="the server stopped before this request's batch of digits came back; retry"
+    ):
+        await running
 
 
 async def test_a_load_that_fails_after_its_caller_gave_up_is_logged(model_repo, caplog):

@@ -3,6 +3,7 @@ graphs) gives the same answers, and a fast path whose replica dies is dropped, i
 elsewhere, and the path opened again once Ray has restarted the replica."""
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -112,6 +113,37 @@ async def test_a_lone_replica_killed_loses_no_batch_its_retry_waits_for_the_rest
         for result in results:
             np.testing.assert_allclose(result.probabilities, expected, atol=1e-6)
     finally:
+        pool.shutdown()
+
+
+@pytest.mark.parametrize("replicas", [2, 1])
+async def test_a_stuck_replica_is_restarted_after_the_batch_timeout_and_its_batches_are_answered(
+    model_repo, batch, replicas
+):
+    """Found in review: a replica alive but not answering (here SIGSTOP; a hung GPU or a deadlock alike) held its
+    batches for ever, and requests without a deadline never got an answer. After --batch-timeout-s it is killed
+    for Ray to restart, and its batches are retried: on the other replica, or on the restarted one when alone."""
+    pool = await ReplicaPool.start(str(model_repo), "digits", 1, options(replicas=replicas, batch_timeout_s=2))
+    try:
+        expected = (await pool.predict(batch)).probabilities
+        pid = (await pool.actors[0].describe.remote())["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        results = await asyncio.wait_for(asyncio.gather(*(pool.predict(batch) for _ in range(4))), timeout=90)
+        for result in results:
+            np.testing.assert_allclose(result.probabilities, expected, atol=1e-6)
+        if replicas == 2:  # the batches sent to the stuck one waited the timeout, then went to the other
+            assert time.monotonic() - started < 30 and {r.replica for r in results if r.retried} == {"digits-1"}
+        deadline = time.monotonic() + 90
+        while True:  # a new process in the stopped one's place
+            with contextlib.suppress(*REPLICA_LOST):  # Ray is restarting it
+                if (await asyncio.wait_for(pool.actors[0].describe.remote(), 60))["pid"] != pid:
+                    break
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
         pool.shutdown()
 
 
