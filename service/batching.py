@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -70,6 +71,7 @@ class Batcher(Generic[T, R]):
         self._may_start = may_start
         self.name = name
         self._queue: collections.deque[_Pending[T, R]] = collections.deque()
+        self._reserved = 0  # places held for requests whose images are being decoded (``places``)
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(max_concurrent_batches)
         self._running: dict[asyncio.Task[None], list[_Pending[T, R]]] = {}  # each batch's task and its requests
@@ -123,11 +125,32 @@ class Batcher(Generic[T, R]):
                 future.cancel()
             raise
 
-    def _admit(self, items: Sequence[T], deadline: float | None) -> list[asyncio.Future[R]]:
+    @contextlib.contextmanager
+    def places(self, count: int) -> Iterator[None]:
+        """Hold ``count`` places in the queue while a request's images are decoded, to be submitted right after.
+
+        Images are decoded before they queue; without this, the requests waiting for the decoder had no bound
+        (found in review: 6 MB PNGs took the front end from 345 to 1,576 MiB, and refusals came 9.7 s late).
+        Submit in the same step of the event loop as leaving the block, so no other request takes the places.
+
+        Raises:
+            Overloaded, InvalidInput, ModelNotReady: as ``submit_many`` would, before any decoding.
+        """
+        self._check_room(count)
+        self._reserved += count
+        try:
+            yield
+        finally:
+            self._reserved -= count
+
+    def _check_room(self, count: int) -> None:
         if self._closed:
             raise ModelNotReady(f"{self.name} is shutting down; retry on another server")
-        if len(self._queue) + len(items) > self.max_queue:
-            raise self._refusal(len(items))
+        if len(self._queue) + self._reserved + count > self.max_queue:
+            raise self._refusal(count)
+
+    def _admit(self, items: Sequence[T], deadline: float | None) -> list[asyncio.Future[R]]:
+        self._check_room(len(items))
         loop = asyncio.get_running_loop()
         was_empty = not self._queue
         futures = []
@@ -151,8 +174,9 @@ class Batcher(Generic[T, R]):
         # before then meets the same full queue.
         waited_s = time.monotonic() - self._queue[0].enqueued_at if self._queue else 0.0
         retry_after_s = max(waited_s, MIN_RETRY_AFTER_S)
+        taken = len(self._queue) + self._reserved  # queued, and held for requests being decoded
         return Overloaded(
-            f"{self.name}: queue full ({len(self._queue)} of {self.max_queue} places taken, {requested} more "
+            f"{self.name}: queue full ({taken} of {self.max_queue} places taken, {requested} more "
             f"requested; --max-queue); retry in about {retry_after_s * 1e3:.0f} ms",
             retry_after_s=retry_after_s,
         )

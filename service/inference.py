@@ -199,16 +199,17 @@ class Classifier:
         received = time.monotonic()
         try:
             loop = asyncio.get_running_loop()
-            if request_pixels_may_exceed(len(images), self._limits):  # else each image's own limit bounds them
-                await loop.run_in_executor(self._decoder, check_request_pixels, images, self._limits)
-            decode = functools.partial(decode_image, contract=served.metadata.input, limits=self._limits)
-            if len(images) == 1:  # the common case; gather's bookkeeping costs about 20 us a request
-                pixels = [await loop.run_in_executor(self._decoder, decode, images[0])]
-            else:
-                numbered = functools.partial(_decode_numbered, decode=decode, count=len(images))
-                pixels = await asyncio.gather(
-                    *(loop.run_in_executor(self._decoder, numbered, i, image) for i, image in enumerate(images))
-                )
+            with served.batcher.places(len(images)):  # the queue's bound covers the decode backlog too
+                if request_pixels_may_exceed(len(images), self._limits):  # else each image's own limit bounds them
+                    await loop.run_in_executor(self._decoder, check_request_pixels, images, self._limits)
+                decode = functools.partial(decode_image, contract=served.metadata.input, limits=self._limits)
+                if len(images) == 1:  # the common case; gather's bookkeeping costs about 20 us a request
+                    pixels = [await loop.run_in_executor(self._decoder, decode, images[0])]
+                else:
+                    numbered = functools.partial(_decode_numbered, decode=decode, count=len(images))
+                    pixels = await asyncio.gather(
+                        *(loop.run_in_executor(self._decoder, numbered, i, image) for i, image in enumerate(images))
+                    )
         except BaseException:
             served.stats.record_request(False, time.monotonic() - received)
             raise

@@ -16,9 +16,9 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import ray
@@ -55,6 +55,7 @@ REPLACE_RETRY_S = (5.0, 60.0)  # a replacement that failed is tried again after 
 LONE_RETRY_WAIT_S = 60.0  # a lone replica's lost batch waits this long for Ray's restart, then fails UNAVAILABLE
 
 Transport = Literal["direct", "compiled-graph", "actor-call"]
+X = TypeVar("X")
 
 
 class FastPath(Protocol):
@@ -376,20 +377,28 @@ class ReplicaPool:
         self._in_flight[index] += 1
         try:
             call = self._actors[index].run.remote(pixels) if path is None else path(pixels)
-            try:
-                return await asyncio.wait_for(call, self._batch_timeout_s)
-            except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
-                self._restart_stuck(index)
-                raise ReplicaStuck(
-                    f"replica {self.replica_name(index)} did not answer a batch within {self._batch_timeout_s:g} s "
-                    "(--batch-timeout-s); it is being restarted"
-                ) from None
+            return await self._answer(index, call, "a batch")
         except REPLICA_LOST:
             if path is not None:
                 self._drop_fast_path(index, path)
             raise
         finally:
             self._in_flight[index] -= 1
+
+    async def _answer(self, index: int, call: Awaitable[X], what: str) -> X:
+        """The answer of replica ``index`` to ``call``, within the batch timeout.
+
+        Raises:
+            ReplicaStuck: no answer within ``batch_timeout_s``; the replica is being restarted.
+        """
+        try:
+            return await asyncio.wait_for(call, self._batch_timeout_s)
+        except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
+            self._restart_stuck(index)
+            raise ReplicaStuck(
+                f"replica {self.replica_name(index)} did not answer {what} within {self._batch_timeout_s:g} s "
+                "(--batch-timeout-s); it is being restarted"
+            ) from None
 
     def _restart_stuck(self, index: int) -> None:
         """Kill replica ``index``, alive but not answering, for Ray to restart it (once, whatever batches saw it)."""
@@ -549,10 +558,10 @@ class ReplicaPool:
         return described
 
     async def _call(self, index: int, method: str, *args: Any) -> Any:
-        """Call a replica's method, counting the call as in flight on that replica meanwhile."""
+        """Call a replica's method, counting the call as in flight on that replica meanwhile (batch timeout too)."""
         self._in_flight[index] += 1
         try:
-            return await getattr(self._actors[index], method).remote(*args)
+            return await self._answer(index, getattr(self._actors[index], method).remote(*args), f"a {method} call")
         finally:
             self._in_flight[index] -= 1
 
