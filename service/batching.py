@@ -72,6 +72,7 @@ class Batcher(Generic[T, R]):
         self.name = name
         self._queue: collections.deque[_Pending[T, R]] = collections.deque()
         self._reserved = 0  # places held for requests whose images are being decoded (``places``)
+        self._reserved_at: list[float] = []  # when each holding took them, oldest first
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(max_concurrent_batches)
         self._running: dict[asyncio.Task[None], list[_Pending[T, R]]] = {}  # each batch's task and its requests
@@ -138,10 +139,13 @@ class Batcher(Generic[T, R]):
         """
         self._check_room(count)
         self._reserved += count
+        taken_at = time.monotonic()
+        self._reserved_at.append(taken_at)
         try:
             yield
         finally:
             self._reserved -= count
+            self._reserved_at.remove(taken_at)
 
     def _check_room(self, count: int) -> None:
         if self._closed:
@@ -172,7 +176,9 @@ class Batcher(Generic[T, R]):
             )
         # The oldest queued request has waited as long as the queue takes to drain (it is FIFO), so a retry
         # before then meets the same full queue.
-        waited_s = time.monotonic() - self._queue[0].enqueued_at if self._queue else 0.0
+        # Places held by requests still decoding free no sooner than their decode ends: count the oldest too.
+        starts = ([self._queue[0].enqueued_at] if self._queue else []) + self._reserved_at[:1]
+        waited_s = time.monotonic() - min(starts) if starts else 0.0
         retry_after_s = max(waited_s, MIN_RETRY_AFTER_S)
         taken = len(self._queue) + self._reserved  # queued, and held for requests being decoded
         return Overloaded(

@@ -241,10 +241,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     try:  # before the call: a reply with nowhere to go is work thrown away
         out.mkdir(parents=True, exist_ok=True)
-        # Class activation maps are named by rank: an earlier run's cam-3 beside this run's cam-1 would pass
-        # for this image's third class.
-        for stale in out.glob("cam-*.png"):
-            stale.unlink()
     except OSError as exc:
         print(f"convray explain: --out {out}: cannot write there: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
@@ -265,6 +261,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         print(f"{args.image}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return EXIT_UNREACHABLE if exc.code() == grpc.StatusCode.UNAVAILABLE else EXIT_FAILED
+    # Class activation maps are named by rank: an earlier run's cam-3 beside this run's cam-1 would pass for
+    # this image's third class. Removed once there is a reply to replace them (a failed call keeps them).
+    for stale in out.glob("cam-*.png"):
+        if stale.is_file():
+            stale.unlink()
     method = {pb.CAM_METHOD_CAM: "CAM", pb.CAM_METHOD_GRAD_CAM: "Grad-CAM"}.get(reply.method, "?")
     print(f"{args.image}: {reply.model} v{reply.version} ({reply.total_ms:.1f} ms)")
     for m in reply.feature_maps:
@@ -511,7 +512,7 @@ def add_client_commands(commands: Any) -> None:
         "--out",
         required=True,
         metavar="DIR",
-        help="folder the PNGs are written to; cam-*.png files already there are removed first",
+        help="folder the PNGs are written to; cam-*.png files already there are replaced by this image's",
     )
     explain.add_argument("--model", default="", help="model name (default: the server's default model)")
     explain.add_argument("--version", type=int, default=0, help="model version (default: latest loaded)")

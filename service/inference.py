@@ -207,9 +207,15 @@ class Classifier:
                     pixels = [await loop.run_in_executor(self._decoder, decode, images[0])]
                 else:
                     numbered = functools.partial(_decode_numbered, decode=decode, count=len(images))
-                    pixels = await asyncio.gather(
-                        *(loop.run_in_executor(self._decoder, numbered, i, image) for i, image in enumerate(images))
-                    )
+                    decoding = [
+                        loop.run_in_executor(self._decoder, numbered, i, image) for i, image in enumerate(images)
+                    ]
+                    try:
+                        pixels = await asyncio.gather(*decoding)
+                    except BaseException:  # the rest not yet started are dropped: they would outlive the places
+                        for future in decoding:
+                            future.cancel()
+                        raise
         except BaseException:
             served.stats.record_request(False, time.monotonic() - received)
             raise

@@ -68,12 +68,13 @@ class OverlapAdvisor:
     """Decides whether another batch may go out while ``running`` are out, from measured timings."""
 
     def __init__(
-        self, replicas: int, loop_load: LoopLoad | None = None, idle_replica: Callable[[], bool] | None = None
+        self, replicas: int, loop_load: LoopLoad | None = None, idle_replica: Callable[[int], bool] | None = None
     ) -> None:
         """``loop_load``, when given, is sampled at each finished batch and vetoes overlap while busy.
 
-        ``idle_replica``, when given, says whether a replica that takes batches has none in flight: a batch may
-        then always start, even with ``replicas`` batches out (some of them held by a replica that is stuck).
+        ``idle_replica(running)``, when given, says whether a replica that takes batches has none in flight once
+        the ``running`` batches have reached theirs: a batch may then always start, even with ``replicas`` batches
+        out (some held by a replica that is stuck).
         """
         self.replicas = replicas
         self.loop_load = loop_load
@@ -95,7 +96,7 @@ class OverlapAdvisor:
 
     def may_start(self, running: int) -> bool:
         """Whether a new batch may go out while ``running`` batches are out (``Batcher``'s ``may_start``)."""
-        if running < self.replicas or (self.idle_replica is not None and self.idle_replica()):
+        if running < self.replicas or (self.idle_replica is not None and self.idle_replica(running)):
             return True
         return self.overlap_pays and self._since_measured < PROBE_EVERY
 

@@ -416,16 +416,19 @@ class ModelRegistry:
             for starting in self._starting:
                 starting.cancel()
             await asyncio.wait(set(self._changes))
-        for versions in self._served.values():
-            for served in versions.values():
-                left_s = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                try:
-                    await asyncio.wait_for(served.batcher.close(), left_s)
-                except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
-                    log.warning("%s version %d: batches still running at the end of the drain; stopping anyway",
-                                served.name, served.version)  # fmt: skip
-                    served.batcher.abort(
-                        f"the server stopped before this request's batch of {served.name} came back; retry"
-                    )
-                served.pool.shutdown()
+        versions = self.served_versions()
+        closing = {asyncio.ensure_future(served.batcher.close()): served for served in versions}  # all at once
+        if closing:
+            left_s = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            _, still_running = await asyncio.wait(closing, timeout=left_s)
+            for task in still_running:
+                served = closing[task]
+                log.warning("%s version %d: batches still running at the end of the drain; stopping anyway",
+                            served.name, served.version)  # fmt: skip
+                served.batcher.abort(
+                    f"the server stopped before this request's batch of {served.name} came back; retry"
+                )
+            await asyncio.gather(*still_running, return_exceptions=True)  # abort() lets them end
+        for served in versions:
+            served.pool.shutdown()
         self._served.clear()

@@ -52,6 +52,7 @@ REOPEN_POLL_S = 0.5
 REOPEN_ATTEMPTS = 240
 DEAD_FOR_GOOD_AFTER = 3  # describe calls in a row failing ActorDiedError: Ray will not restart the replica
 REPLACE_RETRY_S = (5.0, 60.0)  # a replacement that failed is tried again after 5 s, backing off to once a minute
+GPU_RELEASE_WAIT_S = 5.0  # an embedded Ray's free GPU, short of a load's ask, is looked at again this long
 LONE_RETRY_WAIT_S = 60.0  # a lone replica's lost batch waits this long for Ray's restart, then fails UNAVAILABLE
 
 Transport = Literal["direct", "compiled-graph", "actor-call"]
@@ -267,8 +268,15 @@ class ReplicaPool:
         """Batches currently sent to each replica and not yet answered."""
         return list(self._in_flight)
 
-    def has_idle_replica(self) -> bool:
-        """Whether a replica that takes batches (not lost) has none in flight: a batch sent now would run alone."""
+    def has_idle_replica(self, batches_out: int) -> bool:
+        """Whether a well replica has none in flight once the caller's ``batches_out`` batches reached theirs.
+
+        Then a batch sent now would run alone. A batch just formed counts on no replica until its task
+        runs; without that condition a full queue saw the replica it was about to take as idle, and every
+        slot overlapped (found in review).
+        """
+        if sum(self._in_flight) < batches_out:
+            return False
         lost = self._unwell | self._given_up.keys()
         return any(count == 0 and index not in lost for index, count in enumerate(self._in_flight))
 
@@ -403,11 +411,17 @@ class ReplicaPool:
     def _restart_stuck(self, index: int) -> None:
         """Kill replica ``index``, alive but not answering, for Ray to restart it (once, whatever batches saw it)."""
         if index in self._unwell:
-            return  # already lost or being restarted: its other batches need not kill it again
-        log.error("replica %s: no answer to a batch within %g s (--batch-timeout-s); restarting it",
+            return  # already lost or being restarted: its other calls need not kill it again (a restart each)
+        log.error("replica %s: no answer within %g s (--batch-timeout-s); restarting it",
                   self.replica_name(index), self._batch_timeout_s)  # fmt: skip
         with contextlib.suppress(Exception):  # Ray itself gone: the loss is handled as any other
             ray.kill(self._actors[index], no_restart=False)
+        # Lost from here, whichever call found it (a batch, its retry, an Explain call): out of the rotation
+        # until it answers again, and counted once.
+        if self._on_lost is not None:
+            self._on_lost()
+        self._unwell.add(index)
+        self._reopen_later(index)
 
     async def _open_fast_path(self, index: int, described: dict[str, Any]) -> None:
         """Open the transport's fast path to replica ``index`` (as ``describe`` described it), warmed by a batch.
@@ -642,8 +656,13 @@ def _refuse_what_cannot_fit(name: str, version: int, options: ReplicaOptions) ->
         )
     asked_gpus = options.replicas * options.gpus_per_replica
     free_gpus = ray.available_resources().get("GPU", 0.0)
+    waited_s = 0.0
+    while asked_gpus > free_gpus + 1e-9 and waited_s < GPU_RELEASE_WAIT_S:  # Ray frees a stopped replica's GPU late
+        time.sleep(0.25)
+        waited_s += 0.25
+        free_gpus = ray.available_resources().get("GPU", 0.0)
     if asked_gpus > free_gpus + 1e-9:
-        raise ModelLoadError(
+        raise ReplicasNotPlaced(  # no other version would fit either: the load's fallback stops here
             f"{options.replicas} replica(s) of {name} version {version} ask Ray for {asked_gpus:g} GPU in all "
             f"({options.gpus_per_replica:g} each) and {free_gpus:g} is free (other models' or versions' replicas "
             "hold the rest), and no node can join this Ray: lower --gpus-per-replica or --replicas"

@@ -244,7 +244,7 @@ class ModelRepository:
             save_file(
                 state,
                 str(staging / WEIGHTS_FILE),
-                metadata={"format": "pt", SPEC_DIGEST_KEY: spec_digest(metadata.spec)},
+                metadata={"format": "pt", SPEC_DIGEST_KEY: spec_digest(as_written(metadata.spec))},
             )
             for extra, content in (extra_files or {}).items():
                 if extra in (METADATA_FILE, WEIGHTS_FILE) or Path(extra).name != extra:
@@ -291,9 +291,18 @@ def _fsync(path: Path) -> None:
 
 
 def spec_digest(spec: CNNSpec) -> str:
-    """SHA-256 of a spec's canonical JSON (defaults filled in, keys sorted): what the weights were trained for."""
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """SHA-256 of the spec as model.json holds it: the fields set, keys sorted. What the weights were trained for.
+
+    Fields not set are left out, so a field added to the schema later (with a default) does not change the
+    digest of a spec published before it; ``publish`` sets every field (``as_written``).
+    """
+    canonical = json.dumps(spec.model_dump(mode="json", exclude_unset=True), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def as_written(spec: CNNSpec) -> CNNSpec:
+    """``spec`` with every field set, as ``publish`` writes it (defaults included) and a load then reads it."""
+    return CNNSpec.model_validate(spec.model_dump(mode="json"))
 
 
 def load_weights(module: torch.nn.Module, path: Path, digest: str | None = None) -> None:

@@ -323,6 +323,17 @@ async def test_places_held_while_images_decode_count_against_the_queue_and_are_g
         pass
 
 
+async def test_a_refusal_while_places_are_held_for_decoding_says_to_wait_as_long_as_the_oldest_has():
+    """Found in review: with the queue empty and its places held by decodes, the advice was the 10 ms minimum."""
+    batcher = make(Recorder(), max_queue=2)
+    with batcher.places(2):
+        await asyncio.sleep(0.3)  # a slow decode
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit(1)
+    assert refused.value.retry_after_s >= 0.3
+    await batcher.close()
+
+
 async def test_more_items_than_the_whole_queue_holds_are_invalid_not_a_reason_to_retry():
     batcher = make(Recorder(), max_queue=3)
     with pytest.raises(

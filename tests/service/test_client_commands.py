@@ -259,3 +259,16 @@ def test_explain_removes_an_earlier_runs_class_activation_maps_and_nothing_else(
         assert main(["explain", str(image), "--server", address, "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["block0_conv.png", "cam-1-3.png", "notes.txt"]
     assert (out / "cam-1-3.png").read_bytes() == b"new"
+
+
+def test_an_explain_call_that_fails_leaves_the_earlier_runs_maps_in_place(tmp_path, capsys):
+    def unavailable(request, context):
+        context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+
+    image, out = tmp_path / "digit.png", tmp_path / "maps"
+    image.write_bytes(b"x")
+    out.mkdir()
+    (out / "cam-1-7.png").write_bytes(b"old")
+    with fake_classifier("Explain", unavailable, pb.ExplainRequest, pb.ExplainResponse) as address:
+        assert main(["explain", str(image), "--server", address, "--out", str(out)]) == 3
+    assert (out / "cam-1-7.png").read_bytes() == b"old"

@@ -196,3 +196,13 @@ async def test_an_explain_refused_for_overload_says_when_the_oldest_call_should_
     release.set()
     await holding
     await explainer.explain(b"", "m", 0, [], 0, "auto")  # its place came back
+    assert explainer._last_duration_s < 0.1  # that one took no time
+
+    async def refused(*_args):
+        await asyncio.sleep(0.3)
+        raise ValueError("a call that fails")
+
+    monkeypatch.setattr(explainer, "_explain", refused)
+    with pytest.raises(ValueError):
+        await explainer.explain(b"", "m", 0, [], 0, "auto")
+    assert explainer._last_duration_s < 0.1  # a failed call's time is no explanation's

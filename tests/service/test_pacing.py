@@ -35,7 +35,7 @@ def test_an_idle_replica_always_gets_a_batch_even_while_another_holds_two():
     """Found in review: with 2 replicas, one stuck (SIGSTOP) on 2 batches made `running` 2 and the idle replica got
     nothing for as long as the other stayed stuck."""
     idle = [True]
-    advisor = OverlapAdvisor(replicas=2, idle_replica=lambda: idle[0])
+    advisor = OverlapAdvisor(replicas=2, idle_replica=lambda running: idle[0])
     run_alone(advisor, compute_s=0.001, call_s=0.004)  # overhead-bound: overlap does not pay
     assert advisor.may_start(2) and advisor.may_start(3)
     idle[0] = False

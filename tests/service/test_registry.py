@@ -76,15 +76,24 @@ async def test_an_unload_whose_caller_gave_up_still_answers_the_queue_and_stops_
 async def test_closing_gives_running_batches_the_time_left_then_fails_them_and_stops_the_replicas():
     """Found in review: a server told to stop waited for ever on a batch its stuck replica held."""
     registry, pool, batcher, _gate = registry_serving_a_held_batch()  # the gate never opens: a stuck batch
+    # A second, healthy model closes beside it and is not aborted (before, models closed one after another
+    # and those after the stuck one got no time at all).
+    healthy_batcher = Batcher(lambda items: asyncio.sleep(0.1, result=items), max_batch_size=1,
+                              max_batch_wait_s=0.0, max_queue=8, max_concurrent_batches=1)  # fmt: skip
+    healthy_batcher.start()
+    healthy_pool = StoppablePool()
+    registry._served["zeta"] = {1: ServedModel("zeta", 1, None, healthy_pool, healthy_batcher, ModelStatistics())}
     running = asyncio.ensure_future(batcher.submit(1))
+    healthy = asyncio.ensure_future(healthy_batcher.submit(7))
     await asyncio.sleep(0.02)
     started = time.monotonic()
     await asyncio.wait_for(registry.close(timeout_s=0.3), 5)
-    assert 0.25 < time.monotonic() - started < 2 and pool.stopped
+    assert 0.25 < time.monotonic() - started < 2 and pool.stopped and healthy_pool.stopped
     with pytest.raises(
         ModelNotReady, match="the server stopped before this request's batch of digits came back; retry"
     ):
         await running
+    assert await healthy == 7
 
 
 async def test_a_load_that_fails_after_its_caller_gave_up_is_logged(model_repo, caplog):
