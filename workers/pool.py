@@ -399,7 +399,12 @@ class ReplicaPool:
         Raises:
             ReplicaStuck: no answer within ``batch_timeout_s``; the replica is being restarted.
         """
+        if self._batch_timeout_s is None:
+            return await call
         try:
+            if hasattr(asyncio, "timeout"):  # Python 3.11+: about 6 us a call, where wait_for's own task costs 28
+                async with asyncio.timeout(self._batch_timeout_s):
+                    return await call
             return await asyncio.wait_for(call, self._batch_timeout_s)
         except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
             self._restart_stuck(index)
