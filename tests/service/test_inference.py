@@ -85,3 +85,40 @@ async def test_a_call_past_the_batcher_that_finds_its_versions_replicas_stopped_
 
     assert await run_resolved(registry, "digits", 0, explain) == "digits v2"
     assert calls == ["digits v1", "digits v2"]
+
+
+async def test_a_request_whose_image_fails_to_decode_drops_its_other_decodes_not_yet_started(monkeypatch):
+    """Found in review: the first image's refusal gave the request's queue places back while its other images
+    still waited for the decoder, so a stream of such requests left the decode backlog unbounded again."""
+    import asyncio
+    import time
+    import types
+    from concurrent.futures import ThreadPoolExecutor
+
+    from convray.service import inference
+    from convray.service.batching import Batcher
+    from convray.service.codecs import DecodeLimits
+    from convray.service.errors import InvalidInput
+
+    decoded = []
+
+    def decode_image(data, contract, limits):
+        decoded.append(data)
+        if data == b"bad":
+            raise InvalidInput("not a decodable image")
+        time.sleep(0.05)
+
+    monkeypatch.setattr(inference, "decode_image", decode_image)
+    batcher = Batcher(
+        lambda items: items, max_batch_size=4, max_batch_wait_s=0.0, max_queue=8, max_concurrent_batches=1
+    )
+    served = types.SimpleNamespace(name="digits", batcher=batcher, metadata=types.SimpleNamespace(input=None),
+                                   stats=types.SimpleNamespace(record_request=lambda *args: None))  # fmt: skip
+    with ThreadPoolExecutor(max_workers=1) as decoder:  # one thread: the bad image first, the others queued
+        limits = DecodeLimits(max_image_bytes=1 << 20, max_image_pixels=1 << 20, max_request_pixels=1 << 30)
+        classifier = Classifier(None, limits, default_top_k=1, decoder=decoder, metrics=None)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInput, match="image 1 of 4"):
+            await classifier.infer_images(served, [b"bad", b"a", b"b", b"c"])
+        await asyncio.sleep(0.3)  # the cancellations reach the executor on the loop's next turns
+    # The thread may have taken the next image as the first failed; the two after it never ran.
+    assert decoded[0] == b"bad" and len(decoded) <= 2 and batcher._reserved == 0
