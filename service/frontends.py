@@ -73,10 +73,8 @@ def missing_resources(settings: Settings, models: int, available: dict[str, floa
     each, have_gpus = workers.gpus_per_replica, available.get("GPU", 0.0)
     if each == 0:
         return None
-    if each > 1 and each != int(each):
-        return f"--gpus-per-replica {each:g}: Ray places a share above one GPU only as a whole number of GPUs"
-    per_gpu = int(1 / each + 1e-9) if each < 1 else 1  # replicas one GPU holds
-    gpus = math.ceil(replicas / per_gpu) if each < 1 else replicas * each
+    per_gpu = int(1 / each + 1e-9)  # replicas one GPU holds (a share is at most 1: a replica uses one GPU)
+    gpus = math.ceil(replicas / per_gpu)
     if gpus > have_gpus + 1e-9:
         return (
             f"{shape} x {each:g} GPU (--gpus-per-replica, {per_gpu} to a GPU) = {gpus:g} GPU, "

@@ -73,17 +73,13 @@ def test_the_check_names_what_is_short_and_the_flag_that_sets_it():
         (2, 2, 0.75, 3, False),  # 4 replicas of 0.75, one to a GPU: 4 GPUs
         (4, 1, 0.25, 1, True),
         (5, 1, 0.25, 1, False),
-        (2, 1, 2, 4, True),  # whole GPUs
+        (2, 1, 1, 2, True),  # whole GPUs
+        (3, 1, 1, 2, False),
     ],
 )
 def test_gpu_shares_below_one_pack_whole_replicas_onto_each_gpu(frontends, models, share, gpus, fits):
     settings = Settings(server={"frontends": frontends}, workers={"cpus_per_replica": 0, "gpus_per_replica": share})
     assert (missing_resources(settings, models, {"CPU": 8.0, "GPU": float(gpus)}) is None) == fits
-
-
-def test_a_gpu_share_above_one_must_be_whole():
-    settings = Settings(server={"frontends": 2}, workers={"cpus_per_replica": 0, "gpus_per_replica": 1.5})
-    assert "only as a whole number of GPUs" in missing_resources(settings, 1, {"GPU": 8.0})
 
 
 def test_a_port_something_else_listens_on_is_refused_even_if_it_allows_sharing():
