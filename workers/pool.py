@@ -39,12 +39,12 @@ class ReplicasNotPlaced(ModelLoadError):
     """A version's replicas were not running within the start timeout: the cluster, not the version, is short."""
 
 
-# A replica's process is gone (dead, or restarting), or the fast path to it (direct channel, compiled
-# graph) broke; the batch it held never produced a result.
 class ReplicaStuck(ReplicaUnreachable):
     """A replica did not answer a batch within the batch timeout: alive, so Ray would not restart it."""
 
 
+# A replica's process is gone (dead, or restarting), or the fast path to it (direct channel, compiled
+# graph) broke; the batch it held never produced a result.
 REPLICA_LOST = (RayActorError, ActorUnavailableError, RayChannelError, ReplicaUnreachable)
 # After a replica was lost, how often and how many times to ask whether Ray has it running again (about two minutes
 # in all). A fixed short interval: backing off, the restarted replica waited 1.4 s for the next try (found in review).
@@ -323,10 +323,7 @@ class ReplicaPool:
             log.warning("replica %s-%d lost (%s); retrying its batch once", self.name, index, type(exc).__name__)
             if self._on_failure is not None:
                 self._on_failure()
-            if self._on_lost is not None and index not in self._unwell:
-                self._on_lost()
-            self._unwell.add(index)
-            self._reopen_later(index)
+            self._mark_lost(index)
             lost, index = index, self._least_busy(avoid=index)
             if index == lost and lost in self._probes:  # alone: its retry waits until Ray has restarted it
                 await self._wait_for_restart(lost, exc)
@@ -421,9 +418,11 @@ class ReplicaPool:
                   self.replica_name(index), self._batch_timeout_s)  # fmt: skip
         with contextlib.suppress(Exception):  # Ray itself gone: the loss is handled as any other
             ray.kill(self._actors[index], no_restart=False)
-        # Lost from here, whichever call found it (a batch, its retry, an Explain call): out of the rotation
-        # until it answers again, and counted once.
-        if self._on_lost is not None:
+        self._mark_lost(index)  # whichever call found it (a batch, its retry, an Explain call)
+
+    def _mark_lost(self, index: int) -> None:
+        """Take replica ``index`` out of the rotation until it answers again, counting the loss once."""
+        if self._on_lost is not None and index not in self._unwell:
             self._on_lost()
         self._unwell.add(index)
         self._reopen_later(index)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from convray.workers.models import CNN, build_model
 from convray.workers.spec import CNNSpec
@@ -317,9 +317,9 @@ def load_weights(module: torch.nn.Module, path: Path, digest: str | None = None)
         ModelLoadError: the file is missing or corrupt, or names/shapes differ (listed in the message).
     """
     try:
-        with safe_open(str(path), framework="pt") as weights:
+        with safe_open(str(path), framework="pt") as weights:  # one read for the metadata and the tensors
             published_for = (weights.metadata() or {}).get(SPEC_DIGEST_KEY)
-        state = load_file(str(path))
+            state = {name: weights.get_tensor(name) for name in weights.keys()}
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: file not found") from None
     except (SafetensorError, OSError, ValueError) as exc:
