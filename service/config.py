@@ -87,7 +87,7 @@ class ModelSettings(_Group):
     model_repo: Path = Path("models")
     """Directory holding ``<model-name>/<version>/`` (relative to the working directory)."""
     default_model: str = "digits"
-    """Model for requests that name none; if it is not served, the first served model by name."""
+    """Model for requests naming none (in a repository of one model: that one); refused while it is not served."""
     poll_interval_s: float = Field(0.0, ge=0)
     """Seconds between checks of the repository for a newer version, which is loaded, warmed, then served; 0: off."""
     control: bool = False

@@ -58,7 +58,8 @@ class ModelRegistry:
         metrics: Metrics,
     ) -> None:
         self.repository = repository
-        self._default_model = default_model
+        self._configured_default = default_model  # --default-model
+        self._default_model = default_model  # as chosen for the repository (choose_default_model)
         self._batching = batching
         self._replica_options = ReplicaOptions(
             replicas=workers.replicas,
@@ -93,10 +94,29 @@ class ModelRegistry:
 
     @property
     def default_model(self) -> str:
-        """The model requests get when they name none."""
-        if self._default_model in self._served or not self._served:
-            return self._default_model
-        return sorted(self._served)[0]
+        """The model requests get when they name none (``choose_default_model``), served or not."""
+        return self._default_model
+
+    def choose_default_model(self, names: list[str]) -> None:
+        """Fix the default model for a repository holding models ``names``: ``--default-model`` if it is there.
+
+        A repository without that model but with exactly one other makes that one the default (a repository of one
+        model needs no flag). The default never moves to another model while the server runs: if it fails to load
+        or is unloaded, requests that name no model are refused (NOT_FOUND) instead of being answered silently
+        with another model's classes (found in review: a broken default model used to hand its requests to the
+        first other model by name).
+        """
+        configured = self._configured_default
+        if configured in names or not names:
+            self._default_model = configured
+        elif len(names) == 1:
+            self._default_model = names[0]
+            log.info("the repository has no model %s; its only model, %s, is the default (--default-model)",
+                     shown(configured), shown(names[0]))  # fmt: skip
+        else:
+            self._default_model = configured
+            log.warning("the default model %s is not in the repository (models: %s): requests that name no model "
+                        "are refused (--default-model)", shown(configured), ", ".join(names))  # fmt: skip
 
     def metric_label(self, requested: str) -> str:
         """The ``model`` label of a request naming ``requested`` ('' is the default model).
@@ -130,6 +150,7 @@ class ModelRegistry:
             root = self.repository.root.resolve()
             why = "holds no model versions" if root.is_dir() else "does not exist (--model-repo)"
             errors.append(f"model repository {root} {why}")
+        self.choose_default_model(names)
         async with self._changing:
             for name in names:
                 if name in self._unloaded_by_request or self._served.get(name):
@@ -362,10 +383,15 @@ class ModelRegistry:
             raise InvalidInput(f"version must be 0 (latest) or a positive integer, got {version}")
         if not self.ready:
             raise ModelNotReady("server is starting: models are still loading; retry shortly")
-        name = name or self.default_model
-        versions = self._served.get(name)
+        versions = self._served.get(name or self.default_model)
         if not versions:
+            if not name:
+                raise ModelNotFound(
+                    f"the request names no model, and the default model {shown(self.default_model)} is not served "
+                    f"(--default-model); name one of the served models: {sorted(self._served)}"
+                )
             raise ModelNotFound(f"model {shown(name)} is not served; served models: {sorted(self._served)}")
+        name = name or self.default_model
         if version == 0:
             return versions[max(versions)]
         if version not in versions:

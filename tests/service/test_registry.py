@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from convray.service.batching import Batcher
 from convray.service.config import BatchingSettings, WorkerSettings
-from convray.service.errors import ModelNotReady
+from convray.service.errors import ModelNotFound, ModelNotReady
 from convray.service.metrics import Metrics
 from convray.service.registry import ModelRegistry, ServedModel
 from convray.service.statistics import ModelStatistics
@@ -200,6 +200,35 @@ async def test_an_unload_lets_calls_outside_the_batcher_finish_before_it_stops_t
     explain_done.set()
     await asyncio.wait_for(unloading, 2)
     assert pool.stopped
+
+
+async def test_the_default_model_is_the_configured_one_or_the_only_model_of_the_repository(caplog):
+    registry = registry_serving_a_held_batch()[0]  # configured with --default-model digits
+    registry.choose_default_model(["cats", "digits"])
+    assert registry.default_model == "digits"
+    registry.choose_default_model(["flowers"])  # a repository of one model needs no flag
+    assert registry.default_model == "flowers"
+    registry.choose_default_model(["cats", "flowers"])  # no guess among several
+    assert registry.default_model == "digits"
+    assert "the default model 'digits' is not in the repository (models: cats, flowers)" in caplog.text
+
+
+async def test_requests_naming_no_model_are_refused_while_the_default_is_not_served_not_given_another_model():
+    """Before, a default model that failed to load or was unloaded handed its requests to the first other model by
+    name, which answered them with its own classes."""
+    registry = registry_serving_a_held_batch()[0]
+    cats = registry._served.pop("digits")  # only another model is served
+    registry._served["cats"] = cats
+    registry.choose_default_model(["cats", "digits"])
+    registry.ready = True
+    assert registry.resolve("cats", 0) is cats[1]
+    with pytest.raises(ModelNotFound) as refused:
+        registry.resolve("", 0)
+    assert str(refused.value) == (
+        "the request names no model, and the default model 'digits' is not served (--default-model); name one of "
+        "the served models: ['cats']"
+    )
+    assert registry.metric_label("") == "digits"  # counted under the model asked for, as before
 
 
 def registry_on(model_repo, **workers) -> ModelRegistry:
