@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 ORPHAN_CHECK_S = 1.0  # how often a front end checks that its supervisor is still there
 STOP_MARGIN_S = 30.0  # beyond each front end's drain grace, before a front end that has not stopped is killed
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+PLACEMENT_REFUSED = "the replicas cannot all be placed: %s (--ray-num-cpus, --frontends)"  # an embedded Ray's shortfall
 
 
 @dataclass(frozen=True)
@@ -93,11 +94,19 @@ def run_frontends(settings: Settings, log_level: str) -> int:
     if problem:
         log.error("%s", problem)
         return EXIT_FAILED
+    workers = settings.workers
+    models = len(ModelRepository(settings.models.model_repo).model_names())
+    if workers.ray_address is None and workers.ray_num_cpus is not None:
+        # The CPUs an embedded Ray will have are known before it starts (seconds): refused here, at once. Its GPUs
+        # are Ray's to detect, so they are checked once it is up.
+        shortfall = missing_resources(settings, max(models, 1), {"CPU": workers.ray_num_cpus, "GPU": math.inf})
+        if shortfall:
+            log.error(PLACEMENT_REFUSED, shortfall)
+            return EXIT_USAGE
     # A stop signal from here on stops the group cleanly, whatever it is doing.
     stopping = threading.Event()
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: stopping.set())
-    workers = settings.workers
     where = workers.ray_address or "an embedded local Ray"
     log.info("%s for %d front ends", f"joining Ray at {where}" if workers.ray_address else "starting a local Ray",
              settings.server.frontends)  # fmt: skip
@@ -118,10 +127,9 @@ def run_frontends(settings: Settings, log_level: str) -> int:
         if stopping.is_set():
             log.info("stopped before any front end started")
             return EXIT_OK
-        models = len(ModelRepository(settings.models.model_repo).model_names())
         shortfall = missing_resources(settings, max(models, 1), ray.cluster_resources())
         if shortfall and workers.ray_address is None:
-            log.error("the replicas cannot all be placed: %s (--ray-num-cpus, --frontends)", shortfall)
+            log.error(PLACEMENT_REFUSED, shortfall)
             return EXIT_USAGE  # as `convray train` asking an embedded Ray for more than it has: the flags' fault
         if shortfall:
             log.warning("the replicas do not fit the cluster as it is (its autoscaler may add nodes): %s", shortfall)

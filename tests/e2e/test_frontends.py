@@ -89,7 +89,23 @@ def one_connection(port: int) -> grpc.Channel:
     return grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
 
 
-def test_front_ends_share_the_port_each_answers_correctly_and_all_stop_on_sigterm(group):
+def assert_model_changes_by_rpc_are_refused(port: int) -> None:
+    """RepositoryModelLoad/Unload would change one front end only: refused, and nothing is unloaded."""
+    with one_connection(port) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        for call, request in (
+            (stub.RepositoryModelLoad, oip.RepositoryModelLoadRequest(model_name="digits")),
+            (stub.RepositoryModelUnload, oip.RepositoryModelUnloadRequest(model_name="digits")),
+        ):
+            with pytest.raises(grpc.RpcError) as raised:
+                call(request, timeout=30)
+            assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "runs 2 front-end processes (--frontends)" in raised.value.details()
+            assert "--poll-interval-s" in raised.value.details()
+        assert stub.ModelReady(oip.ModelReadyRequest(name="digits"), timeout=30).ready
+
+
+def test_front_ends_share_the_port_answer_correctly_refuse_model_changes_and_all_stop_on_sigterm(group):
     group.wait_ready()
     _, held_out = load_digits_split()
     for i in range(20):  # 20 connections: the kernel spreads them over both front ends
@@ -101,6 +117,7 @@ def test_front_ends_share_the_port_each_answers_correctly_and_all_stop_on_sigter
     counted = [group.requests_counted(1), group.requests_counted(2)]
     assert sum(counted) == 20 and min(counted) > 0, counted
     assert f"2 front ends starting on gRPC port 127.0.0.1:{group.port}" in group.log()
+    assert_model_changes_by_rpc_are_refused(group.port)  # one group for both: each start costs about 20 s
 
     group.process.send_signal(signal.SIGTERM)
     assert group.process.wait(60) == 0, group.log()
@@ -113,22 +130,6 @@ def test_front_ends_share_the_port_each_answers_correctly_and_all_stop_on_sigter
             group.requests_counted(front_end)
 
 
-def test_loading_a_model_by_rpc_is_refused_since_it_would_change_one_front_end_only(group):
-    group.wait_ready()
-    with one_connection(group.port) as channel:
-        stub = oip_grpc.GRPCInferenceServiceStub(channel)
-        for call, request in (
-            (stub.RepositoryModelLoad, oip.RepositoryModelLoadRequest(model_name="digits")),
-            (stub.RepositoryModelUnload, oip.RepositoryModelUnloadRequest(model_name="digits")),
-        ):
-            with pytest.raises(grpc.RpcError) as raised:
-                call(request, timeout=30)
-            assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "runs 2 front-end processes (--frontends)" in raised.value.details()
-            assert "--poll-interval-s" in raised.value.details()
-        assert stub.ModelReady(oip.ModelReadyRequest(name="digits"), timeout=30).ready  # nothing was unloaded
-
-
 def test_when_one_front_end_dies_the_others_are_stopped_and_the_group_exits_1(group):
     group.wait_ready()
     pid = int(re.search(r"front end 2 of 2 started \(pid (\d+)\)", group.log()).group(1))
@@ -139,17 +140,34 @@ def test_when_one_front_end_dies_the_others_are_stopped_and_the_group_exits_1(gr
     assert "frontend-1 convray.service.server: stopped" in log
 
 
-def test_front_ends_whose_replicas_cannot_fit_an_embedded_ray_are_refused_before_any_starts(tmp_path, model_repo):
-    group = Group(tmp_path, model_repo, "--cpus-per-replica", "1.5")
+@pytest.mark.parametrize(
+    ("flags", "shortfall", "ray_started"),
+    [
+        # --ray-num-cpus says what the embedded Ray will have: refused before it starts.
+        (("--cpus-per-replica", "1.5"), "x 1.5 CPU (--cpus-per-replica) = 3 CPU, but the Ray cluster has 2", False),
+        # Its GPUs are Ray's to detect (none here): refused once it is up.
+        (
+            ("--gpus-per-replica", "1"),
+            "x 1 GPU (--gpus-per-replica, 1 to a GPU) = 2 GPU, but the Ray cluster has 0",
+            True,
+        ),
+    ],
+    ids=["cpus", "gpus"],
+)
+def test_front_ends_whose_replicas_cannot_fit_an_embedded_ray_are_refused_before_any_starts(
+    tmp_path, model_repo, flags, shortfall, ray_started
+):
+    group = Group(tmp_path, model_repo, *flags)
     try:
         assert group.process.wait(90) == 2, group.log()  # a usage error, as train's equivalent
     finally:
         group.close()
     log = group.log()
     assert (
-        "the replicas cannot all be placed: 2 front ends x 1 model(s) x 1 replica(s) x 1.5 CPU (--cpus-per-replica) "
-        "= 3 CPU, but the Ray cluster has 2 (--ray-num-cpus, --frontends)"
+        f"the replicas cannot all be placed: 2 front ends x 1 model(s) x 1 replica(s) {shortfall} "
+        "(--ray-num-cpus, --frontends)"
     ) in log
+    assert ("starting a local Ray" in log) == ray_started
     assert "started (pid" not in log
 
 
