@@ -129,7 +129,7 @@ class WorkerSettings(_Group):
     cpus_per_replica: float = Field(1.0, ge=0)
     """Ray CPUs reserved per replica; also its torch thread count (at least 1)."""
     gpus_per_replica: float = Field(0.0, ge=0, le=1)
-    """Fractions share one GPU between replicas (a replica uses one GPU at most); 0 runs on CPU."""
+    """Fractions share one GPU between replicas (each held to its fraction of the memory; one GPU at most); 0: CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``, ``cpu`` or ``cuda``; ``auto`` uses the GPU when the replica has one."""
     amp: Literal["none", "fp16", "bf16"] = "none"

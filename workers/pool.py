@@ -204,6 +204,7 @@ class ReplicaPool:
             threads,
             options.graph,
             options.max_batch_size,
+            gpu_share=options.gpus_per_replica,
         )
         actors = [start_replica() for _ in range(options.replicas)]
         describing = asyncio.gather(*(actor.describe.remote() for actor in actors))

@@ -63,6 +63,18 @@ def select_device(requested: DeviceChoice, cuda_available: bool) -> torch.device
     return torch.device("cpu")
 
 
+def limit_gpu_memory(device: torch.device, share: float) -> None:
+    """Hold this process to ``share`` of its GPU's memory (``--gpus-per-replica`` below 1); nothing otherwise.
+
+    Ray's fractional GPUs are bookkeeping only: four replicas of 0.25 on one card could together take more than
+    it has, and then fail one another's batches with out-of-memory errors. torch's caching allocator enforces
+    the fraction, so a replica past its share fails its own batches (a warm-up past it fails the load, naming
+    the setting) and leaves its neighbours theirs. The CUDA context (a few hundred MiB) is outside the limit.
+    """
+    if device.type == "cuda" and 0 < share < 1:
+        torch.cuda.set_per_process_memory_fraction(float(share))  # the current device: the replica's one GPU
+
+
 def autocast_context(device: torch.device, amp: AmpChoice) -> contextlib.AbstractContextManager[object]:
     """Mixed precision for the forward pass, or a no-op when ``amp`` is ``none``.
 
@@ -131,11 +143,13 @@ class ModelRunner:
         threads: int | None = None,
         graph: GraphChoice = "auto",
         max_batch_size: int = 2,
+        gpu_share: float = 1.0,
     ) -> None:
         """Load the version onto its device, build its forward graph and warm it up.
 
         ``max_batch_size`` is the largest batch the front end sends; on a GPU the warm-up runs the batch
-        sizes up to it that ``warm_up_batch_sizes`` lists.
+        sizes up to it that ``warm_up_batch_sizes`` lists. ``gpu_share``: the part of the GPU this replica was
+        given (``--gpus-per-replica``), enforced on its memory (``limit_gpu_memory``).
 
         Raises:
             RuntimeError: on a GPU, a batch of ``max_batch_size`` images does not fit in its memory.
@@ -149,6 +163,7 @@ class ModelRunner:
         self.name, self.version = name, version
         self.contract = loaded.metadata.input
         self.device = select_device(device, torch.cuda.is_available())
+        limit_gpu_memory(self.device, gpu_share)
         self.amp: AmpChoice = amp
         self.module = prepare_for_inference(loaded.module).to(self.device)
         self._expected_shape = (self.contract.channels, self.contract.height, self.contract.width)

@@ -14,6 +14,7 @@ from convray.workers.replica import (
     autocast_context,
     batch_buffer,
     gpu_memory_bytes,
+    limit_gpu_memory,
     select_device,
     to_device,
     warm_up_batch_sizes,
@@ -38,6 +39,30 @@ def test_autocast_is_off_by_default_and_bf16_works_on_cpu():
     assert out.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="needs a GPU"):
         autocast_context(cpu, "fp16")
+
+
+def test_a_replica_given_part_of_a_gpu_is_held_to_that_part_of_its_memory(monkeypatch):
+    """Ray's fractional GPUs are bookkeeping only; torch's allocator enforces the share (the GPU test below)."""
+    limits = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda share: limits.append(share))
+    limit_gpu_memory(torch.device("cuda"), 0.25)
+    limit_gpu_memory(torch.device("cuda"), 1.0)  # a whole GPU: no limit
+    limit_gpu_memory(torch.device("cpu"), 0.25)  # on CPU a share means nothing
+    assert limits == [0.25]
+    ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", threads=1, gpu_share=0.5)
+    assert limits == [0.25]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_gpu_replica_past_its_share_of_memory_fails_its_own_allocations():
+    torch.cuda.empty_cache()
+    try:
+        runner = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cuda", gpu_share=0.01)
+        runner.predict(np.zeros((4, 1, 8, 8), np.uint8))  # the model fits its share
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            torch.empty(torch.cuda.get_device_properties(0).total_memory // 20, dtype=torch.uint8, device="cuda")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)  # the limit is the process's: the other tests need it off
 
 
 def test_to_device_copies_read_only_arrays_on_cpu():
