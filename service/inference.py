@@ -193,13 +193,23 @@ class Classifier:
         return await run_resolved(self._registry, model, version, work)
 
     async def infer_images(
-        self, served: ServedModel, images: Sequence[bytes], deadline: float | None = None
+        self,
+        served: ServedModel,
+        images: Sequence[bytes],
+        deadline: float | None = None,
+        unwrap: Callable[[Sequence[bytes]], Sequence[bytes]] | None = None,
     ) -> tuple[float, list[JobResult]]:
-        """Decode encoded images off the event loop, then run them; returns the decode seconds and results."""
+        """Decode encoded images off the event loop, then run them; returns the decode seconds and results.
+
+        ``unwrap``, if given, turns the images as they came into the encoded images (the OIP codec's base64), on
+        the decode pool too: it takes milliseconds per megabyte, which would stall every request on the loop.
+        """
         received = time.monotonic()
         try:
             loop = asyncio.get_running_loop()
             with served.batcher.places(len(images)):  # the queue's bound covers the decode backlog too
+                if unwrap is not None:
+                    images = await loop.run_in_executor(self._decoder, unwrap, images)
                 if request_pixels_may_exceed(len(images), self._limits):  # else each image's own limit bounds them
                     await loop.run_in_executor(self._decoder, check_request_pixels, images, self._limits)
                 decode = functools.partial(decode_image, contract=served.metadata.input, limits=self._limits)

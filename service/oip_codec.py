@@ -13,7 +13,7 @@ import binascii
 import math
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +40,7 @@ class ModelInput:
 
     pixels: np.ndarray | None = None
     images: list[bytes] | None = None
+    base64: bool = False  # the images are base64 text (content_type), for ``from_base64`` to turn into images
 
     @property
     def count(self) -> int:
@@ -162,7 +163,8 @@ def read_input(request: oip.ModelInferRequest, contract: InputContract, max_batc
     if tensor.name == PIXELS_INPUT:
         return ModelInput(pixels=_read_pixels(tensor, raw, shape, contract))
     if tensor.name == IMAGE_INPUT:
-        return ModelInput(images=_read_images(tensor, raw, shape))
+        # "base64" (check_content_type): MLServer's Base64Codec encoded each image; decoded with the images.
+        return ModelInput(images=_read_images(tensor, raw, shape), base64=CONTENT_TYPE in tensor.parameters)
     raise InvalidInput(f"unknown input {shown(tensor.name)}; inputs are {PIXELS_INPUT!r} and {IMAGE_INPUT!r}")
 
 
@@ -215,18 +217,25 @@ def _read_images(tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | No
                            f"elements, shape {shape} needs {shape[0]}")  # fmt: skip
     else:
         images = list(tensor.contents.bytes_contents)
-    if CONTENT_TYPE in tensor.parameters:  # "base64" (check_content_type): MLServer's Base64Codec encoded each
-        images = [_from_base64(image, i, len(images)) for i, image in enumerate(images)]
     return images
 
 
-def _from_base64(text: bytes, index: int, count: int) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except binascii.Error as exc:
-        raise InvalidInput(
-            f"input {IMAGE_INPUT!r}: image {index + 1} of {count} is not base64 as its content_type says: {exc}"
-        ) from None
+def from_base64(texts: Sequence[bytes]) -> list[bytes]:
+    """The images a base64 ``IMAGE_INPUT`` carries (``ModelInput.base64``); about 5 ms per MB, so off the loop.
+
+    Raises:
+        InvalidInput: one is not base64; the message says which.
+    """
+    images = []
+    for index, text in enumerate(texts):
+        try:
+            images.append(base64.b64decode(text, validate=True))
+        except binascii.Error as exc:
+            raise InvalidInput(
+                f"input {IMAGE_INPUT!r}: image {index + 1} of {len(texts)} is not base64 as its content_type says: "
+                f"{exc}"
+            ) from None
+    return images
 
 
 def images_in(request: oip.ModelInferRequest) -> int:

@@ -25,6 +25,7 @@ from convray.service.oip_codec import (
     PIXELS_INPUT,
     TIMEOUT,
     check_content_type,
+    from_base64,
     images_in,
     parse_version,
     read_input,
@@ -189,7 +190,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         async def run(served: ServedModel) -> oip.ModelInferResponse:
             model_input = read_input(request, served.metadata.input, served.batcher.max_batch_size)
             if model_input.images is not None:
-                _, results = await self._classifier.infer_images(served, model_input.images, deadline)
+                unwrap = from_base64 if model_input.base64 else None
+                _, results = await self._classifier.infer_images(served, model_input.images, deadline, unwrap)
             else:
                 assert model_input.pixels is not None
                 results = await self._classifier.infer_pixels(served, list(model_input.pixels), deadline)

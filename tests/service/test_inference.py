@@ -1,5 +1,7 @@
 """Classifier.on_resolved: a request whose version is retired on its way is re-resolved once, never lost."""
 
+import asyncio
+
 import pytest
 
 from convray.service.errors import ModelNotFound, ModelNotReady
@@ -122,3 +124,49 @@ async def test_a_request_whose_image_fails_to_decode_drops_its_other_decodes_not
         await asyncio.sleep(0.3)  # the cancellations reach the executor on the loop's next turns
     # The thread may have taken the next image as the first failed; the two after it never ran.
     assert decoded[0] == b"bad" and len(decoded) <= 2 and batcher._reserved == 0
+
+
+async def test_base64_images_are_unwrapped_on_the_decode_pool_not_on_the_event_loop(monkeypatch):
+    """Found in review: base64 decoding took about 5 ms per MB on the loop, stalling every other request."""
+    import threading
+    import types
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from prometheus_client import CollectorRegistry
+
+    from convray.service import inference
+    from convray.service.batching import Batcher
+    from convray.service.codecs import DecodeLimits
+    from convray.service.errors import InvalidInput
+    from convray.service.metrics import Metrics
+    from convray.service.oip_codec import from_base64
+
+    decoded, unwrapped_on = [], []
+
+    def decode_image(data, contract, limits):
+        decoded.append(data)
+        return np.zeros((1, 8, 8), np.uint8)
+
+    def unwrap(texts):
+        unwrapped_on.append(threading.current_thread())
+        return from_base64(texts)
+
+    monkeypatch.setattr(inference, "decode_image", decode_image)
+    batcher = Batcher(
+        lambda items: items, max_batch_size=4, max_batch_wait_s=0.0, max_queue=8, max_concurrent_batches=1
+    )
+    batcher.start()
+    served = types.SimpleNamespace(name="digits", batcher=batcher, metadata=types.SimpleNamespace(input=None),
+                                   stats=types.SimpleNamespace(record_request=lambda *args: None))  # fmt: skip
+    limits = DecodeLimits(max_image_bytes=1 << 20, max_image_pixels=1 << 20, max_request_pixels=1 << 30)
+    with ThreadPoolExecutor(max_workers=1) as decoder:
+        metrics = Metrics(CollectorRegistry())
+        classifier = Classifier(None, limits, default_top_k=1, decoder=decoder, metrics=metrics)  # type: ignore[arg-type]
+        classifier.infer_pixels = lambda served, pixels, deadline, received: asyncio.sleep(0, pixels)  # no batch
+        await classifier.infer_images(served, [b"aW1hZ2Ux", b"aW1hZ2Uy"], unwrap=unwrap)
+        assert decoded == [b"image1", b"image2"]
+        assert unwrapped_on and unwrapped_on[0] is not threading.current_thread()
+        with pytest.raises(InvalidInput, match="image 2 of 2 is not base64"):
+            await classifier.infer_images(served, [b"aW1hZ2Ux", b"not base64!"], unwrap=unwrap)
+    assert batcher._reserved == 0  # the refused request gave its queue places back

@@ -11,6 +11,7 @@ from convray.service.oip_codec import (
     RequestedOutput,
     classification_strings,
     deserialize_bytes,
+    from_base64,
     parse_version,
     read_input,
     requested_outputs,
@@ -159,8 +160,8 @@ def test_mlservers_content_type_is_accepted_where_it_names_what_convray_reads(na
     request.inputs[0].parameters["content_type"].string_param = content_type
     model_input = read_input(request, CONTRACT, 4)
     assert model_input.count == (1 if name == "input" else 2)
-    if name == "image":
-        assert model_input.images == [b"image1", b"image2"]
+    if name == "image":  # decoded with the images, on the decode pool (test_inference)
+        assert model_input.base64 and from_base64(model_input.images) == [b"image1", b"image2"]
 
 
 @pytest.mark.parametrize(
@@ -179,7 +180,8 @@ def test_a_content_type_convray_would_misread_is_refused(name, content_type, mes
         request = request_with("image", "BYTES", [2], bytes_contents=[b"aW1hZ2Ux", b"not base64!"])
     request.inputs[0].parameters["content_type"].string_param = content_type
     with pytest.raises(InvalidInput, match=message):
-        read_input(request, CONTRACT, 4)
+        model_input = read_input(request, CONTRACT, 4)
+        from_base64(model_input.images)  # base64 is refused as it is decoded, on the decode pool
 
 
 def test_a_content_type_that_is_not_a_string_says_so():
