@@ -65,6 +65,7 @@ MODEL_CONTROL_DISABLED = (
     "models by request, or put new versions in the repository for --poll-interval-s to serve"
 )
 REPLICA_CHECK_TIMEOUT_S = 10.0  # after Ray answers again, how long the replicas get to answer too
+MAX_PENDING_CALLS = 20_000  # calls received and not yet handled past which grpc core cancels new ones
 DRAIN_BATCHES_AT_LEAST_S = 1.0  # at the end of a drain, for the batches of calls already answered to come back
 
 
@@ -136,6 +137,12 @@ def grpc_server_options(server: ServerSettings, share_port: bool = False) -> lis
         # its open streams (tests/service/test_server_connections.py shows it).
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", _ms(server.min_client_ping_interval_s)),
+        # grpc core sheds calls that wait for the application to take them up: at random past 1,000 waiting, all
+        # past 3,000, and their clients see CANCELLED, which clients take for their own doing and do not retry.
+        # A burst reaches the handlers instead, where the queue bound (--max-queue) answers RESOURCE_EXHAUSTED
+        # with when to retry; core's shedding stays, further out, as the last resort against a flood.
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
     ]
     if server.max_connection_age_s > 0:
         # A client keeps its one HTTP/2 connection, and so its front end, for as long as it lives: behind a

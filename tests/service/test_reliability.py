@@ -3,6 +3,7 @@
 Figures these tests print (with -s) are recorded in docs/reliability.md.
 """
 
+import collections
 import concurrent.futures
 import io
 import json
@@ -98,6 +99,16 @@ def test_a_request_past_the_queue_bound_fails_fast_with_resource_exhausted_and_w
     (detail,) = rpc_status.from_call(info.value).details
     assert detail.Unpack(retry_info)
     assert 0.25 <= retry_info.retry_delay.ToNanoseconds() / 1e9 < 1.0  # the client slept 0.3 s after sending
+
+
+def test_a_burst_of_thousands_of_calls_is_answered_resource_exhausted_past_the_queue_never_cancelled(slow_batches):
+    """Found in review: grpc core cancelled calls still waiting for the server to take them up (past 1,000), and
+    their clients saw CANCELLED, which they take for their own doing and do not retry."""
+    with grpc.insecure_channel(slow_batches.address) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        calls = [stub.ModelInfer.future(pixels_request(1), timeout=60) for _ in range(3000)]
+        codes = collections.Counter(call.code() for call in calls)
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
 
 
 def test_a_request_larger_than_the_whole_queue_is_invalid(slow_batches):
