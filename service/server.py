@@ -12,6 +12,7 @@ moment the port opens until shutdown, whatever Ray does, for liveness probes.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import errno
 import gc
 import logging
@@ -368,13 +369,12 @@ class ConvrayServer:
         self._take_back_signal_handlers()
         self.metrics.ray_connected.set(1)  # joined (the gauge says so while the models load)
         import ray
-        import torch
 
         self.metrics.build.info(
             {
                 "version": __version__,
                 "ray": ray.__version__,
-                "torch": torch.__version__,
+                "torch": importlib.metadata.version("torch"),  # as installed: the front end never imports it
                 "grpcio": grpc.__version__,
                 "python": platform.python_version(),
             }

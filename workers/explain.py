@@ -14,13 +14,16 @@ replica's device. Both maps are returned raw (no normalisation, no resizing); re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 
-from convray.workers.models import CNN
 from convray.workers.spec import CNNSpec, GAPFCHead, GAPHead
+
+if TYPE_CHECKING:  # the front end imports this module (Explanation, choose_method) and must not load torch
+    import torch
+
+    from convray.workers.models import CNN
 
 CamMethod = Literal["cam", "grad_cam"]
 CamChoice = Literal["auto", "cam", "grad_cam"]
@@ -80,6 +83,8 @@ def choose_method(spec: CNNSpec, requested: CamChoice) -> CamMethod:
 
 def grad_cam(model: CNN, last_maps: torch.Tensor, classes: list[int]) -> torch.Tensor:
     """Grad-CAM maps (k, h, w) for one image's last-block maps (1, C, h, w): ReLU(sum_c alpha_kc * A_c)."""
+    import torch
+
     maps = last_maps.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model.head(maps)  # (1, classes)
@@ -113,6 +118,8 @@ def explain(
         ValueError: an unknown block name (the message lists the valid ones), a bad ``top_k``, or
             ``cam`` asked of a head it does not apply to.
     """
+    import torch
+
     names = block_names(model)
     unknown = [b for b in blocks if b not in names]
     if unknown:

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import ray
@@ -27,10 +27,12 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from convray.workers.cluster import shortfall
 from convray.workers.compiled import CompiledRun
 from convray.workers.direct import DirectChannel, ReplicaUnreachable, new_token
-from convray.workers.explain import CamChoice, Explanation
-from convray.workers.forward import GraphChoice
 from convray.workers.replica import AmpChoice, DeviceChoice, ModelRunner
 from convray.workers.repository import ModelLoadError
+
+if TYPE_CHECKING:
+    from convray.workers.explain import CamChoice, Explanation
+    from convray.workers.forward import GraphChoice
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,10 @@
 
 ``ModelRunner`` is a plain class, tested directly on CPU; ``workers.pool`` runs it as a Ray actor.
 It knows tensors and numpy arrays, never protos.
+
+torch, and the modules built on it, are imported inside the functions that use them: the front end imports
+this module (Ray starts replicas from the class, and batches come back as ``ReplicaReply``) and would
+otherwise load torch for nothing, about 180 MiB and 2 s per front-end process.
 """
 
 from __future__ import annotations
@@ -16,20 +20,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 
-from convray.workers.explain import CamChoice, Explanation, block_names, explain
-from convray.workers.forward import GraphChoice, serving_forward
-from convray.workers.models import prepare_for_inference
 from convray.workers.repository import ModelRepository
-from convray.workers.transforms import Normaliser
 
 if TYPE_CHECKING:
+    import torch
+
     from convray.workers.direct import DirectListener
+    from convray.workers.explain import CamChoice, Explanation
+    from convray.workers.forward import GraphChoice
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 AmpChoice = Literal["none", "fp16", "bf16"]
-_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_AMP_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}  # torch dtypes, by name
 MAX_DIRECT_BATCH = 4096  # images; a direct-channel batch header asking for more is refused unread
 WARM_EVERY_SIZE_UP_TO = 64  # past it, a GPU replica's warm-up runs powers of two and the maximum only
 
@@ -56,6 +59,8 @@ def select_device(requested: DeviceChoice, cuda_available: bool) -> torch.device
     Raises:
         RuntimeError: ``cuda`` was asked for but no GPU is visible to this process.
     """
+    import torch
+
     if requested == "cuda" and not cuda_available:
         raise RuntimeError("device 'cuda' requested but no GPU is visible (check --gpus-per-replica)")
     if requested == "cuda" or (requested == "auto" and cuda_available):
@@ -72,6 +77,8 @@ def limit_gpu_memory(device: torch.device, share: float) -> None:
     the setting) and leaves its neighbours theirs. The CUDA context (a few hundred MiB) is outside the limit.
     """
     if device.type == "cuda" and 0 < share < 1:
+        import torch
+
         torch.cuda.set_per_process_memory_fraction(float(share))  # the current device: the replica's one GPU
 
 
@@ -84,7 +91,9 @@ def autocast_context(device: torch.device, amp: AmpChoice) -> contextlib.Abstrac
         return contextlib.nullcontext()
     if device.type == "cpu" and amp == "fp16":
         raise ValueError("amp 'fp16' needs a GPU; use 'bf16' or 'none' on CPU")
-    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
+    import torch
+
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, _AMP_DTYPES[amp]))
 
 
 def to_device(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -92,6 +101,8 @@ def to_device(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
 
     A batch already in pinned memory (``batch_buffer``) is copied to the GPU as it is, not staged again.
     """
+    import torch
+
     if not pixels.flags.writeable:  # arrays from Ray's object store are read-only views
         pixels = pixels.copy()
     tensor = torch.from_numpy(pixels)
@@ -109,6 +120,8 @@ def batch_buffer(shape: tuple[int, ...], device: torch.device) -> np.ndarray:
     host allocator reuses the blocks, so this costs no allocation once warm.
     """
     if device.type == "cuda":
+        import torch
+
         return torch.empty(shape, dtype=torch.uint8, pin_memory=True).numpy()
     return np.empty(shape, dtype=np.uint8)
 
@@ -117,6 +130,8 @@ def gpu_memory_bytes(device: torch.device) -> tuple[int, int]:
     """(allocated, reserved) bytes of torch's CUDA caching allocator on ``device``; (0, 0) on CPU."""
     if device.type != "cuda":
         return 0, 0
+    import torch
+
     return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
 
 
@@ -154,6 +169,12 @@ class ModelRunner:
         Raises:
             RuntimeError: on a GPU, a batch of ``max_batch_size`` images does not fit in its memory.
         """
+        import torch
+
+        from convray.workers.forward import serving_forward
+        from convray.workers.models import prepare_for_inference
+        from convray.workers.transforms import Normaliser
+
         if threads:
             torch.set_num_threads(threads)
         # Fast paths (direct channel, compiled graph) call `run` from their own threads; Ray calls use the main one.
@@ -184,6 +205,8 @@ class ModelRunner:
         first batch of a new size costs little next to its compute (oneDNN sets up its primitives), so the
         graph's own warm-up at 1 and 2 images is all a replica runs there.
         """
+        import torch
+
         for size in batch_sizes:
             try:
                 self.predict(np.zeros((size, *self._expected_shape), dtype=np.uint8))
@@ -206,6 +229,8 @@ class ModelRunner:
                 f"batch must be uint8 (N, {', '.join(map(str, self._expected_shape))}), "
                 f"got {pixels.dtype} {tuple(pixels.shape)}"
             )
+        import torch
+
         started = time.perf_counter()
         x = to_device(pixels, self.device)
         copied = time.perf_counter()
@@ -240,6 +265,8 @@ class ModelRunner:
         Raises:
             ValueError: the image is outside the contract, or see ``workers.explain.explain``.
         """
+        from convray.workers.explain import block_names, explain
+
         if pixels.dtype != np.uint8 or tuple(pixels.shape) != self._expected_shape:
             raise ValueError(
                 f"image must be uint8 ({', '.join(map(str, self._expected_shape))}), "

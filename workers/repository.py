@@ -4,6 +4,9 @@ Versions are positive integers; the highest is served by default. ``model.json``
 spec, the labels, the input contract and the held-out metrics; the weights are a safetensors file.
 Everything is validated on load and errors name the file and the field. New versions are written
 to a hidden temporary directory and renamed into place, so a reader never sees half a version.
+
+torch is imported only where modules are built, loaded or written: the front end reads model.json and never
+loads it (about 180 MiB and 2 s a process; ``tests/e2e/test_cli.py`` checks).
 """
 
 from __future__ import annotations
@@ -17,16 +20,19 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from convray.workers.models import CNN, build_model
 from convray.workers.spec import CNNSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from convray.workers.models import CNN
 
 METADATA_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -105,10 +111,10 @@ class ModelMetadata(BaseModel):
         return self
 
 
-class LoadedModel(BaseModel):
+@dataclass(frozen=True)
+class LoadedModel:
     """A model version read from disk: its identity, metadata and the built module with weights."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
     name: str
     version: int
     metadata: ModelMetadata
@@ -195,6 +201,8 @@ class ModelRepository:
             version = self.latest_version(name)
             if version is None:
                 raise ModelLoadError(f"{self.root / name}: model {name!r} has no versions")
+        from convray.workers.models import build_model
+
         metadata = self.read_metadata(name, version)
         try:
             module = build_model(metadata.spec, metadata.input.height, metadata.input.width)
@@ -234,6 +242,8 @@ class ModelRepository:
 
         ``extra_files`` (name -> bytes) land beside the weights, e.g. the training plots.
         """
+        from safetensors.torch import save_file
+
         validate_model_name(name)
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -316,6 +326,8 @@ def load_weights(module: torch.nn.Module, path: Path, digest: str | None = None)
     Raises:
         ModelLoadError: the file is missing or corrupt, or names/shapes differ (listed in the message).
     """
+    import torch
+
     try:
         with safe_open(str(path), framework="pt") as weights:  # one read for the metadata and the tensors
             published_for = (weights.metadata() or {}).get(SPEC_DIGEST_KEY)
