@@ -346,15 +346,17 @@ class ModelRegistry:
         await served.pool.wait_idle(UNLOAD_CALLS_GRACE_S)  # calls outside the batcher (Explain) finish too
         replica_names = [served.pool.replica_name(i) for i in range(served.pool.size)]
         served.pool.shutdown()
-        self._metrics.replicas.labels(name, str(version)).set_function(lambda: 0)
-        self._metrics.queue_depth.labels(name, str(version)).set_function(lambda: 0)
-        self._metrics.batch_overlap.labels(name, str(version)).set_function(lambda: 0)
-        self._forget_replicas(name, version, replica_names)
+        self._forget_version_series(name, version, replica_names)
         self._metrics.model_unloads.labels(name, str(version)).inc()
         log.info("unloaded %s version %d", name, version)
 
-    def _forget_replicas(self, name: str, version: int, replica_names: list[str]) -> None:
-        """Drop the per-replica series of a version whose replicas are gone."""
+    def _forget_version_series(self, name: str, version: int, replica_names: list[str]) -> None:
+        """Zero the gauges of a version no longer served and drop its replicas' series.
+
+        The gauges' functions held the version's pool (and so its replicas' handles): replaced, they let it go.
+        """
+        for gauge in (self._metrics.replicas, self._metrics.queue_depth, self._metrics.batch_overlap):
+            gauge.labels(name, str(version)).set_function(lambda: 0)
         for replica in replica_names:
             self._metrics.replica_fast_path.remove(name, str(version), replica, self._replica_options.transport)
         for gauge in (
@@ -410,11 +412,15 @@ class ModelRegistry:
             raise ModelNotReady(why)
         return served
 
-    async def abandon_all(self, wait_s: float = 0.5) -> None:
+    async def abandon_all(self, wait_s: float = 0.5, stop_replicas: bool = False) -> None:
         """Forget every loaded version without draining, after their Ray cluster was lost with their replicas.
 
         Each batcher gets ``wait_s`` to resolve what it holds before what still waits on the lost cluster is
-        cancelled; the replicas are not stopped (they are gone, or belong to a session being left).
+        cancelled. ``stop_replicas``: kill the replicas, for a reload in the same Ray session, where those that
+        are only slow to answer would otherwise live on, holding their CPUs and GPUs (found in review: a reload
+        of a newer version left the old one's replica running until the server exited, and one of the same
+        version could not be placed beside them). Without, they are left to end with the session being left.
+        Either way no probe or replacement goes on for them and their metric series go.
         """
         self.ready = False
         for starting in self._starting:  # a load waiting for replicas on the lost cluster would wait its timeout
@@ -425,7 +431,16 @@ class ModelRegistry:
                 await asyncio.wait_for(version.batcher.close(), wait_s)
             except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
                 version.batcher.abort(f"{version.name} version {version.version} lost its Ray cluster; retry")
-            self._metrics.replicas.labels(version.name, str(version.version)).set_function(lambda: 0)
+            replica_names = [version.pool.replica_name(i) for i in range(version.pool.size)]
+            if stop_replicas:
+                try:
+                    version.pool.shutdown()
+                except Exception as exc:  # noqa: BLE001 (Ray failing again: the reload reports it)
+                    log.warning("could not stop the replicas of %s version %d: %s", version.name, version.version,
+                                exc)  # fmt: skip
+            else:
+                version.pool.abandon()
+            self._forget_version_series(version.name, version.version, replica_names)
 
     async def close(self, timeout_s: float | None = None) -> None:
         """Finish every queued request, then stop all replicas.

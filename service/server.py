@@ -12,9 +12,9 @@ moment the port opens until shutdown, whatever Ray does, for liveness probes.
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import errno
 import gc
+import importlib.metadata
 import logging
 import os
 import platform
@@ -452,7 +452,7 @@ class ConvrayServer:
             if await self._replicas_answer():
                 return True
             log.warning("Ray answers again but replicas do not; reloading the models")
-            await self.registry.abandon_all()
+            await self.registry.abandon_all(stop_replicas=True)  # same session: one only slow would live on
         else:
             workers = self.settings.workers
             loop = asyncio.get_running_loop()

@@ -618,14 +618,24 @@ class ReplicaPool:
 
     def shutdown(self) -> None:
         """Stop every replica of this version (and the compiled graphs to them)."""
-        for task in [*self._probes.values(), *self._replacing.values()]:
-            task.cancel()
         for path in self._fast_paths:
             if path is not None:
                 path.close()
-        self._fast_paths = [None] * len(self._actors)
-        for actor in self._actors:
+        actors = self._actors
+        self.abandon()
+        for actor in actors:
             ray.kill(actor, no_restart=True)
+
+    def abandon(self) -> None:
+        """Let go of the replicas without stopping them: their Ray session is being left, and they end with it.
+
+        No probe or replacement goes on for them (a replacement would start a replica in the next session), and
+        no handle is kept. Their channels are dropped unclosed: a compiled graph's teardown would wait on a
+        cluster that is gone.
+        """
+        for task in [*self._probes.values(), *self._replacing.values()]:
+            task.cancel()
+        self._fast_paths = [None] * len(self._actors)
         self._actors = []
 
 

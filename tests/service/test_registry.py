@@ -27,7 +27,7 @@ class StoppablePool:
     """Stands in for a version's ReplicaPool: records whether its replicas were stopped."""
 
     size = 1
-    stopped = False
+    stopped = abandoned = False
     not_serving = None
 
     def replica_name(self, index: int) -> str:
@@ -38,6 +38,9 @@ class StoppablePool:
 
     def shutdown(self) -> None:
         self.stopped = True
+
+    def abandon(self) -> None:
+        self.abandoned = True
 
 
 def registry_serving_a_held_batch() -> tuple[ModelRegistry, StoppablePool, Batcher, asyncio.Event]:
@@ -71,6 +74,17 @@ async def test_an_unload_whose_caller_gave_up_still_answers_the_queue_and_stops_
     assert await asyncio.wait_for(asyncio.gather(running, queued), 2) == [1, 2]
     await registry.close()  # waits for the unload, still under way
     assert pool.stopped and registry.loaded_versions("digits") == []
+
+
+@pytest.mark.parametrize("stop_replicas", [False, True])
+async def test_abandoning_after_ray_was_lost_lets_go_of_the_replicas_and_stops_them_when_asked(stop_replicas):
+    """A rejoin leaves the old session, which ends the replicas with it; a reload in the same session must stop
+    them, or those only slow to answer live on holding their CPUs (found in review)."""
+    registry, pool, _, gate = registry_serving_a_held_batch()
+    gate.set()
+    await registry.abandon_all(stop_replicas=stop_replicas)
+    assert (pool.stopped, pool.abandoned) == (stop_replicas, not stop_replicas)
+    assert registry.served_versions() == [] and not registry.ready
 
 
 async def test_closing_gives_running_batches_the_time_left_then_fails_them_and_stops_the_replicas():

@@ -11,6 +11,7 @@ class StandInRegistry:
 
     def __init__(self) -> None:
         self.ready, self.loads, self.loads_fail = True, 0, True
+        self.abandoned_stopping: list[bool] = []  # stop_replicas of each abandon_all
         gone = types.SimpleNamespace(describe=types.SimpleNamespace(remote=self._gone))
         self._served = [types.SimpleNamespace(pool=types.SimpleNamespace(actors=[gone]))]
 
@@ -21,7 +22,8 @@ class StandInRegistry:
     def served_versions(self) -> list:
         return list(self._served)
 
-    async def abandon_all(self) -> None:
+    async def abandon_all(self, stop_replicas: bool = False) -> None:
+        self.abandoned_stopping.append(stop_replicas)
         self.ready, self._served = False, []
 
     async def load_latest_of_each(self) -> list[str]:
@@ -43,3 +45,12 @@ async def test_after_a_failed_reload_the_next_attempt_reloads_again_instead_of_d
     server.registry.loads_fail = False
     assert await ConvrayServer._recover_ray(server, rejoin=False) is True
     assert server.registry.ready and server.registry.loads == 3
+
+
+async def test_a_reload_in_the_same_ray_session_stops_the_old_replicas_first():
+    """Found in review: replicas only slow to answer lived on beside the reloaded ones, holding their CPUs until
+    the server exited (in a new session Ray ends them with the old one, so they are left to it)."""
+    server = types.SimpleNamespace(registry=StandInRegistry())
+    server._replicas_answer = lambda: ConvrayServer._replicas_answer(server)
+    await ConvrayServer._recover_ray(server, rejoin=False)
+    assert server.registry.abandoned_stopping == [True]
