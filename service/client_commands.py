@@ -403,9 +403,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     failed = [report for report in reports if not report.passed(args.max_error_fraction)]
     for report in failed:
         level = "" if args.rate is not None else f" at concurrency {report.config['concurrency']}"
+        why = "none succeeded" if report.ok == 0 else f"over --max-error-fraction {args.max_error_fraction:g}"
         print(
-            f"convray bench: {report.requests - report.ok} of {report.requests} requests failed{level}, "
-            f"over --max-error-fraction {args.max_error_fraction:g}",
+            f"convray bench: {report.requests - report.ok} of {report.requests} requests failed{level}, {why}",
             file=sys.stderr,
         )
     return EXIT_FAILED if failed else EXIT_OK
@@ -462,7 +462,7 @@ def add_client_commands(commands: Any) -> None:
                        help="HOST:PORT of a convray or OIP server; several, comma-separated, share the load "
                             "(e.g. front-end pods addressed directly)")  # fmt: skip
     bench.add_argument("--api", default="native", choices=["native", "oip"])
-    bench.add_argument("--model", default="digits")
+    bench.add_argument("--model", default="digits", help="model to load (default: digits, the shipped model)")
     bench.add_argument("--payload", default="image", choices=["image", "tensor"],
                        help="encoded images, or (oip) pixel tensors shaped from ModelMetadata")  # fmt: skip
     bench.add_argument("--datatype", default="FP32", choices=["FP32", "UINT8"],

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 
 from convray.service.config import BatchingSettings
-from convray.service.errors import ConvrayError, ModelNotReady, Overloaded, status_trailers, to_status
+from convray.service.errors import ConvrayError, ModelControlOff, ModelNotReady, Overloaded, status_trailers, to_status
 from convray.service.metrics import Metrics
 from convray.workers.repository import ModelLoadError
 
@@ -99,9 +99,10 @@ class RpcObserver:
 
     @staticmethod
     def _log(rpc: str, exc: Exception, code: grpc.StatusCode, message: str) -> None:
-        if code in CALLER_CODES:
+        if code in CALLER_CODES or isinstance(exc, ModelControlOff):
             # The caller's own doing, already counted by code in convray_requests_total; at debug so that a
-            # client looping on a bad request (or an overload) cannot flood the log with one line per call.
+            # client looping on a bad request (or an overload, or model control while it is off) cannot flood
+            # the log with one line per call.
             log.debug("%s failed: %s %s", rpc, code.name, message)
         elif code == grpc.StatusCode.UNAVAILABLE or isinstance(
             exc, ConvrayError | ModelLoadError | TimeoutError | asyncio.TimeoutError

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
 import ray
 
 NAMESPACE = "convray"
+
+
+def _not_the_sigterm_notice(record: logging.LogRecord) -> bool:
+    """Drops Ray's warning that ``ray.init`` off the main thread set no SIGTERM handler.
+
+    convray handles stop signals itself (a server drains on SIGTERM), so the warning, on every start, read as if
+    stopping would not work (found in a docs walkthrough).
+    """
+    return not record.getMessage().startswith("SIGTERM handler is not set")
+
+
+logging.getLogger("ray._private.worker").addFilter(_not_the_sigterm_notice)
 
 
 def connect(address: str | None, num_cpus: int | None = None, log_to_driver: bool = False) -> str:

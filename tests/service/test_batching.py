@@ -135,6 +135,19 @@ async def test_a_full_queue_fails_fast_with_overloaded_and_says_when_a_retry_cou
     await batcher.close()
 
 
+async def test_a_refusal_while_the_queue_waits_for_its_batch_to_fill_says_to_retry_after_that_wait():
+    """Found in review: with batches waiting up to 1 s to fill, a full queue said "retry in about 10 ms", and a
+    client's three retries all came inside the wait."""
+    batcher = make(Recorder(), max_batch_size=8, max_queue=2, max_batch_wait_s=1.0, dispatch_when_idle=False)
+    queued = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
+    await asyncio.sleep(0.1)
+    with pytest.raises(Overloaded) as refused:
+        await batcher.submit(3)
+    assert 0.8 <= refused.value.retry_after_s <= 0.9  # the batch is due 0.9 s from now, when the queue drains
+    assert await asyncio.gather(*queued) == [10, 20]
+    await batcher.close()
+
+
 async def test_a_failing_batch_fails_every_request_in_it_and_the_batcher_goes_on():
     calls = 0
 

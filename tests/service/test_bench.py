@@ -169,9 +169,10 @@ def test_a_sweep_cannot_be_of_rates():
 def test_a_batch_larger_than_the_servers_maximum_is_counted_as_invalid_argument(served, tmp_path):
     result, report = run_bench(
         "--server", served.address, "--api", "oip", "--batch-size", "1000", "--requests", "5", "--warmup", "0",
-        out=tmp_path / "report.json",
+        "--max-error-fraction", "1", out=tmp_path / "report.json",
     )  # fmt: skip
-    assert result.returncode == 1
+    assert result.returncode == 1  # with every error allowed, a run with no success still fails
+    assert "5 of 5 requests failed at concurrency 1, none succeeded" in result.stderr  # not "over ... 1"
     assert report["ok"] == 0 and report["errors"] == {"INVALID_ARGUMENT": 5}
     # Why, as the server said it (found in a walkthrough: a run of nothing but errors never said what they were)
     assert "1000" in report["first_error_messages"]["INVALID_ARGUMENT"]

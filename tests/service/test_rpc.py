@@ -11,7 +11,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from convray.service.errors import InvalidInput, ModelNotReady
+from convray.service.errors import InvalidInput, ModelControlOff, ModelNotReady
 from convray.service.metrics import Metrics
 from convray.service.rpc import (
     API_LABELS,
@@ -83,14 +83,19 @@ async def test_a_callers_error_is_logged_at_debug_and_a_server_side_one_at_warni
     async def timed_out_inside() -> str:
         raise TimeoutError("GCS did not answer")
 
+    async def model_control_off() -> str:  # a client calling RepositoryModelLoad in a loop: its doing too
+        raise ModelControlOff("model control is off")
+
     with caplog.at_level(logging.DEBUG, logger="convray.service.rpc"):
         await observer.item("ModelInfer", "digits", _fails)
         await observer.item("ModelInfer", "digits", not_ready)
         await observer.item("ModelInfer", "digits", timed_out_inside)
+        await observer.item("RepositoryModelLoad", "digits", model_control_off)
 
     levels = {record.getMessage(): record.levelno for record in caplog.records}
     assert levels == {
         "ModelInfer failed: INVALID_ARGUMENT bad pixels": logging.DEBUG,
+        "RepositoryModelLoad failed: FAILED_PRECONDITION model control is off": logging.DEBUG,
         "ModelInfer failed: UNAVAILABLE draining": logging.WARNING,
         # a wait inside the server: a warning saying so, not an error with a traceback
         "ModelInfer failed: UNAVAILABLE timed out inside the server (TimeoutError: GCS did not answer); retry": (
