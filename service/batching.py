@@ -175,13 +175,14 @@ class Batcher(Generic[T, R]):
                 f"({self.max_queue}, --max-queue); send at most {self.max_queue} per request"
             )
         # The oldest queued request has waited as long as the queue takes to drain (it is FIFO), so a retry
-        # before then meets the same full queue. Nor does it drain before that request's batch is due: a batch
-        # may wait up to max_batch_wait_s to fill (found in review: with a 1 s wait a client was told 10 ms and
-        # spent its three retries inside the wait).
+        # before then meets the same full queue. Nor does it drain before that request's batch is due, while the
+        # queue holds less than a batch and the batch waits up to max_batch_wait_s to fill (found in review: with
+        # a 1 s wait a client was told 10 ms and spent its three retries inside the wait).
         # Places held by requests still decoding free no sooner than their decode ends: count the oldest too.
         starts = ([self._queue[0].enqueued_at] if self._queue else []) + self._reserved_at[:1]
         waited_s = time.monotonic() - min(starts) if starts else 0.0
-        retry_after_s = max(waited_s, self.max_batch_wait_s - waited_s, MIN_RETRY_AFTER_S)
+        filling = len(self._queue) < self.max_batch_size and not (self.dispatch_when_idle and not self._running)
+        retry_after_s = max(waited_s, self.max_batch_wait_s - waited_s if filling else 0.0, MIN_RETRY_AFTER_S)
         taken = len(self._queue) + self._reserved  # queued, and held for requests being decoded
         return Overloaded(
             f"{self.name}: queue full ({taken} of {self.max_queue} places taken, {requested} more "

@@ -60,6 +60,7 @@ class ModelRegistry:
         self.repository = repository
         self._configured_default = default_model  # --default-model
         self._default_model = default_model  # as chosen for the repository (choose_default_model)
+        self._default_chosen = False
         self._batching = batching
         self._replica_options = ReplicaOptions(
             replicas=workers.replicas,
@@ -104,10 +105,14 @@ class ModelRegistry:
         model needs no flag). The default never moves to another model while the server runs: if it fails to load
         or is unloaded, requests that name no model are refused (NOT_FOUND) instead of being answered silently
         with another model's classes (found in review: a broken default model used to hand its requests to the
-        first other model by name).
+        first other model by name). Chosen once, from the first listing that holds a model: the loads after a
+        lost Ray call this again, when the repository may hold more (found in review).
         """
+        if self._default_chosen or not names:
+            return
+        self._default_chosen = True
         configured = self._configured_default
-        if configured in names or not names:
+        if configured in names:
             self._default_model = configured
         elif len(names) == 1:
             self._default_model = names[0]
@@ -432,14 +437,7 @@ class ModelRegistry:
             except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
                 version.batcher.abort(f"{version.name} version {version.version} lost its Ray cluster; retry")
             replica_names = [version.pool.replica_name(i) for i in range(version.pool.size)]
-            if stop_replicas:
-                try:
-                    version.pool.shutdown()
-                except Exception as exc:  # noqa: BLE001 (Ray failing again: the reload reports it)
-                    log.warning("could not stop the replicas of %s version %d: %s", version.name, version.version,
-                                exc)  # fmt: skip
-            else:
-                version.pool.abandon()
+            version.pool.abandon(stop_replicas)
             self._forget_version_series(version.name, version.version, replica_names)
 
     async def close(self, timeout_s: float | None = None) -> None:

@@ -59,6 +59,8 @@ LONE_RETRY_WAIT_S = 60.0  # a lone replica's lost batch waits this long for Ray'
 
 Transport = Literal["direct", "compiled-graph", "actor-call"]
 X = TypeVar("X")
+# Compiled graphs to replicas of a lost cluster, never torn down (ReplicaPool.abandon): a few per Ray loss.
+_UNCLOSED_GRAPHS: list[CompiledRun] = []
 
 
 class FastPath(Protocol):
@@ -617,26 +619,39 @@ class ReplicaPool:
         return not any(self._in_flight)
 
     def shutdown(self) -> None:
-        """Stop every replica of this version (and the compiled graphs to them)."""
-        for path in self._fast_paths:
-            if path is not None:
-                path.close()
-        actors = self._actors
-        self.abandon()
+        """Stop every replica of this version (and the compiled graphs to them), on a cluster that answers."""
+        paths, actors = self._let_go()
+        for path in paths:
+            path.close()
         for actor in actors:
             ray.kill(actor, no_restart=True)
 
-    def abandon(self) -> None:
-        """Let go of the replicas without stopping them: their Ray session is being left, and they end with it.
+    def abandon(self, stop_replicas: bool = False) -> None:
+        """Let go of the replicas after their cluster was lost, without waiting on it.
 
         No probe or replacement goes on for them (a replacement would start a replica in the next session), and
-        no handle is kept. Their channels are dropped unclosed: a compiled graph's teardown would wait on a
-        cluster that is gone.
+        no handle is kept. ``stop_replicas``: kill them too, for a reload in the same session, where those that
+        are only slow to answer would live on; without, they end with the session being left. Compiled graphs
+        are not torn down: their teardown (their finaliser's too) waits up to a minute on their actors, on the
+        event loop; they are kept until the process ends instead (found in review).
         """
+        paths, actors = self._let_go()
+        for path in paths:
+            if isinstance(path, CompiledRun):
+                _UNCLOSED_GRAPHS.append(path)
+            else:
+                path.close()  # a direct channel: closing its sockets waits on nothing
+        if stop_replicas:
+            _kill_quietly(*actors)
+
+    def _let_go(self) -> tuple[list[FastPath], list[Any]]:
+        """Stop the probes and replacements, forget the fast paths and actors; return what was held."""
         for task in [*self._probes.values(), *self._replacing.values()]:
             task.cancel()
-        self._fast_paths = [None] * len(self._actors)
-        self._actors = []
+        paths = [path for path in self._fast_paths if path is not None]
+        actors, self._actors = self._actors, []
+        self._fast_paths = [None] * len(actors)
+        return paths, actors
 
 
 def replica_device(options: ReplicaOptions) -> DeviceChoice:
@@ -688,8 +703,8 @@ def _refuse_what_cannot_fit(name: str, version: int, options: ReplicaOptions) ->
 
 def _kill_quietly(*actors: Any) -> None:
     """Stop these actors for good (no restart), saying nothing if Ray itself is gone (its actors went with it)."""
-    with contextlib.suppress(Exception):
-        for actor in actors:
+    for actor in actors:
+        with contextlib.suppress(Exception):  # each on its own: one failing must not spare the others
             ray.kill(actor, no_restart=True)
 
 

@@ -155,8 +155,9 @@ def test_when_one_front_end_dies_the_others_are_stopped_and_the_group_exits_1(gr
     ids=["cpus", "gpus"],
 )
 def test_front_ends_whose_replicas_cannot_fit_an_embedded_ray_are_refused_before_any_starts(
-    tmp_path, model_repo, flags, shortfall, ray_started
+    tmp_path, model_repo, flags, shortfall, ray_started, monkeypatch
 ):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the GPU case needs a Ray with none, also on a GPU machine
     group = Group(tmp_path, model_repo, *flags)
     try:
         assert group.process.wait(90) == 2, group.log()  # a usage error, as train's equivalent

@@ -187,3 +187,37 @@ async def test_a_lone_replicas_lost_batch_waits_for_its_restart_only_so_long_the
     assert pool.actors == [replacement] and pool.serving == 1
     assert (await asyncio.wait_for(pool.predict(BATCH), 5)).probabilities.shape == (1, 10)
     pool.shutdown()
+
+
+@pytest.mark.parametrize("stop_replicas", [False, True])
+async def test_letting_go_of_a_lost_clusters_replicas_waits_on_nothing_and_kills_them_when_asked(
+    monkeypatch, stop_replicas
+):
+    """A compiled graph's teardown (its finaliser's too) waits up to a minute on its actors, on the event loop:
+    abandoned, it is kept unclosed; a direct channel is just closed (found in review)."""
+    from convray.workers.compiled import CompiledRun
+
+    closed, killed = [], []
+
+    class Graph(CompiledRun):
+        def __init__(self) -> None:  # no Ray: only what abandon looks at
+            pass
+
+        def close(self) -> None:
+            closed.append(self)
+
+    class Channel:
+        def close(self) -> None:
+            closed.append(self)
+
+    monkeypatch.setattr(pool_module.ray, "kill", lambda actor, no_restart: killed.append(actor))
+    actors = [StandInActor(), StandInActor()]
+    pool = ReplicaPool("digits", 1, actors)
+    graph, channel = Graph(), Channel()
+    pool._fast_paths = [graph, channel]
+    probe = pool._probes[0] = asyncio.ensure_future(asyncio.sleep(10))
+    pool.abandon(stop_replicas)
+    await asyncio.sleep(0)
+    assert closed == [channel] and graph in pool_module._UNCLOSED_GRAPHS
+    assert killed == (actors if stop_replicas else [])
+    assert probe.cancelled() and pool.size == 0
