@@ -344,7 +344,9 @@ class ModelRegistry:
                 await self._unload_version(name, version)
 
     async def _unload_version(self, name: str, version: int) -> None:
-        served = self._served[name].pop(version)
+        served = self._served.get(name, {}).pop(version, None)
+        if served is None:  # abandoned meanwhile: Ray was lost during a switch, and its replicas were let go then
+            return
         if not self._served[name]:
             del self._served[name]
         await served.batcher.close()  # new requests now resolve elsewhere; queued ones finish here

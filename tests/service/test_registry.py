@@ -87,6 +87,16 @@ async def test_abandoning_after_ray_was_lost_lets_go_of_the_replicas_and_stops_t
     assert registry.served_versions() == [] and not registry.ready
 
 
+async def test_a_switch_whose_old_version_was_abandoned_meanwhile_ends_without_an_error():
+    """Found in review: Ray lost during a version switch's grace period abandoned every version, and the switch
+    then failed with KeyError unloading the old one (logged by the poller as unexpected, with a traceback)."""
+    registry, pool, _, gate = registry_serving_a_held_batch()
+    gate.set()
+    await registry.abandon_all()
+    await registry._unload_version("digits", 1)  # where the switch goes on after its grace period
+    assert pool.abandoned and not pool.stopped
+
+
 async def test_closing_gives_running_batches_the_time_left_then_fails_them_and_stops_the_replicas():
     """Found in review: a server told to stop waited for ever on a batch its stuck replica held."""
     registry, pool, batcher, _gate = registry_serving_a_held_batch()  # the gate never opens: a stuck batch
