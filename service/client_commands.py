@@ -421,9 +421,11 @@ def add_client_commands(commands: Any) -> None:
         p.add_argument("--token-file", default=None, help="file with the bearer token the server requires")
 
     def client_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--server", default="localhost:50051", help="HOST:PORT of a convray server")
-        p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
-        p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to wait for the server")
+        p.add_argument("--server", default="localhost:50051",
+                       help="HOST:PORT of a convray server (default: %(default)s)")  # fmt: skip
+        p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default: %(default)g)")
+        p.add_argument("--connect-timeout", type=float, default=5.0,
+                       help="seconds to wait for the server (default: %(default)g)")  # fmt: skip
         security_flags(p)
         p.add_argument("--retries", type=int, default=3, choices=range(5), metavar="0..4",
                        help="times a call refused as overloaded or unavailable is sent again, after the delay "
@@ -442,13 +444,14 @@ def add_client_commands(commands: Any) -> None:
     classify.add_argument(
         "--json",
         action="store_true",
-        help='one JSON object per line and file, in order; a failed one is {"image", "error": {"code", "message"}}',
+        help='one JSON object per line and file, in order; a failed one is {"image", "error": {"code", "message"}}, '
+        "code a gRPC status name, or UNREADABLE_FILE for a file that could not be read",
     )
     classify.add_argument(
         "--in-flight",
         type=int,
         default=16,
-        help="requests sent at once, so the server can batch them (answers print in file order)",
+        help="requests sent at once, so the server can batch them (answers print in file order; default: %(default)s)",
     )
     client_flags(classify)
     classify.set_defaults(run=cmd_classify)
