@@ -59,8 +59,7 @@ class ModelRegistry:
     ) -> None:
         self.repository = repository
         self._configured_default = default_model  # --default-model
-        self._default_model = default_model  # as chosen for the repository (choose_default_model)
-        self._default_chosen = False
+        self._chosen_default: str | None = None  # for the repository, once it holds a model (choose_default_model)
         self._batching = batching
         self._replica_options = ReplicaOptions(
             replicas=workers.replicas,
@@ -96,7 +95,7 @@ class ModelRegistry:
     @property
     def default_model(self) -> str:
         """The model requests get when they name none (``choose_default_model``), served or not."""
-        return self._default_model
+        return self._chosen_default or self._configured_default
 
     def choose_default_model(self, names: list[str]) -> None:
         """Fix the default model for a repository holding models ``names``: ``--default-model`` if it is there.
@@ -108,18 +107,17 @@ class ModelRegistry:
         first other model by name). Chosen once, from the first listing that holds a model: the loads after a
         lost Ray call this again, when the repository may hold more (found in review).
         """
-        if self._default_chosen or not names:
+        if self._chosen_default is not None or not names:
             return
-        self._default_chosen = True
         configured = self._configured_default
         if configured in names:
-            self._default_model = configured
+            self._chosen_default = configured
         elif len(names) == 1:
-            self._default_model = names[0]
+            self._chosen_default = names[0]
             log.info("the repository has no model %s; its only model, %s, is the default (--default-model)",
                      shown(configured), shown(names[0]))  # fmt: skip
         else:
-            self._default_model = configured
+            self._chosen_default = configured
             log.warning("the default model %s is not in the repository (models: %s): requests that name no model "
                         "are refused (--default-model)", shown(configured), ", ".join(names))  # fmt: skip
 
@@ -351,17 +349,18 @@ class ModelRegistry:
             del self._served[name]
         await served.batcher.close()  # new requests now resolve elsewhere; queued ones finish here
         await served.pool.wait_idle(UNLOAD_CALLS_GRACE_S)  # calls outside the batcher (Explain) finish too
-        replica_names = [served.pool.replica_name(i) for i in range(served.pool.size)]
+        self._forget_version_series(served)
         served.pool.shutdown()
-        self._forget_version_series(name, version, replica_names)
         self._metrics.model_unloads.labels(name, str(version)).inc()
         log.info("unloaded %s version %d", name, version)
 
-    def _forget_version_series(self, name: str, version: int, replica_names: list[str]) -> None:
-        """Zero the gauges of a version no longer served and drop its replicas' series.
+    def _forget_version_series(self, served: ServedModel) -> None:
+        """Zero the gauges of a version no longer served and drop its replicas' series (before its pool stops).
 
         The gauges' functions held the version's pool (and so its replicas' handles): replaced, they let it go.
         """
+        name, version = served.name, served.version
+        replica_names = [served.pool.replica_name(i) for i in range(served.pool.size)]
         for gauge in (self._metrics.replicas, self._metrics.queue_depth, self._metrics.batch_overlap):
             gauge.labels(name, str(version)).set_function(lambda: 0)
         for replica in replica_names:
@@ -438,9 +437,8 @@ class ModelRegistry:
                 await asyncio.wait_for(version.batcher.close(), wait_s)
             except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
                 version.batcher.abort(f"{version.name} version {version.version} lost its Ray cluster; retry")
-            replica_names = [version.pool.replica_name(i) for i in range(version.pool.size)]
+            self._forget_version_series(version)
             version.pool.abandon(stop_replicas)
-            self._forget_version_series(version.name, version.version, replica_names)
 
     async def close(self, timeout_s: float | None = None) -> None:
         """Finish every queued request, then stop all replicas.
