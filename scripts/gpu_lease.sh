@@ -12,6 +12,7 @@
 #   bench        the make bench-gpu comparison at 2 s points (raw model, no-op, Ray Serve, convray, bf16)
 # Environment: PYTHON (default python3), GPUS (default 1; 0 runs the steps on a CPU, to try this script) and
 # FRONTENDS (default 8; bench-group's front ends, each with 32 requests in flight and two client processes).
+# TARGETS (default noop,convray,convray_group): bench-group's servers, as tests/bench/run.py --targets takes them.
 # A step that fails is reported and the next one still runs; the exit status is then 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,7 +60,7 @@ run_step() {
             ;;
         bench-group)
             bench bench-group --models resnet_style --variants-on resnet_style --datatype UINT8 \
-                --targets noop,convray,convray_group \
+                --targets "${TARGETS:-noop,convray,convray_group}" \
                 --frontends "$FRONTENDS" --client-processes $((2 * FRONTENDS)) \
                 --loaded-concurrency $((32 * FRONTENDS)) --streaming
             ;;
