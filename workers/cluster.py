@@ -21,7 +21,19 @@ def _not_the_sigterm_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("SIGTERM handler is not set")
 
 
+def _not_the_token_auth_notice(record: logging.LogRecord) -> bool:
+    """Drops Ray's warning, at every start of a local Ray, that it turned token authentication on by default.
+
+    Ray 2.60 does this for a new local cluster whose RAY_AUTH_MODE is unset, and the warning ("Set
+    RAY_AUTH_MODE=disabled to opt out") read as a problem to fix. Setting RAY_AUTH_MODE=token ourselves would
+    not do: Ray reads its config once, at import, and then refuses its own GCS. Ray's warning that
+    authentication is *off* is kept.
+    """
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 logging.getLogger("ray._private.worker").addFilter(_not_the_sigterm_notice)
+logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_not_the_token_auth_notice)
 
 
 def connect(address: str | None, num_cpus: int | None = None, log_to_driver: bool = False) -> str:

@@ -234,3 +234,4 @@ def test_serve_with_an_embedded_ray_stays_up_and_serves(model_repo, digit_files,
             process.kill()
     assert process.returncode == 0, log
     assert "SIGTERM received" not in log, log  # Ray's stack dump for the signal, as if something had crashed
+    assert "Token authentication is enabled" not in log, log  # Ray's notice at each start of an embedded Ray

@@ -1,5 +1,6 @@
 """Connecting to Ray: what this process keeps while Ray starts in it."""
 
+import logging
 import signal
 import sys
 
@@ -27,3 +28,12 @@ def test_while_ray_starts_this_process_keeps_its_sigterm_handler_instead_of_rays
         assert signal.getsignal(signal.SIGTERM) is rays
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_rays_notice_that_it_turned_token_authentication_on_is_dropped_and_its_warning_that_it_is_off_kept(caplog):
+    from ray._private.authentication import authentication_token_setup as ray_auth  # Ray's own warnings
+
+    with caplog.at_level(logging.WARNING):
+        ray_auth._warn_token_auth_enabled()
+        ray_auth._warn_token_auth_disabled()
+    assert [record.getMessage()[:43] for record in caplog.records] == ["Token authentication is disabled for this R"]
