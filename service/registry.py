@@ -146,6 +146,10 @@ class ModelRegistry:
         what ran before instead of exiting; the poller keeps trying the highest one. Replicas that could not be
         placed in time do not fall back: the cluster is short, and waiting again per version would outlast the
         start-up probe. Models unloaded by request are left out. Versions already loaded are kept.
+
+        Models load one after another, not together: on a cluster short of room for all, replicas started
+        together could each take part of it and leave every model short of its replicas until the start
+        timeout, where in turn the first models load and only the last ones fail.
         """
         errors = []
         names = self.repository.model_names()
