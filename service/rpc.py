@@ -42,6 +42,8 @@ API_LABELS = {"convray.v1.Classifier": "native", "inference.GRPCInferenceService
 STREAM_WINDOW = 256
 # Label combinations whose metric children each RpcObserver keeps at hand.
 CACHED_LABELS = 1024
+# Server-side failures of one kind are logged at warning at most this often; the rest at debug, counted.
+WARNING_EVERY_S = 10.0
 
 
 def cancelled_code(cancelled: asyncio.CancelledError, deadline: float | None) -> grpc.StatusCode:
@@ -62,11 +64,40 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+class WarningThrottle:
+    """Lets one warning of a kind through every ``interval_s``, and counts those held back meanwhile.
+
+    A server-side failure is usually many calls failing for one reason (Ray lost, a drain, a replica
+    restarting, a client polling a starting server): one line per call would flood the log under load, and the
+    reason is logged once where it happens. The metrics count every call either way.
+    """
+
+    def __init__(self, interval_s: float = WARNING_EVERY_S) -> None:
+        self.interval_s = interval_s
+        self._next_at: dict[tuple[Any, ...], float] = {}
+        self._held: dict[tuple[Any, ...], int] = {}
+
+    def admit(self, kind: tuple[Any, ...]) -> int | None:
+        """None if a warning of ``kind`` went out less than ``interval_s`` ago; else how many were held since."""
+        now = time.monotonic()
+        if now < self._next_at.get(kind, 0.0):
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return None
+        self._next_at[kind] = now + self.interval_s
+        return self._held.pop(kind, 0)
+
+
 class RpcObserver:
     """Runs RPC handlers so that no exception escapes as UNKNOWN, and counts and times each call."""
 
-    def __init__(self, api: str, metrics: Metrics, model_label: Callable[[str], str]) -> None:
-        """``model_label`` maps the model a request names ('' for the default) to its metrics label."""
+    def __init__(
+        self, api: str, metrics: Metrics, model_label: Callable[[str], str], warning_every_s: float = WARNING_EVERY_S
+    ) -> None:
+        """Observe ``api``'s calls (its ``api`` label) into ``metrics``.
+
+        ``model_label`` maps the model a request names ('' for the default) to its metrics label;
+        ``warning_every_s``: how often a server-side failure of one kind is logged at warning (``WarningThrottle``).
+        """
         self._api = api
         self._metrics = metrics
         self._model_label = model_label
@@ -79,6 +110,7 @@ class RpcObserver:
         self._duration = functools.lru_cache(maxsize=CACHED_LABELS)(
             functools.partial(metrics.request_duration.labels, api)
         )
+        self._warnings = WarningThrottle(warning_every_s)
 
     def _begin(self, model: str) -> str:
         """Count one more request in flight; returns its model label, for ``_record``."""
@@ -97,8 +129,7 @@ class RpcObserver:
             self._metrics.deadline_expired.labels(self._api, model_label).inc()
         self._duration(rpc, model_label).observe(time.monotonic() - started)
 
-    @staticmethod
-    def _log(rpc: str, exc: Exception, code: grpc.StatusCode, message: str) -> None:
+    def _log(self, rpc: str, exc: Exception, code: grpc.StatusCode, message: str) -> None:
         if code in CALLER_CODES or isinstance(exc, ModelControlOff):
             # The caller's own doing, already counted by code in convray_requests_total; at debug so that a
             # client looping on a bad request (or an overload, or model control while it is off) cannot flood
@@ -107,8 +138,16 @@ class RpcObserver:
         elif code == grpc.StatusCode.UNAVAILABLE or isinstance(
             exc, ConvrayError | ModelLoadError | TimeoutError | asyncio.TimeoutError
         ):
-            # Expected: a lost replica, Ray away, a drain; its message says all (no traceback).
-            log.warning("%s failed: %s %s", rpc, code.name, message)
+            # Expected: a lost replica, Ray away, a drain; its message says all (no traceback). Once per kind every
+            # WARNING_EVERY_S (those calls usually fail together, for one reason logged where it happens).
+            held = self._warnings.admit((rpc, code, type(exc)))
+            if held is None:
+                log.debug("%s failed: %s %s", rpc, code.name, message)
+            elif held:
+                log.warning("%s failed: %s %s (and %d more like it since the last warning)", rpc, code.name, message,
+                            held)  # fmt: skip
+            else:
+                log.warning("%s failed: %s %s", rpc, code.name, message)
         else:
             log.error("%s failed unexpectedly", rpc, exc_info=exc)
 

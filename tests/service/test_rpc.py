@@ -104,6 +104,37 @@ async def test_a_callers_error_is_logged_at_debug_and_a_server_side_one_at_warni
     }
 
 
+async def test_many_calls_failing_for_one_server_side_reason_give_one_warning_then_one_saying_how_many_followed(
+    caplog,
+):
+    """Ray lost under load, or a client polling a starting server: one warning per call flooded the log."""
+    observer = RpcObserver("oip", Metrics(CollectorRegistry()), lambda name: name, warning_every_s=0.2)
+
+    async def starting() -> str:
+        raise ModelNotReady("server is starting")
+
+    async def timed_out_inside() -> str:
+        raise TimeoutError("GCS did not answer")
+
+    with caplog.at_level(logging.DEBUG, logger="convray.service.rpc"):
+        for _ in range(50):
+            await observer.item("ModelInfer", "digits", starting)
+        await observer.item("ModelInfer", "digits", timed_out_inside)  # another kind: a warning of its own
+        await observer.item("ModelMetadata", "digits", starting)  # another RPC too
+        await asyncio.sleep(0.25)
+        await observer.item("ModelInfer", "digits", starting)
+
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warnings == [
+        "ModelInfer failed: UNAVAILABLE server is starting",
+        "ModelInfer failed: UNAVAILABLE timed out inside the server (TimeoutError: GCS did not answer); retry",
+        "ModelMetadata failed: UNAVAILABLE server is starting",
+        "ModelInfer failed: UNAVAILABLE server is starting (and 49 more like it since the last warning)",
+    ]
+    held_back = [record for record in caplog.records if record.levelno == logging.DEBUG]
+    assert len(held_back) == 49  # still there at debug
+
+
 class _Context:
     """The one thing ``RpcObserver.unary`` asks of a cancelled call's context."""
 
