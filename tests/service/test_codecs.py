@@ -139,7 +139,7 @@ def exif_with_wrong_types() -> bytes:
         # Past Pillow's own limit too: only ours is quoted (found in review: both were, in one message)
         (
             png_header_claiming(100_000, 100_000),
-            r"^image is 10000000000 pixels, over the limit of 1000000 \(--max-image-pixels\)$",
+            r"^image is 100000x100000 = 10000000000 pixels, over the limit of 1000000 \(--max-image-pixels\)$",
         ),
         (
             png_header_claiming(2000, 1000),
@@ -173,6 +173,45 @@ def test_requests_too_few_to_exceed_the_request_limit_need_no_header_pass():
     assert not request_pixels_may_exceed(2, LIMITS) and request_pixels_may_exceed(3, LIMITS)
     defaults = DecodeLimits(max_image_bytes=1, max_image_pixels=40_000_000, max_request_pixels=400_000_000)
     assert not request_pixels_may_exceed(10, defaults) and request_pixels_may_exceed(11, defaults)
+
+
+def test_a_limit_above_pillows_own_bomb_limit_is_the_one_applied():
+    """Pillow refuses past 2 x 89.5 Mpx by itself; --max-image-pixels set higher must be what decides (review)."""
+    high = DecodeLimits(max_image_bytes=1 << 20, max_image_pixels=200_000_000, max_request_pixels=200_000_000)
+    with pytest.raises(InvalidInput, match="corrupt or truncated"):  # past the pixel check; its body is invalid
+        decode_image(png_header_claiming(14_000, 14_000), GREY_8, high)
+    with pytest.raises(InvalidInput, match=r"over the limit of 200000000 \(--max-image-pixels\)"):
+        decode_image(png_header_claiming(15_000, 15_000), GREY_8, high)
+
+
+def progressive_jpeg_with_scans_repeated(times: int) -> bytes:
+    """A valid progressive JPEG whose last scan is repeated: each scan costs a pass over the whole image."""
+    data = encode(gradient(size=(64, 64)), "JPEG", progressive=True)
+    last_scan = data[data.rindex(b"\xff\xda") : -2]  # start of scan to the end, without the end-of-image marker
+    return data[:-2] + last_scan * times + b"\xff\xd9"
+
+
+def test_a_jpeg_of_more_than_100_scans_is_refused_before_it_is_decoded():
+    """Found in review: a 270 KB JPEG of 1,000 scans took 41 s of a decode thread, past its caller's deadline."""
+    normal = encode(gradient(size=(64, 64)), "JPEG", progressive=True)
+    assert 2 < normal.count(b"\xff\xda") <= 100
+    decode_image(progressive_jpeg_with_scans_repeated(100 - normal.count(b"\xff\xda")), GREY_8, LIMITS)
+    with pytest.raises(InvalidInput, match=r"^JPEG has 101 scans, over the limit of 100 \(an encoder writes about"):
+        decode_image(progressive_jpeg_with_scans_repeated(101 - normal.count(b"\xff\xda")), GREY_8, LIMITS)
+
+
+def png_with_empty_chunks(count: int) -> bytes:
+    """A valid 8x8 PNG with ``count`` empty private chunks after its header (Pillow reads each in Python)."""
+    data = encode(gradient(), "PNG")
+    header_end = 8 + 25  # signature, then IHDR: length, type, 13 bytes, CRC
+    return data[:header_end] + png_chunk(b"teSt", b"") * count + data[header_end:]
+
+
+def test_a_png_of_more_than_10000_chunks_is_refused_before_it_is_opened():
+    """Found in review: 1.3M empty chunks in 16 MB took 8 s per image and slowed every other request."""
+    np.testing.assert_array_equal(decode_image(png_with_empty_chunks(9_000), GREY_8, LIMITS)[0], np.asarray(gradient()))
+    with pytest.raises(InvalidInput, match=r"^PNG has more than 10000 chunks; re-encode it$"):
+        decode_image(png_with_empty_chunks(10_000), GREY_8, LIMITS)
 
 
 def test_oversize_bytes_are_refused_before_decoding():
