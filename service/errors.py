@@ -69,6 +69,30 @@ gRPC ends a call whose status is over its metadata limit (16 KiB) with RESOURCE_
 overload and retry."""
 
 
+MAX_REQUEST_ID_CHARS = 1024
+"""The longest request id (native ``request_id``, OIP ``id``) accepted. Replies echo it, a stream's twice: a 64 MiB
+id made the reply too large to send, and grpc ended the stream RESOURCE_EXHAUSTED, losing the items after it."""
+
+
+def echoed(text: str) -> str:
+    """What an error reply echoes of a client's string (an id, a model name): itself, or nothing if it is too long.
+
+    Too long is over ``MAX_REQUEST_ID_CHARS``: such an id is refused by ``check_request_id``, and no model has
+    such a name.
+    """
+    return text if len(text) <= MAX_REQUEST_ID_CHARS else ""
+
+
+def check_request_id(request_id: str, field: str) -> None:
+    """Refuse an id over ``MAX_REQUEST_ID_CHARS``; ``field`` names it in the message.
+
+    Raises:
+        InvalidInput: naming the field, its length and the limit.
+    """
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidInput(f"{field} is {len(request_id)} characters, over the limit of {MAX_REQUEST_ID_CHARS}")
+
+
 def shown(text: str, limit: int = 80) -> str:
     """``text`` quoted for an error message, cut to ``limit`` characters: clients choose what they send."""
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"

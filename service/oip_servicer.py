@@ -15,7 +15,15 @@ from convray.oip import inference_pb2 as oip
 from convray.oip import inference_pb2_grpc as oip_grpc
 from convray.service import __version__
 from convray.service.config import BatchingSettings, WorkerSettings
-from convray.service.errors import ConvrayError, InvalidInput, ModelControlOff, ModelNotReady, shown
+from convray.service.errors import (
+    ConvrayError,
+    InvalidInput,
+    ModelControlOff,
+    ModelNotReady,
+    check_request_id,
+    echoed,
+    shown,
+)
 from convray.service.inference import Classifier
 from convray.service.metrics import Metrics
 from convray.service.oip_codec import (
@@ -182,6 +190,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     # ---- inference ----
 
     async def _infer(self, request: oip.ModelInferRequest, deadline: float | None) -> oip.ModelInferResponse:
+        check_request_id(request.id, "the request's id")
         check_content_type(request.parameters, "the request", ("np",))
         reject_parameters(request.parameters, "the request", frozenset({CONTENT_TYPE, TIMEOUT}))
         deadline = with_timeout(request.parameters, deadline)
@@ -238,7 +247,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             about = f"request {shown(request.id)}: " if request.id else ""
             return oip.ModelStreamInferResponse(
                 error_message=f"[{code.name}] {about}{message}",
-                infer_response=oip.ModelInferResponse(model_name=request.model_name, id=request.id),
+                infer_response=oip.ModelInferResponse(model_name=echoed(request.model_name), id=echoed(request.id)),
             )
         return oip.ModelStreamInferResponse(infer_response=outcome)
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from convray.service.config import BatchingSettings
-from convray.service.errors import InvalidInput
+from convray.service.errors import InvalidInput, check_request_id, echoed
 from convray.service.explaining import ExplainAnswer, Explainer
 from convray.service.inference import Classification, Classifier
 from convray.service.metrics import Metrics
@@ -109,6 +109,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         """Classify one image."""
 
         async def work() -> pb.ClassifyResponse:
+            check_request_id(request.request_id, "request_id")
             result = await self._classifier.classify(
                 request.image, request.model, request.version, request.top_k, deadline_of(context)
             )
@@ -133,6 +134,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     async def _stream_item(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyStreamResponse:
         async def work() -> pb.ClassifyResponse:
+            check_request_id(request.request_id, "request_id")
             result = await self._classifier.classify(
                 request.image, request.model, request.version, request.top_k, deadline
             )
@@ -142,7 +144,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         if isinstance(outcome, tuple):
             code, message = outcome
             return pb.ClassifyStreamResponse(
-                error=pb.Error(code=code.name, message=message), request_id=request.request_id
+                error=pb.Error(code=code.name, message=message), request_id=echoed(request.request_id)
             )
         return pb.ClassifyStreamResponse(result=outcome, request_id=request.request_id)
 

@@ -223,6 +223,26 @@ def test_a_name_too_long_to_repeat_gets_its_own_status_with_a_short_message(chan
     assert len(info.value.details()) < 500
 
 
+def test_an_id_too_long_to_echo_is_refused_alone_and_a_stream_goes_on(channel, held_out):
+    """Review: replies echo the id; one of 64 MiB made a reply too large to send (native streams lost their rest)."""
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+
+    def request(request_id: str) -> oip.ModelInferRequest:
+        infer = oip.ModelInferRequest(model_name="digits", id=request_id,
+                                      raw_input_contents=[held_out.images[:1].tobytes()])  # fmt: skip
+        infer.inputs.add(name="input", datatype="UINT8", shape=[1, 1, 8, 8])
+        return infer
+
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request("r" * 1025), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "the request's id is 1025 characters, over the limit of 1024"
+    replies = list(stub.ModelStreamInfer(iter([request("a"), request("r" * (8 << 20)), request("c")]), timeout=60))
+    assert [r.infer_response.id for r in replies] == ["a", "", "c"]
+    assert [bool(r.error_message) for r in replies] == [False, True, False]
+    assert "[INVALID_ARGUMENT]" in replies[1].error_message and len(replies[1].error_message) < 1500
+
+
 def test_one_stream_of_full_batches_waits_for_room_instead_of_overflowing_the_queue(channel):
     """300 requests of 32 images sent at once: 9,600 images, against a queue of 512. Before, 252 of the 300 were
     answered RESOURCE_EXHAUSTED, as if the server were overloaded by others, not this stream itself."""

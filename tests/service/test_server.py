@@ -99,6 +99,19 @@ def test_classify_stream_answers_in_order_and_reports_item_errors_inline(stub, h
     assert max(r.result.timings.batch_size for r in good) > 1  # the stream's items were batched together
 
 
+def test_a_stream_item_with_an_id_too_long_to_echo_is_refused_and_the_items_after_it_are_answered(stub, held_out):
+    """Review: a 64 MiB request_id, echoed twice in its stream reply, made the reply too large to send; grpc ended
+    the stream RESOURCE_EXHAUSTED and the items after it got no reply."""
+    image = encode_digit(held_out.images[0], "PNG")
+    ids = ["first", "r" * (8 << 20), "third"]
+    requests = [pb.ClassifyRequest(image=image, request_id=request_id) for request_id in ids]
+    replies = list(stub.ClassifyStream(iter(requests), timeout=60))
+    assert [r.WhichOneof("outcome") for r in replies] == ["result", "error", "result"]
+    assert [r.request_id for r in replies] == ["first", "", "third"]
+    assert replies[1].error.code == "INVALID_ARGUMENT"
+    assert replies[1].error.message == "request_id is 8388608 characters, over the limit of 1024"
+
+
 def test_list_and_get_model(stub):
     listing = stub.ListModels(pb.ListModelsRequest(), timeout=10)
     assert listing.default_model == "digits"
@@ -135,6 +148,11 @@ def test_list_and_get_model(stub):
         ),
         ({"version": -1}, grpc.StatusCode.INVALID_ARGUMENT, "version must be 0 \\(latest\\) or a positive"),
         ({"top_k": 11}, grpc.StatusCode.INVALID_ARGUMENT, "top_k is 11 but model 'digits' has 10 classes"),
+        (
+            {"request_id": "r" * 1025},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "^request_id is 1025 characters, over the limit of 1024$",
+        ),
     ],
 )
 def test_bad_requests_get_a_clear_status(stub, held_out, request_fields, code, message):
