@@ -2,6 +2,8 @@
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -10,6 +12,7 @@ from PIL import Image
 
 from convray.service.codecs import (
     DecodeLimits,
+    as_colour_mode,
     check_request_pixels,
     decode_image,
     request_pixels_may_exceed,
@@ -73,6 +76,66 @@ def test_shrinking_averages_areas_and_enlarging_interpolates():
     assert np.array_equal(decode_image(encode(big, "PNG"), GREY_8, LIMITS)[0], np.asarray(gradient()))
     small = Image.new("L", (2, 2), 100)
     assert decode_image(encode(small, "PNG"), GREY_8, LIMITS).shape == (1, 8, 8)
+
+
+def large(mode: str) -> Image.Image:
+    """A 640x480 test card in ``mode``: a gradient with a transparent band where the mode can have one."""
+    grey = np.add.outer(np.arange(480), np.arange(640)) % 256
+    rgb = np.stack([grey, grey[::-1], (grey * 3) % 256], axis=-1).astype(np.uint8)
+    image = Image.fromarray(rgb, mode="RGB")
+    if mode == "RGBA":
+        image.putalpha(Image.fromarray(np.where(np.arange(640) < 200, 0, 255).astype(np.uint8)[None].repeat(480, 0)))
+        return image
+    if mode == "P+transparency":
+        image = image.quantize(64)
+        image.info["transparency"] = 0
+        return image
+    if mode == "I;16":
+        return Image.fromarray((grey * 257).astype(np.uint16))
+    return image.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P+transparency", "I;16", "1", "CMYK"])
+@pytest.mark.parametrize("contract", [GREY_8, RGB_4x6], ids=["grey-8x8", "rgb-4x6"])
+def test_a_large_image_is_shrunk_before_its_colour_conversion_to_the_pixels_of_one_area_average(mode, contract):
+    """Converted at full size first, a palette image with transparency took 16 bytes a pixel (review: 643 MiB
+    for a 5 KB 6300x6300 PNG); reduced first, the result is the same area average to within rounding."""
+    image = large(mode)
+    data = encode(image, "TIFF" if mode == "CMYK" else "PNG")
+    if mode == "CMYK":
+        data = encode(image, "JPEG", quality=100)
+        image = Image.open(io.BytesIO(data))
+    expected = as_colour_mode(image, contract.colour_mode).resize(
+        (contract.width, contract.height), Image.Resampling.BOX
+    )  # the whole image converted, then one area average
+    expected = np.asarray(expected, dtype=np.int16).reshape(contract.height, contract.width, -1).transpose(2, 0, 1)
+    got = decode_image(data, contract, LIMITS).astype(np.int16)
+    tolerance = 8 if mode == "CMYK" else 1  # a JPEG decoded at 1/8 scale (in the DCT) against at full size
+    assert np.abs(got - expected).max() <= tolerance
+
+
+PEAK_DECODE_MEMORY = """
+import io, resource, sys
+from PIL import Image
+from convray.service.codecs import DecodeLimits, decode_image
+from convray.workers.repository import InputContract, Normalisation
+
+buffer = io.BytesIO()
+Image.new("P", (4000, 4000)).save(buffer, "PNG", transparency=0)  # 16 Mpx in a few KB
+contract = InputContract(channels=1, height=8, width=8, colour_mode="L",
+                         normalisation=Normalisation(mean=[0.5], std=[0.5]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+decode_image(buffer.getvalue(), contract, DecodeLimits(1 << 20, 20_000_000, 20_000_000))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / 16e6)
+"""
+
+
+def test_decoding_a_large_palette_image_with_transparency_takes_at_most_10_bytes_a_pixel():
+    """Review: 17 bytes a pixel before (643 MiB for a 5 KB 6300x6300 PNG), so four such requests at once could
+    outgrow a front-end pod. Measured in a fresh process, as the growth of its peak memory."""
+    result = subprocess.run([sys.executable, "-c", PEAK_DECODE_MEMORY], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) <= 10, f"{float(result.stdout):.1f} bytes a pixel"
 
 
 def test_first_frame_of_an_animated_gif():
