@@ -48,6 +48,7 @@ from convray.service.rpc import (
     OpenStreams,
     RpcObserver,
     StreamClosedForDrain,
+    TooManyStreams,
     deadline_of,
     ordered_concurrently,
     stream_budget,
@@ -231,7 +232,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         try:
             async for reply in items:
                 yield reply
-        except StreamClosedForDrain as exc:
+        except (StreamClosedForDrain, TooManyStreams) as exc:
             await context.abort(exc.code, str(exc))
 
     async def _stream_item(

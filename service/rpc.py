@@ -40,6 +40,9 @@ API_LABELS = {"convray.v1.Classifier": "native", "inference.GRPCInferenceService
 ``RayGate`` for the calls it refuses before they reach a servicer."""
 # Requests of one stream being processed at once; past it, reading the stream waits (backpressure).
 STREAM_WINDOW = 256
+# Request streams (ClassifyStream, ModelStreamInfer) open at once in one front end; past it a new one is refused
+# RESOURCE_EXHAUSTED. An idle stream holds about 20-30 KB: unbounded, 150,000 of them would outgrow a 4 GiB pod.
+MAX_OPEN_STREAMS = 10_000
 # Label combinations whose metric children each RpcObserver keeps at hand.
 CACHED_LABELS = 1024
 # Server-side failures of one kind are logged at warning at most this often; the rest at debug, counted.
@@ -240,17 +243,41 @@ class StreamClosedForDrain(ModelNotReady):
     """A request stream the server stopped reading because it is shutting down (UNAVAILABLE: open another)."""
 
 
+class TooManyStreams(Overloaded):
+    """A new request stream past ``MAX_OPEN_STREAMS`` open ones (RESOURCE_EXHAUSTED: retry later or elsewhere)."""
+
+
 class OpenStreams:
-    """The request streams being read, so that a drain can stop reading them all (``stop_reading``).
+    """The request streams open, at most ``limit`` at once, so that a drain can stop reading them (``stop_reading``).
 
     A stream only waiting for its client's next request held the drain for its whole grace period, and was
     then cancelled with whatever it had in flight. Stopped instead, it answers what it has read and ends with
     ``StreamClosedForDrain``: every request without a reply was not processed, and can be sent again.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
+        """``limit``: streams open at once; ``MAX_OPEN_STREAMS`` unless given."""
         self.closing = False
+        self.limit = MAX_OPEN_STREAMS if limit is None else limit
+        self.open = 0
         self._waiting: set[asyncio.Task[Any]] = set()  # readers now waiting for their client's next request
+
+    def enter(self) -> None:
+        """Count a new stream in; call ``leave`` when it ends.
+
+        Raises:
+            TooManyStreams: ``limit`` streams are open already (found in review: 20,000 idle streams, unrefused).
+        """
+        if self.open >= self.limit:
+            raise TooManyStreams(
+                f"this server has {self.open} request streams open, its limit; send on an open stream, or retry "
+                "later or on another server"
+            )
+        self.open += 1
+
+    def leave(self) -> None:
+        """Count a stream out."""
+        self.open -= 1
 
     async def next_request(self, requests: AsyncIterator[Request]) -> Request:
         """The stream's next request; only this wait is cut short by a drain.
@@ -299,6 +326,7 @@ async def ordered_concurrently(
 
     Raises:
         StreamClosedForDrain: ``streams.stop_reading()`` was called; after the replies to the requests taken in.
+        TooManyStreams: ``streams`` has its limit of streams open; before anything is read.
     """
     in_order: asyncio.Queue[asyncio.Task[Reply] | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
     iterator = aiter(requests)
@@ -322,7 +350,9 @@ async def ordered_concurrently(
         finally:
             await in_order.put(None)
 
-    reader = asyncio.create_task(read_requests())
+    if streams is not None:
+        streams.enter()
+    reader = asyncio.create_task(read_requests())  # nothing between here and the try can fail
     try:
         while (task := await in_order.get()) is not None:
             yield await task
@@ -332,6 +362,8 @@ async def ordered_concurrently(
         while not in_order.empty():
             if (task := in_order.get_nowait()) is not None:
                 task.cancel()
+        if streams is not None:
+            streams.leave()
 
 
 _HANDLER_FACTORIES = {

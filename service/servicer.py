@@ -18,6 +18,7 @@ from convray.service.rpc import (
     OpenStreams,
     RpcObserver,
     StreamClosedForDrain,
+    TooManyStreams,
     deadline_of,
     ordered_concurrently,
     stream_budget,
@@ -129,7 +130,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         try:
             async for reply in items:
                 yield reply
-        except StreamClosedForDrain as exc:
+        except (StreamClosedForDrain, TooManyStreams) as exc:
             await context.abort(exc.code, str(exc))
 
     async def _stream_item(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyStreamResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from convray.service.rpc import (
     OpenStreams,
     RpcObserver,
     StreamClosedForDrain,
+    TooManyStreams,
     ordered_concurrently,
 )
 
@@ -335,6 +337,37 @@ async def test_without_a_drain_a_stream_is_read_to_its_end():
         return i
 
     assert [r async for r in ordered_concurrently(requests(), handle, streams=OpenStreams())] == [0, 1, 2]
+
+
+async def test_past_its_limit_of_open_streams_a_new_one_is_refused_resource_exhausted_until_one_ends():
+    """Found in review: 20,000 idle streams were all taken, at about 20-30 KB each, and none refused."""
+
+    async def silent():
+        await asyncio.Event().wait()
+        yield 0
+
+    async def handle(i: int) -> int:
+        return i
+
+    streams = OpenStreams(limit=2)
+    open_ones = [ordered_concurrently(silent(), handle, streams=streams) for _ in range(2)]
+    waiting = [asyncio.ensure_future(stream.__anext__()) for stream in open_ones]
+    await asyncio.sleep(0.01)
+    assert streams.open == 2
+    with pytest.raises(TooManyStreams, match="has 2 request streams open, its limit") as refused:
+        await ordered_concurrently(silent(), handle, streams=streams).__anext__()
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    waiting[0].cancel()  # its client went away
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting[0]
+    await open_ones[0].aclose()
+    assert streams.open == 1
+    admitted = ordered_concurrently(silent(), handle, streams=streams)
+    third = asyncio.ensure_future(admitted.__anext__())
+    await asyncio.sleep(0.01)
+    assert streams.open == 2 and not third.done()
+    for task in (third, waiting[1]):
+        task.cancel()
 
 
 def test_the_api_labels_name_the_services_convray_serves():

@@ -185,3 +185,38 @@ def test_the_server_closes_the_connection_of_a_client_that_fell_silent(
         pause.set()
         proxy.close()
         server.stop()
+
+
+def test_a_stream_past_the_servers_limit_of_open_streams_is_refused_resource_exhausted(
+    ray_address, tmp_path, image, monkeypatch
+):
+    """Found in review: 20,000 idle streams were all held open; the server now refuses past its limit."""
+    monkeypatch.setattr("convray.service.rpc.MAX_OPEN_STREAMS", 2)
+    server = start_server(tmp_path)
+    silent = threading.Event()
+
+    def one_then_silence():
+        yield pb.ClassifyRequest(image=image, request_id="first")
+        silent.wait(30)
+
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = classifier_pb2_grpc.ClassifierStub(channel)
+            held = [stub.ClassifyStream(one_then_silence(), timeout=30) for _ in range(2)]
+            assert [next(stream).request_id for stream in held] == ["first", "first"]  # both open, answered
+            with pytest.raises(grpc.RpcError) as refused:
+                next(stub.ClassifyStream(one_then_silence(), timeout=30))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "has 2 request streams open, its limit" in refused.value.details()
+            held[0].cancel()
+            deadline = time.monotonic() + 10
+            while True:  # the cancelled stream's place comes back once its handler has ended
+                try:
+                    assert next(stub.ClassifyStream(one_then_silence(), timeout=30)).request_id == "first"
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                    time.sleep(0.1)
+    finally:
+        silent.set()
+        server.stop()
