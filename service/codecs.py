@@ -7,6 +7,7 @@ only the listed formats are tried, and every failure becomes ``InvalidInput`` na
 from __future__ import annotations
 
 import io
+import re
 import struct
 from dataclasses import dataclass
 
@@ -26,9 +27,13 @@ Image.MAX_IMAGE_PIXELS = None
 # Structures whose count, not size, makes Pillow slow, checked before it opens the image (found in review):
 MAX_JPEG_SCANS = 100  # each scan of a progressive JPEG re-decodes the whole image: ~40 ms a scan at 36 Mpx;
 # an encoder writes about 10. 0xFFDA (start of scan) cannot occur inside entropy-coded data.
+MAX_JPEG_SEGMENTS = 1_000  # markers before the first scan, each parsed by Pillow in Python (an encoder writes 10-30;
+# 1M empty comments took 2 s)
+MAX_JPEG_FILL_BYTES = 1_024  # 0xFF fill bytes before the first scan, read by Pillow one at a time (4 MB took 3.9 s)
 MAX_PNG_CHUNKS = 10_000  # Pillow reads each chunk in Python holding the GIL: 1.3M empty chunks in 16 MB took 8 s
 # and slowed every other request; encoders write image data in chunks of 8-64 KiB (2,048 of 8 KiB in 16 MiB).
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_FILL = re.compile(rb"\xff+")
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ def check_request_pixels(images: list[bytes], limits: DecodeLimits) -> None:
     """
     total = 0
     for data in images:
+        _check_structure(data)  # opening it parses what precedes the pixels, in Python (found in review)
         try:
             width, height = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS).size
         except Exception:  # noqa: BLE001, S112 (decode_image names what is wrong with it)
@@ -95,11 +101,8 @@ def decode_image(data: bytes, contract: InputContract, limits: DecodeLimits) -> 
                 f"image is {width}x{height} = {width * height} pixels, over the limit of "
                 f"{limits.max_image_pixels} (--max-image-pixels)"
             )
-        if image.format == "JPEG" and image.info.get("progressive"):
+        if image.format in ("JPEG", "MPO") and image.info.get("progressive"):  # MPO: a JPEG with more images after
             _check_scans(data)
-        if image.format == "JPEG":  # decoded at 1/2 to 1/8 scale where that still covers the contract's size
-            side = max(contract.width, contract.height)  # either way up: the EXIF orientation may turn it
-            image.draft(None, (side, side))
         image.seek(0)
         image.load()
         return _to_contract(image, contract)  # inside: EXIF is parsed here, lazily, and may be corrupt too
@@ -126,13 +129,39 @@ def _check_scans(data: bytes) -> None:
         )
 
 
-def _check_structure(data: bytes) -> None:
-    """Refuse a PNG of more than ``MAX_PNG_CHUNKS`` chunks, before Pillow opens it.
+def _check_jpeg_header(data: bytes) -> None:
+    """Walk a JPEG's markers from its start to its first scan, as Pillow's parser does, counting (see above)."""
+    offset, segments, fill = 2, 0, 0
+    while offset < len(data):
+        run = _JPEG_FILL.match(data, offset)
+        if run is None:
+            return  # not at a marker: corrupt, which Pillow says
+        fill += run.end() - offset - 1
+        if fill > MAX_JPEG_FILL_BYTES:
+            raise InvalidInput(f"JPEG has over {MAX_JPEG_FILL_BYTES} fill bytes before its image data; re-encode it")
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise InvalidInput(f"JPEG has over {MAX_JPEG_SEGMENTS} markers before its image data; re-encode it")
+        if run.end() >= len(data):
+            return
+        marker, offset = data[run.end()], run.end() + 1
+        if marker in (0xDA, 0xD9):  # the first scan, or the end: what follows is the C decoder's
+            return
+        if not (0xD0 <= marker <= 0xD7 or marker == 0x01):  # all but these carry a length (itself included)
+            offset += int.from_bytes(data[offset : offset + 2], "big")
 
-    A valid image that costs Pillow seconds whatever its pixel count, in a decode thread that a caller's deadline
-    cannot stop. Only the chunk lengths are read, and at most ``MAX_PNG_CHUNKS`` of them.
+
+def _check_structure(data: bytes) -> None:
+    """Refuse, before Pillow opens it, a PNG or JPEG whose structure would take Pillow seconds to parse.
+
+    That is a PNG of over ``MAX_PNG_CHUNKS`` chunks, or a JPEG whose part before its first scan holds over
+    ``MAX_JPEG_SEGMENTS`` markers or ``MAX_JPEG_FILL_BYTES`` fill bytes. Pillow parses those in Python, whatever
+    the pixel count, in a decode thread that a caller's deadline cannot stop. Only lengths are read here, and at
+    most the limit's number of them.
     """
-    if data.startswith(_PNG_SIGNATURE):
+    if data.startswith(b"\xff\xd8"):
+        _check_jpeg_header(data)
+    elif data.startswith(_PNG_SIGNATURE):
         offset, chunks = len(_PNG_SIGNATURE), 0
         while offset + 8 <= len(data):
             chunks += 1
@@ -166,7 +195,9 @@ def as_colour_mode(image: Image.Image, mode: str) -> Image.Image:
     return image.convert(mode)
 
 
-_RESIZABLE = ("L", "LA", "RGB", "RGBA", "I", "F", "CMYK")  # modes resized by area (alpha premultiplied)
+# Modes whose area average, then conversion to L or RGB, is the conversion then the average (alpha premultiplied).
+# Not CMYK: Pillow's CMYK to RGB multiplies the channels, so it goes to RGB first.
+_RESIZABLE = ("L", "LA", "RGB", "RGBA", "I", "F")
 _RESIZABLE_AS = {"1": "L", "I;16": "I", "I;16B": "I", "I;16L": "I"}  # and what some others become first
 _QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
@@ -174,15 +205,21 @@ _QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 def _shrunk_towards(image: Image.Image, contract: InputContract) -> Image.Image:
     """``image`` area-averaged down to the contract's size (as it will stand once turned upright), if larger.
 
-    Done before the colour conversion, which at full size cost up to 16 bytes a pixel (a 6300x6300 palette PNG
+    Done before the colour conversion, which at full size cost up to 17 bytes a pixel (a 6300x6300 palette PNG
     with transparency, 5 KB, took 643 MiB to decode; found in review). Colour conversion and area averaging
     commute, up to rounding, so the pixels are those of converting first.
     """
     width, height = contract.width, contract.height
-    if min(image.size) < 2 * max(width, height):
-        return image  # at most a few times the input's size either way up: converting it whole costs little
+    if max(image.size) < 2 * max(width, height):
+        return image  # at most a few times the input's size: converting it whole costs little
     if image.getexif().get(_EXIF_ORIENTATION, 1) in _QUARTER_TURNS:
         width, height = height, width
+    # Each side at least twice the input's is shrunk to it; the other is left to the final resize (a long, thin
+    # image too: found in review, 15x1,000,000 took 18 bytes a pixel when only both sides were looked at).
+    width = width if image.width >= 2 * width else image.width
+    height = height if image.height >= 2 * height else image.height
+    if (width, height) == image.size:
+        return image
     if image.mode in _RESIZABLE_AS:
         image = image.convert(_RESIZABLE_AS[image.mode])
     elif image.mode not in _RESIZABLE:  # palette indices (P, PA) cannot be averaged: their colours can

@@ -232,8 +232,10 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         try:
             async for reply in items:
                 yield reply
-        except (StreamClosedForDrain, TooManyStreams) as exc:
+        except StreamClosedForDrain as exc:
             await context.abort(exc.code, str(exc))
+        except TooManyStreams as exc:
+            await context.abort(*self._rpc.refused("ModelStreamInfer", exc))
 
     async def _stream_item(
         self, request: oip.ModelInferRequest, deadline: float | None

@@ -132,18 +132,17 @@ class RpcObserver:
             self._metrics.deadline_expired.labels(self._api, model_label).inc()
         self._duration(rpc, model_label).observe(time.monotonic() - started)
 
-    def _log(self, rpc: str, exc: Exception, code: grpc.StatusCode, message: str) -> None:
+    def _log(self, rpc: str, model_label: str, exc: Exception, code: grpc.StatusCode, message: str) -> None:
         if code in CALLER_CODES or isinstance(exc, ModelControlOff):
             # The caller's own doing, already counted by code in convray_requests_total; at debug so that a
             # client looping on a bad request (or an overload, or model control while it is off) cannot flood
             # the log with one line per call.
             log.debug("%s failed: %s %s", rpc, code.name, message)
-        elif code == grpc.StatusCode.UNAVAILABLE or isinstance(
-            exc, ConvrayError | ModelLoadError | TimeoutError | asyncio.TimeoutError
-        ):
-            # Expected: a lost replica, Ray away, a drain; its message says all (no traceback). Once per kind every
-            # WARNING_EVERY_S (those calls usually fail together, for one reason logged where it happens).
-            held = self._warnings.admit((rpc, code, type(exc)))
+        elif code == grpc.StatusCode.UNAVAILABLE:
+            # Expected: a lost replica, Ray away, a drain, a server starting; its message says all (no traceback).
+            # Once per RPC, model and cause every WARNING_EVERY_S: such calls fail together, for one reason logged
+            # where it happens.
+            held = self._warnings.admit((rpc, model_label, type(exc)))
             if held is None:
                 log.debug("%s failed: %s %s", rpc, code.name, message)
             elif held:
@@ -151,8 +150,18 @@ class RpcObserver:
                             held)  # fmt: skip
             else:
                 log.warning("%s failed: %s %s", rpc, code.name, message)
+        elif isinstance(exc, ConvrayError | ModelLoadError | TimeoutError | asyncio.TimeoutError):
+            log.warning("%s failed: %s %s", rpc, code.name, message)  # a failed model load: each one said
         else:
             log.error("%s failed unexpectedly", rpc, exc_info=exc)
+
+    def refused(self, rpc: str, exc: ConvrayError) -> tuple[grpc.StatusCode, str]:
+        """Count and log a call refused before any of its work (a stream past ``MAX_OPEN_STREAMS``); its status."""
+        code, message = to_status(exc)
+        model_label = self._begin("")
+        self._log(rpc, model_label, exc, code, message)
+        self._record(rpc, model_label, code, time.monotonic(), exc)
+        return code, message
 
     async def unary(
         self, rpc: str, model: str, work: Callable[[], Awaitable[Reply]], context: grpc.aio.ServicerContext
@@ -169,7 +178,7 @@ class RpcObserver:
             raise
         except Exception as exc:  # noqa: BLE001 (mapped onto a status just below)
             code, message, failure = *to_status(exc), exc
-            self._log(rpc, exc, code, message)
+            self._log(rpc, model_label, exc, code, message)
             await context.abort(code, message, status_trailers(exc, code, message))
             raise  # unreachable: abort raises
         finally:
@@ -191,7 +200,7 @@ class RpcObserver:
             raise
         except Exception as exc:  # noqa: BLE001 (answered as this item's error)
             code, message, failure = *to_status(exc), exc
-            self._log(rpc, exc, code, message)
+            self._log(rpc, model_label, exc, code, message)
             return code, message
         finally:
             self._record(rpc, model_label, code, started, failure)

@@ -130,8 +130,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         try:
             async for reply in items:
                 yield reply
-        except (StreamClosedForDrain, TooManyStreams) as exc:
+        except StreamClosedForDrain as exc:
             await context.abort(exc.code, str(exc))
+        except TooManyStreams as exc:
+            await context.abort(*self._rpc.refused("ClassifyStream", exc))
 
     async def _stream_item(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyStreamResponse:
         async def work() -> pb.ClassifyResponse:

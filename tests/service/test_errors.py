@@ -5,6 +5,7 @@ import asyncio
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from prometheus_client import CollectorRegistry
 
 from convray.service.errors import (
     DeadlineExpired,
@@ -15,6 +16,7 @@ from convray.service.errors import (
     status_trailers,
     to_status,
 )
+from convray.service.metrics import Metrics
 
 
 @pytest.mark.parametrize(
@@ -52,7 +54,9 @@ def test_a_lost_replica_is_logged_as_a_warning_without_a_traceback(caplog):
     from convray.workers.pool import ReplicaStuck
 
     exc = ReplicaStuck("replica digits-0 did not answer")
-    RpcObserver._log("Classify", exc, *to_status(exc))
+    RpcObserver("native", Metrics(CollectorRegistry()), lambda name: name)._log(
+        "Classify", "digits", exc, *to_status(exc)
+    )
     (record,) = caplog.records
     assert record.levelname == "WARNING" and record.exc_info is None
 

@@ -26,6 +26,7 @@ from convray.service.rpc import (
     TooManyStreams,
     ordered_concurrently,
 )
+from convray.workers.repository import ModelLoadError
 
 
 async def _echo(request: object, context: object) -> object:
@@ -110,7 +111,7 @@ async def test_many_calls_failing_for_one_server_side_reason_give_one_warning_th
     caplog,
 ):
     """Ray lost under load, or a client polling a starting server: one warning per call flooded the log."""
-    observer = RpcObserver("oip", Metrics(CollectorRegistry()), lambda name: name, warning_every_s=0.2)
+    observer = RpcObserver("oip", Metrics(CollectorRegistry()), lambda name: name, warning_every_s=1.0)
 
     async def starting() -> str:
         raise ModelNotReady("server is starting")
@@ -118,12 +119,18 @@ async def test_many_calls_failing_for_one_server_side_reason_give_one_warning_th
     async def timed_out_inside() -> str:
         raise TimeoutError("GCS did not answer")
 
+    async def load_fails(model: str) -> str:
+        raise ModelLoadError(f"{model}: bad weights")
+
     with caplog.at_level(logging.DEBUG, logger="convray.service.rpc"):
         for _ in range(50):
             await observer.item("ModelInfer", "digits", starting)
         await observer.item("ModelInfer", "digits", timed_out_inside)  # another kind: a warning of its own
         await observer.item("ModelMetadata", "digits", starting)  # another RPC too
-        await asyncio.sleep(0.25)
+        await observer.item("ModelInfer", "cats", starting)  # and another model
+        for model in ("alpha", "beta"):  # a load failing is not throttled: each one is said
+            await observer.item("RepositoryModelLoad", model, lambda model=model: load_fails(model))
+        await asyncio.sleep(1.05)
         await observer.item("ModelInfer", "digits", starting)
 
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
@@ -131,6 +138,9 @@ async def test_many_calls_failing_for_one_server_side_reason_give_one_warning_th
         "ModelInfer failed: UNAVAILABLE server is starting",
         "ModelInfer failed: UNAVAILABLE timed out inside the server (TimeoutError: GCS did not answer); retry",
         "ModelMetadata failed: UNAVAILABLE server is starting",
+        "ModelInfer failed: UNAVAILABLE server is starting",
+        "RepositoryModelLoad failed: FAILED_PRECONDITION model load failed: alpha: bad weights",
+        "RepositoryModelLoad failed: FAILED_PRECONDITION model load failed: beta: bad weights",
         "ModelInfer failed: UNAVAILABLE server is starting (and 49 more like it since the last warning)",
     ]
     held_back = [record for record in caplog.records if record.levelno == logging.DEBUG]
@@ -368,9 +378,27 @@ async def test_past_its_limit_of_open_streams_a_new_one_is_refused_resource_exha
     assert streams.open == 2 and not third.done()
     for task in (third, waiting[1]):
         task.cancel()
+    await asyncio.gather(third, waiting[1], return_exceptions=True)
 
 
 def test_the_api_labels_name_the_services_convray_serves():
     from convray.service.server import CLASSIFIER_SERVICE, OIP_SERVICE
 
     assert API_LABELS == {CLASSIFIER_SERVICE: "native", OIP_SERVICE: "oip"}
+
+
+def test_a_stream_refused_for_the_open_stream_limit_is_counted_as_an_overload():
+    """Found in review: refused outside the observer, it was in no metric, so the overload alert could not see it."""
+    registry = CollectorRegistry()
+    observer = RpcObserver("native", Metrics(registry), lambda name: name or "digits")
+    code, message = observer.refused("ClassifyStream", TooManyStreams("this server has 2 request streams open"))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and message == "this server has 2 request streams open"
+    labels = {"api": "native", "model": "digits"}
+    assert (
+        registry.get_sample_value(
+            "convray_requests_total", {**labels, "rpc": "ClassifyStream", "code": "RESOURCE_EXHAUSTED"}
+        )
+        == 1
+    )
+    assert registry.get_sample_value("convray_overload_rejections_total", labels) == 1
+    assert registry.get_sample_value("convray_in_flight_requests", labels) == 0
