@@ -32,6 +32,7 @@ MAX_JPEG_SEGMENTS = 1_000  # markers before the first scan, each parsed by Pillo
 MAX_JPEG_FILL_BYTES = 1_024  # 0xFF fill bytes before the first scan, read by Pillow one at a time (4 MB took 3.9 s)
 MAX_PNG_CHUNKS = 10_000  # Pillow reads each chunk in Python holding the GIL: 1.3M empty chunks in 16 MB took 8 s
 # and slowed every other request; encoders write image data in chunks of 8-64 KiB (2,048 of 8 KiB in 16 MiB).
+MAX_GIF_SUB_BLOCKS = 10_000  # extension data before the first frame, read by Pillow in Python (2M took 1 s)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_FILL = re.compile(rb"\xff+")
 
@@ -151,16 +152,36 @@ def _check_jpeg_header(data: bytes) -> None:
             offset += int.from_bytes(data[offset : offset + 2], "big")
 
 
+def _check_gif_extensions(data: bytes) -> None:
+    """Walk a GIF's extensions up to its first frame, counting their sub-blocks (see ``_check_structure``)."""
+    packed = data[10] if len(data) > 10 else 0
+    offset = 13 + (3 << ((packed & 7) + 1) if packed & 0x80 else 0)  # header, screen descriptor, colour table
+    sub_blocks = 0
+    while offset + 1 < len(data) and data[offset] == 0x21:  # an extension: its label, then sized sub-blocks
+        offset += 2
+        while offset < len(data) and data[offset]:
+            sub_blocks += 1
+            if sub_blocks > MAX_GIF_SUB_BLOCKS:
+                raise InvalidInput(
+                    f"GIF has over {MAX_GIF_SUB_BLOCKS} extension blocks before its first frame; re-encode it"
+                )
+            offset += 1 + data[offset]
+        offset += 1  # the empty sub-block that ends the extension
+
+
 def _check_structure(data: bytes) -> None:
     """Refuse, before Pillow opens it, a PNG or JPEG whose structure would take Pillow seconds to parse.
 
-    That is a PNG of over ``MAX_PNG_CHUNKS`` chunks, or a JPEG whose part before its first scan holds over
-    ``MAX_JPEG_SEGMENTS`` markers or ``MAX_JPEG_FILL_BYTES`` fill bytes. Pillow parses those in Python, whatever
+    That is a PNG of over ``MAX_PNG_CHUNKS`` chunks, a JPEG whose part before its first scan holds over
+    ``MAX_JPEG_SEGMENTS`` markers or ``MAX_JPEG_FILL_BYTES`` fill bytes, or a GIF with over ``MAX_GIF_SUB_BLOCKS``
+    extension sub-blocks before its first frame. Pillow parses those in Python, whatever
     the pixel count, in a decode thread that a caller's deadline cannot stop. Only lengths are read here, and at
     most the limit's number of them.
     """
     if data.startswith(b"\xff\xd8"):
         _check_jpeg_header(data)
+    elif data.startswith((b"GIF87a", b"GIF89a")):
+        _check_gif_extensions(data)
     elif data.startswith(_PNG_SIGNATURE):
         offset, chunks = len(_PNG_SIGNATURE), 0
         while offset + 8 <= len(data):
