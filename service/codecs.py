@@ -131,7 +131,7 @@ def _check_scans(data: bytes) -> None:
 
 
 def _check_jpeg_header(data: bytes) -> None:
-    """Walk a JPEG's markers from its start to its first scan, as Pillow's parser does, counting (see above)."""
+    """Walk a JPEG's markers from its start to its first scan, as Pillow's parser does (see ``_check_structure``)."""
     offset, segments, fill = 2, 0, 0
     while offset < len(data):
         run = _JPEG_FILL.match(data, offset)
@@ -170,13 +170,12 @@ def _check_gif_extensions(data: bytes) -> None:
 
 
 def _check_structure(data: bytes) -> None:
-    """Refuse, before Pillow opens it, a PNG or JPEG whose structure would take Pillow seconds to parse.
+    """Refuse, before Pillow opens it, a PNG, JPEG or GIF whose structure would take Pillow seconds to parse.
 
     That is a PNG of over ``MAX_PNG_CHUNKS`` chunks, a JPEG whose part before its first scan holds over
     ``MAX_JPEG_SEGMENTS`` markers or ``MAX_JPEG_FILL_BYTES`` fill bytes, or a GIF with over ``MAX_GIF_SUB_BLOCKS``
-    extension sub-blocks before its first frame. Pillow parses those in Python, whatever
-    the pixel count, in a decode thread that a caller's deadline cannot stop. Only lengths are read here, and at
-    most the limit's number of them.
+    extension sub-blocks before its first frame. Pillow parses those in Python, whatever the pixel count, in a
+    decode thread that a caller's deadline cannot stop. Only lengths are read here, at most the limit's number.
     """
     if data.startswith(b"\xff\xd8"):
         _check_jpeg_header(data)
