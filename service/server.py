@@ -41,7 +41,7 @@ from convray.service.metrics import Metrics
 from convray.service.oip_servicer import InferenceServicer
 from convray.service.ray_watch import RayGate, RayWatchdog
 from convray.service.registry import ModelRegistry
-from convray.service.rpc import MalformedMessageInterceptor, OpenStreams
+from convray.service.rpc import HealthWatchLimit, MalformedMessageInterceptor, OpenStreams
 from convray.service.security import BearerTokenInterceptor, read_token, server_credentials
 from convray.service.servicer import ClassifierServicer
 from convray.v1 import classifier_pb2, classifier_pb2_grpc
@@ -258,6 +258,8 @@ class ConvrayServer:
         if security.auth_token_file is not None:  # outermost: nothing is read or parsed for a caller without it
             interceptors.append(BearerTokenInterceptor(read_token(security.auth_token_file)))
         interceptors.append(MalformedMessageInterceptor())
+        watch_limit = HealthWatchLimit()  # one count for both ports
+        interceptors.append(watch_limit)
         self.ray_gate = RayGate(self.metrics, self.registry.metric_label)
         interceptors.append(self.ray_gate)  # innermost: an unauthenticated call is refused as such first
         self._credentials = server_credentials(security)
@@ -304,7 +306,9 @@ class ConvrayServer:
         # to the main one would serve every API on it unencrypted. Same servicer, so both report the same status.
         self._health_server: grpc.aio.Server | None = None
         if settings.server.health_port is not None:
-            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", int(member is not None))])
+            self._health_server = grpc.aio.server(
+                interceptors=[watch_limit], options=[("grpc.so_reuseport", int(member is not None))]
+            )
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
         self.port = 0
         self.health_port: int | None = None

@@ -7,6 +7,7 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convray.service.config import ServerSettings
 from convray.service.server import grpc_server_options
@@ -190,8 +191,10 @@ def test_the_server_closes_the_connection_of_a_client_that_fell_silent(
 def test_a_stream_past_the_servers_limit_of_open_streams_is_refused_resource_exhausted(
     ray_address, tmp_path, image, monkeypatch
 ):
-    """Found in review: 20,000 idle streams were all held open; the server now refuses past its limit."""
+    """Found in review: 20,000 idle streams, or health Watch streams, were all held open; past its limits the
+    server now refuses new ones."""
     monkeypatch.setattr("convray.service.rpc.MAX_OPEN_STREAMS", 2)
+    monkeypatch.setattr("convray.service.rpc.MAX_HEALTH_WATCHES", 2)
     server = start_server(tmp_path)
     silent = threading.Event()
 
@@ -217,6 +220,18 @@ def test_a_stream_past_the_servers_limit_of_open_streams_is_refused_resource_exh
                 except grpc.RpcError as exc:
                     assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
                     time.sleep(0.1)
+
+            health = health_pb2_grpc.HealthStub(channel)  # no token needed: probes cannot send one
+            watches = [health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30) for _ in range(2)]
+            assert [next(watch).status for watch in watches] == [health_pb2.HealthCheckResponse.SERVING] * 2
+            with pytest.raises(grpc.RpcError) as refused:
+                next(health.Watch(health_pb2.HealthCheckRequest(service="other"), timeout=30))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "has 2 health Watch streams open, its limit; use Check" in refused.value.details()
+            request = health_pb2.HealthCheckRequest(service="")
+            assert health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING  # still
+            for watch in watches:
+                watch.cancel()
     finally:
         silent.set()
         server.stop()
