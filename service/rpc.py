@@ -43,9 +43,6 @@ STREAM_WINDOW = 256
 # Request streams (ClassifyStream, ModelStreamInfer) open at once in one front end; past it a new one is refused
 # RESOURCE_EXHAUSTED. An idle stream holds about 20-30 KB: unbounded, 150,000 of them would outgrow a 4 GiB pod.
 MAX_OPEN_STREAMS = 10_000
-# Health Watch streams open at once in one front end (they need no token: probes cannot send one).
-MAX_HEALTH_WATCHES = 1_000
-HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 # Label combinations whose metric children each RpcObserver keeps at hand.
 CACHED_LABELS = 1024
 # Server-side failures of one kind are logged at warning at most this often; the rest at debug, counted.
@@ -376,48 +373,6 @@ async def ordered_concurrently(
                 task.cancel()
         if streams is not None:
             streams.leave()
-
-
-class HealthWatchLimit(grpc.aio.ServerInterceptor):
-    """Refuses a health ``Watch`` stream past ``limit`` open ones with RESOURCE_EXHAUSTED.
-
-    Health checks need no token (probes cannot send one), so anyone who reaches the port could open ``Watch``
-    streams, each held until its client leaves: 20,000 took about 250 MiB in a review. Probes use ``Check``.
-    """
-
-    def __init__(self, limit: int | None = None) -> None:
-        """``limit``: ``Watch`` streams open at once; ``MAX_HEALTH_WATCHES`` unless given."""
-        self.limit = MAX_HEALTH_WATCHES if limit is None else limit
-        self.open = 0
-        self._handlers = HandlerCache(self._limited)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        """Wrap the health ``Watch`` handler so that it counts its streams; pass every other call through."""
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method != HEALTH_WATCH:
-            return handler
-        return self._handlers.get(HEALTH_WATCH, handler)
-
-    def _limited(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        watch = handler.unary_stream  # grpc's aio health servicer: a coroutine writing to its context
-
-        async def limited(request: Any, context: grpc.aio.ServicerContext) -> None:
-            if self.open >= self.limit:
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"this server has {self.open} health Watch streams open, its limit; use Check, or retry later",
-                )
-            self.open += 1
-            try:
-                await watch(request, context)
-            finally:
-                self.open -= 1
-
-        return handler_like(handler, limited)
 
 
 _HANDLER_FACTORIES = {

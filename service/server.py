@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -36,12 +36,13 @@ from convray.service import __version__
 from convray.service.config import ServerSettings, Settings, WorkerSettings
 from convray.service.explaining import Explainer
 from convray.service.frontends import STOP_SIGNALS, FrontendMember, bind_failures
+from convray.service.health import HealthServicer
 from convray.service.inference import Classifier
 from convray.service.metrics import Metrics
 from convray.service.oip_servicer import InferenceServicer
 from convray.service.ray_watch import RayGate, RayWatchdog
 from convray.service.registry import ModelRegistry
-from convray.service.rpc import HealthWatchLimit, MalformedMessageInterceptor, OpenStreams
+from convray.service.rpc import MalformedMessageInterceptor, OpenStreams
 from convray.service.security import BearerTokenInterceptor, read_token, server_credentials
 from convray.service.servicer import ClassifierServicer
 from convray.v1 import classifier_pb2, classifier_pb2_grpc
@@ -252,14 +253,12 @@ class ConvrayServer:
             self._decoder,
             self.metrics,
         )
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()  # grpc's, with its Watch streams bounded
         security = settings.security
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if security.auth_token_file is not None:  # outermost: nothing is read or parsed for a caller without it
             interceptors.append(BearerTokenInterceptor(read_token(security.auth_token_file)))
         interceptors.append(MalformedMessageInterceptor())
-        watch_limit = HealthWatchLimit()  # one count for both ports
-        interceptors.append(watch_limit)
         self.ray_gate = RayGate(self.metrics, self.registry.metric_label)
         interceptors.append(self.ray_gate)  # innermost: an unauthenticated call is refused as such first
         self._credentials = server_credentials(security)
@@ -306,9 +305,7 @@ class ConvrayServer:
         # to the main one would serve every API on it unencrypted. Same servicer, so both report the same status.
         self._health_server: grpc.aio.Server | None = None
         if settings.server.health_port is not None:
-            self._health_server = grpc.aio.server(
-                interceptors=[watch_limit], options=[("grpc.so_reuseport", int(member is not None))]
-            )
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", int(member is not None))])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
         self.port = 0
         self.health_port: int | None = None

@@ -194,7 +194,7 @@ def test_a_stream_past_the_servers_limit_of_open_streams_is_refused_resource_exh
     """Found in review: 20,000 idle streams, or health Watch streams, were all held open; past its limits the
     server now refuses new ones."""
     monkeypatch.setattr("convray.service.rpc.MAX_OPEN_STREAMS", 2)
-    monkeypatch.setattr("convray.service.rpc.MAX_HEALTH_WATCHES", 2)
+    monkeypatch.setattr("convray.service.health.MAX_HEALTH_WATCHES", 2)
     server = start_server(tmp_path)
     silent = threading.Event()
 
