@@ -182,15 +182,20 @@ def _check_structure(data: bytes) -> None:
     elif data.startswith((b"GIF87a", b"GIF89a")):
         _check_gif_extensions(data)
     elif data.startswith(_PNG_SIGNATURE):
-        offset, chunks = len(_PNG_SIGNATURE), 0
-        while offset + 8 <= len(data):
-            chunks += 1
-            if chunks > MAX_PNG_CHUNKS:
-                raise InvalidInput(f"PNG has more than {MAX_PNG_CHUNKS} chunks; re-encode it")
-            (length,) = struct.unpack_from(">I", data, offset)
-            if data[offset + 4 : offset + 8] == b"IEND":
-                return
-            offset += 12 + length  # length, type, data, CRC
+        _check_png_chunks(data)
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Walk a PNG's chunk lengths up to its end, counting its chunks (see ``_check_structure``)."""
+    offset, chunks = len(_PNG_SIGNATURE), 0
+    while offset + 8 <= len(data):
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            raise InvalidInput(f"PNG has more than {MAX_PNG_CHUNKS} chunks; re-encode it")
+        (length,) = struct.unpack_from(">I", data, offset)
+        if data[offset + 4 : offset + 8] == b"IEND":
+            return
+        offset += 12 + length  # length, type, data, CRC
 
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow modes of single-channel images

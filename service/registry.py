@@ -395,19 +395,19 @@ class ModelRegistry:
             raise InvalidInput(f"version must be 0 (latest) or a positive integer, got {version}")
         if not self.ready:
             raise ModelNotReady("server is starting: models are still loading; retry shortly")
-        versions = self._served.get(name or self.default_model)
+        wanted = name or self.default_model
+        versions = self._served.get(wanted)
         if not versions:
             if not name:
                 raise ModelNotFound(
-                    f"the request names no model, and the default model {shown(self.default_model)} is not served "
+                    f"the request names no model, and the default model {shown(wanted)} is not served "
                     f"(--default-model); name one of the served models: {sorted(self._served)}"
                 )
             raise ModelNotFound(f"model {shown(name)} is not served; served models: {sorted(self._served)}")
-        name = name or self.default_model
         if version == 0:
             return versions[max(versions)]
         if version not in versions:
-            raise ModelNotFound(f"version {version} of model {shown(name)} is not loaded; loaded: {sorted(versions)}")
+            raise ModelNotFound(f"version {version} of model {shown(wanted)} is not loaded; loaded: {sorted(versions)}")
         return versions[version]
 
     def resolve_serving(self, name: str, version: int) -> ServedModel:
