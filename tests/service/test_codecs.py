@@ -267,8 +267,37 @@ def test_a_jpeg_of_more_than_100_scans_is_refused_before_it_is_decoded():
     normal = encode(gradient(size=(64, 64)), "JPEG", progressive=True)
     assert 2 < normal.count(b"\xff\xda") <= 100
     decode_image(progressive_jpeg_with_scans_repeated(100 - normal.count(b"\xff\xda")), GREY_8, LIMITS)
-    with pytest.raises(InvalidInput, match=r"^JPEG has 101 scans, over the limit of 100 \(an encoder writes about"):
+    with pytest.raises(InvalidInput, match=r"^JPEG has over 100 scans \(an encoder writes about 10\); re-encode it$"):
         decode_image(progressive_jpeg_with_scans_repeated(101 - normal.count(b"\xff\xda")), GREY_8, LIMITS)
+
+
+def test_start_of_scan_bytes_outside_the_images_scans_are_not_counted_as_scans():
+    """Bytes after the end-of-image marker (a motion photo's video) or inside a segment are not scans (review).
+
+    The first version counted every 0xFFDA pair in the file, so a progressive JPEG with such data appended was refused.
+    """
+    normal = encode(gradient(size=(64, 64)), "JPEG", progressive=True)
+    start_of_scans = b"\xff\xda" * 200
+    decode_image(normal + start_of_scans, GREY_8, LIMITS)
+    comment = b"\xff\xfe" + (2 + len(start_of_scans)).to_bytes(2, "big") + start_of_scans
+    decode_image(normal[:2] + comment + normal[2:], GREY_8, LIMITS)
+
+
+def test_an_end_of_image_marker_inside_a_segment_does_not_end_the_scan_count():
+    """An EXIF thumbnail (a JPEG inside a segment) ends with 0xFFD9; the image's own scans are counted past it."""
+    thumbnail_end = b"\xff\xfe\x00\x04\xff\xd9"  # a comment holding an end-of-image marker
+    many_scans = progressive_jpeg_with_scans_repeated(120)
+    with pytest.raises(InvalidInput, match=r"^JPEG has over 100 scans"):
+        decode_image(many_scans[:2] + thumbnail_end + many_scans[2:], GREY_8, LIMITS)
+
+
+def test_a_progressive_jpeg_of_over_1000_markers_in_its_image_data_is_refused():
+    """Markers after the first scan are walked one by one in Python, so their number is bounded like the header's."""
+    normal = encode(gradient(size=(64, 64)), "JPEG", progressive=True)
+    comment = b"\xff\xfe\x00\x02"
+    decode_image(normal[:-2] + comment * 900 + normal[-2:], GREY_8, LIMITS)
+    with pytest.raises(InvalidInput, match=r"^JPEG has over 1000 markers in its image data; re-encode it$"):
+        decode_image(normal[:-2] + comment * 1000 + normal[-2:], GREY_8, LIMITS)
 
 
 def png_with_empty_chunks(count: int) -> bytes:
