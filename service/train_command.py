@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from convray.service.exit_codes import EXIT_OK, EXIT_USAGE
+from convray.service.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from convray.workers.progress import EpochProgress
 
 # Every `convray train` / `convray tune` flag and its argparse options; each sets the TrainConfig field of
@@ -116,8 +116,9 @@ def _port(text: str) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a CNN (in this process or on Ray Train workers) and publish it as the next model version."""
-    from convray.workers.repository import validate_model_name
+    from convray.workers.repository import UnservableWeights, validate_model_name
     from convray.workers.train import train_and_publish
+    from convray.workers.train_config import TrainingFailed
 
     try:
         config = config_from_args(args)
@@ -133,6 +134,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                         f"--metrics-port: cannot serve {args.metrics_host}:{args.metrics_port}: {exc}"
                     ) from None
         train_and_publish(config, Path(args.model_repo), args.model_name, on_epoch=on_epoch)
+    except (TrainingFailed, UnservableWeights) as exc:  # it ran, and ended with nothing to publish
+        print(f"convray train: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except (ValueError, FileNotFoundError) as exc:  # bad flags, or a --spec / dataset file that is not there
         print(f"convray train: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -141,8 +145,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Search spec and optimiser choices with Ray Tune (each trial a Ray Train run); publish the best."""
-    from convray.workers.repository import validate_model_name
-    from convray.workers.tune import SEARCHED_KNOBS, tune_and_publish
+    from convray.workers.repository import UnservableWeights, validate_model_name
+    from convray.workers.train_config import SEARCHED_KNOBS, TrainingFailed
+    from convray.workers.tune import tune_and_publish
 
     try:
         validate_model_name(args.model_name)
@@ -160,20 +165,38 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise ValueError("; ".join(refused))
         fixed = [knob for knob in SEARCHED_KNOBS if getattr(args, knob) is not None]  # the user's stay as given
         tune_and_publish(config_from_args(args), args.trials, Path(args.model_repo), args.model_name, fixed=fixed)
+    except (TrainingFailed, UnservableWeights) as exc:
+        print(f"convray tune: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except (ValueError, FileNotFoundError) as exc:
         print(f"convray tune: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
 
 
-def _add_train_flags(parser: argparse.ArgumentParser, hidden: tuple[str, ...] = ()) -> None:
-    """Every TRAIN_FLAGS flag; those in ``hidden`` are parsed (to be refused with a reason) but not in --help."""
+def _add_train_flags(
+    parser: argparse.ArgumentParser,
+    hidden: tuple[str, ...] = (),
+    searched: tuple[str, ...] = (),
+    helps: dict[str, str] | None = None,
+) -> None:
+    """Every TRAIN_FLAGS flag; those in ``hidden`` are parsed (to be refused with a reason) but not in --help.
+
+    ``searched``: TrainConfig fields a search draws unless their flag is given (their help says so instead of
+    a default); ``helps``: help texts that replace TRAIN_FLAGS' own for this command.
+    """
     from convray.workers.train_config import TrainConfig  # free of torch: cheap enough for every `convray` start
 
     defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
     for flag, options in TRAIN_FLAGS.items():
+        options = {**options, "help": (helps or {}).get(flag, options.get("help", ""))}
+        if flag in hidden:
+            shown = {"help": argparse.SUPPRESS}
+        elif _field(flag) in searched:
+            shown = {"help": f"{options['help']} (searched unless given)".lstrip()}
+        else:
+            shown = _with_default(options, defaults[_field(flag)])
         # Unset flags stay None, so that TrainConfig's defaults apply and --resume can tell what was given.
-        shown = {"help": argparse.SUPPRESS} if flag in hidden else _with_default(options, defaults[_field(flag)])
         parser.add_argument(flag, **{"dest": _field(flag), "default": None, **options, **shown})
     parser.add_argument("--model-repo", default="models", help="repository to publish into (default: models)")
     parser.add_argument("--model-name", default="digits", help="model to publish the next version of (default: digits)")
@@ -198,6 +221,13 @@ def add_train_commands(commands: Any) -> None:
     train.set_defaults(run=cmd_train)
 
     tune = commands.add_parser("tune", help="search hyperparameters, publish the best", description=cmd_tune.__doc__)
-    _add_train_flags(tune, hidden=("--resume", "--run-name"))  # a search names and starts its own trials
+    from convray.workers.train_config import SEARCHED_KNOBS
+
+    _add_train_flags(
+        tune,
+        hidden=("--resume", "--run-name"),  # a search names and starts its own trials
+        searched=SEARCHED_KNOBS,
+        helps={"--workers": "Ray Train workers of each trial (at least 1)"},
+    )
     tune.add_argument("--trials", type=int, default=8, help="configurations to try")
     tune.set_defaults(run=cmd_tune)

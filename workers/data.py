@@ -99,14 +99,22 @@ def load_npz(path: str) -> ImageDataset:
         opened = np.load(path, allow_pickle=False)
     except OSError as exc:
         raise ValueError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    except ValueError as exc:  # neither .npz nor .npy (numpy would need pickles to read it as anything else)
+        raise ValueError(f"{path}: not a .npz archive: {exc}") from None
+    if not isinstance(opened, np.lib.npyio.NpzFile):  # a .npy holds one array, not named images and labels
+        raise ValueError(f"{path}: a single array (.npy); save images and labels with numpy.savez")
     with opened as arrays:
         missing = {"images", "labels"} - set(arrays.files)
         if missing:
             raise ValueError(f"{path}: missing array(s) {sorted(missing)}; it has {arrays.files}")
         names = [str(n) for n in arrays["label_names"]] if "label_names" in arrays.files else None
         images, labels = as_nchw(arrays["images"]), arrays["labels"]
+    if labels.ndim != 1:
+        raise ValueError(f"{path}: labels must be one class per image (shape (N,)), got shape {labels.shape}")
     if len(images) != len(labels):
         raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
+    if len(images) == 0:
+        raise ValueError(f"{path}: no images")
     numbers, names = labelled(labels, names)
     return ImageDataset(images, numbers, names)
 

@@ -29,7 +29,7 @@ from convray.workers.cluster import started_here
 from convray.workers.models import CNN, build_model
 from convray.workers.progress import EpochProgress
 from convray.workers.train import TrainingData, epoch_line, load_spec, train_loop
-from convray.workers.train_config import RUN_FIELDS, TrainConfig, changed_run_settings
+from convray.workers.train_config import RUN_FIELDS, TrainConfig, TrainingFailed, changed_run_settings
 
 STATE_FILE = "state.pt"
 PUBLISHED_FILE = "published.json"  # in a run's directory once its model was published: {"model", "version"}
@@ -376,14 +376,25 @@ def fit(
     """Run ``train_loop`` on ``config.workers`` Ray Train workers; return the trained model and its curve.
 
     Raises:
-        ray.train.TrainingFailedError: the workers failed more than ``config.max_failures`` times.
+        TrainingFailed: the workers failed more than ``config.max_failures`` times (the run's last checkpoint
+            is kept, and the message says how to continue from it).
     """
+    from ray.train import TrainingFailedError
+
     for name, value in FAST_START_ENV.items():
         os.environ.setdefault(name, value)
     refuse_what_cannot_fit(config)
     started = time.monotonic()
     config = replace(config, run_name=config.run_name or choose_run_name(config, "run"))
-    result = trainer(config, data, on_epoch).fit()
+    try:
+        result = trainer(config, data, on_epoch).fit()
+    except TrainingFailedError as exc:  # Ray's own message is a worker's whole traceback: the cause is its last line
+        cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise TrainingFailed(
+            f"run {config.run_name} failed (restarts allowed: {config.max_failures}, --max-failures): {cause}. "
+            f"Its last checkpoint is kept under {Path(config.storage_path).resolve() / config.run_name}: continue "
+            f"it with --resume --run-name {config.run_name}"
+        ) from exc
     state = load_state(result.checkpoint)
     _, _, height, width = data.train.images.shape
     model = build_model(data.spec, height, width)

@@ -46,6 +46,10 @@ class ModelLoadError(Exception):
     """A model version on disk is missing, malformed or inconsistent; the message says where."""
 
 
+class UnservableWeights(ValueError):
+    """Weights ``publish`` refuses because every server would refuse to load them (NaN or infinite values)."""
+
+
 class Normalisation(BaseModel):
     """Per-channel normalisation applied to ``pixel / 255``: ``(x - mean) / std``."""
 
@@ -245,12 +249,18 @@ class ModelRepository:
         from safetensors.torch import save_file
 
         validate_model_name(name)
+        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        not_finite = non_finite_tensors(state)
+        if not_finite:  # found in review: a diverged run published a version its servers retried loading for ever
+            raise UnservableWeights(
+                f"{name}: not published: tensors with NaN or infinite values {not_finite[:5]} (the training "
+                "diverged: a lower learning rate usually mends it); a server would refuse to load them"
+            )
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".publish-", dir=model_dir))
         try:
             (staging / METADATA_FILE).write_text(metadata.model_dump_json(indent=2) + "\n", encoding="utf-8")
-            state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
             save_file(
                 state,
                 str(staging / WEIGHTS_FILE),
@@ -326,8 +336,6 @@ def load_weights(module: torch.nn.Module, path: Path, digest: str | None = None)
     Raises:
         ModelLoadError: the file is missing or corrupt, or names/shapes differ (listed in the message).
     """
-    import torch
-
     try:
         with safe_open(str(path), framework="pt") as weights:  # one read for the metadata and the tensors
             published_for = (weights.metadata() or {}).get(SPEC_DIGEST_KEY)
@@ -366,7 +374,14 @@ def load_weights(module: torch.nn.Module, path: Path, digest: str | None = None)
             "publish the model again rather than edit its spec"
         )
     # A NaN or infinity would be served as a NaN probability for every image (and a JSON reply that is not JSON).
-    not_finite = [key for key in both if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all())]
+    not_finite = non_finite_tensors(state)
     if not_finite:
         raise ModelLoadError(f"{path}: tensors with NaN or infinite values: {not_finite}")
     module.load_state_dict(state)
+
+
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of ``state``'s floating-point tensors holding a NaN or an infinity."""
+    import torch
+
+    return [key for key, value in state.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]

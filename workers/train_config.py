@@ -9,6 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+SEARCHED_KNOBS = ("optimizer", "max_lr", "weight_decay", "label_smoothing")
+"""The TrainConfig fields ``convray tune`` draws; one set by its flag (``--optimizer``, ``--lr``...) is not searched."""
+
+
+class TrainingFailed(Exception):
+    """A run or search that started and ended without a model to publish: what happened and what to do next."""
+
 
 @dataclass
 class TrainConfig:
@@ -68,6 +75,12 @@ class TrainConfig:
                 (self.max_shift_px < 0, f"max shift must be >= 0 pixels, got {self.max_shift_px}"),
                 (self.threads < 1, f"threads must be >= 1, got {self.threads}"),
                 (self.workers < 0, f"workers must be >= 0, got {self.workers}"),
+                (self.cpus_per_worker <= 0, f"CPUs per worker must be > 0, got {self.cpus_per_worker}"),
+                (self.max_failures < 0, f"max failures must be >= 0, got {self.max_failures}"),
+                (
+                    not 0 < self.held_out_fraction < 1,
+                    f"held-out fraction must be in (0, 1), got {self.held_out_fraction}",
+                ),
                 (self.resume and self.workers == 0, "--resume continues a Ray Train run's checkpoints: --workers >= 1"),
                 (
                     self.gpu and self.workers == 0 and not _cuda_available(),

@@ -13,23 +13,23 @@ selection; hold a test set back (another ``npz:``) for an unbiased figure.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Collection
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from convray.workers.models import build_model
-from convray.workers.ray_train import load_state, trainer
+from convray.workers.ray_train import STATE_FILE, load_state, trainer
 from convray.workers.repository import ModelRepository
 from convray.workers.spec import Activation, CNNSpec, ConvBlock, DropoutBlock, FCHead, GAPFCHead, GAPHead, PoolBlock
 from convray.workers.train import TrainingData, finish, prepare_data
-from convray.workers.train_config import TrainConfig
+from convray.workers.train_config import SEARCHED_KNOBS, TrainConfig, TrainingFailed
 
-SEARCHED_KNOBS = ("optimizer", "max_lr", "weight_decay", "label_smoothing")
-"""The TrainConfig fields the search draws; one the user set (``--optimizer``, ``--lr``...) is kept, not searched."""
+CHOICE_FILE = "choice.json"  # in each trial's Ray Train run directory: the spec and knobs it drew
 
 
 def search_space(fixed: Collection[str] = ()) -> dict[str, Any]:
@@ -85,6 +85,9 @@ def run_trial(choice: dict[str, Any], base: dict[str, Any], data: TrainingData) 
 
     config = config_for(TrainConfig(**base), choice)
     config.run_name = f"trial-{tune.get_context().get_trial_id()}"
+    run_dir = Path(config.storage_path) / config.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CHOICE_FILE).write_text(json.dumps(choice), encoding="utf-8")  # what best_finished rebuilds it from
     trial_data = replace(data, spec=spec_for(data.spec, choice))
     trainer(config, trial_data, callbacks=[TuneReportCallback()]).fit()
 
@@ -102,7 +105,8 @@ def tune_and_publish(
     ``fixed``: knobs of ``SEARCHED_KNOBS`` the user set; every trial keeps ``config``'s value of them.
 
     Raises:
-        ValueError: no trial finished, or the workers cannot fit an embedded Ray, or the repository is not writable.
+        ValueError: the workers cannot fit an embedded Ray, or the repository is not writable.
+        TrainingFailed: the search was interrupted, or no trial finished its epochs.
     """
     from ray import tune
     from ray.train import Checkpoint
@@ -138,22 +142,16 @@ def tune_and_publish(
         ),  # fmt: skip
         run_config=tune.RunConfig(name=search, storage_path=config.storage_path, verbose=0),
     )
-    results = tuner.fit()
-    best = results.get_best_result(metric="val_accuracy", mode="max", scope="last")
-    if best is None or best.metrics is None or "checkpoint_path" not in best.metrics:
-        raise ValueError(f"no trial of {search} finished; see {config.storage_path}")
-    for result in results:
-        if result.metrics:
-            trial, accuracy = result.metrics.get("trial_id"), result.metrics["val_accuracy"]
-            log(f"trial {trial}: val_accuracy {accuracy:.4f}  {result.config}")
-    state = load_state(Checkpoint(best.metrics["checkpoint_path"]))
-    best_config = config_for(config, best.config)
-    best_data = replace(data, spec=spec_for(data.spec, best.config))
+    results = tuner.fit()  # returns, rather than raises, when trials fail or Ctrl-C stops the search
+    best = best_finished(results, trials, config.epochs, search, Path(config.storage_path), log)
+    state = load_state(Checkpoint(str(best.checkpoint)))
+    best_config = config_for(config, best.choice)
+    best_data = replace(data, spec=spec_for(data.spec, best.choice))
     _, _, height, width = data.train.images.shape
     model = build_model(best_data.spec, height, width)
     model.load_state_dict(state["model"])
     metadata = finish(best_config, best_data, model, state["history"], time.monotonic() - started)
-    metadata.training["tune"] = {"trials": trials, "best": best.config, "search": search}
+    metadata.training["tune"] = {"trials": trials, "best": best.choice, "search": search}
     version = repo.publish(
         model_name,
         metadata,
@@ -166,3 +164,60 @@ def tune_and_publish(
     out = repo.version_dir(model_name, version)
     log(f"published {out}  best of {trials} trials: held-out accuracy {metadata.metrics['accuracy']:.4f}")
     return out
+
+
+@dataclass(frozen=True)
+class FinishedTrial:
+    """A trial whose Ray Train run saved its last epoch's checkpoint: what it drew, and how well it did."""
+
+    trial_id: str
+    choice: dict[str, Any]
+    checkpoint: Path
+    val_accuracy: float
+
+
+def best_finished(
+    results: Any, trials: int, epochs: int, search: str, storage_path: Path, log: Any = print
+) -> FinishedTrial:
+    """The trial with the best held-out accuracy among those that ran all ``epochs``, after logging each trial.
+
+    What a trial finished is read from its Ray Train run under ``storage_path`` (its last epoch's checkpoint),
+    not from Tune's results, which fall short in two ways (found in review):
+
+    - ``get_best_result`` also ranks trials that failed or were stopped part-way, and Ctrl-C makes
+      ``Tuner.fit`` return normally;
+    - a trial's last epoch, handed to Tune through ``TuneReportCallback``'s one-slot queue, is sometimes lost
+      when the trial ends first (in 4 of 8 two-trial searches here): Tune then holds the epoch before, with its
+      checkpoint, which was published as the trial's.
+
+    Raises:
+        TrainingFailed: the search was interrupted (some trials neither finished nor failed, or never started),
+            or no trial finished. Nothing is published then.
+    """
+    from ray.train import Checkpoint
+
+    for result in results:
+        if result.error is not None:
+            cause = str(result.error).strip().splitlines() or [type(result.error).__name__]
+            trial = (result.metrics or {}).get("trial_id", "?")
+            log(f"trial {trial}: failed: {cause[-1]}  {result.config}")
+    stopped = trials - results.num_terminated - results.num_errors
+    if stopped > 0:
+        raise TrainingFailed(
+            f"search {search} was interrupted: {stopped} of {trials} trials did not run to the end; nothing "
+            f"published (its trials are under {storage_path})"
+        )
+    finished = []
+    for run in sorted(storage_path.glob("trial-*")):
+        last = run / f"checkpoint_{epochs:04d}"
+        if not (last / STATE_FILE).is_file() or not (run / CHOICE_FILE).is_file():
+            continue
+        choice = json.loads((run / CHOICE_FILE).read_text(encoding="utf-8"))
+        accuracy = load_state(Checkpoint(str(last)))["history"][-1]["val_accuracy"]
+        finished.append(FinishedTrial(run.name.removeprefix("trial-"), choice, last, accuracy))
+        log(f"trial {finished[-1].trial_id}: val_accuracy {accuracy:.4f}  {choice}")
+    if not finished:
+        raise TrainingFailed(f"no trial of search {search} finished; nothing published (see {storage_path})")
+    if len(finished) < trials:
+        log(f"{trials - len(finished)} of {trials} trials failed; the best of the {len(finished)} that finished wins")
+    return max(finished, key=lambda trial: trial.val_accuracy)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from convray.service.cli import build_parser
-from convray.service.exit_codes import EXIT_USAGE
+from convray.service.exit_codes import EXIT_FAILED, EXIT_USAGE
 from convray.service.train_command import TRAIN_FLAGS, _field, config_from_args
 from convray.workers.train_config import TrainConfig
 
@@ -70,6 +70,10 @@ def test_tune_takes_the_same_flags_and_a_trial_count():
         (["--dataset", "npz:.", "--workers", "0"], ".: cannot read it"),
         (["--dataset", "folder:no-such-folder"], "no-such-folder: no such folder"),
         (["--model-name", "a/b", "--workers", "0"], "invalid model name"),  # before, refused after the training
+        # Found in review: Ray refused the first after starting the run, with a traceback; the others were unchecked.
+        (["--cpus-per-worker", "-1"], "CPUs per worker must be > 0, got -1"),
+        (["--max-failures", "-1"], "max failures must be >= 0, got -1"),  # Ray's -1: retry for ever
+        (["--held-out-fraction", "1", "--workers", "0"], r"held-out fraction must be in \(0, 1\), got 1"),
     ],
 )
 def test_options_no_run_can_use_are_a_usage_error_before_any_training(flags, message, tmp_path, capsys):
@@ -86,6 +90,17 @@ def test_a_plain_resume_takes_the_runs_own_settings_and_given_flags_stay(tmp_pat
     args = build_parser().parse_args(["train", "--resume", "--storage-path", str(tmp_path), "--seed", "9"])
     config = config_from_args(args)
     assert (config.run_name, config.epochs, config.workers, config.seed) == (RUN, 30, 4, 9)  # the seed was given
+
+
+def test_a_run_that_diverges_publishes_nothing_and_fails(tmp_path, capsys):
+    """Found in review: NaN weights were published, and every server refused the version and retried it."""
+    flags = ["--workers", "0", "--epochs", "1", "--lr", "1e6", "--schedule", "constant", "--model-repo", str(tmp_path)]
+    args = build_parser().parse_args(["train", *flags])
+    assert args.run(args) == EXIT_FAILED
+    assert re.search(
+        r"digits: not published: tensors with NaN or infinite values .* lower learning rate", capsys.readouterr().err
+    )
+    assert not (tmp_path / "digits").exists() or not any((tmp_path / "digits").iterdir())
 
 
 def test_a_model_repository_that_cannot_be_written_is_refused_before_training(tmp_path, capsys):

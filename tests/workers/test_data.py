@@ -52,6 +52,30 @@ def test_an_npz_dataset_is_split_with_its_label_names(tmp_path):
         load_dataset(f"npz:{tmp_path / 'bad.npz'}")
 
 
+def save_npy(path, array) -> None:
+    """One array in .npy format under ``path`` as given (``numpy.save`` would add .npy to the name)."""
+    with open(path, "wb") as file:
+        np.save(file, array)
+
+
+@pytest.mark.parametrize(
+    ("save", "message"),
+    [
+        (lambda path, images, labels: save_npy(path, images), r"a single array \(.npy\); save images and labels"),
+        (lambda path, images, labels: np.savez(path, images=images, labels=labels[:, None]), r"shape \(N,\)"),
+        (lambda path, images, labels: np.savez(path, images=images[:0], labels=labels[:0]), "no images"),
+        (lambda path, images, labels: path.write_bytes(b"not numpy at all"), "not a .npz archive"),
+    ],
+)
+def test_npz_files_that_are_not_one_class_per_image_are_refused_naming_the_file(save, message, tmp_path):
+    """Found in review: these failed inside numpy or torch with their own words, one only once training had begun."""
+    images, labels = bars(10, seed=0)
+    path = tmp_path / "data.npz"
+    save(path, images, labels)
+    with pytest.raises(ValueError, match=rf"^{path}: .*{message}"):
+        load_dataset(f"npz:{path}")
+
+
 def test_an_unknown_dataset_names_the_choices():
     with pytest.raises(ValueError, match="use 'digits', 'folder:PATH' or 'npz:PATH'"):
         load_dataset("mnist")

@@ -9,6 +9,7 @@ import pytest
 from convray.workers.ray_train import choose_run_name
 from convray.workers.repository import ModelRepository
 from convray.workers.train import TrainConfig, train_and_publish
+from convray.workers.train_config import TrainingFailed
 
 pytestmark = pytest.mark.integration
 
@@ -25,10 +26,9 @@ def test_resume_continues_an_interrupted_run_and_a_dead_worker_is_replaced_from_
     """1. Rank 0 dies at the start of epoch 2 and no restart is allowed: the run fails, epoch 1 checkpointed.
     2. --resume continues that run from epoch 2. Rank 0 dies again at the start of epoch 3; Ray Train
     replaces the worker group, which restores epoch 2's checkpoint and finishes. Every epoch ran once."""
-    import ray.train
-
     name = "digits-20260101-000000-000000"
-    with pytest.raises(ray.train.TrainingFailedError):
+    # Found in review: the failure was Ray's 150-line traceback; it is one line saying how to continue.
+    with pytest.raises(TrainingFailed, match=rf"^run {name} failed .*: continue it with --resume --run-name {name}$"):
         train_and_publish(two_workers(tmp_path, fail_at_epoch=2, max_failures=0, run_name=name), tmp_path, "digits")
     assert not (tmp_path / "digits").exists()
 

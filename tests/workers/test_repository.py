@@ -14,6 +14,7 @@ from convray.workers.repository import (
     WEIGHTS_FILE,
     ModelLoadError,
     ModelRepository,
+    UnservableWeights,
     validate_model_name,
 )
 from tests.conftest import SHIPPED_MODELS
@@ -223,6 +224,17 @@ def test_weights_holding_nan_or_infinity_are_refused(model_repo):
     rewrite_weights(model_repo, lambda state: state["features.0.1.weight"].view(-1).__setitem__(0, float("nan")))
     with pytest.raises(ModelLoadError, match=r"tensors with NaN or infinite values: \['features.0.1.weight'\]"):
         ModelRepository(model_repo).load("digits", 1)
+
+
+def test_weights_holding_nan_or_infinity_are_not_published(model_repo):
+    """Found in review: a diverged run published a version every server refused to load and retried for ever."""
+    repo = ModelRepository(model_repo)
+    loaded = repo.load("digits", 1)
+    with torch.no_grad():
+        loaded.module.state_dict()["features.0.1.weight"].view(-1)[0] = float("inf")
+    with pytest.raises(UnservableWeights, match=r"^digits: not published: tensors with NaN or infinite values \["):
+        repo.publish("digits", loaded.metadata, loaded.module)
+    assert repo.versions("digits") == [1] and sorted(p.name for p in (model_repo / "digits").iterdir()) == ["1"]
 
 
 def test_weights_are_refused_under_a_spec_edited_since_they_were_published(model_repo):

@@ -1,10 +1,17 @@
-"""convray tune: spec choices map onto valid specs, and a two-trial search publishes its best trial."""
+"""convray tune: spec choices map onto valid specs, a two-trial search publishes its best trial, and only a trial
+that ran all its epochs can win."""
+
+import json
+from dataclasses import dataclass, field
 
 import pytest
+import torch
 
+from convray.workers.ray_train import STATE_FILE
 from convray.workers.repository import ModelRepository
 from convray.workers.train import TrainConfig, load_spec
-from convray.workers.tune import config_for, spec_for, tune_and_publish
+from convray.workers.train_config import TrainingFailed
+from convray.workers.tune import CHOICE_FILE, best_finished, config_for, spec_for, tune_and_publish
 
 CHOICE = {
     "head": "fc", "pool": "avg", "activation": "leaky_relu", "dropout": 0.25, "width": 0.5,
@@ -38,3 +45,89 @@ def test_a_two_trial_search_publishes_the_best_trial(ray_address, tmp_path):
     best_seen = max(float(line.split("val_accuracy ")[1].split()[0]) for line in trial_lines)
     assert loaded.metadata.metrics["history"][-1]["val_accuracy"] == pytest.approx(best_seen, abs=1e-4)
     assert (out / "training_curve.png").exists()
+
+
+@dataclass
+class TrialResult:
+    """What ``best_finished`` reads of a Ray Tune ``Result``."""
+
+    metrics: dict
+    error: Exception | None = None
+    config: dict = field(default_factory=dict)
+
+
+class Results(list):
+    """What ``best_finished`` reads of a Ray Tune ``ResultGrid``: its results and how many ended which way."""
+
+    def __init__(self, results, terminated, errors):
+        super().__init__(results)
+        self.num_terminated, self.num_errors = terminated, errors
+
+
+def trial_run(storage, trial_id, epochs_done, accuracy):
+    """A trial's Ray Train run on disk as ``run_trial`` leaves it: its choice and its last two checkpoints."""
+    run = storage / f"trial-{trial_id}"
+    run.mkdir(parents=True)
+    (run / CHOICE_FILE).write_text(json.dumps({**CHOICE, "width": accuracy}))
+    history = [{"epoch": e, "val_accuracy": accuracy if e == epochs_done else 0.0} for e in range(1, epochs_done + 1)]
+    for epoch in range(max(1, epochs_done - 1), epochs_done + 1):
+        (run / f"checkpoint_{epoch:04d}").mkdir()
+        torch.save({"history": history[:epoch]}, run / f"checkpoint_{epoch:04d}" / STATE_FILE)
+
+
+def test_only_a_trial_whose_run_saved_its_last_epoch_can_win_and_failures_are_logged(tmp_path):
+    """Ray's get_best_result ranked trials that had failed part-way, and one was published (review)."""
+    trial_run(tmp_path, "a", 2, 0.99)  # failed at the start of epoch 3: the best accuracy, but not finished
+    trial_run(tmp_path, "b", 3, 0.8)
+    trial_run(tmp_path, "c", 3, 0.9)
+    lines = []
+    failure = RuntimeError("worker died\nWorkerGroupError: rank 0")
+    results = Results([TrialResult({"trial_id": "a"}, failure), TrialResult({}), TrialResult({})], 2, 1)
+    best = best_finished(results, 3, 3, "s", tmp_path, lines.append)
+    assert (best.trial_id, best.val_accuracy, best.choice["width"]) == ("c", 0.9, 0.9)
+    assert best.checkpoint == tmp_path / "trial-c" / "checkpoint_0003"
+    assert lines[0].startswith("trial a: failed: WorkerGroupError: rank 0")
+    assert [line.split("  ")[0] for line in lines[1:3]] == [
+        "trial b: val_accuracy 0.8000",
+        "trial c: val_accuracy 0.9000",
+    ]
+    assert lines[-1] == "1 of 3 trials failed; the best of the 2 that finished wins"
+
+
+def test_a_trial_whose_last_epoch_tune_never_received_still_counts_from_its_run(tmp_path):
+    """Seen here: TuneReportCallback's last report is lost now and then, so Tune held the epoch before, and its
+    checkpoint would have been published as the trial's."""
+    trial_run(tmp_path, "b", 3, 0.7)
+    before_last = {
+        "trial_id": "b",
+        "epoch": 2,
+        "val_accuracy": 0.0,
+        "checkpoint_path": str(tmp_path / "trial-b" / "checkpoint_0002"),
+    }
+    best = best_finished(Results([TrialResult(before_last)], 1, 0), 1, 3, "s", tmp_path, lambda line: None)
+    assert (best.checkpoint.name, best.val_accuracy) == ("checkpoint_0003", 0.7)
+
+
+def test_an_interrupted_search_publishes_nothing(tmp_path):
+    """Ctrl-C makes Tuner.fit return normally, with trials stopped part-way or never started (review)."""
+    trial_run(tmp_path, "a", 3, 0.9)
+    with pytest.raises(TrainingFailed, match=r"^search s was interrupted: 2 of 3 trials did not run to the end"):
+        best_finished(Results([TrialResult({}), TrialResult({})], 1, 0), 3, 3, "s", tmp_path, lambda line: None)
+
+
+def test_a_search_whose_every_trial_failed_says_so(tmp_path):
+    trial_run(tmp_path, "a", 1, 0.5)
+    failed = Results([TrialResult({}, RuntimeError("x")), TrialResult({}, RuntimeError("y"))], 0, 2)
+    with pytest.raises(TrainingFailed, match=r"^no trial of search s finished; nothing published"):
+        best_finished(failed, 2, 3, "s", tmp_path, lambda line: None)
+
+
+@pytest.mark.integration
+def test_a_search_whose_trial_fails_part_way_publishes_nothing(ray_address, tmp_path):
+    """The reviewer's case, for real: the trial dies at the start of epoch 2 of 2, with no restart allowed."""
+    config = TrainConfig(
+        workers=1, cpus_per_worker=0.5, epochs=2, fail_at_epoch=2, max_failures=0, storage_path=str(tmp_path / "runs")
+    )
+    with pytest.raises(TrainingFailed, match="no trial of search tune-digits-.* finished; nothing published"):
+        tune_and_publish(config, 1, tmp_path / "repo", "digits", log=lambda line: None)
+    assert not (tmp_path / "repo" / "digits").exists() or not any((tmp_path / "repo" / "digits").iterdir())
