@@ -180,7 +180,7 @@ def _add_train_flags(
     searched: tuple[str, ...] = (),
     helps: dict[str, str] | None = None,
 ) -> None:
-    """Every TRAIN_FLAGS flag; those in ``hidden`` are parsed (to be refused with a reason) but not in --help.
+    """Every TRAIN_FLAGS flag; those in ``hidden`` are parsed (to be refused, or unused) but not in --help.
 
     ``searched``: TrainConfig fields a search draws unless their flag is given (their help says so instead of
     a default); ``helps``: help texts that replace TRAIN_FLAGS' own for this command.
@@ -225,7 +225,9 @@ def add_train_commands(commands: Any) -> None:
 
     _add_train_flags(
         tune,
-        hidden=("--resume", "--run-name"),  # a search names and starts its own trials
+        # A search names and starts its own trials (--resume, --run-name are refused), and runs them on Ray Train
+        # workers, whose threads --cpus-per-worker sets (--threads, for a single-process run, goes unused).
+        hidden=("--resume", "--run-name", "--threads"),
         searched=SEARCHED_KNOBS,
         helps={"--workers": "Ray Train workers of each trial (at least 1)"},
     )
