@@ -123,12 +123,17 @@ def decode_image(data: bytes, contract: InputContract, limits: DecodeLimits) -> 
 def _check_scans(data: bytes) -> None:
     """Refuse a progressive JPEG of more than ``MAX_JPEG_SCANS`` scans (each one a pass over the whole image).
 
-    Only progressive JPEGs are counted (a sequential one ends its scans with its components). The count walks
-    the markers from the first scan to the end-of-image marker, skipping each scan's data with one regular
-    expression search, so bytes after the image (a motion photo's video, an MPO's next image) are not counted.
+    Only progressive JPEGs are counted (a sequential one ends its scans with its components). Every scan starts
+    with the bytes 0xFFDA, so a file with at most ``MAX_JPEG_SCANS`` of them passes on one count of its bytes.
+    Past that, the markers are walked from the first scan to the end-of-image marker, skipping each scan's data
+    with one regular expression search, so bytes after the image (a motion photo's video, an MPO's next image)
+    or inside a segment are not counted. A file the walk cannot follow to its end-of-image marker (junk between
+    segments, which Pillow and libjpeg skip) is judged on the plain count (found in review).
     """
+    if data.count(b"\xff\xda") <= MAX_JPEG_SCANS:
+        return
     offset, scans, segments = _check_jpeg_header(data), 0, 0
-    while offset is not None and offset < len(data):
+    while offset is not None and offset <= len(data):
         marker = data[offset - 1]  # each offset is just past a marker
         if marker == 0xD9:  # end of image
             return
@@ -138,11 +143,12 @@ def _check_scans(data: bytes) -> None:
         if marker == 0xDA:
             scans += 1
             if scans > MAX_JPEG_SCANS:
-                raise InvalidInput(f"JPEG has over {MAX_JPEG_SCANS} scans (an encoder writes about 10); re-encode it")
+                break
         if not (0xD0 <= marker <= 0xD8 or marker == 0x01):  # all but these carry a length (itself included)
             offset += int.from_bytes(data[offset : offset + 2], "big")
         found = _JPEG_MARKER_IN_SCAN.search(data, offset)  # the next marker, past any scan data
         offset = found.end() if found else None
+    raise InvalidInput(f"JPEG has over {MAX_JPEG_SCANS} scans (an encoder writes about 10); re-encode it")
 
 
 def _check_jpeg_header(data: bytes) -> int | None:

@@ -367,6 +367,19 @@ def load_state(checkpoint: Any) -> dict[str, Any]:
     return state
 
 
+def first_cause(failure: Exception) -> str:
+    """One line saying why a Ray Train run failed: the last line of the lowest rank's error.
+
+    Ray's own message holds every worker's whole traceback; the lowest rank's error is the cause, where the
+    others' are often its side effects (found in review: rank 1's "Connection closed by peer" in gloo, after
+    rank 0 died).
+    """
+    failures = getattr(failure, "worker_failures", None) or {}
+    error = failures[min(failures)] if failures else failure
+    lines = str(error).strip().splitlines()
+    return lines[-1].strip() if lines else type(error).__name__
+
+
 def fit(
     config: TrainConfig,
     data: TrainingData,
@@ -388,12 +401,16 @@ def fit(
     config = replace(config, run_name=config.run_name or choose_run_name(config, "run"))
     try:
         result = trainer(config, data, on_epoch).fit()
-    except TrainingFailedError as exc:  # Ray's own message is a worker's whole traceback: the cause is its last line
-        cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    except TrainingFailedError as exc:
+        run_dir = Path(config.storage_path).resolve() / config.run_name
+        kept = (
+            f"Its last checkpoint is kept under {run_dir}: continue it with --resume --run-name {config.run_name}"
+            if any(run_dir.glob("checkpoint_*"))
+            else "It saved no checkpoint"
+        )
         raise TrainingFailed(
-            f"run {config.run_name} failed (restarts allowed: {config.max_failures}, --max-failures): {cause}. "
-            f"Its last checkpoint is kept under {Path(config.storage_path).resolve() / config.run_name}: continue "
-            f"it with --resume --run-name {config.run_name}"
+            f"run {config.run_name} failed (restarts allowed: {config.max_failures}, --max-failures): "
+            f"{first_cause(exc)}. {kept}"
         ) from exc
     state = load_state(result.checkpoint)
     _, _, height, width = data.train.images.shape

@@ -6,6 +6,7 @@ does not import torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -68,14 +69,20 @@ class TrainConfig:
             for bad, message in (
                 (self.epochs < 1, f"epochs must be >= 1, got {self.epochs}"),
                 (self.batch_size < 1, f"batch size must be >= 1, got {self.batch_size}"),
-                (self.max_lr <= 0, f"learning rate must be > 0, got {self.max_lr}"),
+                (not 0 < self.max_lr < math.inf, f"learning rate must be > 0 and finite, got {self.max_lr}"),
                 (not 0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
                 (not 0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
-                (self.weight_decay < 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+                (
+                    not 0 <= self.weight_decay < math.inf,
+                    f"weight decay must be >= 0 and finite, got {self.weight_decay}",
+                ),
                 (self.max_shift_px < 0, f"max shift must be >= 0 pixels, got {self.max_shift_px}"),
                 (self.threads < 1, f"threads must be >= 1, got {self.threads}"),
                 (self.workers < 0, f"workers must be >= 0, got {self.workers}"),
-                (self.cpus_per_worker <= 0, f"CPUs per worker must be > 0, got {self.cpus_per_worker}"),
+                (
+                    not 0 < self.cpus_per_worker < math.inf,
+                    f"CPUs per worker must be > 0 and finite, got {self.cpus_per_worker}",
+                ),
                 (self.max_failures < 0, f"max failures must be >= 0, got {self.max_failures}"),
                 (
                     not 0 < self.held_out_fraction < 1,

@@ -191,8 +191,8 @@ def best_finished(
       checkpoint, which was published as the trial's.
 
     Raises:
-        TrainingFailed: the search was interrupted (some trials neither finished nor failed, or never started),
-            or no trial finished. Nothing is published then.
+        TrainingFailed: the search was interrupted (a trial that did not fail has no finished run: it was stopped
+            part-way or never started), or no trial finished. Nothing is published then.
     """
     from ray.train import Checkpoint
 
@@ -201,21 +201,28 @@ def best_finished(
             cause = str(result.error).strip().splitlines() or [type(result.error).__name__]
             trial = (result.metrics or {}).get("trial_id", "?")
             log(f"trial {trial}: failed: {cause[-1]}  {result.config}")
-    stopped = trials - results.num_terminated - results.num_errors
-    if stopped > 0:
-        raise TrainingFailed(
-            f"search {search} was interrupted: {stopped} of {trials} trials did not run to the end; nothing "
-            f"published (its trials are under {storage_path})"
-        )
-    finished = []
+    finished, unreadable = [], 0
     for run in sorted(storage_path.glob("trial-*")):
         last = run / f"checkpoint_{epochs:04d}"
         if not (last / STATE_FILE).is_file() or not (run / CHOICE_FILE).is_file():
             continue
-        choice = json.loads((run / CHOICE_FILE).read_text(encoding="utf-8"))
-        accuracy = load_state(Checkpoint(str(last)))["history"][-1]["val_accuracy"]
+        try:
+            choice = json.loads((run / CHOICE_FILE).read_text(encoding="utf-8"))
+            accuracy = load_state(Checkpoint(str(last)))["history"][-1]["val_accuracy"]
+        except Exception as exc:  # noqa: BLE001 (a copy cut short by a dying worker: that trial did not finish)
+            log(f"trial {run.name.removeprefix('trial-')}: its last checkpoint cannot be read ({exc}); left out")
+            unreadable += 1
+            continue
         finished.append(FinishedTrial(run.name.removeprefix("trial-"), choice, last, accuracy))
         log(f"trial {finished[-1].trial_id}: val_accuracy {accuracy:.4f}  {choice}")
+    # Ctrl-C stops the running trial and marks it TERMINATED like a finished one, and leaves the rest unstarted
+    # (found in review): every trial that did not fail must have a run that finished.
+    unfinished = trials - results.num_errors - len(finished) - unreadable
+    if unfinished > 0:
+        raise TrainingFailed(
+            f"search {search} was interrupted: {unfinished} of {trials} trials did not run to the end (stopped, "
+            f"or never started); nothing published (its trials are under {storage_path})"
+        )
     if not finished:
         raise TrainingFailed(f"no trial of search {search} finished; nothing published (see {storage_path})")
     if len(finished) < trials:

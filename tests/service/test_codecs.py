@@ -291,13 +291,24 @@ def test_an_end_of_image_marker_inside_a_segment_does_not_end_the_scan_count():
         decode_image(many_scans[:2] + thumbnail_end + many_scans[2:], GREY_8, LIMITS)
 
 
-def test_a_progressive_jpeg_of_over_1000_markers_in_its_image_data_is_refused():
-    """Markers after the first scan are walked one by one in Python, so their number is bounded like the header's."""
+def test_a_progressive_jpeg_of_over_1000_markers_in_its_image_data_is_refused_when_its_scans_are_walked():
+    """The walk (for a file of over 100 start-of-scan pairs) goes marker by marker in Python, so it is bounded."""
     normal = encode(gradient(size=(64, 64)), "JPEG", progressive=True)
-    comment = b"\xff\xfe\x00\x02"
-    decode_image(normal[:-2] + comment * 900 + normal[-2:], GREY_8, LIMITS)
+    comment, trailing_scans = b"\xff\xfe\x00\x02", b"\xff\xda" * 200  # after the image: walked to, not counted
+    decode_image(normal[:-2] + comment * 900 + normal[-2:] + trailing_scans, GREY_8, LIMITS)
     with pytest.raises(InvalidInput, match=r"^JPEG has over 1000 markers in its image data; re-encode it$"):
-        decode_image(normal[:-2] + comment * 1000 + normal[-2:], GREY_8, LIMITS)
+        decode_image(normal[:-2] + comment * 1000 + normal[-2:] + trailing_scans, GREY_8, LIMITS)
+
+
+def test_junk_that_stops_the_marker_walk_does_not_hide_the_scans():
+    """Found in review: a zero byte after the first segment (Pillow and libjpeg skip it) ended the walk before
+    the first scan, so nothing was counted, and 2,000 scans of a 6000x6000 image took 75 s to decode."""
+    many_scans = progressive_jpeg_with_scans_repeated(120)
+    after_app0 = 4 + int.from_bytes(many_scans[4:6], "big")
+    assert many_scans[2:4] == b"\xff\xe0"  # the JFIF segment Pillow writes first
+    with_junk = many_scans[:after_app0] + b"\x00" + many_scans[after_app0:]
+    with pytest.raises(InvalidInput, match=r"^JPEG has over 100 scans"):
+        decode_image(with_junk, GREY_8, LIMITS)
 
 
 def png_with_empty_chunks(count: int) -> bytes:

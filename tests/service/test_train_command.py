@@ -64,14 +64,15 @@ def test_tune_takes_the_same_flags_and_a_trial_count():
         (["--resume", "--workers", "0"], "--resume continues a Ray Train run's checkpoints"),
         (["--spec", "no-such-spec.json", "--workers", "0"], "--spec no-such-spec.json: cannot read it: No such file"),
         # Found in review: these failed inside each Ray Train worker, three times, or after the whole run.
-        (["--weight-decay", "-0.1"], "weight decay must be >= 0, got -0.1"),
+        (["--weight-decay", "-0.1"], "weight decay must be >= 0 and finite, got -0.1"),
         (["--storage-path", "s3://bucket/runs"], "--storage-path must be a local or mounted directory"),
         (["--spec", ".", "--workers", "0"], "--spec .: cannot read it: Is a directory"),
         (["--dataset", "npz:.", "--workers", "0"], ".: cannot read it"),
         (["--dataset", "folder:no-such-folder"], "no-such-folder: no such folder"),
         (["--model-name", "a/b", "--workers", "0"], "invalid model name"),  # before, refused after the training
         # Found in review: Ray refused the first after starting the run, with a traceback; the others were unchecked.
-        (["--cpus-per-worker", "-1"], "CPUs per worker must be > 0, got -1"),
+        (["--cpus-per-worker", "-1"], "CPUs per worker must be > 0 and finite, got -1"),
+        (["--cpus-per-worker", "nan", "--lr", "inf"], "learning rate must be > 0 and finite, got inf; .* got nan"),
         (["--max-failures", "-1"], "max failures must be >= 0, got -1"),  # Ray's -1: retry for ever
         (["--held-out-fraction", "1", "--workers", "0"], r"held-out fraction must be in \(0, 1\), got 1"),
     ],

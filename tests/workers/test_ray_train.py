@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from convray.workers.ray_train import choose_run_name
+from convray.workers.ray_train import choose_run_name, first_cause
 from convray.workers.repository import ModelRepository
 from convray.workers.train import TrainConfig, train_and_publish
 from convray.workers.train_config import TrainingFailed
@@ -42,6 +42,18 @@ def test_resume_continues_an_interrupted_run_and_a_dead_worker_is_replaced_from_
     checkpoints = sorted(p.name for p in (tmp_path / "runs" / name).glob("checkpoint_0*"))
     assert checkpoints == ["checkpoint_0003", "checkpoint_0004"]  # every epoch saved, the last two kept
     assert (out / "training_curve.png").stat().st_size > 1000 and f"run {name}" in lines[0]
+
+
+def test_a_failed_runs_cause_is_the_lowest_ranks_error_not_a_side_effect_on_another_rank():
+    """Found in review: the last line of Ray's message was rank 1's gloo "Connection closed by peer"."""
+    import ray.train
+
+    failures = {
+        1: RuntimeError("[gloo] Connection closed by peer"),
+        0: RuntimeError("Traceback...\nActorDiedError: rank 0 died"),
+    }
+    assert first_cause(ray.train.WorkerGroupError("both", failures)) == "ActorDiedError: rank 0 died"
+    assert first_cause(ray.train.ControllerError(ValueError("no such resource"))).endswith("no such resource")
 
 
 def test_resume_continues_this_models_latest_run_not_one_of_a_model_whose_name_starts_the_same(tmp_path):

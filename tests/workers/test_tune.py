@@ -109,10 +109,27 @@ def test_a_trial_whose_last_epoch_tune_never_received_still_counts_from_its_run(
 
 
 def test_an_interrupted_search_publishes_nothing(tmp_path):
-    """Ctrl-C makes Tuner.fit return normally, with trials stopped part-way or never started (review)."""
+    """Ctrl-C makes Tuner.fit return normally; Tune marks the trial it stopped TERMINATED, like a finished one,
+    and leaves the rest unstarted (review): here trial b was stopped after 1 of 3 epochs and c never ran."""
     trial_run(tmp_path, "a", 3, 0.9)
+    trial_run(tmp_path, "b", 1, 0.95)
+    interrupted = Results([TrialResult({}), TrialResult({})], 2, 0)
     with pytest.raises(TrainingFailed, match=r"^search s was interrupted: 2 of 3 trials did not run to the end"):
-        best_finished(Results([TrialResult({}), TrialResult({})], 1, 0), 3, 3, "s", tmp_path, lambda line: None)
+        best_finished(interrupted, 3, 3, "s", tmp_path, lambda line: None)
+    stopped_in_the_last_trial = Results([TrialResult({}), TrialResult({})], 2, 0)
+    with pytest.raises(TrainingFailed, match=r"^search s was interrupted: 1 of 2 trials did not run to the end"):
+        best_finished(stopped_in_the_last_trial, 2, 3, "s", tmp_path, lambda line: None)
+
+
+def test_a_trial_whose_last_checkpoint_cannot_be_read_is_left_out_as_failed(tmp_path):
+    """Ray Train copies a checkpoint into place file by file: a worker that dies mid-copy leaves part of one."""
+    trial_run(tmp_path, "a", 3, 0.9)
+    trial_run(tmp_path, "b", 3, 0.95)
+    (tmp_path / "trial-b" / "checkpoint_0003" / STATE_FILE).write_bytes(b"cut sho")
+    lines = []
+    best = best_finished(Results([TrialResult({}), TrialResult({})], 2, 0), 2, 3, "s", tmp_path, lines.append)
+    assert best.trial_id == "a"
+    assert any(line.startswith("trial b: its last checkpoint cannot be read (") for line in lines)
 
 
 def test_a_search_whose_every_trial_failed_says_so(tmp_path):
