@@ -214,6 +214,8 @@ def _with_default(options: dict[str, Any], default: Any) -> dict[str, Any]:
 
 def add_train_commands(commands: Any) -> None:
     """Add ``train`` and ``tune`` to the ``convray`` sub-command parsers."""
+    from convray.workers.train_config import SEARCHED_KNOBS  # free of torch, like TrainConfig
+
     train = commands.add_parser("train", help="train and publish a model version", description=cmd_train.__doc__)
     _add_train_flags(train)
     train.add_argument("--metrics-port", type=_port, default=None, help="serve progress gauges on /metrics here")
@@ -221,8 +223,6 @@ def add_train_commands(commands: Any) -> None:
     train.set_defaults(run=cmd_train)
 
     tune = commands.add_parser("tune", help="search hyperparameters, publish the best", description=cmd_tune.__doc__)
-    from convray.workers.train_config import SEARCHED_KNOBS
-
     _add_train_flags(
         tune,
         # A search names and starts its own trials (--resume, --run-name are refused), and runs them on Ray Train
