@@ -389,8 +389,8 @@ def fit(
     """Run ``train_loop`` on ``config.workers`` Ray Train workers; return the trained model and its curve.
 
     Raises:
-        TrainingFailed: the workers failed more than ``config.max_failures`` times (the run's last checkpoint
-            is kept, and the message says how to continue from it).
+        TrainingFailed: the workers failed more than ``config.max_failures`` times (the message says whether a
+            checkpoint is kept, and how to continue from it).
     """
     from ray.train import TrainingFailedError
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from convray.workers.models import build_model
-from convray.workers.ray_train import STATE_FILE, load_state, trainer
+from convray.workers.ray_train import STATE_FILE, first_cause, load_state, trainer
 from convray.workers.repository import ModelRepository
 from convray.workers.spec import Activation, CNNSpec, ConvBlock, DropoutBlock, FCHead, GAPFCHead, GAPHead, PoolBlock
 from convray.workers.train import TrainingData, finish, prepare_data
@@ -198,23 +198,22 @@ def best_finished(
 
     for result in results:
         if result.error is not None:
-            cause = str(result.error).strip().splitlines() or [type(result.error).__name__]
             trial = (result.metrics or {}).get("trial_id", "?")
-            log(f"trial {trial}: failed: {cause[-1]}  {result.config}")
+            log(f"trial {trial}: failed: {first_cause(result.error)}  {result.config}")
     finished, unreadable = [], 0
     for run in sorted(storage_path.glob("trial-*")):
-        last = run / f"checkpoint_{epochs:04d}"
+        trial_id, last = run.name.removeprefix("trial-"), run / f"checkpoint_{epochs:04d}"
         if not (last / STATE_FILE).is_file() or not (run / CHOICE_FILE).is_file():
             continue
         try:
             choice = json.loads((run / CHOICE_FILE).read_text(encoding="utf-8"))
             accuracy = load_state(Checkpoint(str(last)))["history"][-1]["val_accuracy"]
         except Exception as exc:  # noqa: BLE001 (a copy cut short by a dying worker: that trial did not finish)
-            log(f"trial {run.name.removeprefix('trial-')}: its last checkpoint cannot be read ({exc}); left out")
+            log(f"trial {trial_id}: its last checkpoint cannot be read ({exc}); left out")
             unreadable += 1
             continue
-        finished.append(FinishedTrial(run.name.removeprefix("trial-"), choice, last, accuracy))
-        log(f"trial {finished[-1].trial_id}: val_accuracy {accuracy:.4f}  {choice}")
+        finished.append(FinishedTrial(trial_id, choice, last, accuracy))
+        log(f"trial {trial_id}: val_accuracy {accuracy:.4f}  {choice}")
     # Ctrl-C stops the running trial and marks it TERMINATED like a finished one, and leaves the rest unstarted
     # (found in review): every trial that did not fail must have a run that finished.
     unfinished = trials - results.num_errors - len(finished) - unreadable
