@@ -1,5 +1,6 @@
 """Image decoding into a model's input contract, with clear errors for bad input; top-k selection."""
 
+import dataclasses
 import io
 import struct
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from convray.service import codecs
 from convray.service.codecs import (
     DecodeLimits,
     as_colour_mode,
@@ -311,6 +313,40 @@ def test_junk_that_stops_the_marker_walk_does_not_hide_the_scans():
         decode_image(with_junk, GREY_8, LIMITS)
 
 
+LARGER_FILES = dataclasses.replace(LIMITS, max_image_bytes=16 << 20)
+
+
+def test_the_scan_walk_follows_megabytes_of_scan_data_across_its_search_chunks():
+    """2.4 MB of stuffed zeros and fill in the first scan's data, 1 MiB searched at a time: the scans after it count."""
+    many_scans = progressive_jpeg_with_scans_repeated(120)
+    first_scan = many_scans.index(b"\xff\xda")
+    scan_data = first_scan + 2 + int.from_bytes(many_scans[first_scan + 2 : first_scan + 4], "big")
+    padding = b"\xff\x00" * 600_000 + b"\xff" * 600_000 + b"\x00"
+    with pytest.raises(InvalidInput, match=r"^JPEG has over 100 scans"):
+        decode_image(many_scans[:scan_data] + padding + many_scans[scan_data:], GREY_8, LARGER_FILES)
+
+
+def test_scan_markers_are_found_where_a_byte_by_byte_reading_finds_them(monkeypatch):
+    """0xFF then any code but a stuffed zero, a restart marker (0xD0-0xD7) or more fill; at chunk edges too."""
+    monkeypatch.setattr(codecs, "_JPEG_MARKER_SEARCH_CHUNK", 7)
+    rng = np.random.default_rng(0)
+    data = bytes(rng.choice([0x00, 0x01, 0x12, 0xCF, 0xD0, 0xD7, 0xD8, 0xD9, 0xDA, 0xFE, 0xFF], size=2_000))
+
+    def next_marker_read_byte_by_byte(offset):
+        for at in range(offset, len(data) - 1):
+            if data[at] == 0xFF and data[at + 1] not in (0x00, 0xFF, *range(0xD0, 0xD8)):
+                return at + 2
+        return None
+
+    markers, offset = codecs._JpegMarkers(data), 0
+    while offset is not None:
+        assert markers.next_after(offset) == next_marker_read_byte_by_byte(offset), offset
+        offset = markers.next_after(offset)
+        offset = offset and offset + int(rng.integers(0, 9))  # a segment's length skipped, sometimes past the end
+    assert codecs._JpegMarkers(b"\xff").next_after(0) is None
+    assert codecs._JpegMarkers(b"\x00\xff\xd9").next_after(0) == 3
+
+
 def png_with_empty_chunks(count: int) -> bytes:
     """A valid 8x8 PNG with ``count`` empty private chunks after its header (Pillow reads each in Python)."""
     data = encode(gradient(), "PNG")
@@ -339,6 +375,9 @@ def test_a_jpeg_of_over_1000_markers_or_1024_fill_bytes_before_its_scan_is_refus
         decode_image(jpeg_with_before_its_scan(comment * 1000), GREY_8, LIMITS)
     with pytest.raises(InvalidInput, match=r"^JPEG has over 1024 fill bytes before its image data; re-encode it$"):
         decode_image(jpeg_with_before_its_scan(b"\xff" * 1025), GREY_8, LIMITS)
+    decode_image(jpeg_with_before_its_scan(b"\xff" * 1024), GREY_8, LIMITS)
+    with pytest.raises(InvalidInput, match=r"^JPEG has over 1024 fill bytes"):  # read no further than the limit
+        decode_image(jpeg_with_before_its_scan(b"\xff" * 500_000), GREY_8, LIMITS)
 
 
 def gif_with_a_comment_of_sub_blocks(count: int) -> bytes:
