@@ -179,7 +179,8 @@ class FinishedTrial:
 def best_finished(
     results: Any, trials: int, epochs: int, search: str, storage_path: Path, log: Any = print
 ) -> FinishedTrial:
-    """The trial with the best held-out accuracy among those that ran all ``epochs``, after logging each trial.
+    """The trial with the best held-out accuracy among those that ran all ``epochs`` and did not fail, after logging
+    each trial.
 
     What a trial finished is read from its Ray Train run under ``storage_path`` (its last epoch's checkpoint),
     not from Tune's results, which fall short in two ways (found in review):
@@ -196,14 +197,18 @@ def best_finished(
     """
     from ray.train import Checkpoint
 
+    failed = set()
     for result in results:
         if result.error is not None:
             trial = (result.metrics or {}).get("trial_id", "?")
+            failed.add(trial)
             log(f"trial {trial}: failed: {first_cause(result.error)}  {result.config}")
     finished, unreadable = [], 0
     for run in sorted(storage_path.glob("trial-*")):
         trial_id, last = run.name.removeprefix("trial-"), run / f"checkpoint_{epochs:04d}"
-        if not (last / STATE_FILE).is_file() or not (run / CHOICE_FILE).is_file():
+        # A trial that failed after saving its last epoch is counted once, as failed: counted as finished too, it
+        # would hide an interrupted trial from the sum below (found in review).
+        if trial_id in failed or not (last / STATE_FILE).is_file() or not (run / CHOICE_FILE).is_file():
             continue
         try:
             choice = json.loads((run / CHOICE_FILE).read_text(encoding="utf-8"))

@@ -121,6 +121,21 @@ def test_an_interrupted_search_publishes_nothing(tmp_path):
         best_finished(stopped_in_the_last_trial, 2, 3, "s", tmp_path, lambda line: None)
 
 
+def test_a_trial_that_failed_after_saving_its_last_epoch_counts_as_failed_and_cannot_hide_an_interruption(tmp_path):
+    """It was counted both as failed and as finished, so the sum of the two covered trial b, stopped part-way
+    (review)."""
+    trial_run(tmp_path, "a", 3, 0.99)  # its last epoch saved, then the trial failed
+    trial_run(tmp_path, "b", 1, 0.5)  # stopped by Ctrl-C after 1 of 3 epochs: TERMINATED, no error
+    trial_run(tmp_path, "c", 3, 0.9)
+    failure = RuntimeError("lost the node\nActorDiedError: the actor died")
+    results = Results([TrialResult({"trial_id": "a"}, failure), TrialResult({}), TrialResult({})], 2, 1)
+    with pytest.raises(TrainingFailed, match=r"^search s was interrupted: 1 of 3 trials did not run to the end"):
+        best_finished(results, 3, 3, "s", tmp_path, lambda line: None)
+    (tmp_path / "trial-b" / "checkpoint_0003").mkdir()  # had b finished, c, not the failed a, would win
+    torch.save({"history": [{"epoch": 3, "val_accuracy": 0.8}]}, tmp_path / "trial-b" / "checkpoint_0003" / STATE_FILE)
+    assert best_finished(results, 3, 3, "s", tmp_path, lambda line: None).trial_id == "c"
+
+
 def test_a_trial_whose_last_checkpoint_cannot_be_read_is_left_out_as_failed(tmp_path):
     """Ray Train copies a checkpoint into place file by file: a worker that dies mid-copy leaves part of one."""
     trial_run(tmp_path, "a", 3, 0.9)
