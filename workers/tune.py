@@ -140,7 +140,8 @@ def tune_and_publish(
             # generator (it warns, then runs every trial at once).
             search_alg=tune.search.BasicVariantGenerator(random_state=config.seed, max_concurrent=1),
         ),  # fmt: skip
-        run_config=tune.RunConfig(name=search, storage_path=config.storage_path, verbose=0),
+        # Tune's own state and the trials' Ray Train runs share <storage_path>/<search>, one directory per search.
+        run_config=tune.RunConfig(name=search, storage_path=str(Path(config.storage_path).parent), verbose=0),
     )
     results = tuner.fit()  # returns, rather than raises, when trials fail or Ctrl-C stops the search
     best = best_finished(results, trials, config.epochs, search, Path(config.storage_path), log)
@@ -179,8 +180,7 @@ class FinishedTrial:
 def best_finished(
     results: Any, trials: int, epochs: int, search: str, storage_path: Path, log: Any = print
 ) -> FinishedTrial:
-    """The trial with the best held-out accuracy among those that ran all ``epochs`` and did not fail, after logging
-    each trial.
+    """The best trial by held-out accuracy among those that ran all ``epochs`` and did not fail; each is logged.
 
     What a trial finished is read from its Ray Train run under ``storage_path`` (its last epoch's checkpoint),
     not from Tune's results, which fall short in two ways (found in review):

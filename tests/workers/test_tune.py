@@ -45,6 +45,9 @@ def test_a_two_trial_search_publishes_the_best_trial(ray_address, tmp_path):
     best_seen = max(float(line.split("val_accuracy ")[1].split()[0]) for line in trial_lines)
     assert loaded.metadata.metrics["history"][-1]["val_accuracy"] == pytest.approx(best_seen, abs=1e-4)
     assert (out / "training_curve.png").exists()
+    (search,) = (tmp_path / "runs").iterdir()  # one directory per search: its trials' runs and Tune's state
+    assert search.name == loaded.metadata.training["tune"]["search"]
+    assert len(list(search.glob("trial-*/checkpoint_0002"))) == 2 and list(search.glob("experiment_state-*.json"))
 
 
 @dataclass
