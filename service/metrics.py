@@ -240,3 +240,50 @@ class TrainingMetrics:
         self.loss.labels(self._model).set(progress.loss)
         self.accuracy.labels(self._model).set(progress.accuracy)
         self.images_per_second.labels(self._model).set(progress.images_per_second)
+
+
+class SearchMetrics:
+    """A hyperparameter search's progress (``convray tune --metrics-port``), labelled by the model being searched.
+
+    Trials run one at a time, so the running trial's epochs are the ``convray_train_*`` gauges of ``training``, as
+    for ``convray train``; the search adds which trial is running, of how many, how many failed, and the running
+    trial's held-out accuracy. Implements ``SearchProgress``.
+    """
+
+    def __init__(self, registry: CollectorRegistry, model: str) -> None:
+        self.registry = registry
+        self.training = TrainingMetrics(registry, model)
+        self._model = model
+        self.trial = Gauge(
+            "convray_tune_trial", "The search's running trial, 1-based (trials run one at a time).", ["model"],
+            registry=registry,
+        )  # fmt: skip
+        self.trials = Gauge("convray_tune_trials", "Trials the search will run.", ["model"], registry=registry)
+        self.trials_failed = Gauge(
+            "convray_tune_trials_failed", "Trials of the search that failed so far.", ["model"], registry=registry
+        )
+        self.val_accuracy = Gauge(
+            "convray_tune_val_accuracy",
+            "Held-out accuracy (0..1) of the running trial's last completed epoch: what picks the winner.",
+            ["model"],
+            registry=registry,
+        )
+        self.trials_failed.labels(model).set(0)
+
+    def trial_started(self, number: int, trials: int) -> None:
+        """Trial ``number`` of ``trials`` has started: the last trial's epoch figures are cleared."""
+        self.trial.labels(self._model).set(number)
+        self.trials.labels(self._model).set(trials)
+        self.training.epoch.labels(self._model).set(0)
+        for last_trials in (self.training.loss, self.training.accuracy, self.training.images_per_second):
+            last_trials.clear()
+        self.val_accuracy.clear()
+
+    def epoch_finished(self, progress: EpochProgress, val_accuracy: float) -> None:
+        """The running trial finished an epoch."""
+        self.training.observe_epoch(progress)
+        self.val_accuracy.labels(self._model).set(val_accuracy)
+
+    def trial_failed(self) -> None:
+        """The running trial failed."""
+        self.trials_failed.labels(self._model).inc()

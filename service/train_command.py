@@ -164,7 +164,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if refused:
             raise ValueError("; ".join(refused))
         fixed = [knob for knob in SEARCHED_KNOBS if getattr(args, knob) is not None]  # the user's stay as given
-        tune_and_publish(config_from_args(args), args.trials, Path(args.model_repo), args.model_name, fixed=fixed)
+        config = config_from_args(args)
+        progress = None if args.metrics_port is None else _serve_search_metrics(args)
+        tune_and_publish(config, args.trials, Path(args.model_repo), args.model_name, fixed=fixed, progress=progress)
     except (TrainingFailed, UnservableWeights) as exc:
         print(f"convray tune: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -172,6 +174,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"convray tune: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
+
+
+def _serve_search_metrics(args: argparse.Namespace) -> Any:
+    """``convray tune --metrics-port``: the search's gauges, served from this process (its Tune driver) from now.
+
+    Raises:
+        ValueError: the port cannot be bound.
+    """
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from convray.service.metrics import SearchMetrics
+
+    metrics = SearchMetrics(CollectorRegistry(), args.model_name)
+    try:
+        start_http_server(args.metrics_port, addr=args.metrics_host, registry=metrics.registry)
+    except OSError as exc:
+        raise ValueError(f"--metrics-port: cannot serve {args.metrics_host}:{args.metrics_port}: {exc}") from None
+    return metrics
 
 
 def _add_train_flags(
@@ -232,4 +252,8 @@ def add_train_commands(commands: Any) -> None:
         helps={"--workers": "Ray Train workers of each trial (at least 1)"},
     )
     tune.add_argument("--trials", type=int, default=8, help="configurations to try")
+    tune.add_argument(
+        "--metrics-port", type=_port, default=None, help="serve the search's progress gauges on /metrics here"
+    )
+    tune.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
     tune.set_defaults(run=cmd_tune)

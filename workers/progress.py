@@ -1,8 +1,9 @@
-"""What a training loop reports after each epoch (to its log line and, when asked, to metrics)."""
+"""What a training run reports after each epoch and a search after each trial, to its log and to metrics."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -14,3 +15,16 @@ class EpochProgress:
     loss: float  # mean training loss over the epoch
     accuracy: float  # training accuracy over the epoch, 0..1
     images_per_second: float
+
+
+class SearchProgress(Protocol):
+    """What a hyperparameter search reports as it goes (``convray tune --metrics-port`` exports it)."""
+
+    def trial_started(self, number: int, trials: int) -> None:
+        """Trial ``number`` (1-based) of ``trials`` has started; trials run one at a time."""
+
+    def epoch_finished(self, progress: EpochProgress, val_accuracy: float) -> None:
+        """The running trial finished an epoch, with this held-out accuracy."""
+
+    def trial_failed(self) -> None:
+        """The running trial failed (it is left out of the search)."""

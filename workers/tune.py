@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from convray.workers.models import build_model
+from convray.workers.progress import EpochProgress, SearchProgress
 from convray.workers.ray_train import STATE_FILE, first_cause, load_state, trainer
 from convray.workers.repository import ModelRepository
 from convray.workers.spec import Activation, CNNSpec, ConvBlock, DropoutBlock, FCHead, GAPFCHead, GAPHead, PoolBlock
 from convray.workers.train import TrainingData, finish, prepare_data
 from convray.workers.train_config import SEARCHED_KNOBS, TrainConfig, TrainingFailed
 
+EPOCH_RESULT_KEYS = frozenset({"epoch", "loss", "accuracy", "images_per_second", "val_accuracy"})  # rank 0's report
 CHOICE_FILE = "choice.json"  # in each trial's Ray Train run directory: the spec and knobs it drew
 
 
@@ -99,10 +101,12 @@ def tune_and_publish(
     model_name: str,
     log: Any = print,
     fixed: Collection[str] = (),
+    progress: SearchProgress | None = None,
 ) -> Path:
     """Run ``trials`` trials, publish the best by held-out accuracy, and return its version directory.
 
     ``fixed``: knobs of ``SEARCHED_KNOBS`` the user set; every trial keeps ``config``'s value of them.
+    ``progress`` is told of each trial and epoch as Tune receives them, in this process.
 
     Raises:
         ValueError: the workers cannot fit an embedded Ray, or the repository is not writable.
@@ -124,7 +128,8 @@ def tune_and_publish(
     refuse_what_cannot_fit(config)
     data = prepare_data(config)
     search = f"tune-{model_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    config = replace(config, storage_path=str(Path(config.storage_path).resolve() / search))
+    storage = Path(config.storage_path).resolve() / search  # the trials' Ray Train runs, and Tune's own state
+    config = replace(config, storage_path=str(storage))
     tuner = tune.Tuner(
         # A trial's driver only waits on its trainer, whose workers hold the CPUs; it reserves a token of
         # memory instead of a CPU (Tune refuses an empty request), so N workers still fit on N CPUs.
@@ -140,11 +145,15 @@ def tune_and_publish(
             # generator (it warns, then runs every trial at once).
             search_alg=tune.search.BasicVariantGenerator(random_state=config.seed, max_concurrent=1),
         ),  # fmt: skip
-        # Tune's own state and the trials' Ray Train runs share <storage_path>/<search>, one directory per search.
-        run_config=tune.RunConfig(name=search, storage_path=str(Path(config.storage_path).parent), verbose=0),
+        run_config=tune.RunConfig(
+            name=search,
+            storage_path=str(storage.parent),
+            verbose=0,
+            callbacks=[] if progress is None else [progress_callback(progress, trials, config.epochs, storage)],
+        ),
     )
     results = tuner.fit()  # returns, rather than raises, when trials fail or Ctrl-C stops the search
-    best = best_finished(results, trials, config.epochs, search, Path(config.storage_path), log)
+    best = best_finished(results, trials, config.epochs, search, storage, log)
     state = load_state(Checkpoint(str(best.checkpoint)))
     best_config = config_for(config, best.choice)
     best_data = replace(data, spec=spec_for(data.spec, best.choice))
@@ -165,6 +174,73 @@ def tune_and_publish(
     out = repo.version_dir(model_name, version)
     log(f"published {out}  best of {trials} trials: held-out accuracy {metadata.metrics['accuracy']:.4f}")
     return out
+
+
+def progress_callback(progress: SearchProgress, trials: int, epochs: int, storage_path: Path) -> Any:
+    """A Ray Tune callback (run by the search's driver) that tells ``progress`` of each trial and epoch.
+
+    Tune sometimes never receives a trial's last epoch (see ``best_finished``); when a trial ends without it,
+    the epoch is read from the trial's last checkpoint under ``storage_path``, as ``best_finished`` reads it.
+    """
+    from ray import tune
+
+    class ReportProgress(tune.Callback):  # Tune passes iteration, trials, trial (and result) by keyword
+        def __init__(self, progress: SearchProgress) -> None:  # an argument: a closure's cell would be pickled
+            self.progress: SearchProgress | None = progress
+            self.started = self.last_epoch = 0
+
+        def __getstate__(self) -> dict[str, Any]:
+            # Tune pickles its callbacks into the search's tuner.pkl; metrics (locks, a server) cannot be, and a
+            # restored search has no port to report to (found by hand: `convray tune --metrics-port` failed).
+            return {**self.__dict__, "progress": None}
+
+        def on_trial_start(self, **info: Any) -> None:
+            self.started, self.last_epoch = self.started + 1, 0
+            if self.progress is not None:
+                self.progress.trial_started(self.started, trials)
+
+        def on_trial_result(self, result: dict, **info: Any) -> None:
+            self.report(result)
+
+        def on_trial_complete(self, trial: Any, **info: Any) -> None:
+            if self.progress is None or self.last_epoch == epochs:
+                return
+            try:
+                record = last_epoch_record(storage_path / f"trial-{trial.trial_id}", epochs)
+            except Exception:  # noqa: BLE001 (unreadable: best_finished says so; gauges must not fail the search)
+                return
+            if record is not None:
+                self.report(record)
+
+        def on_trial_error(self, **info: Any) -> None:
+            if self.progress is not None:
+                self.progress.trial_failed()
+
+        def report(self, record: dict[str, Any]) -> None:
+            if self.progress is None or not EPOCH_RESULT_KEYS <= record.keys():
+                return  # not an epoch of ours; gauges are a side channel and must not fail the search
+            self.last_epoch = record["epoch"]
+            epoch = EpochProgress(
+                record["epoch"], epochs, record["loss"], record["accuracy"], record["images_per_second"]
+            )
+            self.progress.epoch_finished(epoch, record["val_accuracy"])
+
+    return ReportProgress(progress)
+
+
+def last_epoch_record(run: Path, epochs: int) -> dict[str, Any] | None:
+    """The last epoch's record (loss, accuracies, ...) from a trial's Ray Train run, or None if it saved none.
+
+    Raises:
+        Exception: the checkpoint is there but cannot be read (a copy cut short by a dying worker).
+    """
+    from ray.train import Checkpoint
+
+    last = run / f"checkpoint_{epochs:04d}"
+    if not (last / STATE_FILE).is_file():
+        return None
+    record: dict[str, Any] = load_state(Checkpoint(str(last)))["history"][-1]
+    return record
 
 
 @dataclass(frozen=True)
@@ -195,8 +271,6 @@ def best_finished(
         TrainingFailed: the search was interrupted (a trial that did not fail has no finished run: it was stopped
             part-way or never started), or no trial finished. Nothing is published then.
     """
-    from ray.train import Checkpoint
-
     failed = set()
     for result in results:
         if result.error is not None:
@@ -208,11 +282,13 @@ def best_finished(
         trial_id, last = run.name.removeprefix("trial-"), run / f"checkpoint_{epochs:04d}"
         # A trial that failed after saving its last epoch is counted once, as failed: counted as finished too, it
         # would hide an interrupted trial from the sum below (found in review).
-        if trial_id in failed or not (last / STATE_FILE).is_file() or not (run / CHOICE_FILE).is_file():
+        if trial_id in failed or not (run / CHOICE_FILE).is_file():
             continue
         try:
-            choice = json.loads((run / CHOICE_FILE).read_text(encoding="utf-8"))
-            accuracy = load_state(Checkpoint(str(last)))["history"][-1]["val_accuracy"]
+            record = last_epoch_record(run, epochs)
+            if record is None:
+                continue
+            choice, accuracy = json.loads((run / CHOICE_FILE).read_text(encoding="utf-8")), record["val_accuracy"]
         except Exception as exc:  # noqa: BLE001 (a copy cut short by a dying worker: that trial did not finish)
             log(f"trial {trial_id}: its last checkpoint cannot be read ({exc}); left out")
             unreadable += 1

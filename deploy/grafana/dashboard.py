@@ -313,11 +313,12 @@ def build() -> Dashboard:
             [
                 panel(
                     "Training progress",
-                    "Epochs done out of planned, per model being trained (convray train --metrics-port).",
+                    "Epochs done out of planned, per model being trained (convray train --metrics-port), or of"
+                    " a search's running trial (convray tune --metrics-port).",
                     "short",
                     query('max by (model) (convray_train_epoch{model=~"$model"})', "epoch {{model}}"),
                     query('max by (model) (convray_train_epochs{model=~"$model"})', "of {{model}}"),
-                    width=8,
+                    width=6,
                 ),
                 panel(
                     "Training loss and accuracy",
@@ -325,14 +326,26 @@ def build() -> Dashboard:
                     "short",
                     query('max by (model) (convray_train_loss{model=~"$model"})', "loss {{model}}"),
                     query('max by (model) (convray_train_accuracy{model=~"$model"})', "accuracy {{model}}"),
-                    width=8,
+                    width=6,
                 ),
                 panel(
                     "Training throughput",
                     "Training images per second over the last completed epoch.",
                     "short",
                     query('sum by (model) (convray_train_images_per_second{model=~"$model"})', "{{model}}"),
-                    width=8,
+                    width=6,
+                ),
+                panel(
+                    "Training search trials",
+                    "A search's running trial of its planned trials, those failed, and the running trial's"
+                    " held-out accuracy, which picks the winner (convray tune --metrics-port). The panels beside"
+                    " it show the running trial's epochs.",
+                    "short",
+                    query('max by (model) (convray_tune_trial{model=~"$model"})', "trial {{model}}"),
+                    query('max by (model) (convray_tune_trials{model=~"$model"})', "of {{model}}"),
+                    query('max by (model) (convray_tune_trials_failed{model=~"$model"})', "failed {{model}}"),
+                    query('max by (model) (convray_tune_val_accuracy{model=~"$model"})', "held-out accuracy {{model}}"),
+                    width=6,
                 ),
             ],
         ),

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from convray.service.cli import SERVE_FLAGS, build_parser
 from convray.service.config import Settings
-from convray.service.metrics import Metrics, TrainingMetrics
+from convray.service.metrics import Metrics, SearchMetrics, TrainingMetrics
 from convray.service.server import CLASSIFIER_SERVICE, LIVENESS_SERVICE
 from convray.workers.repository import ModelRepository
 from tests.conftest import REPO_ROOT, SHIPPED_MODELS
@@ -324,6 +324,24 @@ def test_alerts_hpa_and_docs_name_only_metrics_the_server_or_the_training_job_ex
     used -= {"convray_models", "convray_settings"}  # not metrics: names in prose
     assert used, "no metric named at all"
     assert used <= exported, f"not exported by service/metrics.py: {sorted(used - exported)}"
+
+
+def test_the_readmes_metrics_table_lists_every_metric_a_server_a_training_run_or_a_search_exports():
+    serving, search = CollectorRegistry(), CollectorRegistry()
+    Metrics(serving)
+    SearchMetrics(search, "digits")  # with the training run's gauges
+    first_cells = [
+        line.split("|")[1]
+        for line in (REPO_ROOT / "README.md").read_text().splitlines()
+        if line.startswith("| `convray_")
+    ]
+    listed = {name for cell in first_cells for name in re.findall(r"`(convray_[a-z_]+)`", cell)}
+    exported = {
+        {"counter": f"{family.name}_total", "info": f"{family.name}_info"}.get(family.type, family.name)
+        for registry in (serving, search)
+        for family in registry.collect()
+    }
+    assert exported <= listed, sorted(exported - listed)
 
 
 def test_the_seed_init_container_copies_baked_models_once_and_atomically(built, tmp_path):

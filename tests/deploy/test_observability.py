@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, generate_latest, start_http_ser
 
 from convray.oip import inference_pb2 as oip
 from convray.oip import inference_pb2_grpc as oip_grpc
-from convray.service.metrics import TrainingMetrics
+from convray.service.metrics import SearchMetrics
 from convray.v1 import classifier_pb2 as pb
 from convray.v1 import classifier_pb2_grpc
 from convray.workers.data import load_digits_split
@@ -148,8 +148,9 @@ def drive_traffic(address: str, images: np.ndarray, seconds: float) -> None:
             i = (i + 4) % 400
 
 
-def train_with_metrics_endpoint() -> tuple[TrainingMetrics, int, object]:
-    progress = TrainingMetrics(CollectorRegistry(), "digits")
+def train_with_metrics_endpoint() -> tuple[SearchMetrics, int, object]:
+    """The gauges of `convray tune --metrics-port`, a superset of `convray train`'s, on a port of their own."""
+    progress = SearchMetrics(CollectorRegistry(), "digits")
     server, _ = start_http_server(0, addr="127.0.0.1", registry=progress.registry)
     return progress, server.server_port, server
 
@@ -157,8 +158,9 @@ def train_with_metrics_endpoint() -> tuple[TrainingMetrics, int, object]:
 def test_every_metric_name_in_the_dashboard_and_rules_is_exported(metered, images):
     drive_traffic(metered.address, images, seconds=1)
     exported = scrape(metered.server.metrics_port).names()
-    progress = TrainingMetrics(CollectorRegistry(), "digits")
-    progress.observe_epoch(EpochProgress(1, 2, 0.5, 0.9, 1000.0))
+    progress = SearchMetrics(CollectorRegistry(), "digits")
+    progress.trial_started(1, 2)
+    progress.epoch_finished(EpochProgress(1, 2, 0.5, 0.9, 1000.0), val_accuracy=0.9)
     exported |= Scrape(generate_latest(progress.registry).decode()).names()
     used = {name for _, expr in PANEL_QUERIES for name in CONVRAY_NAME.findall(expr)}
     used |= {name for rule in RULES for name in CONVRAY_NAME.findall(rule["expr"])}
@@ -248,7 +250,9 @@ def test_a_real_prometheus_scraping_a_real_server_fills_every_panel_and_evaluate
     try:
         prometheus.wait_until(lambda: len(prometheus.query("up == 1")) == 2)
         drive_traffic(metered.address, images, seconds=3)
-        train(TrainConfig(epochs=2, threads=1, workers=0), log=lambda line: None, on_epoch=progress.observe_epoch)
+        progress.trial_started(1, 1)  # a search of one trial, as `convray tune` would report it
+        config = TrainConfig(epochs=2, threads=1, workers=0)
+        train(config, log=lambda line: None, on_epoch=lambda epoch: progress.epoch_finished(epoch, val_accuracy=0.9))
         drive_traffic(metered.address, images, seconds=3)
         instance = f"127.0.0.1:{convray_port}"
         prometheus.wait_until(lambda: prometheus.query('convray_train_epoch{model="digits"} == 2'))

@@ -128,6 +128,18 @@ def test_a_metrics_port_out_of_range_or_taken_is_a_usage_error_in_this_process(t
     assert f"--metrics-port: cannot serve 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+def test_a_search_whose_metrics_port_is_taken_is_a_usage_error_before_it_starts(tmp_path, capsys):
+    """``convray tune`` serves its gauges from its own process (Tune's driver), so it binds the port at once."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = build_parser().parse_args(["tune", "--model-repo", str(tmp_path), "--metrics-port", str(port)])
+        assert args.run(args) == EXIT_USAGE
+    assert f"convray tune: --metrics-port: cannot serve 127.0.0.1:{port}" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_on_a_ray_train_worker_a_taken_metrics_port_leaves_the_training_going_without_gauges(capsys):
     """Found in review: the worker's bind error failed the worker group, three times, and so the whole run."""
     from convray.service.train_command import EpochGauges

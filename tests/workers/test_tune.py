@@ -2,16 +2,26 @@
 that ran all its epochs can win."""
 
 import json
+import threading
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 import torch
+from ray import cloudpickle
 
 from convray.workers.ray_train import STATE_FILE
 from convray.workers.repository import ModelRepository
 from convray.workers.train import TrainConfig, load_spec
 from convray.workers.train_config import TrainingFailed
-from convray.workers.tune import CHOICE_FILE, best_finished, config_for, spec_for, tune_and_publish
+from convray.workers.tune import (
+    CHOICE_FILE,
+    best_finished,
+    config_for,
+    progress_callback,
+    spec_for,
+    tune_and_publish,
+)
 
 CHOICE = {
     "head": "fc", "pool": "avg", "activation": "leaky_relu", "dropout": 0.25, "width": 0.5,
@@ -34,8 +44,8 @@ def test_a_choice_changes_the_head_pooling_activation_dropout_and_width_of_the_s
 @pytest.mark.integration
 def test_a_two_trial_search_publishes_the_best_trial(ray_address, tmp_path):
     config = TrainConfig(workers=1, cpus_per_worker=0.5, epochs=2, storage_path=str(tmp_path / "runs"))
-    lines = []
-    out = tune_and_publish(config, 2, tmp_path / "repo", "digits", log=lines.append)
+    lines, progress = [], Recorder()
+    out = tune_and_publish(config, 2, tmp_path / "repo", "digits", log=lines.append, progress=progress)
     loaded = ModelRepository(tmp_path / "repo").load("digits")
     tune = loaded.metadata.training["tune"]
     assert tune["trials"] == 2 and set(tune["best"]) >= {"head", "pool", "width", "optimizer"}
@@ -45,9 +55,32 @@ def test_a_two_trial_search_publishes_the_best_trial(ray_address, tmp_path):
     best_seen = max(float(line.split("val_accuracy ")[1].split()[0]) for line in trial_lines)
     assert loaded.metadata.metrics["history"][-1]["val_accuracy"] == pytest.approx(best_seen, abs=1e-4)
     assert (out / "training_curve.png").exists()
+    # --metrics-port's gauges are told of each trial and its epochs, the last one too (read from the trial's
+    # checkpoint when Tune never received it), with the held-out accuracy the trial was judged by
+    assert [event for event in progress.events if event[0] == "trial"] == [("trial", 1, 2), ("trial", 2, 2)]
+    last_epochs = [round(event[3], 4) for event in progress.events if event[:2] == ("epoch", 2)]
+    judged = [float(line.split("val_accuracy ")[1].split()[0]) for line in trial_lines]  # sorted by trial id
+    assert sorted(last_epochs) == sorted(judged) and ("failed",) not in progress.events
     (search,) = (tmp_path / "runs").iterdir()  # one directory per search: its trials' runs and Tune's state
     assert search.name == loaded.metadata.training["tune"]["search"]
     assert len(list(search.glob("trial-*/checkpoint_0002"))) == 2 and list(search.glob("experiment_state-*.json"))
+
+
+class Recorder:
+    """A ``SearchProgress`` that records what it is told; like the real one's gauges, it cannot be pickled."""
+
+    def __init__(self):
+        self.events = []
+        self.lock = threading.Lock()  # Tune pickles its callbacks: `convray tune --metrics-port` failed on this
+
+    def trial_started(self, number, trials):
+        self.events.append(("trial", number, trials))
+
+    def epoch_finished(self, progress, val_accuracy):
+        self.events.append(("epoch", progress.epoch, progress.epochs, val_accuracy))
+
+    def trial_failed(self):
+        self.events.append(("failed",))
 
 
 @dataclass
@@ -72,7 +105,11 @@ def trial_run(storage, trial_id, epochs_done, accuracy):
     run = storage / f"trial-{trial_id}"
     run.mkdir(parents=True)
     (run / CHOICE_FILE).write_text(json.dumps({**CHOICE, "width": accuracy}))
-    history = [{"epoch": e, "val_accuracy": accuracy if e == epochs_done else 0.0} for e in range(1, epochs_done + 1)]
+    history = [
+        {"epoch": e, "loss": 1 / e, "accuracy": 0.5, "images_per_second": 100.0, "val_accuracy": 0.0}
+        for e in range(1, epochs_done + 1)
+    ]
+    history[-1]["val_accuracy"] = accuracy
     for epoch in range(max(1, epochs_done - 1), epochs_done + 1):
         (run / f"checkpoint_{epoch:04d}").mkdir()
         torch.save({"history": history[:epoch]}, run / f"checkpoint_{epoch:04d}" / STATE_FILE)
@@ -124,6 +161,21 @@ def test_an_interrupted_search_publishes_nothing(tmp_path):
         best_finished(stopped_in_the_last_trial, 2, 3, "s", tmp_path, lambda line: None)
 
 
+def test_search_progress_gets_each_trials_last_epoch_from_its_checkpoint_when_tune_never_received_it(tmp_path):
+    trial_run(tmp_path, "a", 3, 0.9)
+    progress, trial = Recorder(), SimpleNamespace(trial_id="a")
+    callback = progress_callback(progress, 2, 3, tmp_path)
+    callback.on_trial_start(iteration=1, trials=[trial], trial=trial)
+    epoch_2 = {"epoch": 2, "loss": 0.5, "accuracy": 0.8, "images_per_second": 90.0, "val_accuracy": 0.7}
+    callback.on_trial_result(iteration=2, trials=[trial], trial=trial, result={**epoch_2, "trial_id": "a"})
+    callback.on_trial_result(iteration=2, trials=[trial], trial=trial, result={"done": True})  # not an epoch
+    callback.on_trial_complete(iteration=3, trials=[trial], trial=trial)
+    assert progress.events == [("trial", 1, 2), ("epoch", 2, 3, 0.7), ("epoch", 3, 3, 0.9)]
+    restored = cloudpickle.loads(cloudpickle.dumps(callback))  # Tune pickles it: without the metrics, which cannot be
+    restored.on_trial_start(iteration=4, trials=[trial], trial=trial)
+    assert len(progress.events) == 3
+
+
 def test_a_trial_that_failed_after_saving_its_last_epoch_counts_as_failed_and_cannot_hide_an_interruption(tmp_path):
     """It was counted both as failed and as finished, so the sum of the two covered trial b, stopped part-way
     (review)."""
@@ -163,6 +215,8 @@ def test_a_search_whose_trial_fails_part_way_publishes_nothing(ray_address, tmp_
     config = TrainConfig(
         workers=1, cpus_per_worker=0.5, epochs=2, fail_at_epoch=2, max_failures=0, storage_path=str(tmp_path / "runs")
     )
+    progress = Recorder()
     with pytest.raises(TrainingFailed, match="no trial of search tune-digits-.* finished; nothing published"):
-        tune_and_publish(config, 1, tmp_path / "repo", "digits", log=lambda line: None)
+        tune_and_publish(config, 1, tmp_path / "repo", "digits", log=lambda line: None, progress=progress)
+    assert progress.events[0] == ("trial", 1, 1) and progress.events[-1] == ("failed",)
     assert not (tmp_path / "repo" / "digits").exists() or not any((tmp_path / "repo" / "digits").iterdir())
