@@ -250,7 +250,8 @@ class SearchMetrics:
     trial's held-out accuracy. Implements ``SearchProgress``.
     """
 
-    def __init__(self, registry: CollectorRegistry, model: str) -> None:
+    def __init__(self, registry: CollectorRegistry, model: str, trials: int, epochs: int) -> None:
+        """Gauges for a search of ``trials`` trials of ``epochs`` epochs each, set from the start."""
         self.registry = registry
         self.training = TrainingMetrics(registry, model)
         self._model = model
@@ -268,6 +269,8 @@ class SearchMetrics:
             ["model"],
             registry=registry,
         )
+        self.trials.labels(model).set(trials)
+        self.training.epochs.labels(model).set(epochs)
         self.trials_failed.labels(model).set(0)
 
     def trial_started(self, number: int, trials: int) -> None:

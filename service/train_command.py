@@ -165,7 +165,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise ValueError("; ".join(refused))
         fixed = [knob for knob in SEARCHED_KNOBS if getattr(args, knob) is not None]  # the user's stay as given
         config = config_from_args(args)
-        progress = None if args.metrics_port is None else _serve_search_metrics(args)
+        progress = None if args.metrics_port is None else _serve_search_metrics(args, config.epochs)
         tune_and_publish(config, args.trials, Path(args.model_repo), args.model_name, fixed=fixed, progress=progress)
     except (TrainingFailed, UnservableWeights) as exc:
         print(f"convray tune: {exc}", file=sys.stderr)
@@ -176,7 +176,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _serve_search_metrics(args: argparse.Namespace) -> Any:
+def _serve_search_metrics(args: argparse.Namespace, epochs: int) -> Any:
     """``convray tune --metrics-port``: the search's gauges, served from this process (its Tune driver) from now.
 
     Raises:
@@ -186,7 +186,7 @@ def _serve_search_metrics(args: argparse.Namespace) -> Any:
 
     from convray.service.metrics import SearchMetrics
 
-    metrics = SearchMetrics(CollectorRegistry(), args.model_name)
+    metrics = SearchMetrics(CollectorRegistry(), args.model_name, args.trials, epochs)
     try:
         start_http_server(args.metrics_port, addr=args.metrics_host, registry=metrics.registry)
     except OSError as exc:

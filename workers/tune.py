@@ -14,9 +14,10 @@ selection; hold a test set back (another ``npz:``) for an unbiased figure.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +31,7 @@ from convray.workers.spec import Activation, CNNSpec, ConvBlock, DropoutBlock, F
 from convray.workers.train import TrainingData, finish, prepare_data
 from convray.workers.train_config import SEARCHED_KNOBS, TrainConfig, TrainingFailed
 
+log = logging.getLogger(__name__)
 EPOCH_RESULT_KEYS = frozenset({"epoch", "loss", "accuracy", "images_per_second", "val_accuracy"})  # rank 0's report
 CHOICE_FILE = "choice.json"  # in each trial's Ray Train run directory: the spec and knobs it drew
 
@@ -196,34 +198,39 @@ def progress_callback(progress: SearchProgress, trials: int, epochs: int, storag
 
         def on_trial_start(self, **info: Any) -> None:
             self.started, self.last_epoch = self.started + 1, 0
-            if self.progress is not None:
-                self.progress.trial_started(self.started, trials)
+            self.tell(lambda progress: progress.trial_started(self.started, trials))
 
         def on_trial_result(self, result: dict, **info: Any) -> None:
-            self.report(result)
+            self.tell(lambda progress: self.report(progress, result))
 
         def on_trial_complete(self, trial: Any, **info: Any) -> None:
-            if self.progress is None or self.last_epoch == epochs:
-                return
-            try:
-                record = last_epoch_record(storage_path / f"trial-{trial.trial_id}", epochs)
-            except Exception:  # noqa: BLE001 (unreadable: best_finished says so; gauges must not fail the search)
-                return
-            if record is not None:
-                self.report(record)
+            if self.last_epoch != epochs:  # the last epoch never reached Tune: read it as best_finished does
+                run = storage_path / f"trial-{trial.trial_id}"
+                self.tell(lambda progress: self.report(progress, last_epoch_record(run, epochs) or {}))
 
         def on_trial_error(self, **info: Any) -> None:
-            if self.progress is not None:
-                self.progress.trial_failed()
+            self.tell(lambda progress: progress.trial_failed())
 
-        def report(self, record: dict[str, Any]) -> None:
-            if self.progress is None or not EPOCH_RESULT_KEYS <= record.keys():
-                return  # not an epoch of ours; gauges are a side channel and must not fail the search
+        def tell(self, what: Callable[[SearchProgress], None]) -> None:
+            """Run ``what`` on the progress, if any, logging an error instead of raising it.
+
+            Raised in a hook, it would stop the search (on a result) or mark a finished trial failed.
+            """
+            if self.progress is None:
+                return
+            try:
+                what(self.progress)
+            except Exception as exc:  # noqa: BLE001 (gauges are a side channel)
+                log.warning("search progress not reported (%s: %s)", type(exc).__name__, exc)
+
+        def report(self, progress: SearchProgress, record: dict[str, Any]) -> None:
+            if not EPOCH_RESULT_KEYS <= record.keys():
+                return  # not an epoch of ours (Tune's own last result, or no checkpoint)
             self.last_epoch = record["epoch"]
             epoch = EpochProgress(
                 record["epoch"], epochs, record["loss"], record["accuracy"], record["images_per_second"]
             )
-            self.progress.epoch_finished(epoch, record["val_accuracy"])
+            progress.epoch_finished(epoch, record["val_accuracy"])
 
     return ReportProgress(progress)
 

@@ -322,10 +322,12 @@ def build() -> Dashboard:
                 ),
                 panel(
                     "Training loss and accuracy",
-                    "Mean loss and training accuracy over the last completed epoch.",
+                    "Mean loss and training accuracy over the last completed epoch; for a search, also the running"
+                    " trial's held-out accuracy, which picks the winner.",
                     "short",
                     query('max by (model) (convray_train_loss{model=~"$model"})', "loss {{model}}"),
                     query('max by (model) (convray_train_accuracy{model=~"$model"})', "accuracy {{model}}"),
+                    query('max by (model) (convray_tune_val_accuracy{model=~"$model"})', "held-out accuracy {{model}}"),
                     width=6,
                 ),
                 panel(
@@ -337,14 +339,12 @@ def build() -> Dashboard:
                 ),
                 panel(
                     "Training search trials",
-                    "A search's running trial of its planned trials, those failed, and the running trial's"
-                    " held-out accuracy, which picks the winner (convray tune --metrics-port). The panels beside"
-                    " it show the running trial's epochs.",
+                    "A search's running trial of its planned trials, and those failed (convray tune"
+                    " --metrics-port). The panels beside it show the running trial's epochs.",
                     "short",
                     query('max by (model) (convray_tune_trial{model=~"$model"})', "trial {{model}}"),
                     query('max by (model) (convray_tune_trials{model=~"$model"})', "of {{model}}"),
                     query('max by (model) (convray_tune_trials_failed{model=~"$model"})', "failed {{model}}"),
-                    query('max by (model) (convray_tune_val_accuracy{model=~"$model"})', "held-out accuracy {{model}}"),
                     width=6,
                 ),
             ],

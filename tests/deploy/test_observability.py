@@ -148,9 +148,9 @@ def drive_traffic(address: str, images: np.ndarray, seconds: float) -> None:
             i = (i + 4) % 400
 
 
-def train_with_metrics_endpoint() -> tuple[SearchMetrics, int, object]:
+def search_metrics_endpoint() -> tuple[SearchMetrics, int, object]:
     """The gauges of `convray tune --metrics-port`, a superset of `convray train`'s, on a port of their own."""
-    progress = SearchMetrics(CollectorRegistry(), "digits")
+    progress = SearchMetrics(CollectorRegistry(), "digits", trials=1, epochs=2)
     server, _ = start_http_server(0, addr="127.0.0.1", registry=progress.registry)
     return progress, server.server_port, server
 
@@ -158,7 +158,7 @@ def train_with_metrics_endpoint() -> tuple[SearchMetrics, int, object]:
 def test_every_metric_name_in_the_dashboard_and_rules_is_exported(metered, images):
     drive_traffic(metered.address, images, seconds=1)
     exported = scrape(metered.server.metrics_port).names()
-    progress = SearchMetrics(CollectorRegistry(), "digits")
+    progress = SearchMetrics(CollectorRegistry(), "digits", trials=2, epochs=2)
     progress.trial_started(1, 2)
     progress.epoch_finished(EpochProgress(1, 2, 0.5, 0.9, 1000.0), val_accuracy=0.9)
     exported |= Scrape(generate_latest(progress.registry).decode()).names()
@@ -244,7 +244,7 @@ def test_a_real_prometheus_scraping_a_real_server_fills_every_panel_and_evaluate
     metered, images, tmp_path
 ):
     binary = prometheus_binary("prometheus")
-    progress, train_port, train_server = train_with_metrics_endpoint()
+    progress, train_port, train_server = search_metrics_endpoint()
     convray_port = metered.server.metrics_port
     prometheus = PrometheusServer(binary, tmp_path, {"convray": convray_port, "convray-train": train_port})
     try:

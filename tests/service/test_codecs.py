@@ -330,7 +330,9 @@ def test_scan_markers_are_found_where_a_byte_by_byte_reading_finds_them(monkeypa
     """0xFF then any code but a stuffed zero, a restart marker (0xD0-0xD7) or more fill; at chunk edges too."""
     monkeypatch.setattr(codecs, "_JPEG_MARKER_SEARCH_CHUNK", 7)
     rng = np.random.default_rng(0)
-    data = bytes(rng.choice([0x00, 0x01, 0x12, 0xCF, 0xD0, 0xD7, 0xD8, 0xD9, 0xDA, 0xFE, 0xFF], size=2_000))
+    codes = [0x00, 0x01, 0x12, 0xCF, 0xD0, 0xD7, 0xD8, 0xD9, 0xDA, 0xFE, 0xFF]
+    data = rng.choice(np.array(codes, dtype=np.uint8), size=2_000).tobytes()
+    assert len(data) == 2_000 and data.count(b"\xff\xda") > 0
 
     def next_marker_read_byte_by_byte(offset):
         for at in range(offset, len(data) - 1):
@@ -338,11 +340,13 @@ def test_scan_markers_are_found_where_a_byte_by_byte_reading_finds_them(monkeypa
                 return at + 2
         return None
 
-    markers, offset = codecs._JpegMarkers(data), 0
+    markers, offset, found = codecs._JpegMarkers(data), 0, 0
     while offset is not None:
         assert markers.next_after(offset) == next_marker_read_byte_by_byte(offset), offset
-        offset = markers.next_after(offset)
+        offset, found = markers.next_after(offset), found + 1
         offset = offset and offset + int(rng.integers(0, 9))  # a segment's length skipped, sometimes past the end
+    assert found > 50  # markers were found, not just their absence agreed on
+    assert codecs._JpegMarkers(data).count_start_of_scan() == data.count(b"\xff\xda")  # across chunks too
     assert codecs._JpegMarkers(b"\xff").next_after(0) is None
     assert codecs._JpegMarkers(b"\x00\xff\xd9").next_after(0) == 3
 
@@ -376,8 +380,23 @@ def test_a_jpeg_of_over_1000_markers_or_1024_fill_bytes_before_its_scan_is_refus
     with pytest.raises(InvalidInput, match=r"^JPEG has over 1024 fill bytes before its image data; re-encode it$"):
         decode_image(jpeg_with_before_its_scan(b"\xff" * 1025), GREY_8, LIMITS)
     decode_image(jpeg_with_before_its_scan(b"\xff" * 1024), GREY_8, LIMITS)
-    with pytest.raises(InvalidInput, match=r"^JPEG has over 1024 fill bytes"):  # read no further than the limit
+
+
+def test_a_long_run_of_jpeg_fill_bytes_is_read_no_further_than_the_limit(monkeypatch):
+    """Reading all 16 MB of a run held the GIL for 23 ms before the run was refused."""
+    longest_read = []
+
+    class RecordingFill:
+        def match(self, data, pos=0, endpos=sys.maxsize):
+            found = FILL.match(data, pos, endpos)
+            longest_read.append(found.end() - pos if found else 0)
+            return found
+
+    FILL = codecs._JPEG_FILL
+    monkeypatch.setattr(codecs, "_JPEG_FILL", RecordingFill())
+    with pytest.raises(InvalidInput, match=r"^JPEG has over 1024 fill bytes"):
         decode_image(jpeg_with_before_its_scan(b"\xff" * 500_000), GREY_8, LIMITS)
+    assert max(longest_read) <= 1024 + 2  # the fill, the marker's own 0xFF, and one byte to see it is over
 
 
 def gif_with_a_comment_of_sub_blocks(count: int) -> bytes:

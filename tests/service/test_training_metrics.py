@@ -45,11 +45,13 @@ def test_no_progress_series_before_the_first_epoch(endpoint):
 
 
 def test_a_search_shows_which_trial_runs_of_how_many_its_epochs_failures_and_held_out_accuracy():
-    search = SearchMetrics(CollectorRegistry(), "digits")
+    search = SearchMetrics(CollectorRegistry(), "digits", trials=3, epochs=2)
     server, _ = start_http_server(0, addr="127.0.0.1", registry=search.registry)
     try:
         model = {"model": "digits"}
-        assert scrape(server.server_port).value("convray_tune_trials_failed", **model) == 0  # before any trial
+        before = scrape(server.server_port)  # what the search will run, from its start
+        assert (before.value("convray_tune_trials", **model), before.value("convray_train_epochs", **model)) == (3, 2)
+        assert before.value("convray_tune_trials_failed", **model) == 0
         search.trial_started(1, 3)
         search.epoch_finished(EpochProgress(1, 2, 0.7, 0.8, 500.0), val_accuracy=0.85)
         search.trial_failed()

@@ -176,6 +176,21 @@ def test_search_progress_gets_each_trials_last_epoch_from_its_checkpoint_when_tu
     assert len(progress.events) == 3
 
 
+def test_search_progress_that_raises_is_logged_and_does_not_reach_tune(tmp_path, caplog):
+    """Raised in a Tune callback, it would stop the search or mark a finished trial failed (review)."""
+
+    class Broken(Recorder):
+        def epoch_finished(self, progress, val_accuracy):
+            raise OSError("disk full")
+
+    trial_run(tmp_path, "a", 3, 0.9)
+    trial = SimpleNamespace(trial_id="a")
+    callback = progress_callback(Broken(), 1, 3, tmp_path)
+    callback.on_trial_start(iteration=1, trials=[trial], trial=trial)
+    callback.on_trial_complete(iteration=2, trials=[trial], trial=trial)
+    assert "search progress not reported (OSError: disk full)" in caplog.text
+
+
 def test_a_trial_that_failed_after_saving_its_last_epoch_counts_as_failed_and_cannot_hide_an_interruption(tmp_path):
     """It was counted both as failed and as finished, so the sum of the two covered trial b, stopped part-way
     (review)."""
@@ -184,6 +199,9 @@ def test_a_trial_that_failed_after_saving_its_last_epoch_counts_as_failed_and_ca
     trial_run(tmp_path, "c", 3, 0.9)
     failure = RuntimeError("lost the node\nActorDiedError: the actor died")
     results = Results([TrialResult({"trial_id": "a"}, failure), TrialResult({}), TrialResult({})], 2, 1)
+    with pytest.raises(TrainingFailed, match=r"^search s was interrupted: 1 of 3 trials did not run to the end"):
+        best_finished(results, 3, 3, "s", tmp_path, lambda line: None)
+    (tmp_path / "trial-a" / "checkpoint_0003" / STATE_FILE).write_bytes(b"cut sho")  # nor, failed, as unreadable
     with pytest.raises(TrainingFailed, match=r"^search s was interrupted: 1 of 3 trials did not run to the end"):
         best_finished(results, 3, 3, "s", tmp_path, lambda line: None)
     (tmp_path / "trial-b" / "checkpoint_0003").mkdir()  # had b finished, c, not the failed a, would win
