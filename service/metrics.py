@@ -273,10 +273,9 @@ class SearchMetrics:
         self.training.epochs.labels(model).set(epochs)
         self.trials_failed.labels(model).set(0)
 
-    def trial_started(self, number: int, trials: int) -> None:
-        """Trial ``number`` of ``trials`` has started: the last trial's epoch figures are cleared."""
+    def trial_started(self, number: int) -> None:
+        """Trial ``number`` has started: the last trial's epoch figures are cleared."""
         self.trial.labels(self._model).set(number)
-        self.trials.labels(self._model).set(trials)
         self.training.epoch.labels(self._model).set(0)
         for last_trials in (self.training.loss, self.training.accuracy, self.training.images_per_second):
             last_trials.clear()

@@ -20,8 +20,8 @@ class EpochProgress:
 class SearchProgress(Protocol):
     """What a hyperparameter search reports as it goes (``convray tune --metrics-port`` exports it)."""
 
-    def trial_started(self, number: int, trials: int) -> None:
-        """Trial ``number`` (1-based) of ``trials`` has started; trials run one at a time."""
+    def trial_started(self, number: int) -> None:
+        """Trial ``number`` (1-based) has started; trials run one at a time."""
 
     def epoch_finished(self, progress: EpochProgress, val_accuracy: float) -> None:
         """The running trial finished an epoch, with this held-out accuracy."""

@@ -151,7 +151,7 @@ def tune_and_publish(
             name=search,
             storage_path=str(storage.parent),
             verbose=0,
-            callbacks=[] if progress is None else [progress_callback(progress, trials, config.epochs, storage)],
+            callbacks=[] if progress is None else [progress_callback(progress, config.epochs, storage)],
         ),
     )
     results = tuner.fit()  # returns, rather than raises, when trials fail or Ctrl-C stops the search
@@ -178,7 +178,7 @@ def tune_and_publish(
     return out
 
 
-def progress_callback(progress: SearchProgress, trials: int, epochs: int, storage_path: Path) -> Any:
+def progress_callback(progress: SearchProgress, epochs: int, storage_path: Path) -> Any:
     """A Ray Tune callback (run by the search's driver) that tells ``progress`` of each trial and epoch.
 
     Tune sometimes never receives a trial's last epoch (see ``best_finished``); when a trial ends without it,
@@ -198,7 +198,7 @@ def progress_callback(progress: SearchProgress, trials: int, epochs: int, storag
 
         def on_trial_start(self, **info: Any) -> None:
             self.started, self.last_epoch = self.started + 1, 0
-            self.tell(lambda progress: progress.trial_started(self.started, trials))
+            self.tell(lambda progress: progress.trial_started(self.started))
 
         def on_trial_result(self, result: dict, **info: Any) -> None:
             self.tell(lambda progress: self.report(progress, result))

@@ -159,7 +159,7 @@ def test_every_metric_name_in_the_dashboard_and_rules_is_exported(metered, image
     drive_traffic(metered.address, images, seconds=1)
     exported = scrape(metered.server.metrics_port).names()
     progress = SearchMetrics(CollectorRegistry(), "digits", trials=2, epochs=2)
-    progress.trial_started(1, 2)
+    progress.trial_started(1)
     progress.epoch_finished(EpochProgress(1, 2, 0.5, 0.9, 1000.0), val_accuracy=0.9)
     exported |= Scrape(generate_latest(progress.registry).decode()).names()
     used = {name for _, expr in PANEL_QUERIES for name in CONVRAY_NAME.findall(expr)}
@@ -250,7 +250,7 @@ def test_a_real_prometheus_scraping_a_real_server_fills_every_panel_and_evaluate
     try:
         prometheus.wait_until(lambda: len(prometheus.query("up == 1")) == 2)
         drive_traffic(metered.address, images, seconds=3)
-        progress.trial_started(1, 1)  # a search of one trial, as `convray tune` would report it
+        progress.trial_started(1)  # a search of one trial, as `convray tune` would report it
         config = TrainConfig(epochs=2, threads=1, workers=0)
         train(config, log=lambda line: None, on_epoch=lambda epoch: progress.epoch_finished(epoch, val_accuracy=0.9))
         drive_traffic(metered.address, images, seconds=3)

@@ -52,10 +52,10 @@ def test_a_search_shows_which_trial_runs_of_how_many_its_epochs_failures_and_hel
         before = scrape(server.server_port)  # what the search will run, from its start
         assert (before.value("convray_tune_trials", **model), before.value("convray_train_epochs", **model)) == (3, 2)
         assert before.value("convray_tune_trials_failed", **model) == 0
-        search.trial_started(1, 3)
+        search.trial_started(1)
         search.epoch_finished(EpochProgress(1, 2, 0.7, 0.8, 500.0), val_accuracy=0.85)
         search.trial_failed()
-        search.trial_started(2, 3)
+        search.trial_started(2)
         starting = scrape(server.server_port)
         search.epoch_finished(EpochProgress(2, 2, 0.4, 0.9, 600.0), val_accuracy=0.93)
         seen = scrape(server.server_port)

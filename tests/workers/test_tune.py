@@ -57,7 +57,7 @@ def test_a_two_trial_search_publishes_the_best_trial(ray_address, tmp_path):
     assert (out / "training_curve.png").exists()
     # --metrics-port's gauges are told of each trial and its epochs, the last one too (read from the trial's
     # checkpoint when Tune never received it), with the held-out accuracy the trial was judged by
-    assert [event for event in progress.events if event[0] == "trial"] == [("trial", 1, 2), ("trial", 2, 2)]
+    assert [event for event in progress.events if event[0] == "trial"] == [("trial", 1), ("trial", 2)]
     last_epochs = [round(event[3], 4) for event in progress.events if event[:2] == ("epoch", 2)]
     judged = [float(line.split("val_accuracy ")[1].split()[0]) for line in trial_lines]  # sorted by trial id
     assert sorted(last_epochs) == sorted(judged) and ("failed",) not in progress.events
@@ -73,8 +73,8 @@ class Recorder:
         self.events = []
         self.lock = threading.Lock()  # Tune pickles its callbacks: `convray tune --metrics-port` failed on this
 
-    def trial_started(self, number, trials):
-        self.events.append(("trial", number, trials))
+    def trial_started(self, number):
+        self.events.append(("trial", number))
 
     def epoch_finished(self, progress, val_accuracy):
         self.events.append(("epoch", progress.epoch, progress.epochs, val_accuracy))
@@ -164,13 +164,13 @@ def test_an_interrupted_search_publishes_nothing(tmp_path):
 def test_search_progress_gets_each_trials_last_epoch_from_its_checkpoint_when_tune_never_received_it(tmp_path):
     trial_run(tmp_path, "a", 3, 0.9)
     progress, trial = Recorder(), SimpleNamespace(trial_id="a")
-    callback = progress_callback(progress, 2, 3, tmp_path)
+    callback = progress_callback(progress, 3, tmp_path)
     callback.on_trial_start(iteration=1, trials=[trial], trial=trial)
     epoch_2 = {"epoch": 2, "loss": 0.5, "accuracy": 0.8, "images_per_second": 90.0, "val_accuracy": 0.7}
     callback.on_trial_result(iteration=2, trials=[trial], trial=trial, result={**epoch_2, "trial_id": "a"})
     callback.on_trial_result(iteration=2, trials=[trial], trial=trial, result={"done": True})  # not an epoch
     callback.on_trial_complete(iteration=3, trials=[trial], trial=trial)
-    assert progress.events == [("trial", 1, 2), ("epoch", 2, 3, 0.7), ("epoch", 3, 3, 0.9)]
+    assert progress.events == [("trial", 1), ("epoch", 2, 3, 0.7), ("epoch", 3, 3, 0.9)]
     restored = cloudpickle.loads(cloudpickle.dumps(callback))  # Tune pickles it: without the metrics, which cannot be
     restored.on_trial_start(iteration=4, trials=[trial], trial=trial)
     assert len(progress.events) == 3
@@ -185,7 +185,7 @@ def test_search_progress_that_raises_is_logged_and_does_not_reach_tune(tmp_path,
 
     trial_run(tmp_path, "a", 3, 0.9)
     trial = SimpleNamespace(trial_id="a")
-    callback = progress_callback(Broken(), 1, 3, tmp_path)
+    callback = progress_callback(Broken(), 3, tmp_path)
     callback.on_trial_start(iteration=1, trials=[trial], trial=trial)
     callback.on_trial_complete(iteration=2, trials=[trial], trial=trial)
     assert "search progress not reported (OSError: disk full)" in caplog.text
@@ -236,5 +236,5 @@ def test_a_search_whose_trial_fails_part_way_publishes_nothing(ray_address, tmp_
     progress = Recorder()
     with pytest.raises(TrainingFailed, match="no trial of search tune-digits-.* finished; nothing published"):
         tune_and_publish(config, 1, tmp_path / "repo", "digits", log=lambda line: None, progress=progress)
-    assert progress.events[0] == ("trial", 1, 1) and progress.events[-1] == ("failed",)
+    assert progress.events[0] == ("trial", 1) and progress.events[-1] == ("failed",)
     assert not (tmp_path / "repo" / "digits").exists() or not any((tmp_path / "repo" / "digits").iterdir())
