@@ -31,7 +31,7 @@ from convray.workers.spec import Activation, CNNSpec, ConvBlock, DropoutBlock, F
 from convray.workers.train import TrainingData, finish, prepare_data
 from convray.workers.train_config import SEARCHED_KNOBS, TrainConfig, TrainingFailed
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)  # not `log`: the functions below take a `log` that prints
 EPOCH_RESULT_KEYS = frozenset({"epoch", "loss", "accuracy", "images_per_second", "val_accuracy"})  # rank 0's report
 CHOICE_FILE = "choice.json"  # in each trial's Ray Train run directory: the spec and knobs it drew
 
@@ -221,7 +221,7 @@ def progress_callback(progress: SearchProgress, epochs: int, storage_path: Path)
             try:
                 what(self.progress)
             except Exception as exc:  # noqa: BLE001 (gauges are a side channel)
-                log.warning("search progress not reported (%s: %s)", type(exc).__name__, exc)
+                logger.warning("search progress not reported (%s: %s)", type(exc).__name__, exc)
 
         def report(self, progress: SearchProgress, record: dict[str, Any]) -> None:
             if not EPOCH_RESULT_KEYS <= record.keys():
