@@ -239,7 +239,7 @@ def add_train_commands(commands: Any) -> None:
     train = commands.add_parser("train", help="train and publish a model version", description=cmd_train.__doc__)
     _add_train_flags(train)
     train.add_argument("--metrics-port", type=_port, default=None, help="serve progress gauges on /metrics here")
-    train.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
+    train.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default: 127.0.0.1)")
     train.set_defaults(run=cmd_train)
 
     tune = commands.add_parser("tune", help="search hyperparameters, publish the best", description=cmd_tune.__doc__)
@@ -251,9 +251,9 @@ def add_train_commands(commands: Any) -> None:
         searched=SEARCHED_KNOBS,
         helps={"--workers": "Ray Train workers of each trial (at least 1)"},
     )
-    tune.add_argument("--trials", type=int, default=8, help="configurations to try")
+    tune.add_argument("--trials", type=int, default=8, help="configurations to try (default: 8)")
     tune.add_argument(
         "--metrics-port", type=_port, default=None, help="serve the search's progress gauges on /metrics here"
     )
-    tune.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
+    tune.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default: 127.0.0.1)")
     tune.set_defaults(run=cmd_tune)
