@@ -114,7 +114,18 @@ class CompiledRun:
 
     def close(self) -> None:
         """Stop the graph's loop on the actor and free its channels (the actor itself keeps running)."""
+        self.break_off()
+        self.teardown()
+
+    def break_off(self) -> None:
+        """Fail the calls waiting on this path, at once; on the event loop (``asyncio.Event`` is not thread-safe)."""
         self._broken.set()
+
+    def teardown(self) -> None:
+        """Tear the graph down (may run in another thread: Ray's own monitor thread does too, under a lock).
+
+        Seconds for a replica that just died (2 s in the pool tests); up to a minute on a lost cluster.
+        """
         try:
             self._graph.teardown()
         except Exception as exc:  # noqa: BLE001 (a graph whose actor died may fail to tear down; nothing to free)

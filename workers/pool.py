@@ -172,6 +172,8 @@ class ReplicaPool:
         # Replicas whose replacement could not start either, with why: tried again in the background (``_replacing``).
         self._given_up: dict[int, str] = {}
         self._replacing: dict[int, asyncio.Task[None]] = {}
+        # Per replica: compiled graphs to it being torn down in a thread, awaited before a new one is compiled.
+        self._closing: dict[int, Awaitable[Any]] = {}
 
     @classmethod
     async def start(
@@ -438,6 +440,8 @@ class ReplicaPool:
         The first execution of a compiled graph sets up its channels and takes seconds; no request should pay that.
         """
         name = self.replica_name(index)
+        if (closing := self._closing.pop(index, None)) is not None:
+            await closing  # the old graph to this actor first (plain calls serve meanwhile)
         if not self._actors:
             return  # shut down meanwhile
         try:
@@ -459,7 +463,8 @@ class ReplicaPool:
             await path(np.zeros((1, *described["input_shape"]), dtype=np.uint8))
         except REPLICA_LOST as exc:
             log.warning("replica %s: %s path failed its warm-up (%s)", name, self.transport, exc)
-            self._reopen_later(index, after=_close_off_the_loop(path))
+            self._close_off_the_loop(index, path)
+            self._reopen_later(index)
             return
         except Exception as exc:  # noqa: BLE001 (e.g. out of GPU memory for a moment: plain calls still work)
             log.warning("replica %s: %s path failed its warm-up (%s); plain actor calls", name, self.transport, exc)
@@ -475,18 +480,31 @@ class ReplicaPool:
         if self._fast_paths[index] is not path:
             return  # another batch on the same path got here first
         self._fast_paths[index] = None
-        self._reopen_later(index, after=_close_off_the_loop(path))
+        self._close_off_the_loop(index, path)
+        self._reopen_later(index)
 
-    def _reopen_later(self, index: int, after: Awaitable[None] | None = None) -> None:
-        """Once Ray has replica ``index`` running again, in the background: count it well, open its fast path.
+    def _close_off_the_loop(self, index: int, path: FastPath) -> None:
+        """Close a fast path to replica ``index``, which was lost; a compiled graph's teardown in a thread.
 
-        ``after``: what must finish before the new fast path opens (the old one's closing).
+        Tearing down a compiled graph to a replica that died took 2 s, on the event loop, stalling every request
+        meanwhile (measured in the pool tests). ``_open_fast_path`` waits for it before it compiles a new graph
+        on the same actor. A direct channel's asyncio streams are closed on the loop: that waits on nothing.
         """
+        if not isinstance(path, CompiledRun):
+            path.close()
+            return
+        path.break_off()
+        teardown = asyncio.get_running_loop().run_in_executor(None, path.teardown)
+        earlier = self._closing.get(index)
+        self._closing[index] = teardown if earlier is None else asyncio.gather(earlier, teardown)
+
+    def _reopen_later(self, index: int) -> None:
+        """Once Ray has replica ``index`` running again, in the background: count it well, open its fast path."""
         if index in self._probes or index in self._replacing:
             return  # already waiting for it, or already trying to replace it
-        self._probes[index] = asyncio.get_running_loop().create_task(self._reopen_when_back(index, after))
+        self._probes[index] = asyncio.get_running_loop().create_task(self._reopen_when_back(index))
 
-    async def _reopen_when_back(self, index: int, after: Awaitable[None] | None = None) -> None:
+    async def _reopen_when_back(self, index: int) -> None:
         try:
             described = await self._describe_once_back(index)
             if described is None and self._actors and self._start_replica is not None:
@@ -496,15 +514,11 @@ class ReplicaPool:
         finally:
             del self._probes[index]  # from here a new loss starts a new wait
         if described is not None:
-            await self._back_in_service(index, described, after)
+            await self._back_in_service(index, described)
 
-    async def _back_in_service(
-        self, index: int, described: dict[str, Any], after: Awaitable[None] | None = None
-    ) -> None:
+    async def _back_in_service(self, index: int, described: dict[str, Any]) -> None:
         self._unwell.discard(index)
         self._given_up.pop(index, None)
-        if after is not None:
-            await after  # the old fast path's closing: plain calls serve meanwhile
         await self._open_fast_path(index, described)
 
     async def _keep_replacing(self, index: int) -> None:
@@ -657,19 +671,6 @@ class ReplicaPool:
         actors, self._actors = self._actors, []
         self._fast_paths = [None] * len(actors)
         return paths, actors
-
-
-def _close_off_the_loop(path: FastPath) -> asyncio.Future[None] | None:
-    """Close a fast path to a replica that was lost; a compiled graph's in a thread, and the future says when.
-
-    Tearing down a compiled graph to a replica that died took 2 s, on the event loop, stalling every request
-    meanwhile (measured in the pool tests). A direct channel's asyncio streams are closed here, on the loop: that
-    waits on nothing.
-    """
-    if isinstance(path, CompiledRun):
-        return asyncio.get_running_loop().run_in_executor(None, path.close)
-    path.close()
-    return None
 
 
 def replica_device(options: ReplicaOptions) -> DeviceChoice:
