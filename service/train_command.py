@@ -130,9 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 try:
                     on_epoch.start()
                 except OSError as exc:
-                    raise ValueError(
-                        f"--metrics-port: cannot serve {args.metrics_host}:{args.metrics_port}: {exc}"
-                    ) from None
+                    raise _port_refused(args, exc) from None
         train_and_publish(config, Path(args.model_repo), args.model_name, on_epoch=on_epoch)
     except (TrainingFailed, UnservableWeights) as exc:  # it ran, and ended with nothing to publish
         print(f"convray train: {exc}", file=sys.stderr)
@@ -190,8 +188,13 @@ def _serve_search_metrics(args: argparse.Namespace, epochs: int) -> Any:
     try:
         start_http_server(args.metrics_port, addr=args.metrics_host, registry=metrics.registry)
     except OSError as exc:
-        raise ValueError(f"--metrics-port: cannot serve {args.metrics_host}:{args.metrics_port}: {exc}") from None
+        raise _port_refused(args, exc) from None
     return metrics
+
+
+def _port_refused(args: argparse.Namespace, exc: OSError) -> ValueError:
+    """The usage error for a ``--metrics-port`` this process cannot bind (taken, or not this machine's address)."""
+    return ValueError(f"--metrics-port: cannot serve {args.metrics_host}:{args.metrics_port}: {exc}")
 
 
 def _add_train_flags(

@@ -151,6 +151,11 @@ def check_continues_as_started(config: TrainConfig) -> None:
         )
 
 
+def checkpoint_name(epoch: int) -> str:
+    """The directory, in a run's, of the checkpoint saved after ``epoch`` (1-based)."""
+    return f"checkpoint_{epoch:04d}"
+
+
 def run_path(config: TrainConfig) -> Path:
     """Where run ``config.run_name`` keeps its checkpoints (Ray Train's) and convray's notes about it."""
     return Path(config.storage_path) / str(config.run_name)
@@ -239,7 +244,7 @@ class RaySession:
         with tempfile.TemporaryDirectory(prefix="convray-checkpoint-") as directory:
             torch.save(state(), Path(directory) / STATE_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(record, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{progress.epoch:04d}")
+            ray.train.report(record, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(progress.epoch))
 
     def crash(self, epoch: int) -> None:
         """Exit this worker process once the controller has registered the previous epoch's checkpoint.
@@ -250,7 +255,7 @@ class RaySession:
         snapshot = self._run_dir / CHECKPOINT_SNAPSHOT_FILE
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if snapshot.exists() and f"checkpoint_{epoch - 1:04d}" in snapshot.read_text(encoding="utf-8"):
+            if snapshot.exists() and checkpoint_name(epoch - 1) in snapshot.read_text(encoding="utf-8"):
                 break
             time.sleep(0.05)
         print(f"failure injected: rank {self.rank} exits at the start of epoch {epoch}", flush=True)
@@ -402,7 +407,7 @@ def fit(
     try:
         result = trainer(config, data, on_epoch).fit()
     except TrainingFailedError as exc:
-        run_dir = Path(config.storage_path).resolve() / config.run_name
+        run_dir = run_path(config).resolve()
         kept = (
             f"Its last checkpoint is kept under {run_dir}: continue it with --resume --run-name {config.run_name}"
             if any(run_dir.glob("checkpoint_*"))

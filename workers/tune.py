@@ -25,7 +25,7 @@ from typing import Any
 
 from convray.workers.models import build_model
 from convray.workers.progress import EpochProgress, SearchProgress
-from convray.workers.ray_train import STATE_FILE, first_cause, load_state, trainer
+from convray.workers.ray_train import STATE_FILE, checkpoint_name, first_cause, load_state, run_path, trainer
 from convray.workers.repository import ModelRepository
 from convray.workers.spec import Activation, CNNSpec, ConvBlock, DropoutBlock, FCHead, GAPFCHead, GAPHead, PoolBlock
 from convray.workers.train import TrainingData, finish, prepare_data
@@ -33,6 +33,7 @@ from convray.workers.train_config import SEARCHED_KNOBS, TrainConfig, TrainingFa
 
 logger = logging.getLogger(__name__)  # not `log`: the functions below take a `log` that prints
 EPOCH_RESULT_KEYS = frozenset({"epoch", "loss", "accuracy", "images_per_second", "val_accuracy"})  # rank 0's report
+TRIAL_RUN_PREFIX = "trial-"  # a trial's Ray Train run is named trial-<Tune's trial id>
 CHOICE_FILE = "choice.json"  # in each trial's Ray Train run directory: the spec and knobs it drew
 
 
@@ -88,8 +89,8 @@ def run_trial(choice: dict[str, Any], base: dict[str, Any], data: TrainingData) 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     config = config_for(TrainConfig(**base), choice)
-    config.run_name = f"trial-{tune.get_context().get_trial_id()}"
-    run_dir = Path(config.storage_path) / config.run_name
+    config.run_name = f"{TRIAL_RUN_PREFIX}{tune.get_context().get_trial_id()}"
+    run_dir = run_path(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CHOICE_FILE).write_text(json.dumps(choice), encoding="utf-8")  # what best_finished rebuilds it from
     trial_data = replace(data, spec=spec_for(data.spec, choice))
@@ -205,7 +206,7 @@ def progress_callback(progress: SearchProgress, epochs: int, storage_path: Path)
 
         def on_trial_complete(self, trial: Any, **info: Any) -> None:
             if self.last_epoch != epochs:  # the last epoch never reached Tune: read it as best_finished does
-                run = storage_path / f"trial-{trial.trial_id}"
+                run = storage_path / f"{TRIAL_RUN_PREFIX}{trial.trial_id}"
                 self.tell(lambda progress: self.report(progress, last_epoch_record(run, epochs) or {}))
 
         def on_trial_error(self, **info: Any) -> None:
@@ -243,7 +244,7 @@ def last_epoch_record(run: Path, epochs: int) -> dict[str, Any] | None:
     """
     from ray.train import Checkpoint
 
-    last = run / f"checkpoint_{epochs:04d}"
+    last = run / checkpoint_name(epochs)
     if not (last / STATE_FILE).is_file():
         return None
     record: dict[str, Any] = load_state(Checkpoint(str(last)))["history"][-1]
@@ -285,8 +286,8 @@ def best_finished(
             failed.add(trial)
             log(f"trial {trial}: failed: {first_cause(result.error)}  {result.config}")
     finished, unreadable = [], 0
-    for run in sorted(storage_path.glob("trial-*")):
-        trial_id, last = run.name.removeprefix("trial-"), run / f"checkpoint_{epochs:04d}"
+    for run in sorted(storage_path.glob(f"{TRIAL_RUN_PREFIX}*")):
+        trial_id, last = run.name.removeprefix(TRIAL_RUN_PREFIX), run / checkpoint_name(epochs)
         # A trial that failed after saving its last epoch is counted once, as failed: counted as finished too, it
         # would hide an interrupted trial from the sum below (found in review).
         if trial_id in failed or not (run / CHOICE_FILE).is_file():
