@@ -205,32 +205,27 @@ class Metrics:
         )
 
 
+def _model_gauge(registry: CollectorRegistry, name: str, documentation: str) -> Gauge:
+    """A gauge labelled by ``model`` alone: a training run's or a search's, one model per process."""
+    return Gauge(name, documentation, ["model"], registry=registry)
+
+
 class TrainingMetrics:
     """A training run's progress, one gauge per quantity, labelled by the model being trained."""
 
     def __init__(self, registry: CollectorRegistry, model: str) -> None:
         self.registry = registry
         self._model = model
-        self.epoch = Gauge(
-            "convray_train_epoch", "Epochs completed in the current training run.", ["model"], registry=registry
-        )
-        self.epochs = Gauge(
-            "convray_train_epochs", "Epochs the current training run will take.", ["model"], registry=registry
-        )
-        self.loss = Gauge(
-            "convray_train_loss", "Mean training loss over the last completed epoch.", ["model"], registry=registry
-        )
-        self.accuracy = Gauge(
+        self.epoch = _model_gauge(registry, "convray_train_epoch", "Epochs completed in the current training run.")
+        self.epochs = _model_gauge(registry, "convray_train_epochs", "Epochs the current training run will take.")
+        self.loss = _model_gauge(registry, "convray_train_loss", "Mean training loss over the last completed epoch.")
+        self.accuracy = _model_gauge(
+            registry,
             "convray_train_accuracy",
             "Training-set accuracy (0..1) over the last completed epoch, on augmented batches.",
-            ["model"],
-            registry=registry,
         )
-        self.images_per_second = Gauge(
-            "convray_train_images_per_second",
-            "Training throughput over the last completed epoch.",
-            ["model"],
-            registry=registry,
+        self.images_per_second = _model_gauge(
+            registry, "convray_train_images_per_second", "Training throughput over the last completed epoch."
         )
 
     def observe_epoch(self, progress: EpochProgress) -> None:
@@ -255,19 +250,17 @@ class SearchMetrics:
         self.registry = registry
         self.training = TrainingMetrics(registry, model)
         self._model = model
-        self.trial = Gauge(
-            "convray_tune_trial", "The search's running trial, 1-based (trials run one at a time).", ["model"],
-            registry=registry,
-        )  # fmt: skip
-        self.trials = Gauge("convray_tune_trials", "Trials the search will run.", ["model"], registry=registry)
-        self.trials_failed = Gauge(
-            "convray_tune_trials_failed", "Trials of the search that failed so far.", ["model"], registry=registry
+        self.trial = _model_gauge(
+            registry, "convray_tune_trial", "The search's running trial, 1-based (trials run one at a time)."
         )
-        self.val_accuracy = Gauge(
+        self.trials = _model_gauge(registry, "convray_tune_trials", "Trials the search will run.")
+        self.trials_failed = _model_gauge(
+            registry, "convray_tune_trials_failed", "Trials of the search that failed so far."
+        )
+        self.val_accuracy = _model_gauge(
+            registry,
             "convray_tune_val_accuracy",
             "Held-out accuracy (0..1) of the running trial's last completed epoch: what picks the winner.",
-            ["model"],
-            registry=registry,
         )
         self.trials.labels(model).set(trials)
         self.training.epochs.labels(model).set(epochs)
