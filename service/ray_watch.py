@@ -31,6 +31,7 @@ import grpc
 from convray.oip import inference_pb2 as oip
 from convray.service.metrics import Metrics
 from convray.service.rpc import API_LABELS, CANCELLED_AS_UNAVAILABLE, HandlerCache, handler_like, replies
+from convray.service.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +242,7 @@ class RayWatchdog:
     async def stop(self) -> None:
         """Stop checking (on shutdown)."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)  # a probe's wait_for can swallow one cancel (see cancel_and_wait)
 
     async def _check(self) -> tuple[str | None, bool]:
         """(None, False) when the cluster answered, else why not and whether a new cluster answered instead."""

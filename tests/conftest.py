@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sys
 import threading
+import traceback
 from pathlib import Path
 
 import grpc
@@ -74,11 +76,28 @@ class ServerThread:
         """Run a coroutine on the server's loop (to reach its internals) and return its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 60) -> None:
         if self.server is not None:
-            self.call(self.server.stop(grace_s=2))
+            try:
+                self.call(self.server.stop(grace_s=2), timeout_s)
+            except TimeoutError as exc:
+                raise TimeoutError(f"the server did not stop within {timeout_s} s\n{self.where_it_waits()}") from exc
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+    def where_it_waits(self) -> str:
+        """The server thread's stack, and where each task on its loop waits (a hung stop says nothing else)."""
+        frame = sys._current_frames().get(self.thread.ident)
+        lines = ["server thread:\n", *traceback.format_stack(frame)] if frame is not None else []
+        for task in list(asyncio.all_tasks(self.loop)):  # read from another thread: good enough for a report
+            lines.append(f"task {task.get_name()}, awaiting:\n")
+            awaited = task.get_coro()
+            while awaited is not None:  # the chain of coroutines each awaits, outermost first
+                frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+                if frame is not None:
+                    lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}\n")
+                awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        return "".join(lines)
 
 
 def server_settings(model_repo: Path, **overrides):

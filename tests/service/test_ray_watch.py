@@ -90,6 +90,38 @@ def test_still_lost_after_lost_exit_s_gives_up():
     assert not any(e[0] == "back" for e in script.events)
 
 
+def test_stop_ends_the_watchdog_even_when_its_probe_swallows_the_cancel():
+    """On Python 3.11 a cancel that arrives as a probe's wait_for completes is swallowed (found in CI: a
+    server's stop then waited for ever); stop cancels again until the watchdog has ended."""
+    stopping = []
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+
+        async def probe():
+            answered = loop.create_future()
+
+            def answer():
+                answered.set_result(None)
+                if not stopping:  # stop while wait_for has its answer but has not yet returned it
+                    stopping.append(asyncio.ensure_future(watchdog.stop()))
+
+            loop.call_soon(answer)
+            await asyncio.wait_for(answered, 5)
+
+        async def nothing(*_):
+            return True
+
+        watchdog = RayWatchdog(probe, nothing, nothing, nothing, 0.01, 0.0, 60.0, RayClusterReplaced)
+        watchdog.start()
+        while not stopping:
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(asyncio.shield(stopping[0]), 5)
+        assert watchdog._task.done()
+
+    asyncio.run(scenario())
+
+
 class _Aborted(Exception):
     pass
 
