@@ -11,6 +11,7 @@ broke gets plain actor calls until Ray has restarted it and the path is opened a
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import itertools
@@ -174,6 +175,9 @@ class ReplicaPool:
         self._replacing: dict[int, asyncio.Task[None]] = {}
         # Per replica: compiled graphs to it being torn down in a thread, awaited before a new one is compiled.
         self._closing: dict[int, Awaitable[Any]] = {}
+        # Per replica: one fast path opens at a time; the actor and process id the open path reaches.
+        self._opening: collections.defaultdict[int, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self._path_ends: dict[int, tuple[Any, int]] = {}
 
     @classmethod
     async def start(
@@ -439,7 +443,17 @@ class ReplicaPool:
 
         The first execution of a compiled graph sets up its channels and takes seconds; no request should pay that.
         """
-        name = self.replica_name(index)
+        async with self._opening[index]:  # a replica lost again while its path opened has two opens (review)
+            await self._open_fast_path_now(index, described)
+
+    async def _open_fast_path_now(self, index: int, described: dict[str, Any]) -> None:
+        name, pid = self.replica_name(index), int(described["pid"])
+        if (held := self._fast_paths[index]) is not None:
+            actor, held_pid = self._path_ends[index]
+            if self._actors and actor is self._actors[index] and held_pid == pid:
+                return  # an earlier open already reached this process
+            self._fast_paths[index] = None  # to an earlier life of the replica: it would leak if replaced
+            self._close_off_the_loop(index, held)
         if (closing := self._closing.pop(index, None)) is not None:
             await closing  # the old graph to this actor first (plain calls serve meanwhile)
         if not self._actors:
@@ -450,7 +464,7 @@ class ReplicaPool:
                 address = await self._actors[index].open_direct_channel.remote(self._token, self._direct_host)
                 path = DirectChannel(tuple(address), self._token)
             elif self.transport == "compiled-graph":
-                path = CompiledRun(self._actors[index], int(described["pid"]), self._compiled_in_flight)
+                path = CompiledRun(self._actors[index], pid, self._compiled_in_flight)
             else:
                 return
         except REPLICA_LOST:
@@ -473,7 +487,7 @@ class ReplicaPool:
         if not self._actors:  # shut down during the warm-up: shutdown() closed the paths it knew, not this one
             path.close()
             return
-        self._fast_paths[index] = path
+        self._fast_paths[index], self._path_ends[index] = path, (self._actors[index], pid)
 
     def _drop_fast_path(self, index: int, path: FastPath) -> None:
         """Forget a broken fast path (plain calls meanwhile) and open a new one once the actor is back."""

@@ -119,6 +119,36 @@ async def test_a_killed_replica_loses_no_batch_and_gets_its_fast_path_back(model
         pool.shutdown()
 
 
+async def test_two_opens_of_one_replicas_fast_path_leave_one_path_and_close_the_one_to_its_earlier_life(
+    model_repo, batch, monkeypatch
+):
+    """Found in review: a replica lost again while its fast path opened got a second open, which replaced the first
+    path without closing it (a compiled graph left to Ray's finaliser). Opens now take turns; the second finds
+    the path the first opened to the same process and keeps it, and a path to the replica's earlier life is closed."""
+    opened = []
+
+    class CountedChannel(pool_module.DirectChannel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(pool_module, "DirectChannel", CountedChannel)
+    pool = await ReplicaPool.start(str(model_repo), "digits", 1, options(replicas=1, transport="direct"))
+    try:
+        (earlier,) = opened
+        pid = (await pool.actors[0].describe.remote())["pid"]
+        os.kill(pid, signal.SIGKILL)  # no batch is sent, so the pool does not notice: the two opens below do
+        await restarted(pool.actors[0], pid)
+        described = await pool.actors[0].describe.remote()
+        await asyncio.wait_for(asyncio.gather(*(pool._open_fast_path(0, described) for _ in range(2))), 60)
+        assert len(opened) == 2 and pool._fast_paths == [opened[1]]  # one new path, held
+        assert earlier.broken  # the path to the killed process, closed
+        result = await asyncio.wait_for(pool.predict(batch), 30)
+        assert result.probabilities.shape == (16, 10) and not result.retried
+    finally:
+        pool.shutdown()
+
+
 async def restarted(actor, pid: int) -> None:
     """Return once ``actor`` answers from a process other than ``pid``; fail after 60 s."""
     deadline = time.monotonic() + 60
