@@ -11,7 +11,7 @@ STUBS  := $(PROTOS:.proto=_pb2.py)
 
 # tritonclient pins protobuf < 7, so the OIP tests drive it from its own venv, as an external client would.
 CLIENT_VENV := .venv-tritonclient
-TRITONCLIENT ?= tritonclient[grpc]==2.73.0
+TRITONCLIENT ?= tritonclient[grpc,http]==2.73.0
 
 .PHONY: install proto serve test lint bench bench-gpu train-default clean
 
@@ -36,7 +36,7 @@ proto/convray/%_pb2.py: proto/convray/%.proto $(VENV)/.installed
 serve: install
 	$(VENV)/bin/convray serve
 
-$(CLIENT_VENV)/.installed:
+$(CLIENT_VENV)/.installed: Makefile
 	test -x $(CLIENT_VENV)/bin/python || $(PYTHON) -m venv $(CLIENT_VENV)
 	$(CLIENT_VENV)/bin/python -m pip install --quiet '$(TRITONCLIENT)' pillow
 	touch $@

@@ -1,13 +1,15 @@
 """Classify an image with NVIDIA's tritonclient against convray's Open Inference Protocol endpoint.
 
-Run: pip install 'tritonclient[grpc]' pillow, then
+Run: pip install 'tritonclient[grpc,http]' pillow, then
 python examples/tritonclient_classify.py examples/digits/digit-3.png --url localhost:50051
+python examples/tritonclient_classify.py examples/digits/digit-3.png --url localhost:8000 --protocol http
+(the second needs the server's REST port: convray serve --http-port 8000)
 """
 
 import argparse
+import importlib
 
 import numpy as np
-import tritonclient.grpc as triton
 from PIL import Image
 
 
@@ -17,12 +19,16 @@ def main() -> None:
     parser.add_argument("image")
     parser.add_argument("--url", default="localhost:50051")
     parser.add_argument("--model", default="digits")
+    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     args = parser.parse_args()
+    triton = importlib.import_module(f"tritonclient.{args.protocol}")  # the same calls over either
 
     client = triton.InferenceServerClient(args.url)
     print("server ready:", client.is_server_ready(), "| model ready:", client.is_model_ready(args.model))
-    inputs = {i.name: i for i in client.get_model_metadata(args.model).inputs}
-    _, channels, height, width = inputs["input"].shape  # e.g. [-1, 1, 8, 8]
+    metadata = client.get_model_metadata(args.model)  # a protobuf message over gRPC, a dict over HTTP
+    if args.protocol == "grpc":
+        metadata = {"inputs": [{"name": i.name, "shape": list(i.shape)} for i in metadata.inputs]}
+    _, channels, height, width = (int(d) for d in next(i for i in metadata["inputs"] if i["name"] == "input")["shape"])
 
     # 1. The encoded file as a BYTES tensor: the server decodes, resizes and normalises.
     encoded = triton.InferInput("image", [1], "BYTES")

@@ -24,6 +24,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--host": ("server", "host"),
     "--port": ("server", "port"),
     "--health-port": ("server", "health_port"),
+    "--http-port": ("server", "http_port"),
     "--metrics-host": ("server", "metrics_host"),
     "--metrics-port": ("server", "metrics_port"),
     "--max-message-bytes": ("server", "max_message_bytes"),

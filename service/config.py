@@ -42,6 +42,8 @@ class ServerSettings(_Group):
     """gRPC port; 0 picks a free one (logged at start)."""
     health_port: Annotated[int | None, Unsettable] = Field(None, ge=0, le=65535)
     """Plaintext gRPC port answering health checks only, for probes that cannot do TLS (Kubernetes'); unset: none."""
+    http_port: Annotated[int | None, Unsettable] = Field(None, ge=0, le=65535)
+    """Port of the Open Inference Protocol over HTTP/REST (KServe v2 and Triton's binary data); unset: off."""
     metrics_host: str = "localhost"
     """Bind address of the Prometheus /metrics endpoint."""
     metrics_port: Annotated[int | None, Unsettable] = Field(9100, ge=0, le=65535)
@@ -69,13 +71,14 @@ class ServerSettings(_Group):
     def _frontends_have_ports(self) -> ServerSettings:
         if self.frontends == 1:
             return self
-        if self.port == 0 or self.health_port == 0:
+        if 0 in (self.port, self.health_port, self.http_port):
             raise ValueError("--frontends above 1 needs fixed ports: with 0 each front end would pick its own")
         if self.metrics_port:
             first, last = self.metrics_port, self.metrics_port + self.frontends - 1
             if last > 65535:
                 raise ValueError(f"{self.frontends} front ends need metrics ports {first}-{last}, past 65535")
-            for port, flag in ((self.port, "--port"), (self.health_port, "--health-port")):
+            fixed = ((self.port, "--port"), (self.health_port, "--health-port"), (self.http_port, "--http-port"))
+            for port, flag in fixed:
                 if port and first <= port <= last:
                     raise ValueError(f"the front ends' metrics ports {first}-{last} include {flag} {port}")
         return self
@@ -263,4 +266,6 @@ class Settings(BaseSettings):
             raise ValueError(f"--metrics-port must differ from --port (both {server.port})")
         if server.health_port and server.health_port in (server.port, server.metrics_port):
             raise ValueError(f"--health-port {server.health_port} must differ from --port and --metrics-port")
+        if server.http_port and server.http_port in (server.port, server.metrics_port, server.health_port):
+            raise ValueError(f"--http-port {server.http_port} must differ from the other ports")
         return self

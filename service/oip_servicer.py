@@ -76,10 +76,12 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         workers: WorkerSettings,
         model_control_off: str | None = None,
         streams: OpenStreams | None = None,
+        api: str = API_LABELS["inference.GRPCInferenceService"],
     ) -> None:
         """``model_control_off``: why RepositoryModelLoad/Unload are refused (FAILED_PRECONDITION); None allows them.
 
-        ``streams``: where its request streams are tracked, for a drain to stop reading them.
+        ``streams``: where its request streams are tracked, for a drain to stop reading them. ``api``: the ``api``
+        label its calls are counted under (``rest`` for the REST front, which calls these methods too).
         """
         self._streams = streams or OpenStreams()
         self._model_control_off = model_control_off
@@ -87,7 +89,11 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self._registry = registry
         self._batching = batching
         self._workers = workers
-        self._rpc = RpcObserver(API_LABELS["inference.GRPCInferenceService"], metrics, registry.metric_label)
+        self._rpc = RpcObserver(api, metrics, registry.metric_label)
+
+    def refused(self, rpc: str, exc: ConvrayError, model: str = "") -> tuple[grpc.StatusCode, str]:
+        """Count and log a call refused before it reached an RPC method (a REST body that is not valid JSON)."""
+        return self._rpc.refused(rpc, exc, model)
 
     def _resolve(self, name: str, version: str) -> ServedModel:
         return self._registry.resolve(name, parse_version(version))

@@ -38,6 +38,8 @@ Ray): the call is answered, and counted, UNAVAILABLE rather than CANCELLED."""
 API_LABELS = {"convray.v1.Classifier": "native", "inference.GRPCInferenceService": "oip"}
 """The ``api`` label of the request metrics, by gRPC service: set by each servicer's ``RpcObserver``, and by
 ``RayGate`` for the calls it refuses before they reach a servicer."""
+REST_API_LABEL = "rest"
+"""The ``api`` label of the Open Inference Protocol's calls over HTTP/REST (``service.rest``)."""
 # Requests of one stream being processed at once; past it, reading the stream waits (backpressure).
 STREAM_WINDOW = 256
 # Request streams (ClassifyStream, ModelStreamInfer) open at once in one front end; past it a new one is refused
@@ -155,10 +157,10 @@ class RpcObserver:
         else:
             log.error("%s failed unexpectedly", rpc, exc_info=exc)
 
-    def refused(self, rpc: str, exc: ConvrayError) -> tuple[grpc.StatusCode, str]:
+    def refused(self, rpc: str, exc: ConvrayError, model: str = "") -> tuple[grpc.StatusCode, str]:
         """Count and log a call refused before any of its work (a stream past ``MAX_OPEN_STREAMS``); its status."""
         code, message = to_status(exc)
-        model_label = self._begin("")
+        model_label = self._begin(model)
         self._log(rpc, model_label, exc, code, message)
         self._record(rpc, model_label, code, time.monotonic(), exc)
         return code, message

@@ -7,16 +7,27 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from convray.service.config import SecuritySettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Kubernetes' and load balancers' probes carry no credentials, so health checks stay open.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def rest_ssl_context(security: SecuritySettings) -> ssl.SSLContext | None:
+    """The REST port's TLS (mutual when a client CA is set), from the gRPC port's files, or None for plaintext.
+
+    Its own ``ServerCertificates``: each port notices a renewal for itself.
+    """
+    if security.tls_cert is None or security.tls_key is None:
+        return None
+    return ServerCertificates(security.tls_cert, security.tls_key, security.tls_client_ca).renewing_ssl_context()
 
 
 def server_credentials(security: SecuritySettings) -> grpc.ServerCredentials | None:
@@ -69,11 +80,42 @@ class ServerCertificates:
         Files caught mid-update (a key that does not match its certificate yet, a file missing) are not taken:
         the current ones serve on, and the next connection looks again.
         """
+        return self._if_changed(self.configuration)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The files as they are now, as the REST port's ``ssl.SSLContext`` (client certificates required with a CA).
+
+        Raises:
+            OSError, ssl.SSLError: a file cannot be read, or the key does not belong to the certificate.
+        """
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self._cert, self._key)
+        if self._client_ca is not None:
+            context.load_verify_locations(self._client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def renewing_ssl_context(self) -> ssl.SSLContext:
+        """``ssl_context()``, which hands each new connection a context of the renewed files once one changed."""
+        current = self.ssl_context()
+
+        def renew(connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext) -> None:
+            nonlocal current
+            renewed = self._if_changed(self.ssl_context)
+            if renewed is not None:
+                renewed.sni_callback = renew
+                current = renewed
+            connection.context = current  # called at every handshake, with or without SNI
+
+        current.sni_callback = renew
+        return current
+
+    def _if_changed(self, read: Callable[[], T]) -> T | None:
         try:
             stamps = self._stamps()
             if stamps == self._seen:
                 return None
-            configuration = self.configuration()
+            configuration = read()
         except (OSError, ssl.SSLError) as exc:
             log.warning("TLS files changed but cannot be used yet (%s); serving the previous certificate", exc)
             return None

@@ -42,8 +42,9 @@ from convray.service.metrics import Metrics
 from convray.service.oip_servicer import InferenceServicer
 from convray.service.ray_watch import RayGate, RayWatchdog
 from convray.service.registry import ModelRegistry
-from convray.service.rpc import MalformedMessageInterceptor, OpenStreams
-from convray.service.security import BearerTokenInterceptor, read_token, server_credentials
+from convray.service.rest import RestFrontEnd
+from convray.service.rpc import REST_API_LABEL, MalformedMessageInterceptor, OpenStreams
+from convray.service.security import BearerTokenInterceptor, read_token, rest_ssl_context, server_credentials
 from convray.service.servicer import ClassifierServicer
 from convray.v1 import classifier_pb2, classifier_pb2_grpc
 from convray.workers import cluster
@@ -279,6 +280,7 @@ class ConvrayServer:
             ),
             self._server,
         )
+        model_control_off = model_control_refusal(settings, member)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(
                 classifier,
@@ -286,11 +288,24 @@ class ConvrayServer:
                 self.metrics,
                 settings.batching,
                 settings.workers,
-                model_control_off=model_control_refusal(settings, member),
+                model_control_off=model_control_off,
                 streams=self.open_streams,
             ),
             self._server,
         )
+        self._rest: RestFrontEnd | None = None
+        if settings.server.http_port is not None:  # the same OIP servicer's work, counted as api="rest"
+            rest_servicer = InferenceServicer(classifier, self.registry, self.metrics, settings.batching,
+                                              settings.workers, model_control_off, api=REST_API_LABEL)  # fmt: skip
+            self._rest = RestFrontEnd(
+                rest_servicer,
+                self.registry,
+                lambda: self.ray_gate.message() if self.ray_gate.lost else None,
+                None if security.auth_token_file is None else read_token(security.auth_token_file),
+                settings.server.max_message_bytes,
+                self._decoder,
+            )
+            self._rest_tls = rest_ssl_context(security)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             [
@@ -309,6 +324,7 @@ class ConvrayServer:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
         self.port = 0
         self.health_port: int | None = None
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_http: Any = None
         self._bring_up: asyncio.Task[None] | None = None
@@ -335,6 +351,13 @@ class ConvrayServer:
         await self._server.start()
         if self._health_server is not None:
             await self._health_server.start()
+        if self._rest is not None:
+            address = f"{server.host}:{server.http_port}"
+            _refuse_if_taken(address, "the REST port", shared)
+            try:
+                self.http_port = await self._rest.start(server.host, server.http_port, self._rest_tls, shared)
+            except OSError as exc:
+                raise StartupError(f"could not bind the REST port to {address}: {exc}") from exc
         if server.metrics_port is not None:
             try:
                 self._metrics_http, _ = start_http_server(
@@ -394,11 +417,13 @@ class ConvrayServer:
         metrics_at = (
             f"http://{self.settings.server.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off"
         )
+        rest = "" if self.http_port is None else f", OIP REST on {self.settings.server.host}:{self.http_port}"
         log.info(
-            "convray ready%s: gRPC on %s:%d, models %s, Ray at %s, metrics %s",
+            "convray ready%s: gRPC on %s:%d%s, models %s, Ray at %s, metrics %s",
             "" if self.member is None else f" (front end {self.member.index + 1} of {self.member.count})",
             self.settings.server.host,
             self.port,
+            rest,
             served,
             gcs,
             metrics_at,
@@ -546,7 +571,10 @@ class ConvrayServer:
             self._bring_up.cancel()
         if self.watchdog is not None:
             await self.watchdog.stop()
+        rest_drained = None if self._rest is None else asyncio.ensure_future(self._rest.stop(grace))
         await self._server.stop(grace)
+        if rest_drained is not None:
+            await rest_drained
         if self._health_server is not None:  # answered NOT_SERVING through the drain; now nothing is served
             await self._health_server.stop(None)
         if self.ray_lost:

@@ -99,6 +99,7 @@ def test_ports_services_and_servicemonitor_agree_with_the_settings(built, overla
     expected = {
         "grpc": settings.server.port,
         "health": settings.server.health_port,
+        "rest": settings.server.http_port,
         "metrics": settings.server.metrics_port,
     }
     assert ports == expected
@@ -110,6 +111,9 @@ def test_ports_services_and_servicemonitor_agree_with_the_settings(built, overla
         (grpc_port,) = service["ports"]
         assert grpc_port["name"] == "grpc" and grpc_port["appProtocol"] in ("kubernetes.io/h2c", "grpc")
         assert grpc_port["targetPort"] in ("grpc", settings.server.port)
+
+    (rest_port,) = find(objects, "Service", "convray-rest")["spec"]["ports"]
+    assert rest_port["targetPort"] in ("rest", settings.server.http_port) and rest_port["appProtocol"] == "http"
 
     metrics_service = find(objects, "Service", "convray-metrics")
     (metrics_port,) = metrics_service["spec"]["ports"]

@@ -1,11 +1,13 @@
 """`convray serve --frontends N` as a user runs it: N real front-end processes on one port and one embedded Ray."""
 
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -38,12 +40,12 @@ class Group:
     """A `convray serve --frontends 2` process, its log file and its ports."""
 
     def __init__(self, tmp_path: Path, model_repo: Path, *extra: str) -> None:
-        self.port, self.metrics_port = free_port(), two_free_ports()
+        self.port, self.metrics_port, self.http_port = free_port(), two_free_ports(), free_port()
         self.log_path = tmp_path / "serve.log"
         self.process = subprocess.Popen(
             [CONVRAY, "serve", "--frontends", "2", "--host", "127.0.0.1", "--port", str(self.port),
              "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port), "--model-repo", str(model_repo),
-             "--ray-num-cpus", "2", "--cpus-per-replica", "0.5", *extra],
+             "--ray-num-cpus", "2", "--cpus-per-replica", "0.5", "--http-port", str(self.http_port), *extra],
             stdout=subprocess.DEVNULL, stderr=self.log_path.open("w"),
         )  # fmt: skip
 
@@ -116,6 +118,15 @@ def test_front_ends_share_the_port_answer_correctly_refuse_model_changes_and_all
             assert reply.predictions[0].index == held_out.labels[i]
     counted = [group.requests_counted(1), group.requests_counted(2)]
     assert sum(counted) == 20 and min(counted) > 0, counted
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "UINT8",
+                                   "data": held_out.images[0].ravel().tolist()}]}).encode()  # fmt: skip
+    for _ in range(20):  # the REST port is shared too: a new connection each (urllib), spread the same way
+        url = f"http://127.0.0.1:{group.http_port}/v2/models/digits/infer"
+        with urllib.request.urlopen(urllib.request.Request(url, body), timeout=30) as reply:
+            probabilities = json.loads(reply.read())["outputs"][0]["data"]
+        assert probabilities.index(max(probabilities)) == held_out.labels[0]
+    by_rest = [group.requests_counted(1) - counted[0], group.requests_counted(2) - counted[1]]
+    assert sum(by_rest) == 20 and min(by_rest) > 0, by_rest
     assert f"2 front ends starting on gRPC port 127.0.0.1:{group.port}" in group.log()
     assert_model_changes_by_rpc_are_refused(group.port)  # one group for both: each start costs about 20 s
 

@@ -5,6 +5,7 @@ The suite's shared Ray is left alone: this test's head runs in a temporary direc
 processes naming that directory are killed. Figures it prints (with -s) are in docs/reliability.md.
 """
 
+import json
 import os
 import secrets
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -130,11 +132,21 @@ def classify_codes(metrics_port: int) -> dict[str, float]:
     }
 
 
+def rest(port: int, path: str, body: dict | None = None) -> tuple[int, bytes]:
+    """(status, body) of one call to the server's REST port."""
+    data = None if body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}{path}", data), timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as failed:
+        return failed.code, failed.read()
+
+
 def test_ray_lost_after_start_is_reported_fails_calls_fast_and_is_rejoined_when_ray_returns(model_repo):
     _, held_out = load_digits_split()
     png = digit_png(held_out.images[0])
     head = RayHead()
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     server = None
     try:
         first_start_s = head.start(attempts=2)
@@ -142,7 +154,7 @@ def test_ray_lost_after_start_is_reported_fails_calls_fast_and_is_rejoined_when_
             [str(BIN / "convray"), "serve", "--host", "127.0.0.1", "--port", str(port), "--metrics-host", "127.0.0.1",
              "--metrics-port", str(metrics_port), "--model-repo", str(model_repo),
              "--ray-address", f"127.0.0.1:{head.port}", "--replicas", "1", "--cpus-per-replica", "0.5",
-             "--ray-check-interval-s", "1", "--ray-lost-exit-s", "150"],
+             "--ray-check-interval-s", "1", "--ray-lost-exit-s", "150", "--http-port", str(http_port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=head.env,
         )  # fmt: skip
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -180,12 +192,17 @@ def test_ray_lost_after_start_is_reported_fails_calls_fast_and_is_rejoined_when_
             assert not oip_stub.ModelReady(oip.ModelReadyRequest(name="digits"), timeout=5).ready
             assert stub.ListModels(pb.ListModelsRequest(), timeout=5).models  # metadata still answers
             assert ray_connected(metrics_port) == 0
+            # The same over REST: inference refused 503 saying why, not ready, metadata answered.
+            status, body = rest(http_port, "/v2/models/digits/infer", {"inputs": []})
+            assert status == 503 and "Ray cluster this server uses is unreachable" in json.loads(body)["error"]
+            assert rest(http_port, "/v2/health/ready")[0] == 400 and rest(http_port, "/v2/models/digits")[0] == 200
 
             restart_s = head.start()  # a new cluster on the same port
             back_s = wait_for(lambda: health(channel) == SERVING, 120, "SERVING again", server)
             reply = stub.Classify(pb.ClassifyRequest(image=png), timeout=30)
             assert reply.predictions[0].label == str(held_out.labels[0])
             assert oip_stub.ServerReady(oip.ServerReadyRequest(), timeout=5).ready
+            assert rest(http_port, "/v2/health/ready")[0] == 200
             assert ray_connected(metrics_port) == 1
         server.terminate()
         _, log = server.communicate(timeout=60)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def slow_batches(ray_address, tmp_path_factory):
         batching__max_queue=4,
         batching__batches_in_flight_per_replica=1,
         batching__dispatch_when_idle=False,
+        server__http_port=0,
     )
     yield server
     server.stop()
@@ -99,6 +101,26 @@ def test_a_request_past_the_queue_bound_fails_fast_with_resource_exhausted_and_w
     (detail,) = rpc_status.from_call(info.value).details
     assert detail.Unpack(retry_info)
     assert 0.25 <= retry_info.retry_delay.ToNanoseconds() / 1e9 < 1.0  # the client slept 0.3 s after sending
+
+
+def test_over_rest_a_request_past_the_queue_bound_is_answered_429_with_when_to_retry(slow_batches):
+    def rest_infer(images: int):
+        body = json.dumps({"inputs": [{"name": "input", "shape": [images, 1, 8, 8], "datatype": "FP32",
+                                       "data": [0.0] * (images * 64)}]}).encode()  # fmt: skip
+        url = f"http://127.0.0.1:{slow_batches.server.http_port}/v2/models/digits/infer"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, body), timeout=10) as reply:
+                return reply.status, reply.headers, reply.read()
+        except urllib.error.HTTPError as failed:
+            return failed.code, failed.headers, failed.read()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(rest_infer, 3)  # 3 of the 4 places, for up to 1 s
+        time.sleep(0.3)
+        status, headers, body = rest_infer(2)
+        assert waiting.result()[0] == 200
+    assert status == 429 and 1 <= int(headers["Retry-After"]) <= 2  # whole seconds, rounded up
+    assert "queue full (3 of 4 places taken, 2 more requested; --max-queue)" in json.loads(body)["error"]
 
 
 def test_a_burst_of_thousands_of_calls_is_answered_resource_exhausted_past_the_queue_never_cancelled(slow_batches):

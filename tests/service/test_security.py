@@ -1,10 +1,16 @@
 """TLS, mutual TLS and bearer-token auth against the real server; health checks stay open for probes."""
 
 import datetime
+import http.client as http_client
 import ipaddress
 import json
+import socket
+import ssl
 import subprocess
 import sys
+import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -85,6 +91,7 @@ def secure_server(ray_address, pki, tmp_path_factory):
         security__tls_client_ca=pki["ca"],
         security__auth_token_file=pki["token"],
         server__health_port=0,
+        server__http_port=0,
     )
     server = ServerThread(settings).start()
     yield server
@@ -251,3 +258,99 @@ async def test_renewed_certificate_files_are_served_without_a_restart_and_a_mism
         assert await trusted_by(next_ca) and not await trusted_by(first_ca)
     finally:
         await server.stop(None)
+
+
+def rest_call(server, pki, path, token=TOKEN, client="client", body=None, scheme="https"):
+    """(status, body) of one call to the REST port over mutual TLS; ``client`` None sends no certificate."""
+    context = ssl.create_default_context(cafile=pki["ca"])
+    if client is not None:
+        context.load_cert_chain(*pki[client])
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    request = urllib.request.Request(f"{scheme}://localhost:{server.server.http_port}{path}", body, headers)
+    try:
+        with urllib.request.urlopen(request, context=context if scheme == "https" else None, timeout=30) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as failed:
+        return failed.code, failed.read()
+
+
+def test_the_rest_port_serves_mutual_tls_and_wants_the_token_except_for_health_checks(secure_server, pki):
+    assert rest_call(secure_server, pki, "/v2/health/ready", token=None)[0] == 200  # probes send no token
+    for token in (None, "wrong"):
+        status, body = rest_call(secure_server, pki, "/v2/models/digits", token=token)
+        assert status == 401 and "missing or invalid bearer token" in json.loads(body)["error"]
+    assert rest_call(secure_server, pki, "/v2/models/digits")[0] == 200
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": 4 + len(IMAGE)}}]}).encode()  # fmt: skip
+    body = header + len(IMAGE).to_bytes(4, "little") + IMAGE
+    request = urllib.request.Request(
+        f"https://localhost:{secure_server.server.http_port}/v2/models/digits/infer", body,
+        {"Authorization": f"Bearer {TOKEN}", "Inference-Header-Content-Length": str(len(header))},
+    )  # fmt: skip
+    context = ssl.create_default_context(cafile=pki["ca"])
+    context.load_cert_chain(*pki["client"])
+    with urllib.request.urlopen(request, context=context, timeout=30) as reply:
+        probabilities = json.loads(reply.read())["outputs"][0]["data"]
+    assert probabilities.index(max(probabilities)) == 3
+
+
+@pytest.mark.parametrize("client,scheme", [(None, "https"), ("stranger", "https"), (None, "http")],
+                         ids=["no-client-certificate", "a-stranger's-certificate", "plaintext"])  # fmt: skip
+def test_the_rest_port_refuses_clients_that_cannot_show_a_certificate_of_the_client_ca(
+    secure_server, pki, client, scheme
+):
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError, http_client.RemoteDisconnected)):
+        rest_call(secure_server, pki, "/v2/models/digits", client=client, scheme=scheme)
+
+
+def test_the_rest_ports_tls_serves_renewed_files_to_new_connections_and_not_a_mismatched_pair(tmp_path):
+    """As the gRPC port's (the test above): each new handshake takes renewed files, none caught mid-update."""
+    import os
+
+    from convray.service.config import SecuritySettings
+    from convray.service.security import rest_ssl_context
+
+    first_ca, first_ca_key = make_cert("first CA", is_ca=True)
+    next_ca, next_ca_key = make_cert("next CA", is_ca=True)
+    cert, key = write_pem(tmp_path, "server", *make_cert("server", first_ca, first_ca_key))
+    context = rest_ssl_context(SecuritySettings(tls_cert=cert, tls_key=key))
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def handshakes() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            try:
+                context.wrap_socket(connection, server_side=True).close()
+            except (ssl.SSLError, OSError):
+                connection.close()
+
+    threading.Thread(target=handshakes, daemon=True).start()
+
+    def trusted_by(ca) -> bool:
+        client = ssl.create_default_context(cadata=ca.public_bytes(serialization.Encoding.PEM).decode())
+        with socket.create_connection(listener.getsockname(), timeout=5) as raw:
+            try:  # by IP address: no SNI, as a client reaching the pod's address sends
+                with client.wrap_socket(raw, server_hostname="127.0.0.1"):
+                    return True
+            except ssl.SSLError:
+                return False
+
+    def renew(name: str, with_key: bool = True) -> None:
+        staged = tmp_path / name
+        staged.mkdir()
+        new_cert, new_key = write_pem(staged, "server", *make_cert("server", next_ca, next_ca_key))
+        os.replace(new_cert, cert)
+        if with_key:
+            os.replace(new_key, key)
+
+    try:
+        assert trusted_by(first_ca) and not trusted_by(next_ca)
+        renew("half", with_key=False)  # caught mid-update: the new certificate with the old key
+        assert trusted_by(first_ca)
+        renew("whole")
+        assert trusted_by(next_ca) and not trusted_by(first_ca)
+    finally:
+        listener.close()

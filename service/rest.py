@@ -1,0 +1,284 @@
+"""The Open Inference Protocol over HTTP/REST (KServe v2, with Triton's binary tensor data), for REST clients.
+
+``tritonclient.http``, KServe's and MLServer's REST clients and plain ``curl`` reach the same models as the gRPC
+API, through the same checks, batching and metrics: each REST call is handed to an ``InferenceServicer`` as
+the matching gRPC request (``rest_codec``), and its reply or status comes back as JSON. Status codes follow
+Google's mapping of gRPC codes onto HTTP (``google/rpc/code.proto``): INVALID_ARGUMENT is 400, NOT_FOUND 404,
+RESOURCE_EXHAUSTED 429 with ``Retry-After``, UNAVAILABLE 503; an error's body is ``{"error": "<message>"}``.
+
+Served with aiohttp on ``--http-port`` beside gRPC, with the same TLS files and bearer token; health endpoints
+need no token, as gRPC health checks need none. Requests are counted under ``api="rest"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import math
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from convray.oip import inference_pb2 as oip
+from convray.service import __version__
+from convray.service.errors import ConvrayError, InvalidInput, ModelNotReady
+from convray.service.oip_servicer import PLATFORM, InferenceServicer
+from convray.service.registry import ModelRegistry
+from convray.service.rest_codec import (
+    HEADER_LENGTH,
+    binary_outputs,
+    infer_response_body,
+    message_json,
+    parse_infer_request,
+    without_binary_choices,
+)
+
+log = logging.getLogger(__name__)
+
+REST_EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration"]
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+"""HTTP status by gRPC code, as google/rpc/code.proto maps them; any other code is 500."""
+MAX_JSON_BYTES = 16 * 1024 * 1024
+"""The largest JSON part of an inference request. Parsed, JSON numbers take several times their text's size (an
+object each: 12 MB of them peaked at 77 MB), so a JSON body as large as --max-message-bytes allows (64 MiB) could
+take half a gigabyte per request. Binary tensor data has no such cost."""
+PARSE_OFF_THE_LOOP_BYTES = 64 * 1024
+"""Bodies past this are parsed in the decode threads: 3 MB of JSON numbers took 135 ms here, 60 KB 2.4 ms."""
+CANCEL_AFTER_GRACE_S = 0.1  # once the drain's grace is over, how long a call in flight may take to end when cancelled
+_NOT_READY = 400  # readiness endpoints: "4xx = false" (KServe), as Triton answers
+
+
+class Refused(Exception):
+    """A REST call answered with a gRPC status: what the servicer's ``context.abort`` raised."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.retry_after_s = code, message, retry_after_s
+
+
+class _RestCall:
+    """What an OIP servicer method asks of its gRPC context, for a REST call: no deadline, and ``abort``."""
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
+        pushback = dict(trailing_metadata or ()).get("grpc-retry-pushback-ms")
+        raise Refused(code, details, None if pushback is None else int(pushback) / 1000)
+
+
+class RestFrontEnd:
+    """The REST endpoints of one front end, over its registry and an OIP servicer counting as ``api="rest"``.
+
+    Args:
+        servicer: answers every call, as it would the matching gRPC one.
+        registry: the models served, for readiness.
+        ray_lost: why Ray is lost now, or None; inference is then refused UNAVAILABLE (503), as over gRPC.
+        token: the bearer token every call but health checks must carry; None: none needed.
+        max_body_bytes: the largest request body read (``--max-message-bytes``); larger ones get 413.
+        parser: where large bodies are parsed, off the event loop (the front end's decode threads).
+    """
+
+    def __init__(
+        self,
+        servicer: InferenceServicer,
+        registry: ModelRegistry,
+        ray_lost: Callable[[], str | None],
+        token: str | None,
+        max_body_bytes: int,
+        parser: Executor,
+    ) -> None:
+        self._servicer, self._registry, self._ray_lost = servicer, registry, ray_lost
+        self._expected = None if token is None else f"Bearer {token}".encode()
+        self._parser = parser
+        self._draining = False
+        middlewares = [self._count, self._authorise, self._json_errors]
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
+        model = "/v2/models/{name}"
+        version = "/v2/models/{name}/versions/{version}"
+        self.app.add_routes(
+            [
+                web.get("/v2/health/live", self._live),
+                web.get("/v2/health/ready", self._ready),
+                web.get("/v2", self._server_metadata),
+                *(web.get(path, self._model_metadata) for path in (model, version)),
+                *(web.get(path + "/ready", self._model_ready) for path in (model, version)),
+                *(web.get(path + "/config", self._model_config) for path in (model, version)),
+                *(web.post(path + "/infer", self._infer) for path in (model, version)),
+            ]
+        )
+        self._runner: web.AppRunner | None = None
+        self._site: web.SockSite | None = None
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None, share_port: bool) -> int:
+        """Listen on ``host:port`` (the first address the host resolves to) and return the port (0 picks one).
+
+        ``share_port``: SO_REUSEPORT, for the front ends of ``--frontends``.
+
+        Raises:
+            OSError: the port cannot be bound.
+        """
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        dual = family == socket.AF_INET6 and host in ("::", "") and socket.has_dualstack_ipv6()
+        listening = socket.create_server((host, port), family=family, reuse_port=share_port, dualstack_ipv6=dual)
+        # Calls in flight are waited for in stop(); past its grace, cleanup cancels them at once (0 would mean never:
+        # aiohttp reads a timeout of 0 as none).
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=CANCEL_AFTER_GRACE_S)
+        await self._runner.setup()
+        self._site = web.SockSite(self._runner, listening, ssl_context=ssl_context)
+        await self._site.start()
+        return int(listening.getsockname()[1])
+
+    async def stop(self, grace_s: float) -> None:
+        """Drain: stop listening, refuse new calls (503), give those in flight ``grace_s``, then cancel them."""
+        self._draining = True
+        runner, site, self._runner, self._site = self._runner, self._site, None, None
+        if runner is None:  # never started, or stopped already
+            return
+        if site is not None:
+            await site.stop()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        await runner.cleanup()
+
+    # ---- middlewares ----
+
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Callable[..., Awaitable[web.StreamResponse]]) -> Any:
+        """Track calls in flight for the drain; once it has begun, refuse new ones but health checks (503)."""
+        if self._draining and not request.path.startswith("/v2/health/"):
+            return _error(503, "the server is shutting down; retry on another")
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    @web.middleware
+    async def _authorise(self, request: web.Request, handler: Callable[..., Awaitable[web.StreamResponse]]) -> Any:
+        """Refuse a call without the bearer token (401) before its body is read; health checks need none."""
+        if self._expected is None or request.path.startswith("/v2/health/"):
+            return await handler(request)
+        given = request.headers.get("Authorization", "").encode()
+        if hmac.compare_digest(given, self._expected):  # constant time: no timing oracle
+            return await handler(request)
+        return _error(401, "missing or invalid bearer token: send the header 'Authorization: Bearer <token>'",
+                      {"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    @web.middleware
+    async def _json_errors(self, request: web.Request, handler: Callable[..., Awaitable[web.StreamResponse]]) -> Any:
+        """Refusals, and aiohttp's own errors (no such path, body too large), as ``{"error": ...}`` bodies."""
+        try:
+            return await handler(request)
+        except Refused as refused:
+            retry = {} if refused.retry_after_s is None else {"Retry-After": str(math.ceil(refused.retry_after_s))}
+            return _error(HTTP_STATUS.get(refused.code, 500), refused.message, retry)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error(exc.status, f"{exc.reason}: {request.method} {request.path[:200]}")
+
+    # ---- health and metadata ----
+
+    async def _live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        ready = self._registry.ready and not self._draining and self._ray_lost() is None
+        return web.Response(status=200 if ready else _NOT_READY)
+
+    async def _server_metadata(self, request: web.Request) -> web.Response:
+        return web.json_response({"name": "convray", "version": __version__, "extensions": REST_EXTENSIONS})
+
+    async def _model_metadata(self, request: web.Request) -> web.Response:
+        name, version = _model(request)
+        reply = await self._servicer.ModelMetadata(oip.ModelMetadataRequest(name=name, version=version), _RestCall())
+        return web.json_response(message_json(reply))
+
+    async def _model_ready(self, request: web.Request) -> web.Response:
+        name, version = _model(request)
+        reply = await self._servicer.ModelReady(oip.ModelReadyRequest(name=name, version=version), _RestCall())
+        return web.Response(status=200 if reply.ready and self._ray_lost() is None else _NOT_READY)
+
+    async def _model_config(self, request: web.Request) -> web.Response:
+        name, version = _model(request)
+        reply = await self._servicer.ModelConfig(oip.ModelConfigRequest(name=name, version=version), _RestCall())
+        return web.json_response({**message_json(reply.config), "platform": PLATFORM})
+
+    # ---- inference ----
+
+    async def _infer(self, request: web.Request) -> web.Response:
+        """Classify the images of one REST inference request, as ModelInfer would."""
+        name, version = _model(request)
+        if (lost := self._ray_lost()) is not None:
+            raise Refused(*self._servicer.refused("ModelInfer", ModelNotReady(lost), name))
+        body = await request.read()
+        try:
+            header_length = _header_length(request.headers.get(HEADER_LENGTH))
+            if (json_bytes := len(body) if header_length is None else header_length) > MAX_JSON_BYTES:
+                message = (f"the request's JSON is {json_bytes} bytes, past {MAX_JSON_BYTES}: send tensors as "
+                           "binary data after the JSON (Triton's binary tensor extension)")  # fmt: skip
+                self._servicer.refused("ModelInfer", InvalidInput(message), name)
+                return _error(413, message)
+            parse = (parse_infer_request, body, header_length, name, version)
+            if len(body) > PARSE_OFF_THE_LOOP_BYTES:
+                infer_request, binary_default = await asyncio.get_running_loop().run_in_executor(self._parser, *parse)
+            else:
+                infer_request, binary_default = parse_infer_request(*parse[1:])
+        except ConvrayError as exc:
+            raise Refused(*self._servicer.refused("ModelInfer", exc, name)) from None
+        binary = binary_outputs(infer_request, binary_default)
+        without_binary_choices(infer_request)
+        reply = await self._servicer.ModelInfer(infer_request, _RestCall())
+        payload, json_length = infer_response_body(reply, binary)
+        if json_length is None:
+            return web.Response(body=payload, content_type="application/json")
+        return web.Response(
+            body=payload, content_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)}
+        )
+
+
+def _model(request: web.Request) -> tuple[str, str]:
+    return request.match_info["name"], request.match_info.get("version", "")
+
+
+def _header_length(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= 18):
+        raise InvalidInput(f"{HEADER_LENGTH} must be a byte count, got {value[:40]!r}")
+    return int(value)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, text=json.dumps({"error": message}), content_type="application/json", headers=headers
+    )

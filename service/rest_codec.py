@@ -1,0 +1,273 @@
+"""The Open Inference Protocol's REST bodies <-> its gRPC messages, so one code path answers both.
+
+A REST inference request (KServe v2 JSON, optionally followed by Triton's binary tensor data) becomes a
+``ModelInferRequest`` with every input as raw bytes, whichever way it came: JSON ``data`` is packed by datatype,
+binary data is sliced off the body by each input's ``binary_data_size``. The gRPC servicer then checks and
+answers it exactly as it would a gRPC call. Its ``ModelInferResponse`` goes back as JSON, each output as
+``data`` or, when the client asked (``binary_data`` on the output, ``binary_data_output`` on the request), as
+binary data after the JSON. Everything a client can get wrong here raises ``InvalidInput`` saying what.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from convray.oip import inference_pb2 as oip
+from convray.service.errors import InvalidInput, shown, shown_items
+from convray.service.oip_codec import MAX_DIMS, deserialize_bytes, serialize_bytes
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+"""Triton's header giving the JSON part's length when binary tensor data follows it in the body."""
+BINARY_DATA_SIZE = "binary_data_size"  # on a tensor: its bytes in the binary part
+BINARY_DATA = "binary_data"  # on a requested output: send it as binary data
+BINARY_DATA_OUTPUT = "binary_data_output"  # on the request: every output as binary data, unless it says otherwise
+_NUMERIC = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+_REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
+_INPUT_KEYS = frozenset({"name", "shape", "datatype", "parameters", "data"})
+_OUTPUT_KEYS = frozenset({"name", "parameters"})
+
+
+def parse_infer_request(
+    body: bytes, header_length: int | None, model_name: str, model_version: str
+) -> tuple[oip.ModelInferRequest, bool]:
+    """The gRPC request for a REST inference body, and whether the reply's outputs are to be binary by default.
+
+    ``header_length``: the ``Inference-Header-Content-Length`` header, when binary data follows the JSON.
+    Per-output choices stay on the request's outputs (``binary_outputs`` reads them back).
+    """
+    if header_length is None:
+        header, binary = body, b""
+    elif not 0 <= header_length <= len(body):
+        raise InvalidInput(f"{HEADER_LENGTH} is {header_length}, but the body has {len(body)} bytes")
+    else:
+        header, binary = body[:header_length], body[header_length:]
+    document = _json_object(header, "the request body")
+    _no_unknown_keys(document, _REQUEST_KEYS, "the request")
+    request = oip.ModelInferRequest(model_name=model_name, model_version=model_version)
+    if "id" in document:
+        request.id = _typed(document["id"], str, "the request's id")
+    parameters = dict(_typed(document.get("parameters", {}), dict, "the request's parameters"))
+    binary_default = _typed(parameters.pop(BINARY_DATA_OUTPUT, False), bool, f"parameter {BINARY_DATA_OUTPUT!r}")
+    _set_parameters(request.parameters, parameters, "the request")
+    offset = 0
+    for index, tensor in enumerate(_typed(document.get("inputs"), list, "the request's inputs")):
+        offset = _add_input(request, _typed(tensor, dict, f"input {index}"), index, binary, offset)
+    if offset != len(binary):
+        raise InvalidInput(f"{len(binary) - offset} bytes of binary data follow the inputs' binary_data_size in all")
+    for index, output in enumerate(_typed(document.get("outputs", []), list, "the request's outputs")):
+        output = _typed(output, dict, f"output {index}")
+        _no_unknown_keys(output, _OUTPUT_KEYS, f"output {index}")
+        wanted = request.outputs.add(name=_typed(output.get("name"), str, f"the name of output {index}"))
+        _set_parameters(wanted.parameters, dict(_typed(output.get("parameters", {}), dict, "its parameters")), "")
+    return request, binary_default
+
+
+def binary_outputs(request: oip.ModelInferRequest, binary_default: bool) -> set[str]:
+    """The outputs to send as binary data: those asking for it, else all when the request asked for that."""
+    chosen = set()
+    for output in request.outputs:
+        if BINARY_DATA in output.parameters:
+            if output.parameters[BINARY_DATA].bool_param:
+                chosen.add(output.name)
+        elif binary_default:
+            chosen.add(output.name)
+    if not request.outputs and binary_default:
+        chosen.add("*")
+    return chosen
+
+
+def without_binary_choices(request: oip.ModelInferRequest) -> None:
+    """Drop the outputs' ``binary_data`` parameters: REST-only, and the gRPC checks refuse what they do not know."""
+    for output in request.outputs:
+        if BINARY_DATA in output.parameters:
+            del output.parameters[BINARY_DATA]
+
+
+def infer_response_body(response: oip.ModelInferResponse, binary: set[str]) -> tuple[bytes, int | None]:
+    """The REST body for a gRPC inference reply, and the JSON part's length when binary data follows it."""
+    outputs, chunks = [], []
+    for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        if tensor.name in binary or "*" in binary:
+            entry["parameters"] = {BINARY_DATA_SIZE: len(raw)}
+            chunks.append(raw)
+        elif tensor.datatype == "BYTES":
+            items = deserialize_bytes(raw, math.prod(tensor.shape))
+            entry["data"] = [item.decode("utf-8", errors="replace") for item in items]
+        else:
+            entry["data"] = np.frombuffer(raw, dtype=_NUMERIC[tensor.datatype]).tolist()
+        outputs.append(entry)
+    document: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id:
+        document["id"] = response.id
+    if response.parameters:
+        document["parameters"] = {key: _parameter_value(value) for key, value in response.parameters.items()}
+    document["outputs"] = outputs
+    header = json.dumps(document, separators=(",", ":")).encode()
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    """A gRPC reply (metadata, config) as the REST API's JSON: the proto's field names, enums by name.
+
+    64-bit integers stay numbers: protobuf's own JSON mapping writes them as strings, Triton's REST API does not.
+    """
+    document: dict[str, Any] = {}
+    for field, value in message.ListFields():
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            document[field.name] = {key: _field_json(field.message_type.fields_by_name["value"], item)
+                                    for key, item in value.items()}  # fmt: skip
+        elif _repeated(field):
+            document[field.name] = [_field_json(field, item) for item in value]
+        else:
+            document[field.name] = _field_json(field, value)
+    return document
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    if hasattr(field, "is_repeated"):  # protobuf 6.30 and later; ``label`` is gone in 7
+        return bool(field.is_repeated)
+    return bool(field.label == FieldDescriptor.LABEL_REPEATED)
+
+
+def _field_json(field: FieldDescriptor, value: Any) -> Any:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return message_json(value)
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        return field.enum_type.values_by_number[value].name
+    return value
+
+
+def _add_input(request: oip.ModelInferRequest, tensor: dict[str, Any], index: int, binary: bytes, offset: int) -> int:
+    """Add input ``index`` with its content as raw bytes; returns where the next input's binary data starts."""
+    _no_unknown_keys(tensor, _INPUT_KEYS, f"input {index}")
+    name = _typed(tensor.get("name"), str, f"the name of input {index}")
+    where = f"input {shown(name)}"
+    datatype = _typed(tensor.get("datatype"), str, f"{where}: datatype")
+    shape = _typed(tensor.get("shape"), list, f"{where}: shape")
+    if len(shape) > MAX_DIMS or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise InvalidInput(f"{where}: shape must be a list of at most {MAX_DIMS} integers")
+    parameters = dict(_typed(tensor.get("parameters", {}), dict, f"{where}: parameters"))
+    size = parameters.pop(BINARY_DATA_SIZE, None)
+    added = request.inputs.add(name=name, datatype=datatype)
+    try:
+        added.shape[:] = shape
+    except ValueError:  # past int64
+        raise InvalidInput(f"{where}: shape {shown(str(shape))} is out of range") from None
+    _set_parameters(added.parameters, parameters, where)
+    if size is not None:
+        if "data" in tensor:
+            raise InvalidInput(f"{where} has both 'data' and {BINARY_DATA_SIZE!r}; send one")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
+            raise InvalidInput(f"{where}: {BINARY_DATA_SIZE} {str(size)[:40]} goes past the binary data "
+                               f"({len(binary) - offset} bytes left)")  # fmt: skip
+        request.raw_input_contents.append(binary[offset : offset + size])
+        return offset + size
+    if "data" not in tensor:
+        raise InvalidInput(f"{where} has no 'data' (nor {BINARY_DATA_SIZE!r} for binary data)")
+    request.raw_input_contents.append(_packed(tensor["data"], datatype, where))
+    return offset
+
+
+def _packed(data: Any, datatype: str, where: str) -> bytes:
+    """JSON ``data`` (nested or flat, row-major) as the raw bytes of its datatype."""
+    if datatype == "BYTES":
+        items = _flat(data)
+        if not all(isinstance(item, str) for item in items):
+            raise InvalidInput(f"{where}: BYTES data must be strings (binary data carries raw bytes)")
+        return serialize_bytes([item.encode() for item in items])
+    dtype = _NUMERIC.get(datatype)
+    if dtype is None:
+        raise InvalidInput(f"{where}: unknown datatype {shown(datatype)}; one of {sorted([*_NUMERIC, 'BYTES'])}")
+    items = _flat(data)
+    if not all(isinstance(item, int | float) for item in items):  # bool is an int too: true and false for BOOL
+        raise InvalidInput(f"{where}: {datatype} data must be numbers")
+    if dtype.kind in "iu" and not all(isinstance(item, int) for item in items):
+        raise InvalidInput(f"{where}: {datatype} data must be integers")
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            return np.asarray(items, dtype=dtype).tobytes()
+    except (OverflowError, FloatingPointError, ValueError):
+        raise InvalidInput(f"{where}: a value does not fit {datatype}") from None
+
+
+def _flat(data: Any) -> list[Any]:
+    """Row-major elements of nested lists (a scalar alone is one element)."""
+    if not isinstance(data, list):
+        return [data]
+    items: list[Any] = []
+    pending = [iter(data)]
+    while pending:  # iterative: a deeply nested body must not exhaust the recursion limit
+        for item in pending[-1]:
+            if isinstance(item, list):
+                pending.append(iter(item))
+                break
+            items.append(item)
+        else:
+            pending.pop()
+    return items
+
+
+def _set_parameters(target: Any, values: Mapping[str, Any], where: str) -> None:
+    """JSON parameters as InferParameters: a bool, an integer (int64), another number (double) or a string."""
+    for key, value in values.items():
+        parameter = target[key]
+        if isinstance(value, bool):
+            parameter.bool_param = value
+        elif isinstance(value, int) and -(2**63) <= value < 2**63:
+            parameter.int64_param = value
+        elif isinstance(value, float) and math.isfinite(value):
+            parameter.double_param = value
+        elif isinstance(value, str):
+            parameter.string_param = value
+        else:
+            raise InvalidInput(f"parameter {shown(key)} on {where or 'an output'} must be a bool, number or string")
+
+
+def _parameter_value(parameter: oip.InferParameter) -> Any:
+    choice = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, choice) if choice else None
+
+
+def _json_object(text: bytes, what: str) -> dict[str, Any]:
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise InvalidInput(f"{what} is not valid JSON ({str(exc)[:200]})") from None
+    return _typed(document, dict, what)
+
+
+def _typed(value: Any, kind: type, what: str) -> Any:
+    """``value``, refused unless it is a ``kind`` (a JSON object, list, string or bool); bool is never an int here."""
+    names = {dict: "a JSON object", list: "a list", str: "a string", bool: "true or false"}
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise InvalidInput(f"{what} must be {names[kind]}")
+    return value
+
+
+def _no_unknown_keys(document: Mapping[str, Any], known: frozenset[str], where: str) -> None:
+    unknown = set(document).difference(known)
+    if unknown:
+        raise InvalidInput(f"unknown key(s) {shown_items(unknown)} in {where}; known: {sorted(known)}")

@@ -1,0 +1,274 @@
+"""The Open Inference Protocol over HTTP/REST, on a real server: the same answers and refusals as over gRPC."""
+
+import asyncio
+import base64
+import concurrent.futures
+import io
+import json
+import struct
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from convray.oip import inference_pb2 as oip
+from convray.oip import inference_pb2_grpc as oip_grpc
+from convray.workers.data import load_digits_split
+from tests.conftest import REPO_ROOT, ServerThread, server_settings
+from tests.deploy.tools import scrape
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def rest(ray_address, tmp_path_factory):
+    """A server with its REST port on, and small queues so that an overload is easy to cause."""
+    import shutil
+
+    from tests.conftest import SHIPPED_MODELS
+
+    repo = tmp_path_factory.mktemp("rest") / "models"
+    shutil.copytree(SHIPPED_MODELS, repo)
+    server = ServerThread(server_settings(repo, server__http_port=0, server__max_message_bytes=256 * 1024)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    _, data = load_digits_split()
+    return data
+
+
+def url(server: ServerThread, path: str) -> str:
+    return f"http://127.0.0.1:{server.server.http_port}{path}"
+
+
+def call(server, path, body=None, headers=None, method=None):
+    """(status, headers, body) of one HTTP call; an error status is returned, not raised."""
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url(server, path), data=data, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, reply.headers, reply.read()
+    except urllib.error.HTTPError as failed:
+        return failed.code, failed.headers, failed.read()
+
+
+def error_of(reply) -> tuple[int, str]:
+    status, headers, body = reply
+    assert headers["Content-Type"].startswith("application/json")
+    return status, json.loads(body)["error"]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[0], mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_health_metadata_and_config_answer_as_the_rest_api_says(rest):
+    assert call(rest, "/v2/health/live")[0] == 200 and call(rest, "/v2/health/ready")[0] == 200
+    server = json.loads(call(rest, "/v2")[2])
+    assert server["name"] == "convray" and "binary_tensor_data" in server["extensions"]
+    model = json.loads(call(rest, "/v2/models/digits")[2])
+    assert model["name"] == "digits" and model["versions"] == ["1"]
+    assert model["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}  # numbers, not strings
+    assert json.loads(call(rest, "/v2/models/digits/versions/1")[2]) == model
+    assert [call(rest, p)[0] for p in ("/v2/models/digits/ready", "/v2/models/digits/versions/1/ready")] == [200, 200]
+    assert [call(rest, p)[0] for p in ("/v2/models/digits/versions/9/ready", "/v2/models/nope/ready")] == [400, 400]
+    config = json.loads(call(rest, "/v2/models/digits/config")[2])
+    assert config["max_batch_size"] == 32 and config["input"][0]["dims"] == [1, 8, 8]
+    assert config["input"][0]["format"] == "FORMAT_NCHW"
+
+
+def test_json_pixels_get_the_probabilities_the_grpc_api_gives(rest, held_out):
+    images = held_out.images[:3].astype(np.float32)
+    body = {"id": "r1", "inputs": [{"name": "input", "shape": list(images.shape), "datatype": "FP32",
+                                    "data": images.tolist()}]}  # fmt: skip
+    status, headers, raw = call(rest, "/v2/models/digits/infer", body)
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    reply = json.loads(raw)
+    assert reply["id"] == "r1" and reply["model_name"] == "digits" and reply["model_version"] == "1"
+    (output,) = reply["outputs"]
+    assert output["name"] == "probabilities" and output["shape"] == [3, 10] and output["datatype"] == "FP32"
+    with grpc.insecure_channel(rest.address) as channel:
+        request = oip.ModelInferRequest(model_name="digits", raw_input_contents=[images.tobytes()])
+        request.inputs.add(name="input", datatype="FP32", shape=list(images.shape))
+        by_grpc = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    expected = np.frombuffer(by_grpc.raw_output_contents[0], dtype="<f4").reshape(3, 10)
+    np.testing.assert_allclose(np.asarray(output["data"]).reshape(3, 10), expected, atol=1e-6)
+    assert np.argmax(expected, axis=1).tolist() == held_out.labels[:3].tolist()
+
+
+def test_binary_images_in_and_binary_probabilities_out_as_tritonclient_http_sends_them(rest, held_out):
+    encoded = [png(held_out.images[i]) for i in range(2)]
+    raw = b"".join(struct.pack("<I", len(e)) + e for e in encoded)
+    image = {"name": "image", "shape": [2, 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(raw)}}
+    output = {"name": "probabilities", "parameters": {"binary_data": True}}
+    header = json.dumps({"inputs": [image], "outputs": [output]}).encode()
+    status, headers, body = call(rest, "/v2/models/digits/infer", header + raw,
+                                 {"Inference-Header-Content-Length": str(len(header))})  # fmt: skip
+    assert status == 200
+    json_length = int(headers["Inference-Header-Content-Length"])
+    (output,) = json.loads(body[:json_length])["outputs"]
+    assert output["parameters"]["binary_data_size"] == 2 * 10 * 4 and "data" not in output
+    probabilities = np.frombuffer(body[json_length:], dtype="<f4").reshape(2, 10)
+    assert np.argmax(probabilities, axis=1).tolist() == held_out.labels[:2].tolist()
+
+
+def test_the_classification_extension_answers_label_strings_in_json(rest, held_out):
+    image = held_out.images[:1]
+    body = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "UINT8", "data": image.ravel().tolist()}],
+            "outputs": [{"name": "probabilities", "parameters": {"classification": 2}}]}  # fmt: skip
+    status, _, raw = call(rest, "/v2/models/digits/infer", body)
+    (output,) = json.loads(raw)["outputs"]
+    assert status == 200 and output["datatype"] == "BYTES" and output["shape"] == [1, 2]
+    score, index, label = output["data"][0].split(":")
+    assert int(index) == held_out.labels[0] and label == str(held_out.labels[0]) and 0 < float(score) <= 1
+
+
+@pytest.mark.parametrize(
+    "body,headers,status,says",
+    [
+        (b"{not json", {}, 400, "the request body is not valid JSON"),
+        ([1, 2], {}, 400, "the request body must be a JSON object"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 63}]}, {}, 400,
+         "input 'input': raw content is 252 bytes, shape [1, 1, 8, 8] of FP32 needs 256"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": ["a"] * 64}]}, {}, 400,
+         "input 'input': FP32 data must be numbers"),
+        ({"inputs": [], "priority": 1}, {}, 400, "unknown key(s) ['priority'] in the request"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}],
+          "parameters": {"sequence_id": 7}}, {}, 400, "unsupported parameter(s) ['sequence_id'] on the request"),
+    ],
+    ids=["not-json", "not-an-object", "short-data", "strings-as-fp32", "unknown-key",
+         "unsupported-parameter"],
+)  # fmt: skip
+def test_a_bad_request_is_answered_400_with_what_was_wrong(rest, body, headers, status, says):
+    reply = call(rest, "/v2/models/digits/infer", body, headers)
+    assert error_of(reply)[0] == status and says in error_of(reply)[1], error_of(reply)
+
+
+@pytest.mark.parametrize(
+    "size,binary,says",
+    [(9, b"abc", "input 'image': binary_data_size 9 goes past the binary data (3 bytes left)"),
+     (3, b"abcdef", "3 bytes of binary data follow the inputs' binary_data_size in all")],
+    ids=["past-the-body", "left-over"],
+)  # fmt: skip
+def test_binary_data_that_does_not_match_the_sizes_given_is_refused(rest, size, binary, says):
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": size}}]}).encode()  # fmt: skip
+    length = {"Inference-Header-Content-Length": str(len(header))}
+    reply = call(rest, "/v2/models/digits/infer", header + binary, length)
+    assert error_of(reply) == (400, says)
+
+
+def test_unknown_models_paths_and_oversized_bodies_get_their_own_status(rest):
+    status, message = error_of(call(rest, "/v2/models/nope/infer", {"inputs": []}))
+    assert status == 404 and message.startswith("model 'nope' is not served")
+    assert error_of(call(rest, "/v2/nothing-here"))[0] == 404
+    assert error_of(call(rest, "/v2/models/digits/infer"))[0] == 405  # a GET
+    too_big = call(rest, "/v2/models/digits/infer", b"x" * (300 * 1024), {"Content-Type": "application/json"})
+    assert error_of(too_big)[0] == 413
+
+
+def test_rest_calls_are_counted_under_their_own_api_label(rest, held_out):
+    before = scrape(rest.server.metrics_port).samples
+    labels = {"api": "rest", "rpc": "ModelInfer", "model": "digits", "code": "INVALID_ARGUMENT"}
+    key = ("convray_requests_total", frozenset(labels.items()))
+    call(rest, "/v2/models/digits/infer", b"{not json")
+    after = scrape(rest.server.metrics_port).samples
+    assert after.get(key, 0) == before.get(key, 0) + 1, sorted(k for k in after if k[0] == "convray_requests_total")
+
+
+def tritonclient_http(server: ServerThread, scenario: str, **payload):
+    """Run one tritonclient.http scenario against the server's REST port and return its JSON result."""
+    from tests.service.test_oip import CLIENT_PYTHON
+
+    driver = REPO_ROOT / "tests" / "service" / "clients" / "triton_http_driver.py"
+    result = subprocess.run(
+        [str(CLIENT_PYTHON), str(driver), f"127.0.0.1:{server.server.http_port}", scenario],
+        input=json.dumps(payload), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_tritonclient_http_checks_health_and_reads_metadata_and_config(rest):
+    reply = tritonclient_http(rest, "health")
+    assert (reply["live"], reply["ready"], reply["model_ready"], reply["unknown_ready"]) == (True, True, True, False)
+    assert reply["server"]["name"] == "convray" and reply["model"]["outputs"][0]["shape"] == [-1, 10]
+    assert reply["config"]["max_batch_size"] == 32
+
+
+def test_tritonclient_http_classifies_pixels_and_images_in_binary_and_in_json(rest, held_out):
+    images = held_out.images[:4]
+    encoded = [base64.b64encode(png(image)).decode() for image in images]
+    reply = tritonclient_http(rest, "infer", pixels=images.astype(float).tolist(), encoded=encoded)
+    expected = held_out.labels[:4].tolist()
+    for request_id in ("pixels-True", "pixels-False", "images"):
+        assert reply[request_id] == {"id": request_id, "top": expected}, request_id
+    assert len(reply["classification"]) == 3 and reply["classification"][0].endswith(f":{expected[0]}:{expected[0]}")
+
+
+def test_tritonclient_http_gets_the_servers_message_for_a_bad_request(rest):
+    reply = tritonclient_http(rest, "error")
+    assert reply["status"] == "400" and "must have shape [N, 1, 8, 8]" in reply["message"]
+
+
+def test_a_stopping_server_answers_the_rest_calls_in_flight_and_refuses_new_ones(ray_address, model_repo):
+    """As its gRPC calls: nothing admitted is lost in a drain. Batches here wait 1 s to fill."""
+    settings = server_settings(model_repo, server__http_port=0, workers__replicas=1, batching__dispatch_when_idle=False,
+                               batching__max_batch_delay_ms=1000.0)  # fmt: skip
+    server = ServerThread(settings).start()
+    body = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(call, server, "/v2/models/digits/infer", body)
+        time.sleep(0.3)  # admitted, waiting for its batch
+        stopping = asyncio.run_coroutine_threadsafe(server.server.stop(grace_s=5), server.loop)
+        time.sleep(0.2)
+        try:
+            refused = call(server, "/v2/models/digits/infer", body)
+        except urllib.error.URLError:  # the port is closed already: refused just the same
+            refused = None
+        status, _, reply = in_flight.result(timeout=30)
+        stopping.result(timeout=30)
+    server.stop()
+    assert status == 200 and json.loads(reply)["outputs"][0]["shape"] == [1, 10]
+    assert refused is None or refused[0] == 503
+
+
+def test_the_readme_tritonclient_example_runs_over_http_too(rest):
+    from tests.service.test_oip import CLIENT_PYTHON
+
+    example, image = REPO_ROOT / "examples" / "tritonclient_classify.py", REPO_ROOT / "examples/digits/digit-3.png"
+    result = subprocess.run(
+        [str(CLIENT_PYTHON), str(example), str(image), "--url", f"127.0.0.1:{rest.server.http_port}",
+         "--protocol", "http"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "server ready: True | model ready: True"
+    assert lines[1].startswith("BYTES input, top 3 (value:index:label): ['") and ":3:3'" in lines[1]
+    assert lines[2].startswith("FP32 input, most probable class: 3 ")
+
+
+def test_json_past_its_own_limit_is_refused_413_and_the_same_tensor_as_binary_data_is_not(rest, monkeypatch):
+    from convray.service import rest as rest_module
+
+    monkeypatch.setattr(rest_module, "MAX_JSON_BYTES", 300)  # 16 MiB in service, checked in this process
+    pixels = [200.0] * 64
+    as_json = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": pixels}]}
+    status, message = error_of(call(rest, "/v2/models/digits/infer", as_json))
+    assert status == 413 and "past 300: send tensors as binary data" in message
+    raw = np.asarray(pixels, dtype="<f4").tobytes()
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()  # fmt: skip
+    length = {"Inference-Header-Content-Length": str(len(header))}
+    assert call(rest, "/v2/models/digits/infer", header + raw, length)[0] == 200

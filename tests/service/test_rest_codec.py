@@ -1,0 +1,133 @@
+"""REST bodies <-> OIP messages: what a REST client sends becomes the gRPC request the servicer checks."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from convray.oip import inference_pb2 as oip
+from convray.service.errors import InvalidInput
+from convray.service.rest_codec import (
+    binary_outputs,
+    infer_response_body,
+    message_json,
+    parse_infer_request,
+    without_binary_choices,
+)
+
+
+def parse(document, binary=b"", as_header=None):
+    header = json.dumps(document).encode() if as_header is None else as_header
+    return parse_infer_request(header + binary, len(header) if binary else None, "digits", "1")
+
+
+def test_json_data_nested_or_flat_becomes_the_raw_bytes_of_its_datatype():
+    for data in ([[1.5, 2.0], [3.0, 4.25]], [1.5, 2.0, 3.0, 4.25]):
+        request, _ = parse({"inputs": [{"name": "input", "shape": [2, 2], "datatype": "FP32", "data": data}]})
+        assert request.model_name == "digits" and request.model_version == "1"
+        assert list(request.inputs[0].shape) == [2, 2] and request.inputs[0].datatype == "FP32"
+        assert np.frombuffer(request.raw_input_contents[0], "<f4").tolist() == [1.5, 2.0, 3.0, 4.25]
+    request, _ = parse({"inputs": [{"name": "input", "shape": [3], "datatype": "UINT8", "data": [0, 7, 255]}]})
+    assert request.raw_input_contents[0] == bytes([0, 7, 255])
+    request, _ = parse({"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["ab", "é"]}]})
+    assert request.raw_input_contents[0] == struct.pack("<I", 2) + b"ab" + struct.pack("<I", 2) + "é".encode()
+
+
+def nested(depth: int) -> bytes:
+    data = b"[" * depth + b"5.0" + b"]" * depth
+    return b'{"inputs": [{"name": "input", "shape": [1], "datatype": "FP64", "data": ' + data + b"}]}"
+
+
+def test_deeply_nested_data_is_read_and_too_deep_a_body_is_refused_not_a_crash():
+    request, _ = parse(None, as_header=nested(500))
+    assert np.frombuffer(request.raw_input_contents[0], "<f8").tolist() == [5.0]
+    with pytest.raises(InvalidInput, match="the request body is not valid JSON"):
+        parse(None, as_header=nested(100_000))  # past the JSON parser's recursion limit
+
+
+def test_binary_inputs_are_sliced_off_the_body_in_order_beside_json_ones():
+    document = {
+        "inputs": [
+            {"name": "a", "shape": [2], "datatype": "UINT8", "parameters": {"binary_data_size": 2}},
+            {"name": "b", "shape": [1], "datatype": "UINT8", "data": [9]},
+            {"name": "c", "shape": [3], "datatype": "UINT8", "parameters": {"binary_data_size": 3}},
+        ]
+    }
+    request, _ = parse(document, binary=b"\x01\x02\x03\x04\x05")
+    assert list(request.raw_input_contents) == [b"\x01\x02", b"\x09", b"\x03\x04\x05"]
+    assert all("binary_data_size" not in tensor.parameters for tensor in request.inputs)  # REST-only: dropped
+
+
+def test_parameters_keep_their_json_types_and_the_binary_choices_are_read_then_dropped():
+    document = {
+        "id": "x",
+        "parameters": {"timeout": 5000, "content_type": "np", "ratio": 0.5, "flag": True, "binary_data_output": True},
+        "inputs": [],
+        "outputs": [{"name": "probabilities", "parameters": {"classification": 3, "binary_data": False}}],
+    }
+    request, binary_default = parse(document)
+    kinds = {key: value.WhichOneof("parameter_choice") for key, value in request.parameters.items()}
+    assert kinds == {"timeout": "int64_param", "content_type": "string_param", "ratio": "double_param",
+                     "flag": "bool_param"}  # fmt: skip
+    assert binary_default and request.id == "x"
+    assert binary_outputs(request, binary_default) == set()  # the output's own choice wins
+    without_binary_choices(request)
+    assert list(request.outputs[0].parameters) == ["classification"]
+
+
+def test_with_no_outputs_named_binary_data_output_makes_every_output_binary():
+    request, binary_default = parse({"inputs": [], "parameters": {"binary_data_output": True}})
+    assert binary_outputs(request, binary_default) == {"*"}
+    request, binary_default = parse({"inputs": []})
+    assert binary_outputs(request, binary_default) == set()
+
+
+@pytest.mark.parametrize(
+    "document,says",
+    [
+        ({"inputs": {}}, "the request's inputs must be a list"),
+        ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32"}]}, "input 'x' has no 'data'"),
+        ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP17", "data": [1]}]}, "unknown datatype 'FP17'"),
+        ({"inputs": [{"name": "x", "shape": [1], "datatype": "INT8", "data": [1.5]}]}, "INT8 data must be integers"),
+        ({"inputs": [{"name": "x", "shape": [1], "datatype": "UINT8", "data": [256]}]}, "a value does not fit UINT8"),
+        ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [1]}]}, "BYTES data must be strings"),
+        ({"inputs": [{"name": "x", "shape": [True], "datatype": "FP32", "data": [1]}]}, "shape must be a list of"),
+        ({"inputs": [{"name": "x", "shape": [2**70], "datatype": "FP32", "data": [1]}]}, "is out of range"),
+        ({"inputs": [], "parameters": {"p": [1]}}, "parameter 'p' on the request must be a bool, number or string"),
+        ({"inputs": [], "parameters": {"binary_data_output": 1}}, "'binary_data_output' must be true or false"),
+        ({"inputs": [], "id": 7}, "the request's id must be a string"),
+        ({"inputs": [], "outputs": [{"name": "probabilities", "binary": True}]}, "unknown key(s) ['binary']"),
+    ],
+)
+def test_what_a_client_can_get_wrong_is_refused_saying_what(document, says):
+    with pytest.raises(InvalidInput) as refused:
+        parse(document)
+    assert says in str(refused.value)
+
+
+def test_a_response_goes_back_as_json_data_or_as_binary_after_the_json():
+    response = oip.ModelInferResponse(model_name="digits", model_version="1", id="r")
+    response.outputs.add(name="probabilities", datatype="FP32", shape=[1, 2])
+    response.raw_output_contents.append(np.array([0.25, 0.75], "<f4").tobytes())
+    response.outputs.add(name="classification", datatype="BYTES", shape=[1, 1])
+    response.raw_output_contents.append(struct.pack("<I", 8) + b"0.75:1:1")
+    body, json_length = infer_response_body(response, set())
+    assert json_length is None
+    document = json.loads(body)
+    assert document["id"] == "r" and document["outputs"][0]["data"] == [0.25, 0.75]
+    assert document["outputs"][1]["data"] == ["0.75:1:1"]
+    body, json_length = infer_response_body(response, {"probabilities"})
+    header = json.loads(body[:json_length])
+    assert header["outputs"][0]["parameters"] == {"binary_data_size": 8} and "data" not in header["outputs"][0]
+    assert np.frombuffer(body[json_length:], "<f4").tolist() == [0.25, 0.75]
+
+
+def test_metadata_json_keeps_64_bit_integers_as_numbers_and_enums_by_name():
+    model_input = oip.ModelInput(name="input", dims=[1, 8, 8], format=oip.ModelInput.FORMAT_NCHW)
+    parameters = {"v": oip.ModelParameter(string_value="1")}
+    config = oip.ModelConfig(name="d", max_batch_size=32, input=[model_input], parameters=parameters)
+    assert message_json(config) == {
+        "name": "d", "max_batch_size": 32, "input": [{"name": "input", "format": "FORMAT_NCHW", "dims": [1, 8, 8]}],
+        "parameters": {"v": {"string_value": "1"}},
+    }  # fmt: skip
