@@ -28,9 +28,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+import aiohttp
 import grpc
 import numpy as np
 
+from convray.service import bench_rest
+from convray.service.bench_rest import RestClient, RestRequest, RestSender
 from convray.service.bench_stream import (
     CLASSIFY_STREAM,
     MODEL_STREAM_INFER,
@@ -56,7 +59,7 @@ class BenchConfig:
     """What to send, how hard and for how long."""
 
     server: str = "localhost:50051"  # HOST:PORT, or several separated by commas (one per client process at least)
-    api: Literal["native", "oip"] = "native"
+    api: Literal["native", "oip", "rest"] = "native"  # rest: the OIP over HTTP/REST (the server's --http-port)
     model: str = "digits"
     payload: Literal["image", "tensor"] = "image"  # encoded image bytes, or an OIP pixel tensor
     datatype: Literal["FP32", "UINT8"] = "FP32"  # of a tensor payload: UINT8 puts a quarter of the bytes on the wire
@@ -351,31 +354,11 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
     """One process's run: connect, warm up, measure. ``start``, when given, is waited at before warming up."""
     if config.connections < 1:
         raise ValueError(f"connections must be >= 1, got {config.connections}")
-    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-    if config.connections > 1:  # grpc shares one connection among a process's channels to a target unless told
-        options.append(("grpc.use_local_subchannel_pool", 1))
-    credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
-    metadata = bearer_metadata(config.token_file)
     async with contextlib.AsyncExitStack() as stack:
-        channels = [
-            await stack.enter_async_context(
-                grpc.aio.insecure_channel(config.server, options=options)
-                if credentials is None
-                else grpc.aio.secure_channel(config.server, credentials, options=options)
-            )
-            for _ in range(config.connections)
-        ]
-        try:
-            await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), timeout=config.timeout_s)
-        except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
-            hint = "" if credentials else " (a TLS server needs --tls-ca)"
-            raise TimeoutError(
-                f"cannot reach a server at {config.server} within {config.timeout_s:g} s{hint}"
-            ) from None
-        method, payloads, images_per_request = await build_payloads(config, channels[0], metadata)
+        connect = _connect_rest if config.api == "rest" else _connect_grpc
+        send, payloads, images_per_request = await connect(config, stack)
         if start is not None:
             start.wait(timeout=config.timeout_s + 60)  # nothing else runs on this loop yet: blocking is fine
-        send = _Sender(config, channels, method, metadata)
         latencies: list[float] = []
         codes: Counter[str] = Counter()
         first_messages: dict[str, str] = {}
@@ -435,6 +418,51 @@ async def measure(config: BenchConfig, start: threading.Barrier | None = None) -
         cpu = _cpu_seconds() - cpu_start
         await send.close()
     return Measurement(latencies, dict(codes), wall, cpu, images_per_request, config.server, started_at, first_messages)
+
+
+async def _connect_grpc(config: BenchConfig, stack: contextlib.AsyncExitStack) -> tuple[_Sender, list[bytes], int]:
+    """Open the gRPC channels (closed with ``stack``); the sender, the requests to cycle through, images in each."""
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    if config.connections > 1:  # grpc shares one connection among a process's channels to a target unless told
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
+    metadata = bearer_metadata(config.token_file)
+    channels = [
+        await stack.enter_async_context(
+            grpc.aio.insecure_channel(config.server, options=options)
+            if credentials is None
+            else grpc.aio.secure_channel(config.server, credentials, options=options)
+        )
+        for _ in range(config.connections)
+    ]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), timeout=config.timeout_s)
+    except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
+        hint = "" if credentials else " (a TLS server needs --tls-ca)"
+        raise TimeoutError(f"cannot reach a server at {config.server} within {config.timeout_s:g} s{hint}") from None
+    method, payloads, images_per_request = await build_payloads(config, channels[0], metadata)
+    return _Sender(config, channels, method, metadata), payloads, images_per_request
+
+
+async def _connect_rest(
+    config: BenchConfig, stack: contextlib.AsyncExitStack
+) -> tuple[RestSender, list[RestRequest], int]:
+    """Open an HTTP session to the REST port (closed with ``stack``); the sender, the requests, images in each."""
+    if config.streaming:
+        raise ValueError("--streaming needs a gRPC API (--api native or oip): the REST API has no stream")
+    tls = bench_rest.ssl_context(config.tls_ca, config.tls_cert, config.tls_key)
+    # A connection per request in flight (HTTP/1.1 carries one at a time), kept open between requests.
+    connector = aiohttp.TCPConnector(limit=0, ssl=tls if tls is not None else False)
+    session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+    client = RestClient(session, config.server, tls is not None, dict(bearer_metadata(config.token_file) or ()),
+                        config.timeout_s)  # fmt: skip
+    await client.wait_live()
+    if config.payload == "image":
+        requests = bench_rest.image_requests(load_images(config), config.batch_size)
+    else:
+        shape = await client.input_shape(config.model)
+        requests = bench_rest.tensor_requests([config.batch_size, *shape[1:]], config.datatype)
+    return client.sender(config.model), requests, config.batch_size
 
 
 class _Sender:

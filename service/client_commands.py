@@ -464,14 +464,16 @@ def add_client_commands(commands: Any) -> None:
     bench.add_argument("--server", default="localhost:50051",
                        help="HOST:PORT of a convray or OIP server; several, comma-separated, share the load "
                             "(e.g. front-end pods addressed directly)")  # fmt: skip
-    bench.add_argument("--api", default="native", choices=["native", "oip"])
+    bench.add_argument("--api", default="native", choices=["native", "oip", "rest"],
+                       help="rest: the Open Inference Protocol over HTTP/REST, with --server at the server's "
+                            "--http-port (binary tensor data, as tritonclient.http sends)")  # fmt: skip
     bench.add_argument("--model", default="digits", help="model to load (default: digits, the shipped model)")
     bench.add_argument("--payload", default="image", choices=["image", "tensor"],
                        help="encoded images, or (oip) pixel tensors shaped from ModelMetadata")  # fmt: skip
     bench.add_argument("--datatype", default="FP32", choices=["FP32", "UINT8"],
                        help="of --payload tensor: UINT8 sends a quarter of FP32's bytes")  # fmt: skip
     bench.add_argument("--batch-size", type=int, default=1,
-                       help="images per request (--api oip; at most the server's --max-batch-size)")  # fmt: skip
+                       help="images per request (oip, rest; at most the server's --max-batch-size)")  # fmt: skip
     bench.add_argument("--concurrency", default="1",
                        help="closed loop: requests in flight; several, comma-separated (1,8,32), measure each in "
                             "turn and end with a table")  # fmt: skip

@@ -63,6 +63,24 @@ class DeadlineExpired(ConvrayError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+"""HTTP status by gRPC code, as google/rpc/code.proto maps them; any other code is 500."""
+
+
 MAX_MESSAGE_CHARS = 1000
 """The longest status message sent. Messages repeat what the client sent (names, datatypes, parameter keys), and
 gRPC ends a call whose status is over its metadata limit (16 KiB) with RESOURCE_EXHAUSTED, which clients take for

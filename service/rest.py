@@ -29,7 +29,7 @@ from aiohttp import web
 
 from convray.oip import inference_pb2 as oip
 from convray.service import __version__
-from convray.service.errors import ConvrayError, InvalidInput, ModelNotReady
+from convray.service.errors import HTTP_STATUS, ConvrayError, InvalidInput, ModelNotReady
 from convray.service.oip_servicer import PLATFORM, InferenceServicer
 from convray.service.registry import ModelRegistry
 from convray.service.rest_codec import (
@@ -44,22 +44,6 @@ from convray.service.rest_codec import (
 log = logging.getLogger(__name__)
 
 REST_EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration"]
-HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-"""HTTP status by gRPC code, as google/rpc/code.proto maps them; any other code is 500."""
 MAX_JSON_BYTES = 16 * 1024 * 1024
 """The largest JSON part of an inference request. Parsed, JSON numbers take several times their text's size (an
 object each: 12 MB of them peaked at 77 MB), so a JSON body as large as --max-message-bytes allows (64 MiB) could

@@ -121,7 +121,7 @@ def served(ray_address, tmp_path_factory) -> ServerThread:
     """The shared server under test, serving a copy of the shipped model repository."""
     repo = tmp_path_factory.mktemp("served") / "models"
     shutil.copytree(SHIPPED_MODELS, repo)
-    server = ServerThread(server_settings(repo)).start()
+    server = ServerThread(server_settings(repo, server__http_port=0)).start()  # REST on too, for bench --api rest
     yield server
     server.stop()
 

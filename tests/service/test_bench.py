@@ -101,16 +101,21 @@ def run_bench(*args: str, out: Path | None = None) -> tuple[subprocess.Completed
         ["--api", "native", "--streaming"],
         ["--api", "oip", "--payload", "tensor", "--datatype", "UINT8", "--streaming"],
         ["--api", "oip", "--rate", "50", "--streaming"],
+        ["--api", "rest"],
+        ["--api", "rest", "--payload", "tensor", "--datatype", "UINT8", "--batch-size", "8"],
+        ["--api", "rest", "--payload", "tensor", "--rate", "50"],
     ],
 )
 def test_a_short_run_against_the_real_server_reports_consistent_counts(served, tmp_path, flags):
     api = flags[flags.index("--api") + 1]
     rpcs = {"native": ("Classify", "ClassifyStream"), "oip": ("ModelInfer", "ModelStreamInfer")}
+    rpcs["rest"] = ("ModelInfer",)
     rpc = rpcs[api]["--streaming" in flags]
     counted = {"api": api, "rpc": rpc, "model": "digits", "code": "OK"}
     before = scrape(served.server.metrics_port).value("convray_requests_total", **counted)
+    address = f"127.0.0.1:{served.server.http_port}" if api == "rest" else served.address
     result, report = run_bench(
-        "--server", served.address, "--duration", "1.5", "--warmup", "0.3", "--concurrency", "4", *flags,
+        "--server", address, "--duration", "1.5", "--warmup", "0.3", "--concurrency", "4", *flags,
         out=tmp_path / "report.json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -186,11 +191,14 @@ def test_batches_need_the_oip_api():
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    "flags", [[], ["--streaming"], ["--api", "oip", "--streaming"]], ids=["unary", "native-stream", "oip-stream"]
+    "flags",
+    [[], ["--streaming"], ["--api", "oip", "--streaming"], ["--api", "rest"]],
+    ids=["unary", "native-stream", "oip-stream", "rest"],
 )
 def test_errors_are_counted_by_code(served, tmp_path, flags):
+    address = f"127.0.0.1:{served.server.http_port}" if "rest" in flags else served.address
     result, report = run_bench(
-        "--server", served.address, "--model", "nope", "--requests", "20", "--warmup", "0", *flags,
+        "--server", address, "--model", "nope", "--requests", "20", "--warmup", "0", *flags,
         out=tmp_path / "report.json",
     )  # fmt: skip
     assert result.returncode == 1
@@ -404,3 +412,17 @@ def test_connections_below_one_are_a_usage_error(capsys):
 
     assert main(["bench", "--connections", "0", "--duration", "0.1"]) == 2
     assert "--connections must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_rest_has_no_stream_to_bench(capsys):
+    from convray.service.cli import main
+
+    assert main(["bench", "--api", "rest", "--streaming", "--server", "127.0.0.1:1", "--duration", "0.1"]) == 2
+    assert "--streaming needs a gRPC API (--api native or oip)" in capsys.readouterr().err
+
+
+def test_rest_failures_are_counted_under_the_grpc_code_their_status_stands_for():
+    from convray.service.bench_rest import CODE_OF_STATUS
+
+    assert CODE_OF_STATUS[400] == "INVALID_ARGUMENT" and CODE_OF_STATUS[404] == "NOT_FOUND"
+    assert CODE_OF_STATUS[429] == CODE_OF_STATUS[413] == "RESOURCE_EXHAUSTED" and CODE_OF_STATUS[503] == "UNAVAILABLE"
