@@ -21,6 +21,7 @@ seconds ... The program will terminate" and the process exits with code 1, witho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +30,7 @@ from typing import Any
 import grpc
 
 from convray.oip import inference_pb2 as oip
+from convray.service.errors import ModelNotReady
 from convray.service.metrics import Metrics
 from convray.service.rpc import API_LABELS, CANCELLED_AS_UNAVAILABLE, HandlerCache, handler_like, replies
 from convray.service.tasks import cancel_and_wait
@@ -95,9 +97,34 @@ class RayGate(grpc.aio.ServerInterceptor):
         """Let calls through again."""
         self._reason = None
 
-    async def _refuse(self, context: grpc.aio.ServicerContext) -> None:
+    def refusal(self) -> str:
+        """Count one call refused because Ray is lost (``convray_ray_unavailable_total``); what to tell its client."""
         self._metrics.ray_unavailable.inc()
-        await context.abort(grpc.StatusCode.UNAVAILABLE, self.message())
+        return self.message()
+
+    @contextlib.asynccontextmanager
+    async def tracking(self) -> AsyncIterator[None]:
+        """Track the current task as a call in flight that needs Ray, for callers other than gRPC (REST).
+
+        If Ray is lost meanwhile the task is cancelled, counted among the calls failed in flight, and the block
+        ends in ``ModelNotReady`` with what its client is to be told, instead of ``CancelledError``.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        self._calls.add(task)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if task not in self._failing:
+                raise
+            task.uncancel()
+            raise ModelNotReady(self.refusal()) from None
+        finally:
+            self._calls.discard(task)
+            self._failing.discard(task)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, self.refusal())
 
     def _count_refused(self, method: tuple[str, str], request: Any) -> None:
         """Count a call refused before its handler ran in convray_requests_total, as its handler would have."""

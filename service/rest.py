@@ -31,25 +31,21 @@ from convray.oip import inference_pb2 as oip
 from convray.service import __version__
 from convray.service.errors import HTTP_STATUS, ConvrayError, InvalidInput, ModelNotReady
 from convray.service.oip_servicer import PLATFORM, InferenceServicer
+from convray.service.ray_watch import RayGate
 from convray.service.registry import ModelRegistry
-from convray.service.rest_codec import (
-    HEADER_LENGTH,
-    binary_outputs,
-    infer_response_body,
-    message_json,
-    parse_infer_request,
-    without_binary_choices,
-)
+from convray.service.rest_codec import HEADER_LENGTH, infer_response_body, message_json, parse_infer_request
 
 log = logging.getLogger(__name__)
 
 REST_EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration"]
-MAX_JSON_BYTES = 16 * 1024 * 1024
-"""The largest JSON part of an inference request. Parsed, JSON numbers take several times their text's size (an
-object each: 12 MB of them peaked at 77 MB), so a JSON body as large as --max-message-bytes allows (64 MiB) could
-take half a gigabyte per request. Binary tensor data has no such cost."""
+MAX_JSON_BYTES = 2 * 1024 * 1024
+"""The largest JSON part of an inference request: one 3x224x224 image of pixels fits. ``json.loads`` holds the GIL
+throughout, so a parse stops the event loop even in a thread (in review, a 16 MiB body stopped it for 0.8 s), and
+parsed JSON takes many times its text's size (1 MiB of ``{},`` peaked at 25 MiB). Larger tensors go as binary
+data after the JSON, which costs neither (within --max-message-bytes)."""
 PARSE_OFF_THE_LOOP_BYTES = 64 * 1024
-"""Bodies past this are parsed in the decode threads: 3 MB of JSON numbers took 135 ms here, 60 KB 2.4 ms."""
+"""Bodies past this are parsed in a decode thread, one at a time (3 MB of JSON numbers took 135 ms here, 60 KB
+2.4 ms): the loop still waits on the GIL, but gRPC's own threads and the other decode threads get turns."""
 CANCEL_AFTER_GRACE_S = 0.1  # once the drain's grace is over, how long a call in flight may take to end when cancelled
 _NOT_READY = 400  # readiness endpoints: "4xx = false" (KServe), as Triton answers
 
@@ -57,9 +53,13 @@ _NOT_READY = 400  # readiness endpoints: "4xx = false" (KServe), as Triton answe
 class Refused(Exception):
     """A REST call answered with a gRPC status: what the servicer's ``context.abort`` raised."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None, status: int | None = None
+    ) -> None:
+        """``status``: the HTTP status, when not the one ``code`` maps to."""
         super().__init__(message)
         self.code, self.message, self.retry_after_s = code, message, retry_after_s
+        self.status = HTTP_STATUS.get(code, 500) if status is None else status
 
 
 class _RestCall:
@@ -79,7 +79,8 @@ class RestFrontEnd:
     Args:
         servicer: answers every call, as it would the matching gRPC one.
         registry: the models served, for readiness.
-        ray_lost: why Ray is lost now, or None; inference is then refused UNAVAILABLE (503), as over gRPC.
+        gate: the front end's ``RayGate``: while Ray is lost inference is refused UNAVAILABLE (503), and calls in
+            flight when it is lost are failed so, as over gRPC.
         token: the bearer token every call but health checks must carry; None: none needed.
         max_body_bytes: the largest request body read (``--max-message-bytes``); larger ones get 413.
         parser: where large bodies are parsed, off the event loop (the front end's decode threads).
@@ -89,14 +90,15 @@ class RestFrontEnd:
         self,
         servicer: InferenceServicer,
         registry: ModelRegistry,
-        ray_lost: Callable[[], str | None],
+        gate: RayGate,
         token: str | None,
         max_body_bytes: int,
         parser: Executor,
     ) -> None:
-        self._servicer, self._registry, self._ray_lost = servicer, registry, ray_lost
+        self._servicer, self._registry, self._gate = servicer, registry, gate
         self._expected = None if token is None else f"Bearer {token}".encode()
         self._parser = parser
+        self._parsing_large = asyncio.Semaphore(1)  # json.loads holds the GIL: one large parse at a time
         self._draining = False
         middlewares = [self._count, self._authorise, self._json_errors]
         self.app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
@@ -114,37 +116,48 @@ class RestFrontEnd:
             ]
         )
         self._runner: web.AppRunner | None = None
-        self._site: web.SockSite | None = None
+        self._sites: list[web.SockSite] = []
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None, share_port: bool) -> int:
-        """Listen on ``host:port`` (the first address the host resolves to) and return the port (0 picks one).
+        """Listen on every address ``host`` resolves to, as gRPC does, at ``port`` (0 picks one); the port bound.
 
-        ``share_port``: SO_REUSEPORT, for the front ends of ``--frontends``.
+        ``share_port``: SO_REUSEPORT, for the front ends of ``--frontends``. An address that cannot be bound (IPv6
+        where it is off) is skipped, as gRPC skips it, when another one is.
 
         Raises:
-            OSError: the port cannot be bound.
+            OSError: no address could be bound.
         """
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        dual = family == socket.AF_INET6 and host in ("::", "") and socket.has_dualstack_ipv6()
-        listening = socket.create_server((host, port), family=family, reuse_port=share_port, dualstack_ipv6=dual)
+        listening: list[socket.socket] = []
+        failure: OSError | None = None
+        for family, address in listening_addresses(host, port):
+            bound = listening[0].getsockname()[1] if listening else port  # one port for all, when port is 0
+            dual = family == socket.AF_INET6 and address == "::" and socket.has_dualstack_ipv6()
+            try:
+                listening.append(socket.create_server((address, bound), family=family, reuse_port=share_port,
+                                                      dualstack_ipv6=dual))  # fmt: skip
+            except OSError as exc:
+                failure = failure or exc
+        if not listening:
+            raise failure or OSError(f"{host} resolves to no address")
         # Calls in flight are waited for in stop(); past its grace, cleanup cancels them at once (0 would mean never:
         # aiohttp reads a timeout of 0 as none).
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=CANCEL_AFTER_GRACE_S)
         await self._runner.setup()
-        self._site = web.SockSite(self._runner, listening, ssl_context=ssl_context)
-        await self._site.start()
-        return int(listening.getsockname()[1])
+        self._sites = [web.SockSite(self._runner, sock, ssl_context=ssl_context) for sock in listening]
+        for site in self._sites:
+            await site.start()
+        return int(listening[0].getsockname()[1])
 
     async def stop(self, grace_s: float) -> None:
         """Drain: stop listening, refuse new calls (503), give those in flight ``grace_s``, then cancel them."""
         self._draining = True
-        runner, site, self._runner, self._site = self._runner, self._site, None, None
+        runner, sites, self._runner, self._sites = self._runner, self._sites, None, []
         if runner is None:  # never started, or stopped already
             return
-        if site is not None:
+        for site in sites:
             await site.stop()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace_s)
@@ -171,7 +184,7 @@ class RestFrontEnd:
         """Refuse a call without the bearer token (401) before its body is read; health checks need none."""
         if self._expected is None or request.path.startswith("/v2/health/"):
             return await handler(request)
-        given = request.headers.get("Authorization", "").encode()
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")  # as aiohttp decoded it
         if hmac.compare_digest(given, self._expected):  # constant time: no timing oracle
             return await handler(request)
         return _error(401, "missing or invalid bearer token: send the header 'Authorization: Bearer <token>'",
@@ -184,11 +197,14 @@ class RestFrontEnd:
             return await handler(request)
         except Refused as refused:
             retry = {} if refused.retry_after_s is None else {"Retry-After": str(math.ceil(refused.retry_after_s))}
-            return _error(HTTP_STATUS.get(refused.code, 500), refused.message, retry)
+            return _error(refused.status, refused.message, retry)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             return _error(exc.status, f"{exc.reason}: {request.method} {request.path[:200]}")
+        except Exception:  # noqa: BLE001 (a bug of ours: answered, with a JSON body, and logged with its traceback)
+            log.exception("REST %s %s failed unexpectedly", request.method, request.path[:200])
+            return _error(500, "internal error (logged by the server)")
 
     # ---- health and metadata ----
 
@@ -196,7 +212,7 @@ class RestFrontEnd:
         return web.Response(status=200)
 
     async def _ready(self, request: web.Request) -> web.Response:
-        ready = self._registry.ready and not self._draining and self._ray_lost() is None
+        ready = self._registry.ready and not self._draining and not self._gate.lost
         return web.Response(status=200 if ready else _NOT_READY)
 
     async def _server_metadata(self, request: web.Request) -> web.Response:
@@ -210,7 +226,7 @@ class RestFrontEnd:
     async def _model_ready(self, request: web.Request) -> web.Response:
         name, version = _model(request)
         reply = await self._servicer.ModelReady(oip.ModelReadyRequest(name=name, version=version), _RestCall())
-        return web.Response(status=200 if reply.ready and self._ray_lost() is None else _NOT_READY)
+        return web.Response(status=200 if reply.ready and not self._gate.lost else _NOT_READY)
 
     async def _model_config(self, request: web.Request) -> web.Response:
         name, version = _model(request)
@@ -222,8 +238,23 @@ class RestFrontEnd:
     async def _infer(self, request: web.Request) -> web.Response:
         """Classify the images of one REST inference request, as ModelInfer would."""
         name, version = _model(request)
-        if (lost := self._ray_lost()) is not None:
-            raise Refused(*self._servicer.refused("ModelInfer", ModelNotReady(lost), name))
+        if self._gate.lost:
+            raise Refused(*self._servicer.refused("ModelInfer", ModelNotReady(self._gate.refusal()), name))
+        try:
+            async with self._gate.tracking():  # Ray lost from here on: this call fails UNAVAILABLE, as over gRPC
+                infer_request, binary = await self._parse(request, name, version)
+                reply = await self._servicer.ModelInfer(infer_request, _RestCall())
+        except ModelNotReady as exc:  # Ray lost meanwhile (already counted, by the servicer or below)
+            raise Refused(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        payload, json_length = infer_response_body(reply, binary)
+        if json_length is None:
+            return web.Response(body=payload, content_type="application/json")
+        return web.Response(
+            body=payload, content_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)}
+        )
+
+    async def _parse(self, request: web.Request, name: str, version: str) -> tuple[oip.ModelInferRequest, set[str]]:
+        """Read and parse the body; a body refused is counted, and raised as ``Refused`` with its status."""
         body = await request.read()
         try:
             header_length = _header_length(request.headers.get(HEADER_LENGTH))
@@ -231,23 +262,21 @@ class RestFrontEnd:
                 message = (f"the request's JSON is {json_bytes} bytes, past {MAX_JSON_BYTES}: send tensors as "
                            "binary data after the JSON (Triton's binary tensor extension)")  # fmt: skip
                 self._servicer.refused("ModelInfer", InvalidInput(message), name)
-                return _error(413, message)
-            parse = (parse_infer_request, body, header_length, name, version)
-            if len(body) > PARSE_OFF_THE_LOOP_BYTES:
-                infer_request, binary_default = await asyncio.get_running_loop().run_in_executor(self._parser, *parse)
-            else:
-                infer_request, binary_default = parse_infer_request(*parse[1:])
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, message, status=413)
+            if len(body) <= PARSE_OFF_THE_LOOP_BYTES:
+                return parse_infer_request(body, header_length, name, version)
+            async with self._parsing_large:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._parser, parse_infer_request, body, header_length, name, version
+                )
         except ConvrayError as exc:
             raise Refused(*self._servicer.refused("ModelInfer", exc, name)) from None
-        binary = binary_outputs(infer_request, binary_default)
-        without_binary_choices(infer_request)
-        reply = await self._servicer.ModelInfer(infer_request, _RestCall())
-        payload, json_length = infer_response_body(reply, binary)
-        if json_length is None:
-            return web.Response(body=payload, content_type="application/json")
-        return web.Response(
-            body=payload, content_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)}
-        )
+
+
+def listening_addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, str]]:
+    """Each (family, address) ``host`` resolves to, in order, once each (``localhost``: often ::1 and 127.0.0.1)."""
+    resolved = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return list(dict.fromkeys((family, sockaddr[0]) for family, _, _, _, sockaddr in resolved))
 
 
 def _model(request: web.Request) -> tuple[str, str]:

@@ -49,12 +49,22 @@ _OUTPUT_KEYS = frozenset({"name", "parameters"})
 
 def parse_infer_request(
     body: bytes, header_length: int | None, model_name: str, model_version: str
-) -> tuple[oip.ModelInferRequest, bool]:
-    """The gRPC request for a REST inference body, and whether the reply's outputs are to be binary by default.
+) -> tuple[oip.ModelInferRequest, set[str]]:
+    """The gRPC request for a REST inference body, and the outputs to send back as binary data (``"*"``: all).
 
-    ``header_length``: the ``Inference-Header-Content-Length`` header, when binary data follows the JSON.
-    Per-output choices stay on the request's outputs (``binary_outputs`` reads them back).
+    ``header_length``: the ``Inference-Header-Content-Length`` header, when binary data follows the JSON. An
+    output is sent as binary data when it asks (``binary_data``), or when it does not say and the request asks
+    for all (``binary_data_output``, which tritonclient.http sends when it names no output).
     """
+    try:
+        return _parse(body, header_length, model_name, model_version)
+    except UnicodeEncodeError:  # json.loads lets lone surrogates ("\ud800") through; protobuf strings refuse them
+        raise InvalidInput("the request holds a string that is not valid Unicode (a lone surrogate)") from None
+
+
+def _parse(
+    body: bytes, header_length: int | None, model_name: str, model_version: str
+) -> tuple[oip.ModelInferRequest, set[str]]:
     if header_length is None:
         header, binary = body, b""
     elif not 0 <= header_length <= len(body):
@@ -74,33 +84,18 @@ def parse_infer_request(
         offset = _add_input(request, _typed(tensor, dict, f"input {index}"), index, binary, offset)
     if offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data follow the inputs' binary_data_size in all")
-    for index, output in enumerate(_typed(document.get("outputs", []), list, "the request's outputs")):
+    outputs = _typed(document.get("outputs", []), list, "the request's outputs")
+    as_binary = {"*"} if binary_default and not outputs else set()
+    for index, output in enumerate(outputs):
         output = _typed(output, dict, f"output {index}")
         _no_unknown_keys(output, _OUTPUT_KEYS, f"output {index}")
-        wanted = request.outputs.add(name=_typed(output.get("name"), str, f"the name of output {index}"))
-        _set_parameters(wanted.parameters, dict(_typed(output.get("parameters", {}), dict, "its parameters")), "")
-    return request, binary_default
-
-
-def binary_outputs(request: oip.ModelInferRequest, binary_default: bool) -> set[str]:
-    """The outputs to send as binary data: those asking for it, else all when the request asked for that."""
-    chosen = set()
-    for output in request.outputs:
-        if BINARY_DATA in output.parameters:
-            if output.parameters[BINARY_DATA].bool_param:
-                chosen.add(output.name)
-        elif binary_default:
-            chosen.add(output.name)
-    if not request.outputs and binary_default:
-        chosen.add("*")
-    return chosen
-
-
-def without_binary_choices(request: oip.ModelInferRequest) -> None:
-    """Drop the outputs' ``binary_data`` parameters: REST-only, and the gRPC checks refuse what they do not know."""
-    for output in request.outputs:
-        if BINARY_DATA in output.parameters:
-            del output.parameters[BINARY_DATA]
+        name = _typed(output.get("name"), str, f"the name of output {index}")
+        where = f"output {shown(name)}"
+        output_parameters = dict(_typed(output.get("parameters", {}), dict, f"{where}: parameters"))
+        if _typed(output_parameters.pop(BINARY_DATA, binary_default), bool, f"{where}: {BINARY_DATA}"):
+            as_binary.add(name)
+        _set_parameters(request.outputs.add(name=name).parameters, output_parameters, where)
+    return request, as_binary
 
 
 def infer_response_body(response: oip.ModelInferResponse, binary: set[str]) -> tuple[bytes, int | None]:

@@ -300,7 +300,7 @@ class ConvrayServer:
             self._rest = RestFrontEnd(
                 rest_servicer,
                 self.registry,
-                lambda: self.ray_gate.message() if self.ray_gate.lost else None,
+                self.ray_gate,
                 None if security.auth_token_file is None else read_token(security.auth_token_file),
                 settings.server.max_message_bytes,
                 self._decoder,

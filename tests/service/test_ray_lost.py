@@ -5,6 +5,7 @@ The suite's shared Ray is left alone: this test's head runs in a temporary direc
 processes naming that directory are killed. Figures it prints (with -s) are in docs/reliability.md.
 """
 
+import concurrent.futures
 import json
 import os
 import secrets
@@ -132,11 +133,12 @@ def classify_codes(metrics_port: int) -> dict[str, float]:
     }
 
 
-def rest(port: int, path: str, body: dict | None = None) -> tuple[int, bytes]:
+def rest(port: int, path: str, body: dict | None = None, timeout_s: float = 10) -> tuple[int, bytes]:
     """(status, body) of one call to the server's REST port."""
     data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data)
     try:
-        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}{path}", data), timeout=10) as r:
+        with urllib.request.urlopen(request, timeout=timeout_s) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as failed:
         return failed.code, failed.read()
@@ -168,12 +170,18 @@ def test_ray_lost_after_start_is_reported_fails_calls_fast_and_is_rejoined_when_
             killed = head.kill()
             # Sent just after the kill: its batch waits on a replica that is gone, until the server notices.
             in_flight = stub.Classify.future(pb.ClassifyRequest(image=png), timeout=30)
+            zeros = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]}
+            in_flight_rest = concurrent.futures.ThreadPoolExecutor(1).submit(rest, http_port, "/v2/models/digits/infer",
+                                                                             zeros, 30)  # fmt: skip
             detected_s = wait_for(lambda: health(channel) == NOT_SERVING, 15, "NOT_SERVING", server)
             with pytest.raises(grpc.RpcError) as failed:
                 in_flight.result()
             in_flight_s = time.monotonic() - lost_at
             assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
             assert in_flight_s < 15  # answered when the loss was noticed, not at its 30 s deadline
+            status, body = in_flight_rest.result(timeout=30)  # over REST alike: 503 when noticed
+            assert status == 503 and "Ray cluster this server uses is unreachable" in json.loads(body)["error"]
+            assert time.monotonic() - lost_at < 15
             codes = classify_codes(metrics_port)  # counted as answered: UNAVAILABLE, not CANCELLED
             assert codes.get("UNAVAILABLE") == 1 and "CANCELLED" not in codes, codes
             started = time.monotonic()

@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import concurrent.futures
+import http.client
 import io
 import json
 import struct
@@ -226,21 +227,29 @@ def test_a_stopping_server_answers_the_rest_calls_in_flight_and_refuses_new_ones
     settings = server_settings(model_repo, server__http_port=0, workers__replicas=1, batching__dispatch_when_idle=False,
                                batching__max_batch_delay_ms=1000.0)  # fmt: skip
     server = ServerThread(settings).start()
-    body = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]}
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]})
+    kept_open = http.client.HTTPConnection("127.0.0.1", server.server.http_port, timeout=30)
+    kept_open.request("GET", "/v2/health/live")
+    assert kept_open.getresponse().read() == b""  # a keep-alive connection, open before the drain
+
+    def infer_on_its_own_connection():
+        return call(server, "/v2/models/digits/infer", body.encode())
+
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(call, server, "/v2/models/digits/infer", body)
+        in_flight = pool.submit(infer_on_its_own_connection)
         time.sleep(0.3)  # admitted, waiting for its batch
         stopping = asyncio.run_coroutine_threadsafe(server.server.stop(grace_s=5), server.loop)
         time.sleep(0.2)
-        try:
-            refused = call(server, "/v2/models/digits/infer", body)
-        except urllib.error.URLError:  # the port is closed already: refused just the same
-            refused = None
+        with pytest.raises(OSError):  # a new connection: the port is closed
+            urllib.request.urlopen(url(server, "/v2/health/live"), timeout=5)
+        kept_open.request("POST", "/v2/models/digits/infer", body)  # on the connection already open: refused
+        refused = kept_open.getresponse()
+        refused_status, refused_body = refused.status, json.loads(refused.read())
         status, _, reply = in_flight.result(timeout=30)
         stopping.result(timeout=30)
     server.stop()
     assert status == 200 and json.loads(reply)["outputs"][0]["shape"] == [1, 10]
-    assert refused is None or refused[0] == 503
+    assert refused_status == 503 and "shutting down" in refused_body["error"]
 
 
 def test_the_readme_tritonclient_example_runs_over_http_too(rest):
@@ -262,7 +271,7 @@ def test_the_readme_tritonclient_example_runs_over_http_too(rest):
 def test_json_past_its_own_limit_is_refused_413_and_the_same_tensor_as_binary_data_is_not(rest, monkeypatch):
     from convray.service import rest as rest_module
 
-    monkeypatch.setattr(rest_module, "MAX_JSON_BYTES", 300)  # 16 MiB in service, checked in this process
+    monkeypatch.setattr(rest_module, "MAX_JSON_BYTES", 300)  # 2 MiB in service, checked in this process
     pixels = [200.0] * 64
     as_json = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": pixels}]}
     status, message = error_of(call(rest, "/v2/models/digits/infer", as_json))
@@ -272,3 +281,26 @@ def test_json_past_its_own_limit_is_refused_413_and_the_same_tensor_as_binary_da
                                      "parameters": {"binary_data_size": len(raw)}}]}).encode()  # fmt: skip
     length = {"Inference-Header-Content-Length": str(len(header))}
     assert call(rest, "/v2/models/digits/infer", header + raw, length)[0] == 200
+
+
+def test_the_rest_port_listens_on_every_address_its_host_resolves_to(monkeypatch):
+    """Found in review: only the first was bound, so where `localhost` resolves to ::1 first (Debian, Docker), REST
+    listened on [::1] alone while gRPC served 127.0.0.1 too. One port for all, also when 0 picks it."""
+    import socket
+
+    from convray.service import rest as rest_module
+
+    resolved = [(socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")]  # as /etc/hosts has it on Debian
+    monkeypatch.setattr(rest_module, "listening_addresses", lambda host, port: resolved)
+
+    async def scenario():
+        front = rest_module.RestFrontEnd(None, None, None, None, 1024, None)  # health checks need none of them
+        port = await front.start("localhost", 0, None, share_port=False)
+        try:
+            return port, [await asyncio.to_thread(lambda h=host: urllib.request.urlopen(
+                f"http://{h}:{port}/v2/health/live", timeout=5).status) for host in ("[::1]", "127.0.0.1")]  # fmt: skip
+        finally:
+            await front.stop(grace_s=1)
+
+    port, statuses = asyncio.run(scenario())
+    assert port > 0 and statuses == [200, 200]

@@ -8,13 +8,7 @@ import pytest
 
 from convray.oip import inference_pb2 as oip
 from convray.service.errors import InvalidInput
-from convray.service.rest_codec import (
-    binary_outputs,
-    infer_response_body,
-    message_json,
-    parse_infer_request,
-    without_binary_choices,
-)
+from convray.service.rest_codec import infer_response_body, message_json, parse_infer_request
 
 
 def parse(document, binary=b"", as_header=None):
@@ -66,21 +60,26 @@ def test_parameters_keep_their_json_types_and_the_binary_choices_are_read_then_d
         "inputs": [],
         "outputs": [{"name": "probabilities", "parameters": {"classification": 3, "binary_data": False}}],
     }
-    request, binary_default = parse(document)
+    request, binary = parse(document)
     kinds = {key: value.WhichOneof("parameter_choice") for key, value in request.parameters.items()}
     assert kinds == {"timeout": "int64_param", "content_type": "string_param", "ratio": "double_param",
                      "flag": "bool_param"}  # fmt: skip
-    assert binary_default and request.id == "x"
-    assert binary_outputs(request, binary_default) == set()  # the output's own choice wins
-    without_binary_choices(request)
-    assert list(request.outputs[0].parameters) == ["classification"]
+    assert request.id == "x" and binary == set()  # the output's own choice wins over binary_data_output
+    assert list(request.outputs[0].parameters) == ["classification"]  # REST-only parameters do not reach gRPC's
 
 
-def test_with_no_outputs_named_binary_data_output_makes_every_output_binary():
-    request, binary_default = parse({"inputs": [], "parameters": {"binary_data_output": True}})
-    assert binary_outputs(request, binary_default) == {"*"}
-    request, binary_default = parse({"inputs": []})
-    assert binary_outputs(request, binary_default) == set()
+@pytest.mark.parametrize(
+    "parameters,outputs,binary",
+    [
+        ({"binary_data_output": True}, None, {"*"}),  # tritonclient.http naming no output
+        ({}, None, set()),
+        ({"binary_data_output": True}, [{"name": "probabilities"}], {"probabilities"}),
+        ({}, [{"name": "probabilities", "parameters": {"binary_data": True}}], {"probabilities"}),
+    ],
+)
+def test_outputs_go_back_as_binary_data_when_they_or_the_request_ask(parameters, outputs, binary):
+    document = {"inputs": [], "parameters": parameters, **({} if outputs is None else {"outputs": outputs})}
+    assert parse(document)[1] == binary
 
 
 @pytest.mark.parametrize(
@@ -98,6 +97,15 @@ def test_with_no_outputs_named_binary_data_output_makes_every_output_binary():
         ({"inputs": [], "parameters": {"binary_data_output": 1}}, "'binary_data_output' must be true or false"),
         ({"inputs": [], "id": 7}, "the request's id must be a string"),
         ({"inputs": [], "outputs": [{"name": "probabilities", "binary": True}]}, "unknown key(s) ['binary']"),
+        (
+            {"inputs": [], "outputs": [{"name": "probabilities", "parameters": {"binary_data": 1}}]},
+            "output 'probabilities': binary_data must be true or false",
+        ),
+        ({"inputs": [], "id": "\ud800"}, "a string that is not valid Unicode"),
+        (
+            {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["\udcff"]}]},
+            "a string that is not valid Unicode",
+        ),
     ],
 )
 def test_what_a_client_can_get_wrong_is_refused_saying_what(document, says):

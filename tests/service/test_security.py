@@ -274,11 +274,28 @@ def rest_call(server, pki, path, token=TOKEN, client="client", body=None, scheme
         return failed.code, failed.read()
 
 
+def rest_call_raw_header(server, pki, header: bytes) -> tuple[int, bytes]:
+    """A GET of the model's metadata with one header written byte for byte (http.client would refuse it)."""
+    context = ssl.create_default_context(cafile=pki["ca"])
+    context.load_cert_chain(*pki["client"])
+    with socket.create_connection(("localhost", server.server.http_port), timeout=30) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /v2/models/digits HTTP/1.1\r\nHost: localhost\r\n" + header + b"\r\n"
+                        b"Connection: close\r\n\r\n")  # fmt: skip
+            reply = b""
+            while chunk := tls.recv(65536):
+                reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
 def test_the_rest_port_serves_mutual_tls_and_wants_the_token_except_for_health_checks(secure_server, pki):
     assert rest_call(secure_server, pki, "/v2/health/ready", token=None)[0] == 200  # probes send no token
     for token in (None, "wrong"):
         status, body = rest_call(secure_server, pki, "/v2/models/digits", token=token)
         assert status == 401 and "missing or invalid bearer token" in json.loads(body)["error"]
+    # Found in review: a header byte that is not UTF-8 raised in the check, a 500 and a traceback per call.
+    assert rest_call_raw_header(secure_server, pki, b"Authorization: Bearer \xff")[0] == 401
     assert rest_call(secure_server, pki, "/v2/models/digits")[0] == 200
     header = json.dumps({"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
                                      "parameters": {"binary_data_size": 4 + len(IMAGE)}}]}).encode()  # fmt: skip
