@@ -514,11 +514,14 @@ def test_loading_or_unloading_a_path_instead_of_a_model_name_is_refused(own_serv
         assert {m.name for m in stub.RepositoryIndex(oip.RepositoryIndexRequest(), timeout=5).models} == {"digits"}
 
 
-def test_the_readme_tritonclient_example_runs(served):
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_the_readme_tritonclient_example_runs(served, protocol):
+    """Over gRPC and, against the REST port, over HTTP (tritonclient.http), as the README shows both."""
     example = REPO_ROOT / "examples" / "tritonclient_classify.py"
     image = REPO_ROOT / "examples" / "digits" / "digit-3.png"
+    address = served.address if protocol == "grpc" else f"127.0.0.1:{served.server.http_port}"
     result = subprocess.run(
-        [str(CLIENT_PYTHON), str(example), str(image), "--url", served.address],
+        [str(CLIENT_PYTHON), str(example), str(image), "--url", address, "--protocol", protocol],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -252,22 +252,6 @@ def test_a_stopping_server_answers_the_rest_calls_in_flight_and_refuses_new_ones
     assert refused_status == 503 and "shutting down" in refused_body["error"]
 
 
-def test_the_readme_tritonclient_example_runs_over_http_too(rest):
-    from tests.service.test_oip import CLIENT_PYTHON
-
-    example, image = REPO_ROOT / "examples" / "tritonclient_classify.py", REPO_ROOT / "examples/digits/digit-3.png"
-    result = subprocess.run(
-        [str(CLIENT_PYTHON), str(example), str(image), "--url", f"127.0.0.1:{rest.server.http_port}",
-         "--protocol", "http"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0] == "server ready: True | model ready: True"
-    assert lines[1].startswith("BYTES input, top 3 (value:index:label): ['") and ":3:3'" in lines[1]
-    assert lines[2].startswith("FP32 input, most probable class: 3 ")
-
-
 def test_json_past_its_own_limit_is_refused_413_and_the_same_tensor_as_binary_data_is_not(rest, monkeypatch):
     from convray.service import rest as rest_module
 
