@@ -26,18 +26,10 @@ from tests.deploy.tools import scrape
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def rest(ray_address, tmp_path_factory):
-    """A server with its REST port on, and small queues so that an overload is easy to cause."""
-    import shutil
-
-    from tests.conftest import SHIPPED_MODELS
-
-    repo = tmp_path_factory.mktemp("rest") / "models"
-    shutil.copytree(SHIPPED_MODELS, repo)
-    server = ServerThread(server_settings(repo, server__http_port=0, server__max_message_bytes=256 * 1024)).start()
-    yield server
-    server.stop()
+@pytest.fixture
+def rest(served):
+    """The session's shared server: its REST port is on."""
+    return served
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +166,8 @@ def test_unknown_models_paths_and_oversized_bodies_get_their_own_status(rest):
     assert status == 404 and message.startswith("model 'nope' is not served")
     assert error_of(call(rest, "/v2/nothing-here"))[0] == 404
     assert error_of(call(rest, "/v2/models/digits/infer"))[0] == 405  # a GET
-    too_big = call(rest, "/v2/models/digits/infer", b"x" * (300 * 1024), {"Content-Type": "application/json"})
+    limit = rest.settings.server.max_message_bytes  # read whole before refused: the client sends it all
+    too_big = call(rest, "/v2/models/digits/infer", b"x" * (limit + 1), {"Content-Type": "application/json"})
     assert error_of(too_big)[0] == 413
 
 
