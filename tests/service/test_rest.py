@@ -215,6 +215,21 @@ def test_tritonclient_http_gets_the_servers_message_for_a_bad_request(rest):
     assert reply["status"] == "400" and "must have shape [N, 1, 8, 8]" in reply["message"]
 
 
+def until(condition, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def port_closed(server: ServerThread) -> bool:
+    try:
+        urllib.request.urlopen(url(server, "/v2/health/live"), timeout=5).close()
+    except OSError:
+        return True
+    return False
+
+
 def test_a_stopping_server_answers_the_rest_calls_in_flight_and_refuses_new_ones(ray_address, model_repo):
     """As its gRPC calls: nothing admitted is lost in a drain. Batches here wait 1 s to fill."""
     settings = server_settings(model_repo, server__http_port=0, workers__replicas=1, batching__dispatch_when_idle=False,
@@ -230,11 +245,10 @@ def test_a_stopping_server_answers_the_rest_calls_in_flight_and_refuses_new_ones
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(infer_on_its_own_connection)
-        time.sleep(0.3)  # admitted, waiting for its batch
+        in_flight_gauge = {"api": "rest", "model": "digits"}  # the call admitted, waiting for its batch
+        until(lambda: scrape(server.server.metrics_port).value("convray_in_flight_requests", **in_flight_gauge) == 1)
         stopping = asyncio.run_coroutine_threadsafe(server.server.stop(grace_s=5), server.loop)
-        time.sleep(0.2)
-        with pytest.raises(OSError):  # a new connection: the port is closed
-            urllib.request.urlopen(url(server, "/v2/health/live"), timeout=5)
+        until(lambda: port_closed(server))  # new connections refused: the drain has begun
         kept_open.request("POST", "/v2/models/digits/infer", body)  # on the connection already open: refused
         refused = kept_open.getresponse()
         refused_status, refused_body = refused.status, json.loads(refused.read())
