@@ -30,14 +30,14 @@ from aiohttp import web
 from convray.oip import inference_pb2 as oip
 from convray.service import __version__
 from convray.service.errors import HTTP_STATUS, ConvrayError, InvalidInput, ModelNotReady
-from convray.service.oip_servicer import PLATFORM, InferenceServicer
+from convray.service.oip_servicer import InferenceServicer
 from convray.service.ray_watch import RayGate
 from convray.service.registry import ModelRegistry
 from convray.service.rest_codec import HEADER_LENGTH, infer_response_body, message_json, parse_infer_request
 
 log = logging.getLogger(__name__)
 
-REST_EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration"]
+REST_EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration", "model_repository", "statistics"]
 MAX_JSON_BYTES = 2 * 1024 * 1024
 """The largest JSON part of an inference request: one 3x224x224 image of pixels fits. ``json.loads`` holds the GIL
 throughout, so a parse stops the event loop even in a thread (in review, a 16 MiB body stopped it for 0.8 s), and
@@ -109,6 +109,11 @@ class RestFrontEnd:
                 web.get("/v2/health/live", self._live),
                 web.get("/v2/health/ready", self._ready),
                 web.get("/v2", self._server_metadata),
+                web.get("/v2/models/stats", self._statistics),  # before {name}: as in Triton, no model is "stats"
+                *(web.get(path + "/stats", self._statistics) for path in (model, version)),
+                web.post("/v2/repository/index", self._repository_index),
+                web.post("/v2/repository/models/{name}/load", self._load),
+                web.post("/v2/repository/models/{name}/unload", self._unload),
                 *(web.get(path, self._model_metadata) for path in (model, version)),
                 *(web.get(path + "/ready", self._model_ready) for path in (model, version)),
                 *(web.get(path + "/config", self._model_config) for path in (model, version)),
@@ -231,7 +236,35 @@ class RestFrontEnd:
     async def _model_config(self, request: web.Request) -> web.Response:
         name, version = _model(request)
         reply = await self._servicer.ModelConfig(oip.ModelConfigRequest(name=name, version=version), _RestCall())
-        return web.json_response({**message_json(reply.config), "platform": PLATFORM})
+        return web.json_response(message_json(reply.config))
+
+    # ---- statistics and repository (Triton's extensions) ----
+
+    async def _statistics(self, request: web.Request) -> web.Response:
+        name, version = request.match_info.get("name", ""), request.match_info.get("version", "")
+        statistics = oip.ModelStatisticsRequest(name=name, version=version)
+        return web.json_response(message_json(await self._servicer.ModelStatistics(statistics, _RestCall())))
+
+    async def _repository_index(self, request: web.Request) -> web.Response:
+        """Triton's answer: a JSON list of {name, version, state, reason}; ``{"ready": true}`` lists READY ones."""
+        document = await _json_body(request, ("ready",))
+        ready = document.get("ready", False)
+        if not isinstance(ready, bool):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "'ready' must be true or false")
+        index = await self._servicer.RepositoryIndex(oip.RepositoryIndexRequest(ready=ready), _RestCall())
+        return web.json_response(message_json(index).get("models", []))
+
+    async def _load(self, request: web.Request) -> web.Response:
+        load = oip.RepositoryModelLoadRequest(model_name=request.match_info["name"])
+        _repository_parameters(await _json_body(request, ("parameters",)), load.parameters)
+        await self._servicer.RepositoryModelLoad(load, _RestCall())
+        return web.Response(status=200)
+
+    async def _unload(self, request: web.Request) -> web.Response:
+        unload = oip.RepositoryModelUnloadRequest(model_name=request.match_info["name"])
+        _repository_parameters(await _json_body(request, ("parameters",)), unload.parameters)
+        await self._servicer.RepositoryModelUnload(unload, _RestCall())
+        return web.Response(status=200)
 
     # ---- inference ----
 
@@ -277,6 +310,37 @@ def listening_addresses(host: str, port: int) -> list[tuple[socket.AddressFamily
     """Each (family, address) ``host`` resolves to, in order, once each (``localhost``: often ::1 and 127.0.0.1)."""
     resolved = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     return list(dict.fromkeys((family, sockaddr[0]) for family, _, _, _, sockaddr in resolved))
+
+
+async def _json_body(request: web.Request, known: tuple[str, ...]) -> dict[str, Any]:
+    """A small request's JSON object (an empty body is ``{}``), with only the ``known`` keys."""
+    text = await request.read()
+    if len(text) > PARSE_OFF_THE_LOOP_BYTES:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"the request body is over {PARSE_OFF_THE_LOOP_BYTES} bytes")
+    try:
+        document = json.loads(text) if text.strip() else {}
+    except (ValueError, RecursionError):
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "the request body is not valid JSON") from None
+    if not isinstance(document, dict) or not set(document) <= set(known):
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"the request body must be a JSON object of {list(known)}")
+    return document
+
+
+def _repository_parameters(document: dict[str, Any], target: Any) -> None:
+    """A load's or unload's JSON parameters as ModelRepositoryParameters (the servicer refuses the ones it lacks)."""
+    parameters = document.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "'parameters' must be a JSON object")
+    for key, value in parameters.items():
+        if isinstance(value, bool):
+            target[key].bool_param = value
+        elif isinstance(value, int) and -(2**63) <= value < 2**63:
+            target[key].int64_param = value
+        elif isinstance(value, str):
+            target[key].string_param = value
+        else:  # Triton's "file:" overrides are base64 text: strings, refused by the servicer like every override
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"parameter {str(key)[:80]!r} must be a bool, integer "
+                                                            "or string")  # fmt: skip
 
 
 def _model(request: web.Request) -> tuple[str, str]:

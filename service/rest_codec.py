@@ -125,17 +125,24 @@ def infer_response_body(response: oip.ModelInferResponse, binary: set[str]) -> t
 
 
 def message_json(message: Message) -> dict[str, Any]:
-    """A gRPC reply (metadata, config) as the REST API's JSON: the proto's field names, enums by name.
+    """A gRPC reply (metadata, config, statistics) as the REST API's JSON, written as Triton writes it.
 
-    64-bit integers stay numbers: protobuf's own JSON mapping writes them as strings, Triton's REST API does not.
+    The proto's field names, enums by name, every field with its value even when it is the default (a count of 0
+    is there), and 64-bit integers as numbers (protobuf's own JSON mapping writes them as strings). A message field
+    left unset is left out.
     """
     document: dict[str, Any] = {}
-    for field, value in message.ListFields():
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             document[field.name] = {key: _field_json(field.message_type.fields_by_name["value"], item)
                                     for key, item in value.items()}  # fmt: skip
         elif _repeated(field):
             document[field.name] = [_field_json(field, item) for item in value]
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and not message.HasField(field.name):
+            continue
+        elif field.containing_oneof is not None and message.WhichOneof(field.containing_oneof.name) != field.name:
+            continue  # a oneof's other choices (an InferParameter holds one)
         else:
             document[field.name] = _field_json(field, value)
     return document

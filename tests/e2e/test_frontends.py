@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -127,6 +128,10 @@ def test_front_ends_share_the_port_answer_correctly_refuse_model_changes_and_all
         assert probabilities.index(max(probabilities)) == held_out.labels[0]
     by_rest = [group.requests_counted(1) - counted[0], group.requests_counted(2) - counted[1]]
     assert sum(by_rest) == 20 and min(by_rest) > 0, by_rest
+    unload = f"http://127.0.0.1:{group.http_port}/v2/repository/models/digits/unload"
+    with pytest.raises(urllib.error.HTTPError) as refused:  # as by RPC: it would reach one front end only
+        urllib.request.urlopen(urllib.request.Request(unload, b"{}"), timeout=30)
+    assert refused.value.code == 400 and "runs 2 front-end processes" in json.loads(refused.value.read())["error"]
     assert f"2 front ends starting on gRPC port 127.0.0.1:{group.port}" in group.log()
     assert_model_changes_by_rpc_are_refused(group.port)  # one group for both: each start costs about 20 s
 

@@ -215,6 +215,19 @@ def test_tritonclient_http_gets_the_servers_message_for_a_bad_request(rest):
     assert reply["status"] == "400" and "must have shape [N, 1, 8, 8]" in reply["message"]
 
 
+def test_tritonclient_http_reads_statistics_and_the_repository_and_loads_through_rest(rest, held_out):
+    body = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "UINT8",
+                        "data": held_out.images[0].ravel().tolist()}]}  # fmt: skip
+    assert call(rest, "/v2/models/digits/infer", body)[0] == 200  # one at least, for the statistics
+    reply = tritonclient_http(rest, "repository")
+    (model,) = reply["statistics"]["model_stats"]
+    assert model["name"] == "digits" and model["version"] == "1" and model["inference_count"] >= 1
+    assert model["inference_stats"]["success"]["count"] >= 1 and model["batch_stats"]
+    assert [m["name"] for m in reply["all_statistics"]["model_stats"]] == ["digits"]
+    assert {"name": "digits", "version": "1", "state": "READY", "reason": ""} in reply["index"]
+    assert reply["unload_unknown"]["status"] == "404" and "no-such-model" in reply["unload_unknown"]["message"]
+
+
 def until(condition, timeout_s: float = 10) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():

@@ -131,11 +131,14 @@ def test_a_response_goes_back_as_json_data_or_as_binary_after_the_json():
     assert np.frombuffer(body[json_length:], "<f4").tolist() == [0.25, 0.75]
 
 
-def test_metadata_json_keeps_64_bit_integers_as_numbers_and_enums_by_name():
+def test_reply_json_keeps_64_bit_integers_as_numbers_enums_by_name_and_default_values():
     model_input = oip.ModelInput(name="input", dims=[1, 8, 8], format=oip.ModelInput.FORMAT_NCHW)
     parameters = {"v": oip.ModelParameter(string_value="1")}
-    config = oip.ModelConfig(name="d", max_batch_size=32, input=[model_input], parameters=parameters)
-    assert message_json(config) == {
-        "name": "d", "max_batch_size": 32, "input": [{"name": "input", "format": "FORMAT_NCHW", "dims": [1, 8, 8]}],
-        "parameters": {"v": {"string_value": "1"}},
-    }  # fmt: skip
+    config = message_json(oip.ModelConfig(name="d", max_batch_size=32, input=[model_input], parameters=parameters))
+    assert config["max_batch_size"] == 32 and config["parameters"] == {"v": {"string_value": "1"}}
+    assert config["input"][0]["dims"] == [1, 8, 8] and config["input"][0]["format"] == "FORMAT_NCHW"
+    assert config["input"][0]["data_type"] == "TYPE_INVALID" and config["output"] == []  # defaults, as Triton
+    statistics = oip.ModelStatisticsResponse()
+    statistics.model_stats.add(name="d", inference_stats=oip.InferStatistics(fail=oip.StatisticDuration()))
+    (model,) = message_json(statistics)["model_stats"]
+    assert model["inference_count"] == 0 and model["inference_stats"] == {"fail": {"count": 0, "ns": 0}}

@@ -64,7 +64,22 @@ def error(client, payload):
     return {"status": None}
 
 
-SCENARIOS = {"health": health, "infer": infer, "error": error}
+def repository(client, payload):
+    """Statistics, the repository index, a load (of the version served: nothing changes) and a failed unload."""
+    answers = {
+        "statistics": client.get_inference_statistics(MODEL),
+        "all_statistics": client.get_inference_statistics(),
+        "index": client.get_model_repository_index(),
+    }
+    client.load_model(MODEL)
+    try:
+        client.unload_model("no-such-model")
+    except InferenceServerException as exc:
+        answers["unload_unknown"] = {"status": exc.status(), "message": exc.message()}
+    return answers
+
+
+SCENARIOS = {"health": health, "infer": infer, "error": error, "repository": repository}
 
 if __name__ == "__main__":
     address, scenario = sys.argv[1], sys.argv[2]
