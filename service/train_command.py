@@ -116,13 +116,16 @@ def _port(text: str) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a CNN (in this process or on Ray Train workers) and publish it as the next model version."""
+    from convray.workers.data import check_source
     from convray.workers.repository import UnservableWeights, validate_model_name
-    from convray.workers.train import train_and_publish
     from convray.workers.train_config import TrainingFailed
 
     try:
         config = config_from_args(args)
         validate_model_name(args.model_name)  # now, not after the whole training
+        check_source(config.dataset)  # and before torch is imported (2-3 s)
+        from convray.workers.train import train_and_publish
+
         on_epoch = None
         if args.metrics_port is not None:
             on_epoch = EpochGauges(args.model_name, args.metrics_port, args.metrics_host)
@@ -143,9 +146,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Search spec and optimiser choices with Ray Tune (each trial a Ray Train run); publish the best."""
+    from convray.workers.data import check_source
     from convray.workers.repository import UnservableWeights, validate_model_name
     from convray.workers.train_config import SEARCHED_KNOBS, TrainingFailed
-    from convray.workers.tune import tune_and_publish
 
     try:
         validate_model_name(args.model_name)
@@ -163,7 +166,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise ValueError("; ".join(refused))
         fixed = [knob for knob in SEARCHED_KNOBS if getattr(args, knob) is not None]  # the user's stay as given
         config = config_from_args(args)
+        check_source(config.dataset)  # before torch and Ray Tune are imported
         progress = None if args.metrics_port is None else _serve_search_metrics(args, config.epochs)
+        from convray.workers.tune import tune_and_publish
+
         tune_and_publish(config, args.trials, Path(args.model_repo), args.model_name, fixed=fixed, progress=progress)
     except (TrainingFailed, UnservableWeights) as exc:
         print(f"convray tune: {exc}", file=sys.stderr)

@@ -168,11 +168,21 @@ def load_dataset(
     Raises:
         ValueError: an unknown kind, or data that cannot be read (the message says which and why).
     """
+    check_source(source)
     kind, _, path = source.partition(":")
-    if kind == "digits" and not path:
+    if kind == "digits":
         return load_digits_split(held_out_fraction, split_seed)
-    if kind == "npz" and path:
+    if kind == "npz":
         return split(load_npz(path), held_out_fraction, split_seed)
-    if kind == "folder" and path:
-        return split(load_folder(path, colour_mode, image_size), held_out_fraction, split_seed)
-    raise ValueError(f"unknown dataset {source!r}; use 'digits', 'folder:PATH' or 'npz:PATH'")
+    return split(load_folder(path, colour_mode, image_size), held_out_fraction, split_seed)
+
+
+def check_source(source: str) -> None:
+    """Refuse a ``--dataset`` value of no known kind, before anything is read (or torch imported).
+
+    Raises:
+        ValueError: not ``digits``, ``folder:PATH`` or ``npz:PATH``.
+    """
+    kind, _, path = source.partition(":")
+    if not ((kind == "digits" and not path) or (kind in ("npz", "folder") and path)):
+        raise ValueError(f"unknown dataset {source!r}; use 'digits', 'folder:PATH' or 'npz:PATH'")

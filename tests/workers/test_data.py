@@ -100,3 +100,13 @@ def test_an_image_folder_read_with_ray_data_trains_a_version_with_its_class_name
     assert 0.15 < contract.normalisation.mean[0] < 0.35  # measured on these images: mostly dark, bright bars
     assert loaded.metadata.metrics["held_out_images"] == 24
     assert loaded.metadata.metrics["accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("source", ["mnist", "digits:x", "folder:", "npz:", ":digits"])
+def test_a_dataset_of_no_known_kind_is_refused_before_anything_is_read(source):
+    from convray.workers.data import check_source
+
+    with pytest.raises(ValueError, match="use 'digits', 'folder:PATH' or 'npz:PATH'"):
+        check_source(source)
+    for known in ("digits", "folder:/no/such/folder", "npz:x.npz"):  # files are read later, where they are used
+        check_source(known)
