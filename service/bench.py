@@ -182,12 +182,10 @@ async def build_payloads(
         )
     requests, batch = [], config.batch_size
     if config.payload == "image":
-        images = load_images(config)
-        for first in range(len(images)):
-            chosen = [images[(first + i) % len(images)] for i in range(batch)]
+        for raw in image_batches(load_images(config), batch):
             request = oip.ModelInferRequest(model_name=config.model)
             request.inputs.add(name="image", datatype="BYTES", shape=[batch])
-            request.raw_input_contents.append(b"".join(len(i).to_bytes(4, "little") + i for i in chosen))
+            request.raw_input_contents.append(raw)
             requests.append(request.SerializeToString())
         return MODEL_INFER, requests, batch
     metadata_call = channel.unary_unary(
@@ -199,14 +197,28 @@ async def build_payloads(
         oip.ModelMetadataRequest(name=config.model), timeout=config.timeout_s, metadata=metadata
     )
     shape = [batch, *list(next(t for t in described.inputs if t.name == "input").shape)[1:]]
-    rng = np.random.default_rng(0)
-    dtype = {"FP32": "<f4", "UINT8": "u1"}[config.datatype]
-    for _ in range(16):
+    for raw in pixel_tensors(shape, config.datatype):
         request = oip.ModelInferRequest(model_name=config.model)
         request.inputs.add(name="input", datatype=config.datatype, shape=shape)
-        request.raw_input_contents.append(rng.integers(0, 256, shape).astype(dtype).tobytes())
+        request.raw_input_contents.append(raw)
         requests.append(request.SerializeToString())
     return MODEL_INFER, requests, batch
+
+
+def image_batches(images: list[bytes], batch: int) -> list[bytes]:
+    """The raw content of BYTES tensors of ``batch`` encoded images each, one starting at each image in turn."""
+    batches = []
+    for first in range(len(images)):
+        chosen = [images[(first + i) % len(images)] for i in range(batch)]
+        batches.append(b"".join(len(i).to_bytes(4, "little") + i for i in chosen))
+    return batches
+
+
+def pixel_tensors(shape: list[int], datatype: str, count: int = 16) -> list[bytes]:
+    """The raw content of ``count`` random pixel tensors (0..255) of ``shape``, FP32 or UINT8; seeded."""
+    rng = np.random.default_rng(0)
+    dtype = {"FP32": "<f4", "UINT8": "u1"}[datatype]
+    return [rng.integers(0, 256, shape).astype(dtype).tobytes() for _ in range(count)]
 
 
 async def run(config: BenchConfig) -> BenchReport:
@@ -457,12 +469,17 @@ async def _connect_rest(
     client = RestClient(session, config.server, tls is not None, dict(bearer_metadata(config.token_file) or ()),
                         config.timeout_s)  # fmt: skip
     await client.wait_live()
+    batch = config.batch_size
     if config.payload == "image":
-        requests = bench_rest.image_requests(load_images(config), config.batch_size)
+        tensor = {"name": "image", "shape": [batch], "datatype": "BYTES"}
+        raws = image_batches(load_images(config), batch)
     else:
-        shape = await client.input_shape(config.model)
-        requests = bench_rest.tensor_requests([config.batch_size, *shape[1:]], config.datatype)
-    return client.sender(config.model), requests, config.batch_size
+        shape = [batch, *(await client.input_shape(config.model))[1:]]
+        tensor, raws = (
+            {"name": "input", "shape": shape, "datatype": config.datatype},
+            pixel_tensors(shape, config.datatype),
+        )
+    return client.sender(config.model), [bench_rest.inference_request(tensor, raw) for raw in raws], batch
 
 
 class _Sender:

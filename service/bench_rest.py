@@ -12,12 +12,10 @@ import asyncio
 import json
 import ssl
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import numpy as np
 
 from convray.service.bench_stream import Outcome
 from convray.service.errors import HTTP_STATUS
@@ -37,25 +35,8 @@ class RestRequest:
     json_length: int
 
 
-def image_requests(images: Sequence[bytes], batch: int) -> list[RestRequest]:
-    """Requests of ``batch`` encoded images each (a BYTES tensor), one starting at each image in turn."""
-    requests = []
-    for first in range(len(images)):
-        chosen = [images[(first + i) % len(images)] for i in range(batch)]
-        raw = b"".join(len(image).to_bytes(4, "little") + image for image in chosen)
-        requests.append(_request({"name": "image", "shape": [batch], "datatype": "BYTES"}, raw))
-    return requests
-
-
-def tensor_requests(shape: list[int], datatype: str, count: int = 16) -> list[RestRequest]:
-    """``count`` requests of random pixel tensors (0..255) of ``shape``, FP32 or UINT8."""
-    rng = np.random.default_rng(0)
-    dtype = {"FP32": "<f4", "UINT8": "u1"}[datatype]
-    tensor = {"name": "input", "shape": shape, "datatype": datatype}
-    return [_request(tensor, rng.integers(0, 256, shape).astype(dtype).tobytes()) for _ in range(count)]
-
-
-def _request(tensor: dict[str, Any], raw: bytes) -> RestRequest:
+def inference_request(tensor: dict[str, Any], raw: bytes) -> RestRequest:
+    """The request for one input ``tensor`` (name, shape, datatype) whose content ``raw`` goes as binary data."""
     header = json.dumps(
         {
             "inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}],

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import math
@@ -22,7 +21,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from aiohttp import web
@@ -33,9 +32,18 @@ from convray.service.errors import HTTP_STATUS, ConvrayError, InvalidInput, Mode
 from convray.service.oip_servicer import InferenceServicer
 from convray.service.ray_watch import RayGate
 from convray.service.registry import ModelRegistry
-from convray.service.rest_codec import HEADER_LENGTH, infer_response_body, message_json, parse_infer_request
+from convray.service.rest_codec import (
+    HEADER_LENGTH,
+    add_repository_parameters,
+    infer_response_body,
+    message_json,
+    parse_index_request,
+    parse_infer_request,
+)
+from convray.service.security import BearerToken
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REST_EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration", "model_repository", "statistics"]
 MAX_JSON_BYTES = 2 * 1024 * 1024
@@ -91,12 +99,12 @@ class RestFrontEnd:
         servicer: InferenceServicer,
         registry: ModelRegistry,
         gate: RayGate,
-        token: str | None,
+        token: BearerToken | None,
         max_body_bytes: int,
         parser: Executor,
     ) -> None:
         self._servicer, self._registry, self._gate = servicer, registry, gate
-        self._expected = None if token is None else f"Bearer {token}".encode()
+        self._token = token
         self._parser = parser
         self._parsing_large = asyncio.Semaphore(1)  # json.loads holds the GIL: one large parse at a time
         self._draining = False
@@ -187,10 +195,9 @@ class RestFrontEnd:
     @web.middleware
     async def _authorise(self, request: web.Request, handler: Callable[..., Awaitable[web.StreamResponse]]) -> Any:
         """Refuse a call without the bearer token (401) before its body is read; health checks need none."""
-        if self._expected is None or request.path.startswith("/v2/health/"):
+        if self._token is None or request.path.startswith("/v2/health/"):
             return await handler(request)
-        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")  # as aiohttp decoded it
-        if hmac.compare_digest(given, self._expected):  # constant time: no timing oracle
+        if self._token.admits(request.headers.get("Authorization", "")):
             return await handler(request)
         return _error(401, "missing or invalid bearer token: send the header 'Authorization: Bearer <token>'",
                       {"WWW-Authenticate": "Bearer"})  # fmt: skip
@@ -247,22 +254,19 @@ class RestFrontEnd:
 
     async def _repository_index(self, request: web.Request) -> web.Response:
         """Triton's answer: a JSON list of {name, version, state, reason}; ``{"ready": true}`` lists READY ones."""
-        document = await _json_body(request, ("ready",))
-        ready = document.get("ready", False)
-        if not isinstance(ready, bool):
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "'ready' must be true or false")
-        index = await self._servicer.RepositoryIndex(oip.RepositoryIndexRequest(ready=ready), _RestCall())
+        index_request = _parsed_small(parse_index_request, await _small_body(request))
+        index = await self._servicer.RepositoryIndex(index_request, _RestCall())
         return web.json_response(message_json(index).get("models", []))
 
     async def _load(self, request: web.Request) -> web.Response:
         load = oip.RepositoryModelLoadRequest(model_name=request.match_info["name"])
-        _repository_parameters(await _json_body(request, ("parameters",)), load.parameters)
+        _parsed_small(add_repository_parameters, await _small_body(request), load)
         await self._servicer.RepositoryModelLoad(load, _RestCall())
         return web.Response(status=200)
 
     async def _unload(self, request: web.Request) -> web.Response:
         unload = oip.RepositoryModelUnloadRequest(model_name=request.match_info["name"])
-        _repository_parameters(await _json_body(request, ("parameters",)), unload.parameters)
+        _parsed_small(add_repository_parameters, await _small_body(request), unload)
         await self._servicer.RepositoryModelUnload(unload, _RestCall())
         return web.Response(status=200)
 
@@ -312,35 +316,20 @@ def listening_addresses(host: str, port: int) -> list[tuple[socket.AddressFamily
     return list(dict.fromkeys((family, sockaddr[0]) for family, _, _, _, sockaddr in resolved))
 
 
-async def _json_body(request: web.Request, known: tuple[str, ...]) -> dict[str, Any]:
-    """A small request's JSON object (an empty body is ``{}``), with only the ``known`` keys."""
-    text = await request.read()
-    if len(text) > PARSE_OFF_THE_LOOP_BYTES:
+async def _small_body(request: web.Request) -> bytes:
+    """The body of a repository request, which holds a few fields at most: past that, refused unparsed."""
+    body = await request.read()
+    if len(body) > PARSE_OFF_THE_LOOP_BYTES:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"the request body is over {PARSE_OFF_THE_LOOP_BYTES} bytes")
+    return body
+
+
+def _parsed_small(parse: Callable[..., T], *args: Any) -> T:
+    """``parse(*args)`` of a small body, on the loop; a body it refuses is answered 400 with why."""
     try:
-        document = json.loads(text) if text.strip() else {}
-    except (ValueError, RecursionError):
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "the request body is not valid JSON") from None
-    if not isinstance(document, dict) or not set(document) <= set(known):
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"the request body must be a JSON object of {list(known)}")
-    return document
-
-
-def _repository_parameters(document: dict[str, Any], target: Any) -> None:
-    """A load's or unload's JSON parameters as ModelRepositoryParameters (the servicer refuses the ones it lacks)."""
-    parameters = document.get("parameters", {})
-    if not isinstance(parameters, dict):
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "'parameters' must be a JSON object")
-    for key, value in parameters.items():
-        if isinstance(value, bool):
-            target[key].bool_param = value
-        elif isinstance(value, int) and -(2**63) <= value < 2**63:
-            target[key].int64_param = value
-        elif isinstance(value, str):
-            target[key].string_param = value
-        else:  # Triton's "file:" overrides are base64 text: strings, refused by the servicer like every override
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"parameter {str(key)[:80]!r} must be a bool, integer "
-                                                            "or string")  # fmt: skip
+        return parse(*args)
+    except InvalidInput as exc:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
 
 def _model(request: web.Request) -> tuple[str, str]:

@@ -10,10 +10,11 @@ binary data after the JSON. Everything a client can get wrong here raises ``Inva
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
@@ -42,11 +43,30 @@ _NUMERIC = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
 }
+P = ParamSpec("P")
+R = TypeVar("R")
 _REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
 _INPUT_KEYS = frozenset({"name", "shape", "datatype", "parameters", "data"})
 _OUTPUT_KEYS = frozenset({"name", "parameters"})
 
 
+def _unicode_checked(parse: Callable[P, R]) -> Callable[P, R]:
+    """``parse``, refusing a string that is not valid Unicode as ``InvalidInput``.
+
+    ``json.loads`` lets a lone surrogate through; protobuf strings refuse it with ``UnicodeEncodeError``.
+    """
+
+    @functools.wraps(parse)
+    def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return parse(*args, **kwargs)
+        except UnicodeEncodeError:
+            raise InvalidInput("the request holds a string that is not valid Unicode (a lone surrogate)") from None
+
+    return checked
+
+
+@_unicode_checked
 def parse_infer_request(
     body: bytes, header_length: int | None, model_name: str, model_version: str
 ) -> tuple[oip.ModelInferRequest, set[str]]:
@@ -56,15 +76,6 @@ def parse_infer_request(
     output is sent as binary data when it asks (``binary_data``), or when it does not say and the request asks
     for all (``binary_data_output``, which tritonclient.http sends when it names no output).
     """
-    try:
-        return _parse(body, header_length, model_name, model_version)
-    except UnicodeEncodeError:  # json.loads lets lone surrogates ("\ud800") through; protobuf strings refuse them
-        raise InvalidInput("the request holds a string that is not valid Unicode (a lone surrogate)") from None
-
-
-def _parse(
-    body: bytes, header_length: int | None, model_name: str, model_version: str
-) -> tuple[oip.ModelInferRequest, set[str]]:
     if header_length is None:
         header, binary = body, b""
     elif not 0 <= header_length <= len(body):
@@ -96,6 +107,24 @@ def _parse(
             as_binary.add(name)
         _set_parameters(request.outputs.add(name=name).parameters, output_parameters, where)
     return request, as_binary
+
+
+@_unicode_checked
+def parse_index_request(body: bytes) -> oip.RepositoryIndexRequest:
+    """Triton's repository index body: ``{"ready": true|false}``, or nothing."""
+    document = _small_json_object(body, frozenset({"ready"}))
+    return oip.RepositoryIndexRequest(ready=_typed(document.get("ready", False), bool, "'ready'"))
+
+
+@_unicode_checked
+def add_repository_parameters(body: bytes, request: Any) -> None:
+    """A model load's or unload's body, ``{"parameters": {...}}`` or nothing, into ``request.parameters``.
+
+    ModelRepositoryParameters hold a bool, an integer or a string; the servicer refuses the ones it does not know.
+    """
+    document = _small_json_object(body, frozenset({"parameters"}))
+    parameters = _typed(document.get("parameters", {}), dict, "'parameters'")
+    _set_parameters(request.parameters, parameters, "the request", doubles=False)
 
 
 def infer_response_body(response: oip.ModelInferResponse, binary: set[str]) -> tuple[bytes, int | None]:
@@ -232,20 +261,24 @@ def _flat(data: Any) -> list[Any]:
     return items
 
 
-def _set_parameters(target: Any, values: Mapping[str, Any], where: str) -> None:
-    """JSON parameters as InferParameters: a bool, an integer (int64), another number (double) or a string."""
+def _set_parameters(target: Any, values: Mapping[str, Any], where: str, doubles: bool = True) -> None:
+    """JSON parameters as InferParameters: a bool, an integer (int64), another number (double) or a string.
+
+    ``doubles`` False: parameters without a double (ModelRepositoryParameter), where another number is refused.
+    """
     for key, value in values.items():
         parameter = target[key]
         if isinstance(value, bool):
             parameter.bool_param = value
         elif isinstance(value, int) and -(2**63) <= value < 2**63:
             parameter.int64_param = value
-        elif isinstance(value, float) and math.isfinite(value):
+        elif doubles and isinstance(value, float) and math.isfinite(value):
             parameter.double_param = value
         elif isinstance(value, str):
             parameter.string_param = value
         else:
-            raise InvalidInput(f"parameter {shown(key)} on {where or 'an output'} must be a bool, number or string")
+            kinds = "bool, number or string" if doubles else "bool, integer or string"
+            raise InvalidInput(f"parameter {shown(key)} on {where or 'an output'} must be a {kinds}")
 
 
 def _parameter_value(parameter: oip.InferParameter) -> Any:
@@ -259,6 +292,15 @@ def _json_object(text: bytes, what: str) -> dict[str, Any]:
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise InvalidInput(f"{what} is not valid JSON ({str(exc)[:200]})") from None
     return _typed(document, dict, what)
+
+
+def _small_json_object(body: bytes, known: frozenset[str]) -> dict[str, Any]:
+    """A repository request's JSON object, with only ``known`` keys; an empty body is ``{}``."""
+    if not body.strip():
+        return {}
+    document = _json_object(body, "the request body")
+    _no_unknown_keys(document, known, "the request")
+    return document
 
 
 def _typed(value: Any, kind: type, what: str) -> Any:

@@ -136,17 +136,33 @@ def read_token(path: Any) -> str:
     return token
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every RPC but health checks with UNAUTHENTICATED unless it carries the bearer token."""
+class BearerToken:
+    """The token a client must send as ``Bearer <token>``: gRPC metadata ``authorization``, HTTP ``Authorization``."""
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
+    def admits(self, given: str | bytes) -> bool:
+        """Whether the header's value ``given`` carries the token, compared in constant time (no timing oracle).
+
+        A string is encoded back with ``surrogateescape``, as aiohttp decoded a header's bytes that are not UTF-8:
+        plain ``encode()`` raised on a header byte 0xFF (found in review of the REST port).
+        """
+        if isinstance(given, str):
+            given = given.encode("utf-8", "surrogateescape")
+        return hmac.compare_digest(given, self._expected)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every RPC but health checks with UNAUTHENTICATED unless it carries the bearer token."""
+
+    def __init__(self, token: BearerToken) -> None:
+        self._token = token
+
     def _authorised(self, details: grpc.HandlerCallDetails) -> bool:
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(given, self._expected)  # constant time: no timing oracle
+                return self._token.admits(value)
         return False
 
     async def intercept_service(

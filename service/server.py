@@ -44,7 +44,13 @@ from convray.service.ray_watch import RayGate, RayWatchdog
 from convray.service.registry import ModelRegistry
 from convray.service.rest import RestFrontEnd
 from convray.service.rpc import REST_API_LABEL, MalformedMessageInterceptor, OpenStreams
-from convray.service.security import BearerTokenInterceptor, read_token, rest_ssl_context, server_credentials
+from convray.service.security import (
+    BearerToken,
+    BearerTokenInterceptor,
+    read_token,
+    rest_ssl_context,
+    server_credentials,
+)
 from convray.service.servicer import ClassifierServicer
 from convray.v1 import classifier_pb2, classifier_pb2_grpc
 from convray.workers import cluster
@@ -257,8 +263,9 @@ class ConvrayServer:
         self.health = HealthServicer()  # grpc's, with its Watch streams bounded
         security = settings.security
         interceptors: list[grpc.aio.ServerInterceptor] = []
-        if security.auth_token_file is not None:  # outermost: nothing is read or parsed for a caller without it
-            interceptors.append(BearerTokenInterceptor(read_token(security.auth_token_file)))
+        token = None if security.auth_token_file is None else BearerToken(read_token(security.auth_token_file))
+        if token is not None:  # outermost: nothing is read or parsed for a caller without it
+            interceptors.append(BearerTokenInterceptor(token))
         interceptors.append(MalformedMessageInterceptor())
         self.ray_gate = RayGate(self.metrics, self.registry.metric_label)
         interceptors.append(self.ray_gate)  # innermost: an unauthenticated call is refused as such first
@@ -301,7 +308,7 @@ class ConvrayServer:
                 rest_servicer,
                 self.registry,
                 self.ray_gate,
-                None if security.auth_token_file is None else read_token(security.auth_token_file),
+                token,
                 settings.server.max_message_bytes,
                 self._decoder,
             )

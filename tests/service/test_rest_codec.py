@@ -1,6 +1,7 @@
 """REST bodies <-> OIP messages: what a REST client sends becomes the gRPC request the servicer checks."""
 
 import json
+import re
 import struct
 
 import numpy as np
@@ -142,3 +143,20 @@ def test_reply_json_keeps_64_bit_integers_as_numbers_enums_by_name_and_default_v
     statistics.model_stats.add(name="d", inference_stats=oip.InferStatistics(fail=oip.StatisticDuration()))
     (model,) = message_json(statistics)["model_stats"]
     assert model["inference_count"] == 0 and model["inference_stats"] == {"fail": {"count": 0, "ns": 0}}
+
+
+def test_repository_bodies_are_read_as_triton_sends_them_and_what_they_cannot_hold_is_refused():
+    from convray.service.rest_codec import add_repository_parameters, parse_index_request
+
+    assert parse_index_request(b"").ready is False and parse_index_request(b'{"ready": true}').ready is True
+    unload = oip.RepositoryModelUnloadRequest(model_name="digits")
+    add_repository_parameters(b'{"parameters": {"unload_dependents": false}}', unload)
+    assert unload.parameters["unload_dependents"].WhichOneof("parameter_choice") == "bool_param"
+    for body, says in [
+        (b'{"ready": 1}', "'ready' must be true or false"),
+        (b'{"readiness": true}', "unknown key(s) ['readiness']"),
+        (b'{"parameters": {"x": 0.5}}', "must be a bool, integer or string"),  # a repository parameter has no double
+        (b'{"parameters": {"x": "\\ud800"}}', "not valid Unicode"),
+    ]:
+        with pytest.raises(InvalidInput, match=re.escape(says)):
+            parse_index_request(body) if b"ready" in body else add_repository_parameters(body, unload)
