@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from convray.service.errors import InvalidInput
 from convray.workers.repository import InputContract
@@ -29,12 +29,22 @@ MAX_JPEG_SCANS = 100  # each scan of a progressive JPEG re-decodes the whole ima
 # an encoder writes about 10.
 MAX_JPEG_SEGMENTS = 1_000  # markers before the first scan, each parsed by Pillow in Python (an encoder writes 10-30;
 # 1M empty comments took 2 s)
-MAX_JPEG_FILL_BYTES = 1_024  # 0xFF fill bytes before the first scan, read by Pillow one at a time (4 MB took 3.9 s)
+MAX_JPEG_STRAY_BYTES = 1_024  # bytes between segments before the first scan (0xFF fill, junk, stuffed zeros), read by
+# Pillow one at a time: 4 MB of fill took 3.9 s, 4 MB of junk 0.5 s
 MAX_PNG_CHUNKS = 10_000  # Pillow reads each chunk in Python holding the GIL: 1.3M empty chunks in 16 MB took 8 s
 # and slowed every other request; encoders write image data in chunks of 8-64 KiB (2,048 of 8 KiB in 16 MiB).
 MAX_GIF_SUB_BLOCKS = 10_000  # extension data before the first frame, read by Pillow in Python (2M took 1 s)
+MAX_GIF_STRAY_BYTES = 1_024  # bytes before the first frame that start no block, which Pillow skips one at a time (4 MB
+# took 0.7 s); an encoder writes none
+_GIF_STRAY = re.compile(rb"[^\x21\x2c\x3b]*")  # anything but an extension (!), an image (,) or the trailer (;)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_JPEG_FILL = re.compile(rb"\xff+")
+# What Pillow's header parser reads past without counting a marker: a byte other than 0xFF, 0xFF 0x00, or an 0xFF
+# followed by another (fill); after it comes 0xFF and a marker's code.
+_JPEG_STRAY = re.compile(rb"(?:[^\xff]|\xff\x00|\xff(?=\xff))*")
+# Pillow's header parser knows the markers in its table and skips a length only for those it has a handler for:
+# not SOI, EOI, the restart markers or the JPGn extensions, which a walk that reads a length after them would
+# step past segments that Pillow parses (found in review).
+_JPEG_HEADER_MARKERS = {code & 0xFF: handler is not None for code, (_, _, handler) in JpegImagePlugin.MARKER.items()}
 # A marker in or after entropy-coded data is 0xFF, then a code that is not a stuffed zero, a restart marker (those
 # occur inside a scan's data) or fill:
 _JPEG_MARKER_CODES = np.zeros(256, dtype=bool)
@@ -195,38 +205,55 @@ class _JpegMarkers:
 def _check_jpeg_header(data: bytes) -> int | None:
     """Walk a JPEG's markers from its start to its first scan, as Pillow's parser does (see ``_check_structure``).
 
+    Pillow reads bytes between segments one at a time and goes on past an end-of-image marker, so those are
+    counted and walked too; stray bytes are read no further than their limit.
+
     Returns:
-        The offset just past the marker that ended the walk (the first scan's or the end's), or None if the
-        data ended or went corrupt first.
+        The offset just past the first scan's marker, or None if the data ended or went corrupt first (an unknown
+        marker, which Pillow refuses).
     """
-    offset, segments, fill = 2, 0, 0
+    offset, segments, stray = 2, 0, 0  # offset: where Pillow expects the 0xFF of a marker (after 0xFFD8)
     while offset < len(data):
-        run = _JPEG_FILL.match(data, offset, offset + MAX_JPEG_FILL_BYTES + 2)  # bounded: 16 MB of fill took 23 ms
-        if run is None:
-            return None  # not at a marker: corrupt, which Pillow says
-        fill += run.end() - offset - 1
-        if fill > MAX_JPEG_FILL_BYTES:
-            raise InvalidInput(f"JPEG has over {MAX_JPEG_FILL_BYTES} fill bytes before its image data; re-encode it")
+        run = _JPEG_STRAY.match(data, offset, offset + MAX_JPEG_STRAY_BYTES - stray + 2)  # bounded (found in review)
+        stray += run.end() - offset
+        if stray > MAX_JPEG_STRAY_BYTES:
+            raise InvalidInput(
+                f"JPEG has over {MAX_JPEG_STRAY_BYTES} fill or stray bytes before its image data; re-encode it"
+            )
+        offset = run.end() + 2
+        if offset > len(data):
+            return None
+        marker = data[offset - 1]
+        if marker not in _JPEG_HEADER_MARKERS:
+            return None
         segments += 1
         if segments > MAX_JPEG_SEGMENTS:
             raise InvalidInput(f"JPEG has over {MAX_JPEG_SEGMENTS} markers before its image data; re-encode it")
-        if run.end() >= len(data):
-            return None
-        marker, offset = data[run.end()], run.end() + 1
-        if marker in (0xDA, 0xD9):  # the first scan, or the end: what follows is the C decoder's
+        if marker == 0xDA:  # the first scan: what follows is the C decoder's
             return offset
-        if not (0xD0 <= marker <= 0xD7 or marker == 0x01):  # all but these carry a length (itself included)
-            offset += int.from_bytes(data[offset : offset + 2], "big")
+        if _JPEG_HEADER_MARKERS[marker]:  # a length, itself included; Pillow steps over the length at least
+            offset += max(int.from_bytes(data[offset : offset + 2], "big"), 2)
     return None
 
 
 def _check_gif_extensions(data: bytes) -> None:
-    """Walk a GIF's extensions up to its first frame, counting their sub-blocks (see ``_check_structure``)."""
+    """Walk a GIF's blocks up to its first frame, as Pillow's parser does (see ``_check_structure``).
+
+    The extensions' sub-blocks are counted, and so are bytes that start no block, which Pillow skips one at a time
+    (found in review); those are read no further than their limit.
+    """
     packed = data[10] if len(data) > 10 else 0
     offset = 13 + (3 << ((packed & 7) + 1) if packed & 0x80 else 0)  # header, screen descriptor, colour table
-    sub_blocks = 0
-    while offset + 1 < len(data) and data[offset] == 0x21:  # an extension: its label, then sized sub-blocks
-        offset += 2
+    sub_blocks = stray = 0
+    while offset < len(data):
+        run = _GIF_STRAY.match(data, offset, offset + MAX_GIF_STRAY_BYTES - stray + 1)
+        stray += run.end() - offset
+        if stray > MAX_GIF_STRAY_BYTES:
+            raise InvalidInput(f"GIF has over {MAX_GIF_STRAY_BYTES} stray bytes before its first frame; re-encode it")
+        offset = run.end()
+        if offset + 1 >= len(data) or data[offset] != 0x21:  # the first frame, the trailer or the end
+            return
+        offset += 2  # an extension: its introducer and label, then sized sub-blocks
         while offset < len(data) and data[offset]:
             sub_blocks += 1
             if sub_blocks > MAX_GIF_SUB_BLOCKS:
@@ -241,9 +268,10 @@ def _check_structure(data: bytes) -> None:
     """Refuse, before Pillow opens it, a PNG, JPEG or GIF whose structure would take Pillow seconds to parse.
 
     That is a PNG of over ``MAX_PNG_CHUNKS`` chunks, a JPEG whose part before its first scan holds over
-    ``MAX_JPEG_SEGMENTS`` markers or ``MAX_JPEG_FILL_BYTES`` fill bytes, or a GIF with over ``MAX_GIF_SUB_BLOCKS``
-    extension sub-blocks before its first frame. Pillow parses those in Python, whatever the pixel count, in a
-    decode thread that a caller's deadline cannot stop. Only lengths are read here, at most the limit's number.
+    ``MAX_JPEG_SEGMENTS`` markers or ``MAX_JPEG_STRAY_BYTES`` bytes between them, or a GIF with over
+    ``MAX_GIF_SUB_BLOCKS`` extension sub-blocks or ``MAX_GIF_STRAY_BYTES`` stray bytes before its first frame.
+    Pillow parses those in Python, whatever the pixel count, in a decode thread that a caller's deadline cannot
+    stop. Only lengths are read here, at most the limit's number.
     """
     if data.startswith(b"\xff\xd8"):
         _check_jpeg_header(data)
