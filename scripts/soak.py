@@ -1,8 +1,9 @@
 """A bounded soak: mixed good and bad traffic against a real server on loopback, then a report.
 
-Starts its own server (embedded local Ray), sends traffic from a few client threads for --seconds,
-samples the memory of the front end and of the replica processes, and prints requests sent,
-answered and failed by status code, plus memory at the start and end of the steady phase.
+Starts its own server (embedded local Ray, OIP REST on too), sends traffic from a few client threads for
+--seconds (native gRPC, and OIP over HTTP/REST on kept-alive connections), samples the memory of the front
+end and of the replica processes, and prints requests sent, answered and failed by status code, plus memory
+at the start and end of the steady phase.
 
 Run: .venv/bin/python scripts/soak.py --seconds 120
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import http.client
 import io
 import json
 import os
@@ -25,6 +27,7 @@ import psutil
 from PIL import Image
 
 from convray.service.config import Settings
+from convray.service.oip_codec import IMAGE_INPUT, PIXELS_INPUT
 from convray.service.server import ConvrayServer
 from convray.v1 import classifier_pb2 as pb
 from convray.v1 import classifier_pb2_grpc as pb_grpc
@@ -51,6 +54,40 @@ def traffic() -> list[tuple[str, pb.ClassifyRequest]]:
     return good * 3 + bad  # about 1 request in 65 is bad
 
 
+def rest_traffic() -> list[tuple[str, str, bytes, dict[str, str]]]:
+    """REST inference bodies, good (PNG bytes as binary data, FP32 pixels as JSON) and bad, labelled by what they are.
+
+    Each is (kind, path, body, headers).
+    """
+    _, held_out = load_digits_split()
+    infer = "/v2/models/digits/infer"
+    good = []
+    for pixels in held_out.images[:32]:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels[0], mode="L").save(buffer, format="PNG")
+        image = buffer.getvalue()
+        header = json.dumps({"inputs": [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [1],
+                                         "parameters": {"binary_data_size": len(image) + 4}}],
+                             "parameters": {"binary_data_output": True}}).encode()  # fmt: skip
+        body = header + len(image).to_bytes(4, "little") + image
+        good.append(("good binary", infer, body, {"Inference-Header-Content-Length": str(len(header))}))
+        values = pixels[0].astype(np.float32).ravel().tolist()  # 0..255
+        tensor = {"inputs": [{"name": PIXELS_INPUT, "datatype": "FP32", "shape": [1, 1, 8, 8], "data": values}]}
+        good.append(("good json", infer, json.dumps(tensor).encode(), {}))
+    bad = [
+        ("not json", infer, b"{", {}),
+        ("unknown model", "/v2/models/nope/infer", good[1][2], {}),
+        (
+            "wrong shape",
+            infer,
+            json.dumps({"inputs": [dict(tensor["inputs"][0], shape=[2], data=[0.0, 1.0])]}).encode(),
+            {},
+        ),
+        ("short binary", infer, good[0][2][:-10], good[0][3]),
+    ]
+    return good * 4 + bad  # about 1 request in 65 is bad
+
+
 def rss_mb(pids: list[int]) -> float:
     """Resident memory of these processes, in MiB."""
     return sum(psutil.Process(pid).memory_info().rss for pid in pids) / 2**20
@@ -60,16 +97,19 @@ def main() -> None:
     """Run the soak and print its report as JSON."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=120)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=8, help="native gRPC client threads")
+    parser.add_argument("--rest-clients", type=int, default=2, help="OIP REST client threads")
     args = parser.parse_args()
 
-    settings = Settings(server={"host": "127.0.0.1", "port": 0, "metrics_port": None}, workers={"replicas": 2})
+    settings = Settings(
+        server={"host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": None}, workers={"replicas": 2}
+    )
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     server = asyncio.run_coroutine_threadsafe(_start(settings), loop).result(300)
     replica_pids = asyncio.run_coroutine_threadsafe(_replica_pids(server), loop).result(60)
     front_end = [os.getpid()]
-    requests = traffic()
+    requests, rest_requests = traffic(), rest_traffic()
     counts: collections.Counter[str] = collections.Counter()
     sent = [0]
     lock = threading.Lock()
@@ -91,7 +131,27 @@ def main() -> None:
                 with lock:
                     counts[f"{kind}: {outcome}"] += 1
 
+    def rest_client(seed: int) -> None:
+        rng = random.Random(seed)
+        connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)  # kept alive
+        while time.monotonic() < stop:
+            kind, path, body, headers = rng.choice(rest_requests)
+            with lock:
+                sent[0] += 1
+            try:
+                connection.request("POST", path, body, headers)
+                reply = connection.getresponse()
+                reply.read()
+                outcome = f"HTTP {reply.status}"
+            except (OSError, http.client.HTTPException) as exc:
+                outcome = type(exc).__name__
+                connection.close()
+            with lock:
+                counts[f"rest {kind}: {outcome}"] += 1
+        connection.close()
+
     threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+    threads += [threading.Thread(target=rest_client, args=(1000 + i,)) for i in range(args.rest_clients)]
     for t in threads:
         t.start()
     time.sleep(min(10, args.seconds / 4))  # warm-up: allocator pools and caches fill
@@ -113,7 +173,8 @@ def main() -> None:
     )
     answered = sum(counts.values())
     print(json.dumps({
-        "seconds": args.seconds, "clients": args.clients, "sent": sent[0], "answered": answered,
+        "seconds": args.seconds, "clients": args.clients, "rest_clients": args.rest_clients, "sent": sent[0],
+        "answered": answered,
         "lost": sent[0] - answered, "requests_per_s": round(answered / args.seconds, 1),
         "by_kind_and_code": dict(sorted(counts.items())),
         "front_end_rss_mb": {"start": round(front[0], 1), "end": round(front[-1], 1),

@@ -63,12 +63,15 @@ def test_the_wheel_the_image_installs_is_the_one_pyproject_builds():
     assert wheels == {f"convray-{version}-py3-none-any.whl"}
 
 
-def test_the_container_listens_on_every_interface_exposes_the_default_ports_and_runs_as_non_root():
+def test_the_container_listens_on_every_interface_exposes_its_ports_and_runs_as_non_root():
+    """The default gRPC and metrics ports, and the REST port that deploy/k8s turns on (off by default)."""
     env = " ".join(a for i, a in instructions() if i == "ENV")
     assert "CONVRAY_SERVER__HOST=0.0.0.0" in env and "CONVRAY_SERVER__METRICS_HOST=0.0.0.0" in env
     defaults = Settings().server
+    k8s_env = (REPO_ROOT / "deploy" / "k8s" / "base" / "convray.env").read_text()
+    (rest_port,) = re.findall(r"^CONVRAY_SERVER__HTTP_PORT=(\d+)$", k8s_env, re.MULTILINE)
     (exposed,) = [a.split() for i, a in instructions() if i == "EXPOSE"]
-    assert exposed == [str(defaults.port), str(defaults.metrics_port)]
+    assert defaults.http_port is None and exposed == [str(defaults.port), rest_port, str(defaults.metrics_port)]
     (user,) = [a for i, a in instructions() if i == "USER"]
     uid = user.split(":")[0]
     assert uid.isdigit() and uid != "0", "numeric, so Kubernetes' runAsNonRoot can check it"
