@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from convray.service.errors import InvalidInput
 from convray.workers.repository import InputContract
@@ -31,8 +31,21 @@ MAX_JPEG_SEGMENTS = 1_000  # markers before the first scan, each parsed by Pillo
 # 1M empty comments took 2 s)
 MAX_JPEG_STRAY_BYTES = 1_024  # bytes between segments before the first scan (0xFF fill, junk, stuffed zeros), read by
 # Pillow one at a time: 4 MB of fill took 3.9 s, 4 MB of junk 0.5 s
+# Segments before the first scan whose contents Pillow walks in Python, and how many of each a JPEG may hold (an
+# encoder writes one frame header, one EXIF segment, one to four DQT and at most a few Photoshop segments): 250 of
+# 64 KB each took Pillow 1.0-1.9 s, and 250 frame headers 461 MB (found in review)
+MAX_JPEG_SEGMENTS_OF_KIND = {"frame header (SOFn)": 1, "quantization table (DQT)": 4, "EXIF (APP1)": 1,
+                             "Photoshop (APP13)": 4}  # fmt: skip
+MAX_JPEG_FILL_RUN = 64 * 1024  # 0xFF fill in or after the scans, which libjpeg reads without reporting progress, so
+# that Pillow re-reads its growing buffer: 15 MB took 2.2 s (found in review); in entropy-coded data 0xFF is stuffed
 MAX_PNG_CHUNKS = 10_000  # Pillow reads each chunk in Python holding the GIL: 1.3M empty chunks in 16 MB took 8 s
 # and slowed every other request; encoders write image data in chunks of 8-64 KiB (2,048 of 8 KiB in 16 MiB).
+# Chunks that Pillow inflates, up to 1 MiB each (3-4 ms): 500 iCCP took 1.3 s, 9,990 after the image data 25 s (found
+# in review). The PNG standard allows one ICC profile; encoders write a few text chunks.
+MAX_PNG_CHUNKS_OF_KIND = {"iCCP": 1, "zTXt or compressed iTXt": 16}
+MAX_BMP_RLE_PIXELS = 256 * 256  # Pillow decodes RLE-compressed BMPs in Python, a step per run and per pixel: 40 Mpx
+# took 6.6 s and 499 MB, 8M runs in 16 MB 5.2 s (found in review), a 512x512 of one-pixel runs 0.12 s. Icon-sized;
+# other BMPs are decoded in C.
 MAX_GIF_SUB_BLOCKS = 10_000  # extension data before the first frame, read by Pillow in Python (2M took 1 s)
 MAX_GIF_STRAY_BYTES = 1_024  # bytes before the first frame that start no block, which Pillow skips one at a time (4 MB
 # took 0.7 s); an encoder writes none
@@ -45,6 +58,28 @@ _JPEG_STRAY = re.compile(rb"(?:[^\xff]|\xff\x00|\xff(?=\xff))*")
 # not SOI, EOI, the restart markers or the JPGn extensions, which a walk that reads a length after them would
 # step past segments that Pillow parses (found in review).
 _JPEG_HEADER_MARKERS = {code & 0xFF: handler is not None for code, (_, _, handler) in JpegImagePlugin.MARKER.items()}
+_JPEG_FRAME_MARKERS = frozenset(
+    code & 0xFF for code, (_, _, handler) in JpegImagePlugin.MARKER.items() if handler is JpegImagePlugin.SOF
+)
+_JPEG_FILL_BLOCK = b"\xff" * MAX_JPEG_FILL_RUN
+# EXIF orientations and the transposition that turns each image upright (as ImageOps.exif_transpose does)
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_PREFIX = re.compile(rb"^(?:Exif\x00\x00){1,2}")  # before the TIFF structure, in JPEG and some WebP files
+_IFD_ENTRIES = {  # an IFD entry: tag, type, count, then the value (when it fits in 4 bytes) or its offset
+    endian: np.dtype(
+        [("tag", f"{endian}u2"), ("type", f"{endian}u2"), ("count", f"{endian}u4"), ("value", f"{endian}u4")]
+    )  # fmt: skip
+    for endian in "<>"
+}
+_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # as Pillow reads it when EXIF has none
 # A marker in or after entropy-coded data is 0xFF, then a code that is not a stuffed zero, a restart marker (those
 # occur inside a scan's data) or fill:
 _JPEG_MARKER_CODES = np.zeros(256, dtype=bool)
@@ -119,6 +154,8 @@ def decode_image(data: bytes, contract: InputContract, limits: DecodeLimits) -> 
             )
         if image.format in ("JPEG", "MPO") and image.info.get("progressive"):  # MPO: a JPEG with more images after
             _check_scans(data)
+        if image.format == "BMP" and image.info.get("compression") in (1, 2):
+            _check_bmp_rle(image, len(data))
         image.seek(0)
         image.load()
         return _to_contract(image, contract)  # inside: EXIF is parsed here, lazily, and may be corrupt too
@@ -130,6 +167,24 @@ def decode_image(data: bytes, contract: InputContract, limits: DecodeLimits) -> 
         raise
     except Exception as exc:  # noqa: BLE001 (untrusted bytes: Pillow's parsers raise many kinds, struct.error too)
         raise InvalidInput(f"image data is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+
+
+def _check_bmp_rle(image: Image.Image, size: int) -> None:
+    """Refuse an RLE-compressed BMP of over ``MAX_BMP_RLE_PIXELS``, or with more data than runs of its pixels take.
+
+    A run takes two bytes and a skip four, each for a pixel at least, and each row ends with two, so an image's runs
+    fill at most 4 x (pixels + rows) + 2 bytes; past that, Pillow's Python decoder could be made to loop on runs that
+    set nothing (8M in 16 MB took 5.2 s, found in review).
+    """
+    width, height = image.size
+    if width * height > MAX_BMP_RLE_PIXELS:
+        raise InvalidInput(
+            f"BMP is RLE-compressed and {width}x{height} = {width * height} pixels, over the {MAX_BMP_RLE_PIXELS} "
+            "read for such images; send it as PNG"
+        )
+    runs = size - image.tile[0][2]  # from the pixel data's offset to the end
+    if runs > 4 * (width * height + height) + 2:
+        raise InvalidInput(f"BMP has {runs} bytes of RLE data for {width}x{height} pixels, more than its runs take")
 
 
 def _check_scans(data: bytes) -> None:
@@ -213,6 +268,7 @@ def _check_jpeg_header(data: bytes) -> int | None:
         marker, which Pillow refuses).
     """
     offset, segments, stray = 2, 0, 0  # offset: where Pillow expects the 0xFF of a marker (after 0xFFD8)
+    of_kind = dict.fromkeys(MAX_JPEG_SEGMENTS_OF_KIND, 0)
     while offset < len(data):
         run = _JPEG_STRAY.match(data, offset, offset + MAX_JPEG_STRAY_BYTES - stray + 2)  # bounded (found in review)
         stray += run.end() - offset
@@ -232,8 +288,40 @@ def _check_jpeg_header(data: bytes) -> int | None:
         if marker == 0xDA:  # the first scan: what follows is the C decoder's
             return offset
         if _JPEG_HEADER_MARKERS[marker]:  # a length, itself included; Pillow steps over the length at least
+            kind = _jpeg_segment_kind(marker, data, offset + 2)
+            if kind is not None:
+                of_kind[kind] += 1
+                if of_kind[kind] > MAX_JPEG_SEGMENTS_OF_KIND[kind]:
+                    raise InvalidInput(
+                        f"JPEG has more than {MAX_JPEG_SEGMENTS_OF_KIND[kind]} {kind} segments before its image "
+                        "data; re-encode it"
+                    )
             offset += max(int.from_bytes(data[offset : offset + 2], "big"), 2)
     return None
+
+
+def _jpeg_segment_kind(marker: int, data: bytes, start: int) -> str | None:
+    """Which of ``MAX_JPEG_SEGMENTS_OF_KIND`` a segment is, from its marker and contents (at ``start``), if any."""
+    if marker in _JPEG_FRAME_MARKERS:
+        return "frame header (SOFn)"
+    if marker == 0xDB:
+        return "quantization table (DQT)"
+    if marker == 0xE1 and data.startswith(b"Exif\0\0", start):  # Pillow joins them all into one EXIF block
+        return "EXIF (APP1)"
+    if marker == 0xED and data.startswith(b"Photoshop 3.0\0", start):
+        return "Photoshop (APP13)"
+    return None
+
+
+def _check_fill_runs(data: bytes) -> None:
+    """Refuse a JPEG holding ``MAX_JPEG_FILL_RUN`` bytes of 0xFF in a row (see the limit).
+
+    Only aligned blocks are compared, with ``startswith`` (a memcmp: 2.4 ms on 16 MB of near misses), so every run
+    of twice the limit is found, and a run is refused only if it has at least the limit's length.
+    """
+    for start in range(0, len(data) - MAX_JPEG_FILL_RUN + 1, MAX_JPEG_FILL_RUN):
+        if data.startswith(_JPEG_FILL_BLOCK, start):
+            raise InvalidInput(f"JPEG has a run of {MAX_JPEG_FILL_RUN} or more 0xFF fill bytes; re-encode it")
 
 
 def _check_gif_extensions(data: bytes) -> None:
@@ -275,6 +363,7 @@ def _check_structure(data: bytes) -> None:
     """
     if data.startswith(b"\xff\xd8"):
         _check_jpeg_header(data)
+        _check_fill_runs(data)
     elif data.startswith((b"GIF87a", b"GIF89a")):
         _check_gif_extensions(data)
     elif data.startswith(_PNG_SIGNATURE):
@@ -284,14 +373,34 @@ def _check_structure(data: bytes) -> None:
 def _check_png_chunks(data: bytes) -> None:
     """Walk a PNG's chunk lengths up to its end, counting its chunks (see ``_check_structure``)."""
     offset, chunks = len(_PNG_SIGNATURE), 0
+    of_kind = dict.fromkeys(MAX_PNG_CHUNKS_OF_KIND, 0)
     while offset + 8 <= len(data):
         chunks += 1
         if chunks > MAX_PNG_CHUNKS:
             raise InvalidInput(f"PNG has more than {MAX_PNG_CHUNKS} chunks; re-encode it")
         (length,) = struct.unpack_from(">I", data, offset)
-        if data[offset + 4 : offset + 8] == b"IEND":
+        chunk_type = data[offset + 4 : offset + 8]
+        if chunk_type == b"IEND":
             return
+        kind = _png_chunk_kind(chunk_type, data, offset + 8)
+        if kind is not None:
+            of_kind[kind] += 1
+            if of_kind[kind] > MAX_PNG_CHUNKS_OF_KIND[kind]:
+                raise InvalidInput(f"PNG has more than {MAX_PNG_CHUNKS_OF_KIND[kind]} {kind} chunks; re-encode it")
         offset += 12 + length  # length, type, data, CRC
+
+
+def _png_chunk_kind(chunk_type: bytes, data: bytes, start: int) -> str | None:
+    """Which of ``MAX_PNG_CHUNKS_OF_KIND`` a chunk is, from its type and contents (at ``start``), if any."""
+    if chunk_type == b"iCCP":
+        return "iCCP"
+    if chunk_type == b"zTXt":
+        return "zTXt or compressed iTXt"
+    if chunk_type == b"iTXt":  # a keyword of 1-79 bytes, a zero, then the compression flag
+        keyword_end = data.find(b"\0", start, start + 80)
+        if keyword_end >= 0 and data[keyword_end + 1 : keyword_end + 2] == b"\1":
+            return "zTXt or compressed iTXt"
+    return None
 
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow modes of single-channel images
@@ -303,8 +412,9 @@ def as_colour_mode(image: Image.Image, mode: str) -> Image.Image:
     Unlike a plain ``convert``: 16-bit values are scaled to 8 bits (Pillow clips them at 255, so most 16-bit images
     turned white), and transparent pixels are laid over black.
     """
-    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # phone photos: rotate as the camera meant
-        image = ImageOps.exif_transpose(image)
+    orientation = exif_orientation(image)
+    if orientation in _UPRIGHT:  # phone photos: rotate as the camera meant
+        image = image.transpose(_UPRIGHT[orientation])
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         wide = np.asarray(image, dtype=np.uint32)
         image = Image.fromarray((wide >> 8).clip(0, 255).astype(np.uint8), mode="L")
@@ -314,6 +424,57 @@ def as_colour_mode(image: Image.Image, mode: str) -> Image.Image:
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
     return image.convert(mode)
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The orientation ``image`` says it was taken in (1-8, EXIF's), read as Pillow's ``getexif`` reads it.
+
+    From its EXIF's first directory (or a PNG's hex "Raw profile type exif"), else its XMP's ``tiff:Orientation``;
+    1 (as stored) when it says none or its EXIF cannot be read. Read here because ``getexif`` and
+    ``ImageOps.exif_transpose`` decode every tag in Python: 65,535 tags in 0.8 MB of EXIF took 4.7 s, one tag of
+    15 MB 11 s and 1.6 GB (found in review).
+    """
+    exif = image.info.get("exif")
+    if exif is None and "Raw profile type exif" in image.info:
+        try:
+            exif = bytes.fromhex("".join(str(image.info["Raw profile type exif"]).split("\n")[3:]))
+        except ValueError:
+            exif = None
+    if exif:
+        found = _ifd0_orientation(_EXIF_PREFIX.sub(b"", bytes(exif), count=1))
+        if found is not None:
+            return found
+    xmp = image.info.get("XML:com.adobe.xmp") or image.info.get("xmp")
+    if isinstance(xmp, str):
+        xmp = xmp.encode("utf-8", "surrogateescape")
+    match = _XMP_ORIENTATION.search(xmp) if xmp else None
+    return int(match[2]) if match else 1
+
+
+def _ifd0_orientation(tiff: bytes) -> int | None:
+    """The Orientation entry of a TIFF structure's first directory: its value (1 where it is not one number).
+
+    None if there is no such entry or the structure cannot be read. A later entry of a tag wins, as in Pillow.
+    """
+    endian = {b"II*\0": "<", b"MM\0*": ">"}.get(tiff[:4])
+    if endian is None or len(tiff) < 8:
+        return None
+    start = int.from_bytes(tiff[4:8], "little" if endian == "<" else "big")
+    if start + 2 > len(tiff):
+        return None
+    count = int.from_bytes(tiff[start : start + 2], "little" if endian == "<" else "big")
+    count = min(count, (len(tiff) - start - 2) // 12)  # whole entries only
+    entries = np.frombuffer(tiff, dtype=_IFD_ENTRIES[endian], count=count, offset=start + 2)
+    (found,) = np.nonzero(entries["tag"] == _EXIF_ORIENTATION)
+    if not len(found):
+        return None
+    entry = entries[found[-1]]
+    if entry["count"] != 1 or entry["type"] not in (3, 4):  # SHORT, LONG
+        return 1
+    value = int(entry["value"])
+    if entry["type"] == 3:  # a SHORT sits in the first two of the value's four bytes
+        value = value & 0xFFFF if endian == "<" else value >> 16
+    return value
 
 
 # Modes whose area average, then conversion to L or RGB, is the conversion then the average (alpha premultiplied).
@@ -333,7 +494,7 @@ def _shrunk_towards(image: Image.Image, contract: InputContract) -> Image.Image:
     width, height = contract.width, contract.height
     if max(image.size) < 2 * max(width, height):
         return image  # at most a few times the input's size: converting it whole costs little
-    if image.getexif().get(_EXIF_ORIENTATION, 1) in _QUARTER_TURNS:
+    if exif_orientation(image) in _QUARTER_TURNS:
         width, height = height, width
     # Each side at least twice the input's is shrunk to it; the other is left to the final resize (a long, thin
     # image too: found in review, 15x1,000,000 took 18 bytes a pixel when only both sides were looked at).
