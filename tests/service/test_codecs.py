@@ -242,6 +242,9 @@ def test_exif_orientation_is_read_in_either_byte_order_from_the_last_entry_or_fr
     assert codecs.exif_orientation(image) == 6
     image.info = {"exif": b"garbage-not-tiff"}
     assert codecs.exif_orientation(image) == 1
+    raw_profile = b"Exif\0\0" + exif_saying(7)  # ImageMagick's PNG text chunk: a header, then the bytes in hex
+    image.info = {"Raw profile type exif": f"\nexif\n{len(raw_profile):8d}\n{raw_profile.hex()}\n"}
+    assert codecs.exif_orientation(image) == 7
     long_one = b"II*\0" + struct.pack("<IHHHII", 8, 1, 0x0112, 4, 1, 5) + b"\0" * 4  # LONG, not SHORT
     image.info = {"exif": long_one}
     assert codecs.exif_orientation(image) == 5
