@@ -116,13 +116,15 @@ def shown(text: str, limit: int = 80) -> str:
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
-def shown_items(items: Collection[object], limit: int = 8) -> str:
+def shown_items(items: Collection[object], limit: int = 8, total: int | None = None) -> str:
     """A list for an error message, cut to its first ``limit`` items (strings cut as ``shown`` does).
 
     A client may send millions of names or dimensions; formatting them all would hold up the event loop.
+    ``total``: how many there are in all, where ``items`` holds only the first of them.
     """
     first = [shown(item) if isinstance(item, str) else repr(item) for item in itertools.islice(items, limit)]
-    more = f", ...] ({len(items)} in all)" if len(items) > limit else "]"
+    total = len(items) if total is None else total
+    more = f", ...] ({total} in all)" if total > len(first) else "]"
     return f"[{', '.join(first)}{more}"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -83,6 +84,10 @@ def evenly_spread(names: list[str], most: int) -> list[str]:
     return [names[round(i * (len(names) - 1) / (most - 1))] for i in range(most)]
 
 
+MAX_NAMED_BLOCKS = 1024
+"""The most block names an Explain request may hold, repeats included (the highest --explain-max-blocks)."""
+
+
 class Explainer:
     """Explains encoded images with the registry's models, one direct replica call each."""
 
@@ -134,13 +139,23 @@ class Explainer:
         return chosen
 
     async def explain(
-        self, image: bytes, model: str, version: int, blocks: list[str], top_k_requested: int, method: CamChoice
+        self, image: bytes, model: str, version: int, blocks: Sequence[str], top_k_requested: int, method: CamChoice
     ) -> ExplainAnswer:
         """Feature maps, top-k class activation maps and probabilities of one image, rendered as PNGs.
+
+        ``blocks``: the names of the blocks to explain (none: all, or an even spread), at most --explain-max-blocks
+        once repeats are dropped; over ``MAX_NAMED_BLOCKS`` names are refused before they are copied or compared (a
+        request may name millions: found in review).
 
         Raises:
             InvalidInput, ModelNotFound, ModelNotReady, Overloaded (--explain-max-in-flight): see ``service.errors``.
         """
+        if len(blocks) > MAX_NAMED_BLOCKS:
+            raise InvalidInput(
+                f"{len(blocks)} blocks named, over the {MAX_NAMED_BLOCKS} read; name at most "
+                f"{self._settings.max_blocks} (--explain-max-blocks)"
+            )
+        blocks = list(blocks)
         now = time.monotonic()
         if len(self._started) >= self._settings.max_in_flight:
             # The oldest call frees the first slot, about one call's duration after it started.

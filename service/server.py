@@ -43,7 +43,7 @@ from convray.service.oip_servicer import InferenceServicer
 from convray.service.ray_watch import RayGate, RayWatchdog
 from convray.service.registry import ModelRegistry
 from convray.service.rest import RestFrontEnd
-from convray.service.rpc import REST_API_LABEL, MalformedMessageInterceptor, OpenStreams
+from convray.service.rpc import REST_API_LABEL, MalformedMessageInterceptor, OpenStreams, RequestSizes
 from convray.service.security import (
     BearerToken,
     BearerTokenInterceptor,
@@ -119,6 +119,22 @@ def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | 
         future.set_exception(error)
     else:
         future.set_result(result)  # type: ignore[arg-type] (result is a T whenever error is None)
+
+
+def request_sizes(settings: Settings) -> RequestSizes:
+    """The largest request each gRPC method takes (checked before it is parsed).
+
+    OIP inference carries tensors of several images; the native API's Classify, ClassifyStream (each message) and
+    Explain one image; the rest a few small fields.
+    """
+    classifier = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
+    inference = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+    return RequestSizes(
+        max_message_bytes=settings.server.max_message_bytes,
+        max_image_bytes=settings.inputs.max_image_bytes,
+        large=frozenset(f"/{inference}/{method}" for method in ("ModelInfer", "ModelStreamInfer")),
+        one_image=frozenset(f"/{classifier}/{method}" for method in ("Classify", "ClassifyStream", "Explain")),
+    )
 
 
 def grpc_server_options(server: ServerSettings, share_port: bool = False) -> list[tuple[str, int]]:
@@ -266,7 +282,7 @@ class ConvrayServer:
         token = None if security.auth_token_file is None else BearerToken(read_token(security.auth_token_file))
         if token is not None:  # outermost: nothing is read or parsed for a caller without it
             interceptors.append(BearerTokenInterceptor(token))
-        interceptors.append(MalformedMessageInterceptor())
+        interceptors.append(MalformedMessageInterceptor(request_sizes(settings)))
         self.ray_gate = RayGate(self.metrics, self.registry.metric_label)
         interceptors.append(self.ray_gate)  # innermost: an unauthenticated call is refused as such first
         self._credentials = server_credentials(security)

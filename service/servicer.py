@@ -209,7 +209,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 request.image,
                 request.model,
                 request.version,
-                list(request.blocks),
+                request.blocks,
                 request.top_k,
                 CAM_METHODS[request.method],
             )

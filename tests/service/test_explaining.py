@@ -81,8 +81,10 @@ def test_explain_takes_named_blocks_grad_cam_and_caps_channels(stub):
             "unknown block(s) ['block9_conv'] for model 'digits'; valid blocks: ['block0_conv', 'block1_conv', "
             "'block2_pool', 'block3_conv', 'block4_pool', 'block5_dropout']",
         ),
-        # Found in review: each of millions of names was listed, holding the event loop for a second
-        ({"blocks": [f"x{i}" for i in range(100_000)]}, ", ...] (100000 in all) for model 'digits'; valid blocks:"),
+        # Found in review: each of millions of names was listed, holding the event loop for a second; then that they
+        # were all copied and compared (sixteenth session)
+        ({"blocks": [f"x{i}" for i in range(1000)]}, ", ...] (1000 in all) for model 'digits'; valid blocks:"),
+        ({"blocks": [f"x{i}" for i in range(100_000)]}, "100000 blocks named, over the 1024 read; name at most 16"),
         ({"top_k": 11}, "top_k is 11 but model 'digits' has 10 classes"),
         ({"method": 7}, "unknown method 7"),
         ({"image": b"not an image"}, "not a decodable image"),
@@ -129,6 +131,10 @@ def test_explain_limits_blocks_classes_and_channels(tight_stub):
         (
             pb.ExplainRequest(image=DIGIT_3, blocks=["block0_conv"], top_k=3),
             "top_k is 3, over the Explain limit of 2 (--explain-max-top-k)",
+        ),
+        (  # refused before the names are copied or compared: a request may name millions (found in review)
+            pb.ExplainRequest(image=DIGIT_3, blocks=["block0_conv"] * 1025),
+            "1025 blocks named, over the 1024 read; name at most 2 (--explain-max-blocks)",
         ),
     ]:
         with pytest.raises(grpc.RpcError) as error:

@@ -95,6 +95,44 @@ def test_corrupt_protobuf_is_invalid_argument_not_unknown(channel, method):
     assert "not a valid protobuf message" in info.value.details()
 
 
+def test_each_method_takes_requests_up_to_its_own_size_and_refuses_larger_ones_unparsed(served, channel):
+    """Found in review: any method parsed up to --max-message-bytes (64 MiB) on the event loop, and tiny repeated
+    fields take about 40 bytes a byte: 16 MiB of empty OIP inputs held the loop 0.5 s and took 705 MB."""
+    from convray.service.rpc import SMALL_REQUEST_BYTES
+
+    settings = served.server.settings
+    one_image = settings.inputs.max_image_bytes + SMALL_REQUEST_BYTES
+
+    def sent(method: str, size: int, field: bytes) -> grpc.RpcError:
+        message = field + _varint(size - len(field) - len(_varint(size))) if size else b""
+        message += b"\0" * (size - len(message))  # a valid message: one field of that many zeros
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary(method)(message, timeout=30)
+        return info.value
+
+    over = sent("/convray.v1.Classifier/ListModels", SMALL_REQUEST_BYTES + 1, b"\xfa\x3f")  # unknown field 1023
+    assert over.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert over.details() == (f"request is {SMALL_REQUEST_BYTES + 1} bytes, over the {SMALL_REQUEST_BYTES} this "
+                              "method takes (its requests hold a few small fields)")  # fmt: skip
+    over = sent("/convray.v1.Classifier/Classify", one_image + 1, b"\x0a")  # image
+    assert over.code() == grpc.StatusCode.INVALID_ARGUMENT and over.details().startswith(
+        f"request is {one_image + 1} bytes, over the {one_image} this method takes (an image of at most"
+    )
+    at_limit = sent("/convray.v1.Classifier/Classify", settings.inputs.max_image_bytes + 8, b"\x0a")
+    assert "this method takes" not in at_limit.details()  # parsed, then refused for what it holds
+    tensors = sent("/inference.GRPCInferenceService/ModelInfer", one_image + 1, b"\x3a")  # raw_input_contents
+    assert tensors.code() == grpc.StatusCode.INVALID_ARGUMENT and "this method takes" not in tensors.details()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
 @pytest.mark.parametrize("sent_before", [5, 40])
 def test_a_corrupt_message_in_a_stream_ends_it_only_after_the_requests_before_it_are_answered(channel, sent_before):
     """Before, the stream was aborted as the bad message was read, and replies still being computed were lost."""

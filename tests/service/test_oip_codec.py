@@ -14,6 +14,7 @@ from convray.service.oip_codec import (
     from_base64,
     parse_version,
     read_input,
+    reject_parameters,
     requested_outputs,
     serialize_bytes,
     with_timeout,
@@ -140,6 +141,23 @@ def test_a_huge_shape_is_refused_before_it_is_copied_or_formatted():
     with pytest.raises(InvalidInput) as refused:
         read_input(request, CONTRACT, 4)
     assert str(refused.value) == "input 'input' has a shape of 1000000 dimensions; inputs have at most 4"
+
+
+def test_parameters_are_looked_at_only_until_the_first_unsupported_ones_are_found():
+    """Found in review: a set of all the keys was made first (1.6M keys took 0.7 s on the event loop)."""
+
+    class Counting(dict):
+        looked_at = 0
+
+        def __iter__(self):
+            for key in super().__iter__():
+                Counting.looked_at += 1
+                yield key
+
+    parameters = Counting({"content_type": 1, **{f"p{i}": i for i in range(100_000)}})
+    with pytest.raises(InvalidInput, match=r"^unsupported parameter\(s\) \['p0', .*'p7', \.\.\.\] \(100000 in all\)"):
+        reject_parameters(parameters, "the request", frozenset({"content_type", "timeout"}))
+    assert Counting.looked_at == 9
 
 
 def test_a_million_unsupported_parameters_are_counted_not_listed():
