@@ -275,7 +275,7 @@ def test_a_stopping_server_answers_the_rest_calls_in_flight_and_refuses_new_ones
 def test_json_past_its_own_limit_is_refused_413_and_the_same_tensor_as_binary_data_is_not(rest, monkeypatch):
     from convray.service import rest as rest_module
 
-    monkeypatch.setattr(rest_module, "MAX_JSON_BYTES", 300)  # 2 MiB in service, checked in this process
+    monkeypatch.setattr(rest_module, "MAX_JSON_BYTES", 300)  # 4 MiB in service, checked in this process
     pixels = [200.0] * 64
     as_json = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": pixels}]}
     status, message = error_of(call(rest, "/v2/models/digits/infer", as_json))

@@ -38,7 +38,33 @@ def test_deeply_nested_data_is_read_and_too_deep_a_body_is_refused_not_a_crash()
     request, _ = parse(None, as_header=nested(500))
     assert np.frombuffer(request.raw_input_contents[0], "<f8").tolist() == [5.0]
     with pytest.raises(InvalidInput, match="the request body is not valid JSON"):
-        parse(None, as_header=nested(100_000))  # past the JSON parser's recursion limit
+        parse(None, as_header=nested(2000))  # past the JSON parser's depth limit (1,024)
+
+
+def test_a_body_of_too_many_json_containers_or_strings_is_refused_before_it_is_parsed(monkeypatch):
+    """Found in review: parsing holds the GIL, and 2 MiB of ``[[],[],...]`` held it 0.2 s, of ``""`` strings 26 ms."""
+    from convray.service import rest_codec
+
+    def never(_):
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(rest_codec.orjson, "loads", never)
+    lists = b'{"inputs": [' + b",".join([b"[]"] * 65_535) + b"]}"  # with the object and its list: 65,537
+    with pytest.raises(
+        InvalidInput, match=r"^the request body holds 65537 JSON objects and lists, over the 65536 read$"
+    ):
+        parse(None, as_header=lists)
+    strings = b'{"inputs": [' + b",".join([b'""'] * 65_536) + b"]}"  # and the key: 65,537
+    with pytest.raises(InvalidInput, match=r"^the request body holds 65537 JSON strings, over the 65536 read$"):
+        parse(None, as_header=strings)
+
+
+def test_a_request_of_more_than_16_inputs_or_outputs_is_refused_before_they_are_read():
+    tensor = {"name": "x", "shape": [1], "datatype": "UINT8", "data": [1]}
+    assert len(parse({"inputs": [tensor] * 16, "outputs": [{"name": "y"}] * 16})[0].inputs) == 16
+    for document in ({"inputs": [tensor] * 17}, {"inputs": [], "outputs": [{"name": "y"}] * 17}):
+        with pytest.raises(InvalidInput, match=r"^the request has \d+ inputs and \d+ outputs; at most 16 of each"):
+            parse(document)
 
 
 def test_binary_inputs_are_sliced_off_the_body_in_order_beside_json_ones():
@@ -93,7 +119,8 @@ def test_outputs_go_back_as_binary_data_when_they_or_the_request_ask(parameters,
         ({"inputs": [{"name": "x", "shape": [1], "datatype": "UINT8", "data": [256]}]}, "a value does not fit UINT8"),
         ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [1]}]}, "BYTES data must be strings"),
         ({"inputs": [{"name": "x", "shape": [True], "datatype": "FP32", "data": [1]}]}, "shape must be a list of"),
-        ({"inputs": [{"name": "x", "shape": [2**70], "datatype": "FP32", "data": [1]}]}, "is out of range"),
+        ({"inputs": [{"name": "x", "shape": [2**63], "datatype": "FP32", "data": [1]}]}, "is out of range"),
+        ({"inputs": [{"name": "x", "shape": [2**70], "datatype": "FP32", "data": [1]}]}, "shape must be a list of"),
         ({"inputs": [], "parameters": {"p": [1]}}, "parameter 'p' on the request must be a bool, number or string"),
         ({"inputs": [], "parameters": {"binary_data_output": 1}}, "'binary_data_output' must be true or false"),
         ({"inputs": [], "id": 7}, "the request's id must be a string"),
@@ -102,10 +129,10 @@ def test_outputs_go_back_as_binary_data_when_they_or_the_request_ask(parameters,
             {"inputs": [], "outputs": [{"name": "probabilities", "parameters": {"binary_data": 1}}]},
             "output 'probabilities': binary_data must be true or false",
         ),
-        ({"inputs": [], "id": "\ud800"}, "a string that is not valid Unicode"),
+        ({"inputs": [], "id": "\ud800"}, "is not valid JSON (no low surrogate in string"),  # a lone surrogate
         (
             {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["\udcff"]}]},
-            "a string that is not valid Unicode",
+            "is not valid JSON (invalid high surrogate in string",
         ),
     ],
 )
@@ -156,7 +183,7 @@ def test_repository_bodies_are_read_as_triton_sends_them_and_what_they_cannot_ho
         (b'{"ready": 1}', "'ready' must be true or false"),
         (b'{"readiness": true}', "unknown key(s) ['readiness']"),
         (b'{"parameters": {"x": 0.5}}', "must be a bool, integer or string"),  # a repository parameter has no double
-        (b'{"parameters": {"x": "\\ud800"}}', "not valid Unicode"),
+        (b'{"parameters": {"x": "\\ud800"}}', "is not valid JSON (no low surrogate"),
     ]:
         with pytest.raises(InvalidInput, match=re.escape(says)):
             parse_index_request(body) if b"ready" in body else add_repository_parameters(body, unload)
