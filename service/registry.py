@@ -19,7 +19,7 @@ from convray.service.pacing import LoopLoad, OverlapAdvisor
 from convray.service.statistics import ModelStatistics
 from convray.workers.cluster import started_here
 from convray.workers.pool import ReplicaOptions, ReplicaPool, ReplicasNotPlaced, take_outcome
-from convray.workers.repository import ModelLoadError, ModelMetadata, ModelRepository
+from convray.workers.repository import MAX_NAME_CHARS, ModelLoadError, ModelMetadata, ModelRepository
 
 X = TypeVar("X")  # what a load or unload returns
 log = logging.getLogger(__name__)
@@ -129,6 +129,8 @@ class ModelRegistry:
         """
         if not requested:
             return self.default_model
+        if len(requested) > MAX_NAME_CHARS:  # not hashed: a request may name a model in megabytes (found in review)
+            return UNKNOWN_MODEL_LABEL
         return requested if requested in self._served else UNKNOWN_MODEL_LABEL
 
     def serves(self, served: ServedModel) -> bool:
@@ -396,7 +398,7 @@ class ModelRegistry:
         if not self.ready:
             raise ModelNotReady("server is starting: models are still loading; retry shortly")
         wanted = name or self.default_model
-        versions = self._served.get(wanted)
+        versions = self._served.get(wanted) if len(wanted) <= MAX_NAME_CHARS else None  # no longer name is hashed
         if not versions:
             if not name:
                 raise ModelNotFound(

@@ -38,7 +38,8 @@ METADATA_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
 SPEC_DIGEST_KEY = "convray_spec_sha256"  # in the weights file's metadata: the spec they were published for
 FORMAT_VERSION = 1
-_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+MAX_NAME_CHARS = 64
+_NAME_PATTERN = rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_NAME_CHARS - 1}}}"
 _VERSION_DIR = re.compile(r"[1-9][0-9]{0,17}")
 
 

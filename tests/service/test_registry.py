@@ -259,6 +259,22 @@ async def test_requests_naming_no_model_are_refused_while_the_default_is_not_ser
     assert registry.metric_label("") == "digits"  # counted under the model asked for, as before
 
 
+async def test_a_name_longer_than_any_model_can_have_is_not_served_and_never_hashed():
+    """Found in review: a Classify may name its model in megabytes; each lookup hashed the whole name again."""
+    registry = registry_serving_a_held_batch()[0]
+    registry.ready = True
+
+    class Unhashable(str):
+        def __hash__(self):
+            raise AssertionError("hashed")
+
+    long_name = Unhashable("d" * 65)
+    assert registry.metric_label(long_name) == "(unknown)"
+    with pytest.raises(ModelNotFound, match=r"^model 'ddd.*' is not served; served models: \['digits'\]$"):
+        registry.resolve(long_name, 0)
+    assert registry.resolve("digits", 0) is registry._served["digits"][1]
+
+
 def registry_on(model_repo, **workers) -> ModelRegistry:
     """A real registry on ``model_repo``: its loads start replicas on the test's Ray."""
     settings = WorkerSettings(**{"replicas": 1, "cpus_per_replica": 0.25, **workers})
