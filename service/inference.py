@@ -154,6 +154,7 @@ class Classifier:
     ) -> None:
         self._registry = registry
         self._limits = limits
+        self.max_image_bytes = limits.max_image_bytes  # for codecs that split images off a request
         self._default_top_k = default_top_k
         self._decoder = decoder
         self._metrics = metrics

@@ -204,7 +204,9 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         outputs = requested_outputs(request)
 
         async def run(served: ServedModel) -> oip.ModelInferResponse:
-            model_input = read_input(request, served.metadata.input, served.batcher.max_batch_size)
+            model_input = read_input(
+                request, served.metadata.input, served.batcher.max_batch_size, self._classifier.max_image_bytes
+            )
             if model_input.images is not None:
                 unwrap = from_base64 if model_input.base64 else None
                 _, results = await self._classifier.infer_images(served, model_input.images, deadline, unwrap)
