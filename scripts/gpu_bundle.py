@@ -45,6 +45,7 @@ WANTED = {
     "pytest-timeout": (),
     "pyyaml": (),
     "psutil": (),
+    "orjson": (),
 }
 # Carried even though the device has them: the stubs built here need their runtime at least as new.
 ALWAYS_CARRIED = {"grpcio", "protobuf", "pytest", "pytest-asyncio", "pytest-timeout"}
