@@ -7,6 +7,7 @@ only the listed formats are tried, and every failure becomes ``InvalidInput`` na
 from __future__ import annotations
 
 import io
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -32,17 +33,24 @@ MAX_JPEG_SEGMENTS = 1_000  # markers before the first scan, each parsed by Pillo
 MAX_JPEG_STRAY_BYTES = 1_024  # bytes between segments before the first scan (0xFF fill, junk, stuffed zeros), read by
 # Pillow one at a time: 4 MB of fill took 3.9 s, 4 MB of junk 0.5 s
 # Segments before the first scan whose contents Pillow walks in Python, and how many of each a JPEG may hold (an
-# encoder writes one frame header, one EXIF segment, one to four DQT and at most a few Photoshop segments): 250 of
-# 64 KB each took Pillow 1.0-1.9 s, and 250 frame headers 461 MB (found in review)
-MAX_JPEG_SEGMENTS_OF_KIND = {"frame header (SOFn)": 1, "quantization table (DQT)": 4, "EXIF (APP1)": 1,
+# encoder writes one frame header, one to four DQT and at most a few Photoshop segments, and EXIF in one segment,
+# or a few where it is large, which Pillow joins): 250 of 64 KB each took Pillow 1.0-1.9 s, and 250 frame headers
+# 461 MB (found in review)
+MAX_JPEG_SEGMENTS_OF_KIND = {"frame header (SOFn)": 1, "quantization table (DQT)": 4, "EXIF (APP1)": 16,
                              "Photoshop (APP13)": 4}  # fmt: skip
-MAX_JPEG_FILL_RUN = 64 * 1024  # 0xFF fill in or after the scans, which libjpeg reads without reporting progress, so
-# that Pillow re-reads its growing buffer: 15 MB took 2.2 s (found in review); in entropy-coded data 0xFF is stuffed
+MAX_JPEG_IFD_ENTRIES = 256  # in the first directory of a JPEG's EXIF, and in its MPF index, which Pillow reads as it
+# opens the file (5,400 in one segment took 95 ms); a camera writes 10-30, an MPF index about 5
+MAX_JPEG_RESOLUTION_VALUES = 16  # in EXIF's resolution tags, which Pillow decodes as it opens a JPEG without JFIF
+# density (0.5M rationals took 1.8 s); there is one of each
+MAX_JPEG_FILL_RUN = 64 * 1024  # 0xFF fill in or between the scans, which libjpeg reads without reporting progress,
+# so that Pillow re-reads its growing buffer: 15 MB took 2.2 s (found in review); in entropy-coded data 0xFF is
+# stuffed. Bytes after the last end-of-image marker are never read (a flash card's 0xFF padding).
 MAX_PNG_CHUNKS = 10_000  # Pillow reads each chunk in Python holding the GIL: 1.3M empty chunks in 16 MB took 8 s
 # and slowed every other request; encoders write image data in chunks of 8-64 KiB (2,048 of 8 KiB in 16 MiB).
 # Chunks that Pillow inflates, up to 1 MiB each (3-4 ms): 500 iCCP took 1.3 s, 9,990 after the image data 25 s (found
 # in review). The PNG standard allows one ICC profile; encoders write a few text chunks.
 MAX_PNG_CHUNKS_OF_KIND = {"iCCP": 1, "zTXt or compressed iTXt": 16}
+MAX_BMP_RLE_TRAILING_BYTES = 64 * 1024  # past what an RLE BMP's runs can take (0.04 s at most of runs that set nothing)
 MAX_BMP_RLE_PIXELS = 256 * 256  # Pillow decodes RLE-compressed BMPs in Python, a step per run and per pixel: 40 Mpx
 # took 6.6 s and 499 MB, 8M runs in 16 MB 5.2 s (found in review), a 512x512 of one-pixel runs 0.12 s. Icon-sized;
 # other BMPs are decoded in C.
@@ -73,6 +81,15 @@ _UPRIGHT = {
     8: Image.Transpose.ROTATE_90,
 }
 _EXIF_PREFIX = re.compile(rb"^(?:Exif\x00\x00){1,2}")  # before the TIFF structure, in JPEG and some WebP files
+_TIFF_PREFIXES = {b"II*\0": "<", b"II\0*": "<", b"MM\0*": ">", b"MM*\0": ">"}  # Pillow's, but BigTIFF's
+# Pillow's TIFF value types: their size, and how one value reads (None: as bytes or text, never an orientation)
+_TIFF_TYPES = {
+    1: (1, None), 2: (1, None), 3: (2, "H"), 4: (4, "L"), 5: (8, "LL"), 6: (1, "b"), 7: (1, None),
+    8: (2, "h"), 9: (4, "l"), 10: (8, "ll"), 11: (4, "f"), 12: (8, "d"), 13: (4, "L"), 16: (8, "Q"),
+}  # fmt: skip
+_TIFF_UNITS = np.zeros(1 << 16, dtype=np.uint64)  # by type: its size (0: a type Pillow does not know)
+_TIFF_UNITS[list(_TIFF_TYPES)] = [size for size, _ in _TIFF_TYPES.values()]
+_RESOLUTION_TAGS = (0x011A, 0x011B, 0x0128)  # XResolution, YResolution, ResolutionUnit
 _IFD_ENTRIES = {  # an IFD entry: tag, type, count, then the value (when it fits in 4 bytes) or its offset
     endian: np.dtype(
         [("tag", f"{endian}u2"), ("type", f"{endian}u2"), ("count", f"{endian}u4"), ("value", f"{endian}u4")]
@@ -158,7 +175,7 @@ def decode_image(data: bytes, contract: InputContract, limits: DecodeLimits) -> 
             _check_bmp_rle(image, len(data))
         image.seek(0)
         image.load()
-        return _to_contract(image, contract)  # inside: EXIF is parsed here, lazily, and may be corrupt too
+        return _to_contract(image, contract)
     except InvalidInput:
         raise
     except UnidentifiedImageError:
@@ -173,8 +190,8 @@ def _check_bmp_rle(image: Image.Image, size: int) -> None:
     """Refuse an RLE-compressed BMP of over ``MAX_BMP_RLE_PIXELS``, or with more data than runs of its pixels take.
 
     A run takes two bytes and a skip four, each for a pixel at least, and each row ends with two, so an image's runs
-    fill at most 4 x (pixels + rows) + 2 bytes; past that, Pillow's Python decoder could be made to loop on runs that
-    set nothing (8M in 16 MB took 5.2 s, found in review).
+    fill at most 4 x (pixels + rows) + 2 bytes (``MAX_BMP_RLE_TRAILING_BYTES`` more are let pass); past that, Pillow's
+    Python decoder could be made to loop on runs that set nothing (8M in 16 MB took 5.2 s, found in review).
     """
     width, height = image.size
     if width * height > MAX_BMP_RLE_PIXELS:
@@ -183,7 +200,7 @@ def _check_bmp_rle(image: Image.Image, size: int) -> None:
             "read for such images; send it as PNG"
         )
     runs = size - image.tile[0][2]  # from the pixel data's offset to the end
-    if runs > 4 * (width * height + height) + 2:
+    if runs > 4 * (width * height + height) + 2 + MAX_BMP_RLE_TRAILING_BYTES:
         raise InvalidInput(f"BMP has {runs} bytes of RLE data for {width}x{height} pixels, more than its runs take")
 
 
@@ -261,12 +278,22 @@ def _check_jpeg_header(data: bytes) -> int | None:
     """Walk a JPEG's markers from its start to its first scan, as Pillow's parser does (see ``_check_structure``).
 
     Pillow reads bytes between segments one at a time and goes on past an end-of-image marker, so those are
-    counted and walked too; stray bytes are read no further than their limit.
+    counted and walked too; stray bytes are read no further than their limit. The tag directories Pillow reads as
+    it opens the file, EXIF's and MPF's, are checked once the walk ends, however it ends.
 
     Returns:
         The offset just past the first scan's marker, or None if the data ended or went corrupt first (an unknown
         marker, which Pillow refuses).
     """
+    directories: dict[str, bytes] = {}
+    try:
+        return _walk_jpeg_header(data, directories)
+    finally:
+        _check_jpeg_directories(directories)
+
+
+def _walk_jpeg_header(data: bytes, directories: dict[str, bytes]) -> int | None:
+    """``_check_jpeg_header``'s walk; puts the EXIF (joined as Pillow joins it) and MPF data in ``directories``."""
     offset, segments, stray = 2, 0, 0  # offset: where Pillow expects the 0xFF of a marker (after 0xFFD8)
     of_kind = dict.fromkeys(MAX_JPEG_SEGMENTS_OF_KIND, 0)
     while offset < len(data):
@@ -288,6 +315,7 @@ def _check_jpeg_header(data: bytes) -> int | None:
         if marker == 0xDA:  # the first scan: what follows is the C decoder's
             return offset
         if _JPEG_HEADER_MARKERS[marker]:  # a length, itself included; Pillow steps over the length at least
+            length = max(int.from_bytes(data[offset : offset + 2], "big"), 2)
             kind = _jpeg_segment_kind(marker, data, offset + 2)
             if kind is not None:
                 of_kind[kind] += 1
@@ -296,8 +324,34 @@ def _check_jpeg_header(data: bytes) -> int | None:
                         f"JPEG has more than {MAX_JPEG_SEGMENTS_OF_KIND[kind]} {kind} segments before its image "
                         "data; re-encode it"
                     )
-            offset += max(int.from_bytes(data[offset : offset + 2], "big"), 2)
+            payload = data[offset + 2 : offset + length]
+            if kind == "EXIF (APP1)":  # Pillow keeps the first whole and adds the rest without their "Exif\0\0"
+                directories["EXIF"] = directories["EXIF"] + payload[6:] if "EXIF" in directories else payload
+            elif marker == 0xE2 and payload.startswith(b"MPF\0"):  # the last one is kept
+                directories["MPF"] = payload[4:]
+            offset += length
     return None
+
+
+def _check_jpeg_directories(directories: dict[str, bytes]) -> None:
+    """Refuse EXIF or MPF data whose first directory is longer than Pillow should read as it opens a JPEG.
+
+    Pillow loads EXIF's first directory to look for the resolution, when the JFIF header gives none, and decodes the
+    MPF index whole (found in review: 5,400 entries in one segment took 95 ms, 0.5M resolution values 1.8 s).
+    """
+    for name, tiff in directories.items():
+        entries = _ifd0_entries(_EXIF_PREFIX.sub(b"", tiff, count=1))
+        if entries is None:
+            continue
+        if entries.size > MAX_JPEG_IFD_ENTRIES:
+            raise InvalidInput(
+                f"JPEG's {name} data has a directory of over {MAX_JPEG_IFD_ENTRIES} entries; re-encode it"
+            )
+        resolution = entries[np.isin(entries["tag"], _RESOLUTION_TAGS)] if name == "EXIF" else entries[:0]
+        if (resolution["count"] > MAX_JPEG_RESOLUTION_VALUES).any():
+            raise InvalidInput(
+                f"JPEG's EXIF gives its resolution in over {MAX_JPEG_RESOLUTION_VALUES} values; re-encode it"
+            )
 
 
 def _jpeg_segment_kind(marker: int, data: bytes, start: int) -> str | None:
@@ -317,9 +371,12 @@ def _check_fill_runs(data: bytes) -> None:
     """Refuse a JPEG holding ``MAX_JPEG_FILL_RUN`` bytes of 0xFF in a row (see the limit).
 
     Only aligned blocks are compared, with ``startswith`` (a memcmp: 2.4 ms on 16 MB of near misses), so every run
-    of twice the limit is found, and a run is refused only if it has at least the limit's length.
+    of twice the limit is found, and a run is refused only if it has at least the limit's length. Bytes after the
+    last end-of-image marker are not looked at: libjpeg stops at it.
     """
-    for start in range(0, len(data) - MAX_JPEG_FILL_RUN + 1, MAX_JPEG_FILL_RUN):
+    end = data.rfind(b"\xff\xd9")
+    end = len(data) if end < 0 else end
+    for start in range(0, end - MAX_JPEG_FILL_RUN + 1, MAX_JPEG_FILL_RUN):
         if data.startswith(_JPEG_FILL_BLOCK, start):
             raise InvalidInput(f"JPEG has a run of {MAX_JPEG_FILL_RUN} or more 0xFF fill bytes; re-encode it")
 
@@ -382,7 +439,7 @@ def _check_png_chunks(data: bytes) -> None:
         chunk_type = data[offset + 4 : offset + 8]
         if chunk_type == b"IEND":
             return
-        kind = _png_chunk_kind(chunk_type, data, offset + 8)
+        kind = _png_chunk_kind(chunk_type, data, offset + 8, offset + 8 + length)
         if kind is not None:
             of_kind[kind] += 1
             if of_kind[kind] > MAX_PNG_CHUNKS_OF_KIND[kind]:
@@ -390,15 +447,15 @@ def _check_png_chunks(data: bytes) -> None:
         offset += 12 + length  # length, type, data, CRC
 
 
-def _png_chunk_kind(chunk_type: bytes, data: bytes, start: int) -> str | None:
-    """Which of ``MAX_PNG_CHUNKS_OF_KIND`` a chunk is, from its type and contents (at ``start``), if any."""
+def _png_chunk_kind(chunk_type: bytes, data: bytes, start: int, end: int) -> str | None:
+    """Which of ``MAX_PNG_CHUNKS_OF_KIND`` a chunk is, from its type and contents (``data[start:end]``), if any."""
     if chunk_type == b"iCCP":
         return "iCCP"
     if chunk_type == b"zTXt":
         return "zTXt or compressed iTXt"
-    if chunk_type == b"iTXt":  # a keyword of 1-79 bytes, a zero, then the compression flag
-        keyword_end = data.find(b"\0", start, start + 80)
-        if keyword_end >= 0 and data[keyword_end + 1 : keyword_end + 2] == b"\1":
+    if chunk_type == b"iTXt":  # a keyword, a zero, then the compression flag: Pillow inflates for any flag but 0
+        keyword_end = data.find(b"\0", start, end)
+        if keyword_end >= 0 and data[keyword_end + 1 : keyword_end + 2] not in (b"", b"\0"):
             return "zTXt or compressed iTXt"
     return None
 
@@ -426,15 +483,17 @@ def as_colour_mode(image: Image.Image, mode: str) -> Image.Image:
     return image.convert(mode)
 
 
-def exif_orientation(image: Image.Image) -> int:
-    """The orientation ``image`` says it was taken in (1-8, EXIF's), read as Pillow's ``getexif`` reads it.
+def exif_orientation(image: Image.Image) -> float:
+    """The orientation ``image`` says it was taken in (EXIF's 1-8), read as Pillow 13's ``getexif`` reads it.
 
     From its EXIF's first directory (or a PNG's hex "Raw profile type exif"), else its XMP's ``tiff:Orientation``;
-    1 (as stored) when it says none or its EXIF cannot be read. Read here because ``getexif`` and
-    ``ImageOps.exif_transpose`` decode every tag in Python: 65,535 tags in 0.8 MB of EXIF took 4.7 s, one tag of
-    15 MB 11 s and 1.6 GB (found in review).
+    1 (as stored) when it says none or its EXIF cannot be read. A number other than 1-8 (a fraction, say) turns
+    nothing, as in Pillow. Read here because ``getexif`` and ``ImageOps.exif_transpose`` decode every tag in Python:
+    65,535 tags in 0.8 MB of EXIF took 4.7 s, one tag of 15 MB 11 s and 1.6 GB (found in review).
     """
     exif = image.info.get("exif")
+    if not isinstance(exif, bytes | bytearray):  # a PNG text chunk named "exif" is text: not EXIF Pillow reads
+        exif = None
     if exif is None and "Raw profile type exif" in image.info:
         try:
             exif = bytes.fromhex("".join(str(image.info["Raw profile type exif"]).split("\n")[3:]))
@@ -447,34 +506,55 @@ def exif_orientation(image: Image.Image) -> int:
     xmp = image.info.get("XML:com.adobe.xmp") or image.info.get("xmp")
     if isinstance(xmp, str):
         xmp = xmp.encode("utf-8", "surrogateescape")
-    match = _XMP_ORIENTATION.search(xmp) if xmp else None
+    match = _XMP_ORIENTATION.search(xmp) if isinstance(xmp, bytes | bytearray) else None
     return int(match[2]) if match else 1
 
 
-def _ifd0_orientation(tiff: bytes) -> int | None:
-    """The Orientation entry of a TIFF structure's first directory: its value (1 where it is not one number).
-
-    None if there is no such entry or the structure cannot be read. A later entry of a tag wins, as in Pillow.
-    """
-    endian = {b"II*\0": "<", b"MM\0*": ">"}.get(tiff[:4])
+def _ifd0_entries(tiff: bytes) -> np.ndarray | None:
+    """The entries of a TIFF structure's first directory (whole ones), or None if it has no readable directory."""
+    endian = _TIFF_PREFIXES.get(tiff[:4])
     if endian is None or len(tiff) < 8:
         return None
-    start = int.from_bytes(tiff[4:8], "little" if endian == "<" else "big")
+    (start,) = struct.unpack_from(f"{endian}L", tiff, 4)
     if start + 2 > len(tiff):
         return None
-    count = int.from_bytes(tiff[start : start + 2], "little" if endian == "<" else "big")
-    count = min(count, (len(tiff) - start - 2) // 12)  # whole entries only
-    entries = np.frombuffer(tiff, dtype=_IFD_ENTRIES[endian], count=count, offset=start + 2)
-    (found,) = np.nonzero(entries["tag"] == _EXIF_ORIENTATION)
+    (count,) = struct.unpack_from(f"{endian}H", tiff, start)
+    count = min(count, (len(tiff) - start - 2) // 12)
+    return np.frombuffer(tiff, dtype=_IFD_ENTRIES[endian], count=count, offset=start + 2)
+
+
+def _ifd0_orientation(tiff: bytes) -> float | None:
+    """The Orientation in a TIFF structure's first directory, as Pillow 13 reads it; None if it holds none.
+
+    Pillow reads the entries in order: it skips one of an unknown type, with no value, or whose data, added to the
+    data before it, is more than the structure holds; it stops at one whose data lies outside the structure; it keeps
+    the first entry of a tag, and gives its first value. A value of bytes or text turns nothing (1 here). One nicety
+    is left out: where a tag repeats, Pillow adds only its first entry's data to that running total.
+    """
+    entries = _ifd0_entries(tiff)
+    if entries is None:
+        return None
+    unit = _TIFF_UNITS[entries["type"]]
+    size = unit * entries["count"].astype(np.uint64)
+    outside = (unit > 0) & (size > 4)  # its data is elsewhere, at the entry's offset
+    skipped = outside & (np.cumsum(np.where(outside, size, 0)) > len(tiff))
+    unreadable = np.flatnonzero(outside & ~skipped & (entries["value"].astype(np.uint64) + size > len(tiff)))
+    read = entries[: unreadable[0]] if len(unreadable) else entries
+    kept = (unit[: len(read)] > 0) & (size[: len(read)] > 0) & ~skipped[: len(read)]
+    found = np.flatnonzero(kept & (read["tag"] == _EXIF_ORIENTATION))
     if not len(found):
         return None
-    entry = entries[found[-1]]
-    if entry["count"] != 1 or entry["type"] not in (3, 4):  # SHORT, LONG
+    index = int(found[0])
+    entry, endian = entries[index], _TIFF_PREFIXES[tiff[:4]]
+    value_size, value_format = _TIFF_TYPES[int(entry["type"])]
+    if value_format is None:
         return 1
-    value = int(entry["value"])
-    if entry["type"] == 3:  # a SHORT sits in the first two of the value's four bytes
-        value = value & 0xFFFF if endian == "<" else value >> 16
-    return value
+    directory = struct.unpack_from(f"{endian}L", tiff, 4)[0] + 2
+    at = int(entry["value"]) if outside[index] else directory + 12 * index + 8
+    value = struct.unpack_from(f"{endian}{value_format}", tiff, at)
+    if len(value) == 2:  # a (signed) rational: Pillow's is nan over 0
+        return value[0] / value[1] if value[1] else math.nan
+    return value[0]
 
 
 # Modes whose area average, then conversion to L or RGB, is the conversion then the average (alpha premultiplied).

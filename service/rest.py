@@ -250,8 +250,9 @@ class RestFrontEnd:
     # ---- statistics and repository (Triton's extensions) ----
 
     async def _statistics(self, request: web.Request) -> web.Response:
-        name, version = request.match_info.get("name", ""), request.match_info.get("version", "")
-        statistics = oip.ModelStatisticsRequest(name=name, version=version)
+        statistics = oip.ModelStatisticsRequest(
+            name=_path_part(request, "name"), version=_path_part(request, "version")
+        )
         return web.json_response(message_json(await self._servicer.ModelStatistics(statistics, _RestCall())))
 
     async def _repository_index(self, request: web.Request) -> web.Response:
@@ -261,13 +262,13 @@ class RestFrontEnd:
         return web.json_response(message_json(index).get("models", []))
 
     async def _load(self, request: web.Request) -> web.Response:
-        load = oip.RepositoryModelLoadRequest(model_name=request.match_info["name"])
+        load = oip.RepositoryModelLoadRequest(model_name=_path_part(request, "name"))
         _parsed_small(add_repository_parameters, await _small_body(request), load)
         await self._servicer.RepositoryModelLoad(load, _RestCall())
         return web.Response(status=200)
 
     async def _unload(self, request: web.Request) -> web.Response:
-        unload = oip.RepositoryModelUnloadRequest(model_name=request.match_info["name"])
+        unload = oip.RepositoryModelUnloadRequest(model_name=_path_part(request, "name"))
         _parsed_small(add_repository_parameters, await _small_body(request), unload)
         await self._servicer.RepositoryModelUnload(unload, _RestCall())
         return web.Response(status=200)
@@ -335,7 +336,21 @@ def _parsed_small(parse: Callable[..., T], *args: Any) -> T:
 
 
 def _model(request: web.Request) -> tuple[str, str]:
-    return request.match_info["name"], request.match_info.get("version", "")
+    return _path_part(request, "name"), _path_part(request, "version")
+
+
+def _path_part(request: web.Request, key: str) -> str:
+    """A name or version from the path ('' if the route has none), refused unless it is text protobuf can hold.
+
+    aiohttp's C parser keeps bytes that are not UTF-8 percent-encoded, but its Python parser (AIOHTTP_NO_EXTENSIONS)
+    turns them into lone surrogates, which protobuf refuses with an exception (found in review).
+    """
+    part = request.match_info.get(key, "")
+    try:
+        part.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"the path's {key} is not valid UTF-8") from None
+    return part
 
 
 def _header_length(value: str | None) -> int | None:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import re
 import struct
 import subprocess
 import sys
@@ -232,25 +233,75 @@ def test_an_image_is_turned_upright_as_its_exif_orientation_says_as_pillow_would
     np.testing.assert_array_equal(decode_image(data, contract, LIMITS), expected)
 
 
-def test_exif_orientation_is_read_in_either_byte_order_from_the_last_entry_or_from_xmp():
+def tiff(*entries: bytes, head: bytes = b"II*\0", tail: bytes = b"") -> bytes:
+    """A TIFF structure whose first directory holds ``entries`` (12 bytes each), with ``tail`` after it."""
+    endian = "<" if head.startswith(b"II") else ">"
+    return head + struct.pack(f"{endian}IH", 8, len(entries)) + b"".join(entries) + b"\0" * 4 + tail
+
+
+def orientation_entry(kind: int, count: int, value: bytes, endian: str = "<") -> bytes:
+    return struct.pack(f"{endian}HHI", 0x0112, kind, count) + value.ljust(4, b"\0")
+
+
+AFTER_ONE_ENTRY = struct.pack("<I", 8 + 2 + 12 + 4)  # where data after a directory of one entry starts
+AFTER_TWO_ENTRIES = struct.pack("<I", 8 + 2 + 24 + 4)
+
+
+@pytest.mark.parametrize(
+    "exif",
+    [
+        tiff(orientation_entry(3, 1, struct.pack("<H", 6))),
+        tiff(orientation_entry(3, 1, struct.pack(">H", 8), ">"), head=b"MM\0*"),
+        tiff(orientation_entry(3, 1, struct.pack("<H", 5)), head=b"II\0*"),  # a prefix Pillow takes too
+        tiff(orientation_entry(3, 1, struct.pack("<H", 6)), orientation_entry(3, 1, struct.pack("<H", 3))),  # 1st
+        tiff(orientation_entry(3, 0, b""), orientation_entry(3, 1, struct.pack("<H", 3))),  # no value: the next
+        tiff(orientation_entry(99, 1, b"\6"), orientation_entry(3, 1, struct.pack("<H", 7))),  # unknown type
+        tiff(orientation_entry(3, 2, struct.pack("<HH", 6, 3))),  # the first of two values
+        tiff(orientation_entry(3, 3, AFTER_ONE_ENTRY), tail=struct.pack("<HHH", 8, 1, 1)),  # values after it
+        tiff(orientation_entry(3, 3, b"\xff\xff\0\0"), orientation_entry(3, 1, struct.pack("<H", 2))),  # outside
+        tiff(orientation_entry(4, 1, struct.pack("<I", 5))),  # LONG
+        tiff(orientation_entry(8, 1, struct.pack("<h", 6))),  # SSHORT
+        tiff(orientation_entry(5, 1, AFTER_ONE_ENTRY), tail=struct.pack("<II", 12, 2)),  # RATIONAL 6
+        tiff(orientation_entry(5, 1, AFTER_ONE_ENTRY), tail=struct.pack("<II", 13, 2)),  # 6.5: no turn
+        tiff(orientation_entry(5, 1, AFTER_ONE_ENTRY), tail=struct.pack("<II", 6, 0)),  # over 0: no turn
+        tiff(orientation_entry(1, 1, b"\6")),  # BYTE: Pillow gives bytes, and turns nothing
+        tiff(orientation_entry(2, 2, b"6\0")),  # ASCII
+        tiff(struct.pack("<HHIHH", 0x0100, 3, 1, 9, 0), orientation_entry(3, 1, struct.pack("<H", 4))),
+        tiff(orientation_entry(11, 1, struct.pack("<f", 8.0))),  # FLOAT
+        tiff(struct.pack("<HHII", 0x0100, 3, 9, 0xFFFF), orientation_entry(3, 1, struct.pack("<H", 6))),  # stops
+        tiff(struct.pack("<HHII", 0x0100, 4, 10**6, 0), orientation_entry(3, 1, struct.pack("<H", 6))),  # skipped
+        tiff(orientation_entry(12, 1, AFTER_ONE_ENTRY), tail=struct.pack("<d", 3.0)),  # DOUBLE
+        b"Exif\0\0Exif\0\0" + tiff(orientation_entry(3, 1, struct.pack("<H", 6))),  # two prefixes
+        b"garbage-not-tiff",
+        tiff(orientation_entry(3, 1, struct.pack("<H", 6)))[:-10],  # cut inside its one entry
+    ],
+)
+def test_exif_orientation_turns_the_image_as_pillow_would(exif):
+    """Pillow's own reading (``Image.Exif``, as ``ImageOps.exif_transpose`` uses it) is the reference."""
+    reference = Image.Exif()
+    try:
+        reference.load(exif)
+        pillows = reference.get(0x0112, 1)
+    except Exception:  # noqa: BLE001 (Pillow refused it: convray reads such EXIF as saying nothing)
+        pillows = 1
     image = Image.new("L", (2, 2))
-    image.info["exif"] = exif_saying(8, endian=">")
-    assert codecs.exif_orientation(image) == 8
-    image.info["exif"] = exif_saying(3, other_tags=2)[:-4] + b"\0" * 4  # still whole
-    assert codecs.exif_orientation(image) == 3
+    image.info["exif"] = exif
+    assert codecs._UPRIGHT.get(codecs.exif_orientation(image)) == codecs._UPRIGHT.get(pillows)
+
+
+def test_exif_orientation_falls_back_to_xmp_and_reads_imagemagicks_hex_profile():
+    image = Image.new("L", (2, 2))
     image.info = {"xmp": b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'}
     assert codecs.exif_orientation(image) == 6
-    image.info = {"exif": b"garbage-not-tiff"}
-    assert codecs.exif_orientation(image) == 1
+    image.info = {"exif": tiff(orientation_entry(3, 0, b"")), "xmp": b'tiff:Orientation="3"'}  # no value: XMP's
+    assert codecs.exif_orientation(image) == 3
+    image.info = {"exif": tiff(orientation_entry(3, 2, struct.pack("<HH", 9, 9))), "xmp": b'tiff:Orientation="3"'}
+    assert codecs.exif_orientation(image) == 9  # EXIF has the tag, so XMP is not asked (as in Pillow)
     raw_profile = b"Exif\0\0" + exif_saying(7)  # ImageMagick's PNG text chunk: a header, then the bytes in hex
     image.info = {"Raw profile type exif": f"\nexif\n{len(raw_profile):8d}\n{raw_profile.hex()}\n"}
     assert codecs.exif_orientation(image) == 7
-    long_one = b"II*\0" + struct.pack("<IHHHII", 8, 1, 0x0112, 4, 1, 5) + b"\0" * 4  # LONG, not SHORT
-    image.info = {"exif": long_one}
-    assert codecs.exif_orientation(image) == 5
-    several = b"II*\0" + struct.pack("<IHHHIHH", 8, 1, 0x0112, 3, 2, 6, 6) + b"\0" * 4  # two values: not one
-    image.info = {"exif": several, "xmp": b'tiff:Orientation="6"'}
-    assert codecs.exif_orientation(image) == 1  # EXIF has the tag, so XMP is not asked (as in Pillow)
+    image.info = {"exif": "text, from a PNG text chunk named exif"}  # found in review: it made the image a refusal
+    assert codecs.exif_orientation(image) == 1
 
 
 def test_exif_that_cannot_be_read_or_has_wrong_types_elsewhere_is_ignored():
@@ -501,7 +552,7 @@ QUANTIZATION_TABLE = b"\x00" + bytes(range(1, 65))  # table 0, 8-bit values
     [
         (jpeg_segment(0xC0, b"\x08\x00\x08\x00\x08\x01\x01\x11\x00"), 1, r"frame header \(SOFn\)"),
         (jpeg_segment(0xDB, QUANTIZATION_TABLE), 4, r"quantization table \(DQT\)"),
-        (jpeg_segment(0xE1, b"Exif\0\0" + exif_saying(1)), 1, r"EXIF \(APP1\)"),
+        (jpeg_segment(0xE1, b"Exif\0\0" + exif_saying(1)), 16, r"EXIF \(APP1\)"),  # Pillow joins them
         (jpeg_segment(0xED, b"Photoshop 3.0\0" + b"8BIM\x04\x04\0\0\0\0\0\0"), 4, r"Photoshop \(APP13\)"),
     ],
     ids=["SOF", "DQT", "EXIF", "Photoshop"],
@@ -526,6 +577,41 @@ def test_a_jpeg_with_a_long_run_of_fill_bytes_in_its_image_data_is_refused():
             codecs._check_fill_runs(b"\0" * offset + b"\xff" * (2 * limit) + b"\0")
     with pytest.raises(InvalidInput, match="0xFF fill bytes"):
         decode_image(data[:-2] + b"\xff" * (2 * limit) + data[-2:], GREY_8, LIMITS)
+
+
+def test_fill_bytes_after_a_jpegs_last_end_of_image_marker_are_not_looked_at():
+    """Found in review: libjpeg never reads them, and a flash card's 0xFF padding made a photo a refusal."""
+    data = encode(gradient(), "JPEG")
+    padded = data + b"\xff" * (4 * codecs.MAX_JPEG_FILL_RUN)
+    np.testing.assert_array_equal(decode_image(padded, GREY_8, LIMITS), decode_image(data, GREY_8, LIMITS))
+
+
+@pytest.mark.parametrize(
+    "segment,says",
+    [
+        (
+            jpeg_segment(0xE1, b"Exif\0\0" + exif_saying(1, other_tags=256)),
+            "JPEG's EXIF data has a directory of over 256",
+        ),
+        (jpeg_segment(0xE2, b"MPF\0" + exif_saying(1, other_tags=256)), "JPEG's MPF data has a directory of over 256"),
+        (
+            jpeg_segment(0xE1, b"Exif\0\0" + tiff(struct.pack("<HHII", 0x011A, 5, 17, 26), tail=b"\0\0\0\1" * 34)),
+            "JPEG's EXIF gives its resolution in over 16 values",
+        ),
+    ],
+    ids=["EXIF entries", "MPF entries", "resolution values"],
+)
+def test_the_tag_directories_pillow_reads_as_it_opens_a_jpeg_are_bounded(segment, says):
+    """Found in review: Pillow reads EXIF's first directory (for the resolution) and the MPF index as it opens a JPEG:
+    5,400 entries in one segment took 95 ms, 0.5M resolution values 1.8 s."""
+    with pytest.raises(InvalidInput, match=f"^{re.escape(says)}"):
+        decode_image(jpeg_with_before_its_scan(segment), GREY_8, LIMITS)
+    within = jpeg_segment(0xE1, b"Exif\0\0" + exif_saying(6, other_tags=255))  # 256 entries
+    split = jpeg_segment(0xE1, b"Exif\0\0" + b"\0" * 8)  # a second EXIF segment, joined to the first
+    upright = decode_image(
+        jpeg_with_before_its_scan(within + split), RGB_4x6.model_copy(update={"width": 8, "height": 8}), LIMITS
+    )
+    assert upright.shape == (3, 8, 8)
 
 
 def png_with_chunks_before_its_data(*chunks: bytes) -> bytes:
@@ -553,6 +639,23 @@ def test_a_png_holds_at_most_a_few_chunks_that_pillow_inflates(chunk, allowed, k
     decode_image(png_with_chunks_before_its_data(*[plain_text] * 100), GREY_8, LIMITS)
 
 
+def test_a_png_text_chunk_pillow_inflates_is_counted_whatever_its_keyword_or_compression_flag():
+    """Found in review: Pillow inflates an iTXt for any flag but 0, after a keyword of any length."""
+    for body in (b"k\0\2\0\0", b"k" * 100 + b"\0\1\0\0"):
+        chunk = png_chunk(b"iTXt", body + b"\0" + zlib.compress(b"x" * 100))
+        with pytest.raises(InvalidInput, match=r"^PNG has more than 16 zTXt or compressed iTXt chunks"):
+            decode_image(png_with_chunks_before_its_data(*[chunk] * 17), GREY_8, LIMITS)
+
+
+def test_a_png_text_chunk_named_exif_is_text_not_exif():
+    """Found in review: Pillow keeps a compressed text chunk named "exif" as text, which was refused as corrupt."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("exif", "hello", zip=True)
+    assert decode_image(encode(gradient(), "PNG", pnginfo=info), GREY_8, LIMITS).shape == (1, 8, 8)
+
+
 def rle8_bmp(width: int, height: int, runs: bytes) -> bytes:
     """An 8-bit grey BMP of ``width`` x ``height`` whose pixel data is the RLE8 ``runs``."""
     palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
@@ -569,8 +672,11 @@ def test_an_rle_compressed_bmp_is_decoded_when_small_and_refused_when_large_or_p
     with pytest.raises(InvalidInput, match=r"^BMP is RLE-compressed and 257x256 = 65792 pixels, over the 65536 read"):
         decode_image(rle8_bmp(257, 256, rows), GREY_8, LIMITS)
     decode_image(rle8_bmp(8, 8, rows[:-2] + b"\0\2\0\0" * 20 + b"\0\1"), GREY_8, LIMITS)  # 114 bytes: within 290
-    with pytest.raises(InvalidInput, match=r"^BMP has 6034 bytes of RLE data for 8x8 pixels, more than its runs take$"):
-        decode_image(rle8_bmp(8, 8, rows[:-2] + b"\0\2\0\0" * 1500 + b"\0\1"), GREY_8, LIMITS)
+    decode_image(rle8_bmp(8, 8, rows + b"\0" * 65_536), GREY_8, LIMITS)  # bytes after the runs: some let pass
+    with pytest.raises(
+        InvalidInput, match=r"^BMP has 80034 bytes of RLE data for 8x8 pixels, more than its runs take$"
+    ):
+        decode_image(rle8_bmp(8, 8, rows[:-2] + b"\0\2\0\0" * 20_000 + b"\0\1"), GREY_8, LIMITS)
 
 
 def test_a_long_run_of_jpeg_fill_bytes_is_read_no_further_than_the_limit(monkeypatch):

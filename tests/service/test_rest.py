@@ -308,3 +308,16 @@ def test_the_rest_port_listens_on_every_address_its_host_resolves_to(monkeypatch
 
     port, statuses = asyncio.run(scenario())
     assert port > 0 and statuses == [200, 200]
+
+
+def test_a_path_name_that_is_not_utf8_is_refused_400_not_a_crash():
+    """Found in review: aiohttp's Python parser (AIOHTTP_NO_EXTENSIONS) turns such bytes into lone surrogates, which
+    protobuf refused with an exception: a 500. Its C parser keeps them percent-encoded."""
+    from types import SimpleNamespace
+
+    from convray.service.rest import Refused, _model
+
+    assert _model(SimpleNamespace(match_info={"name": "digits"})) == ("digits", "")
+    with pytest.raises(Refused) as refused:
+        _model(SimpleNamespace(match_info={"name": "d\udcffgits", "version": "1"}))
+    assert (refused.value.status, refused.value.message) == (400, "the path's name is not valid UTF-8")
