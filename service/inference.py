@@ -154,11 +154,15 @@ class Classifier:
     ) -> None:
         self._registry = registry
         self._limits = limits
-        self.max_image_bytes = limits.max_image_bytes  # for codecs that split images off a request
         self._default_top_k = default_top_k
         self._decoder = decoder
         self._metrics = metrics
         self._decode_duration: dict[str, Histogram] = {}  # per model name
+
+    @property
+    def max_image_bytes(self) -> int:
+        """The largest encoded image taken (--max-image-bytes), for codecs that split images off a request."""
+        return self._limits.max_image_bytes
 
     async def classify(
         self, image: bytes, model: str, version: int, top_k_requested: int, deadline: float | None = None
