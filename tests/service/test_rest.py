@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import concurrent.futures
+import gzip
 import http.client
 import io
 import json
@@ -11,6 +12,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import zlib
 
 import grpc
 import numpy as np
@@ -180,6 +182,33 @@ def test_rest_calls_are_counted_under_their_own_api_label(rest, held_out):
     assert after.get(key, 0) == before.get(key, 0) + 1, sorted(k for k in after if k[0] == "convray_requests_total")
 
 
+def test_a_gzip_or_deflate_body_is_inflated_and_answered_as_the_plain_one(rest, held_out):
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "UINT8",
+                                   "data": held_out.images[0].ravel().tolist()}]}).encode()  # fmt: skip
+    plain = call(rest, "/v2/models/digits/infer", body)
+    assert plain[0] == 200
+    for encoding, compressed in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+        reply = call(rest, "/v2/models/digits/infer", compressed, {"Content-Encoding": encoding})
+        assert reply[0] == 200 and json.loads(reply[2])["outputs"] == json.loads(plain[2])["outputs"], encoding
+
+
+@pytest.mark.parametrize(
+    "encoding,body,status,says",
+    [
+        ("br", b"\x0b\x00\x80", 415, "Content-Encoding 'br' is not supported: send gzip, deflate or none"),
+        ("gzip", b"not gzip at all", 400, "the request body does not inflate as gzip or deflate"),
+        ("gzip", gzip.compress(b'{"inputs": []}')[:-12], 400, "the compressed request body is cut short"),
+        # 64 KB that inflates past --max-message-bytes: aiohttp inflated such a body on the event loop (63 MiB held it
+        # 0.4 s; found in review); it is inflated in a decode thread, and no further than the limit
+        ("gzip", gzip.compress(b"\0" * (65 << 20), 9), 413, f"the request body inflates to over {64 << 20} bytes"),
+    ],
+    ids=["brotli", "not gzip", "cut short", "bomb"],
+)
+def test_a_compressed_body_that_cannot_be_read_is_refused_saying_why(rest, encoding, body, status, says):
+    answered, message = error_of(call(rest, "/v2/models/digits/infer", body, {"Content-Encoding": encoding}))
+    assert answered == status and message.startswith(says), message
+
+
 def tritonclient_http(server: ServerThread, scenario: str, **payload):
     """Run one tritonclient.http scenario against the server's REST port and return its JSON result."""
     from tests.service.test_oip import CLIENT_PYTHON
@@ -205,7 +234,7 @@ def test_tritonclient_http_classifies_pixels_and_images_in_binary_and_in_json(re
     encoded = [base64.b64encode(png(image)).decode() for image in images]
     reply = tritonclient_http(rest, "infer", pixels=images.astype(float).tolist(), encoded=encoded)
     expected = held_out.labels[:4].tolist()
-    for request_id in ("pixels-True", "pixels-False", "images"):
+    for request_id in ("pixels-True", "pixels-False", "pixels-gzip", "pixels-deflate", "images"):
         assert reply[request_id] == {"id": request_id, "top": expected}, request_id
     assert len(reply["classification"]) == 3 and reply["classification"][0].endswith(f":{expected[0]}:{expected[0]}")
 

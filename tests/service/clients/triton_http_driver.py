@@ -28,8 +28,8 @@ def health(client, payload):
 
 
 def infer(client, payload):
-    """Pixels with tritonclient's defaults (binary data both ways) and as JSON; encoded images (binary only: JSON
-    carries BYTES as UTF-8 text); and the classification extension."""
+    """Pixels with tritonclient's defaults (binary data both ways), as JSON, and compressed (gzip, deflate); encoded
+    images (binary only: JSON carries BYTES as UTF-8 text); and the classification extension."""
     pixels = np.asarray(payload["pixels"], dtype=np.float32)
     encoded = np.array([base64.b64decode(e) for e in payload["encoded"]], dtype=np.object_).reshape(-1, 1)
     answers = {}
@@ -38,12 +38,15 @@ def infer(client, payload):
         by_pixels = triton.InferInput("input", list(pixels.shape), "FP32")
         by_pixels.set_data_from_numpy(pixels, binary_data=binary)
         outputs = None if binary else [triton.InferRequestedOutput("probabilities", binary_data=False)]
-        requests.append((f"pixels-{binary}", by_pixels, outputs))
+        requests.append((f"pixels-{binary}", by_pixels, outputs, None))
+    requests += [(f"pixels-{algorithm}", requests[0][1], None, algorithm) for algorithm in ("gzip", "deflate")]
     by_image = triton.InferInput("image", list(encoded.shape), "BYTES")
     by_image.set_data_from_numpy(encoded)
-    requests.append(("images", by_image, None))
-    for request_id, tensor, outputs in requests:
-        result = client.infer(MODEL, [tensor], outputs=outputs, request_id=request_id)
+    requests.append(("images", by_image, None, None))
+    for request_id, tensor, outputs, compression in requests:
+        result = client.infer(
+            MODEL, [tensor], outputs=outputs, request_id=request_id, request_compression_algorithm=compression
+        )
         answers[request_id] = {
             "id": result.get_response()["id"],
             "top": result.as_numpy("probabilities").argmax(axis=1).tolist(),
