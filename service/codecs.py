@@ -279,17 +279,16 @@ def _check_jpeg_header(data: bytes) -> int | None:
 
     Pillow reads bytes between segments one at a time and goes on past an end-of-image marker, so those are
     counted and walked too; stray bytes are read no further than their limit. The tag directories Pillow reads as
-    it opens the file, EXIF's and MPF's, are checked once the walk ends, however it ends.
+    it opens the file, EXIF's and MPF's, are checked once the walk ends without a refusal.
 
     Returns:
         The offset just past the first scan's marker, or None if the data ended or went corrupt first (an unknown
         marker, which Pillow refuses).
     """
     directories: dict[str, bytes] = {}
-    try:
-        return _walk_jpeg_header(data, directories)
-    finally:
-        _check_jpeg_directories(directories)
+    offset = _walk_jpeg_header(data, directories)
+    _check_jpeg_directories(directories)
+    return offset
 
 
 def _walk_jpeg_header(data: bytes, directories: dict[str, bytes]) -> int | None:
@@ -324,11 +323,12 @@ def _walk_jpeg_header(data: bytes, directories: dict[str, bytes]) -> int | None:
                         f"JPEG has more than {MAX_JPEG_SEGMENTS_OF_KIND[kind]} {kind} segments before its image "
                         "data; re-encode it"
                     )
-            payload = data[offset + 2 : offset + length]
             if kind == "EXIF (APP1)":  # Pillow keeps the first whole and adds the rest without their "Exif\0\0"
-                directories["EXIF"] = directories["EXIF"] + payload[6:] if "EXIF" in directories else payload
-            elif marker == 0xE2 and payload.startswith(b"MPF\0"):  # the last one is kept
-                directories["MPF"] = payload[4:]
+                first = "EXIF" not in directories
+                payload = data[offset + (2 if first else 8) : offset + length]
+                directories["EXIF"] = payload if first else directories["EXIF"] + payload
+            elif marker == 0xE2 and data.startswith(b"MPF\0", offset + 2):  # the last one is kept
+                directories["MPF"] = data[offset + 6 : offset + length]
             offset += length
     return None
 
