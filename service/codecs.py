@@ -315,7 +315,7 @@ def _walk_jpeg_header(data: bytes, directories: dict[str, bytes]) -> int | None:
             return offset
         if _JPEG_HEADER_MARKERS[marker]:  # a length, itself included; Pillow steps over the length at least
             length = max(int.from_bytes(data[offset : offset + 2], "big"), 2)
-            kind = _jpeg_segment_kind(marker, data, offset + 2)
+            kind = _jpeg_segment_kind(marker, data, offset + 2, offset + length)
             if kind is not None:
                 of_kind[kind] += 1
                 if of_kind[kind] > MAX_JPEG_SEGMENTS_OF_KIND[kind]:
@@ -327,7 +327,7 @@ def _walk_jpeg_header(data: bytes, directories: dict[str, bytes]) -> int | None:
                 first = "EXIF" not in directories
                 payload = data[offset + (2 if first else 8) : offset + length]
                 directories["EXIF"] = payload if first else directories["EXIF"] + payload
-            elif marker == 0xE2 and data.startswith(b"MPF\0", offset + 2):  # the last one is kept
+            elif marker == 0xE2 and data.startswith(b"MPF\0", offset + 2, offset + length):  # the last one is kept
                 directories["MPF"] = data[offset + 6 : offset + length]
             offset += length
     return None
@@ -354,31 +354,53 @@ def _check_jpeg_directories(directories: dict[str, bytes]) -> None:
             )
 
 
-def _jpeg_segment_kind(marker: int, data: bytes, start: int) -> str | None:
-    """Which of ``MAX_JPEG_SEGMENTS_OF_KIND`` a segment is, from its marker and contents (at ``start``), if any."""
+def _jpeg_segment_kind(marker: int, data: bytes, start: int, end: int) -> str | None:
+    """Which of ``MAX_JPEG_SEGMENTS_OF_KIND`` a segment is, from its marker and contents (``data[start:end]``)."""
     if marker in _JPEG_FRAME_MARKERS:
         return "frame header (SOFn)"
     if marker == 0xDB:
         return "quantization table (DQT)"
-    if marker == 0xE1 and data.startswith(b"Exif\0\0", start):  # Pillow joins them all into one EXIF block
+    if marker == 0xE1 and data.startswith(b"Exif\0\0", start, end):  # Pillow joins them all into one EXIF block
         return "EXIF (APP1)"
-    if marker == 0xED and data.startswith(b"Photoshop 3.0\0", start):
+    if marker == 0xED and data.startswith(b"Photoshop 3.0\0", start, end):
         return "Photoshop (APP13)"
     return None
 
 
-def _check_fill_runs(data: bytes) -> None:
-    """Refuse a JPEG holding ``MAX_JPEG_FILL_RUN`` bytes of 0xFF in a row (see the limit).
+def _check_fill_runs(data: bytes, first_scan: int | None) -> None:
+    """Refuse a JPEG holding ``MAX_JPEG_FILL_RUN`` bytes of 0xFF in a row before the end of its image (see the limit).
 
     Only aligned blocks are compared, with ``startswith`` (a memcmp: 2.4 ms on 16 MB of near misses), so every run
-    of twice the limit is found, and a run is refused only if it has at least the limit's length. Bytes after the
-    last end-of-image marker are not looked at: libjpeg stops at it.
+    of twice the limit is found, and a run is refused only if it has at least the limit's length. A run after the
+    end-of-image marker libjpeg stops at is let be; that marker is found by walking the markers from the first scan
+    (``first_scan``: just past its marker), as only a file with such a run needs (an end-of-image marker elsewhere,
+    in a comment say, stops nothing: found in review).
     """
-    end = data.rfind(b"\xff\xd9")
-    end = len(data) if end < 0 else end
-    for start in range(0, end - MAX_JPEG_FILL_RUN + 1, MAX_JPEG_FILL_RUN):
-        if data.startswith(_JPEG_FILL_BLOCK, start):
-            raise InvalidInput(f"JPEG has a run of {MAX_JPEG_FILL_RUN} or more 0xFF fill bytes; re-encode it")
+    run = next(
+        (at for at in range(0, len(data) - MAX_JPEG_FILL_RUN + 1, MAX_JPEG_FILL_RUN)
+         if data.startswith(_JPEG_FILL_BLOCK, at)),
+        None,
+    )  # fmt: skip
+    if run is not None and (first_scan is None or run < _end_of_image(data, first_scan)):
+        raise InvalidInput(f"JPEG has a run of {MAX_JPEG_FILL_RUN} or more 0xFF fill bytes; re-encode it")
+
+
+def _end_of_image(data: bytes, offset: int) -> int:
+    """Where the end-of-image marker libjpeg stops at starts, walking from just past the first scan's marker.
+
+    The end of the data where the walk finds none within ``MAX_JPEG_SEGMENTS`` markers.
+    """
+    markers = _JpegMarkers(data)
+    for _ in range(MAX_JPEG_SEGMENTS):
+        if offset is None or offset > len(data):
+            break
+        marker = data[offset - 1]  # each offset is just past a marker
+        if marker == 0xD9:
+            return offset - 2
+        if not (0xD0 <= marker <= 0xD8 or marker == 0x01):  # all but these carry a length (itself included)
+            offset += int.from_bytes(data[offset : offset + 2], "big")
+        offset = markers.next_after(offset)  # past any scan data
+    return len(data)
 
 
 def _check_gif_extensions(data: bytes) -> None:
@@ -419,8 +441,7 @@ def _check_structure(data: bytes) -> None:
     stop. Only lengths are read here, at most the limit's number.
     """
     if data.startswith(b"\xff\xd8"):
-        _check_jpeg_header(data)
-        _check_fill_runs(data)
+        _check_fill_runs(data, _check_jpeg_header(data))
     elif data.startswith((b"GIF87a", b"GIF89a")):
         _check_gif_extensions(data)
     elif data.startswith(_PNG_SIGNATURE):
@@ -526,31 +547,38 @@ def _ifd0_entries(tiff: bytes) -> np.ndarray | None:
 def _ifd0_orientation(tiff: bytes) -> float | None:
     """The Orientation in a TIFF structure's first directory, as Pillow 13 reads it; None if it holds none.
 
-    Pillow reads the entries in order: it skips one of an unknown type, with no value, or whose data, added to the
-    data before it, is more than the structure holds; it stops at one whose data lies outside the structure; it keeps
-    the first entry of a tag, and gives its first value. A value of bytes or text turns nothing (1 here). One nicety
-    is left out: where a tag repeats, Pillow adds only its first entry's data to that running total.
+    Pillow reads the entries in order: it passes over a repeat of a tag it has kept, and skips one of an unknown
+    type, with no value, or whose data, added to the data before it, is more than the structure holds; it stops at
+    one whose data lies outside the structure; it keeps the first entry of a tag, and gives its first value. A value
+    of bytes or text turns nothing (1 here). Here every repeat of a tag is passed over, where Pillow passes over only
+    those of a tag whose first entry it kept (the running total and the stop can differ for such a directory).
     """
     entries = _ifd0_entries(tiff)
     if entries is None:
         return None
     unit = _TIFF_UNITS[entries["type"]]
     size = unit * entries["count"].astype(np.uint64)
-    outside = (unit > 0) & (size > 4)  # its data is elsewhere, at the entry's offset
-    skipped = outside & (np.cumsum(np.where(outside, size, 0)) > len(tiff))
-    unreadable = np.flatnonzero(outside & ~skipped & (entries["value"].astype(np.uint64) + size > len(tiff)))
+    first_of_tag = np.zeros(len(entries), dtype=bool)
+    first_of_tag[np.unique(entries["tag"], return_index=True)[1]] = True
+    out_of_line = (unit > 0) & (size > 4)  # its data is elsewhere, at the entry's offset
+    counted = out_of_line & first_of_tag
+    past_end = entries["value"].astype(np.uint64) + size > len(tiff)
+    skipped = counted & (np.cumsum(np.where(counted, size, 0)) > len(tiff))
+    unreadable = np.flatnonzero(counted & ~skipped & past_end)
     read = entries[: unreadable[0]] if len(unreadable) else entries
     kept = (unit[: len(read)] > 0) & (size[: len(read)] > 0) & ~skipped[: len(read)]
     found = np.flatnonzero(kept & (read["tag"] == _EXIF_ORIENTATION))
     if not len(found):
         return None
     index = int(found[0])
+    if out_of_line[index] and past_end[index]:  # a repeat (its first entry was skipped) whose data is not there
+        return None
     entry, endian = entries[index], _TIFF_PREFIXES[tiff[:4]]
     value_size, value_format = _TIFF_TYPES[int(entry["type"])]
     if value_format is None:
         return 1
     directory = struct.unpack_from(f"{endian}L", tiff, 4)[0] + 2
-    at = int(entry["value"]) if outside[index] else directory + 12 * index + 8
+    at = int(entry["value"]) if out_of_line[index] else directory + 12 * index + 8
     value = struct.unpack_from(f"{endian}{value_format}", tiff, at)
     if len(value) == 2:  # a (signed) rational: Pillow's is nan over 0
         return value[0] / value[1] if value[1] else math.nan

@@ -10,6 +10,7 @@ binary data after the JSON. Everything a client can get wrong here raises ``Inva
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -240,9 +241,21 @@ def _packed(data: Any, datatype: str, where: str) -> bytes:
 
 
 def _flat(data: Any) -> list[Any]:
-    """Row-major elements of nested lists (a scalar alone is one element)."""
+    """Row-major elements of nested lists (a scalar alone is one element).
+
+    Evenly nested lists, as tensors are, are flattened a level at a time in C (2M values took an element-wise walk
+    0.12 s, found in review); lists nested unevenly are walked element by element.
+    """
     if not isinstance(data, list):
         return [data]
+    level = data
+    while True:
+        kinds = set(map(type, level))
+        if list not in kinds:
+            return level
+        if kinds != {list}:
+            break
+        level = list(itertools.chain.from_iterable(level))
     items: list[Any] = []
     pending = [iter(data)]
     while pending:  # iterative: a deeply nested body must not exhaust the recursion limit

@@ -271,6 +271,12 @@ AFTER_TWO_ENTRIES = struct.pack("<I", 8 + 2 + 24 + 4)
         tiff(orientation_entry(11, 1, struct.pack("<f", 8.0))),  # FLOAT
         tiff(struct.pack("<HHII", 0x0100, 3, 9, 0xFFFF), orientation_entry(3, 1, struct.pack("<H", 6))),  # stops
         tiff(struct.pack("<HHII", 0x0100, 4, 10**6, 0), orientation_entry(3, 1, struct.pack("<H", 6))),  # skipped
+        tiff(
+            struct.pack("<HHIHH", 0x0100, 3, 1, 5, 0),
+            struct.pack("<HHII", 0x0100, 4, 2, 0xFFFF0000),  # a repeat:
+            orientation_entry(3, 1, struct.pack("<H", 6)),
+        ),  # passed over before its data is looked for
+        tiff(orientation_entry(99, 1, b""), orientation_entry(5, 1, b"\xff\xff\0\0")),  # a repeat outside: stops
         tiff(orientation_entry(12, 1, AFTER_ONE_ENTRY), tail=struct.pack("<d", 3.0)),  # DOUBLE
         b"Exif\0\0Exif\0\0" + tiff(orientation_entry(3, 1, struct.pack("<H", 6))),  # two prefixes
         b"garbage-not-tiff",
@@ -577,16 +583,20 @@ def test_a_jpeg_with_a_long_run_of_fill_bytes_in_its_image_data_is_refused():
     decode_image(data[:-2] + b"\xff" * (limit - 1) + data[-2:], GREY_8, LIMITS)  # under the limit, wherever it lies
     for offset in range(0, limit, limit // 4):  # a run of twice the limit, at any alignment
         with pytest.raises(InvalidInput, match=rf"^JPEG has a run of {limit} or more 0xFF fill bytes; re-encode it$"):
-            codecs._check_fill_runs(b"\0" * offset + b"\xff" * (2 * limit) + b"\0")
+            codecs._check_fill_runs(b"\0" * offset + b"\xff" * (2 * limit) + b"\0", None)
     with pytest.raises(InvalidInput, match="0xFF fill bytes"):
         decode_image(data[:-2] + b"\xff" * (2 * limit) + data[-2:], GREY_8, LIMITS)
 
 
-def test_fill_bytes_after_a_jpegs_last_end_of_image_marker_are_not_looked_at():
-    """Found in review: libjpeg never reads them, and a flash card's 0xFF padding made a photo a refusal."""
+def test_fill_bytes_after_the_end_of_image_libjpeg_stops_at_are_let_be_and_no_other_end_of_image_counts():
+    """Found in review: libjpeg never reads them, and a flash card's 0xFF padding made a photo a refusal; then, an
+    end-of-image marker in a comment hid a run that libjpeg does read (4 MB: 131 ms of Pillow's loading)."""
     data = encode(gradient(), "JPEG")
     padded = data + b"\xff" * (4 * codecs.MAX_JPEG_FILL_RUN)
     np.testing.assert_array_equal(decode_image(padded, GREY_8, LIMITS), decode_image(data, GREY_8, LIMITS))
+    commented = jpeg_with_before_its_scan(b"\xff\xfe\x00\x04\xff\xd9")  # a comment holding 0xFFD9
+    with pytest.raises(InvalidInput, match="0xFF fill bytes"):
+        decode_image(commented[:-2] + b"\xff" * (4 * codecs.MAX_JPEG_FILL_RUN), GREY_8, LIMITS)  # no end of image
 
 
 @pytest.mark.parametrize(
@@ -615,6 +625,19 @@ def test_the_tag_directories_pillow_reads_as_it_opens_a_jpeg_are_bounded(segment
         jpeg_with_before_its_scan(within + split), RGB_4x6.model_copy(update={"width": 8, "height": 8}), LIMITS
     )
     assert upright.shape == (3, 8, 8)
+
+
+def test_a_segment_too_short_for_its_signature_is_not_taken_for_the_next_ones():
+    """Found in review: the signatures were read past a segment's end, so a 5-byte APP1 of ``Exif\0`` and one junk
+    byte joined the real EXIF behind a broken prefix (unchecked), and a short APP2 reading ``MPF\0`` beyond its end
+    replaced the real MPF index; Pillow read both, 110k resolution values in 0.4 s."""
+    directory = b"Exif\0\0" + exif_saying(1, other_tags=256)
+    short = b"\xff\xe1\x00\x07Exif\0" + b"\0"  # 5 bytes of payload, then a junk byte Pillow skips
+    with pytest.raises(InvalidInput, match="^JPEG's EXIF data has a directory of over 256 entries"):
+        decode_image(jpeg_with_before_its_scan(short + jpeg_segment(0xE1, directory)), GREY_8, LIMITS)
+    index = jpeg_segment(0xE2, b"MPF\0" + exif_saying(1, other_tags=256))
+    with pytest.raises(InvalidInput, match="^JPEG's MPF data has a directory of over 256 entries"):
+        decode_image(jpeg_with_before_its_scan(index + b"\xff\xe2\x00\x02MPF\0"), GREY_8, LIMITS)
 
 
 def png_with_chunks_before_its_data(*chunks: bytes) -> bytes:

@@ -187,7 +187,10 @@ def test_a_gzip_or_deflate_body_is_inflated_and_answered_as_the_plain_one(rest, 
                                    "data": held_out.images[0].ravel().tolist()}]}).encode()  # fmt: skip
     plain = call(rest, "/v2/models/digits/infer", body)
     assert plain[0] == 200
-    for encoding, compressed in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)  # deflate with no zlib header, as some clients send it
+    raw_deflate = raw.compress(body) + raw.flush()
+    for encoding, compressed in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body)),
+                                 ("deflate", raw_deflate)):  # fmt: skip
         reply = call(rest, "/v2/models/digits/infer", compressed, {"Content-Encoding": encoding})
         assert reply[0] == 200 and json.loads(reply[2])["outputs"] == json.loads(plain[2])["outputs"], encoding
 
@@ -196,15 +199,17 @@ def test_a_gzip_or_deflate_body_is_inflated_and_answered_as_the_plain_one(rest, 
     "encoding,body,status,says",
     [
         ("br", b"\x0b\x00\x80", 415, "Content-Encoding 'br' is not supported: send gzip, deflate or none"),
-        ("gzip", b"not gzip at all", 400, "the request body does not inflate as gzip or deflate"),
+        ("gzip", b"not gzip at all", 400, "the request body does not inflate as gzip (Error -3"),
         ("gzip", gzip.compress(b'{"inputs": []}')[:-12], 400, "the compressed request body is cut short"),
+        ("gzip", gzip.compress(b"{}") + gzip.compress(b"{}"), 400, "the request body has data after its compressed"),
         # 64 KB that inflates past --max-message-bytes: aiohttp inflated such a body on the event loop (63 MiB held it
         # 0.4 s; found in review); it is inflated in a decode thread, and no further than the limit
-        ("gzip", gzip.compress(b"\0" * (65 << 20), 9), 413, f"the request body inflates to over {64 << 20} bytes"),
+        ("gzip", None, 413, f"the request body inflates to over {64 << 20} bytes"),
     ],
-    ids=["brotli", "not gzip", "cut short", "bomb"],
+    ids=["brotli", "not gzip", "cut short", "two members", "bomb"],
 )
 def test_a_compressed_body_that_cannot_be_read_is_refused_saying_why(rest, encoding, body, status, says):
+    body = gzip.compress(b"\0" * (65 << 20), 9) if body is None else body  # built here, not when collected
     answered, message = error_of(call(rest, "/v2/models/digits/infer", body, {"Content-Encoding": encoding}))
     assert answered == status and message.startswith(says), message
 

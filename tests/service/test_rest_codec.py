@@ -187,3 +187,21 @@ def test_repository_bodies_are_read_as_triton_sends_them_and_what_they_cannot_ho
     ]:
         with pytest.raises(InvalidInput, match=re.escape(says)):
             parse_index_request(body) if b"ready" in body else add_repository_parameters(body, unload)
+
+
+@pytest.mark.parametrize(
+    "data,flat",
+    [
+        (5, [5]),
+        ([], []),
+        ([1, 2, 3], [1, 2, 3]),
+        ([[1, 2], [3, 4]], [1, 2, 3, 4]),  # evenly nested: a level at a time
+        ([[[1], [2]], [[3], [4]]], [1, 2, 3, 4]),
+        ([[1, [2, 3]], 4, [[5]]], [1, 2, 3, 4, 5]),  # unevenly nested: element by element
+        ([[], [1], []], [1]),
+    ],
+)
+def test_nested_json_data_is_flattened_row_major_whether_evenly_nested_or_not(data, flat):
+    from convray.service.rest_codec import _flat
+
+    assert _flat(data) == flat
