@@ -7,9 +7,11 @@ only the listed formats are tried, and every failure becomes ``InvalidInput`` na
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -217,22 +219,31 @@ def _check_scans(data: bytes) -> None:
     markers = _JpegMarkers(data)
     if markers.count_start_of_scan() <= MAX_JPEG_SCANS:
         return
-    offset, scans, segments = _check_jpeg_header(data), 0, 0
-    while offset is not None and offset <= len(data):
-        marker = data[offset - 1]  # each offset is just past a marker
+    scans = 0
+    for segments, (marker, _) in enumerate(_markers_after_first_scan(data, _check_jpeg_header(data), markers), 1):
         if marker == 0xD9:  # end of image
             return
-        segments += 1
         if segments > MAX_JPEG_SEGMENTS:  # a walk in Python per marker: bounded like the header's
             raise InvalidInput(f"JPEG has over {MAX_JPEG_SEGMENTS} markers in its image data; re-encode it")
         if marker == 0xDA:
             scans += 1
             if scans > MAX_JPEG_SCANS:
                 break
+    raise InvalidInput(f"JPEG has over {MAX_JPEG_SCANS} scans (an encoder writes about 10); re-encode it")
+
+
+def _markers_after_first_scan(data: bytes, offset: int | None, markers: _JpegMarkers) -> Iterator[tuple[int, int]]:
+    """Each marker from the first scan's on (``offset``: just past it), as (code, offset just past it).
+
+    Each segment's data is stepped over by its length and each scan's data by a search (``markers``), until the data
+    ends; the caller bounds how many it reads.
+    """
+    while offset is not None and offset <= len(data):
+        marker = data[offset - 1]
+        yield marker, offset
         if not (0xD0 <= marker <= 0xD8 or marker == 0x01):  # all but these carry a length (itself included)
             offset += int.from_bytes(data[offset : offset + 2], "big")
         offset = markers.next_after(offset)  # past any scan data
-    raise InvalidInput(f"JPEG has over {MAX_JPEG_SCANS} scans (an encoder writes about 10); re-encode it")
 
 
 class _JpegMarkers:
@@ -390,16 +401,10 @@ def _end_of_image(data: bytes, offset: int) -> int:
 
     The end of the data where the walk finds none within ``MAX_JPEG_SEGMENTS`` markers.
     """
-    markers = _JpegMarkers(data)
-    for _ in range(MAX_JPEG_SEGMENTS):
-        if offset is None or offset > len(data):
-            break
-        marker = data[offset - 1]  # each offset is just past a marker
+    walk = _markers_after_first_scan(data, offset, _JpegMarkers(data))
+    for marker, after in itertools.islice(walk, MAX_JPEG_SEGMENTS):
         if marker == 0xD9:
-            return offset - 2
-        if not (0xD0 <= marker <= 0xD8 or marker == 0x01):  # all but these carry a length (itself included)
-            offset += int.from_bytes(data[offset : offset + 2], "big")
-        offset = markers.next_after(offset)  # past any scan data
+            return after - 2
     return len(data)
 
 
