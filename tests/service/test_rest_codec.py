@@ -204,4 +204,5 @@ def test_repository_bodies_are_read_as_triton_sends_them_and_what_they_cannot_ho
 def test_nested_json_data_is_flattened_row_major_whether_evenly_nested_or_not(data, flat):
     from convray.service.rest_codec import _flat
 
-    assert _flat(data) == flat
+    items, kinds = _flat(data)
+    assert items == flat and kinds == {type(item) for item in flat}
