@@ -490,13 +490,14 @@ def _png_chunk_kind(chunk_type: bytes, data: bytes, start: int, end: int) -> str
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow modes of single-channel images
 
 
-def as_colour_mode(image: Image.Image, mode: str) -> Image.Image:
+def as_colour_mode(image: Image.Image, mode: str, orientation: float | None = None) -> Image.Image:
     """``image`` upright and in ``mode`` ("L" or "RGB"), as every model input is made (``convray kernels`` too).
 
     Unlike a plain ``convert``: 16-bit values are scaled to 8 bits (Pillow clips them at 255, so most 16-bit images
-    turned white), and transparent pixels are laid over black.
+    turned white), and transparent pixels are laid over black. ``orientation``: ``exif_orientation`` of the image,
+    where the caller has read it already.
     """
-    orientation = exif_orientation(image)
+    orientation = exif_orientation(image) if orientation is None else orientation
     if orientation in _UPRIGHT:  # phone photos: rotate as the camera meant
         image = image.transpose(_UPRIGHT[orientation])
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -601,7 +602,7 @@ _RESIZABLE_AS = {"1": "L", "I;16": "I", "I;16B": "I", "I;16L": "I"}  # and what 
 _QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
-def _shrunk_towards(image: Image.Image, contract: InputContract) -> Image.Image:
+def _shrunk_towards(image: Image.Image, contract: InputContract, orientation: float) -> Image.Image:
     """``image`` area-averaged down to the contract's size (as it will stand once turned upright), if larger.
 
     Done before the colour conversion, which at full size cost up to 17 bytes a pixel (a 6300x6300 palette PNG
@@ -611,7 +612,7 @@ def _shrunk_towards(image: Image.Image, contract: InputContract) -> Image.Image:
     width, height = contract.width, contract.height
     if max(image.size) < 2 * max(width, height):
         return image  # at most a few times the input's size: converting it whole costs little
-    if exif_orientation(image) in _QUARTER_TURNS:
+    if orientation in _QUARTER_TURNS:
         width, height = height, width
     # Each side at least twice the input's is shrunk to it; the other is left to the final resize (a long, thin
     # image too: found in review, 15x1,000,000 took 18 bytes a pixel when only both sides were looked at).
@@ -628,7 +629,8 @@ def _shrunk_towards(image: Image.Image, contract: InputContract) -> Image.Image:
 
 
 def _to_contract(image: Image.Image, contract: InputContract) -> np.ndarray:
-    image = as_colour_mode(_shrunk_towards(image, contract), contract.colour_mode)
+    orientation = exif_orientation(image)  # read once: the shrunk image carries the same EXIF
+    image = as_colour_mode(_shrunk_towards(image, contract, orientation), contract.colour_mode, orientation)
     if image.size != (contract.width, contract.height):
         shrinking = image.width >= contract.width and image.height >= contract.height
         # Area averaging when shrinking keeps every source pixel's weight (no aliasing); bilinear to enlarge.
