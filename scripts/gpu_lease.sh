@@ -10,9 +10,12 @@
 #   bench-group  `convray serve --frontends 8` against 8 separate front ends and 8 no-op servers, over streams,
 #                ResNet-style UINT8 (the 0.9x-the-raw-model goal of issue #7), about 5 minutes
 #   bench        the make bench-gpu comparison at 2 s points (raw model, no-op, Ray Serve, convray, bf16)
+#   breakdown    where the node's CPU goes (tests/bench/cpu_breakdown.py: cores and CPU ms per image of the clients,
+#                front ends, replicas and Ray) under `convray serve --frontends 8`, then 4; about 2 minutes
 # Environment: PYTHON (default python3), GPUS (default 1; 0 runs the steps on a CPU, to try this script) and
 # FRONTENDS (default 8; bench-group's front ends, each with 32 requests in flight and two client processes).
 # TARGETS (default noop,convray,convray_group): bench-group's servers, as tests/bench/run.py --targets takes them.
+# TESTS (default: every file with GPU tests): the test files the tests step runs.
 # A step that fails is reported and the next one still runs; the exit status is then 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,8 +58,9 @@ bench() { # bench NAME ARGS...: one tests/bench/run.py run, its JSON and its ser
 run_step() {
     case $1 in
         tests)
-            "$PYTHON" -m pytest -p no:cacheprovider -q tests/workers/test_replica.py tests/workers/test_forward.py \
-                tests/service/test_server_gpu.py tests/workers/test_train_gpu.py 2>&1 | tee "$OUT/tests.txt"
+            # shellcheck disable=SC2086 (TESTS is a list of paths)
+            "$PYTHON" -m pytest -p no:cacheprovider -q ${TESTS:-tests/workers/test_replica.py tests/workers/test_forward.py \
+                tests/service/test_server_gpu.py tests/workers/test_train_gpu.py} 2>&1 | tee "$OUT/tests.txt"
             ;;
         bench-group)
             bench bench-group --models resnet_style --variants-on resnet_style --datatype UINT8 \
@@ -64,11 +68,21 @@ run_step() {
                 --frontends "$FRONTENDS" --client-processes $((2 * FRONTENDS)) \
                 --loaded-concurrency $((32 * FRONTENDS)) --streaming
             ;;
+        breakdown)
+            # FRONTENDS front ends (two clients and 32 in flight each; the raw model too), then half as many
+            local half=$(( (FRONTENDS + 1) / 2 ))
+            "$PYTHON" tests/bench/cpu_breakdown.py --gpus "$GPUS" --frontends "$FRONTENDS" --clients $((2 * FRONTENDS)) \
+                --concurrency $((32 * FRONTENDS)) --streaming --raw --out "$OUT/breakdown.json" 2>&1 \
+                | tee "$OUT/breakdown.txt" &&
+            "$PYTHON" tests/bench/cpu_breakdown.py --gpus "$GPUS" --frontends "$half" --clients $((2 * half)) \
+                --concurrency $((32 * half)) --streaming --out "$OUT/breakdown-half.json" 2>&1 \
+                | tee "$OUT/breakdown-half.txt"
+            ;;
         bench)
             bench bench --targets noop,ray_serve,convray,convray_bf16 --variants-on resnet_style --client-processes 4
             ;;
         *)
-            echo "unknown step '$1': tests, bench-group or bench" >&2
+            echo "unknown step '$1': tests, bench-group, bench or breakdown" >&2
             return 2
             ;;
     esac
