@@ -113,7 +113,7 @@ def batches(metrics_ports: list[int]) -> tuple[float, float]:
     return count, total
 
 
-def profile(processes: dict[int, tuple[str, int]], server: int, seconds: float, folder: Path) -> list[subprocess.Popen]:
+def profile(processes: dict[int, tuple[str, int]], seconds: float, folder: Path) -> list[subprocess.Popen]:
     """Start py-spy on the busiest front end and replica, without pausing them (Python frames: with ``--native`` py-spy
     must pause the process it samples, and fell seconds behind on a replica)."""
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
@@ -123,7 +123,7 @@ def profile(processes: dict[int, tuple[str, int]], server: int, seconds: float, 
     folder.mkdir(parents=True, exist_ok=True)
     chosen: dict[str, tuple[int, int]] = {}  # kind -> (ticks, pid): the busiest process of each kind
     for pid, (kind, ticks) in processes.items():
-        if kind in {"front end", "replica"} and pid != server:
+        if kind in {"front end", "replica"}:  # the supervisor of several front ends is never the busiest
             chosen[kind] = max(chosen.get(kind, (-1, 0)), (ticks, pid))
     started = []
     for kind, (_, pid) in chosen.items():
@@ -185,7 +185,7 @@ def main() -> int:
         before, threads_before = snapshot(server.pid, bench.pid)
         batches_before = batches(metrics_ports)
         started = time.monotonic()
-        profilers = profile(before, server.pid, args.seconds, args.profiles) if args.profiles else []
+        profilers = profile(before, args.seconds, args.profiles) if args.profiles else []
         time.sleep(args.seconds)
         after, threads_after = snapshot(server.pid, bench.pid)
         batches_after = batches(metrics_ports)
