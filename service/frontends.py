@@ -88,6 +88,7 @@ def run_frontends(settings: Settings, log_level: str) -> int:
     """Start or join Ray, run ``settings.server.frontends`` front ends until a stop signal; the exit code."""
     import ray
 
+    from convray.workers import cluster
     from convray.workers.repository import ModelRepository
 
     problem = _ports_taken(settings) or _unreadable_security_files(settings)
@@ -114,9 +115,10 @@ def run_frontends(settings: Settings, log_level: str) -> int:
         ray_address = _connect(workers.ray_address, workers.ray_num_cpus, workers.ray_connect_timeout_s, stopping)
     except TimeoutError:
         log.error(
-            "could not connect to %s within %g s (--ray-address, --ray-connect-timeout-s)",
+            "could not connect to %s within %g s (--ray-address, --ray-connect-timeout-s)%s",
             where,
             workers.ray_connect_timeout_s,
+            cluster.join_timeout_hint(workers.ray_address),
         )
         logging.shutdown()
         os._exit(EXIT_FAILED)  # the join is still under way in its thread, and Ray's exit hooks would wait on it

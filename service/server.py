@@ -410,6 +410,7 @@ class ConvrayServer:
         except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
             raise StartupError(
                 f"could not connect to {where} within {workers.ray_connect_timeout_s:g} s ({flags})"
+                + cluster.join_timeout_hint(workers.ray_address)
             ) from None
         except Exception as exc:  # noqa: BLE001 (Ray raises several types for an unreachable cluster)
             raise StartupError(f"could not connect to {where}: {exc}") from exc

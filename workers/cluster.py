@@ -59,6 +59,21 @@ def connect(address: str | None, num_cpus: int | None = None, log_to_driver: boo
     return str(ray.get_runtime_context().gcs_address)
 
 
+def join_timeout_hint(address: str | None) -> str:
+    """What to add when joining the cluster at ``address`` timed out: a cause Ray reports only in its own log.
+
+    A cluster with Ray token authentication refuses a process without its token, and Ray retries the refusal
+    (logging ``InvalidAuthToken``) until the timeout instead of failing: the message would otherwise blame
+    only the address. Empty for an embedded Ray, which this process starts with its own token.
+    """
+    if started_here(address):
+        return ""
+    return (
+        "; a cluster with Ray token authentication also refuses a process without its token "
+        "(RAY_AUTH_MODE=token with RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH; Ray then logs InvalidAuthToken)"
+    )
+
+
 def shortfall(count: int, each: dict[str, float]) -> tuple[str, float, float] | None:
     """The first resource the connected cluster has too little of in all for ``count`` actors asking ``each``.
 

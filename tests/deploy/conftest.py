@@ -18,6 +18,9 @@ DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 K8S = DEPLOY / "k8s"
 # Every kustomization an operator applies: the two serving flavours and the training job.
 BUILDS = {"cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu", "train": K8S / "train"}
+# The opt-in components (deploy/k8s/components) on top of the builds they are meant for, as an operator adds them.
+WITH_COMPONENTS = {f"{build}+ray-token-auth": (build, "ray-token-auth") for build in BUILDS}
+ALL_BUILDS = [*BUILDS, *WITH_COMPONENTS]
 
 
 def tool(name: str) -> str:
@@ -42,10 +45,23 @@ def kustomize_build(path: Path) -> list[dict]:
     return [obj for obj in yaml.safe_load_all(result.stdout) if obj]
 
 
+def with_component(build: str, component: str, folder: Path) -> Path:
+    """A kustomization in ``folder`` that adds ``component`` to ``build``, referring to both by relative paths."""
+    base = os.path.relpath(BUILDS[build], folder)
+    added = os.path.relpath(K8S / "components" / component, folder)
+    kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                     "resources": [base], "components": [added]}  # fmt: skip
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return folder
+
+
 @pytest.fixture(scope="session")
-def built() -> dict[str, list[dict]]:
-    """Every kustomization in BUILDS, built once per test run."""
-    return {name: kustomize_build(path) for name, path in BUILDS.items()}
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+    """Every kustomization in BUILDS, and each in WITH_COMPONENTS, built once per test run."""
+    builds = {name: kustomize_build(path) for name, path in BUILDS.items()}
+    for name, (build, component) in WITH_COMPONENTS.items():
+        builds[name] = kustomize_build(with_component(build, component, tmp_path_factory.mktemp("kustomization")))
+    return builds
 
 
 def find(objects: list[dict], kind: str, name: str | None = None) -> dict:

@@ -66,6 +66,8 @@ _RAY_CLUSTER_SPEC = {
     },
     "headGroupSpec": _HEAD_GROUP,
     "workerGroupSpecs": [_WORKER_GROUP],
+    # From the KubeRay API reference (AuthOptions, KubeRay v1.6.2); secretName since v1.6.0.
+    "authOptions": {"mode": Enum(("disabled", "token")), "secretName": str, "enableK8sTokenAuth": bool},
 }
 
 _RULE = {

@@ -207,6 +207,41 @@ def selects(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
 
 
+RAY_AUTH_SECRET = {"name": "convray-ray-auth", "key": "auth_token"}  # KubeRay reads the token from this key
+
+
+def ray_auth_env(container: dict) -> dict[str, object]:
+    """A container's RAY_AUTH_* variables: a value, or the Secret key a value comes from."""
+    return {
+        e["name"]: e.get("value", e.get("valueFrom", {}).get("secretKeyRef"))
+        for e in container.get("env", [])
+        if e["name"].startswith("RAY_AUTH")
+    }
+
+
+@pytest.mark.parametrize("build", ["cpu", "gpu", "train"])
+def test_the_ray_token_auth_component_gives_every_ray_cluster_and_front_end_the_same_token(built, build):
+    """Opt-in: without it nothing asks for a token; with it, the clusters (KubeRay sets the token on their pods)
+    and the front ends, which join the serving cluster as Ray nodes and drivers, all use one Secret's key."""
+    plain, secured = built[build], built[f"{build}+ray-token-auth"]
+    clusters = [o["spec"] for o in secured if o["kind"] == "RayCluster"]
+    clusters += [o["spec"]["rayClusterSpec"] for o in secured if o["kind"] == "RayJob"]
+    assert clusters
+    for spec in clusters:
+        assert spec["authOptions"] == {"mode": "token", "secretName": RAY_AUTH_SECRET["name"]}
+        assert tuple(map(int, spec["rayVersion"].split("."))) >= (2, 52)  # token auth's first Ray
+    front_ends = [o for o in secured if o["kind"] == "Deployment"]
+    assert len(front_ends) == (0 if build == "train" else 1)
+    for deployment in front_ends:
+        (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "convray"]
+        assert ray_auth_env(container) == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_AUTH_SECRET}
+        assert container["envFrom"], "the settings ConfigMap must still reach the container"
+    for obj in plain:
+        assert "authOptions" not in str(obj) and "RAY_AUTH" not in str(obj)
+    patched = {"Deployment", "RayCluster", "RayJob"}
+    assert [o for o in plain if o["kind"] not in patched] == [o for o in secured if o["kind"] not in patched]
+
+
 @pytest.mark.parametrize("overlay", SERVING)
 def test_only_the_front_ends_the_ray_pods_and_the_metrics_port_reach_the_ray_cluster(built, overlay):
     """Found in review: any pod in any namespace could submit a job to the Ray dashboard and run code next to the
@@ -266,7 +301,7 @@ def test_the_image_is_named_once_per_flavour_and_matches_the_version_and_dockerf
     expected = {"cpu": f"convray:{version}-cpu", "gpu": f"convray:{version}-cuda", "train": f"convray:{version}-cpu"}
     for name, objects in built.items():
         images = {c["image"] for obj in objects for c in containers_of(obj)}
-        assert images == {expected[name]}, name
+        assert images == {expected[name.split("+")[0]]}, name  # a component on top keeps its build's image
     for target in ("cpu", "cuda"):
         assert re.search(rf"^FROM \S+ AS {target}$", DOCKERFILE.read_text(), re.MULTILINE), target
     # Manifests name the bare image; only the components set the tag.

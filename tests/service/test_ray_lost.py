@@ -224,3 +224,23 @@ def test_ray_lost_after_start_is_reported_fails_calls_fast_and_is_rejoined_when_
           f"call got UNAVAILABLE after {in_flight_s:.1f} s; new calls refused in {refused_s * 1e3:.0f} ms; "
           f"ray start took {first_start_s:.1f} s, then {restart_s:.1f} s; SERVING again {back_s:.1f} s after "
           "the restart")  # fmt: skip
+
+
+def test_a_server_without_the_clusters_token_is_refused_and_exits_1_naming_token_authentication():
+    """Ray retries a refused token until the timeout, saying why only in its own log: the message names the cause.
+    (A wrong token reads the same; checked by hand, 2026-11-27.)"""
+    head = RayHead()
+    try:
+        head.start(attempts=2)
+        env = {k: v for k, v in head.env.items() if not k.startswith("RAY_AUTH")}
+        result = subprocess.run(
+            [str(BIN / "convray"), "serve", "--host", "127.0.0.1", "--port", str(free_port()), "--no-metrics",
+             "--ray-address", f"127.0.0.1:{head.port}", "--ray-connect-timeout-s", "4"],
+            capture_output=True, text=True, env=env, timeout=90,
+        )  # fmt: skip
+    finally:
+        head.remove()
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"could not connect to 127.0.0.1:{head.port} within 4 s" in result.stderr
+    assert "a cluster with Ray token authentication also refuses a process without its token" in result.stderr
+    assert "InvalidAuthToken" in result.stderr  # Ray's own reason, in its log: what the hint points at
