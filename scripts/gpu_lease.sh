@@ -15,7 +15,8 @@
 # Environment: PYTHON (default python3), GPUS (default 1; 0 runs the steps on a CPU, to try this script) and
 # FRONTENDS (default 8; bench-group's front ends, each with 32 requests in flight and two client processes).
 # TARGETS (default noop,convray,convray_group): bench-group's servers, as tests/bench/run.py --targets takes them.
-# TESTS (default: every file with GPU tests): the test files the tests step runs.
+# TESTS: the test files the tests step runs (by default, every file with a test that needs a GPU).
+# PROFILES (unset by default): any value makes breakdown's first run also write py-spy profiles.
 # A step that fails is reported and the next one still runs; the exit status is then 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,7 +73,8 @@ run_step() {
             # FRONTENDS front ends (two clients and 32 in flight each; the raw model too), then half as many
             local half=$(( (FRONTENDS + 1) / 2 ))
             "$PYTHON" tests/bench/cpu_breakdown.py --gpus "$GPUS" --frontends "$FRONTENDS" --clients $((2 * FRONTENDS)) \
-                --concurrency $((32 * FRONTENDS)) --streaming --raw --out "$OUT/breakdown.json" 2>&1 \
+                --concurrency $((32 * FRONTENDS)) --streaming --raw --out "$OUT/breakdown.json" \
+                ${PROFILES:+--profiles "$OUT/profiles"} 2>&1 \
                 | tee "$OUT/breakdown.txt" &&
             "$PYTHON" tests/bench/cpu_breakdown.py --gpus "$GPUS" --frontends "$half" --clients $((2 * half)) \
                 --concurrency $((32 * half)) --streaming --out "$OUT/breakdown-half.json" 2>&1 \

@@ -68,6 +68,11 @@ def join_timeout_hint(address: str | None) -> str:
     """
     if started_here(address):
         return ""
+    if os.environ.get("RAY_AUTH_MODE") == "token":
+        return (
+            "; a cluster with Ray token authentication also refuses a token that is not its own "
+            "(RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH; Ray then logs InvalidAuthToken)"
+        )
     return (
         "; a cluster with Ray token authentication also refuses a process without its token "
         "(RAY_AUTH_MODE=token with RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH; Ray then logs InvalidAuthToken)"

@@ -25,46 +25,41 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run  # noqa: E402 (tests/bench/run.py: the model repositories and the server helpers)
+import psutil
 
-TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.bench import run  # noqa: E402 (the model repositories and the server helpers)
+
 KINDS = ("client", "front end", "replica", "ray", "profiler", "other")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One process (or thread) as a snapshot saw it: what it is, and the CPU seconds it had used by then."""
+
+    kind: str
+    cpu_s: float
 
 
 def process_table() -> dict[int, tuple[int, str, str]]:
     """pid -> (parent pid, name, command line) of every process now running."""
     table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        parent = int(stat[stat.rindex(")") + 2 :].split()[1])
-        table[int(entry.name)] = (parent, name, cmdline)
+    for process in psutil.process_iter(["ppid", "name", "cmdline"]):
+        info = process.info
+        table[process.pid] = (info["ppid"] or 0, info["name"] or "", " ".join(info["cmdline"] or ()))
     return table
 
 
-def cpu_ticks(pid: int, thread: int | None = None) -> int:
-    """User plus system clock ticks a process (or one of its threads) has used; 0 once it is gone."""
-    path = f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat"
-    try:
-        fields = Path(path).read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])
-
-
 def descends_from(pid: int, root: int, table: dict[int, tuple[int, str, str]]) -> bool:
-    while pid in table and pid > 1:
+    """Whether ``pid`` is ``root`` or one of its descendants, following the parents in ``table``."""
+    seen = set()
+    while pid in table and pid not in seen:
         if pid == root:
             return True
+        seen.add(pid)
         pid = table[pid][0]
     return pid == root
 
@@ -86,18 +81,59 @@ def kind_of(pid: int, table: dict[int, tuple[int, str, str]], server: int, clien
     return "other"
 
 
-def snapshot(server: int, client: int) -> tuple[dict[int, tuple[str, int]], dict[tuple[int, int], tuple[str, int]]]:
-    """CPU ticks of every process by kind, and of each front-end thread (pid, tid) with its thread name."""
+def cpu_seconds(process: psutil.Process) -> float | None:
+    """User plus system CPU seconds a process has used; None once it is gone."""
+    try:
+        times = process.cpu_times()
+    except psutil.Error:
+        return None
+    return times.user + times.system
+
+
+def front_end_threads(process: psutil.Process) -> dict[tuple[int, int], Sample]:
+    """Each thread of a front end, (pid, tid) -> its name (as the kernel has it) and CPU seconds."""
+    threads = {}
+    try:
+        listed = process.threads()
+    except psutil.Error:
+        return threads
+    for thread in listed:
+        try:
+            name = Path(f"/proc/{process.pid}/task/{thread.id}/comm").read_text().strip()
+        except OSError:  # it ended meanwhile
+            continue
+        threads[(process.pid, thread.id)] = Sample(name, thread.user_time + thread.system_time)
+    return threads
+
+
+def snapshot(server: int, client: int) -> tuple[dict[int, Sample], dict[tuple[int, int], Sample]]:
+    """Every running process's kind and CPU seconds, and each front-end thread's name and CPU seconds."""
     table = process_table()
     processes, threads = {}, {}
     for pid in table:
+        process = psutil.Process(pid) if psutil.pid_exists(pid) else None
+        used = cpu_seconds(process) if process else None
+        if used is None:
+            continue
         kind = kind_of(pid, table, server, client)
-        processes[pid] = (kind, cpu_ticks(pid))
+        processes[pid] = Sample(kind, used)
         if kind == "front end":
-            for task in Path(f"/proc/{pid}/task").glob("*"):
-                with_name = (task / "comm").read_text().strip() if (task / "comm").exists() else "?"
-                threads[(pid, int(task.name))] = (with_name, cpu_ticks(pid, int(task.name)))
+            threads |= front_end_threads(process)
     return processes, threads
+
+
+def cores_by_kind(before: dict, after: dict, elapsed_s: float) -> tuple[collections.Counter, int]:
+    """Cores each kind used between two snapshots (keyed alike), and how many processes exited in between.
+
+    A process that started in between counts from zero. One that exited is missing from ``after``, so its last
+    seconds are lost: the caller must say so (a run whose clients ended before the second snapshot read 0.01
+    client cores).
+    """
+    cores: collections.Counter = collections.Counter()
+    for key, now in after.items():
+        was = before.get(key)
+        cores[now.kind] += (now.cpu_s - (was.cpu_s if was else 0.0)) / elapsed_s
+    return cores, len(before.keys() - after.keys())
 
 
 def batches(metrics_ports: list[int]) -> tuple[float, float]:
@@ -113,7 +149,7 @@ def batches(metrics_ports: list[int]) -> tuple[float, float]:
     return count, total
 
 
-def profile(processes: dict[int, tuple[str, int]], seconds: float, folder: Path) -> list[subprocess.Popen]:
+def profile(processes: dict[int, Sample], seconds: float, folder: Path) -> list[subprocess.Popen]:
     """Start py-spy on the busiest front end and replica, without pausing them (Python frames: with ``--native`` py-spy
     must pause the process it samples, and fell seconds behind on a replica)."""
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
@@ -121,10 +157,10 @@ def profile(processes: dict[int, tuple[str, int]], seconds: float, folder: Path)
         print("no py-spy on the PATH: no profiles")
         return []
     folder.mkdir(parents=True, exist_ok=True)
-    chosen: dict[str, tuple[int, int]] = {}  # kind -> (ticks, pid): the busiest process of each kind
-    for pid, (kind, ticks) in processes.items():
-        if kind in {"front end", "replica"}:  # the supervisor of several front ends is never the busiest
-            chosen[kind] = max(chosen.get(kind, (-1, 0)), (ticks, pid))
+    chosen: dict[str, tuple[float, int]] = {}  # kind -> (CPU seconds, pid): the busiest process of each kind
+    for pid, sample in processes.items():
+        if sample.kind in {"front end", "replica"}:  # the supervisor of several front ends is never the busiest
+            chosen[sample.kind] = max(chosen.get(sample.kind, (-1.0, 0)), (sample.cpu_s, pid))
     started = []
     for kind, (_, pid) in chosen.items():
         name = kind.replace(" ", "_")
@@ -166,7 +202,7 @@ def main() -> int:
             "--cpus-per-replica", f"{1 / args.frontends:g}",
             *(["--gpus-per-replica", f"{args.gpus / args.frontends:g}"] if args.gpus else []),
             *args.serve_args.split()]  # fmt: skip
-    log = scratch / "serve.log"
+    log, report_file = scratch / "serve.log", scratch / "bench.json"
     with log.open("ab") as output:
         server = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -178,7 +214,7 @@ def main() -> int:
              "--processes", str(args.clients),
              "--connections", str(-(-run.CONNECTIONS_PER_FRONTEND * args.frontends // args.clients)),
              "--duration", str(args.seconds + 2), "--warmup", str(args.warmup), "--max-error-fraction", "1",
-             *(["--streaming"] if args.streaming else [])],
+             "--json", str(report_file), *(["--streaming"] if args.streaming else [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         time.sleep(args.warmup + 1)
@@ -196,30 +232,35 @@ def main() -> int:
     finally:
         run.stop(server)
     print(output)
+    if bench.returncode != 0:
+        raise RuntimeError(f"convray bench exited {bench.returncode}")
+    measured = json.loads(report_file.read_text())
     raw = None
     if args.raw:
-        measured = subprocess.run(
+        raw_run = subprocess.run(
             [sys.executable, str(run.ROOT / "tests/bench/raw_model.py"), "--model-repo", str(repo), "--model",
              args.model, "--device", "cuda" if args.gpus else "cpu", "--seconds", "2"],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
-        raw = json.loads(measured.stdout.strip().splitlines()[-1])
-    throughput = float(re.search(r"([\d,.]+) img/s", output).group(1).replace(",", ""))
-    p50_ms = float(re.search(r"p50 ([\d.]+)", output).group(1))
-    cores: dict[str, float] = collections.Counter()
-    for pid, (kind, ticks) in after.items():
-        cores[kind] += (ticks - before.get(pid, (kind, 0))[1]) / TICKS_PER_S / elapsed
-    by_thread: dict[str, float] = collections.Counter()
-    for key, (name, ticks) in threads_after.items():
-        by_thread[re.sub(r"\d+$", "N", name)] += (ticks - threads_before.get(key, (name, 0))[1]) / TICKS_PER_S / elapsed
+        raw = json.loads(raw_run.stdout.strip().splitlines()[-1])
+    cores, exited = cores_by_kind(before, after, elapsed)
+    if exited:
+        print(f"warning: {exited} process(es) exited during the window; their last CPU seconds are not counted")
+    threads, _ = cores_by_kind(threads_before, threads_after, elapsed)  # a thread's "kind" is its name
+    by_thread: collections.Counter = collections.Counter()
+    for name, used in threads.items():
+        by_thread[re.sub(r"\d+$", "N", name)] += used  # numbered pools (python3, client.poll1...) as one
     count, images = (b - a for a, b in zip(batches_before, batches_after, strict=True))
+    window_rate = images / elapsed  # the images the replicas ran in the window: what its CPU was spent on
     report = {
         "setup": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
         | {"cpus": os.cpu_count()},
-        "img_per_s": throughput,
-        "p50_ms": p50_ms,
+        "img_per_s": measured["images_per_s"],  # the whole run's, as convray bench measured it
+        "window_img_per_s": round(window_rate, 1),
+        "p50_ms": measured["latency_ms"]["p50"],
         "cores": {kind: round(cores[kind], 2) for kind in KINDS},
-        "cpu_ms_per_image": {kind: round(1000 * cores[kind] / throughput, 3) for kind in KINDS},
+        "cpu_ms_per_image": {kind: round(1000 * cores[kind] / window_rate, 3) for kind in KINDS},
+        "exited_in_window": exited,
         "front_end_threads_cores": {name: round(c, 2) for name, c in by_thread.most_common(8)},
         "mean_batch": round(images / count, 1) if count else None,
         "raw_model": raw,

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
 
+import psutil
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.bench import cpu_breakdown
 
-spec = importlib.util.spec_from_file_location("cpu_breakdown", REPO_ROOT / "tests" / "bench" / "cpu_breakdown.py")
-cpu_breakdown = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cpu_breakdown)
-
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc")
 
 
 def test_processes_are_told_apart_by_their_names_then_by_whom_they_descend_from():
@@ -49,8 +45,17 @@ def test_processes_are_told_apart_by_their_names_then_by_whom_they_descend_from(
 def test_this_process_is_in_the_table_under_its_parent_with_the_cpu_it_has_used():
     table = cpu_breakdown.process_table()
     assert table[os.getpid()][0] == os.getppid()
-    before, deadline = cpu_breakdown.cpu_ticks(os.getpid()), time.monotonic() + 5
-    while cpu_breakdown.cpu_ticks(os.getpid()) == before and time.monotonic() < deadline:
+    me = psutil.Process()
+    before, deadline = cpu_breakdown.cpu_seconds(me), time.monotonic() + 5
+    while cpu_breakdown.cpu_seconds(me) == before and time.monotonic() < deadline:
         sum(range(100_000))  # CPU until the next clock tick is counted
-    assert cpu_breakdown.cpu_ticks(os.getpid()) > before
-    assert cpu_breakdown.cpu_ticks(2**22 + 12345) == 0  # gone (or never there): nothing
+    assert cpu_breakdown.cpu_seconds(me) > before
+
+
+def test_cores_count_each_kind_over_the_window_a_new_process_from_zero_and_an_exited_one_is_reported():
+    Sample = cpu_breakdown.Sample
+    before = {1: Sample("front end", 10.0), 2: Sample("replica", 4.0), 3: Sample("client", 7.0)}
+    after = {1: Sample("front end", 13.0), 2: Sample("replica", 5.5), 4: Sample("front end", 1.0)}  # 3 exited
+    cores, exited = cpu_breakdown.cores_by_kind(before, after, elapsed_s=2.0)
+    assert cores == {"front end": 2.0, "replica": 0.75}  # (3 + 1) / 2 and 1.5 / 2; the client's seconds are lost
+    assert exited == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shlex
@@ -20,7 +21,7 @@ from convray.service.metrics import Metrics, SearchMetrics, TrainingMetrics
 from convray.service.server import CLASSIFIER_SERVICE, LIVENESS_SERVICE
 from convray.workers.repository import ModelRepository
 from tests.conftest import REPO_ROOT, SHIPPED_MODELS
-from tests.deploy.conftest import DOCKERFILE, K8S, find
+from tests.deploy.conftest import BUILDS, DOCKERFILE, K8S, find
 
 pytestmark = pytest.mark.deploy
 SERVING = ["cpu", "gpu"]
@@ -219,7 +220,7 @@ def ray_auth_env(container: dict) -> dict[str, object]:
     }
 
 
-@pytest.mark.parametrize("build", ["cpu", "gpu", "train"])
+@pytest.mark.parametrize("build", sorted(BUILDS))
 def test_the_ray_token_auth_component_gives_every_ray_cluster_and_front_end_the_same_token(built, build):
     """Opt-in: without it nothing asks for a token; with it, the clusters (KubeRay sets the token on their pods)
     and the front ends, which join the serving cluster as Ray nodes and drivers, all use one Secret's key."""
@@ -232,10 +233,14 @@ def test_the_ray_token_auth_component_gives_every_ray_cluster_and_front_end_the_
         assert tuple(map(int, spec["rayVersion"].split("."))) >= (2, 52)  # token auth's first Ray
     front_ends = [o for o in secured if o["kind"] == "Deployment"]
     assert len(front_ends) == (0 if build == "train" else 1)
-    for deployment in front_ends:
+    for deployment in map(copy.deepcopy, front_ends):  # the builds are shared by every test: changed on a copy
         (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "convray"]
         assert ray_auth_env(container) == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_AUTH_SECRET}
-        assert container["envFrom"], "the settings ConfigMap must still reach the container"
+        # Nothing else changed: without the two variables it is the plain build's Deployment.
+        container["env"] = [e for e in container["env"] if not e["name"].startswith("RAY_AUTH")]
+        if not container["env"]:
+            del container["env"]
+        assert deployment == find(plain, "Deployment", "convray-frontend")
     for obj in plain:
         assert "authOptions" not in str(obj) and "RAY_AUTH" not in str(obj)
     patched = {"Deployment", "RayCluster", "RayJob"}

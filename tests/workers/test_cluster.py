@@ -37,3 +37,12 @@ def test_rays_notice_that_it_turned_token_authentication_on_is_dropped_and_its_w
         ray_auth._warn_token_auth_enabled()
         ray_auth._warn_token_auth_disabled()
     assert [record.getMessage()[:43] for record in caplog.records] == ["Token authentication is disabled for this R"]
+
+
+def test_a_join_that_timed_out_names_token_authentication_as_a_cause_for_a_cluster_joined_not_started(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster.join_timeout_hint(None) == ""  # an embedded Ray: this process starts it, with its own token
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert "refuses a process without its token (RAY_AUTH_MODE=token" in cluster.join_timeout_hint("head:6379")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # this process has a token: the cluster's may be another
+    assert "refuses a token that is not its own (RAY_AUTH_TOKEN" in cluster.join_timeout_hint("head:6379")
