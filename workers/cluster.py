@@ -68,7 +68,8 @@ def join_timeout_hint(address: str | None) -> str:
     """
     if started_here(address):
         return ""
-    if os.environ.get("RAY_AUTH_MODE") == "token":
+    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if os.environ.get("RAY_AUTH_MODE") == "token" and has_token:
         return (
             "; a cluster with Ray token authentication also refuses a token that is not its own "
             "(RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH; Ray then logs InvalidAuthToken)"

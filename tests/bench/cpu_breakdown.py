@@ -1,11 +1,11 @@
-"""Where a loaded node's CPU goes: client, front ends, replicas and Ray, per request, for one convray setup.
+"""Where a loaded node's CPU goes: client, front ends, replicas and Ray, per image, for one convray setup.
 
 Starts `convray serve --frontends N` on the ResNet-style or digits model, drives it with `convray bench`
 (several client processes, streams or unary calls), and over the middle of the run reads every process's
-CPU time from /proc. It prints the cores each kind of process used and the CPU milliseconds each spent
-per request, the front ends' busiest threads, and the mean batch the replicas ran (from the front ends'
-Prometheus metrics). That says which part to make cheaper when a node runs out of CPU before its GPU is
-busy (docs/benchmarks.md, "Several front ends on a GPU node"). Linux only (reads /proc).
+CPU time (psutil). It prints the cores each kind of process used and the CPU milliseconds each spent per
+image the replicas ran in that window, the front ends' busiest threads, and the mean batch (both from the
+front ends' Prometheus metrics). That says which part to make cheaper when a node runs out of CPU before its
+GPU is busy (docs/benchmarks.md, "Fifth lease"). Linux only (thread names come from /proc).
 
 Run from the repository root, e.g. on a lent GPU machine (scripts/gpu_lease.sh breakdown):
 
@@ -46,11 +46,16 @@ class Sample:
 
 def process_table() -> dict[int, tuple[int, str, str]]:
     """pid -> (parent pid, name, command line) of every process now running."""
-    table = {}
+    return {pid: info for pid, (info, _) in processes_now().items()}
+
+
+def processes_now() -> dict[int, tuple[tuple[int, str, str], psutil.Process]]:
+    """pid -> ((parent pid, name, command line), the process) of every process now running."""
+    found = {}
     for process in psutil.process_iter(["ppid", "name", "cmdline"]):
         info = process.info
-        table[process.pid] = (info["ppid"] or 0, info["name"] or "", " ".join(info["cmdline"] or ()))
-    return table
+        found[process.pid] = ((info["ppid"] or 0, info["name"] or "", " ".join(info["cmdline"] or ())), process)
+    return found
 
 
 def descends_from(pid: int, root: int, table: dict[int, tuple[int, str, str]]) -> bool:
@@ -108,12 +113,12 @@ def front_end_threads(process: psutil.Process) -> dict[tuple[int, int], Sample]:
 
 def snapshot(server: int, client: int) -> tuple[dict[int, Sample], dict[tuple[int, int], Sample]]:
     """Every running process's kind and CPU seconds, and each front-end thread's name and CPU seconds."""
-    table = process_table()
+    found = processes_now()
+    table = {pid: info for pid, (info, _) in found.items()}
     processes, threads = {}, {}
-    for pid in table:
-        process = psutil.Process(pid) if psutil.pid_exists(pid) else None
-        used = cpu_seconds(process) if process else None
-        if used is None:
+    for pid, (_, process) in found.items():
+        used = cpu_seconds(process)
+        if used is None:  # it exited meanwhile
             continue
         kind = kind_of(pid, table, server, client)
         processes[pid] = Sample(kind, used)
@@ -122,18 +127,19 @@ def snapshot(server: int, client: int) -> tuple[dict[int, Sample], dict[tuple[in
     return processes, threads
 
 
-def cores_by_kind(before: dict, after: dict, elapsed_s: float) -> tuple[collections.Counter, int]:
-    """Cores each kind used between two snapshots (keyed alike), and how many processes exited in between.
+def cores_by_kind(before: dict, after: dict, elapsed_s: float) -> tuple[collections.Counter, collections.Counter]:
+    """Cores each kind used between two snapshots (keyed alike), and how many of each kind exited in between.
 
-    A process that started in between counts from zero. One that exited is missing from ``after``, so its last
-    seconds are lost: the caller must say so (a run whose clients ended before the second snapshot read 0.01
-    client cores).
+    A process that started in between counts from zero. One that exited is missing from ``after``, so its
+    seconds in the window are not counted: the caller must say so (a run whose clients ended before the second
+    snapshot read 0.01 client cores).
     """
     cores: collections.Counter = collections.Counter()
     for key, now in after.items():
         was = before.get(key)
         cores[now.kind] += (now.cpu_s - (was.cpu_s if was else 0.0)) / elapsed_s
-    return cores, len(before.keys() - after.keys())
+    exited = collections.Counter(before[key].kind for key in before.keys() - after.keys())
+    return cores, exited
 
 
 def batches(metrics_ports: list[int]) -> tuple[float, float]:
@@ -218,14 +224,14 @@ def main() -> int:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         time.sleep(args.warmup + 1)
-        before, threads_before = snapshot(server.pid, bench.pid)
         batches_before = batches(metrics_ports)
         started = time.monotonic()
+        before, threads_before = snapshot(server.pid, bench.pid)
         profilers = profile(before, args.seconds, args.profiles) if args.profiles else []
         time.sleep(args.seconds)
         after, threads_after = snapshot(server.pid, bench.pid)
-        batches_after = batches(metrics_ports)
         elapsed = time.monotonic() - started
+        batches_after = batches(metrics_ports)
         for profiler in profilers:  # a profiler that falls behind may run on: the load has ended by then
             profiler.wait(timeout=120)
         output = bench.communicate(timeout=120)[0]
@@ -245,12 +251,16 @@ def main() -> int:
         raw = json.loads(raw_run.stdout.strip().splitlines()[-1])
     cores, exited = cores_by_kind(before, after, elapsed)
     if exited:
-        print(f"warning: {exited} process(es) exited during the window; their last CPU seconds are not counted")
+        print(f"warning: processes exited during the window, their CPU in it not counted: {dict(exited)}")
     threads, _ = cores_by_kind(threads_before, threads_after, elapsed)  # a thread's "kind" is its name
     by_thread: collections.Counter = collections.Counter()
     for name, used in threads.items():
-        by_thread[re.sub(r"\d+$", "N", name)] += used  # numbered pools (python3, client.poll1...) as one
+        # Numbered pools (client.poll1...) as one. Threads that never name themselves keep the process's name
+        # (python3: the event loop's and Python's own threads, and unnamed native ones).
+        by_thread[re.sub(r"\d+$", "N", name)] += used
     count, images = (b - a for a, b in zip(batches_before, batches_after, strict=True))
+    if images <= 0:
+        raise RuntimeError("the replicas ran no image in the measured window: see the server's log, " + str(log))
     window_rate = images / elapsed  # the images the replicas ran in the window: what its CPU was spent on
     report = {
         "setup": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
@@ -260,7 +270,7 @@ def main() -> int:
         "p50_ms": measured["latency_ms"]["p50"],
         "cores": {kind: round(cores[kind], 2) for kind in KINDS},
         "cpu_ms_per_image": {kind: round(1000 * cores[kind] / window_rate, 3) for kind in KINDS},
-        "exited_in_window": exited,
+        "exited_in_window": dict(exited),
         "front_end_threads_cores": {name: round(c, 2) for name, c in by_thread.most_common(8)},
         "mean_batch": round(images / count, 1) if count else None,
         "raw_model": raw,

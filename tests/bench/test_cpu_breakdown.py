@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 import psutil
@@ -11,7 +12,7 @@ import pytest
 
 from tests.bench import cpu_breakdown
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names come from /proc")
 
 
 def test_processes_are_told_apart_by_their_names_then_by_whom_they_descend_from():
@@ -58,4 +59,12 @@ def test_cores_count_each_kind_over_the_window_a_new_process_from_zero_and_an_ex
     after = {1: Sample("front end", 13.0), 2: Sample("replica", 5.5), 4: Sample("front end", 1.0)}  # 3 exited
     cores, exited = cpu_breakdown.cores_by_kind(before, after, elapsed_s=2.0)
     assert cores == {"front end": 2.0, "replica": 0.75}  # (3 + 1) / 2 and 1.5 / 2; the client's seconds are lost
-    assert exited == 1
+    assert exited == {"client": 1}
+
+
+def test_a_snapshot_finds_this_process_with_its_cpu_and_its_threads_by_name():
+    processes, threads = cpu_breakdown.snapshot(server=os.getpid(), client=-1)  # this process as the "server"
+    me = processes[os.getpid()]
+    assert me.kind == "front end" and me.cpu_s > 0
+    main = threads[(os.getpid(), threading.get_native_id())]  # the main thread's id is the process's
+    assert main.kind and main.cpu_s > 0  # its name, as the kernel has it, and its CPU seconds

@@ -231,6 +231,12 @@ def test_the_ray_token_auth_component_gives_every_ray_cluster_and_front_end_the_
     for spec in clusters:
         assert spec["authOptions"] == {"mode": "token", "secretName": RAY_AUTH_SECRET["name"]}
         assert tuple(map(int, spec["rayVersion"].split("."))) >= (2, 52)  # token auth's first Ray
+    for kind in ("RayCluster", "RayJob"):  # nothing else changed in them: without authOptions, the plain ones
+        of_kind = [copy.deepcopy(o) for o in secured if o["kind"] == kind]
+        for obj, plain_obj in zip(of_kind, [o for o in plain if o["kind"] == kind], strict=True):
+            spec = obj["spec"]["rayClusterSpec"] if kind == "RayJob" else obj["spec"]
+            del spec["authOptions"]
+            assert obj == plain_obj
     front_ends = [o for o in secured if o["kind"] == "Deployment"]
     assert len(front_ends) == (0 if build == "train" else 1)
     for deployment in map(copy.deepcopy, front_ends):  # the builds are shared by every test: changed on a copy

@@ -296,7 +296,10 @@ def test_a_stopping_server_answers_the_rest_calls_in_flight_and_refuses_new_ones
         until(lambda: scrape(server.server.metrics_port).value("convray_in_flight_requests", **in_flight_gauge) == 1)
         stopping = asyncio.run_coroutine_threadsafe(server.server.stop(grace_s=5), server.loop)
         until(lambda: port_closed(server))  # new connections refused: the drain has begun
-        kept_open.request("POST", "/v2/models/digits/infer", body)  # on the connection already open: refused
+        # On the connection already open: refused. Sent as bytes, so http.client sends head and body in one write,
+        # as clients do: sent apart, the 503 (given before the body is read) raced the body, which then met a
+        # closed socket (BrokenPipeError, once in CI).
+        kept_open.request("POST", "/v2/models/digits/infer", body.encode())
         refused = kept_open.getresponse()
         refused_status, refused_body = refused.status, json.loads(refused.read())
         status, _, reply = in_flight.result(timeout=30)

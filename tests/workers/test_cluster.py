@@ -44,5 +44,9 @@ def test_a_join_that_timed_out_names_token_authentication_as_a_cause_for_a_clust
     assert cluster.join_timeout_hint(None) == ""  # an embedded Ray: this process starts it, with its own token
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     assert "refuses a process without its token (RAY_AUTH_MODE=token" in cluster.join_timeout_hint("head:6379")
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # this process has a token: the cluster's may be another
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert "refuses a process without its token" in cluster.join_timeout_hint("head:6379")  # the mode alone
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "x" * 32)  # this process has a token: the cluster's may be another
     assert "refuses a token that is not its own (RAY_AUTH_TOKEN" in cluster.join_timeout_hint("head:6379")
