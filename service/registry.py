@@ -129,9 +129,15 @@ class ModelRegistry:
         """
         if not requested:
             return self.default_model
-        if len(requested) > MAX_NAME_CHARS:  # not hashed: a request may name a model in megabytes (found in review)
-            return UNKNOWN_MODEL_LABEL
-        return requested if requested in self._served else UNKNOWN_MODEL_LABEL
+        return requested if self._versions_named(requested) is not None else UNKNOWN_MODEL_LABEL
+
+    def _versions_named(self, name: str) -> dict[int, ServedModel] | None:
+        """The served versions of a model a request names, or None if none is served by that name.
+
+        A name longer than any model may have is not looked up, so not hashed: a request may name a model in
+        megabytes, and each lookup hashed it again (found in review).
+        """
+        return self._served.get(name) if len(name) <= MAX_NAME_CHARS else None
 
     def serves(self, served: ServedModel) -> bool:
         """Whether ``served`` is still loaded (False once a switch or unload retired it)."""
@@ -398,7 +404,7 @@ class ModelRegistry:
         if not self.ready:
             raise ModelNotReady("server is starting: models are still loading; retry shortly")
         wanted = name or self.default_model
-        versions = self._served.get(wanted) if len(wanted) <= MAX_NAME_CHARS else None  # no longer name is hashed
+        versions = self._versions_named(wanted)
         if not versions:
             if not name:
                 raise ModelNotFound(

@@ -328,11 +328,14 @@ class RestFrontEnd:
         decode thread (``_inflated``).
 
         Raises:
-            Refused: 413 past ``limit``, 415 for another encoding, 400 for data that does not inflate.
+            Refused: 413 past ``limit`` (as sent or inflated), 415 for another encoding, 400 for data that does not
+                inflate.
         """
         body = await request.read()
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding == "identity":
+            if len(body) > limit:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"the request body is over {limit} bytes", status=413)
             return body
         if encoding not in ("gzip", "deflate"):
             message = f"Content-Encoding {encoding[:40]!r} is not supported: send gzip, deflate or none"
@@ -345,12 +348,9 @@ class RestFrontEnd:
             grpc.StatusCode.INVALID_ARGUMENT, f"the request body is over {PARSE_OFF_THE_LOOP_BYTES} bytes"
         )
         try:
-            body = await self._body(request, PARSE_OFF_THE_LOOP_BYTES)
+            return await self._body(request, PARSE_OFF_THE_LOOP_BYTES)
         except Refused as refused:
             raise too_large if refused.status == 413 else refused from None
-        if len(body) > PARSE_OFF_THE_LOOP_BYTES:
-            raise too_large
-        return body
 
 
 def listening_addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, str]]:

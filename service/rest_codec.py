@@ -255,7 +255,7 @@ def _flat(data: Any) -> tuple[list[Any], set[type]]:
             break
         level = list(itertools.chain.from_iterable(level))
     items: list[Any] = []
-    pending = [iter(data)]
+    pending = [iter(level)]  # from the levels already flattened
     while pending:  # iterative: a deeply nested body must not exhaust the recursion limit
         for item in pending[-1]:
             if isinstance(item, list):
