@@ -10,12 +10,17 @@
 #   bench-group  `convray serve --frontends 8` against 8 separate front ends and 8 no-op servers, over streams,
 #                ResNet-style UINT8 (the 0.9x-the-raw-model goal of issue #7), about 5 minutes
 #   bench        the make bench-gpu comparison at 2 s points (raw model, no-op, Ray Serve, convray, bf16)
+#   graphs       --cuda-graphs against op by op: bench-group's setting with 8 separate front ends each way (and the
+#                raw model each way), then the breakdown's first run with CUDA graphs; about 4 minutes
+#   graphs-latency  --cuda-graphs against op by op with one front end at concurrency 1 and 32, FP32, digits and
+#                ResNet-style (and the raw model each way); about 3 minutes
 #   breakdown    where the node's CPU goes (tests/bench/cpu_breakdown.py: cores and CPU ms per image of the clients,
 #                front ends, replicas and Ray) under `convray serve --frontends 8`, then 4; about 2 minutes
 # Environment: PYTHON (default python3), GPUS (default 1; 0 runs the steps on a CPU, to try this script) and
 # FRONTENDS (default 8; bench-group's front ends, each with 32 requests in flight and two client processes).
 # TARGETS (default noop,convray,convray_group): bench-group's servers, as tests/bench/run.py --targets takes them.
 # TESTS: the test files the tests step runs (by default, every file with a test that needs a GPU).
+# REPEATS (default 1): the graphs step's repeats (each adds about 3 minutes).
 # PROFILES (unset by default): any value makes breakdown's first run also write py-spy profiles.
 # A step that fails is reported and the next one still runs; the exit status is then 1.
 set -euo pipefail
@@ -60,7 +65,7 @@ run_step() {
     case $1 in
         tests)
             # shellcheck disable=SC2086 (TESTS is a list of paths)
-            "$PYTHON" -m pytest -p no:cacheprovider -q ${TESTS:-tests/workers/test_replica.py tests/workers/test_forward.py \
+            "$PYTHON" -m pytest -p no:cacheprovider -q ${TESTS:-tests/workers/test_replica.py tests/workers/test_forward.py tests/workers/test_cuda_graphs.py \
                 tests/service/test_server_gpu.py tests/workers/test_train_gpu.py} 2>&1 | tee "$OUT/tests.txt"
             ;;
         bench-group)
@@ -80,11 +85,24 @@ run_step() {
                 --concurrency $((32 * half)) --streaming --out "$OUT/breakdown-half.json" 2>&1 \
                 | tee "$OUT/breakdown-half.txt"
             ;;
+        graphs)
+            bench graphs --models resnet_style --variants-on resnet_style --datatype UINT8 \
+                --targets "${TARGETS:-noop,convray,convray_cuda_graphs}" --repeats "${REPEATS:-1}" \
+                --frontends "$FRONTENDS" --client-processes $((2 * FRONTENDS)) \
+                --loaded-concurrency $((32 * FRONTENDS)) --streaming &&
+            "$PYTHON" tests/bench/cpu_breakdown.py --gpus "$GPUS" --frontends "$FRONTENDS" --clients $((2 * FRONTENDS)) \
+                --concurrency $((32 * FRONTENDS)) --streaming --serve-args "--cuda-graphs true" \
+                --out "$OUT/breakdown-graphs.json" 2>&1 | tee "$OUT/breakdown-graphs.txt"
+            ;;
+        graphs-latency)
+            bench graphs-latency --models digits,resnet_style --variants-on digits,resnet_style \
+                --targets noop,convray,convray_cuda_graphs --client-processes 4
+            ;;
         bench)
             bench bench --targets noop,ray_serve,convray,convray_bf16 --variants-on resnet_style --client-processes 4
             ;;
         *)
-            echo "unknown step '$1': tests, bench-group, bench or breakdown" >&2
+            echo "unknown step '$1': tests, bench-group, graphs, graphs-latency, bench or breakdown" >&2
             return 2
             ;;
     esac

@@ -55,6 +55,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--device": ("workers", "device"),
     "--amp": ("workers", "amp"),
     "--graph": ("workers", "graph"),
+    "--cuda-graphs": ("workers", "cuda_graphs"),
     "--max-restarts": ("workers", "max_restarts"),
     "--replica-start-timeout-s": ("workers", "replica_start_timeout_s"),
     "--batch-timeout-s": ("workers", "batch_timeout_s"),

@@ -140,6 +140,9 @@ class WorkerSettings(_Group):
     graph: Literal["auto", "frozen", "compiled", "eager"] = "auto"
     """Forward pass: ``frozen`` (TorchScript), ``compiled`` (torch.compile), ``eager``; ``auto``: frozen, eager with
     ``amp``."""
+    cuda_graphs: bool = False
+    """On a GPU, replay each batch's forward pass from CUDA graphs captured at load (one per batch size); not with
+    ``compiled``."""
     max_restarts: int = Field(3, ge=-1)
     """Times Ray restarts a replica that died; -1 means without limit."""
     replica_start_timeout_s: float = Field(600.0, gt=0)
@@ -154,6 +157,8 @@ class WorkerSettings(_Group):
     def _graph_fits_amp(self) -> WorkerSettings:
         if self.graph == "frozen" and self.amp != "none":
             raise ValueError(f"--graph frozen does not combine with --amp {self.amp}; use --graph compiled or eager")
+        if self.cuda_graphs and self.graph == "compiled":
+            raise ValueError("--cuda-graphs does not combine with --graph compiled; use --graph frozen or eager")
         if self.device == "cuda" and self.gpus_per_replica == 0:
             raise ValueError("--device cuda needs --gpus-per-replica above 0: Ray reserves no GPU for the replicas")
         return self

@@ -68,6 +68,7 @@ class ModelRegistry:
             device=workers.device,
             amp=workers.amp,
             graph=workers.graph,
+            cuda_graphs=workers.cuda_graphs,
             max_restarts=workers.max_restarts,
             start_timeout_s=workers.replica_start_timeout_s,
             fixed_cluster=started_here(workers.ray_address),  # an embedded Ray: no node can join

@@ -88,6 +88,7 @@ class ReplicaOptions:
     device: DeviceChoice = "auto"
     amp: AmpChoice = "none"
     graph: GraphChoice = "auto"  # how each replica runs its forward pass (see workers.forward)
+    cuda_graphs: bool = False  # on a GPU, replay the forward pass from captured CUDA graphs (workers.cuda_graphs)
     max_restarts: int = 3  # Ray restarts a dead actor this many times (its __init__ reloads the model)
     transport: Transport = "direct"  # how batches cross into a replica (see the module docstring)
     start_timeout_s: float = 600.0  # for every replica to be placed by Ray and load the version
@@ -215,6 +216,7 @@ class ReplicaPool:
             options.graph,
             options.max_batch_size,
             gpu_share=options.gpus_per_replica,
+            cuda_graphs=options.cuda_graphs,
         )
         actors = [start_replica() for _ in range(options.replicas)]
         describing = asyncio.gather(*(actor.describe.remote() for actor in actors))

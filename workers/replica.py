@@ -159,15 +159,19 @@ class ModelRunner:
         graph: GraphChoice = "auto",
         max_batch_size: int = 2,
         gpu_share: float = 1.0,
+        cuda_graphs: bool = False,
     ) -> None:
         """Load the version onto its device, build its forward graph and warm it up.
 
         ``max_batch_size`` is the largest batch the front end sends; on a GPU the warm-up runs the batch
         sizes up to it that ``warm_up_batch_sizes`` lists. ``gpu_share``: the part of the GPU this replica was
-        given (``--gpus-per-replica``), enforced on its memory (``limit_gpu_memory``).
+        given (``--gpus-per-replica``), enforced on its memory (``limit_gpu_memory``). ``cuda_graphs``: on a GPU,
+        replay the forward pass from CUDA graphs captured at load for each batch size up to ``max_batch_size``
+        (``workers.cuda_graphs``); ignored on CPU.
 
         Raises:
             RuntimeError: on a GPU, a batch of ``max_batch_size`` images does not fit in its memory.
+            ValueError: ``cuda_graphs`` with the ``compiled`` graph (torch.compile has its own), even on CPU.
         """
         import torch
 
@@ -175,6 +179,8 @@ class ModelRunner:
         from convray.workers.models import prepare_for_inference
         from convray.workers.transforms import Normaliser
 
+        if cuda_graphs and graph == "compiled":
+            raise ValueError("CUDA graphs do not combine with graph 'compiled'; use graph 'frozen' or 'eager'")
         if threads:
             torch.set_num_threads(threads)
         # Fast paths (direct channel, compiled graph) call `run` from their own threads; Ray calls use the main one.
@@ -194,8 +200,32 @@ class ModelRunner:
         with autocast_context(self.device, amp):
             self.graph, self._forward = serving_forward(self.module, self._normalise, graph, amp, example)
         self.warmed_up_to = 2  # every batch size up to this one has run once
+        self.cuda_graphs = False  # whether batches replay captured CUDA graphs
         if self.device.type == "cuda":
             self.warm_up(warm_up_batch_sizes(max_batch_size))
+            if cuda_graphs:
+                self._capture_graphs(max_batch_size)
+
+    def _capture_graphs(self, max_batch_size: int) -> None:
+        """Replace the forward pass by its CUDA graphs (``workers.cuda_graphs``); keep it if the capture fails.
+
+        Raises:
+            RuntimeError: the graphs do not fit in this replica's GPU memory.
+        """
+        import torch
+
+        from convray.workers.cuda_graphs import graphed_forward
+
+        try:
+            with torch.inference_mode(), autocast_context(self.device, self.amp):
+                graphed = graphed_forward(self._forward, self._expected_shape, max_batch_size, self.device)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise RuntimeError(
+                f"the CUDA graphs of {self.name} for batches of up to {max_batch_size} images do not fit in GPU "
+                f"memory; lower --max-batch-size, give each replica more of the GPU or turn --cuda-graphs off ({exc})"
+            ) from None
+        if graphed is not None:
+            self._forward, self.cuda_graphs = graphed, True
 
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         """Run one zero batch of each size through ``predict``, so no request is the first of its size.
@@ -310,7 +340,7 @@ class ModelRunner:
         return self._listener.address
 
     def describe(self) -> dict[str, Any]:
-        """Where this replica runs: device, process id, model and version, its input (C, H, W) and forward graph."""
+        """Where this replica runs and how: device, process id, model, version, input (C, H, W), graph, CUDA graphs."""
         return {
             "device": str(self.device),
             "pid": os.getpid(),
@@ -319,4 +349,5 @@ class ModelRunner:
             "input_shape": list(self._expected_shape),
             "graph": self.graph,
             "warmed_up_to": self.warmed_up_to,
+            "cuda_graphs": self.cuda_graphs,
         }

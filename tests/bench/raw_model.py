@@ -33,8 +33,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--cuda-graphs", action="store_true", help="on a GPU, replay captured CUDA graphs")
     args = parser.parse_args()
-    runner = ModelRunner(args.model_repo, args.model, 1, device=args.device, threads=args.threads)
+    runner = ModelRunner(
+        args.model_repo,
+        args.model,
+        1,
+        device=args.device,
+        threads=args.threads,
+        max_batch_size=args.batch,
+        cuda_graphs=args.cuda_graphs,
+    )
     single = measure(runner, 1, args.seconds)
     batched = measure(runner, args.batch, args.seconds)
     print(
@@ -44,6 +53,7 @@ def main() -> None:
                 "batch1_img_per_s": round(single, 1),
                 f"batch{args.batch}_img_per_s": round(batched, 1),
                 "threads": torch.get_num_threads(),
+                "cuda_graphs": runner.cuda_graphs,
             }
         )
     )

@@ -85,6 +85,7 @@ def test_no_metrics_disables_the_endpoint():
         (["--http-port", "9101", "--frontends", "2"], "the front ends' metrics ports 9100-9101 include --http-port"),
         (["--graph", "jit"], "graph"),
         (["--graph", "frozen", "--amp", "bf16"], "--graph frozen does not combine with --amp bf16"),
+        (["--cuda-graphs", "true", "--graph", "compiled"], "--cuda-graphs does not combine with --graph compiled"),
         (["--device", "cuda"], "--device cuda needs --gpus-per-replica above 0"),
         (["--gpus-per-replica", "2"], "gpus_per_replica"),  # a replica uses one GPU; more would sit idle
     ],

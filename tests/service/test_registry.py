@@ -419,3 +419,19 @@ def test_a_new_version_that_failed_to_load_is_tried_again_and_served_once_it_loa
     while server.server.registry.loaded_versions("digits") != [2]:
         assert time.monotonic() < deadline, server.server.registry.loaded_versions("digits")
         time.sleep(0.1)
+
+
+def test_the_worker_settings_a_replica_runs_with_reach_the_options_it_is_started_with():
+    workers = WorkerSettings(
+        device="cuda", gpus_per_replica=0.5, amp="bf16", graph="eager", cuda_graphs=True, transport="actor-call"
+    )
+    registry = ModelRegistry(
+        ModelRepository(SHIPPED_MODELS),
+        "digits",
+        BatchingSettings(max_batch_size=12),
+        workers,
+        Metrics(CollectorRegistry()),
+    )
+    options = registry._replica_options
+    assert (options.device, options.gpus_per_replica, options.amp, options.graph) == ("cuda", 0.5, "bf16", "eager")
+    assert options.cuda_graphs is True and options.transport == "actor-call" and options.max_batch_size == 12

@@ -58,20 +58,29 @@ def digits(ray_address, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "graph,amp,tolerance",
-    [("frozen", "none", 1e-3), ("eager", "bf16", 3e-2), ("compiled", "fp16", 1e-2)],
+    "graph,amp,cuda_graphs,tolerance",
+    [
+        ("frozen", "none", False, 1e-3),
+        ("eager", "bf16", False, 3e-2),
+        ("compiled", "fp16", False, 1e-2),
+        ("frozen", "none", True, 1e-3),
+        ("eager", "bf16", True, 3e-2),
+    ],
 )
-def test_gpu_replicas_run_on_cuda_and_agree_with_the_cpu_server(ray_address, digits, graph, amp, tolerance):
+def test_gpu_replicas_run_on_cuda_and_agree_with_the_cpu_server(
+    ray_address, digits, graph, amp, cuda_graphs, tolerance
+):
     assert ray.cluster_resources().get("GPU", 0) >= 1, "Ray does not see the GPU that torch sees"
     repo, images, on_cpu = digits
     settings = server_settings(
         repo, workers__replicas=1, workers__device="cuda", workers__gpus_per_replica=0.5,
-        workers__graph=graph, workers__amp=amp,
+        workers__graph=graph, workers__amp=amp, workers__cuda_graphs=cuda_graphs,
     )  # fmt: skip
     server = ServerThread(settings).start()
     try:
         placement = replica_placement(server)
         assert [info["device"] for info in placement] == ["cuda"] and placement[0]["graph"] == graph
+        assert placement[0]["cuda_graphs"] == cuda_graphs
         assert placement[0]["warmed_up_to"] == settings.batching.max_batch_size  # no request is the first of its size
         on_gpu = classify_all(server, images)
     finally:

@@ -1,0 +1,75 @@
+"""CUDA graphs for a replica's forward pass: which sizes are captured, which one a batch runs on, and (on a GPU)
+that replaying them gives the answers of the forward pass run op by op."""
+
+import numpy as np
+import pytest
+import torch
+
+from convray.workers.cuda_graphs import GraphedForward, capture_sizes, graph_size_for
+from convray.workers.replica import ModelRunner
+from tests.conftest import SHIPPED_MODELS
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def test_a_graph_is_captured_for_every_batch_size_up_to_64_then_powers_of_two_and_the_maximum():
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(32) == list(range(1, 33))
+    assert capture_sizes(64) == list(range(1, 65))
+    assert capture_sizes(128) == [*range(1, 65), 128]
+    assert capture_sizes(300) == [*range(1, 65), 128, 256, 300]
+    assert len(capture_sizes(4096)) == 64 + 6  # 128 ... 2048, and 4096
+
+
+def test_a_batch_runs_on_the_smallest_graph_that_holds_it_and_on_none_past_the_largest():
+    sizes = capture_sizes(300)
+    assert graph_size_for(1, sizes) == 1
+    assert graph_size_for(64, sizes) == 64
+    assert graph_size_for(65, sizes) == 128  # padded
+    assert graph_size_for(257, sizes) == 300
+    assert graph_size_for(301, sizes) is None  # run op by op
+
+
+def test_a_cpu_replica_ignores_cuda_graphs_and_says_so():
+    plain = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", threads=1)
+    asked = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", threads=1, cuda_graphs=True)
+    assert asked.describe()["cuda_graphs"] is False
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 1, 8, 8), dtype=np.uint8)
+    np.testing.assert_array_equal(asked.predict(pixels)[0], plain.predict(pixels)[0])
+
+
+@needs_gpu
+@pytest.mark.parametrize("graph,amp,tolerance", [("frozen", "none", 1e-5), ("eager", "bf16", 1e-2)])
+def test_a_gpu_replica_replaying_graphs_answers_every_batch_size_as_op_by_op(graph, amp, tolerance):
+    plain = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cuda", graph=graph, amp=amp, max_batch_size=12)
+    graphed = ModelRunner(
+        str(SHIPPED_MODELS), "digits", 1, device="cuda", graph=graph, amp=amp, max_batch_size=12, cuda_graphs=True
+    )
+    assert graphed.describe()["cuda_graphs"] is True and plain.describe()["cuda_graphs"] is False
+    rng = np.random.default_rng(0)
+    for size in [12, 3, 1, 7, 12, 20]:  # 20: past the largest graph, run op by op
+        pixels = rng.integers(0, 256, (size, 1, 8, 8), dtype=np.uint8)
+        expected, got = plain.predict(pixels)[0], graphed.predict(pixels)[0]
+        assert got.shape == (size, 10)
+        np.testing.assert_allclose(got, expected, atol=tolerance)
+
+
+@needs_gpu
+def test_a_padded_batch_is_not_changed_by_what_the_padding_rows_hold():
+    runner = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cuda", max_batch_size=2)
+    forward = runner._forward
+    with torch.inference_mode():
+        graphed = GraphedForward(forward, (1, 8, 8), [4, 8], torch.device("cuda"))
+        rng = np.random.default_rng(1)
+        full = torch.from_numpy(rng.integers(0, 256, (8, 1, 8, 8), dtype=np.uint8)).cuda()
+        graphed(full)  # leaves these images in the input buffer's tail
+        for size in (3, 5):  # padded to 4 and 8
+            batch = torch.from_numpy(rng.integers(0, 256, (size, 1, 8, 8), dtype=np.uint8)).cuda()
+            torch.testing.assert_close(graphed(batch).clone(), forward(batch), atol=1e-5, rtol=0)
+        batch = full.repeat(2, 1, 1, 1)  # 16: past the largest graph
+        torch.testing.assert_close(graphed(batch), forward(batch))
+
+
+def test_cuda_graphs_do_not_combine_with_torch_compile_even_on_cpu():
+    with pytest.raises(ValueError, match="do not combine with graph 'compiled'"):
+        ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", graph="compiled", cuda_graphs=True)
