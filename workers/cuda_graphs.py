@@ -3,43 +3,37 @@
 Run op by op, a forward pass costs the CPU a kernel launch per operation (tens of microseconds each through
 TorchScript's interpreter or eager PyTorch), and at the batch sizes a serving replica sees, the GPU waits on
 those launches. A CUDA graph records the whole pass once and replays it with one call. A graph is fixed to
-the shapes it was captured with, so ``GraphedForward`` captures one per batch size of ``capture_sizes`` and
-runs a batch on the smallest that holds it, its tail rows padding (every image is computed on its own: the
-padding changes no other row's output).
+the shapes it was captured with, so ``GraphedForward`` captures one per batch size a GPU replica warms up
+(``capture_sizes``) and runs a batch on the smallest that holds it, its tail rows padding (every image is
+computed on its own: the padding changes no other row's output).
 
 Captured graphs read their input from one fixed buffer and write their output to fixed tensors, so a replay
 and the copy of its output must not overlap another's: the replica's model lock serialises them. All graphs
-share one memory pool (they never run at once), so their activations cost the largest graph's.
+share one memory pool (they never run at once, and none reads another's memory), so their activations cost
+the largest graph's.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
+from convray.workers.forward import Forward
+from convray.workers.replica import warm_up_batch_sizes
+
 log = logging.getLogger(__name__)
-
-Forward = Callable[[torch.Tensor], torch.Tensor]
-
-CAPTURE_EVERY_SIZE_UP_TO = 64  # past it, graphs for powers of two and the maximum: a batch is padded to one
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:
-    """The batch sizes to capture a graph for, ascending.
+    """The batch sizes to capture a graph for, ascending: those a GPU replica runs at load.
 
-    Every one up to ``CAPTURE_EVERY_SIZE_UP_TO``, then powers of two and ``max_batch_size`` itself: a
-    ``--max-batch-size`` of 4096 must not capture 4096 graphs.
+    Every one up to ``replica.WARM_EVERY_SIZE_UP_TO``, then powers of two and ``max_batch_size`` itself (a
+    ``--max-batch-size`` of 4096 must not capture 4096 graphs). Each has run op by op before its capture.
     """
-    sizes = list(range(1, min(max_batch_size, CAPTURE_EVERY_SIZE_UP_TO) + 1))
-    power = CAPTURE_EVERY_SIZE_UP_TO * 2
-    while power < max_batch_size:
-        sizes.append(power)
-        power *= 2
-    if max_batch_size > CAPTURE_EVERY_SIZE_UP_TO:
-        sizes.append(max_batch_size)
-    return sizes
+    return [size for size in (1, 2) if size <= max_batch_size] + warm_up_batch_sizes(max_batch_size)
 
 
 def graph_size_for(batch: int, sizes: list[int]) -> int | None:
@@ -61,8 +55,8 @@ class GraphedForward:
     def __init__(self, forward: Forward, image_shape: tuple[int, ...], sizes: Iterable[int], device: torch.device):
         """Capture ``forward`` at each of ``sizes``.
 
-        Call under the same ``torch.inference_mode`` and autocast as the replays will run in, after ``forward``
-        has run at least once on ``device``.
+        Call under the ``torch.inference_mode`` the replays will run in, and under autocast without its weight
+        cache (``replica.autocast_context(..., cache=False)``), after ``forward`` has run on ``device``.
 
         Raises:
             torch.cuda.OutOfMemoryError: the graphs' memory does not fit.
@@ -105,15 +99,28 @@ def graphed_forward(
 ) -> GraphedForward | None:
     """``forward`` as CUDA graphs for batches of up to ``max_batch_size``, or None when the capture fails.
 
-    A failed capture is logged as a warning: the replica then serves op by op rather than not at all. An
-    out-of-memory error is raised: the op-by-op pass needs most of that memory too.
+    A failed capture (an op a graph cannot hold, the graphs' memory past the replica's share) is logged as a
+    warning and the replica serves op by op rather than not at all: its memory is let go and one batch is run
+    op by op, so a capture that left the GPU unusable fails the load here instead of every batch later.
+
+    Raises:
+        RuntimeError: after a failed capture, the GPU no longer runs the forward pass (the message says why).
     """
+    stream = torch.cuda.current_stream(device)
     try:
         return GraphedForward(forward, image_shape, capture_sizes(max_batch_size), device)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as exc:  # an op the capture cannot hold, a driver refusing: serve without graphs
+    except Exception as exc:  # noqa: BLE001 (any failure: the op-by-op pass is checked below)
+        # A capture that ends in an error can leave its side stream current (torch.cuda.graph ends the capture
+        # before it restores the stream, and ending one that failed raises).
+        torch.cuda.set_stream(stream)
+        gc.collect()  # the half-built graphs and their pool
+        torch.cuda.empty_cache()
         log.warning(
             "could not capture CUDA graphs (%s: %s); running the forward pass op by op", type(exc).__name__, exc
         )
-        return None
+    try:
+        forward(torch.zeros((1, *image_shape), dtype=torch.uint8, device=device))
+        torch.cuda.synchronize(device)
+    except Exception as exc:
+        raise RuntimeError(f"the GPU cannot run the model after a failed CUDA graph capture: {exc}") from exc
+    return None

@@ -82,10 +82,14 @@ def limit_gpu_memory(device: torch.device, share: float) -> None:
         torch.cuda.set_per_process_memory_fraction(float(share))  # the current device: the replica's one GPU
 
 
-def autocast_context(device: torch.device, amp: AmpChoice) -> contextlib.AbstractContextManager[object]:
+def autocast_context(
+    device: torch.device, amp: AmpChoice, cache: bool = True
+) -> contextlib.AbstractContextManager[object]:
     """Mixed precision for the forward pass, or a no-op when ``amp`` is ``none``.
 
-    fp16 autocast is a GPU feature; on CPU only bf16 is offered by torch, so fp16 there is refused.
+    fp16 autocast is a GPU feature; on CPU only bf16 is offered by torch, so fp16 there is refused. ``cache``:
+    whether autocast may keep the low-precision copies of the weights it makes for the context's length; a CUDA
+    graph capture must not (its graphs would read copies freed when the context ends).
     """
     if amp == "none":
         return contextlib.nullcontext()
@@ -93,7 +97,7 @@ def autocast_context(device: torch.device, amp: AmpChoice) -> contextlib.Abstrac
         raise ValueError("amp 'fp16' needs a GPU; use 'bf16' or 'none' on CPU")
     import torch
 
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, _AMP_DTYPES[amp]))
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, _AMP_DTYPES[amp]), cache_enabled=cache)
 
 
 def to_device(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -170,7 +174,8 @@ class ModelRunner:
         (``workers.cuda_graphs``); ignored on CPU.
 
         Raises:
-            RuntimeError: on a GPU, a batch of ``max_batch_size`` images does not fit in its memory.
+            RuntimeError: on a GPU, a batch of ``max_batch_size`` images does not fit in its memory, or a failed
+                CUDA graph capture left the GPU unusable.
             ValueError: ``cuda_graphs`` with the ``compiled`` graph (torch.compile has its own), even on CPU.
         """
         import torch
@@ -207,23 +212,13 @@ class ModelRunner:
                 self._capture_graphs(max_batch_size)
 
     def _capture_graphs(self, max_batch_size: int) -> None:
-        """Replace the forward pass by its CUDA graphs (``workers.cuda_graphs``); keep it if the capture fails.
-
-        Raises:
-            RuntimeError: the graphs do not fit in this replica's GPU memory.
-        """
+        """Replace the forward pass by its CUDA graphs (``workers.cuda_graphs``); keep it if the capture fails."""
         import torch
 
         from convray.workers.cuda_graphs import graphed_forward
 
-        try:
-            with torch.inference_mode(), autocast_context(self.device, self.amp):
-                graphed = graphed_forward(self._forward, self._expected_shape, max_batch_size, self.device)
-        except torch.cuda.OutOfMemoryError as exc:
-            raise RuntimeError(
-                f"the CUDA graphs of {self.name} for batches of up to {max_batch_size} images do not fit in GPU "
-                f"memory; lower --max-batch-size, give each replica more of the GPU or turn --cuda-graphs off ({exc})"
-            ) from None
+        with torch.inference_mode(), autocast_context(self.device, self.amp, cache=False):
+            graphed = graphed_forward(self._forward, self._expected_shape, max_batch_size, self.device)
         if graphed is not None:
             self._forward, self.cuda_graphs = graphed, True
 

@@ -63,6 +63,14 @@ def test_a_switch_may_be_given_bare_or_with_a_value():
     assert settings_from_args(serve_args()).models.control is False
 
 
+def test_cuda_graphs_are_off_unless_asked_for_by_flag_or_environment(monkeypatch):
+    assert settings_from_args(serve_args()).workers.cuda_graphs is False
+    assert settings_from_args(serve_args("--cuda-graphs", "true")).workers.cuda_graphs is True
+    assert settings_from_args(serve_args("--cuda-graphs")).workers.cuda_graphs is True
+    monkeypatch.setenv("CONVRAY_WORKERS__CUDA_GRAPHS", "true")
+    assert settings_from_args(serve_args()).workers.cuda_graphs is True
+
+
 def test_every_serve_flag_maps_onto_a_real_field():
     for flag, (group, field) in SERVE_FLAGS.items():
         assert field in Settings.model_fields[group].annotation.model_fields, flag

@@ -421,7 +421,7 @@ def test_a_new_version_that_failed_to_load_is_tried_again_and_served_once_it_loa
         time.sleep(0.1)
 
 
-def test_the_worker_settings_a_replica_runs_with_reach_the_options_it_is_started_with():
+def test_the_worker_settings_a_replica_runs_with_reach_the_registry_s_replica_options():
     workers = WorkerSettings(
         device="cuda", gpus_per_replica=0.5, amp="bf16", graph="eager", cuda_graphs=True, transport="actor-call"
     )

@@ -1,15 +1,16 @@
 """CUDA graphs for a replica's forward pass: which sizes are captured, which one a batch runs on, and (on a GPU)
-that replaying them gives the answers of the forward pass run op by op."""
+that replaying them gives the answers of the forward pass run op by op, and that a failed capture leaves the
+replica serving op by op."""
+
+import logging
 
 import numpy as np
 import pytest
 import torch
 
-from convray.workers.cuda_graphs import GraphedForward, capture_sizes, graph_size_for
-from convray.workers.replica import ModelRunner
+from convray.workers.cuda_graphs import GraphedForward, capture_sizes, graph_size_for, graphed_forward
+from convray.workers.replica import ModelRunner, warm_up_batch_sizes
 from tests.conftest import SHIPPED_MODELS
-
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
 def test_a_graph_is_captured_for_every_batch_size_up_to_64_then_powers_of_two_and_the_maximum():
@@ -18,7 +19,13 @@ def test_a_graph_is_captured_for_every_batch_size_up_to_64_then_powers_of_two_an
     assert capture_sizes(64) == list(range(1, 65))
     assert capture_sizes(128) == [*range(1, 65), 128]
     assert capture_sizes(300) == [*range(1, 65), 128, 256, 300]
-    assert len(capture_sizes(4096)) == 64 + 6  # 128 ... 2048, and 4096
+    assert capture_sizes(4096) == [*range(1, 65), 128, 256, 512, 1024, 2048, 4096]
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 2, 3, 64, 65, 300, 4096])
+def test_every_captured_size_has_run_op_by_op_at_load_before_its_capture(max_batch_size):
+    warmed = {1, 2, *warm_up_batch_sizes(max_batch_size)}  # the graph's own warm-up runs 1 and 2
+    assert set(capture_sizes(max_batch_size)) <= warmed
 
 
 def test_a_batch_runs_on_the_smallest_graph_that_holds_it_and_on_none_past_the_largest():
@@ -38,7 +45,12 @@ def test_a_cpu_replica_ignores_cuda_graphs_and_says_so():
     np.testing.assert_array_equal(asked.predict(pixels)[0], plain.predict(pixels)[0])
 
 
-@needs_gpu
+def test_cuda_graphs_do_not_combine_with_torch_compile_even_on_cpu():
+    with pytest.raises(ValueError, match="do not combine with graph 'compiled'"):
+        ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", graph="compiled", cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("graph,amp,tolerance", [("frozen", "none", 1e-5), ("eager", "bf16", 1e-2)])
 def test_a_gpu_replica_replaying_graphs_answers_every_batch_size_as_op_by_op(graph, amp, tolerance):
     plain = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cuda", graph=graph, amp=amp, max_batch_size=12)
@@ -46,18 +58,32 @@ def test_a_gpu_replica_replaying_graphs_answers_every_batch_size_as_op_by_op(gra
         str(SHIPPED_MODELS), "digits", 1, device="cuda", graph=graph, amp=amp, max_batch_size=12, cuda_graphs=True
     )
     assert graphed.describe()["cuda_graphs"] is True and plain.describe()["cuda_graphs"] is False
+    # Memory freed since the capture is taken and overwritten: a graph that read memory it does not own (autocast's
+    # cached copies of the weights, another graph's) would now compute from garbage.
+    torch.full((64 * 2**20,), 255, dtype=torch.uint8, device="cuda")
     rng = np.random.default_rng(0)
-    for size in [12, 3, 1, 7, 12, 20]:  # 20: past the largest graph, run op by op
+    for size in [1, 7, 2, 12, 3, 4, 5, 6, 8, 9, 10, 11, 1]:  # the smallest graph first: the last one captured
         pixels = rng.integers(0, 256, (size, 1, 8, 8), dtype=np.uint8)
         expected, got = plain.predict(pixels)[0], graphed.predict(pixels)[0]
         assert got.shape == (size, 10)
         np.testing.assert_allclose(got, expected, atol=tolerance)
 
 
-@needs_gpu
-def test_a_padded_batch_is_not_changed_by_what_the_padding_rows_hold():
+class CountingForward:
+    """A forward pass that counts the calls that reach it (captures and warm-up included)."""
+
+    def __init__(self, forward):
+        self.forward, self.calls = forward, 0
+
+    def __call__(self, pixels):
+        self.calls += 1
+        return self.forward(pixels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_padded_batch_is_not_changed_by_what_the_padding_rows_hold_and_a_larger_one_runs_op_by_op():
     runner = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cuda", max_batch_size=2)
-    forward = runner._forward
+    forward = CountingForward(runner._forward)
     with torch.inference_mode():
         graphed = GraphedForward(forward, (1, 8, 8), [4, 8], torch.device("cuda"))
         rng = np.random.default_rng(1)
@@ -65,11 +91,27 @@ def test_a_padded_batch_is_not_changed_by_what_the_padding_rows_hold():
         graphed(full)  # leaves these images in the input buffer's tail
         for size in (3, 5):  # padded to 4 and 8
             batch = torch.from_numpy(rng.integers(0, 256, (size, 1, 8, 8), dtype=np.uint8)).cuda()
-            torch.testing.assert_close(graphed(batch).clone(), forward(batch), atol=1e-5, rtol=0)
-        batch = full.repeat(2, 1, 1, 1)  # 16: past the largest graph
-        torch.testing.assert_close(graphed(batch), forward(batch))
+            calls = forward.calls
+            got = graphed(batch).clone()
+            assert forward.calls == calls  # replayed, not run
+            torch.testing.assert_close(got, runner._forward(batch), atol=1e-5, rtol=0)
+        calls = forward.calls
+        graphed(full.repeat(2, 1, 1, 1))  # 16: past the largest graph
+        assert forward.calls == calls + 1
 
 
-def test_cuda_graphs_do_not_combine_with_torch_compile_even_on_cpu():
-    with pytest.raises(ValueError, match="do not combine with graph 'compiled'"):
-        ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", graph="compiled", cuda_graphs=True)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_forward_pass_a_graph_cannot_hold_is_served_op_by_op_with_a_warning(caplog):
+    runner = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cuda", max_batch_size=4)
+    stream = torch.cuda.current_stream()
+
+    def syncs_with_the_host(pixels):  # .item() waits for the GPU: not allowed while capturing
+        probabilities = runner._forward(pixels)
+        probabilities.sum().item()
+        return probabilities
+
+    with torch.inference_mode(), caplog.at_level(logging.WARNING):
+        assert graphed_forward(syncs_with_the_host, (1, 8, 8), 4, torch.device("cuda")) is None
+    assert "could not capture CUDA graphs" in caplog.text
+    assert torch.cuda.current_stream() == stream  # not left on the capture's side stream
+    assert runner.predict(np.zeros((3, 1, 8, 8), np.uint8))[0].shape == (3, 10)
