@@ -206,10 +206,14 @@ class ModelRunner:
             self.graph, self._forward = serving_forward(self.module, self._normalise, graph, amp, example)
         self.warmed_up_to = 2  # every batch size up to this one has run once
         self.cuda_graphs = False  # whether batches replay captured CUDA graphs
-        if self.device.type == "cuda":
+        if self.graph == "compiled":
+            # torch.compile's guards recompile the graph, for seconds, at sizes its own warm-up did not call it the
+            # way `predict` does (batches of 1 and 16 on CPU, measured): those must happen here, not to a request.
+            self.warm_up([1, 2, *warm_up_batch_sizes(max_batch_size)])
+        elif self.device.type == "cuda":
             self.warm_up(warm_up_batch_sizes(max_batch_size))
-            if cuda_graphs:
-                self._capture_graphs(max_batch_size)
+        if self.device.type == "cuda" and cuda_graphs:
+            self._capture_graphs(max_batch_size)
 
     def _capture_graphs(self, max_batch_size: int) -> None:
         """Replace the forward pass by its CUDA graphs (``workers.cuda_graphs``); keep it if the capture fails."""

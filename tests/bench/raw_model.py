@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from convray.workers.replica import ModelRunner
+from convray.workers.replica import ModelRunner, gpu_memory_bytes
 
 
 def measure(runner: ModelRunner, batch: int, seconds: float) -> float:
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--cuda-graphs", action="store_true", help="on a GPU, replay captured CUDA graphs")
     args = parser.parse_args()
+    started = time.perf_counter()
     runner = ModelRunner(
         args.model_repo,
         args.model,
@@ -44,6 +45,8 @@ def main() -> None:
         max_batch_size=args.batch,
         cuda_graphs=args.cuda_graphs,
     )
+    load_s = time.perf_counter() - started  # on a GPU: the warm-up of every batch size, and the graphs' capture
+    _, reserved = gpu_memory_bytes(runner.device)
     single = measure(runner, 1, args.seconds)
     batched = measure(runner, args.batch, args.seconds)
     print(
@@ -54,6 +57,8 @@ def main() -> None:
                 f"batch{args.batch}_img_per_s": round(batched, 1),
                 "threads": torch.get_num_threads(),
                 "cuda_graphs": runner.cuda_graphs,
+                "load_s": round(load_s, 2),
+                "gpu_memory_reserved_mib": round(reserved / 2**20, 1),
             }
         )
     )

@@ -127,13 +127,37 @@ def test_a_warm_up_batch_that_does_not_fit_the_gpu_fails_the_load_naming_the_set
         runner.warm_up([4096])
 
 
-def test_a_cpu_replica_warms_only_its_graph_at_one_and_two_images():
+def test_a_cpu_replica_warms_only_its_graph_at_one_and_two_images_unless_compiled():
     # On CPU a new batch size costs ~0.1-1 ms once (scripts/first_batch_cost.py); warming 32 sizes of a large
     # model would cost seconds per load.
     runner = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", threads=1, max_batch_size=32)
     assert runner.describe()["warmed_up_to"] == 2
     runner.warm_up(range(3, 6))
     assert runner.describe()["warmed_up_to"] == 5
+
+
+def test_a_compiled_graph_compiles_at_load_and_never_for_a_request(monkeypatch):
+    """Found in review: torch.compile recompiled at batches of 1 and 16 on CPU, seconds each, on the request that
+    met them. Dynamo traces for real; its graphs run as they are (no Inductor: minutes cold on 2 cores)."""
+    compiled_graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiled_graphs.append(graph_module)
+        return graph_module.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: real_compile(module, backend=counting_backend, **kw))
+    torch._dynamo.reset()  # graphs compiled by earlier tests would hide this one's compiles
+    try:
+        runner = ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", threads=1, graph="compiled",
+                             max_batch_size=20)  # fmt: skip
+        assert compiled_graphs and runner.describe()["warmed_up_to"] == 20
+        at_load = len(compiled_graphs)
+        for size in range(1, 21):
+            runner.predict(np.zeros((size, 1, 8, 8), np.uint8))
+            assert len(compiled_graphs) == at_load, f"compiled again for a batch of {size}"
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.fixture(scope="module")
