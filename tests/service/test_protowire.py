@@ -1,7 +1,9 @@
 """Counting a request's protobuf fields from its wire bytes, before protobuf parses it (service/protowire.py)."""
 
+import pytest
+
 from convray.oip import inference_pb2 as oip
-from convray.service.protowire import MAX_REQUEST_FIELDS, count_fields
+from convray.service.protowire import MAX_DEPTH, MAX_REQUEST_FIELDS, WireFormatError, count_fields
 
 REQUEST = oip.ModelInferRequest.DESCRIPTOR
 
@@ -24,13 +26,17 @@ def test_a_tensors_packed_values_are_one_field_and_each_bytes_element_one():
 
 
 def test_counting_stops_past_the_budget_at_any_depth():
-    empty_inputs = b"\x2a\x00" * 1_000_000  # 2 MB: a million empty inputs, 0.7 s and 736 MB to parse at 16 MiB
-    assert count_fields(empty_inputs, REQUEST) is None
-    assert count_fields(b"\x2a\x00" * MAX_REQUEST_FIELDS, REQUEST) == MAX_REQUEST_FIELDS
+    assert count_fields(b"\x2a\x00" * MAX_REQUEST_FIELDS, REQUEST) == MAX_REQUEST_FIELDS  # empty inputs
     assert count_fields(b"\x2a\x00" * (MAX_REQUEST_FIELDS + 1), REQUEST) is None
+    # A million empty inputs, then bytes that are not wire format: counting stops at the budget, before the fault.
+    assert count_fields(b"\x2a\x00" * 1_000_000 + b"\xff", REQUEST) is None
     one_input = oip.ModelInferRequest()
-    one_input.inputs.add().contents.bytes_contents.extend([b""] * MAX_REQUEST_FIELDS)
+    one_input.inputs.add().contents.bytes_contents.extend([b""] * MAX_REQUEST_FIELDS)  # depth 3
     assert count_fields(one_input.SerializeToString(), REQUEST) is None
+    parameters = oip.ModelInferRequest()
+    for i in range(MAX_REQUEST_FIELDS // 3):  # each entry: the entry, its key, its value
+        parameters.inputs.add().parameters[str(i)]  # noqa: B018 (adds an entry with an empty value)
+    assert count_fields(parameters.SerializeToString(), REQUEST) is None
 
 
 def test_an_unknown_field_is_one_field_whatever_it_holds():
@@ -40,6 +46,32 @@ def test_an_unknown_field_is_one_field_whatever_it_holds():
     assert count_fields(unknown, REQUEST) == 1
 
 
-def test_bytes_that_are_not_wire_format_are_left_to_the_parser():
-    for data in (b"\xff\xff\xff", b"\x2a\x05\x00", b"\x0b\x00", b"\x80" * 11):  # bad varint, overrun, group, long
-        assert count_fields(data, REQUEST) is not None
+@pytest.mark.parametrize(
+    "data,fault",
+    [
+        (b"\x2b\x2c" + b"\x2a\x00" * 10, "wire type 3 of field 5 (groups are not accepted)"),  # a group at inputs
+        (b"\x2a\x00" * 10 + b"\x0b\x0c", "wire type 3 of field 1"),  # a group at the end
+        (b"\x2a\x04\x22\x00\x22\x00" + b"\x3a\x05", "field 7 runs past the end"),  # a fault after nested fields
+        (b"\x2a\x05\x00", "field 5 runs past the end"),
+        (b"\x2a\x02\x22\x05", "field 4 runs past the end"),  # inside the input
+        (b"\x80" * 11, "a varint runs past"),
+        (b"\x0d\x00", "field 1 runs past the end"),  # a fixed32 cut short
+    ],
+)
+def test_wire_format_the_count_cannot_follow_is_refused_not_left_to_the_parser(data, fault):
+    """Found in review: a walk that stopped at a fault counted only what came before, and protobuf then parsed a
+    million inputs inside a group (kept as an unknown field), or nested ones before a bad tail."""
+    with pytest.raises(WireFormatError, match=fault.replace("(", r"\(").replace(")", r"\)")):
+        count_fields(data, REQUEST)
+
+
+def test_messages_nested_deeper_than_the_limit_are_refused():
+    from google.protobuf import descriptor_pb2
+
+    # FileDescriptorProto nests DescriptorProto in DescriptorProto (nested_type, field 3) without end.
+    nested = b""
+    for _ in range(MAX_DEPTH):
+        nested = b"\x1a" + bytes([len(nested)]) + nested
+    assert count_fields(nested, descriptor_pb2.DescriptorProto.DESCRIPTOR) == MAX_DEPTH
+    with pytest.raises(WireFormatError, match=f"nested over {MAX_DEPTH} deep"):
+        count_fields(b"\x1a" + bytes([len(nested)]) + nested, descriptor_pb2.DescriptorProto.DESCRIPTOR)
