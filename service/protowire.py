@@ -21,25 +21,54 @@ MAX_REQUEST_FIELDS = 16_384
 (the largest batch) and their tensor's other fields fit four times. A tensor's values are one field when packed,
 as every protobuf library sends repeated numbers by default."""
 
+MAX_PACKED_VARINT_BYTES = 8 * 1024 * 1024
+"""Most bytes of packed variable-length integers a request may hold (OIP's INT, UINT and BOOL tensor contents, a
+shape): protobuf decodes them one value at a time, about 15 ns and up to 16 bytes of memory a byte (4 MiB took
+62 ms; 64 MiB of a shape took 4.5 s and 1.2 GB on a loaded machine). 8 MiB holds about 5M UINT8 values, 37 images
+of 3x224x224; ``raw_input_contents`` holds any number, and FP32 values are not varints."""
+
 MAX_DEPTH = 16  # messages nested in messages; OIP nests four deep (request, input, contents or parameters, value)
 
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
+_VARINT_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT32,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_BOOL,
+        FieldDescriptor.TYPE_ENUM,
+    }
+)
 
 
 class WireFormatError(ValueError):
     """The bytes are not protobuf wire format that ``count_fields`` follows; the message says where."""
 
 
-def count_fields(data: bytes | memoryview, descriptor: Descriptor, budget: int = MAX_REQUEST_FIELDS) -> int | None:
-    """The fields ``data`` holds, counting those of the messages nested in it, or None for more than ``budget``.
+class OverBudget(ValueError):
+    """The message holds more than a budget allows (fields, or bytes of packed varints); the message says which."""
 
-    Counting stops as soon as it passes ``budget``, so it takes at most ``budget`` steps.
+
+def count_fields(
+    data: bytes | memoryview,
+    descriptor: Descriptor,
+    budget: int = MAX_REQUEST_FIELDS,
+    packed_varint_budget: int = MAX_PACKED_VARINT_BYTES,
+) -> int:
+    """The fields ``data`` holds, counting those of the messages nested in it.
+
+    Counting stops as soon as it passes ``budget``, so it takes at most ``budget`` steps. Packed repeated integers
+    are one field each, but their bytes are added up against ``packed_varint_budget``.
 
     Raises:
+        OverBudget: over ``budget`` fields or ``packed_varint_budget`` bytes of packed varints.
         WireFormatError: ``data`` is not wire format this walk follows (see the module docstring).
     """
     view = memoryview(data)
-    count = 0
+    count = packed_varint_bytes = 0
     pending = [(0, len(view), descriptor, 0)]  # spans of messages still to walk: start, end, type, depth
     while pending:
         position, end, message, depth = pending.pop()
@@ -47,7 +76,7 @@ def count_fields(data: bytes | memoryview, descriptor: Descriptor, budget: int =
             key, position = _varint(view, position, end)
             count += 1
             if count > budget:
-                return None
+                raise OverBudget(f"over {budget} protobuf fields, nested ones included")
             number, wire_type = key >> 3, key & 7
             if wire_type == _VARINT:
                 _, position = _varint(view, position, end)
@@ -62,6 +91,10 @@ def count_fields(data: bytes | memoryview, descriptor: Descriptor, budget: int =
                     if depth + 1 > MAX_DEPTH:
                         raise WireFormatError(f"messages nested over {MAX_DEPTH} deep")
                     pending.append((position, position + length, field.message_type, depth + 1))
+                elif field is not None and field.type in _VARINT_TYPES:  # packed: decoded one value at a time
+                    packed_varint_bytes += length
+                    if packed_varint_bytes > packed_varint_budget:
+                        raise OverBudget(f"over {packed_varint_budget} bytes of packed integers")
                 position += length
             else:
                 raise WireFormatError(f"wire type {wire_type} of field {number} (groups are not accepted)")

@@ -127,13 +127,18 @@ def request_sizes(settings: Settings) -> RequestSizes:
     OIP inference carries tensors of several images; the native API's Classify, ClassifyStream (each message) and
     Explain one image; the rest a few small fields.
     """
-    classifier = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
-    inference = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+    classifier = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"]
+    inference = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    large = {f"/{inference.full_name}/{m}": inference.methods_by_name[m] for m in ("ModelInfer", "ModelStreamInfer")}
+    one_image = {
+        f"/{classifier.full_name}/{m}": classifier.methods_by_name[m] for m in ("Classify", "ClassifyStream", "Explain")
+    }
     return RequestSizes(
         max_message_bytes=settings.server.max_message_bytes,
         max_image_bytes=settings.inputs.max_image_bytes,
-        large=frozenset(f"/{inference}/{method}" for method in ("ModelInfer", "ModelStreamInfer")),
-        one_image=frozenset(f"/{classifier}/{method}" for method in ("Classify", "ClassifyStream", "Explain")),
+        large=frozenset(large),
+        one_image=frozenset(one_image),
+        request_types={name: method.input_type for name, method in (large | one_image).items()},
     )
 
 

@@ -113,11 +113,11 @@ def graphed_forward(
         # A capture that ends in an error can leave its side stream current (torch.cuda.graph ends the capture
         # before it restores the stream, and ending one that failed raises).
         torch.cuda.set_stream(stream)
-        gc.collect()  # the half-built graphs and their pool
-        torch.cuda.empty_cache()
-        log.warning(
-            "could not capture CUDA graphs (%s: %s); running the forward pass op by op", type(exc).__name__, exc
-        )
+        failure = f"{type(exc).__name__}: {exc}"
+    # Out of the except block: its traceback held the half-built graphs, their outputs and pool until here.
+    gc.collect()
+    torch.cuda.empty_cache()
+    log.warning("could not capture CUDA graphs (%s); running the forward pass op by op", failure)
     try:
         forward(torch.zeros((1, *image_shape), dtype=torch.uint8, device=device))
         torch.cuda.synchronize(device)

@@ -13,7 +13,7 @@ cuDNN on GPU have faster kernels for it). ``graph`` chooses how that module runs
   a torch without it.
 - ``compiled``: ``torch.compile`` (Inductor) with dynamic batch sizes. It compiles during the warm-up at
   load (about 20 s for digits on the 2-core VM; its guards recompile at some batch sizes, 1 and 16 on CPU,
-  so a replica runs every batch size at load, ``ModelRunner``) and needs a C++ compiler on CPU, Triton and a
+  so a replica runs every batch size up to 64 at load, ``ModelRunner``) and needs a C++ compiler on CPU, Triton and a
   C compiler (for its launchers) on a GPU; the shipped images have no compiler.
 - ``eager``: the module as it is, one Python call per layer.
 - ``auto``: ``frozen``, or ``eager`` when mixed precision is on (a TorchScript trace does not carry

@@ -263,9 +263,20 @@ class ReplicaPool:
         )
         await asyncio.gather(*(pool._open_fast_path(index, info) for index, info in enumerate(described)))
         runs_on = sorted(
-            {f"{i['device']}, {i['graph']} graph, warm at batches 1-{i['warmed_up_to']}" for i in described}
+            {
+                f"{i['device']}, {i['graph']} graph{', CUDA graphs' if i['cuda_graphs'] else ''}, "
+                f"warm at batches 1-{i['warmed_up_to']}"
+                for i in described
+            }
         )
         log.info("%s version %d replicas run on %s; transport %s", name, version, " / ".join(runs_on), pool.transport)
+        if options.cuda_graphs and any(i["device"] == "cuda" and not i["cuda_graphs"] for i in described):
+            log.warning(
+                "%s version %d: --cuda-graphs is on but a replica on a GPU runs its forward pass op by op: its "
+                "capture failed (the replica's log says why)",
+                name,
+                version,
+            )
         return pool
 
     @property

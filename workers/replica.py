@@ -206,12 +206,14 @@ class ModelRunner:
             self.graph, self._forward = serving_forward(self.module, self._normalise, graph, amp, example)
         self.warmed_up_to = 2  # every batch size up to this one has run once
         self.cuda_graphs = False  # whether batches replay captured CUDA graphs
-        if self.graph == "compiled":
-            # torch.compile's guards recompile the graph, for seconds, at sizes its own warm-up did not call it the
-            # way `predict` does (batches of 1 and 16 on CPU, measured): those must happen here, not to a request.
-            self.warm_up([1, 2, *warm_up_batch_sizes(max_batch_size)])
-        elif self.device.type == "cuda":
-            self.warm_up(warm_up_batch_sizes(max_batch_size))
+        # torch.compile's guards recompile the graph at sizes its own warm-up did not call it the way `predict`
+        # does (batches of 1 and 16 on CPU, measured with dynamo alone): those must happen here, not to a request.
+        # On CPU up to 64 only: a batch of --max-batch-size (up to 4096) could take the host's memory.
+        first = [1, 2] if self.graph == "compiled" else []
+        if self.device.type == "cuda":
+            self.warm_up([*first, *warm_up_batch_sizes(max_batch_size)])
+        elif self.graph == "compiled":
+            self.warm_up([*first, *warm_up_batch_sizes(min(max_batch_size, WARM_EVERY_SIZE_UP_TO))])
         if self.device.type == "cuda" and cuda_graphs:
             self._capture_graphs(max_batch_size)
 
@@ -232,7 +234,8 @@ class ModelRunner:
         On a GPU the first batch of a new size pays for loading the kernels chosen for that shape and for
         growing the pinned and device memory pools (``scripts/first_batch_cost.py`` measures it). On CPU the
         first batch of a new size costs little next to its compute (oneDNN sets up its primitives), so the
-        graph's own warm-up at 1 and 2 images is all a replica runs there.
+        graph's own warm-up at 1 and 2 images is all a replica runs there, but for the ``compiled`` graph
+        (sizes up to 64: torch.compile's recompiles).
         """
         import torch
 

@@ -46,7 +46,10 @@ def main() -> None:
         cuda_graphs=args.cuda_graphs,
     )
     load_s = time.perf_counter() - started  # on a GPU: the warm-up of every batch size, and the graphs' capture
-    _, reserved = gpu_memory_bytes(runner.device)
+    peak_reserved = torch.cuda.max_memory_reserved() if runner.device.type == "cuda" else 0
+    if runner.device.type == "cuda":
+        torch.cuda.empty_cache()  # what the replica holds, graphs included, without the warm-up's cached blocks
+    _, held = gpu_memory_bytes(runner.device)
     single = measure(runner, 1, args.seconds)
     batched = measure(runner, args.batch, args.seconds)
     print(
@@ -58,7 +61,8 @@ def main() -> None:
                 "threads": torch.get_num_threads(),
                 "cuda_graphs": runner.cuda_graphs,
                 "load_s": round(load_s, 2),
-                "gpu_memory_reserved_mib": round(reserved / 2**20, 1),
+                "gpu_memory_held_mib": round(held / 2**20, 1),
+                "gpu_memory_peak_reserved_mib": round(peak_reserved / 2**20, 1),
             }
         )
     )

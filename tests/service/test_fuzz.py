@@ -146,7 +146,7 @@ def _refusal(channel, method: str, message: bytes) -> str:
 def test_a_large_request_of_too_many_tiny_fields_is_refused_before_it_is_parsed(channel, method):
     """Found in review: within --max-message-bytes, a request of empty OIP inputs took tens of nanoseconds and about
     40 bytes a byte to parse, seconds and gigabytes at 64 MiB; the fields of large requests are now counted first."""
-    from convray.service.protowire import MAX_REQUEST_FIELDS
+    from convray.service.protowire import MAX_PACKED_VARINT_BYTES, MAX_REQUEST_FIELDS
     from convray.service.rpc import COUNT_FIELDS_PAST_BYTES
 
     # Counted only past COUNT_FIELDS_PAST_BYTES (smaller requests parse in milliseconds): field 7 (OIP's raw input
@@ -160,15 +160,26 @@ def test_a_large_request_of_too_many_tiny_fields_is_refused_before_it_is_parsed(
     # stopped at the first thing it could not follow.
     hidden = _refusal(channel, method, b"\x2b\x2c" + b"\x2a\x00" * 1_000_000 + filler)
     assert hidden.startswith("request is not a valid protobuf message: wire type 3 of field 5")
+    if "inference" in method:  # an OIP input's shape of 9 MiB of one-byte varints
+        shape = b"\x1a" + _varint(9 << 20) + b"\x01" * (9 << 20)  # field 3 of an input, packed
+        packed = _refusal(channel, method, b"\x2a" + _varint(len(shape)) + shape)
+        assert packed.startswith(f"request holds over {MAX_PACKED_VARINT_BYTES} bytes of packed integers")
 
 
-def test_every_method_whose_requests_are_counted_has_a_known_request_type():
+def test_every_method_whose_requests_are_counted_has_its_request_type_and_a_missing_one_fails_the_start():
+    from convray.service.config import Settings
     from convray.service.rpc import MalformedMessageInterceptor, RequestSizes
+    from convray.service.server import request_sizes
 
-    sizes = RequestSizes(max_message_bytes=64 << 20, max_image_bytes=16 << 20, one_image=frozenset(),
-                         large=frozenset({"/inference.GRPCInferenceService/NoSuchMethod"}))  # fmt: skip
-    with pytest.raises(KeyError):
-        MalformedMessageInterceptor(sizes)
+    sizes = request_sizes(Settings())
+    counted = MalformedMessageInterceptor(sizes)._counted
+    assert set(counted) == sizes.large | sizes.one_image
+    assert counted["/inference.GRPCInferenceService/ModelInfer"] is oip.ModelInferRequest.DESCRIPTOR
+    assert counted["/convray.v1.Classifier/Classify"] is pb.ClassifyRequest.DESCRIPTOR
+    without_types = RequestSizes(max_message_bytes=64 << 20, max_image_bytes=16 << 20, one_image=frozenset(),
+                                 large=frozenset({"/inference.GRPCInferenceService/ModelInfer"}))  # fmt: skip
+    with pytest.raises(KeyError, match="ModelInfer: its requests' fields could not be counted"):
+        MalformedMessageInterceptor(without_types)
 
 
 def _varint(value: int) -> bytes:

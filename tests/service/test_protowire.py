@@ -3,7 +3,14 @@
 import pytest
 
 from convray.oip import inference_pb2 as oip
-from convray.service.protowire import MAX_DEPTH, MAX_REQUEST_FIELDS, WireFormatError, count_fields
+from convray.service.protowire import (
+    MAX_DEPTH,
+    MAX_PACKED_VARINT_BYTES,
+    MAX_REQUEST_FIELDS,
+    OverBudget,
+    WireFormatError,
+    count_fields,
+)
 
 REQUEST = oip.ModelInferRequest.DESCRIPTOR
 
@@ -27,16 +34,34 @@ def test_a_tensors_packed_values_are_one_field_and_each_bytes_element_one():
 
 def test_counting_stops_past_the_budget_at_any_depth():
     assert count_fields(b"\x2a\x00" * MAX_REQUEST_FIELDS, REQUEST) == MAX_REQUEST_FIELDS  # empty inputs
-    assert count_fields(b"\x2a\x00" * (MAX_REQUEST_FIELDS + 1), REQUEST) is None
-    # A million empty inputs, then bytes that are not wire format: counting stops at the budget, before the fault.
-    assert count_fields(b"\x2a\x00" * 1_000_000 + b"\xff", REQUEST) is None
+    over = f"over {MAX_REQUEST_FIELDS} protobuf fields"
+    with pytest.raises(OverBudget, match=over):
+        count_fields(b"\x2a\x00" * (MAX_REQUEST_FIELDS + 1), REQUEST)
+    with pytest.raises(OverBudget, match=over):  # stops at the budget, before bytes that are not wire format
+        count_fields(b"\x2a\x00" * 1_000_000 + b"\xff", REQUEST)
     one_input = oip.ModelInferRequest()
     one_input.inputs.add().contents.bytes_contents.extend([b""] * MAX_REQUEST_FIELDS)  # depth 3
-    assert count_fields(one_input.SerializeToString(), REQUEST) is None
+    with pytest.raises(OverBudget, match=over):
+        count_fields(one_input.SerializeToString(), REQUEST)
     parameters = oip.ModelInferRequest()
     for i in range(MAX_REQUEST_FIELDS // 3):  # each entry: the entry, its key, its value
         parameters.inputs.add().parameters[str(i)]  # noqa: B018 (adds an entry with an empty value)
-    assert count_fields(parameters.SerializeToString(), REQUEST) is None
+    with pytest.raises(OverBudget, match=over):
+        count_fields(parameters.SerializeToString(), REQUEST)
+
+
+def test_packed_integers_are_one_field_but_their_bytes_have_a_budget_of_their_own():
+    """Found in review: a 64 MiB shape of one-byte varints counted 2 fields and took 4.5 s and 1.2 GB to parse."""
+    within = oip.ModelInferRequest()
+    within.inputs.add().contents.uint_contents.extend([255] * (MAX_PACKED_VARINT_BYTES // 2))  # two bytes each
+    assert count_fields(within.SerializeToString(), REQUEST) == 3
+    over = oip.ModelInferRequest()
+    over.inputs.add().shape.extend([1] * (MAX_PACKED_VARINT_BYTES + 1))
+    with pytest.raises(OverBudget, match=f"over {MAX_PACKED_VARINT_BYTES} bytes of packed integers"):
+        count_fields(over.SerializeToString(), REQUEST)
+    floats = oip.ModelInferRequest()  # fixed-width values are copied whole, not decoded one at a time
+    floats.inputs.add().contents.fp32_contents.extend([1.0] * (MAX_PACKED_VARINT_BYTES // 2))
+    assert count_fields(floats.SerializeToString(), REQUEST) == 3
 
 
 def test_an_unknown_field_is_one_field_whatever_it_holds():
