@@ -693,7 +693,8 @@ class ReplicaPool:
     def _let_go(self) -> tuple[list[FastPath], list[Any]]:
         """Stop the probes and replacements, forget the fast paths and actors; return what was held."""
         for task in [*self._probes.values(), *self._replacing.values()]:
-            task.cancel()
+            task.cancel()  # not awaited (this runs outside the loop's tasks too): what it ends with is taken below
+            task.add_done_callback(take_outcome)
         paths = [path for path in self._fast_paths if path is not None]
         actors, self._actors = self._actors, []
         self._fast_paths = [None] * len(actors)
