@@ -21,11 +21,13 @@ MAX_REQUEST_FIELDS = 16_384
 (the largest batch) and their tensor's other fields fit four times. A tensor's values are one field when packed,
 as every protobuf library sends repeated numbers by default."""
 
-MAX_PACKED_VARINT_BYTES = 8 * 1024 * 1024
+MAX_PACKED_VARINT_BYTES = 16 * 1024 * 1024
 """Most bytes of packed variable-length integers a request may hold (OIP's INT, UINT and BOOL tensor contents, a
-shape): protobuf decodes them one value at a time, about 15 ns and up to 16 bytes of memory a byte (4 MiB took
-62 ms; 64 MiB of a shape took 4.5 s and 1.2 GB on a loaded machine). 8 MiB holds about 5M UINT8 values, 37 images
-of 3x224x224; ``raw_input_contents`` holds any number, and FP32 values are not varints."""
+shape): protobuf decodes them one value at a time, 15 ns a byte idle and about 70 loaded, with up to about 18 bytes
+of memory a byte (4 MiB took 62 ms idle; 64 MiB of a shape took 4.5 s and 1.2 GB on a loaded machine). 16 MiB holds
+55 to 111 UINT8 images of 3x224x224 in ``uint_contents`` (a value under 128 takes one byte, others two: 74 of random
+pixels), over the default --max-batch-size of 32; ``raw_input_contents`` holds any number, and FP32 values are not
+varints."""
 
 MAX_DEPTH = 16  # messages nested in messages; OIP nests four deep (request, input, contents or parameters, value)
 
@@ -50,6 +52,10 @@ class WireFormatError(ValueError):
 
 class OverBudget(ValueError):
     """The message holds more than a budget allows (fields, or bytes of packed varints); the message says which."""
+
+    def __init__(self, message: str, packed_integers: bool = False) -> None:
+        super().__init__(message)
+        self.packed_integers = packed_integers  # the packed varints' budget, not the fields'
 
 
 def count_fields(
@@ -94,7 +100,7 @@ def count_fields(
                 elif field is not None and field.type in _VARINT_TYPES:  # packed: decoded one value at a time
                     packed_varint_bytes += length
                     if packed_varint_bytes > packed_varint_budget:
-                        raise OverBudget(f"over {packed_varint_budget} bytes of packed integers")
+                        raise OverBudget(f"over {packed_varint_budget} bytes of packed integers", packed_integers=True)
                 position += length
             else:
                 raise WireFormatError(f"wire type {wire_type} of field {number} (groups are not accepted)")

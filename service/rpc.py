@@ -469,10 +469,14 @@ def _safe(
             except WireFormatError as exc:
                 return _Undecodable(f"request is not a valid protobuf message: {exc}")
             except OverBudget as exc:
-                return _Undecodable(
-                    f"request holds {exc}, far more than a real one: repeated numbers count as one field when packed "
-                    "(protobuf's default), and an OIP tensor's values may go in raw_input_contents"
-                )
+                if exc.packed_integers:
+                    advice = "send a tensor's UINT8 or INT values in raw_input_contents, which holds any number"
+                else:
+                    advice = (
+                        "far more than a real one: repeated numbers count as one field when packed (protobuf's "
+                        "default), and an OIP tensor's values may go in raw_input_contents"
+                    )
+                return _Undecodable(f"request holds {exc}; {advice}")
         try:
             return deserialize(data)
         except Exception as exc:  # noqa: BLE001 (protobuf raises DecodeError and others)
@@ -519,7 +523,7 @@ class RequestSizes:
     max_image_bytes: int
     large: frozenset[str]
     one_image: frozenset[str]
-    request_types: Mapping[str, Descriptor] = field(default_factory=dict)  # of the large and one-image methods
+    request_types: Mapping[str, Descriptor] = field(hash=False)  # of the large and one-image methods
 
     def of(self, method: str) -> tuple[int, str]:
         """The limit of ``method`` (its full name, ``/package.Service/Method``), and where it comes from."""
@@ -544,8 +548,8 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
         """Resolve the request type of every method whose requests have their fields counted.
 
         Raises:
-            KeyError: a method takes over ``COUNT_FIELDS_PAST_BYTES`` and protobuf does not know it (its requests'
-                fields could not be counted).
+            KeyError: a method takes over ``COUNT_FIELDS_PAST_BYTES`` and ``sizes.request_types`` lacks it (its
+                requests' fields could not be counted).
         """
         self._sizes = sizes
         self._handlers = HandlerCache(self._wrap)

@@ -160,10 +160,11 @@ def test_a_large_request_of_too_many_tiny_fields_is_refused_before_it_is_parsed(
     # stopped at the first thing it could not follow.
     hidden = _refusal(channel, method, b"\x2b\x2c" + b"\x2a\x00" * 1_000_000 + filler)
     assert hidden.startswith("request is not a valid protobuf message: wire type 3 of field 5")
-    if "inference" in method:  # an OIP input's shape of 9 MiB of one-byte varints
-        shape = b"\x1a" + _varint(9 << 20) + b"\x01" * (9 << 20)  # field 3 of an input, packed
+    if "inference" in method:  # an OIP input's shape of one-byte varints, past the budget
+        size = MAX_PACKED_VARINT_BYTES + 1
+        shape = b"\x1a" + _varint(size) + b"\x01" * size  # field 3 of an input, packed
         packed = _refusal(channel, method, b"\x2a" + _varint(len(shape)) + shape)
-        assert packed.startswith(f"request holds over {MAX_PACKED_VARINT_BYTES} bytes of packed integers")
+        assert packed.startswith(f"request holds over {MAX_PACKED_VARINT_BYTES} bytes of packed integers; send")
 
 
 def test_every_method_whose_requests_are_counted_has_its_request_type_and_a_missing_one_fails_the_start():
@@ -177,7 +178,9 @@ def test_every_method_whose_requests_are_counted_has_its_request_type_and_a_miss
     assert counted["/inference.GRPCInferenceService/ModelInfer"] is oip.ModelInferRequest.DESCRIPTOR
     assert counted["/convray.v1.Classifier/Classify"] is pb.ClassifyRequest.DESCRIPTOR
     without_types = RequestSizes(max_message_bytes=64 << 20, max_image_bytes=16 << 20, one_image=frozenset(),
-                                 large=frozenset({"/inference.GRPCInferenceService/ModelInfer"}))  # fmt: skip
+                                 large=frozenset({"/inference.GRPCInferenceService/ModelInfer"}),
+                                 request_types={})  # fmt: skip
+    assert hash(sizes) == hash(request_sizes(Settings()))  # a frozen dataclass, hashable as one
     with pytest.raises(KeyError, match="ModelInfer: its requests' fields could not be counted"):
         MalformedMessageInterceptor(without_types)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from convray.workers.cuda_graphs import GraphedForward, capture_sizes, graph_size_for, graphed_forward
-from convray.workers.replica import ModelRunner
+from convray.workers.replica import ModelRunner, warm_up_batch_sizes
 from tests.conftest import SHIPPED_MODELS
 
 
@@ -20,6 +20,12 @@ def test_a_graph_is_captured_for_every_batch_size_up_to_64_then_powers_of_two_an
     assert capture_sizes(128) == [*range(1, 65), 128]
     assert capture_sizes(300) == [*range(1, 65), 128, 256, 300]
     assert capture_sizes(4096) == [*range(1, 65), 128, 256, 512, 1024, 2048, 4096]
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 2, 3, 64, 65, 300, 4096])
+def test_every_captured_size_has_run_op_by_op_at_load_before_its_capture(max_batch_size):
+    warmed = {1, 2, *warm_up_batch_sizes(max_batch_size)}  # the graph's own warm-up runs 1 and 2
+    assert set(capture_sizes(max_batch_size)) <= warmed
 
 
 def test_a_batch_runs_on_the_smallest_graph_that_holds_it_and_on_none_past_the_largest():

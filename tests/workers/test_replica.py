@@ -160,6 +160,16 @@ def test_a_compiled_graph_compiles_at_load_and_never_for_a_request(monkeypatch):
         torch._dynamo.reset()
 
 
+def test_a_compiled_cpu_replica_warms_sizes_up_to_64_only(monkeypatch):
+    """A batch of --max-batch-size (up to 4096) at load could take a CPU host's memory; past 64 a recompile may still
+    meet a request (not measured)."""
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)  # the warm-up's sizes are what is tested
+    warmed = []
+    monkeypatch.setattr(ModelRunner, "warm_up", lambda self, sizes: warmed.extend(sizes))
+    ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", threads=1, graph="compiled", max_batch_size=300)
+    assert warmed == [1, 2, *range(3, 65)]
+
+
 @pytest.fixture(scope="module")
 def runner():
     return ModelRunner(str(SHIPPED_MODELS), "digits", 1, device="cpu", threads=1)
