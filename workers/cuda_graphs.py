@@ -22,18 +22,18 @@ from collections.abc import Iterable
 import torch
 
 from convray.workers.forward import Forward
-from convray.workers.replica import warm_up_batch_sizes
+from convray.workers.replica import every_batch_size
 
 log = logging.getLogger(__name__)
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:
-    """The batch sizes to capture a graph for, ascending: those a GPU replica runs at load.
+    """The batch sizes to capture a graph for, ascending: ``replica.every_batch_size``, which a GPU replica has run.
 
     Every one up to ``replica.WARM_EVERY_SIZE_UP_TO``, then powers of two and ``max_batch_size`` itself (a
     ``--max-batch-size`` of 4096 must not capture 4096 graphs). Each has run op by op before its capture.
     """
-    return [size for size in (1, 2) if size <= max_batch_size] + warm_up_batch_sizes(max_batch_size)
+    return every_batch_size(max_batch_size)
 
 
 def graph_size_for(batch: int, sizes: list[int]) -> int | None:

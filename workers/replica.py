@@ -53,6 +53,14 @@ def warm_up_batch_sizes(max_batch_size: int) -> list[int]:
     return sizes
 
 
+def every_batch_size(max_batch_size: int) -> list[int]:
+    """The batch sizes, ascending, a replica runs at load where each must have run before a request meets it.
+
+    Those of ``warm_up_batch_sizes`` and, before them, the 1 and 2 its graph's own warm-up runs outside ``predict``.
+    """
+    return [size for size in (1, 2) if size <= max_batch_size] + warm_up_batch_sizes(max_batch_size)
+
+
 def select_device(requested: DeviceChoice, cuda_available: bool) -> torch.device:
     """``cuda`` when asked for or when ``auto`` and a GPU is visible, else ``cpu``.
 
@@ -209,11 +217,11 @@ class ModelRunner:
         # torch.compile's guards recompile the graph at sizes its own warm-up did not call it the way `predict`
         # does (batches of 1 and 16 on CPU, measured with dynamo alone): those must happen here, not to a request.
         # On CPU up to 64 only: a batch of --max-batch-size (up to 4096) could take the host's memory.
-        first = [1, 2] if self.graph == "compiled" else []
         if self.device.type == "cuda":
-            self.warm_up([*first, *warm_up_batch_sizes(max_batch_size)])
+            compiled = self.graph == "compiled"
+            self.warm_up(every_batch_size(max_batch_size) if compiled else warm_up_batch_sizes(max_batch_size))
         elif self.graph == "compiled":
-            self.warm_up([*first, *warm_up_batch_sizes(min(max_batch_size, WARM_EVERY_SIZE_UP_TO))])
+            self.warm_up(every_batch_size(min(max_batch_size, WARM_EVERY_SIZE_UP_TO)))
         if self.device.type == "cuda" and cuda_graphs:
             self._capture_graphs(max_batch_size)
 

@@ -46,8 +46,9 @@ def main() -> None:
         cuda_graphs=args.cuda_graphs,
     )
     load_s = time.perf_counter() - started  # on a GPU: the warm-up of every batch size, and the graphs' capture
-    peak_reserved = torch.cuda.max_memory_reserved() if runner.device.type == "cuda" else 0
+    peak_reserved = 0
     if runner.device.type == "cuda":
+        peak_reserved = torch.cuda.max_memory_reserved()
         torch.cuda.empty_cache()  # what the replica holds, graphs included, without the warm-up's cached blocks
     _, held = gpu_memory_bytes(runner.device)
     single = measure(runner, 1, args.seconds)
