@@ -35,6 +35,58 @@ def model_repo(tmp_path: Path) -> Path:
     return target
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item, for fixtures that report more when a test failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def ray_state_on_failure(request):
+    """When the test fails (a pytest-timeout included), print what the shared Ray was doing: its actors and
+    placement groups that are not done, its free resources, and the lines its workers logged during the test
+    that name an error or a retry. A Tune search once hung for the whole timeout in CI with nothing to go on."""
+    import time
+
+    started = time.time()
+    yield
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        print(_ray_state(started), file=sys.stderr)
+
+
+RAY_LOG_MARKERS = ("FailurePolicy", "Error", "Traceback", "WARNING", "Timeout", "timed out", "PENDING")
+
+
+def _ray_state(since: float, max_lines: int = 120) -> str:
+    import ray
+
+    if not ray.is_initialized():
+        return "ray_state_on_failure: Ray is not initialised"
+    lines = [f"ray_state_on_failure: available {ray.available_resources()} of {ray.cluster_resources()}"]
+    try:
+        from ray._private import state
+
+        for actor in state.actors().values():
+            if actor.get("State") != "DEAD":
+                lines.append(f"  actor {actor.get('ActorClassName')} {actor.get('State')} pid {actor.get('Pid')}")
+        for group in ray.util.placement_group_table().values():
+            if group.get("state") != "REMOVED":
+                lines.append(f"  placement group {group.get('name')!r} {group.get('state')} {group.get('bundles')}")
+        logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    except Exception as exc:  # noqa: BLE001 (a private API moved: say so, keep what was found)
+        return "\n".join([*lines, f"  (could not read more: {exc!r})"])
+    found = []
+    for path in sorted(logs.glob("*.*"), key=lambda p: p.stat().st_mtime):
+        if path.suffix not in (".err", ".out") or path.stat().st_mtime < since:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        found += [f"  {path.name}: {line}" for line in text if any(marker in line for marker in RAY_LOG_MARKERS)]
+    return "\n".join([*lines, *found[-max_lines:]])
+
+
 @pytest.fixture(scope="session")
 def ray_address() -> str:
     """One local Ray for the whole test run (started on first use), shared by every server under test."""

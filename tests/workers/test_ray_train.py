@@ -11,7 +11,7 @@ from convray.workers.repository import ModelRepository
 from convray.workers.train import TrainConfig, train_and_publish
 from convray.workers.train_config import TrainingFailed
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_state_on_failure")]
 
 
 def two_workers(tmp_path, **overrides) -> TrainConfig:

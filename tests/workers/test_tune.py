@@ -42,6 +42,7 @@ def test_a_choice_changes_the_head_pooling_activation_dropout_and_width_of_the_s
 
 
 @pytest.mark.integration
+@pytest.mark.usefixtures("ray_state_on_failure")
 def test_a_two_trial_search_publishes_the_best_trial(ray_address, tmp_path):
     config = TrainConfig(workers=1, cpus_per_worker=0.5, epochs=2, storage_path=str(tmp_path / "runs"))
     lines, progress = [], Recorder()
@@ -228,6 +229,7 @@ def test_a_search_whose_every_trial_failed_says_so(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.usefixtures("ray_state_on_failure")
 def test_a_search_whose_trial_fails_part_way_publishes_nothing(ray_address, tmp_path):
     """The reviewer's case, for real: the trial dies at the start of epoch 2 of 2, with no restart allowed."""
     config = TrainConfig(
