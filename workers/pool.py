@@ -139,8 +139,12 @@ class ReplicaPool:
         on_lost: Callable[[], None] | None = None,
         direct_host: str | None = None,
         batch_timeout_s: float = 0.0,
+        cuda_graphs: bool = False,
     ) -> None:
         """Wrap started actors; ``compiled_in_flight`` is each compiled graph's capacity.
+
+        ``cuda_graphs``: the replicas were asked to replay CUDA graphs; one on a GPU that runs op by op (its
+        capture failed) is logged as it comes into service, at load and after a restart or replacement.
 
         ``batch_timeout_s`` (0: none): a replica that has not answered a batch by then is stuck (a hung GPU, a
         deadlock, a stopped process: alive, so Ray restarts nothing). It is killed for Ray to restart, and the
@@ -162,6 +166,7 @@ class ReplicaPool:
         self._on_failure, self._on_lost = on_failure, on_lost
         self._direct_host = direct_host
         self._batch_timeout_s = batch_timeout_s or None
+        self._cuda_graphs = cuda_graphs
         self._in_flight = [0] * len(actors)
         self._tie_break = itertools.count()
         self._compiled_in_flight = compiled_in_flight
@@ -260,7 +265,10 @@ class ReplicaPool:
             # server's own default bind does (found in review: they listened on the machine's routable address).
             direct_host="127.0.0.1" if options.fixed_cluster else None,
             batch_timeout_s=options.batch_timeout_s,
+            cuda_graphs=options.cuda_graphs,
         )
+        for index, info in enumerate(described):
+            pool._warn_if_graphs_failed(index, info)
         await asyncio.gather(*(pool._open_fast_path(index, info) for index, info in enumerate(described)))
         runs_on = sorted(
             {
@@ -270,14 +278,16 @@ class ReplicaPool:
             }
         )
         log.info("%s version %d replicas run on %s; transport %s", name, version, " / ".join(runs_on), pool.transport)
-        if options.cuda_graphs and any(i["device"] == "cuda" and not i["cuda_graphs"] for i in described):
-            log.warning(
-                "%s version %d: --cuda-graphs is on but a replica on a GPU runs its forward pass op by op: its "
-                "capture failed (the replica's log says why)",
-                name,
-                version,
-            )
         return pool
+
+    def _warn_if_graphs_failed(self, index: int, described: dict[str, Any]) -> None:
+        if self._cuda_graphs and described["device"] == "cuda" and not described["cuda_graphs"]:
+            log.warning(
+                "replica %s of version %d: --cuda-graphs is on but it runs its forward pass op by op on its GPU: "
+                "its capture failed (the replica's log says why)",
+                self.replica_name(index),
+                self.version,
+            )
 
     @property
     def size(self) -> int:
@@ -546,6 +556,7 @@ class ReplicaPool:
     async def _back_in_service(self, index: int, described: dict[str, Any]) -> None:
         self._unwell.discard(index)
         self._given_up.pop(index, None)
+        self._warn_if_graphs_failed(index, described)
         await self._open_fast_path(index, described)
 
     async def _keep_replacing(self, index: int) -> None:

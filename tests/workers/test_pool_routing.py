@@ -221,3 +221,34 @@ async def test_letting_go_of_a_lost_clusters_replicas_waits_on_nothing_and_kills
     assert closed == [channel] and graph in pool_module._UNCLOSED_GRAPHS
     assert killed == (actors if stop_replicas else [])
     assert probe.cancelled() and pool.size == 0
+
+
+class GpuReplicaOpByOp(StandInActor):
+    """A replica on a GPU whose CUDA graph capture failed: ``describe`` says it runs its forward op by op."""
+
+    def _describe(self) -> dict:
+        return super()._describe() | {"device": "cuda", "cuda_graphs": False}
+
+
+@pytest.mark.parametrize("asked", [True, False])
+async def test_a_gpu_replica_back_in_service_without_its_cuda_graphs_is_logged_when_they_were_asked_for(caplog, asked):
+    """At load the front end warns of a GPU replica running op by op under --cuda-graphs; a restarted or replaced
+    one whose capture failed must be warned of too (it came back slower, with nothing said)."""
+    restarted = GpuReplicaOpByOp(dead=True)
+    pool = ReplicaPool("digits", 1, [restarted, StandInActor()], cuda_graphs=asked)
+    await asyncio.wait_for(pool.predict(BATCH), 5)  # replica 0 is found lost; its batch is retried on replica 1
+    assert pool.serving == 1
+    with caplog.at_level("WARNING", logger=pool_module.__name__):
+        restarted.dead = False  # Ray has restarted it
+        for _ in range(100):
+            if pool.serving == 2:
+                break
+            await asyncio.sleep(0.05)
+    assert pool.serving == 2
+    warned = [r.getMessage() for r in caplog.records if "--cuda-graphs is on" in r.getMessage()]
+    expected = (
+        "replica digits-0 of version 1: --cuda-graphs is on but it runs its forward pass op by op on its GPU: its "
+        "capture failed (the replica's log says why)"
+    )
+    assert warned == ([expected] if asked else [])
+    pool.shutdown()
