@@ -54,13 +54,22 @@ def ray_state_on_failure(request):
     yield
     report = getattr(request.node, "report_call", None)
     if report is not None and report.failed:
-        print(_ray_state(started), file=sys.stderr)
+        # To the terminal, where it lands beside the test's F in the progress lines: CI shows only the start and
+        # the end of a long output, and a captured section sits in the middle, after the traceback.
+        plugins = request.config.pluginmanager
+        terminal, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+        text = _ray_state(started)
+        if terminal is None or capture is None:
+            print(text, file=sys.stderr)
+            return
+        with capture.global_and_fixture_disabled():
+            terminal.write_line(f"\n{request.node.nodeid}: {text}")
 
 
 RAY_LOG_MARKERS = ("FailurePolicy", "Error", "Traceback", "WARNING", "Timeout", "timed out", "PENDING")
 
 
-def _ray_state(since: float, max_lines: int = 120) -> str:
+def _ray_state(since: float, max_lines: int = 60) -> str:
     import ray
 
     if not ray.is_initialized():
