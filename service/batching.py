@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -104,8 +103,12 @@ class Batcher(Generic[T, R]):
             ModelNotReady: the batcher is closed (the server is draining).
             DeadlineExpired: the deadline passed before the item's batch was formed.
         """
-        (future,) = self._admit([item], deadline)
-        return await future
+        (pending,) = self._admit([item], deadline)
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            self._forget(pending)
+            raise
 
     async def submit_many(self, items: Sequence[T], deadline: float | None = None) -> list[R]:
         """Queue several items at once, all or none, and wait for all their results (in order).
@@ -116,14 +119,15 @@ class Batcher(Generic[T, R]):
             ModelNotReady: the batcher is closed (the server is draining).
             DeadlineExpired: the deadline passed before the items' batches were formed.
         """
-        futures = self._admit(items, deadline)
-        if len(futures) == 1:  # the common case; gather's bookkeeping costs more than the rest of submit
-            return [await futures[0]]
+        admitted = self._admit(items, deadline)
         try:
-            return list(await asyncio.gather(*futures))
-        except Exception:
-            for future in futures:  # the caller has its answer: the rest leave the queue (running ones are skipped)
-                future.cancel()
+            if len(admitted) == 1:  # the common case; gather's bookkeeping costs more than the rest of submit
+                return [await admitted[0].future]
+            return list(await asyncio.gather(*(pending.future for pending in admitted)))
+        except BaseException:
+            for pending in admitted:  # the caller has its answer: the rest leave the queue (running ones are skipped)
+                pending.future.cancel()
+                self._forget(pending)
             raise
 
     @contextlib.contextmanager
@@ -153,19 +157,15 @@ class Batcher(Generic[T, R]):
         if len(self._queue) + self._reserved + count > self.max_queue:
             raise self._refusal(count)
 
-    def _admit(self, items: Sequence[T], deadline: float | None) -> list[asyncio.Future[R]]:
+    def _admit(self, items: Sequence[T], deadline: float | None) -> list[_Pending[T, R]]:
         self._check_room(len(items))
         loop = asyncio.get_running_loop()
         was_empty = not self._queue
-        futures = []
-        for item in items:
-            pending: _Pending[T, R] = _Pending(item, loop.create_future(), deadline)
-            pending.future.add_done_callback(functools.partial(self._forget_if_cancelled, pending))
-            self._queue.append(pending)
-            futures.append(pending.future)
+        admitted = [_Pending(item, loop.create_future(), deadline) for item in items]
+        self._queue.extend(admitted)
         if was_empty or len(self._queue) >= self.max_batch_size:  # the only changes a forming batch waits for
             self._wakeup.set()
-        return futures
+        return admitted
 
     def _refusal(self, requested: int) -> InvalidInput | Overloaded:
         """Why ``requested`` more items cannot queue now, and when a retry could: the queue's current delay."""
@@ -190,9 +190,14 @@ class Batcher(Generic[T, R]):
             retry_after_s=retry_after_s,
         )
 
-    def _forget_if_cancelled(self, pending: _Pending[T, R], _future: object = None) -> None:
-        # A running batch whose callers all left keeps its slot until its replica answers: the replica is still
-        # working on it, and freeing the slot would send it more than --batches-in-flight-per-replica.
+    def _forget(self, pending: _Pending[T, R]) -> None:
+        """Take a request whose caller left out of the queue at once, so its place is free for another.
+
+        Called by the caller itself as it leaves (not by a callback on each request's future: that cost a turn of
+        the event loop per request). A running batch whose callers all left keeps its slot until its replica
+        answers: the replica is still working on it, and freeing the slot would send it more than
+        --batches-in-flight-per-replica.
+        """
         if pending.future.cancelled():
             try:
                 self._queue.remove(pending)
@@ -278,10 +283,13 @@ class Batcher(Generic[T, R]):
             if remaining <= 0:
                 break
             self._wakeup.clear()
+            # A timer that sets the same event, not wait_for, which wraps the wait in a task of its own: about 6 us
+            # more of the event loop per batch (14 against 8 us here).
+            timer = asyncio.get_running_loop().call_later(remaining, self._wakeup.set)
             try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except asyncio.TimeoutError:  # noqa: UP041 (not yet the builtin on Python 3.10)
-                break
+                await self._wakeup.wait()
+            finally:
+                timer.cancel()
         batch = []
         now = time.monotonic()
         while self._queue and len(batch) < self.max_batch_size:

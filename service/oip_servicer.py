@@ -213,7 +213,9 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             else:
                 assert model_input.pixels is not None
                 results = await self._classifier.infer_pixels(served, list(model_input.pixels), deadline)
-            probabilities = np.stack([r.probabilities for r in results])
+            probabilities = (
+                np.stack([r.probabilities for r in results]) if len(results) > 1 else results[0].probabilities[None]
+            )
             response = oip.ModelInferResponse(model_name=served.name, model_version=str(served.version), id=request.id)
             write_outputs(probabilities, served.metadata.labels, outputs, response)
             return response

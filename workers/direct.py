@@ -49,6 +49,9 @@ MAX_HANDSHAKING = 64
 flood of connections that never authenticate costs a bounded number of threads (each is dropped after the
 handshake timeout). The front end's open connections are not counted, but a new one it opens during a flood is
 refused too: the pool then sends that replica's batches by plain Ray calls until the channel opens again."""
+JOIN_WRITES_UP_TO = 64 * 1024
+"""Batches up to this many bytes of pixels are sent with their header in one write (one system call, one packet,
+one wake-up of the replica); larger ones in two, so that their pixels are not copied."""
 _SHAPE = struct.Struct("<4I")
 _STATUS = struct.Struct("<B")
 _OK_HEAD = struct.Struct("<dQQ2I")
@@ -280,8 +283,12 @@ class DirectChannel:
         connection = self._idle.pop() if self._idle else await self._connect()
         reader, writer = connection
         try:
-            writer.write(_SHAPE.pack(*pixels.shape))
-            writer.write(memoryview(np.ascontiguousarray(pixels)).cast("B"))
+            header, pixels = _SHAPE.pack(*pixels.shape), np.ascontiguousarray(pixels)
+            if pixels.nbytes <= JOIN_WRITES_UP_TO:  # one send: a system call costs more than copying a small batch
+                writer.write(header + pixels.tobytes())
+            else:
+                writer.write(header)
+                writer.write(memoryview(pixels).cast("B"))
             (status,) = _STATUS.unpack(await reader.readexactly(_STATUS.size))
             if status == _OK:
                 compute_s, allocated, reserved, rows, classes = _OK_HEAD.unpack(await reader.readexactly(_OK_HEAD.size))

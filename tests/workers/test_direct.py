@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from convray.workers.direct import (
+    JOIN_WRITES_UP_TO,
     DirectChannel,
     DirectListener,
     ReplicaError,
@@ -61,6 +62,33 @@ async def test_a_batch_crosses_whole_and_its_reply_comes_back_with_the_replicas_
     np.testing.assert_array_equal(reply.probabilities, np.stack([expected, -expected], axis=1))
     assert (reply.compute_s, reply.gpu_memory_allocated_bytes, reply.gpu_memory_reserved_bytes) == (0.25, 1024, 2048)
     channel.close()
+
+
+async def test_batches_either_side_of_the_one_write_size_cross_whole_one_after_another_on_one_connection():
+    """Small batches go with their header in one write, large ones in two: both arrive intact and in step."""
+    received = []
+
+    def sums(pixels: np.ndarray) -> ReplicaReply:
+        received.append(pixels.copy())
+        totals = pixels.reshape(len(pixels), -1).sum(axis=1, dtype=np.float32)
+        return ReplicaReply(totals[:, None], 0.0, 0, 0)
+
+    token = new_token()
+    server = DirectListener(sums, token, "127.0.0.1", max_batch_bytes=4 * JOIN_WRITES_UP_TO)
+    channel = DirectChannel(server.address, token)
+    rng = np.random.default_rng(1)
+    side = 64  # one 3x64x64 image is 12 KiB: batches of 5 and 6 fall either side of the limit, the 6th just past it
+    batches = [rng.integers(0, 256, (n, 3, side, side), dtype=np.uint8) for n in (1, 6, 5, 12, 1)]
+    assert [b.nbytes <= JOIN_WRITES_UP_TO for b in batches] == [True, False, True, False, True]
+    try:
+        for pixels in batches:
+            reply = await channel(pixels)
+            np.testing.assert_array_equal(received[-1], pixels)
+            np.testing.assert_array_equal(reply.probabilities[:, 0], pixels.reshape(len(pixels), -1).sum(axis=1))
+        assert len(channel._idle) == 1  # every batch went over the one connection
+    finally:
+        channel.close()
+        server.close()
 
 
 async def test_concurrent_batches_each_get_their_own_connection_and_answer_and_connections_are_reused(listener):
