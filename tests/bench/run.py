@@ -116,6 +116,9 @@ CONVRAY_VARIANTS = {
     "convray_fixed_in_flight": ["--adaptive-in-flight", "false"],
     # One batch in flight per replica: fewer, larger batches.
     "convray_1_in_flight": ["--batches-in-flight-per-replica", "1"],
+    # A longer batch delay than the benchmark's 1 ms (and Ray Serve's): fuller batches where the front end is the
+    # limit, a longer wait where it is not (docs/deploy.md, "Batch delay"). Not the goals' comparison.
+    "convray_delay_3ms": ["--max-batch-delay-ms", "3"],
     # Two replicas reserving half a CPU each, what one reserves (each still runs one torch thread). Runs 1-3
     # needed the half so both models' replicas fit on 2 cores; it stays so the runs compare.
     "convray_2_replicas": ["--replicas", "2", "--cpus-per-replica", "0.5"],
