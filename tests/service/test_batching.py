@@ -210,6 +210,25 @@ async def test_cancelled_requests_leave_the_queue_and_never_reach_a_batch():
     await batcher.close()
 
 
+async def test_a_cancelled_request_of_several_images_takes_all_of_them_out_of_the_queue():
+    gate = asyncio.Event()
+    run = Recorder(gate)
+    batcher = make(run, max_batch_size=8, max_batch_wait_s=0.0)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.02)
+    doomed = asyncio.ensure_future(batcher.submit_many([1, 2, 3]))
+    kept = asyncio.ensure_future(batcher.submit(4))
+    await asyncio.sleep(0.02)
+    assert batcher.queue_depth == 4
+    doomed.cancel()
+    await asyncio.sleep(0.01)  # a few turns of the loop: the gather's cancellation reaches its caller
+    assert batcher.queue_depth == 1
+    gate.set()
+    assert await asyncio.gather(first, kept) == [0, 40]
+    assert run.batches == [[0], [4]]
+    await batcher.close()
+
+
 async def test_close_finishes_admitted_requests_and_refuses_new_ones():
     gate = asyncio.Event()
     run = Recorder(gate)

@@ -77,7 +77,7 @@ async def test_batches_either_side_of_the_one_write_size_cross_whole_one_after_a
     server = DirectListener(sums, token, "127.0.0.1", max_batch_bytes=4 * JOIN_WRITES_UP_TO)
     channel = DirectChannel(server.address, token)
     rng = np.random.default_rng(1)
-    side = 64  # one 3x64x64 image is 12 KiB: batches of 5 and 6 fall either side of the limit, the 6th just past it
+    side = 64  # one 3x64x64 image is 12 KiB: five images fit in one write, six do not
     batches = [rng.integers(0, 256, (n, 3, side, side), dtype=np.uint8) for n in (1, 6, 5, 12, 1)]
     assert [b.nbytes <= JOIN_WRITES_UP_TO for b in batches] == [True, False, True, False, True]
     try:
