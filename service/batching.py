@@ -103,12 +103,8 @@ class Batcher(Generic[T, R]):
             ModelNotReady: the batcher is closed (the server is draining).
             DeadlineExpired: the deadline passed before the item's batch was formed.
         """
-        (pending,) = self._admit([item], deadline)
-        try:
-            return await pending.future
-        except asyncio.CancelledError:
-            self._forget(pending)
-            raise
+        (result,) = await self.submit_many([item], deadline)
+        return result
 
     async def submit_many(self, items: Sequence[T], deadline: float | None = None) -> list[R]:
         """Queue several items at once, all or none, and wait for all their results (in order).
