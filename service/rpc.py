@@ -406,6 +406,29 @@ def handler_like(
     )
 
 
+class GenericHandlersOnly:
+    """What the generated ``add_<Service>Servicer_to_server`` functions are given instead of the grpc.aio server.
+
+    Those functions hand the server each service twice: as a generic handler (a dict of its methods) and as
+    registered methods. grpc.aio's accept loop keeps one pending call request per registered method, and before
+    every call it accepts it runs ``asyncio.wait`` over all of them: with this server's 21 methods, about 9 us more of
+    the event loop per call than with none (19 against 10 us in a microbenchmark). At concurrency 32 the front end's
+    event loop is the bottleneck, and serving every method as a generic handler cut its CPU per ModelInfer in seven
+    A/B pairs out of seven (docs/benchmarks.md). So this passes the generic handlers on, in the order added (the
+    order in which they are searched: add the busiest service first), and drops the registered copies.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        """Pass the service's generic handler on to the server."""
+        self.server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        """Drop them: the same handlers also came as a generic one (see the class docstring)."""
+
+
 class HandlerCache:
     """An interceptor's wrapped handler per method, rebuilt only when the handler it wraps changes.
 

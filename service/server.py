@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from convray.oip import inference_pb2, inference_pb2_grpc
@@ -43,7 +43,13 @@ from convray.service.oip_servicer import InferenceServicer
 from convray.service.ray_watch import RayGate, RayWatchdog
 from convray.service.registry import ModelRegistry
 from convray.service.rest import RestFrontEnd
-from convray.service.rpc import REST_API_LABEL, MalformedMessageInterceptor, OpenStreams, RequestSizes
+from convray.service.rpc import (
+    REST_API_LABEL,
+    GenericHandlersOnly,
+    MalformedMessageInterceptor,
+    OpenStreams,
+    RequestSizes,
+)
 from convray.service.security import (
     BearerToken,
     BearerTokenInterceptor,
@@ -302,12 +308,7 @@ class ConvrayServer:
             self._decoder,
         )
         self.open_streams = OpenStreams()
-        classifier_pb2_grpc.add_ClassifierServicer_to_server(
-            ClassifierServicer(
-                classifier, self.registry, self.metrics, explainer, settings.batching, self.open_streams
-            ),
-            self._server,
-        )
+        services = GenericHandlersOnly(self._server)  # searched in the order added: ModelInfer's service first
         model_control_off = model_control_refusal(settings, member)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(
@@ -319,7 +320,13 @@ class ConvrayServer:
                 model_control_off=model_control_off,
                 streams=self.open_streams,
             ),
-            self._server,
+            services,
+        )
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(
+            ClassifierServicer(
+                classifier, self.registry, self.metrics, explainer, settings.batching, self.open_streams
+            ),
+            services,
         )
         self._rest: RestFrontEnd | None = None
         if settings.server.http_port is not None:  # the same OIP servicer's work, counted as api="rest"
@@ -334,15 +341,16 @@ class ConvrayServer:
                 self._decoder,
             )
             self._rest_tls = rest_ssl_context(security)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            [
-                CLASSIFIER_SERVICE,
-                OIP_SERVICE,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            self._server,
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
+        reflected = [
+            CLASSIFIER_SERVICE,
+            OIP_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        # What reflection.enable_server_reflection does, but through `services` (it would register the method).
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(reflected), services
         )
         # Health checks only, in plaintext, for probes that cannot do TLS: a server of its own, since a port added
         # to the main one would serve every API on it unencrypted. Same servicer, so both report the same status.

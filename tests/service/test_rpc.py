@@ -12,12 +12,14 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from convray.oip import inference_pb2_grpc
 from convray.service.errors import InvalidInput, ModelControlOff, ModelNotReady
 from convray.service.metrics import Metrics
 from convray.service.rpc import (
     API_LABELS,
     CANCELLED_AS_UNAVAILABLE,
     STREAM_WINDOW,
+    GenericHandlersOnly,
     HandlerCache,
     ItemBudget,
     OpenStreams,
@@ -26,6 +28,7 @@ from convray.service.rpc import (
     TooManyStreams,
     ordered_concurrently,
 )
+from convray.v1 import classifier_pb2_grpc
 from convray.workers.repository import ModelLoadError
 
 
@@ -49,6 +52,40 @@ def test_a_handler_is_wrapped_once_per_method_and_rewrapped_when_the_inner_handl
     assert cache.get("/svc/B", first) is not wrapped
     assert cache.get("/svc/A", other) is not wrapped  # e.g. a refusal built for this one call
     assert built == ["/svc/A", "/svc/B", "/svc/A"]
+
+
+class _RecordingServer:
+    """Records what a generated ``add_<Service>Servicer_to_server`` hands the server it is given."""
+
+    def __init__(self) -> None:
+        self.generic: list[grpc.GenericRpcHandler] = []
+        self.registered: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.registered[service] = handlers
+
+
+class _CallDetails(grpc.HandlerCallDetails):
+    def __init__(self, method: str) -> None:
+        self.method, self.invocation_metadata = method, ()
+
+
+def test_services_reach_the_server_as_generic_handlers_only_in_the_order_added():
+    server = _RecordingServer()
+    services = GenericHandlersOnly(server)  # type: ignore[arg-type]
+
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference_pb2_grpc.GRPCInferenceServiceServicer(),
+                                                                  services)  # fmt: skip
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier_pb2_grpc.ClassifierServicer(), services)
+
+    assert server.registered == {}  # grpc.aio would wait on one pending call per registered method, every call
+    oip, native = server.generic
+    assert oip.service(_CallDetails("/inference.GRPCInferenceService/ModelInfer")) is not None
+    assert oip.service(_CallDetails("/convray.v1.Classifier/Classify")) is None
+    assert native.service(_CallDetails("/convray.v1.Classifier/Classify")) is not None
 
 
 async def test_the_observer_counts_each_call_under_its_code_with_cached_metric_children():
