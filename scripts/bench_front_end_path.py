@@ -1,7 +1,7 @@
 r"""The front end's own work per ModelInfer request, without gRPC: its handler chain driven in one process.
 
 Builds a real ``ConvrayServer`` (embedded Ray, one replica of the shipped ``digits`` model, the direct transport),
-then calls its ModelInfer handler exactly as gRPC would after reading a request: the interceptors' wrappers
+then calls its ModelInfer handler exactly as gRPC would after reading a request: the wrappers from its service table
 (message checks, Ray gate), the OIP servicer, the batcher, the replica hop and the reply's serialisation, from
 ``--concurrency`` coroutines in a closed loop. It reports requests per second and the event-loop thread's CPU
 per request: convray's own per-request cost, with gRPC's transport (the no-op floor's whole cost) left out and
@@ -28,35 +28,11 @@ import grpc
 import numpy as np
 
 from convray.oip import inference_pb2 as oip
-from convray.oip import inference_pb2_grpc
 from convray.service import server as server_module
 from convray.service.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
-
-
-class Captured:
-    """What ``ConvrayServer`` hands to grpc as it is built: its interceptors and its OIP servicer."""
-
-    interceptors: list[Any] = []
-    servicer: Any = None
-
-    @classmethod
-    def install(cls) -> None:
-        """Wrap the two calls that receive them, in the server module only."""
-        make_server, add_servicer = grpc.aio.server, inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server
-
-        def server(*args: Any, interceptors: Any = None, **kwargs: Any) -> grpc.aio.Server:
-            cls.interceptors = list(interceptors or [])
-            return make_server(*args, interceptors=interceptors, **kwargs)
-
-        def add(servicer: Any, to: Any) -> None:
-            cls.servicer = cls.servicer or servicer  # the gRPC one is added first (a REST one would follow)
-            add_servicer(servicer, to)
-
-        server_module.grpc.aio.server = server  # type: ignore[attr-defined]
-        server_module.inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server = add  # type: ignore[attr-defined]
 
 
 class Context:
@@ -84,33 +60,6 @@ class _Details(grpc.HandlerCallDetails):
         self.method, self.invocation_metadata = method, ()
 
 
-class _Handlers:
-    """Collects the generic handlers a generated ``add_..._to_server`` registers."""
-
-    def __init__(self) -> None:
-        self.generic: list[Any] = []
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        self.generic.extend(handlers)
-
-    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
-        pass  # the same handlers again, by name
-
-
-async def model_infer_handler() -> grpc.RpcMethodHandler:
-    """ModelInfer's handler as grpc would run it: the servicer's, wrapped by each interceptor, outermost first."""
-    handlers = _Handlers()
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Captured.servicer, handlers)
-
-    async def servicer_handler(details: grpc.HandlerCallDetails) -> Any:
-        return next(h for h in (g.service(details) for g in handlers.generic) if h is not None)
-
-    chain = servicer_handler
-    for interceptor in reversed(Captured.interceptors):
-        chain = (lambda outer, inner: lambda details: outer.intercept_service(inner, details))(interceptor, chain)
-    return await chain(_Details(METHOD))
-
-
 def digits_request() -> bytes:
     """One 8x8 FP32 image as ``convray bench --api oip --payload tensor`` sends it."""
     request = oip.ModelInferRequest(model_name="digits")
@@ -122,7 +71,6 @@ def digits_request() -> bytes:
 
 async def main(seconds: float, concurrency: int, max_batch_size: int, profile: Path | None) -> None:
     """Start the server, warm it for a second, measure ``seconds``, print the figures, stop."""
-    Captured.install()
     settings = Settings(
         server={"host": "127.0.0.1", "port": 0, "metrics_port": None},
         models={"model_repo": ROOT / "models", "default_model": "digits"},
@@ -133,7 +81,7 @@ async def main(seconds: float, concurrency: int, max_batch_size: int, profile: P
     await server.start()
     await server.wait_ready()
     try:
-        handler = await model_infer_handler()
+        handler = server.services.service(_Details(METHOD))  # wrapped as grpc would run it (no token: no interceptor)
         payload, context = digits_request(), Context()
         done, stop_at = 0, 0.0
 

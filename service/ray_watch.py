@@ -7,9 +7,9 @@ seconds ... The program will terminate" and the process exits with code 1, witho
 
 - ``RayWatchdog`` asks the GCS for one internal-KV key every ``--ray-check-interval-s`` (off the event
   loop, with that timeout); two failures in a row mean the cluster is lost.
-- ``RayGate`` (a server interceptor) then answers every RPC that needs Ray with UNAVAILABLE and a message
-  saying why, fails the ones in flight at once instead of letting them hang to their deadline, and makes
-  the OIP readiness RPCs say not ready. Metadata and health RPCs still answer.
+- ``RayGate`` (a wrapper of every method's handler, ``service.rpc.ServiceTable``) then answers every RPC that
+  needs Ray with UNAVAILABLE and a message saying why, fails the ones in flight at once instead of letting them
+  hang to their deadline, and makes the OIP readiness RPCs say not ready. Metadata and health RPCs still answer.
 - Recovery: if the same cluster answers again (a GCS restarted with fault tolerance, a network blip),
   the replicas are checked and the server serves again. If a *new* cluster answers at the address (Ray
   says WrongClusterID), or the old one stays silent for half of Ray's reconnect timeout, the server leaves
@@ -32,7 +32,7 @@ import grpc
 from convray.oip import inference_pb2 as oip
 from convray.service.errors import ModelNotReady
 from convray.service.metrics import Metrics
-from convray.service.rpc import API_LABELS, CANCELLED_AS_UNAVAILABLE, HandlerCache, handler_like, replies
+from convray.service.rpc import API_LABELS, CANCELLED_AS_UNAVAILABLE, handler_like, replies
 from convray.service.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,11 @@ READINESS = {
 }
 
 
-class RayGate(grpc.aio.ServerInterceptor):
-    """Refuses, and fails in flight, the RPCs that need Ray while the Ray cluster is lost."""
+class RayGate:
+    """Refuses, and fails in flight, the RPCs that need Ray while the Ray cluster is lost.
+
+    ``wrap`` is a ``HandlerWrapper``: the server applies it to every method once (``service.rpc.ServiceTable``).
+    """
 
     def __init__(self, metrics: Metrics, model_label: Callable[[str], str]) -> None:
         """``model_label`` maps the model a request names to its metrics label (``ModelRegistry.metric_label``)."""
@@ -69,7 +72,6 @@ class RayGate(grpc.aio.ServerInterceptor):
         # Streams whose generator is suspended at a reply that gRPC is writing: cancelled there, the cancellation
         # would land in gRPC's write, outside the generator, and gRPC would end the call with no status at all.
         self._writing: set[asyncio.Task[Any]] = set()
-        self._handlers = HandlerCache(self._wrap)
 
     @property
     def lost(self) -> bool:
@@ -140,18 +142,8 @@ class RayGate(grpc.aio.ServerInterceptor):
         task.uncancel()
         await self._refuse(context)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        """Wrap the handlers of RPCs that need Ray; answer readiness RPCs "not ready" while Ray is lost."""
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        return self._handlers.get(handler_call_details.method or "", handler)
-
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """Gate ``handler`` if its method needs Ray; make a readiness method answer "not ready" while Ray is lost."""
         if method in READINESS:
             return self._readiness(handler, READINESS[method])
         if method not in NEEDS_RAY:

@@ -1,4 +1,4 @@
-"""What every RPC shares: status mapping, logging and metrics around a handler, and ordered streams."""
+"""What every RPC shares: the service table and handler wrappers, status mapping, metrics, and ordered streams."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -406,49 +406,68 @@ def handler_like(
     )
 
 
-class GenericHandlersOnly:
-    """What the generated ``add_<Service>Servicer_to_server`` functions are given instead of the grpc.aio server.
+HandlerWrapper = Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]
+"""Wraps a method's handler (given the method's full name, ``/package.Service/Method``) in behaviour of its own."""
 
-    Those functions hand the server each service twice: as a generic handler (a dict of its methods) and as
-    registered methods. grpc.aio's accept loop keeps one pending call request per registered method, and before
-    every call it accepts it runs ``asyncio.wait`` over all of them: with this server's 21 methods, about 9 us more of
-    the event loop per call than with none (19 against 10 us in a microbenchmark). At concurrency 32 the front end's
-    event loop is the bottleneck, and serving every method as a generic handler cut its CPU per ModelInfer in seven
-    A/B pairs out of seven (docs/benchmarks.md). So this passes the generic handlers on, in the order added (the
-    order in which they are searched: add the busiest service first), and drops the registered copies.
+
+class ServiceTable(grpc.GenericRpcHandler):
+    """Every method the server serves, each handler wrapped once as it is added, found by one dict lookup per call.
+
+    The generated ``add_<Service>Servicer_to_server`` functions are given this table in place of the grpc.aio
+    server; ``install`` then hands the server the table as its one generic handler. What grpc would do instead
+    costs its event loop on every call, and at concurrency 32 that loop is the front end's bottleneck
+    (docs/benchmarks.md):
+
+    - Registered methods (the generated functions' second way of adding a service): grpc.aio keeps one pending
+      call request per registered method and runs ``asyncio.wait`` over all of them before every call it accepts,
+      about 9 us more per call with this server's 21 methods than with none.
+    - Interceptors: grpc runs each on every call, as coroutines, to wrap a handler that is the same every time.
+      The wrappers (``MalformedMessageGuard``, ``RayGate``) are applied here once per method instead. Without the
+      two interceptors the event loop's CPU per ModelInfer fell in four A/B pairs out of four.
+
+    An interceptor that must see each call's metadata before its request is read (``BearerTokenInterceptor``)
+    stays an interceptor, outside every wrapper here.
     """
 
-    def __init__(self, server: grpc.aio.Server) -> None:
-        self.server = server
+    def __init__(self, wrappers: Sequence[HandlerWrapper] = ()) -> None:
+        """``wrappers``, outermost first, are applied to every method's handler as it is added."""
+        self._wrappers = list(reversed(wrappers))  # innermost first: the order they are applied in
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._services_added: set[str] = set()  # by either function below
+        self._services_named: set[str] = set()  # by add_registered_method_handlers, which carries the handlers
 
-    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
-        """Pass the service's generic handler on to the server."""
-        self.server.add_generic_rpc_handlers(handlers)
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        """Note the services: their handlers come again, by name, through ``add_registered_method_handlers``."""
+        for handler in handlers:
+            service_name = getattr(handler, "service_name", None)
+            self._services_added.add(service_name() if service_name else repr(handler))
 
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        """Drop them: the same handlers also came as a generic one (see the class docstring)."""
+    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        """Add a service's methods, each handler wrapped by every wrapper."""
+        self._services_added.add(service)
+        self._services_named.add(service)
+        for name, handler in handlers.items():
+            method = f"/{service}/{name}"
+            for wrap in self._wrappers:
+                handler = wrap(method, handler)
+            self._handlers[method] = handler
 
+    def install(self, server: grpc.aio.Server) -> None:
+        """Serve every method added so far on ``server``.
 
-class HandlerCache:
-    """An interceptor's wrapped handler per method, rebuilt only when the handler it wraps changes.
+        Raises:
+            RuntimeError: a service came only as a generic handler (code generated by a grpcio-tools older than
+                1.63), so its methods are not known by name and would be served unwrapped, or not at all.
+        """
+        unnamed = self._services_added - self._services_named
+        if unnamed:
+            raise RuntimeError(f"services added without their methods by name: {sorted(unnamed)}; regenerate their "
+                               "gRPC code with grpcio-tools >= 1.63 (make proto)")  # fmt: skip
+        server.add_generic_rpc_handlers((self,))
 
-    gRPC runs interceptors on every call; wrapping the same handler anew each time is pure overhead.
-    The inner handler is compared by identity, so an interceptor further in that answers one call
-    differently (a refusal) gets its own wrapper for that call.
-    """
-
-    def __init__(self, wrap: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]) -> None:
-        self._wrap = wrap
-        self._by_method: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    def get(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """``wrap(method, handler)``, built once per (method, handler)."""
-        cached = self._by_method.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        self._by_method[method] = (handler, wrapped)  # keyed by method (the servicer's few), so bounded
-        return wrapped
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        """The wrapped handler of the call's method; None (UNIMPLEMENTED) for a method not served."""
+        return self._handlers.get(handler_call_details.method)  # type: ignore[arg-type]
 
 
 SMALL_REQUEST_BYTES = 64 * 1024
@@ -561,10 +580,11 @@ class RequestSizes:
         return SMALL_REQUEST_BYTES, "its requests hold a few small fields"
 
 
-class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
+class MalformedMessageGuard:
     """Answers requests over their method's size or whose bytes are not a valid message with INVALID_ARGUMENT.
 
     grpc itself would parse any message up to --max-message-bytes, and answer UNKNOWN to one that does not parse.
+    ``wrap`` is a ``HandlerWrapper``: the server applies it to every method once (``ServiceTable``).
     """
 
     def __init__(self, sizes: RequestSizes) -> None:
@@ -575,7 +595,6 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
                 requests' fields could not be counted).
         """
         self._sizes = sizes
-        self._handlers = HandlerCache(self._wrap)
         self._counted = {}
         for method in sizes.large | sizes.one_image:
             if sizes.of(method)[0] > COUNT_FIELDS_PAST_BYTES:
@@ -583,18 +602,8 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
                     raise KeyError(f"no request type given for {method}: its requests' fields could not be counted")
                 self._counted[method] = sizes.request_types[method]
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        """Wrap the handler so undecodable requests are refused before the servicer sees them."""
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        return self._handlers.get(handler_call_details.method or "", handler)
-
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` behind the method's size limit and message checks: undecodable requests are refused first."""
         deserialize = _safe(handler.request_deserializer, *self._sizes.of(method), self._counted.get(method))
 
         async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:

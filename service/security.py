@@ -182,7 +182,7 @@ def _deny_handler(template: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler that answers UNAUTHENTICATED without reading the request.
 
     Request-streaming whatever the method's kind: for a unary request grpc would first receive the whole message
-    (up to --max-message-bytes) and the next interceptor would parse it, so callers without the token could fill
+    (up to --max-message-bytes) and the handler's own wrapper would parse it, so callers without the token could fill
     the server's memory with requests it refuses anyway (found in review: 16 of 60 MiB took it from 420 to
     1,555 MiB).
     """

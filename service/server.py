@@ -45,10 +45,10 @@ from convray.service.registry import ModelRegistry
 from convray.service.rest import RestFrontEnd
 from convray.service.rpc import (
     REST_API_LABEL,
-    GenericHandlersOnly,
-    MalformedMessageInterceptor,
+    MalformedMessageGuard,
     OpenStreams,
     RequestSizes,
+    ServiceTable,
 )
 from convray.service.security import (
     BearerToken,
@@ -289,13 +289,13 @@ class ConvrayServer:
         )
         self.health = HealthServicer()  # grpc's, with its Watch streams bounded
         security = settings.security
-        interceptors: list[grpc.aio.ServerInterceptor] = []
         token = None if security.auth_token_file is None else BearerToken(read_token(security.auth_token_file))
-        if token is not None:  # outermost: nothing is read or parsed for a caller without it
-            interceptors.append(BearerTokenInterceptor(token))
-        interceptors.append(MalformedMessageInterceptor(request_sizes(settings)))
+        # Before any wrapper of the handlers below: nothing is read or parsed for a caller without the token.
+        interceptors = [] if token is None else [BearerTokenInterceptor(token)]
         self.ray_gate = RayGate(self.metrics, self.registry.metric_label)
-        interceptors.append(self.ray_gate)  # innermost: an unauthenticated call is refused as such first
+        # Every method's handler, wrapped once: malformed requests refused before the Ray gate counts them.
+        services = ServiceTable([MalformedMessageGuard(request_sizes(settings)).wrap, self.ray_gate.wrap])
+        self.services = services
         self._credentials = server_credentials(security)
         self._server = grpc.aio.server(
             interceptors=interceptors, options=grpc_server_options(settings.server, share_port=member is not None)
@@ -308,7 +308,6 @@ class ConvrayServer:
             self._decoder,
         )
         self.open_streams = OpenStreams()
-        services = GenericHandlersOnly(self._server)  # searched in the order added: ModelInfer's service first
         model_control_off = model_control_refusal(settings, member)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(
@@ -348,10 +347,11 @@ class ConvrayServer:
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ]
-        # What reflection.enable_server_reflection does, but through `services` (it would register the method).
+        # What reflection.enable_server_reflection does, but into the table (it would register the method with grpc).
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(reflected), services
         )
+        services.install(self._server)
         # Health checks only, in plaintext, for probes that cannot do TLS: a server of its own, since a port added
         # to the main one would serve every API on it unencrypted. Same servicer, so both report the same status.
         self._health_server: grpc.aio.Server | None = None

@@ -169,11 +169,11 @@ def test_a_large_request_of_too_many_tiny_fields_is_refused_before_it_is_parsed(
 
 def test_every_method_whose_requests_are_counted_has_its_request_type_and_a_missing_one_fails_the_start():
     from convray.service.config import Settings
-    from convray.service.rpc import MalformedMessageInterceptor, RequestSizes
+    from convray.service.rpc import MalformedMessageGuard, RequestSizes
     from convray.service.server import request_sizes
 
     sizes = request_sizes(Settings())
-    counted = MalformedMessageInterceptor(sizes)._counted
+    counted = MalformedMessageGuard(sizes)._counted
     assert set(counted) == sizes.large | sizes.one_image
     assert counted["/inference.GRPCInferenceService/ModelInfer"] is oip.ModelInferRequest.DESCRIPTOR
     assert counted["/convray.v1.Classifier/Classify"] is pb.ClassifyRequest.DESCRIPTOR
@@ -182,7 +182,7 @@ def test_every_method_whose_requests_are_counted_has_its_request_type_and_a_miss
                                  request_types={})  # fmt: skip
     assert hash(sizes) == hash(request_sizes(Settings()))  # a frozen dataclass, hashable as one
     with pytest.raises(KeyError, match="ModelInfer: its requests' fields could not be counted"):
-        MalformedMessageInterceptor(without_types)
+        MalformedMessageGuard(without_types)
 
 
 def _varint(value: int) -> bytes:

@@ -145,8 +145,8 @@ async def test_a_call_refused_while_ray_is_lost_is_counted_unavailable_under_its
     async def handler(request, context):
         ran.append(request)
 
-    infer = gate._wrap("/inference.GRPCInferenceService/ModelInfer", grpc.unary_unary_rpc_method_handler(handler))
-    classify = gate._wrap("/convray.v1.Classifier/Classify", grpc.unary_unary_rpc_method_handler(handler))
+    infer = gate.wrap("/inference.GRPCInferenceService/ModelInfer", grpc.unary_unary_rpc_method_handler(handler))
+    classify = gate.wrap("/convray.v1.Classifier/Classify", grpc.unary_unary_rpc_method_handler(handler))
     gate.close("GCS did not answer")
     for wrapped, request in [(infer, oip.ModelInferRequest(model_name="digits")), (classify, pb.ClassifyRequest())]:
         context = _Context()
@@ -182,7 +182,7 @@ async def test_a_stream_in_flight_when_ray_is_lost_ends_unavailable_wherever_it_
         for item in range(100):
             yield item
 
-    handler = gate._wrap("/convray.v1.Classifier/ClassifyStream", grpc.stream_stream_rpc_method_handler(behaviour))
+    handler = gate.wrap("/convray.v1.Classifier/ClassifyStream", grpc.stream_stream_rpc_method_handler(behaviour))
     context = _Context()
 
     async def like_grpc() -> str:  # grpc.aio's loop for a streaming handler: next reply, then write it

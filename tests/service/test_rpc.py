@@ -1,4 +1,4 @@
-"""service.rpc: the pieces every RPC shares (interceptor handler cache, metric children)."""
+"""service.rpc: the pieces every RPC shares (the service table and its wrappers, metric children, streams)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ from convray.service.rpc import (
     API_LABELS,
     CANCELLED_AS_UNAVAILABLE,
     STREAM_WINDOW,
-    GenericHandlersOnly,
-    HandlerCache,
     ItemBudget,
     OpenStreams,
     RpcObserver,
+    ServiceTable,
     StreamClosedForDrain,
     TooManyStreams,
     ordered_concurrently,
@@ -36,56 +35,74 @@ async def _echo(request: object, context: object) -> object:
     return request
 
 
-def test_a_handler_is_wrapped_once_per_method_and_rewrapped_when_the_inner_handler_changes():
-    built = []
-
-    def wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        built.append(method)
-        return grpc.unary_unary_rpc_method_handler(handler.unary_unary)
-
-    cache = HandlerCache(wrap)
-    first = grpc.unary_unary_rpc_method_handler(_echo)
-    other = grpc.unary_unary_rpc_method_handler(_echo)
-
-    wrapped = cache.get("/svc/A", first)
-    assert cache.get("/svc/A", first) is wrapped
-    assert cache.get("/svc/B", first) is not wrapped
-    assert cache.get("/svc/A", other) is not wrapped  # e.g. a refusal built for this one call
-    assert built == ["/svc/A", "/svc/B", "/svc/A"]
-
-
-class _RecordingServer:
-    """Records what a generated ``add_<Service>Servicer_to_server`` hands the server it is given."""
-
-    def __init__(self) -> None:
-        self.generic: list[grpc.GenericRpcHandler] = []
-        self.registered: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
-
-    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
-        self.generic.extend(handlers)
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        self.registered[service] = handlers
-
-
 class _CallDetails(grpc.HandlerCallDetails):
     def __init__(self, method: str) -> None:
         self.method, self.invocation_metadata = method, ()
 
 
-def test_services_reach_the_server_as_generic_handlers_only_in_the_order_added():
-    server = _RecordingServer()
-    services = GenericHandlersOnly(server)  # type: ignore[arg-type]
+def _tagging(tag: str, log: list[str]):
+    """A wrapper that notes each method it wraps and marks the handler it returns with ``tag``."""
 
+    def wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        log.append(f"{tag} {method}")
+
+        async def tagged(request: object, context: object) -> object:
+            return [tag, *await handler.unary_unary(request, context)]
+
+        return grpc.unary_unary_rpc_method_handler(tagged)
+
+    return wrap
+
+
+async def test_each_method_is_wrapped_once_as_it_is_added_and_found_by_its_full_name():
+    wrapped: list[str] = []
+    table = ServiceTable([_tagging("outer", wrapped), _tagging("inner", wrapped)])
+
+    async def servicer_reply(request: object, context: object) -> list[str]:
+        return ["servicer"]
+
+    table.add_registered_method_handlers("pkg.Svc", {"Call": grpc.unary_unary_rpc_method_handler(servicer_reply)})
+
+    assert wrapped == ["inner /pkg.Svc/Call", "outer /pkg.Svc/Call"]
+    handler = table.service(_CallDetails("/pkg.Svc/Call"))
+    assert await handler.unary_unary(None, None) == ["outer", "inner", "servicer"]
+    assert await handler.unary_unary(None, None) == ["outer", "inner", "servicer"]
+    assert table.service(_CallDetails("/pkg.Svc/Other")) is None  # grpc answers UNIMPLEMENTED
+    assert wrapped == ["inner /pkg.Svc/Call", "outer /pkg.Svc/Call"]  # not again, however many calls
+
+
+class _RecordingServer:
+    """Records the generic handlers a server is given."""
+
+    def __init__(self) -> None:
+        self.generic: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        self.generic.extend(handlers)
+
+
+def test_generated_services_reach_the_server_as_the_one_table_and_never_as_registered_methods():
+    table, server = ServiceTable(), _RecordingServer()
     inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference_pb2_grpc.GRPCInferenceServiceServicer(),
-                                                                  services)  # fmt: skip
-    classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier_pb2_grpc.ClassifierServicer(), services)
+                                                                  table)  # fmt: skip
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier_pb2_grpc.ClassifierServicer(), table)
 
-    assert server.registered == {}  # grpc.aio would wait on one pending call per registered method, every call
-    oip, native = server.generic
-    assert oip.service(_CallDetails("/inference.GRPCInferenceService/ModelInfer")) is not None
-    assert oip.service(_CallDetails("/convray.v1.Classifier/Classify")) is None
-    assert native.service(_CallDetails("/convray.v1.Classifier/Classify")) is not None
+    table.install(server)  # type: ignore[arg-type]
+
+    # A server given registered methods would wait on one pending call per method before every call it accepts.
+    assert server.generic == [table]
+    assert table.service(_CallDetails("/inference.GRPCInferenceService/ModelInfer")) is not None
+    assert table.service(_CallDetails("/convray.v1.Classifier/Classify")) is not None
+
+
+def test_a_service_added_only_as_a_generic_handler_is_refused_at_install_not_served_unwrapped():
+    table = ServiceTable()
+    # What a grpcio-tools older than 1.63 generates: the generic handler alone, its methods not given by name.
+    table.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("old.Svc", {"Call": grpc.unary_unary_rpc_method_handler(_echo)}),)
+    )
+    with pytest.raises(RuntimeError, match=r"old\.Svc.*make proto"):
+        table.install(_RecordingServer())  # type: ignore[arg-type]
 
 
 async def test_the_observer_counts_each_call_under_its_code_with_cached_metric_children():
