@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import re
@@ -34,6 +33,7 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "--keepalive-timeout-s": ("server", "keepalive_timeout_s"),
     "--min-client-ping-interval-s": ("server", "min_client_ping_interval_s"),
     "--frontends": ("server", "frontends"),
+    "--event-loop": ("server", "event_loop"),
     "--model-repo": ("models", "model_repo"),
     "--default-model": ("models", "default_model"),
     "--poll-interval-s": ("models", "poll_interval_s"),
@@ -157,6 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Ray starts its processes while gRPC's threads run; they exec at once, so gRPC's fork handlers
     # are not needed (they only log "skipping fork() handlers"). Read by grpc at import, so set first.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    from convray.service import event_loop
     from convray.service.server import serve
 
     try:
@@ -168,7 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from convray.service.frontends import run_frontends
 
         return run_frontends(settings, args.log_level)
-    return asyncio.run(serve(settings))
+    return event_loop.run(serve(settings), settings.server.event_loop)
 
 
 def build_parser() -> argparse.ArgumentParser:

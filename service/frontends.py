@@ -15,7 +15,6 @@ since it would change only the front end the call reached (``--poll-interval-s``
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import multiprocessing
@@ -315,9 +314,10 @@ def _run_one(settings: Settings, member: FrontendMember, log_level: str, supervi
         target=_stop_when_orphaned, args=(supervisor_pid, member.ray_embedded), name="convray-parent-watch", daemon=True
     )
     watch.start()
+    from convray.service import event_loop
     from convray.service.server import serve
 
-    raise SystemExit(asyncio.run(serve(settings, member)))
+    raise SystemExit(event_loop.run(serve(settings, member), settings.server.event_loop))
 
 
 def _stop_when_orphaned(parent_pid: int, ray_embedded: bool) -> None:

@@ -456,7 +456,7 @@ class ConvrayServer:
         )
         rest = "" if self.http_port is None else f", OIP REST on {self.settings.server.host}:{self.http_port}"
         log.info(
-            "convray ready%s: gRPC on %s:%d%s, models %s, Ray at %s, metrics %s",
+            "convray ready%s: gRPC on %s:%d%s, models %s, Ray at %s, metrics %s, event loop %s",
             "" if self.member is None else f" (front end {self.member.index + 1} of {self.member.count})",
             self.settings.server.host,
             self.port,
@@ -464,6 +464,7 @@ class ConvrayServer:
             served,
             gcs,
             metrics_at,
+            type(asyncio.get_running_loop()).__module__.partition(".")[0],  # uvloop or asyncio
         )
 
     async def _set_readiness(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:

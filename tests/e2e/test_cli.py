@@ -185,6 +185,7 @@ def test_serve_joins_a_ray_cluster_serves_and_exits_0_on_sigterm(ray_address, mo
     assert "SIGTERM handler is not set" not in log, log  # Ray's notice, which read as if a stop would not work
     ready_lines = [line for line in log.splitlines() if "convray ready:" in line]
     assert len(ready_lines) == 1 and f"127.0.0.1:{port}" in ready_lines[0]
+    assert ready_lines[0].endswith("event loop uvloop")  # --event-loop auto, uvloop being installed with convray
     assert "shutting down" in log and "stopped" in log
 
 
