@@ -12,7 +12,7 @@ they still have to show end to end (docs/benchmarks.md).
 coroutine always waiting, batches are always full.
 
 Run: .venv/bin/python scripts/bench_front_end_path.py [--seconds 5] [--concurrency 32] [--max-batch-size 32]
-     [--profile out.prof]   (cProfile of the measured seconds; about doubles the cost)
+     [--event-loop auto|uvloop|asyncio] [--profile out.prof]   (cProfile of the measured seconds; doubles the cost)
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import grpc
 import numpy as np
 
 from convray.oip import inference_pb2 as oip
+from convray.service import event_loop
 from convray.service import server as server_module
 from convray.service.config import Settings
 
@@ -115,5 +116,6 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--profile", type=Path, default=None)
+    parser.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"], help="as for serve")
     args = parser.parse_args()
-    asyncio.run(main(args.seconds, args.concurrency, args.max_batch_size, args.profile))
+    event_loop.run(main(args.seconds, args.concurrency, args.max_batch_size, args.profile), args.event_loop)
