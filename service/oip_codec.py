@@ -32,6 +32,8 @@ TIMEOUT = "timeout"  # Triton's request parameter: microseconds the request may 
 _CONTENT_TYPES = {PIXELS_INPUT: ("np",), IMAGE_INPUT: ("base64",)}  # MLServer's, per input, that convray reads
 MAX_DIMS = 8  # no input has more than 4; checked before a shape a client sent is copied or shown
 _PIXEL_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
+_INPUT_PARAMETERS = frozenset({CONTENT_TYPE})  # the one parameter an input may carry
+_FP32_255_BITS = 0x437F0000  # 255.0's float32 bits
 _LENGTH = struct.Struct("<I")
 
 
@@ -158,70 +160,87 @@ def read_input(
 
     ``max_image_bytes``: raw encoded images over it are refused before they are split off (``deserialize_bytes``).
     """
-    if len(request.inputs) != 1:
+    inputs = request.inputs  # each access to a protobuf field builds a new wrapper: taken once
+    if len(inputs) != 1:
         raise InvalidInput(
             f"expected exactly one input, {PIXELS_INPUT!r} (FP32/UINT8 NCHW) or {IMAGE_INPUT!r} (BYTES); "
-            f"got {len(request.inputs)}"
+            f"got {len(inputs)}"
         )
-    tensor = request.inputs[0]
-    where = f"input {shown(tensor.name)}"
-    if tensor.name in _CONTENT_TYPES:  # an unknown input is refused as such below
-        check_content_type(tensor.parameters, where, _CONTENT_TYPES[tensor.name])
-    reject_parameters(tensor.parameters, where, frozenset({CONTENT_TYPE}))
-    if len(tensor.shape) > MAX_DIMS:
-        raise InvalidInput(f"{where} has a shape of {len(tensor.shape)} dimensions; inputs have at most 4")
-    if request.raw_input_contents and len(request.raw_input_contents) != 1:
-        raise InvalidInput(f"raw_input_contents has {len(request.raw_input_contents)} entries for 1 input")
-    raw = request.raw_input_contents[0] if request.raw_input_contents else None
+    tensor = inputs[0]
+    name, parameters = tensor.name, tensor.parameters
+    if parameters:  # MLServer's content_type, if anything; the text naming the input is built only then
+        where = f"input {shown(name)}"
+        if name in _CONTENT_TYPES:  # an unknown input is refused as such below
+            check_content_type(parameters, where, _CONTENT_TYPES[name])
+        reject_parameters(parameters, where, _INPUT_PARAMETERS)
+    dims = tensor.shape
+    if len(dims) > MAX_DIMS:
+        raise InvalidInput(f"input {shown(name)} has a shape of {len(dims)} dimensions; inputs have at most 4")
+    raw_contents = request.raw_input_contents
+    if raw_contents and len(raw_contents) != 1:
+        raise InvalidInput(f"raw_input_contents has {len(raw_contents)} entries for 1 input")
+    raw = raw_contents[0] if raw_contents else None
     if raw is not None and tensor.HasField("contents"):
-        raise InvalidInput(f"input {shown(tensor.name)} has both raw_input_contents and contents; send one")
-    shape = list(tensor.shape)
+        raise InvalidInput(f"input {shown(name)} has both raw_input_contents and contents; send one")
+    shape = list(dims)
     batch = shape[0] if shape else 0
     if not 1 <= batch <= max_batch_size:
         raise InvalidInput(f"batch size (first dimension of the shape) must be 1..{max_batch_size}, got {shape}")
-    if tensor.name == PIXELS_INPUT:
+    if name == PIXELS_INPUT:
         return ModelInput(pixels=_read_pixels(tensor, raw, shape, contract))
-    if tensor.name == IMAGE_INPUT:
+    if name == IMAGE_INPUT:
         # "base64" (check_content_type): MLServer's Base64Codec encoded each image; decoded with the images.
-        base64 = CONTENT_TYPE in tensor.parameters  # base64 text is longer than its image: checked once decoded
+        base64 = CONTENT_TYPE in parameters  # base64 text is longer than its image: checked once decoded
         images = _read_images(tensor, raw, shape, None if base64 else max_image_bytes)
         return ModelInput(images=images, base64=base64)
-    raise InvalidInput(f"unknown input {shown(tensor.name)}; inputs are {PIXELS_INPUT!r} and {IMAGE_INPUT!r}")
+    raise InvalidInput(f"unknown input {shown(name)}; inputs are {PIXELS_INPUT!r} and {IMAGE_INPUT!r}")
 
 
 def _read_pixels(
     tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | None, shape: list[int], contract: InputContract
 ) -> np.ndarray:
-    expected = [contract.channels, contract.height, contract.width]
-    if tensor.datatype not in _PIXEL_DTYPES:
-        raise InvalidInput(f"input {PIXELS_INPUT!r} must be FP32 or UINT8, got datatype {shown(tensor.datatype)}")
-    if len(shape) != 4 or shape[1:] != expected:
-        raise InvalidInput(f"input {PIXELS_INPUT!r} must have shape [N, {', '.join(map(str, expected))}], got {shape}")
-    dtype = _PIXEL_DTYPES[tensor.datatype]
+    datatype = tensor.datatype
+    if datatype not in _PIXEL_DTYPES:
+        raise InvalidInput(f"input {PIXELS_INPUT!r} must be FP32 or UINT8, got datatype {shown(datatype)}")
+    if len(shape) != 4 or shape[1] != contract.channels or shape[2] != contract.height or shape[3] != contract.width:
+        expected = ", ".join(map(str, (contract.channels, contract.height, contract.width)))
+        raise InvalidInput(f"input {PIXELS_INPUT!r} must have shape [N, {expected}], got {shape}")
+    dtype = _PIXEL_DTYPES[datatype]
     elements = math.prod(shape)
     if raw is not None:
         if len(raw) != elements * dtype.itemsize:
             raise InvalidInput(
-                f"input {PIXELS_INPUT!r}: raw content is {len(raw)} bytes, shape {shape} of {tensor.datatype} "
+                f"input {PIXELS_INPUT!r}: raw content is {len(raw)} bytes, shape {shape} of {datatype} "
                 f"needs {elements * dtype.itemsize}"
             )
         values = np.frombuffer(raw, dtype=dtype)
     else:
-        field = "fp32_contents" if tensor.datatype == "FP32" else "uint_contents"  # where OIP puts that datatype
+        field = "fp32_contents" if datatype == "FP32" else "uint_contents"  # where OIP puts that datatype
         typed = getattr(tensor.contents, field)
         if len(typed) != elements:
-            raise InvalidInput(f"input {PIXELS_INPUT!r}: {tensor.datatype} values go in contents.{field}, which "
+            raise InvalidInput(f"input {PIXELS_INPUT!r}: {datatype} values go in contents.{field}, which "
                                f"holds {len(typed)}; shape {shape} needs {elements}")  # fmt: skip
-        values = np.asarray(typed, dtype=np.float32 if tensor.datatype == "FP32" else np.int64)
+        values = np.asarray(typed, dtype=np.float32 if datatype == "FP32" else np.int64)
     if values.dtype != np.uint8:
-        # The extremes rather than elementwise comparisons: no temporary arrays (a 224x224 RGB image is 602 KB
-        # of FP32). NaN makes both comparisons false, so it is refused too.
-        if not (values.min() >= 0 and values.max() <= 255):
+        if not _all_within_0_255(values):
             raise InvalidInput(f"input {PIXELS_INPUT!r} holds pixel values 0..255; found values outside that range")
         pixels = np.empty(values.shape, np.uint8)
         np.rint(values, out=pixels, casting="unsafe")  # rounded into the uint8 array in one pass
         values = pixels
     return values.reshape(shape)
+
+
+def _all_within_0_255(values: np.ndarray) -> bool:
+    """Whether every value is 0..255 (NaN is not): one pass over FP32 values in range, two otherwise.
+
+    The extremes rather than elementwise comparisons: no temporary arrays (a 224x224 RGB image is 602 KB of FP32).
+    Every float32 from +0.0 to 255.0, and no other (negatives, NaN, infinities), has its bits read as an unsigned
+    integer at most those of 255.0, so one maximum settles the common case (1.3 us against 2.1 for the two extremes
+    on a digits image); -0.0 alone fails it while in range, and goes on to the two extremes.
+    """
+    if values.dtype == np.float32 and np.maximum.reduce(values.view(np.uint32)) <= _FP32_255_BITS:
+        return True  # np.float32 is in native byte order, as is the uint32 view of the same bytes
+    return bool(values.min() >= 0 and values.max() <= 255)  # NaN makes both comparisons false
 
 
 def _read_images(

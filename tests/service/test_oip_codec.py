@@ -74,6 +74,12 @@ def test_fp32_pixels_raw_are_read_row_major_and_rounded_to_uint8():
     assert model_input.pixels.reshape(-1).tolist() == [0, 128, 254, 255]
 
 
+def test_fp32_pixels_at_the_ends_of_the_range_are_accepted_and_negative_zero_is_zero():
+    values = np.array([-0.0, 1e-45, 254.99998, 255.0], dtype="<f4")  # 1e-45: the smallest float above zero
+    model_input = read_input(request_with(raw=values.tobytes()), CONTRACT, max_batch_size=4)
+    assert model_input.pixels.reshape(-1).tolist() == [0, 0, 255, 255]
+
+
 def test_uint8_pixels_and_typed_contents_are_accepted():
     raw = read_input(request_with(datatype="UINT8", raw=bytes([1, 2, 3, 4])), CONTRACT, 4)
     typed = read_input(request_with(datatype="UINT8", uint_contents=[1, 2, 3, 4]), CONTRACT, 4)
@@ -111,6 +117,9 @@ def test_raw_images_over_the_image_limit_are_refused_from_their_length_before_th
         ({"raw": np.array([np.nan, 1, 2, 3], "<f4").tobytes()}, "pixel values 0..255"),
         ({"raw": np.array([0, 1, 2, np.inf], "<f4").tobytes()}, "pixel values 0..255"),
         ({"raw": np.array([-0.25, 1, 2, 3], "<f4").tobytes()}, "pixel values 0..255"),
+        ({"raw": np.array([0, 1, 2, np.nextafter(np.float32(255), np.float32(256))], "<f4").tobytes()}, "0..255"),
+        ({"raw": np.array([-1e-45, 1, 2, 3], "<f4").tobytes()}, "pixel values 0..255"),
+        ({"raw": np.array([0, 1, 2, -np.inf], "<f4").tobytes()}, "pixel values 0..255"),
         ({"datatype": "UINT8", "uint_contents": [0, 1, 256, 3]}, "pixel values 0..255"),
         ({"shape": (5, 1, 2, 2), "raw": b"\x00" * 80}, r"batch size .* must be 1..4"),
         ({"shape": (), "raw": b""}, r"batch size .* must be 1..4"),
