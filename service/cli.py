@@ -165,6 +165,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print("convray serve: invalid settings:\n  " + "\n  ".join(settings_problems(exc)), file=sys.stderr)
         return EXIT_USAGE
+    try:
+        event_loop.resolve(settings.server.event_loop)  # refused here, before any front end or Ray starts
+    except RuntimeError as exc:
+        print(f"convray serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if settings.server.frontends > 1:
         from convray.service.frontends import run_frontends
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from convray.service.credentials import LOOPBACK_HOSTS
+from convray.service.event_loop import EventLoopChoice
 
 if TYPE_CHECKING:
     from convray.service.codecs import DecodeLimits
@@ -62,7 +63,7 @@ class ServerSettings(_Group):
     """Most frequent keepalive pings a client may send; faster ones get GOAWAY ``too_many_pings`` (grpc's own: 300)."""
     frontends: int = Field(1, ge=1, le=64)
     """Front-end processes sharing the gRPC port, each with its own replicas and metrics port; split by connection."""
-    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    event_loop: EventLoopChoice = "auto"
     """The front end's event loop: ``uvloop`` (a tenth less CPU per request), or Python's ``asyncio``; auto: uvloop if
     installed."""
 

@@ -8,7 +8,8 @@ import importlib.util
 import pytest
 import uvloop
 
-from convray.service import event_loop
+from convray.service import cli, event_loop
+from convray.service.exit_codes import EXIT_USAGE
 
 
 async def _loop_module() -> str:
@@ -27,6 +28,12 @@ def test_asking_for_uvloop_where_it_is_not_installed_says_how_to_get_it(monkeypa
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(RuntimeError, match=r"--event-loop uvloop, but uvloop is not installed \(pip install uvloop"):
         event_loop.resolve("uvloop")
+
+
+def test_serve_asked_for_uvloop_where_it_is_not_installed_exits_2_before_starting_anything(monkeypatch, capsys):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    assert cli.main(["serve", "--event-loop", "uvloop", "--port", "0", "--no-metrics"]) == EXIT_USAGE
+    assert "convray serve: --event-loop uvloop, but uvloop is not installed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("choice", "module"), [("uvloop", uvloop.Loop.__module__), ("asyncio", "asyncio.unix_events")])
