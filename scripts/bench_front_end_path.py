@@ -22,7 +22,7 @@ import asyncio
 import cProfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import grpc
 import numpy as np
@@ -116,6 +116,6 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--profile", type=Path, default=None)
-    parser.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"], help="as for serve")
+    parser.add_argument("--event-loop", default="auto", choices=get_args(event_loop.EventLoopChoice), help="as serve's")
     args = parser.parse_args()
     event_loop.run(main(args.seconds, args.concurrency, args.max_batch_size, args.profile), args.event_loop)

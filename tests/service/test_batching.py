@@ -192,36 +192,26 @@ async def test_a_result_count_mismatch_fails_the_batch_with_both_lengths():
     await batcher.close()
 
 
-async def test_cancelled_requests_leave_the_queue_and_never_reach_a_batch():
+@pytest.mark.parametrize(
+    ("doomed_items", "settle_s"),
+    # Several images: a few turns of the loop, for the gather's cancellation to reach its caller.
+    [([1], 0.0), ([1, 2, 3], 0.01)],
+    ids=["one image", "a request of several images"],
+)
+async def test_cancelled_requests_leave_the_queue_and_never_reach_a_batch(doomed_items, settle_s):
     gate = asyncio.Event()
     run = Recorder(gate)
     batcher = make(run, max_batch_size=8, max_batch_wait_s=0.0)
     first = asyncio.ensure_future(batcher.submit(0))
     await asyncio.sleep(0.02)
-    doomed = asyncio.ensure_future(batcher.submit(1))
-    kept = asyncio.ensure_future(batcher.submit(2))
-    await asyncio.sleep(0.02)
-    doomed.cancel()
-    await asyncio.sleep(0)
-    assert batcher.queue_depth == 1
-    gate.set()
-    assert await asyncio.gather(first, kept) == [0, 20]
-    assert run.batches == [[0], [2]]
-    await batcher.close()
-
-
-async def test_a_cancelled_request_of_several_images_takes_all_of_them_out_of_the_queue():
-    gate = asyncio.Event()
-    run = Recorder(gate)
-    batcher = make(run, max_batch_size=8, max_batch_wait_s=0.0)
-    first = asyncio.ensure_future(batcher.submit(0))
-    await asyncio.sleep(0.02)
-    doomed = asyncio.ensure_future(batcher.submit_many([1, 2, 3]))
+    doomed = asyncio.ensure_future(
+        batcher.submit(doomed_items[0]) if len(doomed_items) == 1 else batcher.submit_many(doomed_items)
+    )
     kept = asyncio.ensure_future(batcher.submit(4))
     await asyncio.sleep(0.02)
-    assert batcher.queue_depth == 4
+    assert batcher.queue_depth == len(doomed_items) + 1
     doomed.cancel()
-    await asyncio.sleep(0.01)  # a few turns of the loop: the gather's cancellation reaches its caller
+    await asyncio.sleep(settle_s)
     assert batcher.queue_depth == 1
     gate.set()
     assert await asyncio.gather(first, kept) == [0, 40]
