@@ -155,7 +155,8 @@ class WorkerSettings(_Group):
     """How long a replica may take to answer one batch; past it the replica counts as stuck (alive but hung):
     it is restarted and the batch retried on another. 0: no limit."""
     transport: Literal["direct", "compiled-graph", "actor-call"] = "direct"
-    """How batches reach a replica: ``direct`` TCP, a Ray ``compiled-graph`` (spins a core), a plain ``actor-call``."""
+    """How batches reach a replica: ``direct`` sockets (a local Unix socket where the replica shares the network
+    namespace, else TCP), a Ray ``compiled-graph`` (spins a core), a plain ``actor-call``."""
 
     @model_validator(mode="after")
     def _graph_fits_amp(self) -> WorkerSettings:

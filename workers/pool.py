@@ -485,7 +485,7 @@ class ReplicaPool:
             path: FastPath
             if self.transport == "direct":
                 address = await self._actors[index].open_direct_channel.remote(self._token, self._direct_host)
-                path = DirectChannel(tuple(address), self._token)
+                path = DirectChannel(address, self._token)
             elif self.transport == "compiled-graph":
                 path = CompiledRun(self._actors[index], pid, self._compiled_in_flight)
             else:

@@ -26,7 +26,7 @@ from convray.workers.repository import ModelRepository
 if TYPE_CHECKING:
     import torch
 
-    from convray.workers.direct import DirectListener
+    from convray.workers.direct import DirectAddress, DirectListener
     from convray.workers.explain import CamChoice, Explanation
     from convray.workers.forward import GraphChoice
 
@@ -329,8 +329,8 @@ class ModelRunner:
         allocated, reserved = gpu_memory_bytes(self.device)
         return ReplicaReply(probabilities, compute_s, allocated, reserved)
 
-    def open_direct_channel(self, token: bytes, host: str | None = None) -> tuple[str, int]:
-        """Listen for batches over plain TCP (``workers.direct``); returns the (host, port) to connect to.
+    def open_direct_channel(self, token: bytes, host: str | None = None) -> DirectAddress:
+        """Listen for batches over plain sockets (``workers.direct``); returns where to connect.
 
         ``host`` defaults to this node's IP as Ray knows it, so a front end on another node can connect.
         Connections must present ``token``. Opening again replaces the previous listener.
@@ -347,7 +347,7 @@ class ModelRunner:
         self._listener = DirectListener(
             self.run, token, host, max_batch_bytes, buffer=functools.partial(batch_buffer, device=self.device)
         )
-        return self._listener.address
+        return self._listener.direct_address
 
     def describe(self) -> dict[str, Any]:
         """Where this replica runs and how: device, process id, model, version, input (C, H, W), graph, CUDA graphs."""

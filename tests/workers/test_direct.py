@@ -1,4 +1,4 @@
-"""workers.direct: the TCP fast path into a replica, with a real listener and real sockets in this process."""
+"""workers.direct: the socket fast path into a replica, with a real listener and real sockets in this process."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import pytest
 
 from convray.workers.direct import (
     JOIN_WRITES_UP_TO,
+    LOCAL_SOCKETS,
+    DirectAddress,
     DirectChannel,
     DirectListener,
     ReplicaError,
@@ -218,7 +220,60 @@ async def test_a_model_runner_serves_the_same_probabilities_over_its_direct_chan
 
     expected, _ = runner.predict(pixels)
     np.testing.assert_allclose(reply.probabilities, expected, atol=1e-6)
+    assert channel.local == LOCAL_SOCKETS  # a front end on the replica's host goes over its local socket
     channel.close()
+
+
+needs_local_sockets = pytest.mark.skipif(not LOCAL_SOCKETS, reason="abstract Unix sockets are Linux's")
+
+
+@needs_local_sockets
+async def test_a_channel_on_the_replicas_host_goes_over_its_local_socket_with_the_same_frames(listener):
+    server, recorder, token = listener
+    address = server.direct_address
+    assert (address.host, address.port) == server.address and address.local.startswith("\0convray-direct-")
+    channel = DirectChannel(address, token)
+    pixels = np.random.default_rng(2).integers(0, 256, (4, 1, 8, 8), dtype=np.uint8)
+
+    reply = await channel(pixels)
+
+    np.testing.assert_array_equal(recorder.batches[0], pixels)
+    assert reply.probabilities.shape == (4, 2) and reply.compute_s == 0.25
+    assert channel.local
+    channel.close()
+
+
+@needs_local_sockets
+async def test_a_local_socket_not_reachable_from_here_falls_back_to_tcp_for_good(listener):
+    """A replica on another node (or in another pod) has no such socket in this network namespace."""
+    server, _, token = listener
+    elsewhere = DirectAddress(*server.address, local="\0convray-direct-on-another-node")
+    channel = DirectChannel(elsewhere, token)
+
+    assert (await channel(images(6))).probabilities[0, 0] == 6
+
+    assert not channel.local  # the next connection goes straight to TCP
+    channel.close()
+
+
+@needs_local_sockets
+async def test_the_local_socket_asks_for_the_token_too(listener):
+    server, _, _ = listener
+    with pytest.raises(ReplicaUnreachable, match="lost"):
+        await DirectChannel(server.direct_address, new_token())(images(1))
+
+
+@needs_local_sockets
+def test_a_closed_listener_stops_accepting_on_its_local_socket_too():
+    before = {t for t in threading.enumerate() if t.name == "convray-direct-accept-local"}
+    server = DirectListener(Recorder(), new_token(), "127.0.0.1", max_batch_bytes=64)
+    (its_thread,) = {t for t in threading.enumerate() if t.name == "convray-direct-accept-local"} - before
+    local = server.direct_address.local
+    server.close()
+    its_thread.join(timeout=2)
+    assert not its_thread.is_alive()
+    with socket.socket(socket.AF_UNIX) as probe, pytest.raises(OSError):
+        probe.connect(local)
 
 
 def test_a_peer_that_never_sends_its_token_is_dropped_after_the_handshake_timeout():
