@@ -195,7 +195,7 @@ class DirectListener:
                 continue
             self._refusing = False
             try:
-                if connection.family != socket.AF_UNIX:
+                if listening is self._socket:  # TCP options; the local socket has none of them
                     _tune(connection)
                 threading.Thread(target=self._serve, args=(connection,), name="convray-direct", daemon=True).start()
             except Exception:  # e.g. no thread can start now: refuse this one, keep accepting
@@ -398,16 +398,20 @@ class DirectChannel:
         """
         assert self._local is not None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
         try:
-            await asyncio.get_running_loop().sock_connect(sock, self._local)
-        except OSError as exc:  # another network namespace (another node or pod), or the listener is gone
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, self._local), HANDSHAKE_TIMEOUT_S)
+            except OSError as exc:  # another network namespace (another node or pod), or the listener is gone
+                log.info("direct channel to %s: its local socket is not reachable from here (%s); using TCP",
+                         self._where, exc)  # fmt: skip
+                self._local = None
+                sock.close()
+                return None
+            return await asyncio.open_unix_connection(sock=sock)
+        except BaseException:
             sock.close()
-            log.info("direct channel to %s: its local socket is not reachable from here (%s); using TCP",
-                     self._where, exc)  # fmt: skip
-            self._local = None
-            return None
-        return await asyncio.open_unix_connection(sock=sock)
+            raise
 
     @property
     def _where(self) -> str:
