@@ -29,7 +29,7 @@ MIN_RETRY_AFTER_S = 0.01
 """The shortest retry delay an overloaded refusal suggests (a queue that just filled has no waiting history)."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Pending(Generic[T, R]):
     item: T
     future: asyncio.Future[R]

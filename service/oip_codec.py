@@ -15,7 +15,7 @@ import math
 import struct
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,9 +37,11 @@ _FP32_255_BITS = 0x437F0000  # 255.0's float32 bits
 _LENGTH = struct.Struct("<I")
 
 
-@dataclass(frozen=True)
-class ModelInput:
-    """A request's input: decoded pixels (N, C, H, W) uint8, or encoded images, never both."""
+class ModelInput(NamedTuple):
+    """A request's input: decoded pixels (N, C, H, W) uint8, or encoded images, never both.
+
+    This and ``RequestedOutput`` are named tuples, not frozen dataclasses: built per request, in a third of the time.
+    """
 
     pixels: np.ndarray | None = None
     images: list[bytes] | None = None
@@ -51,12 +53,14 @@ class ModelInput:
         return len(self.pixels) if self.pixels is not None else len(self.images or [])
 
 
-@dataclass(frozen=True)
-class RequestedOutput:
+class RequestedOutput(NamedTuple):
     """An output the client asked for, and the top-k of the classification extension (0 = plain)."""
 
     name: str
     classification_k: int = 0
+
+
+_ALL_OUTPUTS = (RequestedOutput(OUTPUT),)  # what a request naming no output gets: built once
 
 
 def parse_version(text: str) -> int:
@@ -287,10 +291,10 @@ def images_in(request: oip.ModelInferRequest) -> int:
     return 1
 
 
-def requested_outputs(request: oip.ModelInferRequest) -> list[RequestedOutput]:
+def requested_outputs(request: oip.ModelInferRequest) -> Sequence[RequestedOutput]:
     """The outputs to return (all when none is named), with any classification top-k."""
     if not request.outputs:
-        return [RequestedOutput(OUTPUT)]
+        return _ALL_OUTPUTS
     outputs = []
     for output in request.outputs:
         if output.name != OUTPUT:
@@ -315,7 +319,7 @@ def classification_strings(row: np.ndarray, labels: list[str], k: int) -> list[b
 
 
 def write_outputs(
-    probabilities: np.ndarray, labels: list[str], outputs: list[RequestedOutput], response: oip.ModelInferResponse
+    probabilities: np.ndarray, labels: list[str], outputs: Sequence[RequestedOutput], response: oip.ModelInferResponse
 ) -> None:
     """Fill ``response.outputs`` and ``raw_output_contents`` (one raw entry per output, in order)."""
     batch, classes = probabilities.shape

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 PROBE_EVERY = 32  # while batches overlap, one in this many runs alone to measure the overhead again
 SMOOTHING = 0.2  # weight of the newest measurement in the moving averages
@@ -56,8 +56,7 @@ class LoopLoad:
         self._since = (wall, cpu)
 
 
-@dataclass(frozen=True)
-class BatchTicket:
+class BatchTicket(NamedTuple):
     """What ``OverlapAdvisor.started`` noted about one batch, handed back to ``finished``."""
 
     alone: bool  # no more batches than replicas were out when it started

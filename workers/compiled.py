@@ -17,7 +17,6 @@ once Ray has restarted the actor.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from typing import Any
 
@@ -91,7 +90,7 @@ class CompiledRun:
         except Exception as exc:  # noqa: BLE001 (ActorDiedError, RayChannelError, or Ray's own TypeError)
             raise self._fail(exc) from exc
         # The reply may be deserialised zero-copy from the channel's buffer, which the next execution reuses.
-        return dataclasses.replace(reply, probabilities=np.array(reply.probabilities, copy=True))
+        return reply._replace(probabilities=np.array(reply.probabilities, copy=True))
 
     @staticmethod
     async def _result(future: Any) -> Any:

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import ray
@@ -100,9 +100,8 @@ class ReplicaOptions:
     batch_timeout_s: float = 30.0  # a replica not answering a batch by then is stuck: restarted, batch retried; 0: none
 
 
-@dataclass(frozen=True)
-class BatchResult:
-    """One batch's probabilities (N, classes) and where its time went."""
+class BatchResult(NamedTuple):
+    """One batch's probabilities (N, classes) and where its time went (a named tuple: built once per batch)."""
 
     probabilities: np.ndarray
     compute_s: float  # forward pass, measured inside the actor

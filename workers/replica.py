@@ -16,8 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -147,9 +146,11 @@ def gpu_memory_bytes(device: torch.device) -> tuple[int, int]:
     return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
 
 
-@dataclass(frozen=True)
-class ReplicaReply:
-    """What one batch's Ray call brings back: the probabilities and the replica's own measurements."""
+class ReplicaReply(NamedTuple):
+    """What one batch's Ray call brings back: the probabilities and the replica's own measurements.
+
+    A named tuple, not a frozen dataclass: built once per batch, in a third of the time.
+    """
 
     probabilities: np.ndarray  # (N, classes) float32
     compute_s: float  # forward pass, measured inside the replica

@@ -231,7 +231,7 @@ def test_a_content_type_that_is_not_a_string_says_so():
 
 def test_requested_outputs_default_to_probabilities_and_read_classification():
     request = oip.ModelInferRequest()
-    assert requested_outputs(request) == [RequestedOutput("probabilities")]
+    assert list(requested_outputs(request)) == [RequestedOutput("probabilities")]
     request.outputs.add(name="probabilities").parameters["classification"].int64_param = 3
     assert requested_outputs(request) == [RequestedOutput("probabilities", 3)]
 
