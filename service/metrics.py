@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import threading
+from collections.abc import Iterable
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.samples import Sample
 
 from convray.workers.progress import EpochProgress
 
@@ -33,6 +39,52 @@ FILL_RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 LOAD_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
+FLUSH_AT = 1024
+"""Observations a ``BufferedHistogram`` holds before counting them into its buckets, when nothing reads it sooner."""
+
+
+class BufferedHistogram(Histogram):
+    """A Histogram whose ``observe`` only queues the value; values are counted into the buckets when read.
+
+    prometheus_client's ``observe`` walks the buckets in Python and takes two locks: 0.78 us, paid on the event
+    loop for each request and batch. Queueing costs 0.05 us; the queue is counted in one vectorised pass when
+    the metric is collected (a scrape) or once it holds ``FLUSH_AT`` values, so what a scrape reads is exact.
+    Exemplars are not queued (prometheus_client's path). Safe to observe from any thread.
+    """
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        self._queued: collections.deque[float] = collections.deque()
+        self._counting = threading.Lock()
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        """Queue ``amount`` to be counted (at once, with an exemplar)."""
+        if exemplar:
+            super().observe(amount, exemplar)
+            return
+        queued = self._queued
+        queued.append(amount)
+        if len(queued) >= FLUSH_AT:
+            self._count_queued()
+
+    def _count_queued(self) -> None:
+        with self._counting:  # a scrape and the loop may count at once: each takes what was queued when it began
+            queued = self._queued
+            values = np.array([queued.popleft() for _ in range(len(queued))], dtype=np.float64)
+        if not len(values):
+            return
+        self._sum.inc(float(values.sum()))
+        # The first bucket whose bound is >= the value, as Histogram.observe picks it; NaN falls in none.
+        counts = np.bincount(np.searchsorted(self._upper_bounds, values), minlength=len(self._upper_bounds) + 1)
+        for bucket, count in zip(self._buckets, counts[: len(self._buckets)].tolist(), strict=True):
+            if count:
+                bucket.inc(count)
+
+    def _child_samples(self) -> Iterable[Sample]:
+        self._count_queued()
+        return super()._child_samples()
+
+
 class Metrics:
     """The server's metrics; attribute names match the exported names without the prefix."""
 
@@ -44,49 +96,49 @@ class Metrics:
             ["api", "rpc", "model", "code"],
             registry=registry,
         )
-        self.request_duration = Histogram(
+        self.request_duration = BufferedHistogram(
             "convray_request_duration_seconds",
             "Time from receiving a request to its reply, end to end.",
             ["api", "rpc", "model"],
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )
-        self.decode_duration = Histogram(
+        self.decode_duration = BufferedHistogram(
             "convray_decode_duration_seconds",
             "Image decode, colour conversion and resize.",
             ["model"],
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = BufferedHistogram(
             "convray_queue_wait_seconds",
             "Time a request waited in the batcher before its batch was sent.",
             ["model", "version"],
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )
-        self.batch_size = Histogram(
+        self.batch_size = BufferedHistogram(
             "convray_batch_size",
             "Requests per batch sent to a replica.",
             ["model", "version"],
             buckets=BATCH_SIZE_BUCKETS,
             registry=registry,
         )
-        self.batch_call_duration = Histogram(
+        self.batch_call_duration = BufferedHistogram(
             "convray_batch_call_duration_seconds",
             "One batch's call into its replica (direct, compiled graph or Ray call), seen from the front end.",
             ["model", "version"],
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )
-        self.model_compute_duration = Histogram(
+        self.model_compute_duration = BufferedHistogram(
             "convray_model_compute_duration_seconds",
             "One batch's forward pass, measured inside the replica.",
             ["model", "version"],
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )
-        self.batch_fill_ratio = Histogram(
+        self.batch_fill_ratio = BufferedHistogram(
             "convray_batch_fill_ratio",
             "Batch size divided by the configured maximum batch size (1 = full batch).",
             ["model", "version"],
@@ -182,7 +234,7 @@ class Metrics:
             ["model", "version"],
             registry=registry,
         )
-        self.model_load_duration = Histogram(
+        self.model_load_duration = BufferedHistogram(
             "convray_model_load_duration_seconds",
             "Time to start a version's replicas and warm them up, successful loads only.",
             ["model"],

@@ -111,9 +111,9 @@ class RpcObserver:
         self._model_label = model_label
         # Metric children by label values, looked up once rather than per call (``labels()`` is not
         # cheap next to the rest of a small request); bounded, whatever labels ``model_label`` gives.
-        self._in_flight = functools.lru_cache(maxsize=CACHED_LABELS)(
-            functools.partial(metrics.in_flight_requests.labels, api)
-        )
+        # Calls in flight by model label, a plain count here that the gauge reads when scraped: an inc and a dec on
+        # the gauge itself took 0.66 us a call (two locks), on the loop.
+        self._in_flight: dict[str, int] = {}
         self._requests = functools.lru_cache(maxsize=CACHED_LABELS)(functools.partial(metrics.requests.labels, api))
         self._duration = functools.lru_cache(maxsize=CACHED_LABELS)(
             functools.partial(metrics.request_duration.labels, api)
@@ -123,13 +123,20 @@ class RpcObserver:
     def _begin(self, model: str) -> str:
         """Count one more request in flight; returns its model label, for ``_record``."""
         model_label = self._model_label(model)
-        self._in_flight(model_label).inc()
+        in_flight = self._in_flight
+        if model_label in in_flight:
+            in_flight[model_label] += 1
+        else:
+            in_flight[model_label] = 1
+            self._metrics.in_flight_requests.labels(self._api, model_label).set_function(
+                functools.partial(in_flight.__getitem__, model_label)
+            )
         return model_label
 
     def _record(
         self, rpc: str, model_label: str, code: grpc.StatusCode, started: float, exc: BaseException | None
     ) -> None:
-        self._in_flight(model_label).dec()
+        self._in_flight[model_label] -= 1
         self._requests(rpc, model_label, code.name).inc()
         if isinstance(exc, Overloaded):
             self._metrics.overload_rejections.labels(self._api, model_label).inc()

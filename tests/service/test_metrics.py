@@ -250,3 +250,70 @@ def test_requests_for_models_not_served_share_one_unknown_label_instead_of_one_s
         time.sleep(0.05)
     assert count() == before + 3
     assert "no-such-model" not in scrape_text(port)
+
+
+# ---- BufferedHistogram: what a scrape reads equals what prometheus_client's Histogram would have counted ----
+
+
+def _histogram_samples(histogram_class, values, registry_name="h"):
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    histogram = histogram_class(registry_name, "test", ["model"], buckets=(0.001, 0.01, 0.1, 1.0), registry=registry)
+    child = histogram.labels("digits")
+    for value in values:
+        child.observe(value)
+    (family,) = registry.collect()
+    return {(s.name, s.labels.get("le")): s.value for s in family.samples if not s.name.endswith("created")}
+
+
+def test_a_buffered_histogram_reads_exactly_as_prometheus_clients_own_on_every_bucket_edge():
+    from prometheus_client import Histogram
+
+    from convray.service.metrics import BufferedHistogram
+
+    values = [0.0, 0.0005, 0.001, 0.0010001, 0.01, 0.05, 0.1, 1.0, 7.5, -1.0, 1e9] * 3
+    assert _histogram_samples(BufferedHistogram, values) == _histogram_samples(Histogram, values)
+
+
+def test_a_buffered_histogram_counts_its_queue_by_itself_once_full_so_nobody_scraping_costs_no_memory(monkeypatch):
+    from prometheus_client import CollectorRegistry
+
+    from convray.service import metrics
+
+    monkeypatch.setattr(metrics, "FLUSH_AT", 10)
+    child = metrics.BufferedHistogram("h", "test", ["model"], registry=CollectorRegistry()).labels("digits")
+    for _ in range(35):
+        child.observe(0.002)
+    assert len(child._queued) < 10  # counted in passes of 10, never read
+    assert child._buckets[-1].get() == 0 and sum(bucket.get() for bucket in child._buckets) == 30
+
+
+def test_observations_from_several_threads_during_scrapes_are_all_counted_once():
+    from prometheus_client import CollectorRegistry
+
+    from convray.service.metrics import BufferedHistogram
+
+    registry = CollectorRegistry()
+    child = BufferedHistogram("h", "test", ["model"], registry=registry).labels("digits")
+    scraping = threading.Event()
+
+    def scrape_until_told() -> None:
+        while not scraping.is_set():
+            registry.collect()
+
+    def observe(n: int) -> None:
+        for _ in range(n):
+            child.observe(0.003)
+
+    scraper = threading.Thread(target=scrape_until_told)
+    scraper.start()
+    observers = [threading.Thread(target=observe, args=(5000,)) for _ in range(4)]
+    for thread in observers:
+        thread.start()
+    for thread in observers:
+        thread.join()
+    scraping.set()
+    scraper.join()
+    assert registry.get_sample_value("h_count", {"model": "digits"}) == 20000
+    assert registry.get_sample_value("h_sum", {"model": "digits"}) == pytest.approx(60.0)
