@@ -193,11 +193,7 @@ class Classifier:
                 batch=result,
             )
 
-        return await self.on_resolved(model, version, run)
-
-    async def on_resolved(self, model: str, version: int, work: Callable[[ServedModel], Awaitable[T]]) -> T:
-        """``run_resolved`` on this classifier's registry."""
-        return await run_resolved(self._registry, model, version, work)
+        return await run_resolved(self._registry, model, version, run)
 
     async def infer_images(
         self,

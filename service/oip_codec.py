@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import itertools
 import math
 import struct
@@ -333,3 +334,28 @@ def write_outputs(
         else:
             tensor.datatype, tensor.shape[:] = "FP32", [batch, classes]
             response.raw_output_contents.append(probabilities.astype("<f4", copy=False).tobytes())
+
+
+def infer_response(
+    model: str, version: str, request_id: str, probabilities: np.ndarray, labels: list[str],
+    outputs: Sequence[RequestedOutput],
+) -> oip.ModelInferResponse:  # fmt: skip
+    """The ModelInferResponse to a request (its ``request_id`` echoed) carrying ``probabilities`` as ``outputs`` ask."""
+    if outputs is _ALL_OUTPUTS:  # the common case: parsed from a cached encoding, 0.76 against 2.14 us built
+        response = oip.ModelInferResponse.FromString(_plain_response(model, version, *probabilities.shape))
+        response.raw_output_contents.append(probabilities.astype("<f4", copy=False).tobytes())
+    else:
+        response = oip.ModelInferResponse(model_name=model, model_version=version)
+        write_outputs(probabilities, labels, outputs, response)
+    if request_id:
+        response.id = request_id
+    return response
+
+
+@functools.lru_cache(maxsize=1024)
+def _plain_response(model: str, version: str, batch: int, classes: int) -> bytes:
+    """A plain reply's fields but its content, encoded: one per model version and batch size served."""
+    response = oip.ModelInferResponse(model_name=model, model_version=version)
+    tensor = response.outputs.add(name=OUTPUT, datatype="FP32")
+    tensor.shape[:] = [batch, classes]
+    return response.SerializeToString()

@@ -24,7 +24,7 @@ from convray.service.errors import (
     echoed,
     shown,
 )
-from convray.service.inference import Classifier
+from convray.service.inference import Classifier, run_resolved
 from convray.service.metrics import Metrics
 from convray.service.oip_codec import (
     CONTENT_TYPE,
@@ -35,12 +35,12 @@ from convray.service.oip_codec import (
     check_content_type,
     from_base64,
     images_in,
+    infer_response,
     parse_version,
     read_input,
     reject_parameters,
     requested_outputs,
     with_timeout,
-    write_outputs,
 )
 from convray.service.registry import ModelRegistry, ServedModel
 from convray.service.rpc import (
@@ -216,12 +216,12 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             probabilities = (
                 np.stack([r.probabilities for r in results]) if len(results) > 1 else results[0].probabilities[None]
             )
-            response = oip.ModelInferResponse(model_name=served.name, model_version=str(served.version), id=request.id)
-            write_outputs(probabilities, served.metadata.labels, outputs, response)
-            return response
+            return infer_response(
+                served.name, str(served.version), request.id, probabilities, served.metadata.labels, outputs
+            )
 
         version = parse_version(request.model_version)
-        return await self._classifier.on_resolved(request.model_name, version, run)
+        return await run_resolved(self._registry, request.model_name, version, run)
 
     async def ModelInfer(
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext

@@ -164,10 +164,24 @@ class RayGate:
 
     def _unary_reply(self, handler: grpc.RpcMethodHandler, method: tuple[str, str]) -> grpc.RpcMethodHandler:
         behaviour = handler.unary_unary if not handler.request_streaming else handler.stream_unary
+        calls, failing = self._calls, self._failing
 
         async def gated(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with _GatedCall(self, context, method, request):
+            # What ``async with _GatedCall`` does, written out: its two coroutines a call cost 1 us on the loop.
+            if self.lost:
+                self._count_refused(method, request)
+                await self._refuse(context)
+            task = asyncio.current_task()
+            calls.add(task)
+            try:
                 return await behaviour(request, context)
+            except asyncio.CancelledError:
+                if task in failing:
+                    await self._failed_in_flight(task, context)
+                raise
+            finally:
+                calls.discard(task)
+                failing.discard(task)
 
         return handler_like(handler, gated)
 

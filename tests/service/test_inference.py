@@ -1,4 +1,4 @@
-"""Classifier.on_resolved: a request whose version is retired on its way is re-resolved once, never lost."""
+"""service.inference: run_resolved re-resolves a request whose version is retired on its way; the Classifier."""
 
 import asyncio
 
@@ -31,10 +31,6 @@ class Registry:
         return served in self.loaded.values()
 
 
-def classifier(registry: Registry) -> Classifier:
-    return Classifier(registry, limits=None, default_top_k=1, decoder=None, metrics=None)  # type: ignore[arg-type]
-
-
 def retired_on_first_try(registry: Registry):
     calls = []
 
@@ -51,7 +47,7 @@ def retired_on_first_try(registry: Registry):
 async def test_a_latest_version_request_caught_by_a_switch_runs_on_the_new_version():
     registry = Registry()
     work, calls = retired_on_first_try(registry)
-    assert await classifier(registry).on_resolved("digits", 0, work) == "digits v2"
+    assert await run_resolved(registry, "digits", 0, work) == "digits v2"  # type: ignore[arg-type]
     assert calls == ["digits v1", "digits v2"]
 
 
@@ -59,7 +55,7 @@ async def test_a_request_naming_the_retired_version_gets_not_found():
     registry = Registry()
     work, _ = retired_on_first_try(registry)
     with pytest.raises(ModelNotFound):
-        await classifier(registry).on_resolved("digits", 1, work)
+        await run_resolved(registry, "digits", 1, work)  # type: ignore[arg-type]
 
 
 async def test_a_draining_server_still_refuses_with_model_not_ready():
@@ -69,7 +65,7 @@ async def test_a_draining_server_still_refuses_with_model_not_ready():
         raise ModelNotReady("server is shutting down")
 
     with pytest.raises(ModelNotReady):
-        await classifier(registry).on_resolved("digits", 0, draining)
+        await run_resolved(registry, "digits", 0, draining)  # type: ignore[arg-type]
 
 
 async def test_a_call_past_the_batcher_that_finds_its_versions_replicas_stopped_runs_on_the_new_version():

@@ -12,6 +12,7 @@ from convray.service.oip_codec import (
     classification_strings,
     deserialize_bytes,
     from_base64,
+    infer_response,
     parse_version,
     read_input,
     reject_parameters,
@@ -296,3 +297,34 @@ def test_tritons_timeout_parameter_brings_the_deadline_forward_never_back():
     request.parameters["timeout"].string_param = "2s"
     with pytest.raises(InvalidInput, match="'timeout' must be an int64_param of microseconds"):
         with_timeout(request.parameters, None)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("request_id", ["", "req-7"])
+def test_a_reply_to_a_request_naming_no_output_is_the_one_write_outputs_builds(batch, request_id):
+    """The common reply is parsed from a cached encoding: field for field what building it gives."""
+    probabilities = np.random.default_rng(batch).random((batch, 10), dtype=np.float32)
+    built = oip.ModelInferResponse(model_name="digits", model_version="2", id=request_id)
+    write_outputs(probabilities, [str(i) for i in range(10)], [RequestedOutput("probabilities")], built)
+
+    for _ in range(2):  # the second from the cache
+        reply = infer_response(
+            "digits",
+            "2",
+            request_id,
+            probabilities,
+            [str(i) for i in range(10)],
+            requested_outputs(oip.ModelInferRequest()),
+        )
+        assert reply == built
+
+
+def test_a_reply_with_a_classification_is_built_as_asked():
+    request = oip.ModelInferRequest()
+    request.outputs.add(name="probabilities").parameters["classification"].int64_param = 2
+    probabilities = np.array([[0.1, 0.7, 0.2]], dtype=np.float32)
+
+    reply = infer_response("digits", "1", "r", probabilities, ["a", "b", "c"], requested_outputs(request))
+
+    assert (reply.id, reply.outputs[0].datatype, list(reply.outputs[0].shape)) == ("r", "BYTES", [1, 2])
+    assert deserialize_bytes(reply.raw_output_contents[0], 2) == [b"0.700000:1:b", b"0.200000:2:c"]
