@@ -397,10 +397,12 @@ class ReplicaPool:
         Raises:
             ReplicaUnreachable: the pool was shut down (its version unloaded) since the caller picked it.
         """
-        offset = next(self._tie_break)
         count = len(self._actors)
         if count == 0:
             raise ReplicaUnreachable(f"{self.name} version {self.version} was unloaded; retry")
+        if count == 1:
+            return 0  # the only one, well or not (what the general case below picks too)
+        offset = next(self._tie_break)
         others = [i for i in range(count) if i != avoid] or list(range(count))
         candidates = [i for i in others if i not in self._unwell] or others
         return min(candidates, key=lambda i: (self._in_flight[i], (i - offset) % count))
