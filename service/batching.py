@@ -69,6 +69,7 @@ class Batcher(Generic[T, R]):
         self.dispatch_when_idle = dispatch_when_idle
         self._may_start = may_start
         self.name = name
+        self._batch_task_name = f"{name} batch"  # given, not made: each task's default name is formatted anew
         self._queue: collections.deque[_Pending[T, R]] = collections.deque()
         self._reserved = 0  # places held for requests whose images are being decoded (``places``)
         self._reserved_at: list[float] = []  # when each holding took them, oldest first
@@ -249,7 +250,7 @@ class Batcher(Generic[T, R]):
                 if self._closed and not self._queue:
                     return
                 continue
-            task = asyncio.get_running_loop().create_task(self._run(batch))
+            task = asyncio.get_running_loop().create_task(self._run(batch), name=self._batch_task_name)
             self._running[task] = batch
             task.add_done_callback(self._finished)
 
