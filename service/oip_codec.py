@@ -356,6 +356,6 @@ def infer_response(
 def _plain_response(model: str, version: str, batch: int, classes: int) -> bytes:
     """A plain reply's fields but its content, encoded: one per model version and batch size served."""
     response = oip.ModelInferResponse(model_name=model, model_version=version)
-    tensor = response.outputs.add(name=OUTPUT, datatype="FP32")
-    tensor.shape[:] = [batch, classes]
+    write_outputs(np.zeros((batch, classes), np.float32), [], _ALL_OUTPUTS, response)  # the one layout of a reply
+    del response.raw_output_contents[:]
     return response.SerializeToString()

@@ -109,11 +109,11 @@ class RpcObserver:
         self._api = api
         self._metrics = metrics
         self._model_label = model_label
-        # Metric children by label values, looked up once rather than per call (``labels()`` is not
-        # cheap next to the rest of a small request); bounded, whatever labels ``model_label`` gives.
         # Calls in flight by model label, a plain count here that the gauge reads when scraped: an inc and a dec on
         # the gauge itself took 0.66 us a call (two locks), on the loop.
         self._in_flight: dict[str, int] = {}
+        # Metric children by label values, looked up once rather than per call (``labels()`` is not
+        # cheap next to the rest of a small request); bounded, whatever labels ``model_label`` gives.
         self._requests = functools.lru_cache(maxsize=CACHED_LABELS)(functools.partial(metrics.requests.labels, api))
         self._duration = functools.lru_cache(maxsize=CACHED_LABELS)(
             functools.partial(metrics.request_duration.labels, api)
